@@ -1,0 +1,200 @@
+//! The command line: commands, options and the environment variables behind them.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::{validate_address, validate_datacenter, validate_node_name};
+
+/// Join this EC2 instance to the right Consul cluster in the right role.
+///
+/// At boot, `auto-consul run` learns the instance's address and name from the
+/// EC2 instance metadata service (IMDSv2), reads a registry of heartbeats in
+/// S3, decides race-free whether this node bootstraps the cluster, joins it as
+/// a server, or runs as an agent, writes the Consul configuration and systemd
+/// units, and starts Consul and a heartbeat timer.
+///
+/// Every option can also be given through the environment variable shown with
+/// it, so units only need /etc/auto-consul/auto-consul.env.
+///
+/// Exit status: 0 on success, 1 on an operational failure (registry or
+/// metadata service unreachable, agent not running), 2 on a usage or
+/// configuration error.
+#[derive(Debug, Parser)]
+#[command(name = "auto-consul", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by every command; accepted before or after the command name.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOpts {
+    /// Registry: s3://BUCKET/PREFIX, or file:///DIR for a directory on this
+    /// host or a shared mount.
+    #[arg(short = 'r', long, env = "AUTO_CONSUL_REGISTRY", value_name = "URL", global = true)]
+    pub registry: Option<String>,
+
+    /// Address this node advertises and binds [default: IMDS local-ipv4].
+    #[arg(short = 'a', long, env = "AUTO_CONSUL_ADDRESS", value_name = "IP", global = true,
+          value_parser = parse_address)]
+    pub address: Option<IpAddr>,
+
+    /// Consul node name [default: IMDS instance-id].
+    #[arg(short = 'n', long, env = "AUTO_CONSUL_NODE", value_name = "NAME", global = true,
+          value_parser = parse_node)]
+    pub node: Option<String>,
+
+    /// Desired number of Consul servers (3 or 5 in production).
+    #[arg(short = 's', long, env = "AUTO_CONSUL_SERVERS", value_name = "N", default_value_t = 1,
+          global = true, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub servers: u32,
+
+    /// Seconds after which a heartbeat or a server slot expires; the heartbeat
+    /// timer fires every EXPIRY/2 seconds.
+    #[arg(short = 'e', long, env = "AUTO_CONSUL_EXPIRY", value_name = "SECONDS",
+          default_value_t = 120, global = true,
+          value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub expiry: u64,
+
+    /// Consul data directory.
+    #[arg(short = 'd', long, env = "AUTO_CONSUL_DATA_DIR", value_name = "DIR",
+          default_value = "/opt/consul", global = true, value_parser = parse_abs_path)]
+    pub data_dir: PathBuf,
+
+    /// Consul configuration directory.
+    #[arg(short = 'c', long, env = "AUTO_CONSUL_CONFIG_DIR", value_name = "DIR",
+          default_value = "/etc/consul.d", global = true, value_parser = parse_abs_path)]
+    pub config_dir: PathBuf,
+
+    /// Consul datacenter.
+    #[arg(long, env = "AUTO_CONSUL_DATACENTER", value_name = "DC", default_value = "dc1",
+          global = true, value_parser = parse_datacenter)]
+    pub datacenter: String,
+
+    /// Take every local path (files written, state, the data dir's Raft
+    /// check, the unit path) under DIR; with a root other than /, systemctl
+    /// is never called. For image baking and tests.
+    #[arg(long, env = "AUTO_CONSUL_ROOT", value_name = "DIR", default_value = "/",
+          global = true, value_parser = parse_abs_path)]
+    pub root: PathBuf,
+
+    /// Write files but call no systemctl.
+    #[arg(long, global = true)]
+    pub no_start: bool,
+
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// File holding the gossip encryption key (Consul's `encrypt`).
+    #[arg(long, env = "AUTO_CONSUL_ENCRYPT_FILE", value_name = "FILE", global = true,
+          value_parser = parse_abs_path)]
+    pub encrypt_file: Option<PathBuf>,
+
+    /// File holding the ACL token the agent uses (Consul's `acl.tokens.agent`).
+    #[arg(long, env = "AUTO_CONSUL_ACL_TOKEN_FILE", value_name = "FILE", global = true,
+          value_parser = parse_abs_path)]
+    pub acl_token_file: Option<PathBuf>,
+
+    /// CA certificate file for Consul's TLS (written as a path, not read).
+    #[arg(long, env = "AUTO_CONSUL_CA_FILE", value_name = "FILE", global = true,
+          value_parser = parse_abs_path)]
+    pub ca_file: Option<PathBuf>,
+
+    /// Certificate file for Consul's TLS (written as a path, not read).
+    #[arg(long, env = "AUTO_CONSUL_CERT_FILE", value_name = "FILE", global = true,
+          value_parser = parse_abs_path, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key file for Consul's TLS (written as a path, not read).
+    #[arg(long, env = "AUTO_CONSUL_KEY_FILE", value_name = "FILE", global = true,
+          value_parser = parse_abs_path, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+
+    /// Accept a registry that ignores conditional writes, falling back to the
+    /// original tool's racy decision (two nodes booting at once may both
+    /// bootstrap). Never use this with S3 itself.
+    #[arg(long, env = "AUTO_CONSUL_ALLOW_RACY", global = true)]
+    pub allow_racy: bool,
+
+    /// Overall wait, in seconds, for the instance metadata service at boot.
+    #[arg(long, env = "AUTO_CONSUL_IMDS_TIMEOUT", value_name = "SECONDS",
+          default_value_t = 30, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub imds_timeout: u64,
+
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot-time one-shot: identity, mode decision, files, then systemctl.
+    Run,
+    /// Show what `run` would decide and write; writes and claims nothing.
+    Plan,
+    /// List the live servers and agents in the registry.
+    Members,
+}
+
+fn parse_address(s: &str) -> Result<IpAddr, String> {
+    validate_address(s)
+}
+
+fn parse_node(s: &str) -> Result<String, String> {
+    validate_node_name(s).map(|()| s.to_string())
+}
+
+fn parse_datacenter(s: &str) -> Result<String, String> {
+    validate_datacenter(s).map(|()| s.to_string())
+}
+
+fn parse_abs_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err("must be an absolute path".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn options_work_before_and_after_the_command() {
+        let before = Cli::try_parse_from(["auto-consul", "-r", "file:///x", "-s", "3", "run"]).unwrap();
+        let after = Cli::try_parse_from(["auto-consul", "run", "-r", "file:///x", "-s", "3"]).unwrap();
+        assert_eq!(before.global.registry.as_deref(), Some("file:///x"));
+        assert_eq!(after.global.registry.as_deref(), Some("file:///x"));
+        assert_eq!(before.global.servers, 3);
+        assert_eq!(after.global.servers, 3);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["auto-consul", "run", "--servers", "0"][..],
+            &["auto-consul", "run", "--address", "10.0.0.300"][..],
+            &["auto-consul", "run", "--node", "bad/name"][..],
+            &["auto-consul", "run", "--data-dir", "relative"][..],
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `members`: the live servers and agents in the registry.
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::{open_store, registry_url};
+use crate::cli::GlobalOpts;
+use crate::registry::{Member, read_view};
+
+/// Lists every live server and agent.
+pub async fn members(opts: &GlobalOpts) -> Result<()> {
+    let url = registry_url(opts)?;
+    let store = open_store(&url).await?;
+    let view = read_view(store.as_ref(), 0, opts.expiry, usize::MAX).await?;
+    if opts.json {
+        let list = |ms: &[Member]| {
+            ms.iter()
+                .map(|m| {
+                    json!({
+                        "node": m.node,
+                        "address": m.address.to_string(),
+                        "instance_id": m.instance_id,
+                        "age_seconds": m.age_seconds,
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        println!("{}", json!({ "servers": list(&view.servers), "agents": list(&view.agents) }));
+        return Ok(());
+    }
+    for (title, ms) in [("servers", &view.servers), ("agents", &view.agents)] {
+        println!("{title} ({}):", ms.len());
+        for m in ms {
+            println!(
+                "  {:<24} {:<40} {:>5}s ago{}",
+                m.node,
+                m.address,
+                m.age_seconds,
+                m.instance_id.as_deref().map(|i| format!("  {i}")).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

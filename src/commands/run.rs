@@ -1,0 +1,559 @@
+//! `run` and `plan`: identity, mode decision (sticky state first, then the
+//! atomic claims of DESIGN.md), files, systemctl.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+use serde_json::json;
+
+use super::{open_store, registry_url};
+use crate::cli::GlobalOpts;
+use crate::decision::{self, MAX_JOIN, Step};
+use crate::error::usage;
+use crate::identity::{self, Identity};
+use crate::install::{self, FileSpec, Root};
+use crate::model::{CLUSTER_KEY, ClusterRecord, Mode, SlotRecord, slot_key};
+use crate::registry::{Condition, PutOutcome, RegistryView, Store, read_view};
+use crate::render::{self, ConsulSettings, Tls};
+use crate::state::{self, State};
+
+/// Rounds of read-decide-claim before giving up under contention.
+const MAX_ROUNDS: u32 = 12;
+/// Retries of one write that meets a 409 conflict.
+const MAX_CONFLICT_RETRIES: u32 = 5;
+/// The key written to check that the store honours conditional writes.
+const PROBE_KEY: &str = "cas-probe";
+
+/// Paths on the target system.
+const CONFIG_FILE: &str = "auto-consul.json";
+const DROPIN: &str = "/etc/systemd/system/consul.service.d/auto-consul.conf";
+const CONSUL_UNIT: &str = "/etc/systemd/system/consul.service";
+const HEARTBEAT_SERVICE: &str = "/etc/systemd/system/auto-consul-heartbeat.service";
+const HEARTBEAT_TIMER: &str = "/etc/systemd/system/auto-consul-heartbeat.timer";
+/// The env file shared by `run`, the heartbeat and the boot unit.
+pub const ENV_FILE: &str = "/etc/auto-consul/auto-consul.env";
+
+/// What the election settled on.
+#[derive(Debug, Clone)]
+struct Elected {
+    mode: Mode,
+    cluster_id: Option<String>,
+    slot: Option<u32>,
+    claim_id: Option<String>,
+    view: RegistryView,
+}
+
+/// Everything a node needs to take part in the election.
+struct Elector<'a> {
+    store: &'a dyn Store,
+    me: &'a Identity,
+    registry: String,
+    servers: u32,
+    expiry: u64,
+    /// Write nothing (`plan`).
+    dry_run: bool,
+    /// The store ignores conditions and the operator accepted it.
+    racy: bool,
+}
+
+/// `run` (or `plan` with `dry_run`).
+pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
+    let url = registry_url(opts)?;
+    let root = Root::new(&opts.root);
+    let me = identity::resolve(opts.address, opts.node.clone(), Duration::from_secs(opts.imds_timeout)).await?;
+    // Everything that can fail on local input fails before any claim.
+    let consul = find_consul(&root)?;
+    let auto_consul = own_binary(&root)?;
+    let secrets = Secrets::read(opts)?;
+    let fixed_files = fixed_files(opts, &root, &me, &consul, &auto_consul, &url.to_string())?;
+    install::check_writable(&root, &fixed_files)?;
+
+    let store = open_store(&url).await?;
+    let racy = if dry_run { false } else { check_conditional_writes(store.as_ref(), opts.allow_racy).await? };
+    let raft = has_raft_state(&root, &opts.data_dir);
+    let previous = state::load(&root).filter(|s| s.registry == url.to_string());
+
+    let elector = Elector {
+        store: store.as_ref(),
+        me: &me,
+        registry: url.to_string(),
+        servers: opts.servers,
+        expiry: opts.expiry,
+        dry_run,
+        racy,
+    };
+    let elected = elector.elect(previous.as_ref(), raft).await?;
+    let bootstrap = elected.mode == Mode::Bootstrap && !raft;
+    let retry_join = decision::join_list(&elected.view, elected.mode, &me.node, me.address, opts.expiry);
+
+    let config = ConsulSettings {
+        node: &me.node,
+        address: me.address,
+        data_dir: &opts.data_dir,
+        datacenter: &opts.datacenter,
+        mode: elected.mode,
+        bootstrap,
+        retry_join: &retry_join,
+        encrypt: secrets.encrypt.as_deref(),
+        acl_token: secrets.acl_token.as_deref(),
+        tls: Tls {
+            ca_file: opts.ca_file.as_deref(),
+            cert_file: opts.cert_file.as_deref(),
+            key_file: opts.key_file.as_deref(),
+        },
+    };
+    let consul_user = root.user("consul");
+    let mut files = vec![FileSpec {
+        path: opts.config_dir.join(CONFIG_FILE),
+        contents: render::consul_config(&config),
+        mode: if secrets.any() { 0o600 } else { 0o640 },
+        owner: consul_user,
+    }];
+    files.extend(fixed_files);
+    files.push(state::file(&State {
+        registry: url.to_string(),
+        cluster_id: elected.cluster_id.clone(),
+        mode: elected.mode,
+        node: me.node.clone(),
+        address: me.address,
+        instance_id: me.instance_id.clone(),
+        slot: elected.slot,
+        claim_id: elected.claim_id.clone(),
+    }));
+
+    let mut written = Vec::new();
+    if !dry_run {
+        for f in &files {
+            if install::write_atomic(&root, f)? {
+                written.push(root.path(&f.path));
+            }
+        }
+    }
+    let start = !dry_run && !opts.no_start && root.is_system();
+    if start {
+        install::systemctl(&["daemon-reload"])?;
+        install::systemctl(&["enable", "--now", "--no-block", "consul.service", "auto-consul-heartbeat.timer"])?;
+    }
+
+    let paths: Vec<PathBuf> = files.iter().map(|f| root.path(&f.path)).collect();
+    if opts.json {
+        let out = json!({
+            "mode": elected.mode.as_str(),
+            "node": me.node,
+            "address": me.address.to_string(),
+            "instance_id": me.instance_id,
+            "cluster_id": elected.cluster_id,
+            "slot": elected.slot,
+            "bootstrap": bootstrap,
+            "retry_join": retry_join.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "files": paths,
+            "changed": written,
+            "started": start,
+            "dry_run": dry_run,
+        });
+        println!("{out}");
+    } else {
+        let verb = if dry_run { "would run" } else { "runs" };
+        let slot = elected.slot.map(|s| format!(" in server slot {s}")).unwrap_or_default();
+        println!("{} ({}) {verb} as {}{slot}", me.node, me.address, elected.mode.as_str());
+        let join: Vec<String> = retry_join.iter().map(|a| a.to_string()).collect();
+        println!("retry_join: [{}]", join.join(", "));
+        for p in &paths {
+            let what = if dry_run {
+                "would write"
+            } else if written.contains(p) {
+                "wrote"
+            } else {
+                "unchanged"
+            };
+            println!("{what}: {}", p.display());
+        }
+        if start {
+            println!("started: consul.service, auto-consul-heartbeat.timer");
+        }
+    }
+    Ok(())
+}
+
+impl Elector<'_> {
+    /// The mode decision of DESIGN.md: sticky state first, then read,
+    /// decide and claim until one claim settles it.
+    async fn elect(&self, previous: Option<&State>, raft: bool) -> Result<Elected> {
+        for round in 0..MAX_ROUNDS {
+            let view = read_view(self.store, self.servers, self.expiry, MAX_JOIN).await?;
+            let cluster_id = view.cluster.as_ref().and_then(|c| c.record.as_ref()).map(|r| r.cluster_id.clone());
+            if let Some(prev) = previous.filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref())) {
+                return self.keep(prev, raft, cluster_id, view).await;
+            }
+            let mut step = decision::decide(&view, &self.me.node, self.servers, self.expiry);
+            if raft && matches!(step, Step::Bootstrap { .. }) {
+                // A node with Raft state was a server: it joins, it never bootstraps again.
+                let free = view
+                    .slots
+                    .iter()
+                    .filter(|s| !decision::slot_is_live(s, self.expiry))
+                    .map(|s| (s.index, s.etag.clone().map_or(Condition::Absent, Condition::Matches)))
+                    .collect();
+                step = Step::Claim(free);
+            }
+            tracing::debug!("round {round}: {step:?}");
+            let elected = |mode, slot: Option<(u32, String)>, cluster_id, view| Elected {
+                mode,
+                cluster_id,
+                slot: slot.as_ref().map(|s| s.0),
+                claim_id: slot.map(|s| s.1),
+                view,
+            };
+            match step {
+                Step::Agent => return Ok(elected(Mode::Agent, None, cluster_id, view)),
+                Step::Renew { index, etag } => {
+                    let held = view.slots[index as usize].record.as_ref();
+                    let claim = held.map_or_else(new_id, |r| r.claim_id.clone());
+                    let sequence = held.map_or(1, |r| r.sequence + 1);
+                    if self.write_slot(index, &claim, sequence, Condition::Matches(etag)).await? {
+                        return Ok(elected(Mode::Server, Some((index, claim)), cluster_id, view));
+                    }
+                }
+                Step::Bootstrap { cluster, slot0 } => {
+                    if self.dry_run {
+                        return Ok(elected(Mode::Bootstrap, None, cluster_id, view));
+                    }
+                    if let Some(id) = self.create_cluster(cluster).await? {
+                        if let Some(stale) = &cluster_id {
+                            tracing::warn!(
+                                "every server of cluster {stale} is gone: bootstrapping a NEW, EMPTY cluster {id}"
+                            );
+                        }
+                        let claim = new_id();
+                        let slot = if self.write_slot(0, &claim, 1, slot0).await? {
+                            Some((0, claim))
+                        } else {
+                            tracing::error!("bootstrapped cluster {id} but could not take server slot 0");
+                            None
+                        };
+                        return Ok(elected(Mode::Bootstrap, slot, Some(id), view));
+                    }
+                }
+                Step::Claim(free) => {
+                    if raft && free.is_empty() {
+                        tracing::warn!("this node has Raft state but every server slot is held: running as a server without a slot");
+                        return Ok(elected(Mode::Server, None, cluster_id, view));
+                    }
+                    for (index, condition) in free {
+                        if self.dry_run {
+                            return Ok(elected(Mode::Server, None, cluster_id, view));
+                        }
+                        let claim = new_id();
+                        if self.write_slot(index, &claim, 1, condition).await? {
+                            return Ok(elected(Mode::Server, Some((index, claim)), cluster_id, view));
+                        }
+                    }
+                }
+            }
+            // Lost every race this round: back off a little, read again.
+            tokio::time::sleep(Duration::from_millis(20 + u64::from(rand_below(80)))).await;
+        }
+        bail!(
+            "could not settle this node's mode after {MAX_ROUNDS} rounds of contention on the registry {}; run again",
+            self.registry
+        )
+    }
+
+    /// Step 1: keep the recorded mode, and a server's slot.
+    async fn keep(&self, prev: &State, raft: bool, cluster_id: Option<String>, view: RegistryView) -> Result<Elected> {
+        let mode = match prev.mode {
+            // Bootstrap only until Raft state exists; a plain server after.
+            Mode::Bootstrap if raft => Mode::Server,
+            m => m,
+        };
+        let elected = Elected {
+            mode,
+            cluster_id: cluster_id.or_else(|| prev.cluster_id.clone()),
+            slot: prev.slot,
+            claim_id: prev.claim_id.clone(),
+            view,
+        };
+        if !mode.is_server() || self.dry_run {
+            return Ok(elected);
+        }
+        let (Some(index), Some(claim)) = (prev.slot, prev.claim_id.clone()) else {
+            return Ok(elected);
+        };
+        let Some(slot) = elected.view.slots.get(index as usize).cloned() else {
+            tracing::error!("this server held slot {index}, beyond --servers {}: it keeps running without a slot", self.servers);
+            return Ok(elected);
+        };
+        let ours = slot.record.as_ref().is_some_and(|r| r.claim_id == claim);
+        let condition = match (&slot.etag, ours, decision::slot_is_live(&slot, self.expiry)) {
+            (None, _, _) => Condition::Absent,
+            (Some(etag), true, _) | (Some(etag), false, false) => Condition::Matches(etag.clone()),
+            (Some(_), false, true) => {
+                let holder = slot.record.as_ref().map_or("?", |r| r.node.as_str());
+                tracing::error!(
+                    "server slot {index} of this node is now held by {holder}: this node keeps running as a server; \
+                     check the cluster has no more servers than wanted"
+                );
+                return Ok(elected);
+            }
+        };
+        let sequence = if ours { slot.record.as_ref().map_or(1, |r| r.sequence + 1) } else { 1 };
+        if !self.write_slot(index, &claim, sequence, condition).await? {
+            tracing::error!("could not renew server slot {index}: another node took it");
+        }
+        Ok(elected)
+    }
+
+    /// Writes the cluster record; `Some(id)` when this node won.
+    async fn create_cluster(&self, condition: Condition) -> Result<Option<String>> {
+        let id = new_id();
+        let record = ClusterRecord {
+            cluster_id: id.clone(),
+            bootstrap_node: self.me.node.clone(),
+            bootstrap_address: self.me.address,
+            servers: self.servers,
+            created: Utc::now().to_rfc3339(),
+        };
+        let body = serde_json::to_vec(&record)?;
+        let won = self
+            .put_settled(CLUSTER_KEY, body, condition, |b| {
+                ClusterRecord::parse(b).is_ok_and(|r| r.cluster_id == id)
+            })
+            .await?;
+        Ok(won.map(|_| id))
+    }
+
+    /// Writes server slot `index` with our claim; whether this node holds it.
+    async fn write_slot(&self, index: u32, claim: &str, sequence: u64, condition: Condition) -> Result<bool> {
+        let record = SlotRecord {
+            node: self.me.node.clone(),
+            address: self.me.address,
+            instance_id: self.me.instance_id.clone(),
+            claim_id: claim.to_string(),
+            sequence,
+            released: false,
+        };
+        let body = serde_json::to_vec(&record)?;
+        let won = self
+            .put_settled(&slot_key(index), body, condition, |b| {
+                SlotRecord::parse(b).is_ok_and(|r| r.claim_id == claim && r.sequence == sequence)
+            })
+            .await?;
+        Ok(won.is_some())
+    }
+
+    /// A conditional write whose result is known for sure: a 409 is retried,
+    /// and a lost response or a 412 (which a retry of our own applied write
+    /// also gets) is settled by reading the key back.
+    async fn put_settled(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        condition: Condition,
+        is_ours: impl Fn(&[u8]) -> bool,
+    ) -> Result<Option<String>> {
+        let condition = if self.racy { Condition::None } else { condition };
+        for attempt in 0..=MAX_CONFLICT_RETRIES {
+            match self.store.put(key, body.clone(), condition.clone()).await? {
+                PutOutcome::Written(etag) => return Ok(Some(etag)),
+                PutOutcome::Conflict => {
+                    tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
+                }
+                PutOutcome::PreconditionFailed => {
+                    let back = self.store.get(key).await?;
+                    return Ok(back.filter(|o| is_ours(&o.body)).map(|o| o.etag));
+                }
+                PutOutcome::Unknown(err) => {
+                    tracing::warn!("the result of writing {key} is unknown, reading it back: {err:#}");
+                    let back = self
+                        .store
+                        .get(key)
+                        .await
+                        .with_context(|| format!("reading back {key} after a write with a lost response"))?;
+                    return Ok(back.filter(|o| is_ours(&o.body)).map(|o| o.etag));
+                }
+            }
+        }
+        tracing::warn!("writing {key} met {MAX_CONFLICT_RETRIES} conflicts in a row; deciding again");
+        Ok(None)
+    }
+}
+
+/// Whether a recorded cluster id still describes the registry's cluster
+/// (a registry without a cluster record, as the original tool's, always does).
+fn same_cluster(recorded: Option<&String>, current: Option<&String>) -> bool {
+    match (recorded, current) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
+}
+
+/// Checks the store honours create-only writes; `Ok(true)` means it does
+/// not and the operator accepted the racy fallback.
+async fn check_conditional_writes(store: &dyn Store, allow_racy: bool) -> Result<bool> {
+    let probe = || json!({ "probe": "create-only writes must fail when the key exists" }).to_string().into_bytes();
+    for _ in 0..2 {
+        match store.put(PROBE_KEY, probe(), Condition::Absent).await? {
+            PutOutcome::PreconditionFailed => return Ok(false),
+            // Created just now (a new registry): the second try must fail.
+            PutOutcome::Written(_) => continue,
+            PutOutcome::Conflict => continue,
+            PutOutcome::Unknown(err) => return Err(err.context("checking that the registry honours conditional writes")),
+        }
+    }
+    if allow_racy {
+        tracing::warn!(
+            "the registry ignores conditional writes: using the original, racy decision (--allow-racy); \
+             nodes booting at once may bootstrap two clusters"
+        );
+        return Ok(true);
+    }
+    Err(usage(
+        "the registry ignores conditional writes (a create-only write of an existing key succeeded), \
+         so two nodes booting at once could both bootstrap: use S3 or a store that honours \
+         If-None-Match and If-Match, or pass --allow-racy to accept the original racy behaviour",
+    ))
+}
+
+/// Whether the data dir under the root holds Consul Raft state.
+fn has_raft_state(root: &Root, data_dir: &Path) -> bool {
+    std::fs::read_dir(root.path(&data_dir.join("raft"))).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Secrets read from the files named by options; never from argv values.
+struct Secrets {
+    encrypt: Option<String>,
+    acl_token: Option<String>,
+}
+
+impl Secrets {
+    fn read(opts: &GlobalOpts) -> Result<Secrets> {
+        let read = |path: &Option<PathBuf>, what: &str| -> Result<Option<String>> {
+            let Some(path) = path else { return Ok(None) };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| usage(format!("cannot read the {what} file {}: {e}; fix the path or its permissions", path.display())))?;
+            let value = text.trim().to_string();
+            if value.is_empty() || value.contains(char::is_whitespace) {
+                return Err(usage(format!("the {what} file {} must hold one value on one line", path.display())));
+            }
+            Ok(Some(value))
+        };
+        Ok(Secrets {
+            encrypt: read(&opts.encrypt_file, "gossip encryption key")?,
+            acl_token: read(&opts.acl_token_file, "ACL token")?,
+        })
+    }
+
+    fn any(&self) -> bool {
+        self.encrypt.is_some() || self.acl_token.is_some()
+    }
+}
+
+/// The `consul` binary for `ExecStart`: on PATH (inside the root first when
+/// there is one). Under a root other than `/` a missing binary is a warning
+/// (it may be installed later in the bake) and `/usr/bin/consul` is assumed.
+fn find_consul(root: &Root) -> Result<PathBuf> {
+    if !root.is_system() {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        for dir in std::env::split_paths(&path) {
+            if root.path(&dir.join("consul")).is_file() {
+                return Ok(dir.join("consul"));
+            }
+        }
+    }
+    match which::which("consul") {
+        Ok(p) => Ok(p),
+        Err(_) if !root.is_system() => {
+            tracing::warn!("no consul on PATH: the units will run /usr/bin/consul");
+            Ok(PathBuf::from("/usr/bin/consul"))
+        }
+        Err(e) => Err(usage(format!(
+            "no `consul` binary on PATH ({e}): install Consul (HashiCorp's package or zip) before auto-consul run"
+        ))),
+    }
+}
+
+/// The absolute path of this binary, for the heartbeat unit; its path
+/// inside the root when it lies there.
+fn own_binary(root: &Root) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the path of the auto-consul binary")?;
+    let exe = exe.canonicalize().unwrap_or(exe);
+    let root_dir = root.path(Path::new("/"));
+    Ok(match exe.strip_prefix(&root_dir) {
+        Ok(rel) if !root.is_system() => Path::new("/").join(rel),
+        _ => exe,
+    })
+}
+
+/// The files that do not depend on the decision: units and env file.
+fn fixed_files(
+    opts: &GlobalOpts,
+    root: &Root,
+    me: &Identity,
+    consul: &Path,
+    auto_consul: &Path,
+    registry: &str,
+) -> Result<Vec<FileSpec>> {
+    let consul = render::unit_path(consul).context("the consul binary's path")?;
+    let auto_consul = render::unit_path(auto_consul).context("the auto-consul binary's path")?;
+    let config_dir = render::unit_path(&opts.config_dir).map_err(|e| usage(format!("--config-dir: {e}")))?;
+    let unit = |path: &str, contents: String| FileSpec { path: path.into(), contents, mode: 0o644, owner: None };
+    let mut files = vec![unit(DROPIN, render::consul_dropin(&consul, &config_dir))];
+    if manages_consul_unit(root) {
+        let user = root.user("consul").map(|_| "consul");
+        files.push(unit(CONSUL_UNIT, render::consul_unit(&consul, &config_dir, user)));
+    }
+    files.push(unit(HEARTBEAT_SERVICE, render::heartbeat_service(&auto_consul, ENV_FILE)));
+    files.push(unit(HEARTBEAT_TIMER, render::heartbeat_timer(opts.expiry)));
+    files.push(FileSpec { path: ENV_FILE.into(), contents: env_file(opts, me, registry)?, mode: 0o644, owner: None });
+    Ok(files)
+}
+
+/// Whether `run` writes a full `consul.service`: only when no other unit
+/// of that name exists anywhere on the unit path (Consul from a zip). One we
+/// wrote before is ours to keep current; an operator's is never replaced.
+fn manages_consul_unit(root: &Root) -> bool {
+    root.units_named("consul.service")
+        .iter()
+        .all(|p| p == Path::new(CONSUL_UNIT) && std::fs::read_to_string(root.path(p)).is_ok_and(|t| t.starts_with(render::MARKER)))
+}
+
+/// The env file: every resolved setting, so the heartbeat and later boots
+/// see what this run saw.
+pub fn env_file(opts: &GlobalOpts, me: &Identity, registry: &str) -> Result<String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let mut vars = vec![
+        ("AUTO_CONSUL_REGISTRY", registry.to_string()),
+        ("AUTO_CONSUL_ADDRESS", me.address.to_string()),
+        ("AUTO_CONSUL_NODE", me.node.clone()),
+        ("AUTO_CONSUL_SERVERS", opts.servers.to_string()),
+        ("AUTO_CONSUL_EXPIRY", opts.expiry.to_string()),
+        ("AUTO_CONSUL_DATA_DIR", path(&opts.data_dir)),
+        ("AUTO_CONSUL_CONFIG_DIR", path(&opts.config_dir)),
+        ("AUTO_CONSUL_DATACENTER", opts.datacenter.clone()),
+    ];
+    for (key, value) in [
+        ("AUTO_CONSUL_ENCRYPT_FILE", &opts.encrypt_file),
+        ("AUTO_CONSUL_ACL_TOKEN_FILE", &opts.acl_token_file),
+        ("AUTO_CONSUL_CA_FILE", &opts.ca_file),
+        ("AUTO_CONSUL_CERT_FILE", &opts.cert_file),
+        ("AUTO_CONSUL_KEY_FILE", &opts.key_file),
+    ] {
+        if let Some(p) = value {
+            vars.push((key, path(p)));
+        }
+    }
+    if opts.allow_racy {
+        vars.push(("AUTO_CONSUL_ALLOW_RACY", "true".into()));
+    }
+    render::env_file(&vars).map_err(|e| usage(format!("{e}; fix the option")))
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn rand_below(n: u32) -> u32 {
+    (uuid::Uuid::new_v4().as_u128() % u128::from(n)) as u32
+}

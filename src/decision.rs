@@ -1,0 +1,295 @@
+//! The mode decision, pure: a registry view in, the next step and the join
+//! list out. DESIGN.md's algorithm, steps 2 to 4; the IO that carries a step
+//! out (and step 1, sticky state) lives in `commands::run`.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use crate::model::Mode;
+use crate::registry::{Condition, Member, RegistryView, SlotView};
+
+/// At most this many addresses go into `retry_join`.
+pub const MAX_JOIN: usize = 10;
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// This node already holds a live slot (say, its state file was lost):
+    /// it stays a server and renews the slot.
+    Renew {
+        /// Slot number.
+        index: u32,
+        /// Version tag to renew with.
+        etag: String,
+    },
+    /// No live server: race to write the cluster record under this
+    /// condition; the winner bootstraps and takes slot 0.
+    Bootstrap {
+        /// `Absent` for a new registry, `Matches` for a dead cluster's record.
+        cluster: Condition,
+        /// How to take slot 0 after winning.
+        slot0: Condition,
+    },
+    /// Fewer live servers than wanted: claim one of these slots, in order.
+    Claim(Vec<(u32, Condition)>),
+    /// Enough servers.
+    Agent,
+}
+
+/// Whether a slot is held by a live holder.
+pub fn slot_is_live(slot: &SlotView, expiry: u64) -> bool {
+    slot.record.as_ref().is_some_and(|r| !r.released) && slot.age_seconds < expiry
+}
+
+/// Whether the cluster record was written within the expiry: its
+/// bootstrap node may not have taken slot 0 or sent a heartbeat yet.
+fn cluster_is_fresh(view: &RegistryView, expiry: u64) -> bool {
+    view.cluster.as_ref().is_some_and(|c| c.record.is_some() && c.age_seconds < expiry)
+}
+
+/// The live servers other than `me`, freshest first: live slot holders,
+/// nodes with a live `servers/` heartbeat (the original tool's servers have
+/// only these), and a bootstrap node that created the cluster record within
+/// the expiry.
+pub fn live_servers(view: &RegistryView, me: &str, expiry: u64) -> Vec<Member> {
+    let mut out: Vec<Member> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut push = |m: Member, out: &mut Vec<Member>| {
+        if m.node != me && seen.insert(m.node.clone()) {
+            out.push(m);
+        }
+    };
+    let mut candidates: Vec<Member> = view
+        .slots
+        .iter()
+        .filter(|s| slot_is_live(s, expiry))
+        .filter_map(|s| {
+            s.record.as_ref().map(|r| Member {
+                node: r.node.clone(),
+                address: r.address,
+                instance_id: r.instance_id.clone(),
+                age_seconds: s.age_seconds,
+            })
+        })
+        .chain(view.servers.iter().cloned())
+        .collect();
+    if cluster_is_fresh(view, expiry)
+        && let Some(c) = &view.cluster
+        && let Some(rec) = &c.record
+    {
+        candidates.push(Member {
+            node: rec.bootstrap_node.clone(),
+            address: rec.bootstrap_address,
+            instance_id: None,
+            age_seconds: c.age_seconds,
+        });
+    }
+    // Freshest first; among equals, the slot holder (listed first) wins.
+    candidates.sort_by_key(|m| m.age_seconds);
+    for m in candidates {
+        push(m, &mut out);
+    }
+    out
+}
+
+/// Decides the next step for node `me` wanting `wanted` servers.
+pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64) -> Step {
+    if let Some(slot) = view
+        .slots
+        .iter()
+        .find(|s| slot_is_live(s, expiry) && s.record.as_ref().is_some_and(|r| r.node == me))
+    {
+        return Step::Renew { index: slot.index, etag: slot.etag.clone().unwrap_or_default() };
+    }
+    let live = live_servers(view, me, expiry).len();
+    if live >= wanted as usize {
+        return Step::Agent;
+    }
+    if live == 0 {
+        let cluster = match &view.cluster {
+            None => Condition::Absent,
+            Some(c) => Condition::Matches(c.etag.clone()),
+        };
+        let slot0 = view.slots.first().map_or(Condition::Absent, take_condition);
+        return Step::Bootstrap { cluster, slot0 };
+    }
+    let reserve_slot0 = cluster_is_fresh(view, expiry);
+    let free: Vec<(u32, Condition)> = view
+        .slots
+        .iter()
+        .filter(|s| !slot_is_live(s, expiry))
+        .filter(|s| !(reserve_slot0 && s.index == 0))
+        .map(|s| (s.index, take_condition(s)))
+        .collect();
+    if free.is_empty() { Step::Agent } else { Step::Claim(free) }
+}
+
+/// The condition under which a slot that is not live can be taken.
+fn take_condition(slot: &SlotView) -> Condition {
+    match &slot.etag {
+        None => Condition::Absent,
+        Some(etag) => Condition::Matches(etag.clone()),
+    }
+}
+
+/// The `retry_join` list for a node in `mode`: live servers, then (for an
+/// agent) live agents, freshest first, never this node, no duplicates, at
+/// most [`MAX_JOIN`].
+pub fn join_list(view: &RegistryView, mode: Mode, me: &str, my_address: IpAddr, expiry: u64) -> Vec<IpAddr> {
+    let servers = live_servers(view, me, expiry);
+    let agents = view.agents.iter().filter(|m| m.node != me);
+    let chosen: Box<dyn Iterator<Item = &Member>> = match mode {
+        Mode::Agent => Box::new(servers.iter().chain(agents)),
+        Mode::Bootstrap | Mode::Server => Box::new(servers.iter()),
+    };
+    let mut seen = HashSet::from([my_address]);
+    chosen
+        .map(|m| m.address)
+        .filter(|a| seen.insert(*a))
+        .take(MAX_JOIN)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ClusterRecord, SlotRecord};
+    use crate::registry::view::ClusterView;
+
+    fn view(slots: u32) -> RegistryView {
+        RegistryView {
+            now: chrono::Utc::now(),
+            servers: vec![],
+            agents: vec![],
+            slots: (0..slots).map(|index| SlotView { index, etag: None, record: None, age_seconds: 0 }).collect(),
+            cluster: None,
+            heartbeats: vec![],
+        }
+    }
+
+    fn member(node: &str, ip: &str, age: u64) -> Member {
+        Member { node: node.into(), address: ip.parse().unwrap(), instance_id: None, age_seconds: age }
+    }
+
+    fn hold(v: &mut RegistryView, i: usize, node: &str, ip: &str, age: u64) {
+        v.slots[i].etag = Some(format!("\"e{i}\""));
+        v.slots[i].age_seconds = age;
+        v.slots[i].record = Some(SlotRecord {
+            node: node.into(),
+            address: ip.parse().unwrap(),
+            instance_id: None,
+            claim_id: "c".into(),
+            sequence: 1,
+            released: false,
+        });
+    }
+
+    fn cluster(v: &mut RegistryView, node: &str, age: u64) {
+        v.cluster = Some(ClusterView {
+            etag: "\"cl\"".into(),
+            age_seconds: age,
+            record: Some(ClusterRecord {
+                cluster_id: "id".into(),
+                bootstrap_node: node.into(),
+                bootstrap_address: "10.0.0.1".parse().unwrap(),
+                servers: 3,
+                created: String::new(),
+            }),
+        });
+    }
+
+    #[test]
+    fn empty_registry_bootstraps_by_creating_the_cluster_record() {
+        assert_eq!(
+            decide(&view(3), "me", 3, 120),
+            Step::Bootstrap { cluster: Condition::Absent, slot0: Condition::Absent }
+        );
+    }
+
+    #[test]
+    fn a_fresh_cluster_record_counts_as_a_server_and_reserves_slot_0() {
+        let mut v = view(3);
+        cluster(&mut v, "boot", 1);
+        assert_eq!(
+            decide(&v, "me", 3, 120),
+            Step::Claim(vec![(1, Condition::Absent), (2, Condition::Absent)])
+        );
+        assert_eq!(decide(&v, "me", 1, 120), Step::Agent);
+    }
+
+    #[test]
+    fn a_dead_cluster_is_replaced_under_if_match() {
+        let mut v = view(1);
+        cluster(&mut v, "boot", 500);
+        hold(&mut v, 0, "boot", "10.0.0.1", 500);
+        assert_eq!(
+            decide(&v, "me", 1, 120),
+            Step::Bootstrap {
+                cluster: Condition::Matches("\"cl\"".into()),
+                slot0: Condition::Matches("\"e0\"".into())
+            }
+        );
+    }
+
+    #[test]
+    fn enough_servers_makes_an_agent() {
+        let mut v = view(3);
+        hold(&mut v, 0, "a", "10.0.0.1", 5);
+        hold(&mut v, 1, "b", "10.0.0.2", 5);
+        v.servers.push(member("c", "10.0.0.3", 3));
+        assert_eq!(decide(&v, "me", 3, 120), Step::Agent);
+    }
+
+    #[test]
+    fn expired_and_released_slots_are_taken_over() {
+        let mut v = view(3);
+        hold(&mut v, 0, "a", "10.0.0.1", 5);
+        hold(&mut v, 1, "b", "10.0.0.2", 121);
+        hold(&mut v, 2, "c", "10.0.0.3", 1);
+        v.slots[2].record.as_mut().unwrap().released = true;
+        assert_eq!(
+            decide(&v, "me", 3, 120),
+            Step::Claim(vec![(1, Condition::Matches("\"e1\"".into())), (2, Condition::Matches("\"e2\"".into()))])
+        );
+    }
+
+    #[test]
+    fn the_original_tools_servers_count() {
+        let mut v = view(1);
+        v.servers.push(member("server1", "192.168.50.100", 30));
+        assert_eq!(decide(&v, "agent1", 1, 120), Step::Agent);
+    }
+
+    #[test]
+    fn a_node_never_counts_itself() {
+        let mut v = view(1);
+        v.servers.push(member("me", "10.0.0.9", 3));
+        assert!(matches!(decide(&v, "me", 1, 120), Step::Bootstrap { .. }));
+    }
+
+    #[test]
+    fn a_node_holding_a_live_slot_renews_it() {
+        let mut v = view(3);
+        hold(&mut v, 2, "me", "10.0.0.9", 3);
+        assert_eq!(decide(&v, "me", 3, 120), Step::Renew { index: 2, etag: "\"e2\"".into() });
+    }
+
+    #[test]
+    fn join_lists_are_fresh_first_deduplicated_and_bounded() {
+        let mut v = view(3);
+        hold(&mut v, 0, "a", "10.0.0.1", 50);
+        v.servers.push(member("a", "10.0.0.1", 10));
+        v.servers.push(member("b", "10.0.0.2", 5));
+        for i in 0..20 {
+            v.agents.push(member(&format!("x{i}"), &format!("10.0.1.{i}"), i));
+        }
+        v.agents.push(member("me", "10.0.0.9", 0));
+        let me: IpAddr = "10.0.0.9".parse().unwrap();
+        let servers = join_list(&v, Mode::Server, "me", me, 120);
+        assert_eq!(servers, ["10.0.0.2".parse::<IpAddr>().unwrap(), "10.0.0.1".parse().unwrap()]);
+        let agents = join_list(&v, Mode::Agent, "me", me, 120);
+        assert_eq!(agents.len(), MAX_JOIN);
+        assert_eq!(&agents[..3], &["10.0.0.2".parse::<IpAddr>().unwrap(), "10.0.0.1".parse().unwrap(), "10.0.1.0".parse().unwrap()]);
+        assert!(!agents.contains(&me));
+    }
+}

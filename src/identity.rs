@@ -1,0 +1,92 @@
+//! Who this node is: its address and Consul node name, from the command line
+//! or the EC2 instance metadata service (IMDSv2, token based).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use aws_config::imds;
+
+use crate::model::{instance_id_ok, validate_address, validate_node_name};
+
+/// This node's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Address to advertise and bind.
+    pub address: IpAddr,
+    /// Consul node name.
+    pub node: String,
+    /// EC2 instance id, when it was read or is the node name.
+    pub instance_id: Option<String>,
+}
+
+/// Resolves the identity, asking IMDS only for what was not given, all
+/// within one overall `wait` (IMDS can be slow in the first seconds of boot).
+pub async fn resolve(address: Option<IpAddr>, node: Option<String>, wait: Duration) -> Result<Identity> {
+    if let (Some(address), Some(node)) = (address, node.clone()) {
+        let instance_id = instance_id_ok(&node).then(|| node.clone());
+        return Ok(Identity { address, node, instance_id });
+    }
+    let client = imds::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .read_timeout(Duration::from_secs(2))
+        .max_attempts(2)
+        .build();
+    // Every IMDS read after the first reuses the client's cached token, so
+    // the instance id (worth publishing) costs one more round trip at most.
+    let lookup = async {
+        let (address, instance_id) = tokio::try_join!(
+            async {
+                match address {
+                    Some(a) => Ok(a),
+                    None => {
+                        let raw = get_retrying(&client, "/latest/meta-data/local-ipv4").await?;
+                        validate_address(raw.trim())
+                            .map_err(|e| anyhow!("IMDS local-ipv4 answered something unusable: {e}"))
+                    }
+                }
+            },
+            async {
+                let raw = get_retrying(&client, "/latest/meta-data/instance-id").await?;
+                let id = raw.trim().to_string();
+                if instance_id_ok(&id) {
+                    Ok(id)
+                } else {
+                    Err(anyhow!("IMDS instance-id answered `{}`, not an instance id", id.escape_debug()))
+                }
+            },
+        )?;
+        let node = match node {
+            Some(n) => n,
+            None => {
+                validate_node_name(&instance_id).map_err(|e| anyhow!("IMDS instance-id: {e}"))?;
+                instance_id.clone()
+            }
+        };
+        Ok::<_, anyhow::Error>(Identity { address, node, instance_id: Some(instance_id) })
+    };
+    tokio::time::timeout(wait, lookup)
+        .await
+        .map_err(|_| anyhow!("no answer within {}s", wait.as_secs()))
+        .and_then(|r| r)
+        .context(
+            "cannot learn this node's identity from the EC2 instance metadata service (IMDSv2): \
+             not on EC2? pass --address and --node",
+        )
+}
+
+/// Reads one IMDS path, retrying once a second until the caller's deadline.
+async fn get_retrying(client: &imds::Client, path: &str) -> Result<String> {
+    let mut last = None;
+    for _ in 0..600 {
+        match client.get(path).await {
+            Ok(value) => return Ok(value.as_ref().to_string()),
+            Err(e) => {
+                tracing::debug!("IMDS {path}: {}", aws_sdk_s3::error::DisplayErrorContext(&e));
+                last = Some(e);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    Err(anyhow!("IMDS {path}: {}", aws_sdk_s3::error::DisplayErrorContext(last.expect("tried"))))
+}

@@ -1,0 +1,25 @@
+//! auto-consul: decide, race-free, whether a booting EC2 instance becomes the
+//! bootstrap Consul server, a joining server or an agent, and set it up.
+
+pub mod aws;
+pub mod cli;
+pub mod commands;
+pub mod decision;
+pub mod error;
+pub mod identity;
+pub mod install;
+pub mod logging;
+pub mod model;
+pub mod registry;
+pub mod render;
+pub mod state;
+
+/// Runs one command line to completion on a fresh Tokio runtime.
+pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    runtime.block_on(commands::dispatch(cli))
+}

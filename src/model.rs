@@ -1,0 +1,351 @@
+//! The registry's data: key names, heartbeat, slot and cluster bodies, and
+//! the validation every value from outside passes before it is used.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Bodies larger than this are junk, whatever they hold.
+pub const MAX_BODY_BYTES: usize = 4096;
+
+/// The timestamp format of heartbeat keys, as the original tool wrote it.
+const KEY_TIME_FORMAT: &str = "%Y%m%d%H%M%S";
+
+/// The three modes a node can run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The server that creates the cluster (`bootstrap: true` on first start).
+    Bootstrap,
+    /// A server that joins the others.
+    Server,
+    /// A client agent.
+    Agent,
+}
+
+impl Mode {
+    /// The name used in output, state and heartbeats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Bootstrap => "bootstrap",
+            Mode::Server => "server",
+            Mode::Agent => "agent",
+        }
+    }
+
+    /// Whether Consul runs with `server: true`.
+    pub fn is_server(self) -> bool {
+        self != Mode::Agent
+    }
+}
+
+/// Checks an address given on the command line or read from the registry.
+pub fn validate_address(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| format!("`{}` is not an IP address", s.escape_debug()))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!("{ip} cannot be advertised: give this node's own unicast address"));
+    }
+    if let IpAddr::V4(v4) = ip
+        && v4.is_broadcast()
+    {
+        return Err(format!("{ip} cannot be advertised: give this node's own unicast address"));
+    }
+    Ok(ip)
+}
+
+/// Checks this node's own name: what Consul accepts without warning and DNS
+/// can serve (letters, digits and `-`, at most 63, not starting with `-`).
+pub fn validate_node_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` is not a valid Consul node name: use 1 to 63 letters, digits and `-`, not starting with `-`",
+            s.escape_debug()
+        ))
+    }
+}
+
+/// Checks a node name read from a registry key. Looser than our own names
+/// (the original tool wrote whatever it was given) but never a path or
+/// anything that needs quoting: letters, digits, `-`, `_` and `.`.
+pub fn registry_node_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with(['.', '-'])
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Checks a Consul datacenter name.
+pub fn validate_datacenter(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` is not a valid datacenter name: use letters, digits, `-` and `_`",
+            s.escape_debug()
+        ))
+    }
+}
+
+/// Checks an EC2 instance id (`i-` then letters and digits).
+pub fn instance_id_ok(s: &str) -> bool {
+    s.len() <= 32
+        && s.strip_prefix("i-")
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// The two heartbeat directories of the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `servers/`: written by servers only.
+    Servers,
+    /// `agents/`: written by every node.
+    Agents,
+}
+
+impl Role {
+    /// The directory under the registry prefix, with its trailing `/`.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Role::Servers => "servers/",
+            Role::Agents => "agents/",
+        }
+    }
+}
+
+/// A heartbeat key, `<YYYYmmddHHMMSS>-<node>` (UTC, 1-second resolution).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatKey {
+    /// When the heartbeat was written.
+    pub time: DateTime<Utc>,
+    /// The node it is for; may contain `-`.
+    pub node: String,
+}
+
+impl HeartbeatKey {
+    /// Parses the name after the directory. `None` for anything else.
+    pub fn parse(name: &str) -> Option<HeartbeatKey> {
+        let (stamp, node) = name.split_once('-')?;
+        if stamp.len() != 14 || !stamp.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        if !registry_node_name_ok(node) {
+            return None;
+        }
+        let naive = NaiveDateTime::parse_from_str(stamp, KEY_TIME_FORMAT).ok()?;
+        Some(HeartbeatKey { time: Utc.from_utc_datetime(&naive), node: node.to_string() })
+    }
+
+    /// The name under the directory.
+    pub fn name(&self) -> String {
+        format!("{}-{}", self.time.format(KEY_TIME_FORMAT), self.node)
+    }
+
+    /// Whole seconds since the heartbeat, never negative.
+    pub fn age_seconds(&self, now: DateTime<Utc>) -> u64 {
+        age_seconds(self.time, now)
+    }
+}
+
+/// Whole seconds from `then` to `now`, 0 when `then` is in the future.
+pub fn age_seconds(then: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
+    u64::try_from((now - then).num_seconds()).unwrap_or(0)
+}
+
+/// The body of a heartbeat this tool writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatBody {
+    /// Consul node name; must match the key's.
+    pub node: String,
+    /// Address to join.
+    pub address: IpAddr,
+    /// EC2 instance id, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// `server` or `agent`, as the local agent reported it.
+    pub mode: String,
+    /// The auto-consul version that wrote it.
+    pub version: String,
+}
+
+/// What a heartbeat body tells, whichever tool wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatInfo {
+    /// Address to join.
+    pub address: IpAddr,
+    /// EC2 instance id, when the writer knew it.
+    pub instance_id: Option<String>,
+}
+
+/// Parses a heartbeat body for `node`: our JSON, or a bare IP address as the
+/// original tool wrote. The reason it is junk otherwise.
+pub fn parse_heartbeat_body(node: &str, body: &[u8]) -> Result<HeartbeatInfo, String> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(format!("body of {} bytes is larger than {MAX_BODY_BYTES}", body.len()));
+    }
+    let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?;
+    let text = text.trim();
+    if text.starts_with('{') {
+        let hb: HeartbeatBody =
+            serde_json::from_str(text).map_err(|e| format!("body is not a heartbeat: {e}"))?;
+        if hb.node != node {
+            return Err(format!("body names node `{}`, not `{node}`", hb.node.escape_debug()));
+        }
+        validate_address(&hb.address.to_string())?;
+        let instance_id = hb.instance_id.filter(|id| instance_id_ok(id));
+        Ok(HeartbeatInfo { address: hb.address, instance_id })
+    } else {
+        let address = validate_address(text)?;
+        Ok(HeartbeatInfo { address, instance_id: None })
+    }
+}
+
+/// The body of `slots/server-<i>`: who holds a server slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRecord {
+    /// Holder's node name.
+    pub node: String,
+    /// Holder's address.
+    pub address: IpAddr,
+    /// Holder's EC2 instance id, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Random id of the claim, to recognise our own write after a lost response.
+    pub claim_id: String,
+    /// Counts the writes of this claim (1 at claim, +1 per renewal).
+    pub sequence: u64,
+    /// Set when the holder left: the slot is free at once.
+    #[serde(default)]
+    pub released: bool,
+}
+
+impl SlotRecord {
+    /// Parses and checks a slot body.
+    pub fn parse(body: &[u8]) -> Result<SlotRecord, String> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(format!("body of {} bytes is larger than {MAX_BODY_BYTES}", body.len()));
+        }
+        let rec: SlotRecord =
+            serde_json::from_slice(body).map_err(|e| format!("body is not a slot record: {e}"))?;
+        if !registry_node_name_ok(&rec.node) {
+            return Err(format!("slot names an invalid node `{}`", rec.node.escape_debug()));
+        }
+        validate_address(&rec.address.to_string())?;
+        Ok(rec)
+    }
+}
+
+/// The `cluster` record, created by the bootstrap node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// Random id of this cluster.
+    pub cluster_id: String,
+    /// The bootstrap node's name.
+    pub bootstrap_node: String,
+    /// The bootstrap node's address.
+    pub bootstrap_address: IpAddr,
+    /// Desired number of servers when it was created.
+    pub servers: u32,
+    /// Creation time, RFC 3339.
+    pub created: String,
+}
+
+impl ClusterRecord {
+    /// Parses and checks a cluster record.
+    pub fn parse(body: &[u8]) -> Result<ClusterRecord, String> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(format!("body of {} bytes is larger than {MAX_BODY_BYTES}", body.len()));
+        }
+        let rec: ClusterRecord =
+            serde_json::from_slice(body).map_err(|e| format!("body is not a cluster record: {e}"))?;
+        if !registry_node_name_ok(&rec.bootstrap_node) {
+            return Err("cluster record names an invalid node".to_string());
+        }
+        validate_address(&rec.bootstrap_address.to_string())?;
+        Ok(rec)
+    }
+}
+
+/// The key of server slot `i`.
+pub fn slot_key(i: u32) -> String {
+    format!("slots/server-{i}")
+}
+
+/// The key of the cluster record.
+pub const CLUSTER_KEY: &str = "cluster";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_keys_round_trip_and_keep_dashes_in_names() {
+        let key = HeartbeatKey::parse("20140516092731-web-server-1").unwrap();
+        assert_eq!(key.node, "web-server-1");
+        assert_eq!(key.time.to_rfc3339(), "2014-05-16T09:27:31+00:00");
+        assert_eq!(key.name(), "20140516092731-web-server-1");
+    }
+
+    #[test]
+    fn junk_keys_are_refused() {
+        for name in [
+            "", "server1", "2014051609273-server1", "20140516092731", "20140516092731-",
+            "20141316092731-server1", "2014051609273x-server1", "20140516092731-../etc",
+            "20140516092731-a/b", "20140516092731-a b", "20140516092731-$(reboot)",
+            "20140516092731-.hidden",
+        ] {
+            assert!(HeartbeatKey::parse(name).is_none(), "{name:?} parsed");
+        }
+    }
+
+    #[test]
+    fn bodies_from_both_tools_parse() {
+        let bare = parse_heartbeat_body("server1", b"192.168.50.100\n").unwrap();
+        assert_eq!(bare.address.to_string(), "192.168.50.100");
+        let json = br#"{"node":"n1","address":"10.0.0.5","instance_id":"i-0abc","mode":"server","version":"0.1.0"}"#;
+        let ours = parse_heartbeat_body("n1", json).unwrap();
+        assert_eq!(ours.address.to_string(), "10.0.0.5");
+        assert_eq!(ours.instance_id.as_deref(), Some("i-0abc"));
+    }
+
+    #[test]
+    fn junk_bodies_are_refused() {
+        let long = vec![b'1'; MAX_BODY_BYTES + 1];
+        for body in [
+            &b""[..], b"not an ip", b"10.0.0.1 extra", b"10.0.0.1\nretry_join = evil", b"0.0.0.0",
+            b"224.0.0.1", b"{\"node\":\"other\",\"address\":\"10.0.0.1\",\"mode\":\"agent\",\"version\":\"1\"}",
+            b"{\"node\":\"n1\"}", b"\xff\xfe", &long,
+        ] {
+            assert!(parse_heartbeat_body("n1", body).is_err(), "{:?} parsed", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(validate_node_name("i-0123456789abcdef0").is_ok());
+        assert!(validate_node_name("web-1").is_ok());
+        for bad in ["", "-x", "a/b", "a b", "a.b", &"x".repeat(64), "ü"] {
+            assert!(validate_node_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        assert!(validate_address("10.1.2.3").is_ok());
+        assert!(validate_address("fd00::1").is_ok());
+        for bad in ["", "10.0.0.256", "0.0.0.0", "::", "255.255.255.255", "239.1.1.1", "10.0.0.1 ", "host"] {
+            assert!(validate_address(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The directory registry store (`file:///dir`): one file per key, written
+//! atomically; conditional writes serialised by an exclusive lock on
+//! `<dir>/.lock`, so the same guarantees hold between processes on one host
+//! or on a shared mount with working locks.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use super::{Condition, Listed, Object, PutOutcome, Store};
+use crate::error::usage;
+
+/// A registry in a local directory.
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    /// Opens an existing directory.
+    pub fn open(dir: &Path) -> Result<FileStore> {
+        match fs::metadata(dir) {
+            Ok(m) if m.is_dir() => Ok(FileStore { dir: dir.to_path_buf() }),
+            Ok(_) => Err(usage(format!(
+                "registry file://{} is not a directory; fix --registry",
+                dir.display()
+            ))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(usage(format!(
+                "registry directory {} does not exist; create it (mkdir -p) or fix --registry",
+                dir.display()
+            ))),
+            Err(e) => Err(e).with_context(|| format!("reading registry directory {}", dir.display())),
+        }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    fn lock(&self) -> Result<File> {
+        let path = self.dir.join(".lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening the registry lock {}", path.display()))?;
+        file.lock().with_context(|| format!("locking {}", path.display()))?;
+        Ok(file)
+    }
+
+    fn read(&self, key: &str) -> Result<Option<Object>> {
+        let path = self.path(key);
+        let body = match fs::read(&path) {
+            Ok(body) => body,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let modified = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .with_context(|| format!("reading the time of {}", path.display()))?;
+        Ok(Some(Object { etag: etag(&body), body, last_modified: DateTime::<Utc>::from(modified) }))
+    }
+
+    fn write(&self, key: &str, body: &[u8]) -> Result<String> {
+        let path = self.path(key);
+        let parent = path.parent().expect("registry keys have a parent");
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(parent)
+            .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
+        tmp.write_all(body)
+            .and_then(|()| tmp.as_file().sync_all())
+            .with_context(|| format!("writing {}", path.display()))?;
+        tmp.persist(&path).with_context(|| format!("renaming into {}", path.display()))?;
+        Ok(etag(body))
+    }
+}
+
+fn etag(body: &[u8]) -> String {
+    format!("\"{:x}\"", Sha256::digest(body))
+}
+
+#[async_trait]
+impl Store for FileStore {
+    async fn list(&self, dir: &str) -> Result<Vec<Listed>> {
+        let path = self.path(dir);
+        let entries = match fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", path.display())),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {}", path.display()))?;
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            if name.starts_with('.') {
+                continue;
+            }
+            let meta = match entry.metadata() {
+                Ok(m) if m.is_file() => m,
+                _ => continue,
+            };
+            out.push(Listed {
+                key: format!("{dir}{name}"),
+                last_modified: meta.modified().ok().map(DateTime::<Utc>::from),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Object>> {
+        self.read(key)
+    }
+
+    async fn put(&self, key: &str, body: Vec<u8>, condition: Condition) -> Result<PutOutcome> {
+        if condition == Condition::None {
+            return self.write(key, &body).map(PutOutcome::Written);
+        }
+        let _lock = self.lock()?;
+        let current = self.read(key)?;
+        let holds = match (&condition, &current) {
+            (Condition::Absent, None) => true,
+            (Condition::Matches(tag), Some(obj)) => *tag == obj.etag,
+            _ => false,
+        };
+        if !holds {
+            return Ok(PutOutcome::PreconditionFailed);
+        }
+        self.write(key, &body).map(PutOutcome::Written)
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<usize> {
+        for key in keys {
+            let path = self.path(key);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("deleting {}", path.display())),
+            }
+        }
+        Ok(keys.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conditional_writes_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let first = store.put("slots/server-0", b"a".to_vec(), Condition::Absent).await.unwrap();
+        let PutOutcome::Written(tag) = first else { panic!("first create failed") };
+        assert!(matches!(
+            store.put("slots/server-0", b"b".to_vec(), Condition::Absent).await.unwrap(),
+            PutOutcome::PreconditionFailed
+        ));
+        assert!(matches!(
+            store.put("slots/server-0", b"c".to_vec(), Condition::Matches("\"nope\"".into())).await.unwrap(),
+            PutOutcome::PreconditionFailed
+        ));
+        assert!(matches!(
+            store.put("slots/server-0", b"d".to_vec(), Condition::Matches(tag)).await.unwrap(),
+            PutOutcome::Written(_)
+        ));
+        assert_eq!(store.get("slots/server-0").await.unwrap().unwrap().body, b"d");
+        let listed = store.list("slots/").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].key, "slots/server-0");
+    }
+}

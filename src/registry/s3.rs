@@ -1,0 +1,192 @@
+//! The S3 registry store: ListObjectsV2, GetObject, conditional PutObject and
+//! batched DeleteObjects under one prefix.
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::get_object::GetObjectError;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use chrono::{DateTime, Utc};
+
+use super::{Condition, Listed, Object, PutOutcome, Store};
+use crate::error::usage;
+
+/// S3 allows at most this many keys in one DeleteObjects request.
+const DELETE_BATCH: usize = 1000;
+
+/// A registry under `s3://bucket/prefix`.
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3Store {
+    /// A store on `bucket`/`prefix`. A custom endpoint (S3-compatible
+    /// servers, the test suite) gets path-style addressing.
+    pub fn new(config: &aws_config::SdkConfig, bucket: String, prefix: String) -> S3Store {
+        let custom_endpoint = config.endpoint_url().is_some()
+            || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some()
+            || std::env::var_os("AWS_ENDPOINT_URL").is_some();
+        let s3_config = aws_sdk_s3::config::Builder::from(config)
+            .force_path_style(custom_endpoint)
+            .build();
+        S3Store { client: Client::from_conf(s3_config), bucket, prefix }
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() { key.to_string() } else { format!("{}/{key}", self.prefix) }
+    }
+
+    fn url(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, self.full_key(key))
+    }
+}
+
+/// Turns an SDK error into one that says what failed and what to do.
+fn explain<E>(err: SdkError<E>, what: String) -> anyhow::Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let detail = DisplayErrorContext(&err).to_string();
+    match &err {
+        SdkError::ServiceError(ctx) => match ctx.err().code() {
+            Some("NoSuchBucket") => usage(format!(
+                "{what}: the bucket does not exist; create it or fix --registry"
+            ))
+            .context(detail),
+            Some("AccessDenied") | Some("InvalidAccessKeyId") | Some("SignatureDoesNotMatch") => {
+                anyhow::anyhow!(detail).context(format!(
+                    "{what}: access denied; check the instance role's S3 permissions on the registry prefix"
+                ))
+            }
+            _ => anyhow::anyhow!(detail).context(what),
+        },
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => anyhow::anyhow!(detail).context(format!(
+            "{what}: the S3 endpoint cannot be reached; check the network, AWS_ENDPOINT_URL and the region"
+        )),
+        SdkError::ConstructionFailure(_) => anyhow::anyhow!(detail).context(format!(
+            "{what}: the request could not be built; check AWS_REGION and the credentials"
+        )),
+        _ => anyhow::anyhow!(detail).context(what),
+    }
+}
+
+fn to_chrono(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<DateTime<Utc>> {
+    let t = t?;
+    DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
+#[async_trait]
+impl Store for S3Store {
+    async fn list(&self, dir: &str) -> Result<Vec<Listed>> {
+        let full = self.full_key(dir);
+        let strip = self.full_key("");
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| explain(e, format!("listing {}", self.url(dir))))?;
+            for obj in page.contents() {
+                let Some(key) = obj.key() else { continue };
+                let Some(rel) = key.strip_prefix(&strip) else { continue };
+                out.push(Listed { key: rel.to_string(), last_modified: to_chrono(obj.last_modified()) });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Object>> {
+        let resp = self.client.get_object().bucket(&self.bucket).key(self.full_key(key)).send().await;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(SdkError::ServiceError(ctx)) if matches!(ctx.err(), GetObjectError::NoSuchKey(_)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(explain(e, format!("reading {}", self.url(key)))),
+        };
+        let etag = resp.e_tag().unwrap_or_default().to_string();
+        let last_modified = to_chrono(resp.last_modified()).unwrap_or_else(Utc::now);
+        let body = resp
+            .body
+            .collect()
+            .await
+            .with_context(|| format!("reading the body of {}", self.url(key)))?
+            .into_bytes()
+            .to_vec();
+        Ok(Some(Object { body, etag, last_modified }))
+    }
+
+    async fn put(&self, key: &str, body: Vec<u8>, condition: Condition) -> Result<PutOutcome> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .content_type("application/json")
+            .body(ByteStream::from(body));
+        req = match condition {
+            Condition::None => req,
+            Condition::Absent => req.if_none_match("*"),
+            Condition::Matches(etag) => req.if_match(etag),
+        };
+        match req.send().await {
+            Ok(resp) => Ok(PutOutcome::Written(resp.e_tag().unwrap_or_default().to_string())),
+            Err(SdkError::ServiceError(ctx)) => {
+                let status = ctx.raw().status().as_u16();
+                let code = ctx.err().code().unwrap_or_default().to_string();
+                match (status, code.as_str()) {
+                    (412, _) | (_, "PreconditionFailed") => Ok(PutOutcome::PreconditionFailed),
+                    (409, _) | (_, "ConditionalRequestConflict") => Ok(PutOutcome::Conflict),
+                    (s, _) if s >= 500 => Ok(PutOutcome::Unknown(explain(
+                        SdkError::ServiceError(ctx),
+                        format!("writing {}", self.url(key)),
+                    ))),
+                    _ => Err(explain(SdkError::ServiceError(ctx), format!("writing {}", self.url(key)))),
+                }
+            }
+            Err(e @ (SdkError::TimeoutError(_) | SdkError::ResponseError(_) | SdkError::DispatchFailure(_))) => {
+                // A dispatch failure may have happened after the body was sent.
+                Ok(PutOutcome::Unknown(explain(e, format!("writing {}", self.url(key)))))
+            }
+            Err(e) => Err(explain(e, format!("writing {}", self.url(key)))),
+        }
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<usize> {
+        let mut requests = 0;
+        for batch in keys.chunks(DELETE_BATCH) {
+            let objects = batch
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(self.full_key(k)).build())
+                .collect::<Result<Vec<_>, _>>()
+                .context("building a DeleteObjects request")?;
+            let delete = Delete::builder().set_objects(Some(objects)).quiet(true).build()
+                .context("building a DeleteObjects request")?;
+            let resp = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| explain(e, format!("deleting {} keys under {}", batch.len(), self.url(""))))?;
+            requests += 1;
+            for err in resp.errors() {
+                tracing::warn!(
+                    "could not delete {}: {}",
+                    err.key().unwrap_or("?"),
+                    err.message().unwrap_or("no message")
+                );
+            }
+        }
+        Ok(requests)
+    }
+}

@@ -1,0 +1,201 @@
+//! One consistent-enough read of the registry: live members, slots and the
+//! cluster record, with junk skipped (and named in a warning).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+use super::{Listed, Store};
+use crate::model::{
+    self, CLUSTER_KEY, ClusterRecord, HeartbeatKey, Role, SlotRecord, age_seconds, parse_heartbeat_body,
+};
+
+/// How many body reads run at once.
+const READ_CONCURRENCY: usize = 32;
+
+/// A live member, from its newest heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Node name (from the key).
+    pub node: String,
+    /// Address to join (from the body, validated).
+    pub address: std::net::IpAddr,
+    /// EC2 instance id, when the body has one.
+    pub instance_id: Option<String>,
+    /// Seconds since the heartbeat.
+    pub age_seconds: u64,
+}
+
+/// A server slot as read.
+#[derive(Debug, Clone)]
+pub struct SlotView {
+    /// Slot number.
+    pub index: u32,
+    /// Version tag, `None` when the slot key does not exist.
+    pub etag: Option<String>,
+    /// The record, `None` when absent or junk.
+    pub record: Option<SlotRecord>,
+    /// Seconds since the last write.
+    pub age_seconds: u64,
+}
+
+/// The cluster record as read.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// Version tag of the record.
+    pub etag: String,
+    /// The record, `None` when junk.
+    pub record: Option<ClusterRecord>,
+    /// Seconds since it was written.
+    pub age_seconds: u64,
+}
+
+/// A heartbeat key as listed, parsed.
+#[derive(Debug, Clone)]
+pub struct HeartbeatEntry {
+    /// Key relative to the prefix.
+    pub key: String,
+    /// Parsed name.
+    pub parsed: HeartbeatKey,
+}
+
+/// What the registry says, read once.
+#[derive(Debug, Clone)]
+pub struct RegistryView {
+    /// When it was read.
+    pub now: DateTime<Utc>,
+    /// Live servers, newest heartbeat per node, freshest first.
+    pub servers: Vec<Member>,
+    /// Live agents, newest heartbeat per node, freshest first (at most the
+    /// limit asked for).
+    pub agents: Vec<Member>,
+    /// Slots `0..n`.
+    pub slots: Vec<SlotView>,
+    /// The cluster record, when there is one.
+    pub cluster: Option<ClusterView>,
+    /// Every well-formed heartbeat key, both directories.
+    pub heartbeats: Vec<HeartbeatEntry>,
+}
+
+/// Reads the registry: both heartbeat listings, the cluster record and slots
+/// `0..slots` at once, then the bodies of the newest live heartbeat of each
+/// server and of up to `agent_limit` agents, freshest first.
+pub async fn read_view(
+    store: &dyn Store,
+    slots: u32,
+    expiry: u64,
+    agent_limit: usize,
+) -> Result<RegistryView> {
+    let (servers, agents, cluster, slot_objs) = tokio::try_join!(
+        store.list(Role::Servers.dir()),
+        store.list(Role::Agents.dir()),
+        store.get(CLUSTER_KEY),
+        stream::iter(0..slots)
+            .map(|i| async move { store.get(&model::slot_key(i)).await })
+            .buffered(READ_CONCURRENCY)
+            .try_collect::<Vec<_>>(),
+    )?;
+    let now = Utc::now();
+
+    let mut heartbeats = Vec::new();
+    let server_keys = parse_listing(servers, &mut heartbeats);
+    let agent_keys = parse_listing(agents, &mut heartbeats);
+    let servers = live_members(store, server_keys, now, expiry, usize::MAX).await?;
+    let agents = live_members(store, agent_keys, now, expiry, agent_limit).await?;
+
+    let slots = slot_objs
+        .into_iter()
+        .zip(0..)
+        .map(|(obj, index)| match obj {
+            None => SlotView { index, etag: None, record: None, age_seconds: 0 },
+            Some(obj) => {
+                let record = SlotRecord::parse(&obj.body)
+                    .map_err(|why| tracing::warn!("skipping registry key {}: {why}", model::slot_key(index)))
+                    .ok();
+                SlotView {
+                    index,
+                    etag: Some(obj.etag),
+                    record,
+                    age_seconds: age_seconds(obj.last_modified, now),
+                }
+            }
+        })
+        .collect();
+    let cluster = cluster.map(|obj| ClusterView {
+        record: ClusterRecord::parse(&obj.body)
+            .map_err(|why| tracing::warn!("skipping registry key {CLUSTER_KEY}: {why}"))
+            .ok(),
+        etag: obj.etag,
+        age_seconds: age_seconds(obj.last_modified, now),
+    });
+    Ok(RegistryView { now, servers, agents, slots, cluster, heartbeats })
+}
+
+/// Parses listed keys, warning about junk; appends every good key to `all`
+/// and returns the good ones of this listing.
+fn parse_listing(listed: Vec<Listed>, all: &mut Vec<HeartbeatEntry>) -> Vec<HeartbeatEntry> {
+    let mut good = Vec::with_capacity(listed.len());
+    for item in listed {
+        let name = item.key.rsplit('/').next().unwrap_or_default();
+        match HeartbeatKey::parse(name) {
+            Some(parsed) => good.push(HeartbeatEntry { key: item.key, parsed }),
+            None => tracing::warn!(
+                "skipping registry key {}: not <YYYYmmddHHMMSS>-<node>",
+                item.key.escape_debug()
+            ),
+        }
+    }
+    all.extend(good.iter().cloned());
+    good
+}
+
+/// The newest live heartbeat per node, freshest first, with bodies read and
+/// checked; stops after `limit` good ones.
+async fn live_members(
+    store: &dyn Store,
+    entries: Vec<HeartbeatEntry>,
+    now: DateTime<Utc>,
+    expiry: u64,
+    limit: usize,
+) -> Result<Vec<Member>> {
+    let mut newest: HashMap<&str, &HeartbeatEntry> = HashMap::new();
+    for e in &entries {
+        if e.parsed.age_seconds(now) >= expiry {
+            continue;
+        }
+        let slot = newest.entry(e.parsed.node.as_str()).or_insert(e);
+        if e.parsed.time > slot.parsed.time {
+            *slot = e;
+        }
+    }
+    let mut candidates: Vec<&HeartbeatEntry> = newest.into_values().collect();
+    candidates.sort_by(|a, b| b.parsed.time.cmp(&a.parsed.time).then(a.parsed.node.cmp(&b.parsed.node)));
+
+    let mut members = Vec::new();
+    for chunk in candidates.chunks(READ_CONCURRENCY) {
+        let bodies: Vec<_> = stream::iter(chunk.iter())
+            .map(|e| async move { (e, store.get(&e.key).await) })
+            .buffered(READ_CONCURRENCY)
+            .collect()
+            .await;
+        for (e, body) in bodies {
+            // A key deleted between the listing and the read was just purged.
+            let Some(obj) = body? else { continue };
+            match parse_heartbeat_body(&e.parsed.node, &obj.body) {
+                Ok(info) => members.push(Member {
+                    node: e.parsed.node.clone(),
+                    address: info.address,
+                    instance_id: info.instance_id,
+                    age_seconds: e.parsed.age_seconds(now),
+                }),
+                Err(why) => tracing::warn!("skipping registry key {}: {why}", e.key),
+            }
+            if members.len() >= limit {
+                return Ok(members);
+            }
+        }
+    }
+    Ok(members)
+}

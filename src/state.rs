@@ -1,0 +1,63 @@
+//! The sticky state `run` keeps between boots
+//! (`/var/lib/auto-consul/state.json`).
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::install::{FileSpec, Root};
+use crate::model::Mode;
+
+/// Where the state lives on the target system.
+pub const STATE_PATH: &str = "/var/lib/auto-consul/state.json";
+
+/// What this node decided, for which registry and cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// The registry URL the decision was made against.
+    pub registry: String,
+    /// The cluster id, when the registry has a cluster record.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    /// The decided mode.
+    pub mode: Mode,
+    /// This node's name.
+    pub node: String,
+    /// This node's address.
+    pub address: IpAddr,
+    /// This node's EC2 instance id, when known.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// The server slot held, if any.
+    #[serde(default)]
+    pub slot: Option<u32>,
+    /// The claim id written into the slot.
+    #[serde(default)]
+    pub claim_id: Option<String>,
+}
+
+/// Reads the state under `root`. A missing file is `None`; an unreadable
+/// or corrupt one is `None` with a warning (the decision then starts afresh,
+/// still guarded by the Raft check).
+pub fn load(root: &Root) -> Option<State> {
+    let path = root.path(Path::new(STATE_PATH));
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!("ignoring state file {}: {e}", path.display());
+            return None;
+        }
+    };
+    serde_json::from_slice(&text)
+        .map_err(|e| tracing::warn!("ignoring corrupt state file {}: {e}", path.display()))
+        .ok()
+}
+
+/// The state file to write.
+pub fn file(state: &State) -> FileSpec {
+    let mut contents = serde_json::to_string_pretty(state).expect("state serialises");
+    contents.push('\n');
+    FileSpec { path: STATE_PATH.into(), contents, mode: 0o600, owner: None }
+}

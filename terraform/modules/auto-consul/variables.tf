@@ -1,0 +1,228 @@
+# ---------------------------------------------------------------------------
+# Naming and placement
+# ---------------------------------------------------------------------------
+
+variable "name" {
+  description = "Name prefix for every resource this module creates (IAM role, instance profile, security group, launch templates, autoscaling groups). Lower case letters, digits and hyphens."
+  type        = string
+  default     = "consul"
+
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9-]{0,26}$", var.name))
+    error_message = "The name must be 1 to 27 characters of lower case letters, digits and hyphens, starting with a letter or digit."
+  }
+}
+
+variable "vpc_id" {
+  description = "ID of the VPC the Consul instances run in. The security group is created in it."
+  type        = string
+}
+
+variable "subnet_ids" {
+  description = "Subnets (ideally one per availability zone) the autoscaling groups launch instances into. The instances need a route to S3 and the EC2 API: a NAT gateway, or VPC endpoints for S3 and EC2."
+  type        = list(string)
+
+  validation {
+    condition     = can(var.subnet_ids[0])
+    error_message = "Give at least one subnet."
+  }
+}
+
+variable "client_cidr_blocks" {
+  description = "CIDR blocks (for example the VPC CIDR) allowed to reach the Consul HTTP API (8500/tcp) and DNS (8600/tcp+udp) from outside the security group. Empty: only members of the group reach them."
+  type        = list(string)
+  default     = []
+}
+
+variable "tags" {
+  description = "Tags added to every resource that takes tags, and propagated to the instances."
+  type        = map(string)
+  default     = {}
+}
+
+# ---------------------------------------------------------------------------
+# Registry bucket
+# ---------------------------------------------------------------------------
+
+variable "create_bucket" {
+  description = "Create the S3 registry bucket. Set to false to use an existing bucket named by bucket_name (its encryption, public access block and lifecycle are then left to you)."
+  type        = bool
+  default     = true
+}
+
+variable "bucket_name" {
+  description = "Name of the registry bucket. Empty with create_bucket = true: a unique name is generated from var.name. Required when create_bucket = false."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])?$", var.bucket_name))
+    error_message = "bucket_name must be empty or a valid S3 bucket name (3 to 63 lower case letters, digits, dots and hyphens)."
+  }
+}
+
+variable "registry_prefix" {
+  description = "Key prefix of the registry inside the bucket, without leading or trailing slash (for example \"consul/prod\"). Empty string: the bucket root. One prefix per Consul cluster."
+  type        = string
+  default     = "consul"
+
+  validation {
+    condition     = can(regex("^([A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*)?$", var.registry_prefix))
+    error_message = "The registry prefix must not start or end with \"/\", must not contain \"//\", and may only use S3 safe characters."
+  }
+}
+
+variable "force_destroy" {
+  description = "Allow terraform destroy to delete the bucket while it still holds heartbeats. Handy for tests, dangerous for a live cluster."
+  type        = bool
+  default     = false
+}
+
+variable "heartbeat_retention_days" {
+  description = "Lifecycle backstop: objects under PREFIX/servers/ and PREFIX/agents/ older than this many days are deleted by S3 even if no node purged them (auto-consul purges expired heartbeats itself within seconds)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = can(regex("^[1-9][0-9]*$", tostring(var.heartbeat_retention_days)))
+    error_message = "heartbeat_retention_days must be a whole number of days, 1 or more (S3 lifecycle works in days)."
+  }
+}
+
+# ---------------------------------------------------------------------------
+# Cluster settings (written to /etc/auto-consul/auto-consul.env)
+# ---------------------------------------------------------------------------
+
+variable "servers" {
+  description = "Desired number of Consul servers (AUTO_CONSUL_SERVERS). Also the desired size of the servers autoscaling group. Odd numbers keep a Raft quorum: 3 tolerates one failure, 5 two."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = contains([1, 3, 5, 7], var.servers)
+    error_message = "servers must be 1, 3, 5 or 7."
+  }
+}
+
+variable "expiry" {
+  description = "Heartbeat and server slot expiry in seconds (AUTO_CONSUL_EXPIRY). The heartbeat timer fires every expiry/2."
+  type        = number
+  default     = 120
+
+  validation {
+    # Whole number, and unchanged when clamped to [10, 86400].
+    condition     = alltrue([can(regex("^[0-9]+$", tostring(var.expiry))), contains([var.expiry], min(max(var.expiry, 10), 86400))])
+    error_message = "expiry must be a whole number of seconds between 10 and 86400."
+  }
+}
+
+variable "datacenter" {
+  description = "Consul datacenter name (AUTO_CONSUL_DATACENTER)."
+  type        = string
+  default     = "dc1"
+
+  validation {
+    condition     = can(regex("^[a-z0-9_-]+$", var.datacenter))
+    error_message = "The datacenter may only contain lower case letters, digits, \"_\" and \"-\"."
+  }
+}
+
+variable "consul_data_dir" {
+  description = "Consul data directory on the instances (AUTO_CONSUL_DATA_DIR)."
+  type        = string
+  default     = "/opt/consul"
+}
+
+variable "consul_config_dir" {
+  description = "Consul configuration directory on the instances (AUTO_CONSUL_CONFIG_DIR)."
+  type        = string
+  default     = "/etc/consul.d"
+}
+
+variable "baked_image" {
+  description = "True when the AMI was baked with `auto-consul install` (see packer/): user data then only writes the env file and the baked auto-consul.service runs at boot. False: user data writes the env file and runs `auto-consul run` itself."
+  type        = bool
+  default     = false
+}
+
+# ---------------------------------------------------------------------------
+# Instances
+# ---------------------------------------------------------------------------
+
+variable "ami_id" {
+  description = "AMI for both groups. It must have Consul installed (HashiCorp's package: /usr/bin/consul and consul.service) and auto-consul on PATH (/usr/bin from the .deb, or /usr/local/bin)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^ami-[0-9a-f]+$", var.ami_id))
+    error_message = "ami_id must look like ami-0123456789abcdef0."
+  }
+}
+
+variable "server_instance_type" {
+  description = "Instance type of the servers group."
+  type        = string
+  default     = "t3.small"
+}
+
+variable "agent_instance_type" {
+  description = "Instance type of the agents group."
+  type        = string
+  default     = "t3.small"
+}
+
+variable "key_name" {
+  description = "EC2 key pair for SSH access. Null: no key pair."
+  type        = string
+  default     = null
+}
+
+variable "agents_min_size" {
+  description = "Minimum size of the agents autoscaling group."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = can(regex("^[0-9]+$", tostring(var.agents_min_size)))
+    error_message = "agents_min_size must be a whole number, 0 or more."
+  }
+}
+
+variable "agents_desired_capacity" {
+  description = "Desired size of the agents autoscaling group."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = can(regex("^[0-9]+$", tostring(var.agents_desired_capacity)))
+    error_message = "agents_desired_capacity must be a whole number, 0 or more."
+  }
+}
+
+variable "agents_max_size" {
+  description = "Maximum size of the agents autoscaling group."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = can(regex("^[0-9]+$", tostring(var.agents_max_size)))
+    error_message = "agents_max_size must be a whole number, 0 or more."
+  }
+}
+
+variable "imds_hop_limit" {
+  description = "IMDSv2 PUT response hop limit. 1 (default): only processes on the instance itself get a token, so a container on the host cannot read the instance role's credentials. 2: needed only if auto-consul (or something else that must reach IMDS) runs inside a container with bridged networking."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = contains([1, 2], var.imds_hop_limit)
+    error_message = "imds_hop_limit must be 1 or 2."
+  }
+}
+
+variable "additional_policy_arns" {
+  description = "Extra managed policies to attach to the instance role (for example AmazonSSMManagedInstanceCore for Session Manager). auto-consul itself needs none of them."
+  type        = list(string)
+  default     = []
+}

