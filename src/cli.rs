@@ -22,7 +22,12 @@ use crate::model::{validate_address, validate_datacenter, validate_node_name};
 /// metadata service unreachable, agent not running), 2 on a usage or
 /// configuration error.
 #[derive(Debug, Parser)]
-#[command(name = "auto-consul", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "auto-consul",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOpts,
@@ -36,7 +41,13 @@ pub struct Cli {
 pub struct GlobalOpts {
     /// Registry: s3://BUCKET/PREFIX, or file:///DIR for a directory on this
     /// host or a shared mount.
-    #[arg(short = 'r', long, env = "AUTO_CONSUL_REGISTRY", value_name = "URL", global = true)]
+    #[arg(
+        short = 'r',
+        long,
+        env = "AUTO_CONSUL_REGISTRY",
+        value_name = "URL",
+        global = true
+    )]
     pub registry: Option<String>,
 
     /// Address this node advertises and binds [default: IMDS local-ipv4].
@@ -177,8 +188,10 @@ mod tests {
 
     #[test]
     fn options_work_before_and_after_the_command() {
-        let before = Cli::try_parse_from(["auto-consul", "-r", "file:///x", "-s", "3", "run"]).unwrap();
-        let after = Cli::try_parse_from(["auto-consul", "run", "-r", "file:///x", "-s", "3"]).unwrap();
+        let before =
+            Cli::try_parse_from(["auto-consul", "-r", "file:///x", "-s", "3", "run"]).unwrap();
+        let after =
+            Cli::try_parse_from(["auto-consul", "run", "-r", "file:///x", "-s", "3"]).unwrap();
         assert_eq!(before.global.registry.as_deref(), Some("file:///x"));
         assert_eq!(after.global.registry.as_deref(), Some("file:///x"));
         assert_eq!(before.global.servers, 3);

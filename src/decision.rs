@@ -44,7 +44,9 @@ pub fn slot_is_live(slot: &SlotView, expiry: u64) -> bool {
 /// Whether the cluster record was written within the expiry: its
 /// bootstrap node may not have taken slot 0 or sent a heartbeat yet.
 fn cluster_is_fresh(view: &RegistryView, expiry: u64) -> bool {
-    view.cluster.as_ref().is_some_and(|c| c.record.is_some() && c.age_seconds < expiry)
+    view.cluster
+        .as_ref()
+        .is_some_and(|c| c.record.is_some() && c.age_seconds < expiry)
 }
 
 /// The live servers other than `me`, freshest first: live slot holders,
@@ -99,7 +101,10 @@ pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64) -> Step {
         .iter()
         .find(|s| slot_is_live(s, expiry) && s.record.as_ref().is_some_and(|r| r.node == me))
     {
-        return Step::Renew { index: slot.index, etag: slot.etag.clone().unwrap_or_default() };
+        return Step::Renew {
+            index: slot.index,
+            etag: slot.etag.clone().unwrap_or_default(),
+        };
     }
     let live = live_servers(view, me, expiry).len();
     if live >= wanted as usize {
@@ -121,7 +126,11 @@ pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64) -> Step {
         .filter(|s| !(reserve_slot0 && s.index == 0))
         .map(|s| (s.index, take_condition(s)))
         .collect();
-    if free.is_empty() { Step::Agent } else { Step::Claim(free) }
+    if free.is_empty() {
+        Step::Agent
+    } else {
+        Step::Claim(free)
+    }
 }
 
 /// The condition under which a slot that is not live can be taken.
@@ -135,7 +144,13 @@ fn take_condition(slot: &SlotView) -> Condition {
 /// The `retry_join` list for a node in `mode`: live servers, then (for an
 /// agent) live agents, freshest first, never this node, no duplicates, at
 /// most [`MAX_JOIN`].
-pub fn join_list(view: &RegistryView, mode: Mode, me: &str, my_address: IpAddr, expiry: u64) -> Vec<IpAddr> {
+pub fn join_list(
+    view: &RegistryView,
+    mode: Mode,
+    me: &str,
+    my_address: IpAddr,
+    expiry: u64,
+) -> Vec<IpAddr> {
     let servers = live_servers(view, me, expiry);
     let agents = view.agents.iter().filter(|m| m.node != me);
     let chosen: Box<dyn Iterator<Item = &Member>> = match mode {
@@ -161,14 +176,26 @@ mod tests {
             now: chrono::Utc::now(),
             servers: vec![],
             agents: vec![],
-            slots: (0..slots).map(|index| SlotView { index, etag: None, record: None, age_seconds: 0 }).collect(),
+            slots: (0..slots)
+                .map(|index| SlotView {
+                    index,
+                    etag: None,
+                    record: None,
+                    age_seconds: 0,
+                })
+                .collect(),
             cluster: None,
             heartbeats: vec![],
         }
     }
 
     fn member(node: &str, ip: &str, age: u64) -> Member {
-        Member { node: node.into(), address: ip.parse().unwrap(), instance_id: None, age_seconds: age }
+        Member {
+            node: node.into(),
+            address: ip.parse().unwrap(),
+            instance_id: None,
+            age_seconds: age,
+        }
     }
 
     fn hold(v: &mut RegistryView, i: usize, node: &str, ip: &str, age: u64) {
@@ -202,7 +229,10 @@ mod tests {
     fn empty_registry_bootstraps_by_creating_the_cluster_record() {
         assert_eq!(
             decide(&view(3), "me", 3, 120),
-            Step::Bootstrap { cluster: Condition::Absent, slot0: Condition::Absent }
+            Step::Bootstrap {
+                cluster: Condition::Absent,
+                slot0: Condition::Absent
+            }
         );
     }
 
@@ -249,7 +279,10 @@ mod tests {
         v.slots[2].record.as_mut().unwrap().released = true;
         assert_eq!(
             decide(&v, "me", 3, 120),
-            Step::Claim(vec![(1, Condition::Matches("\"e1\"".into())), (2, Condition::Matches("\"e2\"".into()))])
+            Step::Claim(vec![
+                (1, Condition::Matches("\"e1\"".into())),
+                (2, Condition::Matches("\"e2\"".into()))
+            ])
         );
     }
 
@@ -271,7 +304,13 @@ mod tests {
     fn a_node_holding_a_live_slot_renews_it() {
         let mut v = view(3);
         hold(&mut v, 2, "me", "10.0.0.9", 3);
-        assert_eq!(decide(&v, "me", 3, 120), Step::Renew { index: 2, etag: "\"e2\"".into() });
+        assert_eq!(
+            decide(&v, "me", 3, 120),
+            Step::Renew {
+                index: 2,
+                etag: "\"e2\"".into()
+            }
+        );
     }
 
     #[test]
@@ -281,15 +320,29 @@ mod tests {
         v.servers.push(member("a", "10.0.0.1", 10));
         v.servers.push(member("b", "10.0.0.2", 5));
         for i in 0..20 {
-            v.agents.push(member(&format!("x{i}"), &format!("10.0.1.{i}"), i));
+            v.agents
+                .push(member(&format!("x{i}"), &format!("10.0.1.{i}"), i));
         }
         v.agents.push(member("me", "10.0.0.9", 0));
         let me: IpAddr = "10.0.0.9".parse().unwrap();
         let servers = join_list(&v, Mode::Server, "me", me, 120);
-        assert_eq!(servers, ["10.0.0.2".parse::<IpAddr>().unwrap(), "10.0.0.1".parse().unwrap()]);
+        assert_eq!(
+            servers,
+            [
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "10.0.0.1".parse().unwrap()
+            ]
+        );
         let agents = join_list(&v, Mode::Agent, "me", me, 120);
         assert_eq!(agents.len(), MAX_JOIN);
-        assert_eq!(&agents[..3], &["10.0.0.2".parse::<IpAddr>().unwrap(), "10.0.0.1".parse().unwrap(), "10.0.1.0".parse().unwrap()]);
+        assert_eq!(
+            &agents[..3],
+            &[
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "10.0.0.1".parse().unwrap(),
+                "10.0.1.0".parse().unwrap()
+            ]
+        );
         assert!(!agents.contains(&me));
     }
 }

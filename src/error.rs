@@ -23,7 +23,10 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 /// The process exit code for an error: 2 when a [`UsageError`] is anywhere in
 /// the chain, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) {
+    if err
+        .chain()
+        .any(|e| e.downcast_ref::<UsageError>().is_some())
+    {
         2
     } else {
         1

@@ -22,10 +22,18 @@ pub struct Identity {
 
 /// Resolves the identity, asking IMDS only for what was not given, all
 /// within one overall `wait` (IMDS can be slow in the first seconds of boot).
-pub async fn resolve(address: Option<IpAddr>, node: Option<String>, wait: Duration) -> Result<Identity> {
+pub async fn resolve(
+    address: Option<IpAddr>,
+    node: Option<String>,
+    wait: Duration,
+) -> Result<Identity> {
     if let (Some(address), Some(node)) = (address, node.clone()) {
         let instance_id = instance_id_ok(&node).then(|| node.clone());
-        return Ok(Identity { address, node, instance_id });
+        return Ok(Identity {
+            address,
+            node,
+            instance_id,
+        });
     }
     let client = imds::Client::builder()
         .connect_timeout(Duration::from_secs(1))
@@ -41,8 +49,9 @@ pub async fn resolve(address: Option<IpAddr>, node: Option<String>, wait: Durati
                     Some(a) => Ok(a),
                     None => {
                         let raw = get_retrying(&client, "/latest/meta-data/local-ipv4").await?;
-                        validate_address(raw.trim())
-                            .map_err(|e| anyhow!("IMDS local-ipv4 answered something unusable: {e}"))
+                        validate_address(raw.trim()).map_err(|e| {
+                            anyhow!("IMDS local-ipv4 answered something unusable: {e}")
+                        })
                     }
                 }
             },
@@ -52,7 +61,10 @@ pub async fn resolve(address: Option<IpAddr>, node: Option<String>, wait: Durati
                 if instance_id_ok(&id) {
                     Ok(id)
                 } else {
-                    Err(anyhow!("IMDS instance-id answered `{}`, not an instance id", id.escape_debug()))
+                    Err(anyhow!(
+                        "IMDS instance-id answered `{}`, not an instance id",
+                        id.escape_debug()
+                    ))
                 }
             },
         )?;
@@ -63,7 +75,11 @@ pub async fn resolve(address: Option<IpAddr>, node: Option<String>, wait: Durati
                 instance_id.clone()
             }
         };
-        Ok::<_, anyhow::Error>(Identity { address, node, instance_id: Some(instance_id) })
+        Ok::<_, anyhow::Error>(Identity {
+            address,
+            node,
+            instance_id: Some(instance_id),
+        })
     };
     tokio::time::timeout(wait, lookup)
         .await
@@ -82,11 +98,17 @@ async fn get_retrying(client: &imds::Client, path: &str) -> Result<String> {
         match client.get(path).await {
             Ok(value) => return Ok(value.as_ref().to_string()),
             Err(e) => {
-                tracing::debug!("IMDS {path}: {}", aws_sdk_s3::error::DisplayErrorContext(&e));
+                tracing::debug!(
+                    "IMDS {path}: {}",
+                    aws_sdk_s3::error::DisplayErrorContext(&e)
+                );
                 last = Some(e);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
-    Err(anyhow!("IMDS {path}: {}", aws_sdk_s3::error::DisplayErrorContext(last.expect("tried"))))
+    Err(anyhow!(
+        "IMDS {path}: {}",
+        aws_sdk_s3::error::DisplayErrorContext(last.expect("tried"))
+    ))
 }

@@ -83,13 +83,16 @@ pub fn write_atomic(root: &Root, spec: &FileSpec) -> Result<bool> {
     if unchanged(&path, spec) {
         return Ok(false);
     }
-    let dir = path.parent().context("a file to write has no parent directory")?;
+    let dir = path
+        .parent()
+        .context("a file to write has no parent directory")?;
     fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".auto-consul-")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(spec.contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    tmp.write_all(spec.contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     let file = tmp.as_file();
     file.set_permissions(fs::Permissions::from_mode(spec.mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
@@ -97,8 +100,10 @@ pub fn write_atomic(root: &Root, spec: &FileSpec) -> Result<bool> {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))
             .with_context(|| format!("changing the owner of {}", path.display()))?;
     }
-    file.sync_all().with_context(|| format!("syncing {}", path.display()))?;
-    tmp.persist(&path).with_context(|| format!("renaming into {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    tmp.persist(&path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing directory {}", dir.display()))?;
@@ -107,7 +112,9 @@ pub fn write_atomic(root: &Root, spec: &FileSpec) -> Result<bool> {
 
 fn unchanged(path: &Path, spec: &FileSpec) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = fs::metadata(path) else { return false };
+    let Ok(meta) = fs::metadata(path) else {
+        return false;
+    };
     if meta.permissions().mode() & 0o7777 != spec.mode {
         return false;
     }
@@ -129,12 +136,22 @@ pub fn check_writable(root: &Root, specs: &[FileSpec]) -> Result<()> {
             match fs::metadata(&d) {
                 Ok(m) if m.is_dir() => {
                     if m.permissions().readonly() {
-                        bail!("cannot write {}: {} is read-only", path.display(), d.display());
+                        bail!(
+                            "cannot write {}: {} is read-only",
+                            path.display(),
+                            d.display()
+                        );
                     }
                     break;
                 }
-                Ok(_) => bail!("cannot write {}: {} is not a directory", path.display(), d.display()),
-                Err(e) if e.kind() == ErrorKind::NotFound => dir = d.parent().map(Path::to_path_buf),
+                Ok(_) => bail!(
+                    "cannot write {}: {} is not a directory",
+                    path.display(),
+                    d.display()
+                ),
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    dir = d.parent().map(Path::to_path_buf)
+                }
                 Err(e) => return Err(e).with_context(|| format!("checking {}", d.display())),
             }
         }
@@ -147,7 +164,12 @@ pub fn systemctl(args: &[&str]) -> Result<()> {
     let out = Command::new("systemctl")
         .args(args)
         .output()
-        .with_context(|| format!("running systemctl {}: is systemd installed?", args.join(" ")))?;
+        .with_context(|| {
+            format!(
+                "running systemctl {}: is systemd installed?",
+                args.join(" ")
+            )
+        })?;
     if !out.status.success() {
         bail!(
             "systemctl {} failed ({}): {}",
@@ -167,15 +189,29 @@ mod tests {
     fn writes_atomically_and_leaves_unchanged_files_alone() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::new(dir.path());
-        let spec = FileSpec { path: "/etc/x/y.conf".into(), contents: "a\n".into(), mode: 0o640, owner: None };
+        let spec = FileSpec {
+            path: "/etc/x/y.conf".into(),
+            contents: "a\n".into(),
+            mode: 0o640,
+            owner: None,
+        };
         assert!(write_atomic(&root, &spec).unwrap());
         assert!(!write_atomic(&root, &spec).unwrap());
         let written = dir.path().join("etc/x/y.conf");
         assert_eq!(fs::read_to_string(&written).unwrap(), "a\n");
-        assert_eq!(fs::metadata(&written).unwrap().permissions().mode() & 0o777, 0o640);
-        let spec = FileSpec { mode: 0o600, ..spec };
+        assert_eq!(
+            fs::metadata(&written).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let spec = FileSpec {
+            mode: 0o600,
+            ..spec
+        };
         assert!(write_atomic(&root, &spec).unwrap());
-        assert_eq!(fs::metadata(&written).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&written).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let leftovers: Vec<_> = fs::read_dir(dir.path().join("etc/x")).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "temporary files left behind");
     }
@@ -185,12 +221,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::new(dir.path());
         fs::create_dir_all(dir.path().join("etc")).unwrap();
-        fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\nconsul:x:998:997::/opt/consul:/bin/false\n").unwrap();
+        fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nconsul:x:998:997::/opt/consul:/bin/false\n",
+        )
+        .unwrap();
         assert_eq!(root.user("consul"), Some((998, 997)));
         assert_eq!(root.user("nobody"), None);
         assert!(root.units_named("consul.service").is_empty());
         fs::create_dir_all(dir.path().join("lib/systemd/system")).unwrap();
         fs::write(dir.path().join("lib/systemd/system/consul.service"), "").unwrap();
-        assert_eq!(root.units_named("consul.service"), [PathBuf::from("/lib/systemd/system/consul.service")]);
+        assert_eq!(
+            root.units_named("consul.service"),
+            [PathBuf::from("/lib/systemd/system/consul.service")]
+        );
     }
 }

@@ -46,12 +46,16 @@ pub fn validate_address(s: &str) -> Result<IpAddr, String> {
         .parse()
         .map_err(|_| format!("`{}` is not an IP address", s.escape_debug()))?;
     if ip.is_unspecified() || ip.is_multicast() {
-        return Err(format!("{ip} cannot be advertised: give this node's own unicast address"));
+        return Err(format!(
+            "{ip} cannot be advertised: give this node's own unicast address"
+        ));
     }
     if let IpAddr::V4(v4) = ip
         && v4.is_broadcast()
     {
-        return Err(format!("{ip} cannot be advertised: give this node's own unicast address"));
+        return Err(format!(
+            "{ip} cannot be advertised: give this node's own unicast address"
+        ));
     }
     Ok(ip)
 }
@@ -80,14 +84,16 @@ pub fn registry_node_name_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && !s.starts_with(['.', '-'])
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Checks a Consul datacenter name.
 pub fn validate_datacenter(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -144,7 +150,10 @@ impl HeartbeatKey {
             return None;
         }
         let naive = NaiveDateTime::parse_from_str(stamp, KEY_TIME_FORMAT).ok()?;
-        Some(HeartbeatKey { time: Utc.from_utc_datetime(&naive), node: node.to_string() })
+        Some(HeartbeatKey {
+            time: Utc.from_utc_datetime(&naive),
+            node: node.to_string(),
+        })
     }
 
     /// The name under the directory.
@@ -192,7 +201,10 @@ pub struct HeartbeatInfo {
 /// original tool wrote. The reason it is junk otherwise.
 pub fn parse_heartbeat_body(node: &str, body: &[u8]) -> Result<HeartbeatInfo, String> {
     if body.len() > MAX_BODY_BYTES {
-        return Err(format!("body of {} bytes is larger than {MAX_BODY_BYTES}", body.len()));
+        return Err(format!(
+            "body of {} bytes is larger than {MAX_BODY_BYTES}",
+            body.len()
+        ));
     }
     let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?;
     let text = text.trim();
@@ -200,14 +212,23 @@ pub fn parse_heartbeat_body(node: &str, body: &[u8]) -> Result<HeartbeatInfo, St
         let hb: HeartbeatBody =
             serde_json::from_str(text).map_err(|e| format!("body is not a heartbeat: {e}"))?;
         if hb.node != node {
-            return Err(format!("body names node `{}`, not `{node}`", hb.node.escape_debug()));
+            return Err(format!(
+                "body names node `{}`, not `{node}`",
+                hb.node.escape_debug()
+            ));
         }
         validate_address(&hb.address.to_string())?;
         let instance_id = hb.instance_id.filter(|id| instance_id_ok(id));
-        Ok(HeartbeatInfo { address: hb.address, instance_id })
+        Ok(HeartbeatInfo {
+            address: hb.address,
+            instance_id,
+        })
     } else {
         let address = validate_address(text)?;
-        Ok(HeartbeatInfo { address, instance_id: None })
+        Ok(HeartbeatInfo {
+            address,
+            instance_id: None,
+        })
     }
 }
 
@@ -234,12 +255,18 @@ impl SlotRecord {
     /// Parses and checks a slot body.
     pub fn parse(body: &[u8]) -> Result<SlotRecord, String> {
         if body.len() > MAX_BODY_BYTES {
-            return Err(format!("body of {} bytes is larger than {MAX_BODY_BYTES}", body.len()));
+            return Err(format!(
+                "body of {} bytes is larger than {MAX_BODY_BYTES}",
+                body.len()
+            ));
         }
         let rec: SlotRecord =
             serde_json::from_slice(body).map_err(|e| format!("body is not a slot record: {e}"))?;
         if !registry_node_name_ok(&rec.node) {
-            return Err(format!("slot names an invalid node `{}`", rec.node.escape_debug()));
+            return Err(format!(
+                "slot names an invalid node `{}`",
+                rec.node.escape_debug()
+            ));
         }
         validate_address(&rec.address.to_string())?;
         Ok(rec)
@@ -265,10 +292,13 @@ impl ClusterRecord {
     /// Parses and checks a cluster record.
     pub fn parse(body: &[u8]) -> Result<ClusterRecord, String> {
         if body.len() > MAX_BODY_BYTES {
-            return Err(format!("body of {} bytes is larger than {MAX_BODY_BYTES}", body.len()));
+            return Err(format!(
+                "body of {} bytes is larger than {MAX_BODY_BYTES}",
+                body.len()
+            ));
         }
-        let rec: ClusterRecord =
-            serde_json::from_slice(body).map_err(|e| format!("body is not a cluster record: {e}"))?;
+        let rec: ClusterRecord = serde_json::from_slice(body)
+            .map_err(|e| format!("body is not a cluster record: {e}"))?;
         if !registry_node_name_ok(&rec.bootstrap_node) {
             return Err("cluster record names an invalid node".to_string());
         }
@@ -300,9 +330,17 @@ mod tests {
     #[test]
     fn junk_keys_are_refused() {
         for name in [
-            "", "server1", "2014051609273-server1", "20140516092731", "20140516092731-",
-            "20141316092731-server1", "2014051609273x-server1", "20140516092731-../etc",
-            "20140516092731-a/b", "20140516092731-a b", "20140516092731-$(reboot)",
+            "",
+            "server1",
+            "2014051609273-server1",
+            "20140516092731",
+            "20140516092731-",
+            "20141316092731-server1",
+            "2014051609273x-server1",
+            "20140516092731-../etc",
+            "20140516092731-a/b",
+            "20140516092731-a b",
+            "20140516092731-$(reboot)",
             "20140516092731-.hidden",
         ] {
             assert!(HeartbeatKey::parse(name).is_none(), "{name:?} parsed");
@@ -323,11 +361,22 @@ mod tests {
     fn junk_bodies_are_refused() {
         let long = vec![b'1'; MAX_BODY_BYTES + 1];
         for body in [
-            &b""[..], b"not an ip", b"10.0.0.1 extra", b"10.0.0.1\nretry_join = evil", b"0.0.0.0",
-            b"224.0.0.1", b"{\"node\":\"other\",\"address\":\"10.0.0.1\",\"mode\":\"agent\",\"version\":\"1\"}",
-            b"{\"node\":\"n1\"}", b"\xff\xfe", &long,
+            &b""[..],
+            b"not an ip",
+            b"10.0.0.1 extra",
+            b"10.0.0.1\nretry_join = evil",
+            b"0.0.0.0",
+            b"224.0.0.1",
+            b"{\"node\":\"other\",\"address\":\"10.0.0.1\",\"mode\":\"agent\",\"version\":\"1\"}",
+            b"{\"node\":\"n1\"}",
+            b"\xff\xfe",
+            &long,
         ] {
-            assert!(parse_heartbeat_body("n1", body).is_err(), "{:?} parsed", String::from_utf8_lossy(body));
+            assert!(
+                parse_heartbeat_body("n1", body).is_err(),
+                "{:?} parsed",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -344,7 +393,16 @@ mod tests {
     fn addresses() {
         assert!(validate_address("10.1.2.3").is_ok());
         assert!(validate_address("fd00::1").is_ok());
-        for bad in ["", "10.0.0.256", "0.0.0.0", "::", "255.255.255.255", "239.1.1.1", "10.0.0.1 ", "host"] {
+        for bad in [
+            "",
+            "10.0.0.256",
+            "0.0.0.0",
+            "::",
+            "255.255.255.255",
+            "239.1.1.1",
+            "10.0.0.1 ",
+            "host",
+        ] {
             assert!(validate_address(bad).is_err(), "{bad:?}");
         }
     }

@@ -56,7 +56,15 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
     c.insert("bind_addr".into(), json!(s.address.to_string()));
     c.insert("data_dir".into(), json!(s.data_dir.to_string_lossy()));
     c.insert("datacenter".into(), json!(s.datacenter));
-    c.insert("retry_join".into(), json!(s.retry_join.iter().map(|a| a.to_string()).collect::<Vec<_>>()));
+    c.insert(
+        "retry_join".into(),
+        json!(
+            s.retry_join
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+        ),
+    );
     if s.mode.is_server() {
         c.insert("server".into(), json!(true));
         if s.bootstrap {
@@ -73,7 +81,11 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
         c.insert("acl".into(), json!({ "tokens": { "agent": token } }));
     }
     let mut tls = Map::new();
-    for (name, path) in [("ca_file", s.tls.ca_file), ("cert_file", s.tls.cert_file), ("key_file", s.tls.key_file)] {
+    for (name, path) in [
+        ("ca_file", s.tls.ca_file),
+        ("cert_file", s.tls.cert_file),
+        ("key_file", s.tls.key_file),
+    ] {
         if let Some(p) = path {
             tls.insert(name.into(), json!(p.to_string_lossy()));
         }
@@ -83,7 +95,8 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
         tls.insert("verify_outgoing".into(), json!(true));
         c.insert("tls".into(), json!({ "defaults": Value::Object(tls) }));
     }
-    let mut text = serde_json::to_string_pretty(&Value::Object(c)).expect("JSON of strings serialises");
+    let mut text =
+        serde_json::to_string_pretty(&Value::Object(c)).expect("JSON of strings serialises");
     text.push('\n');
     text
 }
@@ -93,9 +106,14 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
 pub fn unit_path(path: &Path) -> Result<String> {
     let s = path.to_string_lossy();
     let ok = path.is_absolute()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-' | b'+' | b'@'));
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-' | b'+' | b'@')
+        });
     if !ok {
-        bail!("path {} cannot be used in a systemd unit: use a path of letters, digits and /._-+@", s.escape_debug());
+        bail!(
+            "path {} cannot be used in a systemd unit: use a path of letters, digits and /._-+@",
+            s.escape_debug()
+        );
     }
     Ok(s.into_owned())
 }
@@ -119,7 +137,9 @@ pub fn consul_dropin(consul: &str, config_dir: &str) -> String {
 
 /// A full `consul.service`, for Consul installed from a zip (no unit at all).
 pub fn consul_unit(consul: &str, config_dir: &str, user: Option<&str>) -> String {
-    let user = user.map(|u| format!("User={u}\nGroup={u}\n")).unwrap_or_default();
+    let user = user
+        .map(|u| format!("User={u}\nGroup={u}\n"))
+        .unwrap_or_default();
     format!(
         "# Written by auto-consul: no consul.service was installed.\n\
          [Unit]\n\
@@ -164,7 +184,11 @@ pub fn heartbeat_service(auto_consul: &str, env_file: &str) -> String {
 pub fn heartbeat_timer(expiry: u64) -> String {
     let every = (expiry / 2).max(1);
     let jitter = (expiry / 10).min(10);
-    let jitter = if jitter > 0 { format!("RandomizedDelaySec={jitter}s\n") } else { String::new() };
+    let jitter = if jitter > 0 {
+        format!("RandomizedDelaySec={jitter}s\n")
+    } else {
+        String::new()
+    };
     format!(
         "# Written by auto-consul.\n\
          [Unit]\n\
@@ -187,7 +211,9 @@ pub fn env_file(vars: &[(&str, String)]) -> Result<String> {
     let mut out = String::from("# Written by auto-consul: the settings `run` resolved.\n");
     for (key, value) in vars {
         if value.contains(['\'', '\n', '\r', '\0']) {
-            bail!("the value of {key} contains a quote or a line break, which the env file cannot hold");
+            bail!(
+                "the value of {key} contains a quote or a line break, which the env file cannot hold"
+            );
         }
         out.push_str(&format!("{key}='{value}'\n"));
     }
@@ -229,7 +255,8 @@ mod tests {
     #[test]
     fn server_config_never_bootstraps_without_the_flag() {
         let join = ["10.0.0.1".parse().unwrap()];
-        let v: Value = serde_json::from_str(&consul_config(&settings(Mode::Server, false, &join))).unwrap();
+        let v: Value =
+            serde_json::from_str(&consul_config(&settings(Mode::Server, false, &join))).unwrap();
         assert_eq!(v["server"], json!(true));
         assert!(v.get("bootstrap").is_none());
         assert_eq!(v["retry_join"], json!(["10.0.0.1"]));
@@ -237,8 +264,14 @@ mod tests {
 
     #[test]
     fn units_match_golden() {
-        assert_eq!(consul_dropin("/usr/bin/consul", "/etc/consul.d"), include_str!("../tests/golden/consul.service.d-auto-consul.conf"));
-        assert_eq!(heartbeat_timer(120), include_str!("../tests/golden/auto-consul-heartbeat.timer"));
+        assert_eq!(
+            consul_dropin("/usr/bin/consul", "/etc/consul.d"),
+            include_str!("../tests/golden/consul.service.d-auto-consul.conf")
+        );
+        assert_eq!(
+            heartbeat_timer(120),
+            include_str!("../tests/golden/auto-consul-heartbeat.timer")
+        );
         assert_eq!(
             heartbeat_service("/usr/bin/auto-consul", "/etc/auto-consul/auto-consul.env"),
             include_str!("../tests/golden/auto-consul-heartbeat.service")
@@ -248,7 +281,13 @@ mod tests {
     #[test]
     fn unsafe_unit_paths_are_refused() {
         assert!(unit_path(Path::new("/usr/bin/consul")).is_ok());
-        for bad in ["/opt/my consul", "/opt/%n", "relative", "/opt/$x", "/opt/a\nb"] {
+        for bad in [
+            "/opt/my consul",
+            "/opt/%n",
+            "relative",
+            "/opt/$x",
+            "/opt/a\nb",
+        ] {
             assert!(unit_path(Path::new(bad)).is_err(), "{bad:?}");
         }
     }
@@ -256,7 +295,10 @@ mod tests {
     #[test]
     fn env_file_refuses_values_it_cannot_quote() {
         assert_eq!(
-            env_file(&[("A", "s3://b/p".into())]).unwrap().lines().nth(1),
+            env_file(&[("A", "s3://b/p".into())])
+                .unwrap()
+                .lines()
+                .nth(1),
             Some("A='s3://b/p'")
         );
         assert!(env_file(&[("A", "x'y".into())]).is_err());

@@ -59,5 +59,10 @@ pub fn load(root: &Root) -> Option<State> {
 pub fn file(state: &State) -> FileSpec {
     let mut contents = serde_json::to_string_pretty(state).expect("state serialises");
     contents.push('\n');
-    FileSpec { path: STATE_PATH.into(), contents, mode: 0o600, owner: None }
+    FileSpec {
+        path: STATE_PATH.into(),
+        contents,
+        mode: 0o600,
+        owner: None,
+    }
 }

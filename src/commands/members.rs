@@ -25,7 +25,10 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
                 })
                 .collect::<Vec<_>>()
         };
-        println!("{}", json!({ "servers": list(&view.servers), "agents": list(&view.agents) }));
+        println!(
+            "{}",
+            json!({ "servers": list(&view.servers), "agents": list(&view.agents) })
+        );
         return Ok(());
     }
     for (title, ms) in [("servers", &view.servers), ("agents", &view.agents)] {
@@ -36,7 +39,10 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
                 m.node,
                 m.address,
                 m.age_seconds,
-                m.instance_id.as_deref().map(|i| format!("  {i}")).unwrap_or_default()
+                m.instance_id
+                    .as_deref()
+                    .map(|i| format!("  {i}"))
+                    .unwrap_or_default()
             );
         }
     }

@@ -21,9 +21,15 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
 
 /// The registry URL, required by every command that talks to the registry.
 pub fn registry_url(opts: &GlobalOpts) -> Result<RegistryUrl> {
-    let raw = opts.registry.as_deref().filter(|s| !s.is_empty()).ok_or_else(|| {
-        usage("no registry given: pass --registry s3://BUCKET/PREFIX or set AUTO_CONSUL_REGISTRY")
-    })?;
+    let raw = opts
+        .registry
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            usage(
+                "no registry given: pass --registry s3://BUCKET/PREFIX or set AUTO_CONSUL_REGISTRY",
+            )
+        })?;
     RegistryUrl::parse(raw)
 }
 

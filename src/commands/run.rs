@@ -62,7 +62,12 @@ struct Elector<'a> {
 pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
-    let me = identity::resolve(opts.address, opts.node.clone(), Duration::from_secs(opts.imds_timeout)).await?;
+    let me = identity::resolve(
+        opts.address,
+        opts.node.clone(),
+        Duration::from_secs(opts.imds_timeout),
+    )
+    .await?;
     // Everything that can fail on local input fails before any claim.
     let consul = find_consul(&root)?;
     let auto_consul = own_binary(&root)?;
@@ -71,7 +76,11 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     install::check_writable(&root, &fixed_files)?;
 
     let store = open_store(&url).await?;
-    let racy = if dry_run { false } else { check_conditional_writes(store.as_ref(), opts.allow_racy).await? };
+    let racy = if dry_run {
+        false
+    } else {
+        check_conditional_writes(store.as_ref(), opts.allow_racy).await?
+    };
     let raft = has_raft_state(&root, &opts.data_dir);
     let previous = state::load(&root).filter(|s| s.registry == url.to_string());
 
@@ -86,7 +95,13 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     };
     let elected = elector.elect(previous.as_ref(), raft).await?;
     let bootstrap = elected.mode == Mode::Bootstrap && !raft;
-    let retry_join = decision::join_list(&elected.view, elected.mode, &me.node, me.address, opts.expiry);
+    let retry_join = decision::join_list(
+        &elected.view,
+        elected.mode,
+        &me.node,
+        me.address,
+        opts.expiry,
+    );
 
     let config = ConsulSettings {
         node: &me.node,
@@ -134,7 +149,13 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let start = !dry_run && !opts.no_start && root.is_system();
     if start {
         install::systemctl(&["daemon-reload"])?;
-        install::systemctl(&["enable", "--now", "--no-block", "consul.service", "auto-consul-heartbeat.timer"])?;
+        install::systemctl(&[
+            "enable",
+            "--now",
+            "--no-block",
+            "consul.service",
+            "auto-consul-heartbeat.timer",
+        ])?;
     }
 
     let paths: Vec<PathBuf> = files.iter().map(|f| root.path(&f.path)).collect();
@@ -156,8 +177,16 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         println!("{out}");
     } else {
         let verb = if dry_run { "would run" } else { "runs" };
-        let slot = elected.slot.map(|s| format!(" in server slot {s}")).unwrap_or_default();
-        println!("{} ({}) {verb} as {}{slot}", me.node, me.address, elected.mode.as_str());
+        let slot = elected
+            .slot
+            .map(|s| format!(" in server slot {s}"))
+            .unwrap_or_default();
+        println!(
+            "{} ({}) {verb} as {}{slot}",
+            me.node,
+            me.address,
+            elected.mode.as_str()
+        );
         let join: Vec<String> = retry_join.iter().map(|a| a.to_string()).collect();
         println!("retry_join: [{}]", join.join(", "));
         for p in &paths {
@@ -183,8 +212,14 @@ impl Elector<'_> {
     async fn elect(&self, previous: Option<&State>, raft: bool) -> Result<Elected> {
         for round in 0..MAX_ROUNDS {
             let view = read_view(self.store, self.servers, self.expiry, MAX_JOIN).await?;
-            let cluster_id = view.cluster.as_ref().and_then(|c| c.record.as_ref()).map(|r| r.cluster_id.clone());
-            if let Some(prev) = previous.filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref())) {
+            let cluster_id = view
+                .cluster
+                .as_ref()
+                .and_then(|c| c.record.as_ref())
+                .map(|r| r.cluster_id.clone());
+            if let Some(prev) =
+                previous.filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref()))
+            {
                 return self.keep(prev, raft, cluster_id, view).await;
             }
             let mut step = decision::decide(&view, &self.me.node, self.servers, self.expiry);
@@ -194,7 +229,12 @@ impl Elector<'_> {
                     .slots
                     .iter()
                     .filter(|s| !decision::slot_is_live(s, self.expiry))
-                    .map(|s| (s.index, s.etag.clone().map_or(Condition::Absent, Condition::Matches)))
+                    .map(|s| {
+                        (
+                            s.index,
+                            s.etag.clone().map_or(Condition::Absent, Condition::Matches),
+                        )
+                    })
                     .collect();
                 step = Step::Claim(free);
             }
@@ -212,8 +252,16 @@ impl Elector<'_> {
                     let held = view.slots[index as usize].record.as_ref();
                     let claim = held.map_or_else(new_id, |r| r.claim_id.clone());
                     let sequence = held.map_or(1, |r| r.sequence + 1);
-                    if self.write_slot(index, &claim, sequence, Condition::Matches(etag)).await? {
-                        return Ok(elected(Mode::Server, Some((index, claim)), cluster_id, view));
+                    if self
+                        .write_slot(index, &claim, sequence, Condition::Matches(etag))
+                        .await?
+                    {
+                        return Ok(elected(
+                            Mode::Server,
+                            Some((index, claim)),
+                            cluster_id,
+                            view,
+                        ));
                     }
                 }
                 Step::Bootstrap { cluster, slot0 } => {
@@ -230,7 +278,9 @@ impl Elector<'_> {
                         let slot = if self.write_slot(0, &claim, 1, slot0).await? {
                             Some((0, claim))
                         } else {
-                            tracing::error!("bootstrapped cluster {id} but could not take server slot 0");
+                            tracing::error!(
+                                "bootstrapped cluster {id} but could not take server slot 0"
+                            );
                             None
                         };
                         return Ok(elected(Mode::Bootstrap, slot, Some(id), view));
@@ -238,7 +288,9 @@ impl Elector<'_> {
                 }
                 Step::Claim(free) => {
                     if raft && free.is_empty() {
-                        tracing::warn!("this node has Raft state but every server slot is held: running as a server without a slot");
+                        tracing::warn!(
+                            "this node has Raft state but every server slot is held: running as a server without a slot"
+                        );
                         return Ok(elected(Mode::Server, None, cluster_id, view));
                     }
                     for (index, condition) in free {
@@ -247,7 +299,12 @@ impl Elector<'_> {
                         }
                         let claim = new_id();
                         if self.write_slot(index, &claim, 1, condition).await? {
-                            return Ok(elected(Mode::Server, Some((index, claim)), cluster_id, view));
+                            return Ok(elected(
+                                Mode::Server,
+                                Some((index, claim)),
+                                cluster_id,
+                                view,
+                            ));
                         }
                     }
                 }
@@ -262,7 +319,13 @@ impl Elector<'_> {
     }
 
     /// Step 1: keep the recorded mode, and a server's slot.
-    async fn keep(&self, prev: &State, raft: bool, cluster_id: Option<String>, view: RegistryView) -> Result<Elected> {
+    async fn keep(
+        &self,
+        prev: &State,
+        raft: bool,
+        cluster_id: Option<String>,
+        view: RegistryView,
+    ) -> Result<Elected> {
         let mode = match prev.mode {
             // Bootstrap only until Raft state exists; a plain server after.
             Mode::Bootstrap if raft => Mode::Server,
@@ -282,7 +345,10 @@ impl Elector<'_> {
             return Ok(elected);
         };
         let Some(slot) = elected.view.slots.get(index as usize).cloned() else {
-            tracing::error!("this server held slot {index}, beyond --servers {}: it keeps running without a slot", self.servers);
+            tracing::error!(
+                "this server held slot {index}, beyond --servers {}: it keeps running without a slot",
+                self.servers
+            );
             return Ok(elected);
         };
         let ours = slot.record.as_ref().is_some_and(|r| r.claim_id == claim);
@@ -298,7 +364,11 @@ impl Elector<'_> {
                 return Ok(elected);
             }
         };
-        let sequence = if ours { slot.record.as_ref().map_or(1, |r| r.sequence + 1) } else { 1 };
+        let sequence = if ours {
+            slot.record.as_ref().map_or(1, |r| r.sequence + 1)
+        } else {
+            1
+        };
         if !self.write_slot(index, &claim, sequence, condition).await? {
             tracing::error!("could not renew server slot {index}: another node took it");
         }
@@ -325,7 +395,13 @@ impl Elector<'_> {
     }
 
     /// Writes server slot `index` with our claim; whether this node holds it.
-    async fn write_slot(&self, index: u32, claim: &str, sequence: u64, condition: Condition) -> Result<bool> {
+    async fn write_slot(
+        &self,
+        index: u32,
+        claim: &str,
+        sequence: u64,
+        condition: Condition,
+    ) -> Result<bool> {
         let record = SlotRecord {
             node: self.me.node.clone(),
             address: self.me.address,
@@ -353,7 +429,11 @@ impl Elector<'_> {
         condition: Condition,
         is_ours: impl Fn(&[u8]) -> bool,
     ) -> Result<Option<String>> {
-        let condition = if self.racy { Condition::None } else { condition };
+        let condition = if self.racy {
+            Condition::None
+        } else {
+            condition
+        };
         for attempt in 0..=MAX_CONFLICT_RETRIES {
             match self.store.put(key, body.clone(), condition.clone()).await? {
                 PutOutcome::Written(etag) => return Ok(Some(etag)),
@@ -365,17 +445,19 @@ impl Elector<'_> {
                     return Ok(back.filter(|o| is_ours(&o.body)).map(|o| o.etag));
                 }
                 PutOutcome::Unknown(err) => {
-                    tracing::warn!("the result of writing {key} is unknown, reading it back: {err:#}");
-                    let back = self
-                        .store
-                        .get(key)
-                        .await
-                        .with_context(|| format!("reading back {key} after a write with a lost response"))?;
+                    tracing::warn!(
+                        "the result of writing {key} is unknown, reading it back: {err:#}"
+                    );
+                    let back = self.store.get(key).await.with_context(|| {
+                        format!("reading back {key} after a write with a lost response")
+                    })?;
                     return Ok(back.filter(|o| is_ours(&o.body)).map(|o| o.etag));
                 }
             }
         }
-        tracing::warn!("writing {key} met {MAX_CONFLICT_RETRIES} conflicts in a row; deciding again");
+        tracing::warn!(
+            "writing {key} met {MAX_CONFLICT_RETRIES} conflicts in a row; deciding again"
+        );
         Ok(None)
     }
 }
@@ -392,14 +474,18 @@ fn same_cluster(recorded: Option<&String>, current: Option<&String>) -> bool {
 /// Checks the store honours create-only writes; `Ok(true)` means it does
 /// not and the operator accepted the racy fallback.
 async fn check_conditional_writes(store: &dyn Store, allow_racy: bool) -> Result<bool> {
-    let probe = || json!({ "probe": "create-only writes must fail when the key exists" }).to_string().into_bytes();
+    let probe = || {
+        json!({ "probe": "create-only writes must fail when the key exists" })
+            .to_string()
+            .into_bytes()
+    };
     for _ in 0..2 {
         match store.put(PROBE_KEY, probe(), Condition::Absent).await? {
             PutOutcome::PreconditionFailed => return Ok(false),
             // Created just now (a new registry): the second try must fail.
             PutOutcome::Written(_) => continue,
             PutOutcome::Conflict => continue,
-            PutOutcome::Unknown(err) => return Err(err.context("checking that the registry honours conditional writes")),
+            PutOutcome::Unknown(err) => return Err(err),
         }
     }
     if allow_racy {
@@ -431,11 +517,18 @@ impl Secrets {
     fn read(opts: &GlobalOpts) -> Result<Secrets> {
         let read = |path: &Option<PathBuf>, what: &str| -> Result<Option<String>> {
             let Some(path) = path else { return Ok(None) };
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| usage(format!("cannot read the {what} file {}: {e}; fix the path or its permissions", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                usage(format!(
+                    "cannot read the {what} file {}: {e}; fix the path or its permissions",
+                    path.display()
+                ))
+            })?;
             let value = text.trim().to_string();
             if value.is_empty() || value.contains(char::is_whitespace) {
-                return Err(usage(format!("the {what} file {} must hold one value on one line", path.display())));
+                return Err(usage(format!(
+                    "the {what} file {} must hold one value on one line",
+                    path.display()
+                )));
             }
             Ok(Some(value))
         };
@@ -497,16 +590,33 @@ fn fixed_files(
 ) -> Result<Vec<FileSpec>> {
     let consul = render::unit_path(consul).context("the consul binary's path")?;
     let auto_consul = render::unit_path(auto_consul).context("the auto-consul binary's path")?;
-    let config_dir = render::unit_path(&opts.config_dir).map_err(|e| usage(format!("--config-dir: {e}")))?;
-    let unit = |path: &str, contents: String| FileSpec { path: path.into(), contents, mode: 0o644, owner: None };
+    let config_dir =
+        render::unit_path(&opts.config_dir).map_err(|e| usage(format!("--config-dir: {e}")))?;
+    let unit = |path: &str, contents: String| FileSpec {
+        path: path.into(),
+        contents,
+        mode: 0o644,
+        owner: None,
+    };
     let mut files = vec![unit(DROPIN, render::consul_dropin(&consul, &config_dir))];
     if manages_consul_unit(root) {
         let user = root.user("consul").map(|_| "consul");
-        files.push(unit(CONSUL_UNIT, render::consul_unit(&consul, &config_dir, user)));
+        files.push(unit(
+            CONSUL_UNIT,
+            render::consul_unit(&consul, &config_dir, user),
+        ));
     }
-    files.push(unit(HEARTBEAT_SERVICE, render::heartbeat_service(&auto_consul, ENV_FILE)));
+    files.push(unit(
+        HEARTBEAT_SERVICE,
+        render::heartbeat_service(&auto_consul, ENV_FILE),
+    ));
     files.push(unit(HEARTBEAT_TIMER, render::heartbeat_timer(opts.expiry)));
-    files.push(FileSpec { path: ENV_FILE.into(), contents: env_file(opts, me, registry)?, mode: 0o644, owner: None });
+    files.push(FileSpec {
+        path: ENV_FILE.into(),
+        contents: env_file(opts, me, registry)?,
+        mode: 0o644,
+        owner: None,
+    });
     Ok(files)
 }
 
@@ -514,9 +624,10 @@ fn fixed_files(
 /// of that name exists anywhere on the unit path (Consul from a zip). One we
 /// wrote before is ours to keep current; an operator's is never replaced.
 fn manages_consul_unit(root: &Root) -> bool {
-    root.units_named("consul.service")
-        .iter()
-        .all(|p| p == Path::new(CONSUL_UNIT) && std::fs::read_to_string(root.path(p)).is_ok_and(|t| t.starts_with(render::MARKER)))
+    root.units_named("consul.service").iter().all(|p| {
+        p == Path::new(CONSUL_UNIT)
+            && std::fs::read_to_string(root.path(p)).is_ok_and(|t| t.starts_with(render::MARKER))
+    })
 }
 
 /// The env file: every resolved setting, so the heartbeat and later boots

@@ -24,7 +24,9 @@ impl FileStore {
     /// Opens an existing directory.
     pub fn open(dir: &Path) -> Result<FileStore> {
         match fs::metadata(dir) {
-            Ok(m) if m.is_dir() => Ok(FileStore { dir: dir.to_path_buf() }),
+            Ok(m) if m.is_dir() => Ok(FileStore {
+                dir: dir.to_path_buf(),
+            }),
             Ok(_) => Err(usage(format!(
                 "registry file://{} is not a directory; fix --registry",
                 dir.display()
@@ -33,7 +35,9 @@ impl FileStore {
                 "registry directory {} does not exist; create it (mkdir -p) or fix --registry",
                 dir.display()
             ))),
-            Err(e) => Err(e).with_context(|| format!("reading registry directory {}", dir.display())),
+            Err(e) => {
+                Err(e).with_context(|| format!("reading registry directory {}", dir.display()))
+            }
         }
     }
 
@@ -49,7 +53,8 @@ impl FileStore {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening the registry lock {}", path.display()))?;
-        file.lock().with_context(|| format!("locking {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
         Ok(file)
     }
 
@@ -63,7 +68,11 @@ impl FileStore {
         let modified = fs::metadata(&path)
             .and_then(|m| m.modified())
             .with_context(|| format!("reading the time of {}", path.display()))?;
-        Ok(Some(Object { etag: etag(&body), body, last_modified: DateTime::<Utc>::from(modified) }))
+        Ok(Some(Object {
+            etag: etag(&body),
+            body,
+            last_modified: DateTime::<Utc>::from(modified),
+        }))
     }
 
     fn write(&self, key: &str, body: &[u8]) -> Result<String> {
@@ -77,7 +86,8 @@ impl FileStore {
         tmp.write_all(body)
             .and_then(|()| tmp.as_file().sync_all())
             .with_context(|| format!("writing {}", path.display()))?;
-        tmp.persist(&path).with_context(|| format!("renaming into {}", path.display()))?;
+        tmp.persist(&path)
+            .with_context(|| format!("renaming into {}", path.display()))?;
         Ok(etag(body))
     }
 }
@@ -98,7 +108,9 @@ impl Store for FileStore {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.with_context(|| format!("listing {}", path.display()))?;
-            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
             if name.starts_with('.') {
                 continue;
             }
@@ -156,21 +168,42 @@ mod tests {
     async fn conditional_writes_hold() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
-        let first = store.put("slots/server-0", b"a".to_vec(), Condition::Absent).await.unwrap();
-        let PutOutcome::Written(tag) = first else { panic!("first create failed") };
+        let first = store
+            .put("slots/server-0", b"a".to_vec(), Condition::Absent)
+            .await
+            .unwrap();
+        let PutOutcome::Written(tag) = first else {
+            panic!("first create failed")
+        };
         assert!(matches!(
-            store.put("slots/server-0", b"b".to_vec(), Condition::Absent).await.unwrap(),
+            store
+                .put("slots/server-0", b"b".to_vec(), Condition::Absent)
+                .await
+                .unwrap(),
             PutOutcome::PreconditionFailed
         ));
         assert!(matches!(
-            store.put("slots/server-0", b"c".to_vec(), Condition::Matches("\"nope\"".into())).await.unwrap(),
+            store
+                .put(
+                    "slots/server-0",
+                    b"c".to_vec(),
+                    Condition::Matches("\"nope\"".into())
+                )
+                .await
+                .unwrap(),
             PutOutcome::PreconditionFailed
         ));
         assert!(matches!(
-            store.put("slots/server-0", b"d".to_vec(), Condition::Matches(tag)).await.unwrap(),
+            store
+                .put("slots/server-0", b"d".to_vec(), Condition::Matches(tag))
+                .await
+                .unwrap(),
             PutOutcome::Written(_)
         ));
-        assert_eq!(store.get("slots/server-0").await.unwrap().unwrap().body, b"d");
+        assert_eq!(
+            store.get("slots/server-0").await.unwrap().unwrap().body,
+            b"d"
+        );
         let listed = store.list("slots/").await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].key, "slots/server-0");

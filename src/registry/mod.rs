@@ -97,8 +97,12 @@ impl RegistryUrl {
     /// Parses `s3://bucket/prefix` or `file:///dir`.
     pub fn parse(s: &str) -> Result<RegistryUrl> {
         let hint = "use s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR";
-        let url = url::Url::parse(s)
-            .map_err(|e| usage(format!("registry URL `{}` is malformed ({e}): {hint}", s.escape_debug())))?;
+        let url = url::Url::parse(s).map_err(|e| {
+            usage(format!(
+                "registry URL `{}` is malformed ({e}): {hint}",
+                s.escape_debug()
+            ))
+        })?;
         match url.scheme() {
             "s3" => {
                 let bucket = url.host_str().unwrap_or("").to_string();
@@ -108,23 +112,28 @@ impl RegistryUrl {
                     )));
                 }
                 if url.query().is_some() || url.fragment().is_some() {
-                    return Err(usage(format!("registry URL `{s}` has a query or fragment: {hint}")));
+                    return Err(usage(format!(
+                        "registry URL `{s}` has a query or fragment: {hint}"
+                    )));
                 }
                 let prefix = url.path().trim_matches('/').to_string();
-                if prefix.split('/').any(|seg| seg == "." || seg == "..")
-                    || prefix.contains("//")
-                {
-                    return Err(usage(format!("registry URL `{s}` has an unusable prefix: {hint}")));
+                if prefix.split('/').any(|seg| seg == "." || seg == "..") || prefix.contains("//") {
+                    return Err(usage(format!(
+                        "registry URL `{s}` has an unusable prefix: {hint}"
+                    )));
                 }
                 Ok(RegistryUrl::S3 { bucket, prefix })
             }
             "file" => {
-                if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                if url
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
                     return Err(usage(format!("registry URL `{s}` names a host: {hint}")));
                 }
-                let dir = url
-                    .to_file_path()
-                    .map_err(|()| usage(format!("registry URL `{s}` is not a local path: {hint}")))?;
+                let dir = url.to_file_path().map_err(|()| {
+                    usage(format!("registry URL `{s}` is not a local path: {hint}"))
+                })?;
                 Ok(RegistryUrl::File { dir })
             }
             other => Err(usage(format!(
@@ -147,15 +156,24 @@ impl fmt::Display for RegistryUrl {
 
 fn bucket_name_ok(b: &str) -> bool {
     (3..=63).contains(&b.len())
-        && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        && b.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
 }
 
 /// Opens the store behind a registry URL.
-pub async fn open(url: &RegistryUrl, aws: Option<&aws_config::SdkConfig>) -> Result<Box<dyn Store>> {
+pub async fn open(
+    url: &RegistryUrl,
+    aws: Option<&aws_config::SdkConfig>,
+) -> Result<Box<dyn Store>> {
     match url {
         RegistryUrl::S3 { bucket, prefix } => {
-            let config = aws.ok_or_else(|| anyhow::anyhow!("an s3:// registry needs the AWS configuration"))?;
-            Ok(Box::new(S3Store::new(config, bucket.clone(), prefix.clone())))
+            let config = aws
+                .ok_or_else(|| anyhow::anyhow!("an s3:// registry needs the AWS configuration"))?;
+            Ok(Box::new(S3Store::new(
+                config,
+                bucket.clone(),
+                prefix.clone(),
+            )))
         }
         RegistryUrl::File { dir } => Ok(Box::new(FileStore::open(dir)?)),
     }
@@ -169,17 +187,34 @@ mod tests {
     fn urls() {
         assert_eq!(
             RegistryUrl::parse("s3://my-bucket/consul/prod/").unwrap(),
-            RegistryUrl::S3 { bucket: "my-bucket".into(), prefix: "consul/prod".into() }
+            RegistryUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "consul/prod".into()
+            }
         );
         assert_eq!(
             RegistryUrl::parse("s3://my-bucket").unwrap(),
-            RegistryUrl::S3 { bucket: "my-bucket".into(), prefix: String::new() }
+            RegistryUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: String::new()
+            }
         );
         assert_eq!(
             RegistryUrl::parse("file:///var/lib/reg").unwrap(),
-            RegistryUrl::File { dir: "/var/lib/reg".into() }
+            RegistryUrl::File {
+                dir: "/var/lib/reg".into()
+            }
         );
-        for bad in ["", "my-bucket/x", "http://x/y", "s3:///x", "s3://B/x", "s3://b/../x", "file://host/x", "s3://ab/x"] {
+        for bad in [
+            "",
+            "my-bucket/x",
+            "http://x/y",
+            "s3:///x",
+            "s3://B/x",
+            "s3://b/../x",
+            "file://host/x",
+            "s3://ab/x",
+        ] {
             let err = RegistryUrl::parse(bad).unwrap_err();
             assert_eq!(crate::error::exit_code(&err), 2, "{bad}");
         }

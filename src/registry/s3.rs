@@ -33,11 +33,19 @@ impl S3Store {
         let s3_config = aws_sdk_s3::config::Builder::from(config)
             .force_path_style(custom_endpoint)
             .build();
-        S3Store { client: Client::from_conf(s3_config), bucket, prefix }
+        S3Store {
+            client: Client::from_conf(s3_config),
+            bucket,
+            prefix,
+        }
     }
 
     fn full_key(&self, key: &str) -> String {
-        if self.prefix.is_empty() { key.to_string() } else { format!("{}/{key}", self.prefix) }
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
     }
 
     fn url(&self, key: &str) -> String {
@@ -96,18 +104,31 @@ impl Store for S3Store {
             let page = page.map_err(|e| explain(e, format!("listing {}", self.url(dir))))?;
             for obj in page.contents() {
                 let Some(key) = obj.key() else { continue };
-                let Some(rel) = key.strip_prefix(&strip) else { continue };
-                out.push(Listed { key: rel.to_string(), last_modified: to_chrono(obj.last_modified()) });
+                let Some(rel) = key.strip_prefix(&strip) else {
+                    continue;
+                };
+                out.push(Listed {
+                    key: rel.to_string(),
+                    last_modified: to_chrono(obj.last_modified()),
+                });
             }
         }
         Ok(out)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Object>> {
-        let resp = self.client.get_object().bucket(&self.bucket).key(self.full_key(key)).send().await;
+        let resp = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await;
         let resp = match resp {
             Ok(resp) => resp,
-            Err(SdkError::ServiceError(ctx)) if matches!(ctx.err(), GetObjectError::NoSuchKey(_)) => {
+            Err(SdkError::ServiceError(ctx))
+                if matches!(ctx.err(), GetObjectError::NoSuchKey(_)) =>
+            {
                 return Ok(None);
             }
             Err(e) => return Err(explain(e, format!("reading {}", self.url(key)))),
@@ -121,7 +142,11 @@ impl Store for S3Store {
             .with_context(|| format!("reading the body of {}", self.url(key)))?
             .into_bytes()
             .to_vec();
-        Ok(Some(Object { body, etag, last_modified }))
+        Ok(Some(Object {
+            body,
+            etag,
+            last_modified,
+        }))
     }
 
     async fn put(&self, key: &str, body: Vec<u8>, condition: Condition) -> Result<PutOutcome> {
@@ -138,7 +163,9 @@ impl Store for S3Store {
             Condition::Matches(etag) => req.if_match(etag),
         };
         match req.send().await {
-            Ok(resp) => Ok(PutOutcome::Written(resp.e_tag().unwrap_or_default().to_string())),
+            Ok(resp) => Ok(PutOutcome::Written(
+                resp.e_tag().unwrap_or_default().to_string(),
+            )),
             Err(SdkError::ServiceError(ctx)) => {
                 let status = ctx.raw().status().as_u16();
                 let code = ctx.err().code().unwrap_or_default().to_string();
@@ -149,12 +176,22 @@ impl Store for S3Store {
                         SdkError::ServiceError(ctx),
                         format!("writing {}", self.url(key)),
                     ))),
-                    _ => Err(explain(SdkError::ServiceError(ctx), format!("writing {}", self.url(key)))),
+                    _ => Err(explain(
+                        SdkError::ServiceError(ctx),
+                        format!("writing {}", self.url(key)),
+                    )),
                 }
             }
-            Err(e @ (SdkError::TimeoutError(_) | SdkError::ResponseError(_) | SdkError::DispatchFailure(_))) => {
+            Err(
+                e @ (SdkError::TimeoutError(_)
+                | SdkError::ResponseError(_)
+                | SdkError::DispatchFailure(_)),
+            ) => {
                 // A dispatch failure may have happened after the body was sent.
-                Ok(PutOutcome::Unknown(explain(e, format!("writing {}", self.url(key)))))
+                Ok(PutOutcome::Unknown(explain(
+                    e,
+                    format!("writing {}", self.url(key)),
+                )))
             }
             Err(e) => Err(explain(e, format!("writing {}", self.url(key)))),
         }
@@ -168,7 +205,10 @@ impl Store for S3Store {
                 .map(|k| ObjectIdentifier::builder().key(self.full_key(k)).build())
                 .collect::<Result<Vec<_>, _>>()
                 .context("building a DeleteObjects request")?;
-            let delete = Delete::builder().set_objects(Some(objects)).quiet(true).build()
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
                 .context("building a DeleteObjects request")?;
             let resp = self
                 .client
@@ -177,7 +217,12 @@ impl Store for S3Store {
                 .delete(delete)
                 .send()
                 .await
-                .map_err(|e| explain(e, format!("deleting {} keys under {}", batch.len(), self.url(""))))?;
+                .map_err(|e| {
+                    explain(
+                        e,
+                        format!("deleting {} keys under {}", batch.len(), self.url("")),
+                    )
+                })?;
             requests += 1;
             for err in resp.errors() {
                 tracing::warn!(

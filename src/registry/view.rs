@@ -9,7 +9,8 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use super::{Listed, Store};
 use crate::model::{
-    self, CLUSTER_KEY, ClusterRecord, HeartbeatKey, Role, SlotRecord, age_seconds, parse_heartbeat_body,
+    self, CLUSTER_KEY, ClusterRecord, HeartbeatKey, Role, SlotRecord, age_seconds,
+    parse_heartbeat_body,
 };
 
 /// How many body reads run at once.
@@ -109,10 +110,17 @@ pub async fn read_view(
         .into_iter()
         .zip(0..)
         .map(|(obj, index)| match obj {
-            None => SlotView { index, etag: None, record: None, age_seconds: 0 },
+            None => SlotView {
+                index,
+                etag: None,
+                record: None,
+                age_seconds: 0,
+            },
             Some(obj) => {
                 let record = SlotRecord::parse(&obj.body)
-                    .map_err(|why| tracing::warn!("skipping registry key {}: {why}", model::slot_key(index)))
+                    .map_err(|why| {
+                        tracing::warn!("skipping registry key {}: {why}", model::slot_key(index))
+                    })
                     .ok();
                 SlotView {
                     index,
@@ -130,7 +138,14 @@ pub async fn read_view(
         etag: obj.etag,
         age_seconds: age_seconds(obj.last_modified, now),
     });
-    Ok(RegistryView { now, servers, agents, slots, cluster, heartbeats })
+    Ok(RegistryView {
+        now,
+        servers,
+        agents,
+        slots,
+        cluster,
+        heartbeats,
+    })
 }
 
 /// Parses listed keys, warning about junk; appends every good key to `all`
@@ -140,7 +155,10 @@ fn parse_listing(listed: Vec<Listed>, all: &mut Vec<HeartbeatEntry>) -> Vec<Hear
     for item in listed {
         let name = item.key.rsplit('/').next().unwrap_or_default();
         match HeartbeatKey::parse(name) {
-            Some(parsed) => good.push(HeartbeatEntry { key: item.key, parsed }),
+            Some(parsed) => good.push(HeartbeatEntry {
+                key: item.key,
+                parsed,
+            }),
             None => tracing::warn!(
                 "skipping registry key {}: not <YYYYmmddHHMMSS>-<node>",
                 item.key.escape_debug()
@@ -171,7 +189,12 @@ async fn live_members(
         }
     }
     let mut candidates: Vec<&HeartbeatEntry> = newest.into_values().collect();
-    candidates.sort_by(|a, b| b.parsed.time.cmp(&a.parsed.time).then(a.parsed.node.cmp(&b.parsed.node)));
+    candidates.sort_by(|a, b| {
+        b.parsed
+            .time
+            .cmp(&a.parsed.time)
+            .then(a.parsed.node.cmp(&b.parsed.node))
+    });
 
     let mut members = Vec::new();
     for chunk in candidates.chunks(READ_CONCURRENCY) {

@@ -1,0 +1,297 @@
+//! The test harness: a real S3/EC2/IMDS endpoint (moto_server, started on a
+//! free loopback port), an S3 client to look at the bucket as a user would,
+//! and the real `auto-consul` binary run with the standard AWS variables.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+
+/// A running moto_server; killed on drop.
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python that has `moto[server]` (the venv `.ci/run` makes).
+pub fn python() -> String {
+    std::env::var("AUTO_CONSUL_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+impl Moto {
+    /// Starts moto_server through tests/support/moto_locked.py.
+    pub fn start(extra: &[&str]) -> Moto {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_locked.py");
+        let mut child = Command::new(python())
+            .arg(&script)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {} (set AUTO_CONSUL_TEST_PYTHON to a Python with moto[server]): {e}", python())
+            });
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!("moto_server did not report its port within 60s (is moto[server] installed for {}?)", python())
+        });
+        let port = line
+            .trim()
+            .strip_prefix("PORT=")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("moto_server did not start (pip install 'moto[server]>=5.1.5'); it said {line:?}"));
+        Moto { port, child }
+    }
+
+    /// The endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        http_get(self.port, "/_stats")
+            .trim()
+            .parse()
+            .expect("a count")
+    }
+}
+
+/// One moto_server per test binary, shared by its tests (each uses its own
+/// bucket or prefix).
+pub fn moto() -> &'static Moto {
+    static MOTO: OnceLock<Moto> = OnceLock::new();
+    MOTO.get_or_init(|| Moto::start(&[]))
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+}
+
+/// A loopback port nobody listens on.
+pub fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A name unique within this test run.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// An S3 client on a moto_server, as a user's `aws s3` would see the bucket.
+pub fn s3(moto: &Moto) -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(moto.url())
+        .force_path_style(true)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// A Tokio runtime for the test's own AWS calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Creates a fresh bucket and returns its name.
+pub fn bucket(moto: &Moto) -> String {
+    let name = unique("reg").to_lowercase();
+    rt().block_on(s3(moto).create_bucket().bucket(&name).send())
+        .expect("create bucket");
+    name
+}
+
+/// Every key under `prefix`, sorted.
+pub fn keys(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
+    rt().block_on(async {
+        let out = s3(moto)
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .expect("list");
+        let mut keys: Vec<String> = out
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_string))
+            .collect();
+        keys.sort();
+        keys
+    })
+}
+
+/// Writes one object.
+pub fn put(moto: &Moto, bucket: &str, key: &str, body: &str) {
+    rt().block_on(
+        s3(moto)
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(body.as_bytes().to_vec().into())
+            .send(),
+    )
+    .expect("put");
+}
+
+/// Reads one object.
+pub fn get(moto: &Moto, bucket: &str, key: &str) -> String {
+    rt().block_on(async {
+        let out = s3(moto)
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .expect("get");
+        String::from_utf8(out.body.collect().await.unwrap().into_bytes().to_vec()).unwrap()
+    })
+}
+
+/// A directory holding a stand-in `consul` (the real one cannot be installed
+/// here); put first on PATH.
+pub fn fake_consul_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("fake-consul")
+            .tempdir()
+            .unwrap();
+        let bin = dir.path().join("consul");
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\necho 'stand-in consul for the auto-consul tests'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    })
+    .path()
+}
+
+/// The `auto-consul` binary with a clean environment pointed at `moto`:
+/// no stray AUTO_CONSUL_* settings, and IMDS pointed at a closed port so
+/// nothing ever reaches the real metadata address.
+pub fn auto_consul(moto: &Moto) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_auto-consul"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AUTO_CONSUL_") || k.starts_with("AWS_") || k.starts_with("CONSUL_") {
+            cmd.env_remove(k);
+        }
+    }
+    let path = format!(
+        "{}:{}",
+        fake_consul_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    cmd.env("PATH", path)
+        .env("AWS_ENDPOINT_URL", moto.url())
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env(
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            format!("http://127.0.0.1:{}", closed_port()),
+        )
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "auto_consul=info,warn")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a command to completion.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.output().expect("run auto-consul")
+}
+
+/// Parses stdout as one JSON object, with the whole output on failure.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}); status {}; stdout {}; stderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Asserts success and returns the JSON output.
+pub fn ok_json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "status {}; stdout {}; stderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(out)
+}
+
+/// Every file under `dir`, relative, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The mode a `run --json` chose.
+pub fn mode(v: &serde_json::Value) -> String {
+    v["mode"].as_str().expect("mode").to_string()
+}
