@@ -153,6 +153,17 @@ pub enum Command {
     Plan,
     /// List the live servers and agents in the registry.
     Members,
+    /// Ask the local Consul agent how it runs and publish a heartbeat; a
+    /// server also renews its slot. Then purge expired heartbeats. Run by
+    /// auto-consul-heartbeat.timer every EXPIRY/2 seconds.
+    Heartbeat,
+    /// Delete expired heartbeats (in batches of 1000) and release expired
+    /// server slots.
+    Purge,
+    /// Remove this node from the registry: delete its heartbeats and release
+    /// its server slot, so a replacement can take it at once. For shutdown
+    /// (ExecStop of a unit).
+    Leave,
 }
 
 fn parse_address(s: &str) -> Result<IpAddr, String> {

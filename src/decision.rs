@@ -141,15 +141,29 @@ fn take_condition(slot: &SlotView) -> Condition {
     }
 }
 
+/// The instance ids of every member `join_list` may choose from, for the
+/// EC2 check.
+pub fn join_candidates(view: &RegistryView, me: &str, expiry: u64) -> Vec<String> {
+    let mut ids: Vec<String> = live_servers(view, me, expiry)
+        .into_iter()
+        .chain(view.agents.iter().cloned())
+        .filter_map(|m| m.instance_id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 /// The `retry_join` list for a node in `mode`: live servers, then (for an
-/// agent) live agents, freshest first, never this node, no duplicates, at
-/// most [`MAX_JOIN`].
+/// agent) live agents, freshest first, never this node, none whose instance
+/// is in `not_running`, no duplicates, at most [`MAX_JOIN`].
 pub fn join_list(
     view: &RegistryView,
     mode: Mode,
     me: &str,
     my_address: IpAddr,
     expiry: u64,
+    not_running: &HashSet<String>,
 ) -> Vec<IpAddr> {
     let servers = live_servers(view, me, expiry);
     let agents = view.agents.iter().filter(|m| m.node != me);
@@ -159,6 +173,11 @@ pub fn join_list(
     };
     let mut seen = HashSet::from([my_address]);
     chosen
+        .filter(|m| {
+            m.instance_id
+                .as_ref()
+                .is_none_or(|id| !not_running.contains(id))
+        })
         .map(|m| m.address)
         .filter(|a| seen.insert(*a))
         .take(MAX_JOIN)
@@ -325,7 +344,8 @@ mod tests {
         }
         v.agents.push(member("me", "10.0.0.9", 0));
         let me: IpAddr = "10.0.0.9".parse().unwrap();
-        let servers = join_list(&v, Mode::Server, "me", me, 120);
+        let none = HashSet::new();
+        let servers = join_list(&v, Mode::Server, "me", me, 120, &none);
         assert_eq!(
             servers,
             [
@@ -333,7 +353,7 @@ mod tests {
                 "10.0.0.1".parse().unwrap()
             ]
         );
-        let agents = join_list(&v, Mode::Agent, "me", me, 120);
+        let agents = join_list(&v, Mode::Agent, "me", me, 120, &none);
         assert_eq!(agents.len(), MAX_JOIN);
         assert_eq!(
             &agents[..3],
@@ -344,5 +364,36 @@ mod tests {
             ]
         );
         assert!(!agents.contains(&me));
+    }
+
+    #[test]
+    fn members_whose_instance_is_not_running_are_not_joined() {
+        let mut v = view(1);
+        v.servers.push(Member {
+            instance_id: Some("i-dead".into()),
+            ..member("a", "10.0.0.1", 1)
+        });
+        v.servers.push(Member {
+            instance_id: Some("i-live".into()),
+            ..member("b", "10.0.0.2", 2)
+        });
+        v.servers.push(member("c", "10.0.0.3", 3));
+        assert_eq!(join_candidates(&v, "me", 120), ["i-dead", "i-live"]);
+        let dead = HashSet::from(["i-dead".to_string()]);
+        let list = join_list(
+            &v,
+            Mode::Agent,
+            "me",
+            "10.0.0.9".parse().unwrap(),
+            120,
+            &dead,
+        );
+        assert_eq!(
+            list,
+            [
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "10.0.0.3".parse().unwrap()
+            ]
+        );
     }
 }

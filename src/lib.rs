@@ -1,10 +1,13 @@
 //! auto-consul: decide, race-free, whether a booting EC2 instance becomes the
 //! bootstrap Consul server, a joining server or an agent, and set it up.
 
+pub mod agent;
 pub mod aws;
+pub mod claims;
 pub mod cli;
 pub mod commands;
 pub mod decision;
+pub mod ec2;
 pub mod error;
 pub mod identity;
 pub mod install;

@@ -10,8 +10,8 @@ use crate::registry::{Member, read_view};
 /// Lists every live server and agent.
 pub async fn members(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
-    let store = open_store(&url).await?;
-    let view = read_view(store.as_ref(), 0, opts.expiry, usize::MAX).await?;
+    let opened = open_store(&url).await?;
+    let view = read_view(opened.store.as_ref(), 0, opts.expiry, usize::MAX).await?;
     if opts.json {
         let list = |ms: &[Member]| {
             ms.iter()

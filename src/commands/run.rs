@@ -9,20 +9,20 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::{open_store, registry_url};
+use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
 use crate::decision::{self, MAX_JOIN, Step};
+use crate::ec2;
 use crate::error::usage;
 use crate::identity::{self, Identity};
 use crate::install::{self, FileSpec, Root};
-use crate::model::{CLUSTER_KEY, ClusterRecord, Mode, SlotRecord, slot_key};
+use crate::model::{CLUSTER_KEY, ClusterRecord, Mode};
 use crate::registry::{Condition, PutOutcome, RegistryView, Store, read_view};
 use crate::render::{self, ConsulSettings, Tls};
 use crate::state::{self, State};
 
 /// Rounds of read-decide-claim before giving up under contention.
 const MAX_ROUNDS: u32 = 12;
-/// Retries of one write that meets a 409 conflict.
-const MAX_CONFLICT_RETRIES: u32 = 5;
 /// The key written to check that the store honours conditional writes.
 const PROBE_KEY: &str = "cas-probe";
 
@@ -75,7 +75,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let fixed_files = fixed_files(opts, &root, &me, &consul, &auto_consul, &url.to_string())?;
     install::check_writable(&root, &fixed_files)?;
 
-    let store = open_store(&url).await?;
+    let opened = open_store(&url).await?;
+    let store = opened.store;
     let racy = if dry_run {
         false
     } else {
@@ -95,12 +96,23 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     };
     let elected = elector.elect(previous.as_ref(), raft).await?;
     let bootstrap = elected.mode == Mode::Bootstrap && !raft;
+    let not_running = match &opened.aws {
+        Some(aws) => {
+            ec2::not_running(
+                aws,
+                &decision::join_candidates(&elected.view, &me.node, opts.expiry),
+            )
+            .await
+        }
+        None => Default::default(),
+    };
     let retry_join = decision::join_list(
         &elected.view,
         elected.mode,
         &me.node,
         me.address,
         opts.expiry,
+        &not_running,
     );
 
     let config = ConsulSettings {
@@ -207,11 +219,20 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
 }
 
 impl Elector<'_> {
+    fn claims(&self) -> Claims<'_> {
+        Claims {
+            store: self.store,
+            me: self.me,
+            racy: self.racy,
+        }
+    }
+
     /// The mode decision of DESIGN.md: sticky state first, then read,
     /// decide and claim until one claim settles it.
     async fn elect(&self, previous: Option<&State>, raft: bool) -> Result<Elected> {
         for round in 0..MAX_ROUNDS {
-            let view = read_view(self.store, self.servers, self.expiry, MAX_JOIN).await?;
+            // Twice the join bound of agents: room for those EC2 reports gone.
+            let view = read_view(self.store, self.servers, self.expiry, 2 * MAX_JOIN).await?;
             let cluster_id = view
                 .cluster
                 .as_ref()
@@ -253,6 +274,7 @@ impl Elector<'_> {
                     let claim = held.map_or_else(new_id, |r| r.claim_id.clone());
                     let sequence = held.map_or(1, |r| r.sequence + 1);
                     if self
+                        .claims()
                         .write_slot(index, &claim, sequence, Condition::Matches(etag))
                         .await?
                     {
@@ -275,7 +297,7 @@ impl Elector<'_> {
                             );
                         }
                         let claim = new_id();
-                        let slot = if self.write_slot(0, &claim, 1, slot0).await? {
+                        let slot = if self.claims().write_slot(0, &claim, 1, slot0).await? {
                             Some((0, claim))
                         } else {
                             tracing::error!(
@@ -298,7 +320,11 @@ impl Elector<'_> {
                             return Ok(elected(Mode::Server, None, cluster_id, view));
                         }
                         let claim = new_id();
-                        if self.write_slot(index, &claim, 1, condition).await? {
+                        if self
+                            .claims()
+                            .write_slot(index, &claim, 1, condition)
+                            .await?
+                        {
                             return Ok(elected(
                                 Mode::Server,
                                 Some((index, claim)),
@@ -351,26 +377,12 @@ impl Elector<'_> {
             );
             return Ok(elected);
         };
-        let ours = slot.record.as_ref().is_some_and(|r| r.claim_id == claim);
-        let condition = match (&slot.etag, ours, decision::slot_is_live(&slot, self.expiry)) {
-            (None, _, _) => Condition::Absent,
-            (Some(etag), true, _) | (Some(etag), false, false) => Condition::Matches(etag.clone()),
-            (Some(_), false, true) => {
-                let holder = slot.record.as_ref().map_or("?", |r| r.node.as_str());
-                tracing::error!(
-                    "server slot {index} of this node is now held by {holder}: this node keeps running as a server; \
-                     check the cluster has no more servers than wanted"
-                );
-                return Ok(elected);
-            }
-        };
-        let sequence = if ours {
-            slot.record.as_ref().map_or(1, |r| r.sequence + 1)
-        } else {
-            1
-        };
-        if !self.write_slot(index, &claim, sequence, condition).await? {
-            tracing::error!("could not renew server slot {index}: another node took it");
+        match self.claims().renew(&slot, &claim, self.expiry).await? {
+            Renewal::Renewed | Renewal::Retaken => {}
+            Renewal::HeldBy(holder) => tracing::error!(
+                "server slot {index} of this node is now held by {holder}: this node keeps running as a server; \
+                 check the cluster has no more servers than wanted"
+            ),
         }
         Ok(elected)
     }
@@ -387,78 +399,12 @@ impl Elector<'_> {
         };
         let body = serde_json::to_vec(&record)?;
         let won = self
+            .claims()
             .put_settled(CLUSTER_KEY, body, condition, |b| {
                 ClusterRecord::parse(b).is_ok_and(|r| r.cluster_id == id)
             })
             .await?;
         Ok(won.map(|_| id))
-    }
-
-    /// Writes server slot `index` with our claim; whether this node holds it.
-    async fn write_slot(
-        &self,
-        index: u32,
-        claim: &str,
-        sequence: u64,
-        condition: Condition,
-    ) -> Result<bool> {
-        let record = SlotRecord {
-            node: self.me.node.clone(),
-            address: self.me.address,
-            instance_id: self.me.instance_id.clone(),
-            claim_id: claim.to_string(),
-            sequence,
-            released: false,
-        };
-        let body = serde_json::to_vec(&record)?;
-        let won = self
-            .put_settled(&slot_key(index), body, condition, |b| {
-                SlotRecord::parse(b).is_ok_and(|r| r.claim_id == claim && r.sequence == sequence)
-            })
-            .await?;
-        Ok(won.is_some())
-    }
-
-    /// A conditional write whose result is known for sure: a 409 is retried,
-    /// and a lost response or a 412 (which a retry of our own applied write
-    /// also gets) is settled by reading the key back.
-    async fn put_settled(
-        &self,
-        key: &str,
-        body: Vec<u8>,
-        condition: Condition,
-        is_ours: impl Fn(&[u8]) -> bool,
-    ) -> Result<Option<String>> {
-        let condition = if self.racy {
-            Condition::None
-        } else {
-            condition
-        };
-        for attempt in 0..=MAX_CONFLICT_RETRIES {
-            match self.store.put(key, body.clone(), condition.clone()).await? {
-                PutOutcome::Written(etag) => return Ok(Some(etag)),
-                PutOutcome::Conflict => {
-                    tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
-                }
-                PutOutcome::PreconditionFailed => {
-                    let back = self.store.get(key).await?;
-                    return Ok(back.filter(|o| is_ours(&o.body)).map(|o| o.etag));
-                }
-                PutOutcome::Unknown(err) => {
-                    tracing::warn!(
-                        "the result of writing {key} is unknown, reading it back: {err:#}"
-                    );
-                    let back = self.store.get(key).await.with_context(|| {
-                        format!("reading back {key} after a write with a lost response")
-                    })?;
-                    return Ok(back.filter(|o| is_ours(&o.body)).map(|o| o.etag));
-                }
-            }
-        }
-        tracing::warn!(
-            "writing {key} met {MAX_CONFLICT_RETRIES} conflicts in a row; deciding again"
-        );
-        Ok(None)
     }
 }
 

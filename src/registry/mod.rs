@@ -14,7 +14,9 @@ use chrono::{DateTime, Utc};
 
 pub use file::FileStore;
 pub use s3::S3Store;
-pub use view::{Member, RegistryView, SlotView, read_view};
+pub use view::{
+    HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, read_slots, read_view,
+};
 
 use crate::error::usage;
 

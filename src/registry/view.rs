@@ -148,6 +148,58 @@ pub async fn read_view(
     })
 }
 
+/// Lists both heartbeat directories at once: every well-formed key, junk
+/// skipped with a warning. No bodies are read.
+pub async fn list_heartbeats(store: &dyn Store) -> Result<Vec<HeartbeatEntry>> {
+    let (servers, agents) = tokio::try_join!(
+        store.list(Role::Servers.dir()),
+        store.list(Role::Agents.dir())
+    )?;
+    let mut all = Vec::new();
+    parse_listing(servers, &mut all);
+    parse_listing(agents, &mut all);
+    Ok(all)
+}
+
+/// Reads slots `0..slots` at once.
+pub async fn read_slots(store: &dyn Store, slots: u32) -> Result<Vec<SlotView>> {
+    let objs: Vec<_> = stream::iter(0..slots)
+        .map(|i| async move { store.get(&model::slot_key(i)).await })
+        .buffered(READ_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let now = Utc::now();
+    Ok(objs
+        .into_iter()
+        .zip(0..)
+        .map(|(obj, index)| slot_view(index, obj, now))
+        .collect())
+}
+
+fn slot_view(index: u32, obj: Option<super::Object>, now: DateTime<Utc>) -> SlotView {
+    match obj {
+        None => SlotView {
+            index,
+            etag: None,
+            record: None,
+            age_seconds: 0,
+        },
+        Some(obj) => {
+            let record = SlotRecord::parse(&obj.body)
+                .map_err(|why| {
+                    tracing::warn!("skipping registry key {}: {why}", model::slot_key(index))
+                })
+                .ok();
+            SlotView {
+                index,
+                etag: Some(obj.etag),
+                record,
+                age_seconds: age_seconds(obj.last_modified, now),
+            }
+        }
+    }
+}
+
 /// Parses listed keys, warning about junk; appends every good key to `all`
 /// and returns the good ones of this listing.
 fn parse_listing(listed: Vec<Listed>, all: &mut Vec<HeartbeatEntry>) -> Vec<HeartbeatEntry> {

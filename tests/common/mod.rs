@@ -32,34 +32,87 @@ pub fn python() -> String {
     std::env::var("AUTO_CONSUL_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
+/// Starts a Python helper from tests/support that prints `PORT=<n>` first.
+fn start_helper(script: &str, args: &[&str]) -> (u16, Child) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(script);
+    let mut child = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} (set AUTO_CONSUL_TEST_PYTHON to a Python with moto[server]): {e}",
+                python()
+            )
+        });
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} did not report its port within 60s (is moto[server] installed for {}?)",
+                script.display(),
+                python()
+            )
+        });
+    let port = line
+        .trim()
+        .strip_prefix("PORT=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{} did not start (pip install 'moto[server]>=5.1.5'); it said {line:?}",
+                script.display()
+            )
+        });
+    (port, child)
+}
+
+/// A stand-in Consul agent serving /v1/agent/self; killed on drop.
+pub struct FakeAgent {
+    pub port: u16,
+    child: Child,
+}
+
+impl FakeAgent {
+    /// Starts one that reports `node`, as a server or not.
+    pub fn start(node: &str, server: bool, extra: &[&str]) -> FakeAgent {
+        let mut args = vec!["--node", node];
+        if server {
+            args.push("--server");
+        }
+        args.extend_from_slice(extra);
+        let (port, child) = start_helper("fake_consul_agent.py", &args);
+        FakeAgent { port, child }
+    }
+
+    /// Its address, for CONSUL_HTTP_ADDR.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Moto {
     /// Starts moto_server through tests/support/moto_locked.py.
     pub fn start(extra: &[&str]) -> Moto {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_locked.py");
-        let mut child = Command::new(python())
-            .arg(&script)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {} (set AUTO_CONSUL_TEST_PYTHON to a Python with moto[server]): {e}", python())
-            });
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("moto_server did not report its port within 60s (is moto[server] installed for {}?)", python())
-        });
-        let port = line
-            .trim()
-            .strip_prefix("PORT=")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("moto_server did not start (pip install 'moto[server]>=5.1.5'); it said {line:?}"));
+        let (port, child) = start_helper("moto_locked.py", extra);
         Moto { port, child }
     }
 

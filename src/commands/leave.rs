@@ -1,0 +1,70 @@
+//! `leave`: remove this node from the registry at shutdown: its heartbeats
+//! deleted, its server slot released so a replacement can take it at once.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::{open_store, registry_url};
+use crate::claims::Claims;
+use crate::cli::GlobalOpts;
+use crate::install::Root;
+use crate::registry::{list_heartbeats, read_slots};
+use crate::{identity, state};
+
+/// `leave`.
+pub async fn leave(opts: &GlobalOpts) -> Result<()> {
+    let url = registry_url(opts)?;
+    let root = Root::new(&opts.root);
+    let me = identity::resolve(
+        opts.address,
+        opts.node.clone(),
+        Duration::from_secs(opts.imds_timeout),
+    )
+    .await?;
+    let saved = state::load(&root).filter(|s| s.registry == url.to_string() && s.node == me.node);
+    let opened = open_store(&url).await?;
+    let store = opened.store.as_ref();
+
+    let (entries, slots) =
+        tokio::try_join!(list_heartbeats(store), read_slots(store, opts.servers))?;
+    let mine: Vec<String> = entries
+        .into_iter()
+        .filter(|e| e.parsed.node == me.node)
+        .map(|e| e.key)
+        .collect();
+    let requests = if mine.is_empty() {
+        0
+    } else {
+        store.delete(&mine).await?
+    };
+
+    // Our slot is the one our claim id is in; without a state file, the one
+    // that names this node.
+    let claim = saved.as_ref().and_then(|s| s.claim_id.as_deref());
+    let claims = Claims {
+        store,
+        me: &me,
+        racy: false,
+    };
+    let mut released = Vec::new();
+    for slot in &slots {
+        if claims.release(slot, claim).await? {
+            released.push(slot.index);
+        }
+    }
+    if opts.json {
+        println!(
+            "{}",
+            json!({ "node": me.node, "deleted": mine, "delete_requests": requests, "slots_released": released })
+        );
+    } else {
+        println!(
+            "{}: deleted {} heartbeats, released slots {released:?}",
+            me.node,
+            mine.len()
+        );
+    }
+    Ok(())
+}

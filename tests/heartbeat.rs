@@ -1,0 +1,631 @@
+//! The heartbeat lifecycle against moto_server and a stand-in Consul agent:
+//! `heartbeat`, `purge`, `leave`, slot renewal and takeover, and the join
+//! list checked against EC2.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn run_cmd(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    servers: u32,
+    expiry: u64,
+) -> Command {
+    let mut cmd = auto_consul(moto);
+    cmd.args([
+        "run",
+        "--json",
+        "--registry",
+        registry,
+        "--address",
+        ip,
+        "--node",
+        node,
+    ])
+    .arg("--root")
+    .arg(root)
+    .args([
+        "--servers",
+        &servers.to_string(),
+        "--expiry",
+        &expiry.to_string(),
+    ]);
+    cmd
+}
+
+fn run_node(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    servers: u32,
+    expiry: u64,
+) -> Value {
+    ok_json(&output(&mut run_cmd(
+        moto, registry, root, node, ip, servers, expiry,
+    )))
+}
+
+fn heartbeat_cmd(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    agent: &str,
+    expiry: u64,
+) -> Command {
+    let mut cmd = auto_consul(moto);
+    cmd.args([
+        "heartbeat",
+        "--json",
+        "--registry",
+        registry,
+        "--address",
+        ip,
+        "--node",
+        node,
+    ])
+    .arg("--root")
+    .arg(root)
+    .args(["--expiry", &expiry.to_string()])
+    .env("CONSUL_HTTP_ADDR", agent);
+    cmd
+}
+
+fn slot(moto: &Moto, bucket: &str, prefix: &str, i: u32) -> Value {
+    serde_json::from_str(&get(moto, bucket, &format!("{prefix}/slots/server-{i}"))).unwrap()
+}
+
+#[test]
+fn a_server_heartbeat_writes_both_prefixes_and_renews_its_slot() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let registry = format!("s3://{bucket}/hb/server");
+    let tmp = tempfile::tempdir().unwrap();
+    assert_eq!(
+        mode(&run_node(
+            moto,
+            &registry,
+            tmp.path(),
+            "srv-1",
+            "10.1.0.1",
+            1,
+            120
+        )),
+        "bootstrap"
+    );
+    let before = slot(moto, &bucket, "hb/server", 0);
+    let agent = FakeAgent::start("srv-1", true, &[]);
+    let v = ok_json(&output(&mut heartbeat_cmd(
+        moto,
+        &registry,
+        tmp.path(),
+        "srv-1",
+        "10.1.0.1",
+        &agent.addr(),
+        120,
+    )));
+    assert_eq!(v["mode"], "server");
+    assert_eq!(v["slot"]["status"], "renewed");
+    let servers = keys(moto, &bucket, "hb/server/servers/");
+    let agents = keys(moto, &bucket, "hb/server/agents/");
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert!(servers[0].ends_with("-srv-1") && agents[0].ends_with("-srv-1"));
+    let body: Value = serde_json::from_str(&get(moto, &bucket, &servers[0])).unwrap();
+    assert_eq!(body["address"], "10.1.0.1");
+    assert_eq!(body["mode"], "server");
+    let after = slot(moto, &bucket, "hb/server", 0);
+    assert_eq!(after["claim_id"], before["claim_id"]);
+    assert_eq!(
+        after["sequence"].as_u64().unwrap(),
+        before["sequence"].as_u64().unwrap() + 1
+    );
+
+    // A second heartbeat replaces the first: the node's older keys are purged.
+    std::thread::sleep(Duration::from_millis(1100));
+    ok_json(&output(&mut heartbeat_cmd(
+        moto,
+        &registry,
+        tmp.path(),
+        "srv-1",
+        "10.1.0.1",
+        &agent.addr(),
+        120,
+    )));
+    assert_eq!(keys(moto, &bucket, "hb/server/servers/").len(), 1);
+    assert_eq!(keys(moto, &bucket, "hb/server/agents/").len(), 1);
+    assert_ne!(keys(moto, &bucket, "hb/server/servers/"), servers);
+}
+
+#[test]
+fn an_agent_heartbeat_writes_agents_only_and_a_down_agent_writes_nothing() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let registry = format!("s3://{bucket}/hb/agent");
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = FakeAgent::start("ag-1", false, &["--token", "s3cr3t"]);
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, "s3cr3t\n").unwrap();
+    let v = ok_json(&output(
+        heartbeat_cmd(
+            moto,
+            &registry,
+            tmp.path(),
+            "ag-1",
+            "10.1.1.1",
+            &agent.addr(),
+            120,
+        )
+        .env("CONSUL_HTTP_TOKEN_FILE", &token_file),
+    ));
+    assert_eq!(v["mode"], "agent");
+    assert!(keys(moto, &bucket, "hb/agent/servers/").is_empty());
+    assert_eq!(keys(moto, &bucket, "hb/agent/agents/").len(), 1);
+
+    // Without the token the agent refuses: no heartbeat, exit 1.
+    let out = output(&mut heartbeat_cmd(
+        moto,
+        &registry,
+        tmp.path(),
+        "ag-2",
+        "10.1.1.2",
+        &agent.addr(),
+        120,
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Agent not running: exit 1, a clear message, nothing written.
+    let down = format!("127.0.0.1:{}", closed_port());
+    let out = output(&mut heartbeat_cmd(
+        moto,
+        &registry,
+        tmp.path(),
+        "ag-3",
+        "10.1.1.3",
+        &down,
+        120,
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not answering"), "{stderr}");
+    assert_eq!(
+        keys(moto, &bucket, "hb/agent/agents/").len(),
+        1,
+        "a down agent wrote a heartbeat"
+    );
+}
+
+fn stamp(seconds_ago: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago))
+        .format("%Y%m%d%H%M%S")
+        .to_string()
+}
+
+/// Writes many objects at once through the test's own S3 client.
+fn put_many(moto: &Moto, bucket: &str, items: Vec<(String, String)>) {
+    use futures::StreamExt;
+    let client = s3(moto);
+    rt().block_on(async {
+        futures::stream::iter(items)
+            .map(|(k, b)| {
+                let client = client.clone();
+                async move {
+                    client
+                        .put_object()
+                        .bucket(bucket)
+                        .key(k)
+                        .body(b.into_bytes().into())
+                        .send()
+                        .await
+                        .unwrap()
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+    });
+}
+
+#[test]
+fn purge_deletes_every_expired_key_in_batches_and_keeps_every_live_one() {
+    // Its own moto_server, so that the request count is this test's alone.
+    let moto = Moto::start(&[]);
+    let bucket = bucket(&moto);
+    let p = "hb/purge";
+    let (expired_n, live_n) = (1150usize, 250usize);
+    let mut items = Vec::new();
+    let mut expired = HashSet::new();
+    for i in 0..expired_n {
+        let dir = if i % 10 == 0 { "servers" } else { "agents" };
+        let key = format!("{p}/{dir}/{}-old-{i}", stamp(600 + (i as i64 % 50)));
+        expired.insert(key.clone());
+        // Half in the original tool's bare-IP form.
+        let body = if i % 2 == 0 {
+            format!("10.2.{}.{}", i / 250, i % 250 + 1)
+        } else {
+            format!(
+                "{{\"node\":\"old-{i}\",\"address\":\"10.3.0.1\",\"mode\":\"agent\",\"version\":\"0\"}}"
+            )
+        };
+        items.push((key, body));
+    }
+    let mut live = HashSet::new();
+    for i in 0..live_n {
+        let key = format!("{p}/agents/{}-live-{i}", stamp(5));
+        live.insert(key.clone());
+        items.push((key, "10.4.0.1".to_string()));
+    }
+    put_many(&moto, &bucket, items);
+    let before = moto.requests();
+    let v = ok_json(&output(auto_consul(&moto).args([
+        "purge",
+        "--json",
+        "--registry",
+        &format!("s3://{bucket}/{p}"),
+        "--expiry",
+        "120",
+    ])));
+    let requests = moto.requests() - before;
+    let left: HashSet<String> = keys(&moto, &bucket, &format!("{p}/")).into_iter().collect();
+    assert_eq!(left, live, "exactly the live keys remain");
+    assert_eq!(v["deleted"].as_u64().unwrap() as usize, expired_n);
+    let batches = expired_n.div_ceil(1000);
+    assert_eq!(v["delete_requests"].as_u64().unwrap() as usize, batches);
+    // Listing pages (1000 keys each) + delete batches + one slot read (--servers 1).
+    let agents_keys = live_n + expired_n - expired_n.div_ceil(10);
+    let bound = agents_keys.div_ceil(1000) + expired_n.div_ceil(10).div_ceil(1000) + batches + 1;
+    eprintln!(
+        "purge: {expired_n} expired + {live_n} live keys: {requests} requests ({batches} DeleteObjects), bound {bound}"
+    );
+    assert!(
+        requests as usize <= bound,
+        "{requests} requests for the purge, more than {bound}"
+    );
+}
+
+#[test]
+fn a_server_that_stops_heartbeating_loses_its_slot_and_a_dead_cluster_rebootstraps_once() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let p = "hb/takeover";
+    let registry = format!("s3://{bucket}/{p}");
+    let expiry = 6;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = |n: &str| tmp.path().join(n);
+    let mut last_write_of_c = std::time::Instant::now();
+    let modes: Vec<String> = ["s-a", "s-b", "s-c"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let v = run_node(
+                moto,
+                &registry,
+                &root(n),
+                n,
+                &format!("10.5.0.{}", i + 1),
+                3,
+                expiry,
+            );
+            last_write_of_c = std::time::Instant::now();
+            mode(&v)
+        })
+        .collect();
+    assert_eq!(modes, ["bootstrap", "server", "server"]);
+    let held_by_c = (0..3)
+        .find(|i| slot(moto, &bucket, p, *i)["node"] == "s-c")
+        .unwrap();
+
+    // s-a and s-b keep heartbeating; s-c stops.
+    let agents: Vec<FakeAgent> = ["s-a", "s-b"]
+        .iter()
+        .map(|n| FakeAgent::start(n, true, &[]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, (n, a)) in ["s-a", "s-b"].iter().zip(&agents).enumerate() {
+        let v = ok_json(&output(&mut heartbeat_cmd(
+            moto,
+            &registry,
+            &root(n),
+            n,
+            &format!("10.5.0.{}", i + 1),
+            &a.addr(),
+            expiry,
+        )));
+        assert_eq!(v["slot"]["status"], "renewed");
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let d = run_node(moto, &registry, &root("s-d"), "s-d", "10.5.0.4", 3, expiry);
+    eprintln!(
+        "takeover: the slot of a silent server was taken {:.1}s after its claim (expiry {expiry}s)",
+        last_write_of_c.elapsed().as_secs_f64()
+    );
+    assert_eq!(mode(&d), "server");
+    assert_eq!(d["slot"].as_u64().unwrap() as u32, held_by_c);
+    assert_eq!(slot(moto, &bucket, p, held_by_c)["node"], "s-d");
+
+    // Now every server goes silent; after the expiry, six nodes boot at once.
+    std::thread::sleep(Duration::from_secs(expiry + 1));
+    let racers: Vec<_> = (0..6)
+        .map(|i| {
+            run_cmd(
+                moto,
+                &registry,
+                &root(&format!("new-{i}")),
+                &format!("new-{i}"),
+                &format!("10.5.1.{}", i + 1),
+                1,
+                expiry,
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let modes: Vec<String> = outs.iter().map(|o| mode(&ok_json(o))).collect();
+    eprintln!("rebootstrap race: {modes:?}");
+    assert_eq!(
+        modes.iter().filter(|m| *m == "bootstrap").count(),
+        1,
+        "{modes:?}"
+    );
+    assert_eq!(
+        modes.iter().filter(|m| *m == "agent").count(),
+        5,
+        "{modes:?}"
+    );
+    let warned = outs
+        .iter()
+        .any(|o| String::from_utf8_lossy(&o.stderr).contains("NEW, EMPTY cluster"));
+    assert!(warned, "the re-bootstrap must warn loudly");
+}
+
+#[test]
+fn leave_frees_the_slot_and_the_next_node_becomes_a_server_at_once() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let p = "hb/leave";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    assert_eq!(
+        mode(&run_node(
+            moto,
+            &registry,
+            &tmp.path().join("a"),
+            "l-a",
+            "10.6.0.1",
+            2,
+            120
+        )),
+        "bootstrap"
+    );
+    assert_eq!(
+        mode(&run_node(
+            moto,
+            &registry,
+            &tmp.path().join("b"),
+            "l-b",
+            "10.6.0.2",
+            2,
+            120
+        )),
+        "server"
+    );
+    assert_eq!(
+        mode(&run_node(
+            moto,
+            &registry,
+            &tmp.path().join("c"),
+            "l-c",
+            "10.6.0.3",
+            2,
+            120
+        )),
+        "agent"
+    );
+    let agent = FakeAgent::start("l-b", true, &[]);
+    ok_json(&output(&mut heartbeat_cmd(
+        moto,
+        &registry,
+        &tmp.path().join("b"),
+        "l-b",
+        "10.6.0.2",
+        &agent.addr(),
+        120,
+    )));
+    assert!(!keys(moto, &bucket, &format!("{p}/servers/")).is_empty());
+
+    let v = ok_json(&output(
+        auto_consul(moto)
+            .args([
+                "leave",
+                "--json",
+                "--registry",
+                &registry,
+                "--address",
+                "10.6.0.2",
+                "--node",
+                "l-b",
+                "--servers",
+                "2",
+            ])
+            .arg("--root")
+            .arg(tmp.path().join("b")),
+    ));
+    assert_eq!(v["slots_released"], serde_json::json!([1]));
+    assert!(
+        keys(moto, &bucket, &format!("{p}/servers/")).is_empty(),
+        "heartbeats of the leaver remain"
+    );
+    assert_eq!(slot(moto, &bucket, p, 1)["released"], true);
+    let d = run_node(
+        moto,
+        &registry,
+        &tmp.path().join("d"),
+        "l-d",
+        "10.6.0.4",
+        2,
+        120,
+    );
+    assert_eq!(mode(&d), "server");
+    assert_eq!(d["slot"], 1);
+}
+
+#[test]
+fn members_whose_instance_ec2_reports_terminated_are_not_joined() {
+    use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+    let moto = moto();
+    let bucket = bucket(moto);
+    let p = "hb/ec2";
+    let ec2 = aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(moto.url())
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+            .build(),
+    );
+    let ids: Vec<String> = rt().block_on(async {
+        let images = ec2.describe_images().send().await.unwrap();
+        let ami = images.images()[0].image_id().unwrap().to_string();
+        let out = ec2
+            .run_instances()
+            .image_id(ami)
+            .min_count(3)
+            .max_count(3)
+            .send()
+            .await
+            .unwrap();
+        let ids: Vec<String> = out
+            .instances()
+            .iter()
+            .map(|i| i.instance_id().unwrap().to_string())
+            .collect();
+        ec2.terminate_instances()
+            .instance_ids(&ids[1])
+            .send()
+            .await
+            .unwrap();
+        ids
+    });
+    for (i, id) in ids.iter().enumerate() {
+        let body = format!(
+            r#"{{"node":"{id}","address":"10.7.0.{}","instance_id":"{id}","mode":"agent","version":"0"}}"#,
+            i + 1
+        );
+        put(
+            moto,
+            &bucket,
+            &format!("{p}/agents/{}-{id}", stamp(3)),
+            &body,
+        );
+    }
+    // An instance id EC2 does not know (another account, long gone) is kept,
+    // and does not hide the state of the others.
+    put(
+        moto,
+        &bucket,
+        &format!("{p}/agents/{}-i-0abcdef0123456789", stamp(3)),
+        r#"{"node":"i-0abcdef0123456789","address":"10.7.0.9","instance_id":"i-0abcdef0123456789","mode":"agent","version":"0"}"#,
+    );
+    put(
+        moto,
+        &bucket,
+        &format!("{p}/servers/{}-srv", stamp(3)),
+        "10.7.0.100",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let v = run_node(
+        moto,
+        &format!("s3://{bucket}/{p}"),
+        tmp.path(),
+        "newcomer",
+        "10.7.0.50",
+        1,
+        120,
+    );
+    assert_eq!(mode(&v), "agent");
+    let join: HashSet<String> = v["retry_join"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(v["retry_join"][0], "10.7.0.100", "servers first");
+    assert!(
+        !join.contains("10.7.0.2"),
+        "the terminated instance was joined: {join:?}"
+    );
+    for kept in ["10.7.0.1", "10.7.0.3", "10.7.0.9"] {
+        assert!(join.contains(kept), "{kept} missing from {join:?}");
+    }
+}
+
+#[test]
+fn members_and_purge_handle_the_original_tools_registry() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let p = "hb/legacy";
+    let (live_server, live_agent) = (
+        format!("{p}/servers/{}-server1", stamp(20)),
+        format!("{p}/agents/{}-agent1", stamp(30)),
+    );
+    put(moto, &bucket, &live_server, "192.168.50.100");
+    put(
+        moto,
+        &bucket,
+        &format!("{p}/servers/{}-server1", stamp(300)),
+        "192.168.50.100",
+    );
+    put(moto, &bucket, &live_agent, "192.168.50.101");
+    put(
+        moto,
+        &bucket,
+        &format!("{p}/agents/{}-agent-gone", stamp(400)),
+        "192.168.50.102",
+    );
+    let registry = format!("s3://{bucket}/{p}");
+    let m = ok_json(&output(auto_consul(moto).args([
+        "members",
+        "--json",
+        "--registry",
+        &registry,
+    ])));
+    assert_eq!(m["servers"].as_array().unwrap().len(), 1);
+    assert_eq!(m["servers"][0]["address"], "192.168.50.100");
+    assert_eq!(m["agents"][0]["node"], "agent1");
+    assert!(m["agents"][0]["age_seconds"].as_u64().unwrap() >= 29);
+    let v = ok_json(&output(auto_consul(moto).args([
+        "purge",
+        "--json",
+        "--registry",
+        &registry,
+    ])));
+    assert_eq!(v["deleted"], 2);
+    assert_eq!(
+        keys(moto, &bucket, &format!("{p}/")),
+        [live_agent, live_server]
+    );
+}

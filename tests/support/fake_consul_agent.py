@@ -1,0 +1,95 @@
+"""A stand-in for a local Consul agent's HTTP API, for the heartbeat tests.
+
+Consul itself cannot be installed here. This serves `GET /v1/agent/self` in
+the shape Consul documents for that endpoint (Config, DebugConfig, Coord,
+Member, Meta, Stats, xDS), with `Config.Server` telling whether the agent
+runs as a server. With --token, requests without that `X-Consul-Token` get
+403 "ACL not found", as Consul answers. Prints `PORT=<n>` first; exits when
+its parent goes away.
+"""
+
+import argparse
+import json
+import os
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def agent_self(node, server, address):
+    role_tags = {"role": "consul", "port": "8300", "expect": "0"} if server else {"role": "node"}
+    return {
+        "Config": {
+            "Datacenter": "dc1",
+            "PrimaryDatacenter": "dc1",
+            "NodeName": node,
+            "NodeID": str(uuid.uuid5(uuid.NAMESPACE_DNS, node)),
+            "Revision": "0000000",
+            "Server": server,
+            "Version": "1.20.1",
+            "BuildDate": "2024-10-29T19:04:05Z",
+        },
+        "DebugConfig": {"Bootstrap": False, "ServerMode": server, "NodeName": node},
+        "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
+        "Member": {
+            "Name": node,
+            "Addr": address,
+            "Port": 8301,
+            "Tags": dict(role_tags, dc="dc1", id=str(uuid.uuid5(uuid.NAMESPACE_DNS, node)), vsn="2", vsn_min="2", vsn_max="3", build="1.20.1:0000000"),
+            "Status": 1,
+            "ProtocolMin": 1,
+            "ProtocolMax": 5,
+            "ProtocolCur": 2,
+            "DelegateMin": 2,
+            "DelegateMax": 5,
+            "DelegateCur": 4,
+        },
+        "Meta": {"consul-network-segment": "", "consul-version": "1.20.1"},
+        "Stats": {"agent": {"check_monitors": "0"}, "consul": {"server": str(server).lower()}},
+        "xDS": {"SupportedProxies": {"envoy": ["1.31.2"]}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--server", action="store_true")
+    parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--token")
+    args = parser.parse_args()
+    body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def reply(self, code, payload, ctype):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self):
+            if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
+                return self.reply(403, b"ACL not found", "text/plain")
+            if self.path.split("?")[0] == "/v1/agent/self":
+                return self.reply(200, body, "application/json")
+            self.reply(404, b"404 page not found", "text/plain")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    print(f"PORT={server.server_address[1]}", flush=True)
+
+    def watch_parent():
+        parent = os.getppid()
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
