@@ -164,6 +164,10 @@ pub enum Command {
     /// its server slot, so a replacement can take it at once. For shutdown
     /// (ExecStop of a unit).
     Leave,
+    /// For image baking: write the boot unit auto-consul.service (runs `run`
+    /// at every boot with the env file) and the env file from the options
+    /// given, and enable the unit. Starts nothing; re-running is harmless.
+    Install,
 }
 
 fn parse_address(s: &str) -> Result<IpAddr, String> {

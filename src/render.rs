@@ -205,6 +205,34 @@ pub fn heartbeat_timer(expiry: u64) -> String {
     )
 }
 
+/// The boot unit `install` writes: `auto-consul run` once per boot, before
+/// Consul starts; retried while the registry or IMDS is not reachable yet.
+pub fn boot_unit(auto_consul: &str, env_file: &str) -> String {
+    format!(
+        "{MARKER}.\n\
+         [Unit]\n\
+         Description=auto-consul: join this instance to its Consul cluster\n\
+         Wants=network-online.target\n\
+         After=network-online.target\n\
+         Before=consul.service\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         EnvironmentFile={env_file}\n\
+         ExecStart={auto_consul} run\n\
+         # Exit 1 (registry or IMDS not reachable yet) is retried; exit 2, a\n\
+         # configuration error, is not.\n\
+         Restart=on-failure\n\
+         RestartSec=10s\n\
+         RestartPreventExitStatus=2\n\
+         TimeoutStartSec=5min\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
 /// The env file shared by `run`, the heartbeat service and the boot unit:
 /// `KEY='value'` lines, readable by systemd and by a shell alike.
 pub fn env_file(vars: &[(&str, String)]) -> Result<String> {

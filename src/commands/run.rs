@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use serde_json::json;
 
-use super::{open_store, registry_url};
+use super::{env_file, open_store, registry_url};
 use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
 use crate::decision::{self, MAX_JOIN, Step};
@@ -515,7 +515,7 @@ fn find_consul(root: &Root) -> Result<PathBuf> {
 
 /// The absolute path of this binary, for the heartbeat unit; its path
 /// inside the root when it lies there.
-fn own_binary(root: &Root) -> Result<PathBuf> {
+pub fn own_binary(root: &Root) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("finding the path of the auto-consul binary")?;
     let exe = exe.canonicalize().unwrap_or(exe);
     let root_dir = root.path(Path::new("/"));
@@ -559,7 +559,7 @@ fn fixed_files(
     files.push(unit(HEARTBEAT_TIMER, render::heartbeat_timer(opts.expiry)));
     files.push(FileSpec {
         path: ENV_FILE.into(),
-        contents: env_file(opts, me, registry)?,
+        contents: env_file(opts, Some(me), Some(registry))?,
         mode: 0o644,
         owner: None,
     });
@@ -574,37 +574,6 @@ fn manages_consul_unit(root: &Root) -> bool {
         p == Path::new(CONSUL_UNIT)
             && std::fs::read_to_string(root.path(p)).is_ok_and(|t| t.starts_with(render::MARKER))
     })
-}
-
-/// The env file: every resolved setting, so the heartbeat and later boots
-/// see what this run saw.
-pub fn env_file(opts: &GlobalOpts, me: &Identity, registry: &str) -> Result<String> {
-    let path = |p: &Path| p.to_string_lossy().into_owned();
-    let mut vars = vec![
-        ("AUTO_CONSUL_REGISTRY", registry.to_string()),
-        ("AUTO_CONSUL_ADDRESS", me.address.to_string()),
-        ("AUTO_CONSUL_NODE", me.node.clone()),
-        ("AUTO_CONSUL_SERVERS", opts.servers.to_string()),
-        ("AUTO_CONSUL_EXPIRY", opts.expiry.to_string()),
-        ("AUTO_CONSUL_DATA_DIR", path(&opts.data_dir)),
-        ("AUTO_CONSUL_CONFIG_DIR", path(&opts.config_dir)),
-        ("AUTO_CONSUL_DATACENTER", opts.datacenter.clone()),
-    ];
-    for (key, value) in [
-        ("AUTO_CONSUL_ENCRYPT_FILE", &opts.encrypt_file),
-        ("AUTO_CONSUL_ACL_TOKEN_FILE", &opts.acl_token_file),
-        ("AUTO_CONSUL_CA_FILE", &opts.ca_file),
-        ("AUTO_CONSUL_CERT_FILE", &opts.cert_file),
-        ("AUTO_CONSUL_KEY_FILE", &opts.key_file),
-    ] {
-        if let Some(p) = value {
-            vars.push((key, path(p)));
-        }
-    }
-    if opts.allow_racy {
-        vars.push(("AUTO_CONSUL_ALLOW_RACY", "true".into()));
-    }
-    render::env_file(&vars).map_err(|e| usage(format!("{e}; fix the option")))
 }
 
 fn new_id() -> String {

@@ -1,0 +1,84 @@
+//! `install`: the image-baking step. Writes the boot unit and the env file,
+//! enables the unit, starts nothing.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::env_file;
+use super::run::{ENV_FILE, own_binary};
+use crate::cli::GlobalOpts;
+use crate::install::{self, FileSpec, Root};
+use crate::registry::RegistryUrl;
+use crate::render;
+
+/// The boot unit on the target system.
+pub const BOOT_UNIT: &str = "/etc/systemd/system/auto-consul.service";
+
+/// `install`.
+pub fn install(opts: &GlobalOpts) -> Result<()> {
+    let root = Root::new(&opts.root);
+    // The registry may be left for user data to give at boot; if given, it
+    // must be right.
+    let registry = match opts.registry.as_deref().filter(|s| !s.is_empty()) {
+        Some(raw) => Some(RegistryUrl::parse(raw)?.to_string()),
+        None => None,
+    };
+    let binary = render::unit_path(&own_binary(&root)?)?;
+    let files = [
+        FileSpec {
+            path: BOOT_UNIT.into(),
+            contents: render::boot_unit(&binary, ENV_FILE),
+            mode: 0o644,
+            owner: None,
+        },
+        FileSpec {
+            path: ENV_FILE.into(),
+            contents: env_file(opts, None, registry.as_deref())?,
+            mode: 0o644,
+            owner: None,
+        },
+    ];
+    install::check_writable(&root, &files)?;
+    let mut changed = Vec::new();
+    for f in &files {
+        if install::write_atomic(&root, f)? {
+            changed.push(root.path(&f.path));
+        }
+    }
+    let enable = root.is_system() && !opts.no_start;
+    if enable {
+        install::systemctl(&["daemon-reload"])?;
+        install::systemctl(&["enable", "auto-consul.service"])?;
+    }
+    let paths: Vec<_> = files.iter().map(|f| root.path(&f.path)).collect();
+    if opts.json {
+        println!(
+            "{}",
+            json!({ "files": paths, "changed": changed, "enabled": enable })
+        );
+    } else {
+        for p in &paths {
+            println!(
+                "{}: {}",
+                if changed.contains(p) {
+                    "wrote"
+                } else {
+                    "unchanged"
+                },
+                p.display()
+            );
+        }
+        if enable {
+            println!("enabled: auto-consul.service (runs `auto-consul run` at every boot)");
+        }
+        if registry.is_none() {
+            println!(
+                "no registry given: user data must write AUTO_CONSUL_REGISTRY into {}",
+                Path::new(ENV_FILE).display()
+            );
+        }
+    }
+    Ok(())
+}
