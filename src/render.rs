@@ -307,6 +307,14 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_boot_unit_is_the_one_install_writes() {
+        assert_eq!(
+            boot_unit("/usr/bin/auto-consul", "/etc/auto-consul/auto-consul.env"),
+            include_str!("../packaging/auto-consul.service")
+        );
+    }
+
+    #[test]
     fn unsafe_unit_paths_are_refused() {
         assert!(unit_path(Path::new("/usr/bin/consul")).is_ok());
         for bad in [

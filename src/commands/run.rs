@@ -23,6 +23,9 @@ use crate::state::{self, State};
 
 /// Rounds of read-decide-claim before giving up under contention.
 const MAX_ROUNDS: u32 = 12;
+/// Agents whose bodies are read: twice the join bound, room for those EC2
+/// reports gone.
+const VIEW_AGENTS: usize = 2 * MAX_JOIN;
 /// The key written to check that the store honours conditional writes.
 const PROBE_KEY: &str = "cas-probe";
 
@@ -77,11 +80,18 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
 
     let opened = open_store(&url).await?;
     let store = opened.store;
-    let racy = if dry_run {
-        false
-    } else {
-        check_conditional_writes(store.as_ref(), opts.allow_racy).await?
+    // The check of conditional writes and the first read of the registry
+    // are independent: one round trip, not two. No claim is made before
+    // the check has passed.
+    let probe = async {
+        if dry_run {
+            Ok(false)
+        } else {
+            check_conditional_writes(store.as_ref(), opts.allow_racy).await
+        }
     };
+    let first_read = read_view(store.as_ref(), opts.servers, opts.expiry, VIEW_AGENTS);
+    let (racy, first_view) = tokio::try_join!(probe, first_read)?;
     let raft = has_raft_state(&root, &opts.data_dir);
     let previous = state::load(&root).filter(|s| s.registry == url.to_string());
 
@@ -94,7 +104,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         dry_run,
         racy,
     };
-    let elected = elector.elect(previous.as_ref(), raft).await?;
+    let elected = elector.elect(previous.as_ref(), raft, first_view).await?;
     let bootstrap = elected.mode == Mode::Bootstrap && !raft;
     let not_running = match &opened.aws {
         Some(aws) => {
@@ -229,10 +239,18 @@ impl Elector<'_> {
 
     /// The mode decision of DESIGN.md: sticky state first, then read,
     /// decide and claim until one claim settles it.
-    async fn elect(&self, previous: Option<&State>, raft: bool) -> Result<Elected> {
+    async fn elect(
+        &self,
+        previous: Option<&State>,
+        raft: bool,
+        first: RegistryView,
+    ) -> Result<Elected> {
+        let mut first = Some(first);
         for round in 0..MAX_ROUNDS {
-            // Twice the join bound of agents: room for those EC2 reports gone.
-            let view = read_view(self.store, self.servers, self.expiry, 2 * MAX_JOIN).await?;
+            let view = match first.take() {
+                Some(view) => view,
+                None => read_view(self.store, self.servers, self.expiry, VIEW_AGENTS).await?,
+            };
             let cluster_id = view
                 .cluster
                 .as_ref()
