@@ -49,4 +49,7 @@ set -a
 . /etc/auto-consul/auto-consul.env
 set +a
 
+# `install` enables auto-consul.service, so that `run` runs at every later
+# boot too (sticky mode, no `bootstrap` once Raft state exists).
+auto-consul install
 exec auto-consul run

@@ -83,18 +83,22 @@ fn truthy(v: &str) -> bool {
     )
 }
 
-/// Asks the local agent for its status.
-pub async fn status() -> Result<AgentStatus> {
+/// Asks the local agent for its status. The token comes from
+/// `CONSUL_HTTP_TOKEN`, else `CONSUL_HTTP_TOKEN_FILE`, else `token_file`
+/// (the agent's own ACL token file, `--acl-token-file`).
+pub async fn status(token_file: Option<&std::path::Path>) -> Result<AgentStatus> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let addr = parse_addr(
         &env("CONSUL_HTTP_ADDR").unwrap_or_else(|| "127.0.0.1:8500".into()),
         env("CONSUL_HTTP_SSL").is_some_and(|v| truthy(&v)),
     )?;
-    let token = match (env("CONSUL_HTTP_TOKEN"), env("CONSUL_HTTP_TOKEN_FILE")) {
+    let token_file = env("CONSUL_HTTP_TOKEN_FILE")
+        .or_else(|| token_file.map(|p| p.to_string_lossy().into_owned()));
+    let token = match (env("CONSUL_HTTP_TOKEN"), token_file) {
         (Some(t), _) => Some(t),
         (None, Some(path)) => Some(
             std::fs::read_to_string(&path)
-                .map_err(|e| usage(format!("cannot read CONSUL_HTTP_TOKEN_FILE {path}: {e}")))?
+                .map_err(|e| usage(format!("cannot read the Consul token file {path}: {e}")))?
                 .trim()
                 .to_string(),
         ),

@@ -8,8 +8,6 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
 
-use crate::error::usage;
-
 /// Loads the shared AWS configuration. Endpoints come from the standard
 /// variables (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, ...).
 pub async fn load() -> Result<SdkConfig> {
@@ -25,9 +23,11 @@ pub async fn load() -> Result<SdkConfig> {
         .load()
         .await;
     if config.region().is_none() {
-        return Err(usage(
-            "no AWS region: set AWS_REGION (on EC2 it comes from the instance metadata service)",
-        ));
+        // On EC2 the region comes from IMDS, which may not answer yet at
+        // boot: an operational failure (exit 1, retried by the boot unit).
+        anyhow::bail!(
+            "no AWS region: the instance metadata service did not give one; set AWS_REGION off EC2"
+        );
     }
     Ok(config)
 }

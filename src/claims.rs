@@ -22,6 +22,8 @@ pub struct Claims<'a> {
     pub me: &'a Identity,
     /// The store ignores conditions and the operator accepted it.
     pub racy: bool,
+    /// The cluster this node serves, written into its slot.
+    pub cluster_id: Option<String>,
 }
 
 /// What became of a renewal.
@@ -92,6 +94,7 @@ impl Claims<'_> {
             claim_id: claim.to_string(),
             sequence,
             released: false,
+            cluster_id: self.cluster_id.clone(),
         };
         let body = serde_json::to_vec(&record)?;
         let won = self

@@ -139,7 +139,8 @@ pub struct GlobalOpts {
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub imds_timeout: u64,
 
-    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    /// More logging: -v for auto-consul's debug messages, -vv for every
+    /// library's too; RUST_LOG overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use crate::model::Mode;
+use crate::model::{ClusterRecord, Mode};
 use crate::registry::{Condition, Member, RegistryView, SlotView};
 
 /// At most this many addresses go into `retry_join`.
@@ -43,10 +43,18 @@ pub fn slot_is_live(slot: &SlotView, expiry: u64) -> bool {
 
 /// Whether the cluster record was written within the expiry: its
 /// bootstrap node may not have taken slot 0 or sent a heartbeat yet.
-fn cluster_is_fresh(view: &RegistryView, expiry: u64) -> bool {
-    view.cluster
-        .as_ref()
-        .is_some_and(|c| c.record.is_some() && c.age_seconds < expiry)
+///
+/// Once the bootstrap node holds slot 0 for this cluster, the slot speaks
+/// for it (live, expired or released), and the record no longer does.
+fn pending_bootstrap(view: &RegistryView, expiry: u64) -> Option<&ClusterRecord> {
+    let cluster = view.cluster.as_ref().filter(|c| c.age_seconds < expiry)?;
+    let record = cluster.record.as_ref()?;
+    let slot0_taken = view
+        .slots
+        .first()
+        .and_then(|s| s.record.as_ref())
+        .is_some_and(|r| r.cluster_id.as_deref() == Some(record.cluster_id.as_str()));
+    (!slot0_taken).then_some(record)
 }
 
 /// The live servers other than `me`, freshest first: live slot holders,
@@ -75,9 +83,8 @@ pub fn live_servers(view: &RegistryView, me: &str, expiry: u64) -> Vec<Member> {
         })
         .chain(view.servers.iter().cloned())
         .collect();
-    if cluster_is_fresh(view, expiry)
+    if let Some(rec) = pending_bootstrap(view, expiry)
         && let Some(c) = &view.cluster
-        && let Some(rec) = &c.record
     {
         candidates.push(Member {
             node: rec.bootstrap_node.clone(),
@@ -118,7 +125,7 @@ pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64) -> Step {
         let slot0 = view.slots.first().map_or(Condition::Absent, take_condition);
         return Step::Bootstrap { cluster, slot0 };
     }
-    let reserve_slot0 = cluster_is_fresh(view, expiry);
+    let reserve_slot0 = pending_bootstrap(view, expiry).is_some();
     let free: Vec<(u32, Condition)> = view
         .slots
         .iter()
@@ -187,7 +194,7 @@ pub fn join_list(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClusterRecord, SlotRecord};
+    use crate::model::SlotRecord;
     use crate::registry::view::ClusterView;
 
     fn view(slots: u32) -> RegistryView {
@@ -227,6 +234,7 @@ mod tests {
             claim_id: "c".into(),
             sequence: 1,
             released: false,
+            cluster_id: None,
         });
     }
 
@@ -278,6 +286,20 @@ mod tests {
                 slot0: Condition::Matches("\"e0\"".into())
             }
         );
+    }
+
+    #[test]
+    fn a_bootstrap_node_that_took_slot_0_and_left_no_longer_counts() {
+        let mut v = view(2);
+        cluster(&mut v, "boot", 1);
+        hold(&mut v, 0, "boot", "10.0.0.1", 1);
+        v.slots[0].record.as_mut().unwrap().cluster_id = Some("id".into());
+        assert_eq!(live_servers(&v, "me", 120).len(), 1);
+        v.slots[0].record.as_mut().unwrap().released = true;
+        assert!(live_servers(&v, "me", 120).is_empty());
+        // A stale slot 0 from an older cluster does not stand for the new one.
+        v.slots[0].record.as_mut().unwrap().cluster_id = Some("older".into());
+        assert_eq!(live_servers(&v, "me", 120).len(), 1);
     }
 
     #[test]

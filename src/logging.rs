@@ -4,8 +4,9 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// Sets up the global subscriber: `warn` and up by default, `info` with `-v`,
-/// `debug` with `-vv`; `RUST_LOG` overrides both.
+/// Sets up the global subscriber: auto-consul's own `info` and up and
+/// other crates' `warn` by default; `-v` adds auto-consul's `debug`, `-vv`
+/// everything's `debug`; `RUST_LOG` overrides them.
 pub fn init(verbose: u8) {
     let default = match verbose {
         0 => "auto_consul=info,warn",

@@ -249,6 +249,9 @@ pub struct SlotRecord {
     /// Set when the holder left: the slot is free at once.
     #[serde(default)]
     pub released: bool,
+    /// The cluster the holder serves, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 impl SlotRecord {

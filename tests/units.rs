@@ -195,7 +195,6 @@ fn env_vars(text: &str) -> Vec<(String, String)> {
 
 #[test]
 fn the_heartbeat_unit_runs_the_real_binary_with_the_settings_run_wrote() {
-    let moto = moto();
     let tmp = tempfile::tempdir().unwrap();
     let (root, registry) = (tmp.path().join("root"), tmp.path().join("registry"));
     std::fs::create_dir_all(&registry).unwrap();

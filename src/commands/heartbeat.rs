@@ -22,7 +22,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
     // The agent first: a node whose agent is down publishes nothing.
-    let status = agent::status().await?;
+    let status = agent::status(opts.acl_token_file.as_deref()).await?;
     let mut me = identity::resolve(
         opts.address,
         opts.node.clone(),
@@ -82,6 +82,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             store,
             me: &me,
             racy: false,
+            cluster_id: saved.as_ref().and_then(|s| s.cluster_id.clone()),
         };
         let renewal = claims
             .renew(&slots[index as usize], &claim, opts.expiry)
@@ -123,7 +124,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             me.address,
             keys.join(", ")
         );
-        if let Some(status) = slot_report.get("status") {
+        if let Some(status) = slot_report.get("status").and_then(|s| s.as_str()) {
             println!("server slot {}: {status}", slot_report["index"]);
         }
         println!(

@@ -47,6 +47,7 @@ pub async fn leave(opts: &GlobalOpts) -> Result<()> {
         store,
         me: &me,
         racy: false,
+        cluster_id: None,
     };
     let mut released = Vec::new();
     for slot in &slots {

@@ -5,13 +5,16 @@ use serde_json::json;
 
 use super::{open_store, registry_url};
 use crate::cli::GlobalOpts;
+use crate::decision::live_servers;
 use crate::registry::{Member, read_view};
 
 /// Lists every live server and agent.
 pub async fn members(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let opened = open_store(&url).await?;
-    let view = read_view(opened.store.as_ref(), 0, opts.expiry, usize::MAX).await?;
+    let view = read_view(opened.store.as_ref(), opts.servers, opts.expiry, usize::MAX).await?;
+    // Servers as the decision counts them: slot holders and heartbeats.
+    let servers = live_servers(&view, "", opts.expiry);
     if opts.json {
         let list = |ms: &[Member]| {
             ms.iter()
@@ -27,11 +30,11 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
         };
         println!(
             "{}",
-            json!({ "servers": list(&view.servers), "agents": list(&view.agents) })
+            json!({ "servers": list(&servers), "agents": list(&view.agents) })
         );
         return Ok(());
     }
-    for (title, ms) in [("servers", &view.servers), ("agents", &view.agents)] {
+    for (title, ms) in [("servers", &servers), ("agents", &view.agents)] {
         println!("{title} ({}):", ms.len());
         for m in ms {
             println!(

@@ -85,6 +85,7 @@ pub async fn purge(opts: &GlobalOpts) -> Result<()> {
             store,
             me: &holder,
             racy: false,
+            cluster_id: record.cluster_id.clone(),
         };
         if claims.release(slot, Some(&record.claim_id)).await? {
             freed.push(slot.index);

@@ -229,11 +229,12 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
 }
 
 impl Elector<'_> {
-    fn claims(&self) -> Claims<'_> {
+    fn claims(&self, cluster_id: Option<&String>) -> Claims<'_> {
         Claims {
             store: self.store,
             me: self.me,
             racy: self.racy,
+            cluster_id: cluster_id.cloned(),
         }
     }
 
@@ -292,7 +293,7 @@ impl Elector<'_> {
                     let claim = held.map_or_else(new_id, |r| r.claim_id.clone());
                     let sequence = held.map_or(1, |r| r.sequence + 1);
                     if self
-                        .claims()
+                        .claims(cluster_id.as_ref())
                         .write_slot(index, &claim, sequence, Condition::Matches(etag))
                         .await?
                     {
@@ -315,7 +316,11 @@ impl Elector<'_> {
                             );
                         }
                         let claim = new_id();
-                        let slot = if self.claims().write_slot(0, &claim, 1, slot0).await? {
+                        let slot = if self
+                            .claims(Some(&id))
+                            .write_slot(0, &claim, 1, slot0)
+                            .await?
+                        {
                             Some((0, claim))
                         } else {
                             tracing::error!(
@@ -339,7 +344,7 @@ impl Elector<'_> {
                         }
                         let claim = new_id();
                         if self
-                            .claims()
+                            .claims(cluster_id.as_ref())
                             .write_slot(index, &claim, 1, condition)
                             .await?
                         {
@@ -395,7 +400,11 @@ impl Elector<'_> {
             );
             return Ok(elected);
         };
-        match self.claims().renew(&slot, &claim, self.expiry).await? {
+        match self
+            .claims(elected.cluster_id.as_ref())
+            .renew(&slot, &claim, self.expiry)
+            .await?
+        {
             Renewal::Renewed | Renewal::Retaken => {}
             Renewal::HeldBy(holder) => tracing::error!(
                 "server slot {index} of this node is now held by {holder}: this node keeps running as a server; \
@@ -417,7 +426,7 @@ impl Elector<'_> {
         };
         let body = serde_json::to_vec(&record)?;
         let won = self
-            .claims()
+            .claims(None)
             .put_settled(CLUSTER_KEY, body, condition, |b| {
                 ClusterRecord::parse(b).is_ok_and(|r| r.cluster_id == id)
             })

@@ -5,6 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -14,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Condition, Listed, Object, PutOutcome, Store};
 use crate::error::usage;
+use crate::model::MAX_BODY_BYTES;
 
 /// A registry in a local directory.
 pub struct FileStore {
@@ -58,6 +60,8 @@ impl FileStore {
         Ok(file)
     }
 
+    /// Reads a key whole (conditional writes compare version tags of
+    /// whole files).
     fn read(&self, key: &str) -> Result<Option<Object>> {
         let path = self.path(key);
         let body = match fs::read(&path) {
@@ -83,7 +87,12 @@ impl FileStore {
             .prefix(".tmp-")
             .tempfile_in(parent)
             .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
+        // Readable by every node sharing the directory.
         tmp.write_all(body)
+            .and_then(|()| {
+                tmp.as_file()
+                    .set_permissions(fs::Permissions::from_mode(0o644))
+            })
             .and_then(|()| tmp.as_file().sync_all())
             .with_context(|| format!("writing {}", path.display()))?;
         tmp.persist(&path)
@@ -127,7 +136,12 @@ impl Store for FileStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Object>> {
-        self.read(key)
+        let mut obj = self.read(key)?;
+        // Registry bodies are small; anything past the limit is junk.
+        if let Some(o) = obj.as_mut() {
+            o.body.truncate(MAX_BODY_BYTES + 1);
+        }
+        Ok(obj)
     }
 
     async fn put(&self, key: &str, body: Vec<u8>, condition: Condition) -> Result<PutOutcome> {

@@ -70,7 +70,8 @@ pub enum PutOutcome {
 pub trait Store: Send + Sync {
     /// Lists the keys under `dir` (relative, ending in `/`).
     async fn list(&self, dir: &str) -> Result<Vec<Listed>>;
-    /// Reads one key; `None` when it does not exist.
+    /// Reads one key; `None` when it does not exist. Bodies are cut after
+    /// `MAX_BODY_BYTES + 1` bytes: enough to tell they are too big.
     async fn get(&self, key: &str) -> Result<Option<Object>>;
     /// Writes one key under a condition.
     async fn put(&self, key: &str, body: Vec<u8>, condition: Condition) -> Result<PutOutcome>;

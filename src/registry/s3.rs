@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Condition, Listed, Object, PutOutcome, Store};
 use crate::error::usage;
+use crate::model::MAX_BODY_BYTES;
 
 /// S3 allows at most this many keys in one DeleteObjects request.
 const DELETE_BATCH: usize = 1000;
@@ -135,13 +136,21 @@ impl Store for S3Store {
         };
         let etag = resp.e_tag().unwrap_or_default().to_string();
         let last_modified = to_chrono(resp.last_modified()).unwrap_or_else(Utc::now);
-        let body = resp
-            .body
-            .collect()
-            .await
-            .with_context(|| format!("reading the body of {}", self.url(key)))?
-            .into_bytes()
-            .to_vec();
+        // Registry bodies are small; a huge one is junk, and is not
+        // downloaded past the point where that is known.
+        let mut body = Vec::new();
+        let mut stream = resp.body;
+        while body.len() <= MAX_BODY_BYTES {
+            match stream
+                .try_next()
+                .await
+                .with_context(|| format!("reading the body of {}", self.url(key)))?
+            {
+                Some(chunk) => body.extend_from_slice(&chunk),
+                None => break,
+            }
+        }
+        body.truncate(MAX_BODY_BYTES + 1);
         Ok(Some(Object {
             body,
             etag,
