@@ -409,4 +409,64 @@ mod tests {
             assert!(validate_address(bad).is_err(), "{bad:?}");
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Characters that would let a value escape a JSON string, a unit
+        /// file line or a shell word.
+        fn dangerous(s: &str) -> bool {
+            s.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || "\"'`$;&|<>()/\\{}".contains(c))
+        }
+
+        proptest! {
+            #[test]
+            fn any_key_parses_to_a_safe_node_or_to_nothing(name in ".{0,80}") {
+                if let Some(key) = HeartbeatKey::parse(&name) {
+                    prop_assert!(!dangerous(&key.node), "{:?}", key.node);
+                    prop_assert!(!key.node.starts_with('.'));
+                    prop_assert_eq!(key.name(), name);
+                }
+            }
+
+            #[test]
+            fn key_shaped_names_parse_to_a_safe_node_or_to_nothing(name in "20[0-9]{12}-.{0,40}") {
+                if let Some(key) = HeartbeatKey::parse(&name) {
+                    prop_assert!(!dangerous(&key.node), "{:?}", key.node);
+                }
+            }
+
+            #[test]
+            fn keys_we_write_parse_back(node in "[A-Za-z0-9][A-Za-z0-9-]{0,62}", secs in 0i64..4_000_000_000) {
+                let time = DateTime::from_timestamp(secs, 0).unwrap();
+                let key = HeartbeatKey { time, node: node.clone() };
+                prop_assert_eq!(HeartbeatKey::parse(&key.name()), Some(key));
+            }
+
+            #[test]
+            fn any_body_parses_to_a_plain_address_or_to_nothing(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+                if let Ok(info) = parse_heartbeat_body("n1", &body) {
+                    prop_assert!(!dangerous(&info.address.to_string()));
+                    prop_assert!(info.instance_id.as_deref().is_none_or(|id| !dangerous(id)));
+                }
+            }
+
+            #[test]
+            fn json_bodies_with_hostile_strings_never_yield_them(addr in ".{0,40}", id in ".{0,40}") {
+                let body = serde_json::json!({"node": "n1", "address": addr, "instance_id": id, "mode": "agent", "version": "0"});
+                if let Ok(info) = parse_heartbeat_body("n1", body.to_string().as_bytes()) {
+                    prop_assert!(!dangerous(&info.address.to_string()));
+                    prop_assert!(info.instance_id.as_deref().is_none_or(|id| !dangerous(id)));
+                }
+            }
+
+            #[test]
+            fn slot_and_cluster_bodies_never_crash(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = SlotRecord::parse(&body);
+                let _ = ClusterRecord::parse(&body);
+            }
+        }
+    }
 }

@@ -26,6 +26,8 @@ const MAX_ROUNDS: u32 = 12;
 /// Agents whose bodies are read: twice the join bound, room for those EC2
 /// reports gone.
 const VIEW_AGENTS: usize = 2 * MAX_JOIN;
+/// A version tag no store ever gives.
+const PROBE_TAG: &str = "\"auto-consul-probe-matches-nothing\"";
 /// The key written to check that the store honours conditional writes.
 const PROBE_KEY: &str = "cas-probe";
 
@@ -447,19 +449,30 @@ fn same_cluster(recorded: Option<&String>, current: Option<&String>) -> bool {
 /// Checks the store honours create-only writes; `Ok(true)` means it does
 /// not and the operator accepted the racy fallback.
 async fn check_conditional_writes(store: &dyn Store, allow_racy: bool) -> Result<bool> {
-    let probe = || {
-        json!({ "probe": "create-only writes must fail when the key exists" })
-            .to_string()
-            .into_bytes()
-    };
-    for _ in 0..2 {
-        match store.put(PROBE_KEY, probe(), Condition::Absent).await? {
-            PutOutcome::PreconditionFailed => return Ok(false),
-            // Created just now (a new registry): the second try must fail.
-            PutOutcome::Written(_) => continue,
-            PutOutcome::Conflict => continue,
-            PutOutcome::Unknown(err) => return Err(err),
+    // A write conditioned on a version tag that never exists must fail,
+    // whether the key exists (412) or not (404): one round trip, whatever
+    // the registry holds.
+    let body = json!({ "probe": "a write under If-Match of a tag that never exists must fail" });
+    let mut outcome = PutOutcome::Conflict;
+    for _ in 0..3 {
+        outcome = store
+            .put(
+                PROBE_KEY,
+                body.to_string().into_bytes(),
+                Condition::Matches(PROBE_TAG.into()),
+            )
+            .await?;
+        if !matches!(outcome, PutOutcome::Conflict) {
+            break;
         }
+    }
+    match outcome {
+        PutOutcome::PreconditionFailed => return Ok(false),
+        PutOutcome::Unknown(err) => return Err(err),
+        PutOutcome::Conflict => anyhow::bail!(
+            "checking that the registry honours conditional writes: conflicts every time; run again"
+        ),
+        PutOutcome::Written(_) => {}
     }
     if allow_racy {
         tracing::warn!(
@@ -469,8 +482,8 @@ async fn check_conditional_writes(store: &dyn Store, allow_racy: bool) -> Result
         return Ok(true);
     }
     Err(usage(
-        "the registry ignores conditional writes (a create-only write of an existing key succeeded), \
-         so two nodes booting at once could both bootstrap: use S3 or a store that honours \
+        "the registry ignores conditional writes (a write under If-Match of a version that does not exist \
+         succeeded), so two nodes booting at once could both bootstrap: use S3 or a store that honours \
          If-None-Match and If-Match, or pass --allow-racy to accept the original racy behaviour",
     ))
 }

@@ -166,6 +166,7 @@ impl Store for S3Store {
             .key(self.full_key(key))
             .content_type("application/json")
             .body(ByteStream::from(body));
+        let conditional = condition != Condition::None;
         req = match condition {
             Condition::None => req,
             Condition::Absent => req.if_none_match("*"),
@@ -180,6 +181,8 @@ impl Store for S3Store {
                 let code = ctx.err().code().unwrap_or_default().to_string();
                 match (status, code.as_str()) {
                     (412, _) | (_, "PreconditionFailed") => Ok(PutOutcome::PreconditionFailed),
+                    // If-Match on a key that does not exist.
+                    (404, "NoSuchKey") if conditional => Ok(PutOutcome::PreconditionFailed),
                     (409, _) | (_, "ConditionalRequestConflict") => Ok(PutOutcome::Conflict),
                     (s, _) if s >= 500 => Ok(PutOutcome::Unknown(explain(
                         SdkError::ServiceError(ctx),

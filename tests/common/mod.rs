@@ -121,6 +121,16 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Arms fault rules (see tests/support/moto_locked.py).
+    pub fn faults(&self, rules: serde_json::Value) {
+        http(self.port, "POST", "/_faults", &rules.to_string());
+    }
+
+    /// How many times each armed rule fired.
+    pub fn fired(&self) -> Vec<u64> {
+        serde_json::from_str(&http_get(self.port, "/_faults")).expect("a list")
+    }
+
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
         http_get(self.port, "/_stats")
@@ -138,9 +148,18 @@ pub fn moto() -> &'static Moto {
 }
 
 fn http_get(port: u16, path: &str) -> String {
+    http(port, "GET", path, "")
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()

@@ -12,12 +12,29 @@ each one a measured difference from the real services:
   every request: a stand-in for an S3-compatible store that ignores them.
 
 `GET /_stats` answers the number of requests served so far (for tests and
-benchmarks that count requests); `POST /_stats/reset` sets it back to 0.
+benchmarks that count requests); `POST /_stats` sets it back to 0.
+
+Faults and latency, for drills and benchmarks:
+
+* --delay-ms N holds every request N milliseconds before it is looked at,
+  outside the lock, so concurrent requests overlap as on a network;
+* `POST /_faults` with a JSON list of rules arms faults; each rule applies to
+  the next `count` requests whose method is `method` (any when absent) and
+  whose path contains `match` (any when absent):
+    {"status": 503, "code": "SlowDown"}   answer that S3 error, apply nothing
+    {"drop": "before"}                     close the connection, apply nothing
+    {"drop": "after"}                      apply the request, then close the
+                                           connection without answering
+    {"stall": 12.5}                        wait that many seconds, then serve
+  `GET /_faults` answers how many times each rule fired.
+
 The server exits when its parent process goes away.
 """
 
 import argparse
+import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -26,21 +43,78 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 from werkzeug.serving import make_server
 
 
+S3_ERROR = """<?xml version="1.0" encoding="UTF-8"?>
+<Error><Code>{code}</Code><Message>injected by the test harness</Message><RequestId>fault</RequestId></Error>"""
+
+STATUS_TEXT = {409: "Conflict", 500: "Internal Server Error", 503: "Service Unavailable", 412: "Precondition Failed"}
+
+
+def reply(start_response, status, body, ctype="text/plain"):
+    start_response(f"{status} {STATUS_TEXT.get(status, 'Error')}", [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def drop_connection(environ):
+    sock = environ.get("werkzeug.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class Serialized:
-    def __init__(self, app, ignore_conditions):
+    def __init__(self, app, ignore_conditions, delay_ms):
         self.app = app
         self.ignore_conditions = ignore_conditions
+        self.delay = delay_ms / 1000.0
         self.lock = threading.Lock()
         self.requests = 0
+        self.faults = []
+        self.fired = []
+
+    def take_fault(self, environ):
+        method = environ.get("REQUEST_METHOD", "")
+        target = environ.get("PATH_INFO", "") + "?" + environ.get("QUERY_STRING", "")
+        with self.lock:
+            for i, rule in enumerate(self.faults):
+                if rule.get("count", 1) <= 0:
+                    continue
+                if rule.get("method") and rule["method"] != method:
+                    continue
+                if rule.get("match") and rule["match"] not in target:
+                    continue
+                rule["count"] = rule.get("count", 1) - 1
+                self.fired[i] += 1
+                return rule
+        return None
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path.startswith("/_stats"):
             if environ.get("REQUEST_METHOD") == "POST":
                 self.requests = 0
-            body = str(self.requests).encode()
-            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-            return [body]
+            return reply(start_response, 200, str(self.requests).encode())
+        if path.startswith("/_faults"):
+            if environ.get("REQUEST_METHOD") == "POST":
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+                rules = json.loads(environ["wsgi.input"].read(length) or b"[]")
+                with self.lock:
+                    self.faults = rules
+                    self.fired = [0] * len(rules)
+            return reply(start_response, 200, json.dumps(self.fired).encode(), "application/json")
+        if self.delay:
+            time.sleep(self.delay)
+        rule = self.take_fault(environ)
+        if rule is not None:
+            if "stall" in rule:
+                time.sleep(float(rule["stall"]))
+            elif "status" in rule:
+                body = S3_ERROR.format(code=rule.get("code", "InternalError")).encode()
+                return reply(start_response, int(rule["status"]), body, "application/xml")
+            elif rule.get("drop") == "before":
+                drop_connection(environ)
+                return []
         if self.ignore_conditions:
             environ.pop("HTTP_IF_NONE_MATCH", None)
             environ.pop("HTTP_IF_MATCH", None)
@@ -59,7 +133,11 @@ class Serialized:
             self.requests += 1
             # Drain the whole response under the lock so that the write is
             # complete before the next request is looked at.
-            return list(self.app(environ, start))
+            body = list(self.app(environ, start))
+        if rule is not None and rule.get("drop") == "after":
+            drop_connection(environ)
+            return []
+        return body
 
 
 def watch_parent():
@@ -74,8 +152,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ignore-conditions", action="store_true")
+    parser.add_argument("--delay-ms", type=float, default=0.0)
     args = parser.parse_args()
-    app = Serialized(DomainDispatcherApplication(create_backend_app), args.ignore_conditions)
+    app = Serialized(DomainDispatcherApplication(create_backend_app), args.ignore_conditions, args.delay_ms)
     server = make_server("127.0.0.1", args.port, app, threaded=True)
     print(f"PORT={server.server_port}", flush=True)
     threading.Thread(target=watch_parent, daemon=True).start()
