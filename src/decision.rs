@@ -211,7 +211,6 @@ mod tests {
                 })
                 .collect(),
             cluster: None,
-            heartbeats: vec![],
         }
     }
 

@@ -107,7 +107,7 @@ fn etag(body: &[u8]) -> String {
 
 #[async_trait]
 impl Store for FileStore {
-    async fn list(&self, dir: &str) -> Result<Vec<Listed>> {
+    async fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<Listed>> {
         let path = self.path(dir);
         let entries = match fs::read_dir(&path) {
             Ok(entries) => entries,
@@ -123,12 +123,16 @@ impl Store for FileStore {
             if name.starts_with('.') {
                 continue;
             }
+            let key = format!("{dir}{name}");
+            if start_after.is_some_and(|after| key.as_str() <= after) {
+                continue;
+            }
             let meta = match entry.metadata() {
                 Ok(m) if m.is_file() => m,
                 _ => continue,
             };
             out.push(Listed {
-                key: format!("{dir}{name}"),
+                key,
                 last_modified: meta.modified().ok().map(DateTime::<Utc>::from),
             });
         }
@@ -218,7 +222,7 @@ mod tests {
             store.get("slots/server-0").await.unwrap().unwrap().body,
             b"d"
         );
-        let listed = store.list("slots/").await.unwrap();
+        let listed = store.list("slots/", None).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].key, "slots/server-0");
     }

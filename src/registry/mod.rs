@@ -69,7 +69,9 @@ pub enum PutOutcome {
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Lists the keys under `dir` (relative, ending in `/`).
-    async fn list(&self, dir: &str) -> Result<Vec<Listed>>;
+    /// Only keys that sort after `start_after` (a full relative key), when
+    /// given.
+    async fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<Listed>>;
     /// Reads one key; `None` when it does not exist. Bodies are cut after
     /// `MAX_BODY_BYTES + 1` bytes: enough to tell they are too big.
     async fn get(&self, key: &str) -> Result<Option<Object>>;

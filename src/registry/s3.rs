@@ -90,7 +90,7 @@ fn to_chrono(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<DateTime<Ut
 
 #[async_trait]
 impl Store for S3Store {
-    async fn list(&self, dir: &str) -> Result<Vec<Listed>> {
+    async fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<Listed>> {
         let full = self.full_key(dir);
         let strip = self.full_key("");
         let mut pages = self
@@ -98,6 +98,7 @@ impl Store for S3Store {
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&full)
+            .set_start_after(start_after.map(|k| self.full_key(k)))
             .into_paginator()
             .send();
         let mut out = Vec::new();

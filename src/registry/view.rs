@@ -76,8 +76,6 @@ pub struct RegistryView {
     pub slots: Vec<SlotView>,
     /// The cluster record, when there is one.
     pub cluster: Option<ClusterView>,
-    /// Every well-formed heartbeat key, both directories.
-    pub heartbeats: Vec<HeartbeatEntry>,
 }
 
 /// Reads the registry: both heartbeat listings, the cluster record and slots
@@ -89,9 +87,20 @@ pub async fn read_view(
     expiry: u64,
     agent_limit: usize,
 ) -> Result<RegistryView> {
+    // Keys sort by time: listing from the expiry cut-off on skips every
+    // expired heartbeat, however many there are.
+    let cutoff = HeartbeatKey {
+        time: Utc::now() - chrono::Duration::seconds(expiry as i64 + 1),
+        node: String::new(),
+    }
+    .name();
+    let (servers_from, agents_from) = (
+        format!("{}{cutoff}", Role::Servers.dir()),
+        format!("{}{cutoff}", Role::Agents.dir()),
+    );
     let (servers, agents, cluster, slot_objs) = tokio::try_join!(
-        store.list(Role::Servers.dir()),
-        store.list(Role::Agents.dir()),
+        store.list(Role::Servers.dir(), Some(&servers_from)),
+        store.list(Role::Agents.dir(), Some(&agents_from)),
         store.get(CLUSTER_KEY),
         stream::iter(0..slots)
             .map(|i| async move { store.get(&model::slot_key(i)).await })
@@ -100,36 +109,12 @@ pub async fn read_view(
     )?;
     let now = Utc::now();
 
-    let mut heartbeats = Vec::new();
-    let server_keys = parse_listing(servers, &mut heartbeats);
-    let agent_keys = parse_listing(agents, &mut heartbeats);
-    let servers = live_members(store, server_keys, now, expiry, usize::MAX).await?;
-    let agents = live_members(store, agent_keys, now, expiry, agent_limit).await?;
-
+    let servers = live_members(store, parse_listing(servers), now, expiry, usize::MAX).await?;
+    let agents = live_members(store, parse_listing(agents), now, expiry, agent_limit).await?;
     let slots = slot_objs
         .into_iter()
         .zip(0..)
-        .map(|(obj, index)| match obj {
-            None => SlotView {
-                index,
-                etag: None,
-                record: None,
-                age_seconds: 0,
-            },
-            Some(obj) => {
-                let record = SlotRecord::parse(&obj.body)
-                    .map_err(|why| {
-                        tracing::warn!("skipping registry key {}: {why}", model::slot_key(index))
-                    })
-                    .ok();
-                SlotView {
-                    index,
-                    etag: Some(obj.etag),
-                    record,
-                    age_seconds: age_seconds(obj.last_modified, now),
-                }
-            }
-        })
+        .map(|(obj, index)| slot_view(index, obj, now))
         .collect();
     let cluster = cluster.map(|obj| ClusterView {
         record: ClusterRecord::parse(&obj.body)
@@ -144,7 +129,6 @@ pub async fn read_view(
         agents,
         slots,
         cluster,
-        heartbeats,
     })
 }
 
@@ -152,12 +136,11 @@ pub async fn read_view(
 /// skipped with a warning. No bodies are read.
 pub async fn list_heartbeats(store: &dyn Store) -> Result<Vec<HeartbeatEntry>> {
     let (servers, agents) = tokio::try_join!(
-        store.list(Role::Servers.dir()),
-        store.list(Role::Agents.dir())
+        store.list(Role::Servers.dir(), None),
+        store.list(Role::Agents.dir(), None)
     )?;
-    let mut all = Vec::new();
-    parse_listing(servers, &mut all);
-    parse_listing(agents, &mut all);
+    let mut all = parse_listing(servers);
+    all.extend(parse_listing(agents));
     Ok(all)
 }
 
@@ -200,25 +183,25 @@ fn slot_view(index: u32, obj: Option<super::Object>, now: DateTime<Utc>) -> Slot
     }
 }
 
-/// Parses listed keys, warning about junk; appends every good key to `all`
-/// and returns the good ones of this listing.
-fn parse_listing(listed: Vec<Listed>, all: &mut Vec<HeartbeatEntry>) -> Vec<HeartbeatEntry> {
-    let mut good = Vec::with_capacity(listed.len());
-    for item in listed {
-        let name = item.key.rsplit('/').next().unwrap_or_default();
-        match HeartbeatKey::parse(name) {
-            Some(parsed) => good.push(HeartbeatEntry {
+/// Parses listed keys, skipping junk with a warning that names the key.
+fn parse_listing(listed: Vec<Listed>) -> Vec<HeartbeatEntry> {
+    listed
+        .into_iter()
+        .filter_map(|item| {
+            let name = item.key.rsplit('/').next().unwrap_or_default();
+            let parsed = HeartbeatKey::parse(name);
+            if parsed.is_none() {
+                tracing::warn!(
+                    "skipping registry key {}: not <YYYYmmddHHMMSS>-<node>",
+                    item.key.escape_debug()
+                );
+            }
+            parsed.map(|parsed| HeartbeatEntry {
                 key: item.key,
                 parsed,
-            }),
-            None => tracing::warn!(
-                "skipping registry key {}: not <YYYYmmddHHMMSS>-<node>",
-                item.key.escape_debug()
-            ),
-        }
-    }
-    all.extend(good.iter().cloned());
-    good
+            })
+        })
+        .collect()
 }
 
 /// The newest live heartbeat per node, freshest first, with bodies read and
