@@ -5,19 +5,39 @@ use std::fmt;
 /// A usage or configuration error: the operator must change a flag, a
 /// variable or a file. Exits with code 2; everything else exits with 1.
 #[derive(Debug)]
-pub struct UsageError(pub String);
+pub struct UsageError {
+    message: String,
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
 
 impl fmt::Display for UsageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
-impl std::error::Error for UsageError {}
+impl std::error::Error for UsageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Builds an `anyhow::Error` carrying [`UsageError`].
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(UsageError(msg.into()))
+    anyhow::Error::new(UsageError {
+        message: msg.into(),
+        cause: None,
+    })
+}
+
+/// A [`UsageError`] whose cause chain continues with `cause`.
+pub fn usage_because(msg: impl Into<String>, cause: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(UsageError {
+        message: msg.into(),
+        cause: Some(cause.into()),
+    })
 }
 
 /// The process exit code for an error: 2 when a [`UsageError`] is anywhere in
@@ -42,5 +62,23 @@ pub fn report(err: &anyhow::Error) {
     }
     for cause in chain {
         eprintln!("  caused by: {cause}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_exit_2_wherever_they_are_in_the_chain() {
+        assert_eq!(exit_code(&usage("bad flag")), 2);
+        assert_eq!(exit_code(&usage("bad flag").context("while starting")), 2);
+        let because = usage_because("fix it", anyhow::anyhow!("sdk detail"));
+        assert_eq!(
+            because.chain().map(|e| e.to_string()).collect::<Vec<_>>(),
+            ["fix it", "sdk detail"]
+        );
+        assert_eq!(exit_code(&because), 2);
+        assert_eq!(exit_code(&anyhow::anyhow!("network down")), 1);
     }
 }

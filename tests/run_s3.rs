@@ -435,15 +435,12 @@ fn refused(cmd: &mut Command, root: &Path, code: i32, needle: &str) {
     let out = output(cmd.arg("--root").arg(root));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    let first = stderr.lines().next().unwrap_or_default();
     assert!(
-        stderr
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .starts_with("error"),
-        "first line: {stderr}"
+        first.contains(needle),
+        "expected {needle:?} in the first line: {stderr}"
     );
+    assert!(first.starts_with("error"), "first line: {stderr}");
     assert!(
         files_under(root).is_empty(),
         "files written: {:?}",

@@ -11,7 +11,7 @@ use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use chrono::{DateTime, Utc};
 
 use super::{Condition, Listed, Object, PutOutcome, Store};
-use crate::error::usage;
+use crate::error::usage_because;
 use crate::model::MAX_BODY_BYTES;
 
 /// S3 allows at most this many keys in one DeleteObjects request.
@@ -62,10 +62,10 @@ where
     let detail = DisplayErrorContext(&err).to_string();
     match &err {
         SdkError::ServiceError(ctx) => match ctx.err().code() {
-            Some("NoSuchBucket") => usage(format!(
-                "{what}: the bucket does not exist; create it or fix --registry"
-            ))
-            .context(detail),
+            Some("NoSuchBucket") => usage_because(
+                format!("{what}: the bucket does not exist; create it or fix --registry"),
+                anyhow::anyhow!(detail),
+            ),
             Some("AccessDenied") | Some("InvalidAccessKeyId") | Some("SignatureDoesNotMatch") => {
                 anyhow::anyhow!(detail).context(format!(
                     "{what}: access denied; check the instance role's S3 permissions on the registry prefix"

@@ -109,8 +109,10 @@ pub async fn read_view(
     )?;
     let now = Utc::now();
 
-    let servers = live_members(store, parse_listing(servers), now, expiry, usize::MAX).await?;
-    let agents = live_members(store, parse_listing(agents), now, expiry, agent_limit).await?;
+    let (servers, agents) = tokio::try_join!(
+        live_members(store, parse_listing(servers), now, expiry, usize::MAX),
+        live_members(store, parse_listing(agents), now, expiry, agent_limit),
+    )?;
     let slots = slot_objs
         .into_iter()
         .zip(0..)
@@ -231,28 +233,25 @@ async fn live_members(
             .then(a.parsed.node.cmp(&b.parsed.node))
     });
 
+    // Reads stay READ_CONCURRENCY deep, in freshness order, and stop as
+    // soon as `limit` good members are known.
+    let mut bodies = stream::iter(candidates)
+        .map(|e| async move { (e, store.get(&e.key).await) })
+        .buffered(READ_CONCURRENCY.min(limit.max(1)));
     let mut members = Vec::new();
-    for chunk in candidates.chunks(READ_CONCURRENCY) {
-        let bodies: Vec<_> = stream::iter(chunk.iter())
-            .map(|e| async move { (e, store.get(&e.key).await) })
-            .buffered(READ_CONCURRENCY)
-            .collect()
-            .await;
-        for (e, body) in bodies {
-            // A key deleted between the listing and the read was just purged.
-            let Some(obj) = body? else { continue };
-            match parse_heartbeat_body(&e.parsed.node, &obj.body) {
-                Ok(info) => members.push(Member {
-                    node: e.parsed.node.clone(),
-                    address: info.address,
-                    instance_id: info.instance_id,
-                    age_seconds: e.parsed.age_seconds(now),
-                }),
-                Err(why) => tracing::warn!("skipping registry key {}: {why}", e.key),
-            }
-            if members.len() >= limit {
-                return Ok(members);
-            }
+    while members.len() < limit
+        && let Some((e, body)) = bodies.next().await
+    {
+        // A key deleted between the listing and the read was just purged.
+        let Some(obj) = body? else { continue };
+        match parse_heartbeat_body(&e.parsed.node, &obj.body) {
+            Ok(info) => members.push(Member {
+                node: e.parsed.node.clone(),
+                address: info.address,
+                instance_id: info.instance_id,
+                age_seconds: e.parsed.age_seconds(now),
+            }),
+            Err(why) => tracing::warn!("skipping registry key {}: {why}", e.key),
         }
     }
     Ok(members)

@@ -27,6 +27,12 @@ Faults and latency, for drills and benchmarks:
                                            connection without answering
     {"stall": 12.5}                        wait that many seconds, then serve
   `GET /_faults` answers how many times each rule fired.
+* `POST /_delay` with a number of milliseconds changes --delay-ms.
+
+Seeding, for benchmarks that need large registries: `POST /_seed` with
+{"bucket": NAME, "items": [[KEY, BODY], ...]} creates the bucket if needed
+and stores the objects straight into moto's S3 backend, without a request
+each.
 
 The server exits when its parent process goes away.
 """
@@ -52,6 +58,20 @@ STATUS_TEXT = {409: "Conflict", 500: "Internal Server Error", 503: "Service Unav
 def reply(start_response, status, body, ctype="text/plain"):
     start_response(f"{status} {STATUS_TEXT.get(status, 'Error')}", [("Content-Type", ctype), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def seed_objects(bucket, items):
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+    try:
+        backend.get_bucket(bucket)
+    except Exception:
+        backend.create_bucket(bucket, "us-east-1")
+    for key, body in items:
+        backend.put_object(bucket, key, body.encode())
+    return len(items)
 
 
 def drop_connection(environ):
@@ -103,6 +123,16 @@ class Serialized:
                     self.faults = rules
                     self.fired = [0] * len(rules)
             return reply(start_response, 200, json.dumps(self.fired).encode(), "application/json")
+        if path == "/_delay":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            self.delay = float(environ["wsgi.input"].read(length) or b"0") / 1000.0
+            return reply(start_response, 200, b"ok")
+        if path == "/_seed":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            seed = json.loads(environ["wsgi.input"].read(length))
+            with self.lock:
+                count = seed_objects(seed["bucket"], seed.get("items", []))
+            return reply(start_response, 200, str(count).encode())
         if self.delay:
             time.sleep(self.delay)
         rule = self.take_fault(environ)

@@ -169,19 +169,17 @@ data "aws_iam_policy_document" "assume_role" {
 }
 
 data "aws_iam_policy_document" "auto_consul" {
-  # ListObjectsV2 over servers/, agents/ and slots/ (heartbeats, slot holders,
-  # purge). Listing is limited to keys under the registry prefix.
+  # ListObjectsV2 over servers/ and agents/ (heartbeats, purge). Not limited
+  # by an s3:prefix condition on purpose: S3 answers a GetObject of a key that
+  # does not exist yet (a free slot, a new registry's cluster record) with 404
+  # only when the caller may list the bucket, and a GetObject carries no
+  # prefix, so a prefix-conditioned grant would turn those 404s into 403s and
+  # fail the first boot. The bucket is the registry's own.
   statement {
     sid       = "ListRegistry"
     effect    = "Allow"
     actions   = ["s3:ListBucket"]
     resources = [local.bucket_arn]
-
-    condition {
-      test     = "StringLike"
-      variable = "s3:prefix"
-      values   = ["${local.key_prefix}*"]
-    }
   }
 
   # GetObject: read heartbeats, slots, the cluster record.

@@ -1,0 +1,410 @@
+//! Boot-path benchmark: `auto-consul run` against moto_server with a fixed
+//! delay injected before every request (a stand-in for the network round
+//! trip), on registries of 0, 1 000 and 10 000 live heartbeats; then
+//! `members` on 10 000 live and `purge` on 100 000 expired heartbeats.
+//!
+//! For each case: wall time (median, min, max over the runs), requests
+//! made, peak memory (max RSS), and the critical-path depth: the extra wall
+//! time the delay adds, divided by the delay, i.e. how many round trips
+//! happen one after the other.
+//!
+//! Run: `cargo bench --bench boot` (release profile). Options after `--`:
+//! `--runs N` (default 11), `--delay-ms D` (default 20).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct Moto {
+    port: u16,
+    child: Child,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn python() -> String {
+    std::env::var("AUTO_CONSUL_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = format!(
+            "{}/.cache/auto-consul-venv/bin/python",
+            std::env::var("HOME").unwrap_or_default()
+        );
+        if Path::new(&venv).exists() {
+            venv
+        } else {
+            "python3".into()
+        }
+    })
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_locked.py");
+        let mut child = Command::new(python())
+            .arg(script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server (pip install 'moto[server]>=5.1.5')");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT=")
+            .and_then(|p| p.parse().ok())
+            .expect("moto_server port");
+        Moto { port, child }
+    }
+
+    fn call(&self, method: &str, path: &str, body: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+    }
+
+    fn requests(&self) -> u64 {
+        self.call("GET", "/_stats", "").trim().parse().unwrap()
+    }
+
+    fn delay(&self, ms: f64) {
+        self.call("POST", "/_delay", &ms.to_string());
+    }
+
+    /// Creates the bucket if needed and stores `items` in it.
+    fn seed(&self, bucket: &str, items: Vec<(String, String)>) {
+        let mut chunks: Vec<&[(String, String)]> = items.chunks(20_000).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for chunk in chunks {
+            self.call(
+                "POST",
+                "/_seed",
+                &json!({ "bucket": bucket, "items": chunk }).to_string(),
+            );
+        }
+    }
+}
+
+/// One measured process: wall time, peak RSS in KiB, stdout.
+struct Measured {
+    wall: Duration,
+    max_rss_kib: i64,
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn measure(cmd: &mut Command) -> Measured {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn auto-consul");
+    let mut err_pipe = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        s
+    });
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled by the kernel for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = start.elapsed();
+    assert_eq!(waited, pid, "wait4 failed");
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let stderr = err_reader.join().unwrap_or_default();
+    Measured {
+        wall,
+        max_rss_kib: usage.ru_maxrss,
+        ok,
+        stdout,
+        stderr,
+    }
+}
+
+fn auto_consul(moto: &Moto) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_auto-consul"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AUTO_CONSUL_") || k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    let url = format!("http://127.0.0.1:{}", moto.port);
+    cmd.env("AWS_ENDPOINT_URL", &url)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &url)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("PATH", "/usr/bin:/bin")
+        .env("RUST_LOG", "error");
+    cmd
+}
+
+fn stamp(seconds_ago: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago))
+        .format("%Y%m%d%H%M%S")
+        .to_string()
+}
+
+/// A registry with one live server (slot 0 and its heartbeat) and `n` live
+/// agents, each with an instance id.
+fn seed_live(moto: &Moto, bucket: &str, prefix: &str, n: usize) {
+    let mut items = vec![
+        (
+            format!("{prefix}/slots/server-0"),
+            json!({"node": "seed-server", "address": "10.200.0.1", "claim_id": "seed", "sequence": 1}).to_string(),
+        ),
+        (format!("{prefix}/servers/{}-seed-server", stamp(5)), "10.200.0.1".to_string()),
+    ];
+    for i in 0..n {
+        let node = format!("i-{:017x}", i);
+        let body = json!({"node": node, "address": format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256), "instance_id": node, "mode": "agent", "version": "0"});
+        items.push((
+            format!("{prefix}/agents/{}-{node}", stamp((i % 60) as i64)),
+            body.to_string(),
+        ));
+    }
+    moto.seed(bucket, items);
+}
+
+struct Stats {
+    median: Duration,
+    min: Duration,
+    max: Duration,
+    requests: u64,
+    rss_kib: i64,
+}
+
+fn stats(mut walls: Vec<Duration>, requests: Vec<u64>, rss: Vec<i64>) -> Stats {
+    walls.sort();
+    let mut reqs = requests.clone();
+    reqs.sort();
+    Stats {
+        median: walls[walls.len() / 2],
+        min: walls[0],
+        max: walls[walls.len() - 1],
+        requests: reqs[reqs.len() / 2],
+        rss_kib: *rss.iter().max().unwrap(),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs `make_cmd(i)` `runs` times with `delay` ms per request.
+fn bench_case(moto: &Moto, runs: usize, delay: f64, make_cmd: &dyn Fn(usize) -> Command) -> Stats {
+    moto.delay(delay);
+    let (mut walls, mut reqs, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let before = moto.requests();
+        let m = measure(&mut make_cmd(i));
+        assert!(m.ok, "run {i} failed: {}{}", m.stdout, m.stderr);
+        reqs.push(moto.requests() - before);
+        walls.push(m.wall);
+        rss.push(m.max_rss_kib);
+    }
+    stats(walls, reqs, rss)
+}
+
+fn report(name: &str, floor: Option<u32>, delay: f64, base: &Stats, delayed: &Stats) {
+    let depth = (ms(delayed.median) - ms(base.median)) / delay;
+    println!(
+        "{name:<34} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6} {:>7.1} {:>6} {:>8.1}",
+        ms(delayed.median),
+        ms(delayed.min),
+        ms(delayed.max),
+        ms(base.median),
+        delayed.requests,
+        depth,
+        floor.map_or("-".to_string(), |f| f.to_string()),
+        delayed.rss_kib as f64 / 1024.0,
+    );
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut runs, mut delay) = (11usize, 20.0f64);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => runs = args.next().unwrap().parse().unwrap(),
+            "--delay-ms" => delay = args.next().unwrap().parse().unwrap(),
+            _ => {}
+        }
+    }
+    let moto = Moto::start();
+    let bucket = "bench";
+    moto.seed(bucket, vec![]);
+    let tmp = tempfile::tempdir().unwrap();
+    println!("auto-consul boot benchmark: {runs} runs per case, {delay} ms injected per request");
+    println!(
+        "{:<34} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6} {:>8}",
+        "case", "med ms", "min ms", "max ms", "0ms med", "reqs", "depth", "floor", "RSS MiB"
+    );
+
+    // Empty registry: identity from IMDS (token, then address and id at
+    // once), probe and first read at once, cluster record, slot 0.
+    let n = std::cell::Cell::new(0usize);
+    let empty = |_: usize| {
+        n.set(n.get() + 1);
+        let mut c = auto_consul(&moto);
+        c.args([
+            "run",
+            "--json",
+            "--registry",
+            &format!("s3://{bucket}/empty-{}", n.get()),
+        ])
+        .arg("--root")
+        .arg(tmp.path().join(format!("empty-{}", n.get())));
+        c
+    };
+    let base = bench_case(&moto, runs, 0.0, &empty);
+    let delayed = bench_case(&moto, runs, delay, &empty);
+    report(
+        "run, empty registry (bootstrap)",
+        Some(5),
+        delay,
+        &base,
+        &delayed,
+    );
+
+    for size in [1_000usize, 10_000] {
+        let prefix = format!("live-{size}");
+        moto.delay(0.0);
+        seed_live(&moto, bucket, &prefix, size);
+        let live = |i: usize| {
+            let mut c = auto_consul(&moto);
+            c.args([
+                "run",
+                "--json",
+                "--expiry",
+                "3600",
+                "--registry",
+                &format!("s3://{bucket}/{prefix}"),
+            ])
+            .args(["--node", &format!("bench-{i}"), "--address", "10.250.0.1"])
+            .arg("--root")
+            .arg(tmp.path().join(format!("{prefix}-{i}")));
+            c
+        };
+        let base = bench_case(&moto, runs, 0.0, &live);
+        let delayed = bench_case(&moto, runs, delay, &live);
+        // Listing pages of 1000 keys follow each other (the first goes with
+        // the write check, the cluster record and the slots); then the
+        // bodies, then the EC2 check.
+        let floor = (size + 1).div_ceil(1000) as u32 + 1 + 1;
+        report(
+            &format!("run, {size} live heartbeats (agent)"),
+            Some(floor),
+            delay,
+            &base,
+            &delayed,
+        );
+    }
+
+    let members = |_: usize| {
+        let mut c = auto_consul(&moto);
+        c.args([
+            "members",
+            "--json",
+            "--expiry",
+            "3600",
+            "--registry",
+            &format!("s3://{bucket}/live-10000"),
+        ]);
+        c
+    };
+    let few = runs.min(3);
+    let base = bench_case(&moto, few, 0.0, &members);
+    let delayed = bench_case(&moto, few, delay, &members);
+    report(
+        "members, 10000 live heartbeats",
+        None,
+        delay,
+        &base,
+        &delayed,
+    );
+
+    // Purge: 100 000 expired heartbeats, seeded afresh for each run.
+    let purge_runs = 2;
+    let mut results = Vec::new();
+    for d in [0.0, delay] {
+        let (mut walls, mut reqs, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..purge_runs {
+            moto.delay(0.0);
+            let prefix = format!("purge-{d}-{r}");
+            let items = (0..100_000)
+                .map(|i| {
+                    (
+                        format!("{prefix}/agents/{}-old-{i}", stamp(1000 + (i % 500) as i64)),
+                        "10.0.0.1".to_string(),
+                    )
+                })
+                .collect();
+            moto.seed(bucket, items);
+            moto.delay(d);
+            let before = moto.requests();
+            let mut c = auto_consul(&moto);
+            c.args([
+                "purge",
+                "--json",
+                "--registry",
+                &format!("s3://{bucket}/{prefix}"),
+            ]);
+            let m = measure(&mut c);
+            assert!(m.ok, "purge failed: {}", m.stderr);
+            let v: Value = serde_json::from_str(&m.stdout).unwrap();
+            assert_eq!(v["deleted"], 100_000);
+            reqs.push(moto.requests() - before);
+            walls.push(m.wall);
+            rss.push(m.max_rss_kib);
+        }
+        results.push(stats(walls, reqs, rss));
+    }
+    report(
+        "purge, 100000 expired heartbeats",
+        None,
+        delay,
+        &results[0],
+        &results[1],
+    );
+    println!(
+        "\nfloor: round trips that must follow one another. Empty registry: IMDS token, IMDS reads, \
+         registry read (with the write check), cluster record, slot 0 = 5. Populated: registry read, \
+         further listing pages, heartbeat bodies, EC2 check."
+    );
+    println!(
+        "depth: (median with the delay - median without) / delay. Static credentials; moto_server \
+         applies requests one at a time."
+    );
+}
