@@ -15,8 +15,6 @@ pub struct AgentStatus {
     pub server: bool,
     /// `Config.NodeName`.
     pub node_name: String,
-    /// `Config.Version`, when given.
-    pub version: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -31,8 +29,6 @@ struct SelfConfig {
     server: bool,
     #[serde(rename = "NodeName")]
     node_name: String,
-    #[serde(rename = "Version", default)]
-    version: Option<String>,
 }
 
 /// Where and how to reach the agent.
@@ -159,7 +155,6 @@ pub async fn status(token_file: Option<&std::path::Path>) -> Result<AgentStatus>
     Ok(AgentStatus {
         server: parsed.config.server,
         node_name: parsed.config.node_name,
-        version: parsed.config.version,
     })
 }
 

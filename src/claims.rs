@@ -40,14 +40,15 @@ pub enum Renewal {
 impl Claims<'_> {
     /// A conditional write whose result is known for sure: a 409 is
     /// retried, and a lost response or a 412 (which a retry of our own
-    /// applied write also gets) is settled by reading the key back and
-    /// asking `is_ours`. `Some(etag)` when our body is what the key holds.
+    /// applied write also gets) is settled by reading the key back: the
+    /// write is ours when the key holds exactly the bytes we sent (claim ids
+    /// are random, and a renewal differs from a release of the same claim).
+    /// `Some(etag)` when it is ours.
     pub async fn put_settled(
         &self,
         key: &str,
         body: Vec<u8>,
         condition: Condition,
-        is_ours: impl Fn(&[u8]) -> bool,
     ) -> Result<Option<String>> {
         let condition = if self.racy {
             Condition::None
@@ -62,7 +63,7 @@ impl Claims<'_> {
                 }
                 PutOutcome::PreconditionFailed => {
                     let back = self.store.get(key).await?;
-                    return Ok(back.filter(|o| is_ours(&o.body)).map(|o| o.etag));
+                    return Ok(back.filter(|o| o.body == body).map(|o| o.etag));
                 }
                 PutOutcome::Unknown(err) => {
                     tracing::warn!(
@@ -71,7 +72,7 @@ impl Claims<'_> {
                     let back = self.store.get(key).await.with_context(|| {
                         format!("reading back {key} after a write with a lost response")
                     })?;
-                    return Ok(back.filter(|o| is_ours(&o.body)).map(|o| o.etag));
+                    return Ok(back.filter(|o| o.body == body).map(|o| o.etag));
                 }
             }
         }
@@ -97,11 +98,7 @@ impl Claims<'_> {
             cluster_id: self.cluster_id.clone(),
         };
         let body = serde_json::to_vec(&record)?;
-        let won = self
-            .put_settled(&slot_key(index), body, condition, |b| {
-                SlotRecord::parse(b).is_ok_and(|r| r.claim_id == claim && r.sequence == sequence)
-            })
-            .await?;
+        let won = self.put_settled(&slot_key(index), body, condition).await?;
         Ok(won.is_some())
     }
 
@@ -159,9 +156,7 @@ impl Claims<'_> {
         };
         let body = serde_json::to_vec(&released)?;
         let done = self
-            .put_settled(&slot_key(slot.index), body, Condition::Matches(etag), |b| {
-                SlotRecord::parse(b).is_ok_and(|r| r.released && r.claim_id == released.claim_id)
-            })
+            .put_settled(&slot_key(slot.index), body, Condition::Matches(etag))
             .await?;
         Ok(done.is_some())
     }

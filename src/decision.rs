@@ -21,6 +21,9 @@ pub enum Step {
         index: u32,
         /// Version tag to renew with.
         etag: String,
+        /// The slot is slot 0 of the cluster this node created: it is the
+        /// bootstrap node (its state file was lost before it was written).
+        bootstrap: bool,
     },
     /// No live server: race to write the cluster record under this
     /// condition; the winner bootstraps and takes slot 0.
@@ -30,7 +33,9 @@ pub enum Step {
         /// How to take slot 0 after winning.
         slot0: Condition,
     },
-    /// Fewer live servers than wanted: claim one of these slots, in order.
+    /// Fewer live servers than wanted (or none, for a node with Raft
+    /// state, which never bootstraps): claim one of these slots, in order.
+    /// Empty when every slot is held.
     Claim(Vec<(u32, Condition)>),
     /// Enough servers.
     Agent,
@@ -101,23 +106,35 @@ pub fn live_servers(view: &RegistryView, me: &str, expiry: u64) -> Vec<Member> {
     out
 }
 
-/// Decides the next step for node `me` wanting `wanted` servers.
-pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64) -> Step {
+/// Decides the next step for node `me` wanting `wanted` servers; `raft`
+/// when this node's data dir holds Raft state (it was a server: it never
+/// bootstraps).
+pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64, raft: bool) -> Step {
     if let Some(slot) = view
         .slots
         .iter()
         .find(|s| slot_is_live(s, expiry) && s.record.as_ref().is_some_and(|r| r.node == me))
     {
+        let created_by_me = view
+            .cluster
+            .as_ref()
+            .and_then(|c| c.record.as_ref())
+            .is_some_and(|c| {
+                c.bootstrap_node == me
+                    && slot.record.as_ref().and_then(|r| r.cluster_id.as_deref())
+                        == Some(c.cluster_id.as_str())
+            });
         return Step::Renew {
             index: slot.index,
             etag: slot.etag.clone().unwrap_or_default(),
+            bootstrap: slot.index == 0 && created_by_me,
         };
     }
     let live = live_servers(view, me, expiry).len();
     if live >= wanted as usize {
         return Step::Agent;
     }
-    if live == 0 {
+    if live == 0 && !raft {
         let cluster = match &view.cluster {
             None => Condition::Absent,
             Some(c) => Condition::Matches(c.etag.clone()),
@@ -125,6 +142,9 @@ pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64) -> Step {
         let slot0 = view.slots.first().map_or(Condition::Absent, take_condition);
         return Step::Bootstrap { cluster, slot0 };
     }
+    // Only as many slots as servers are missing: live servers without a
+    // slot (the original tool's, a server with Raft state but no slot)
+    // count too, so racing claimers cannot push the total past `wanted`.
     let reserve_slot0 = pending_bootstrap(view, expiry).is_some();
     let free: Vec<(u32, Condition)> = view
         .slots
@@ -132,8 +152,9 @@ pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64) -> Step {
         .filter(|s| !slot_is_live(s, expiry))
         .filter(|s| !(reserve_slot0 && s.index == 0))
         .map(|s| (s.index, take_condition(s)))
+        .take(wanted as usize - live)
         .collect();
-    if free.is_empty() {
+    if free.is_empty() && !raft {
         Step::Agent
     } else {
         Step::Claim(free)
@@ -254,7 +275,7 @@ mod tests {
     #[test]
     fn empty_registry_bootstraps_by_creating_the_cluster_record() {
         assert_eq!(
-            decide(&view(3), "me", 3, 120),
+            decide(&view(3), "me", 3, 120, false),
             Step::Bootstrap {
                 cluster: Condition::Absent,
                 slot0: Condition::Absent
@@ -267,10 +288,10 @@ mod tests {
         let mut v = view(3);
         cluster(&mut v, "boot", 1);
         assert_eq!(
-            decide(&v, "me", 3, 120),
+            decide(&v, "me", 3, 120, false),
             Step::Claim(vec![(1, Condition::Absent), (2, Condition::Absent)])
         );
-        assert_eq!(decide(&v, "me", 1, 120), Step::Agent);
+        assert_eq!(decide(&v, "me", 1, 120, false), Step::Agent);
     }
 
     #[test]
@@ -279,7 +300,7 @@ mod tests {
         cluster(&mut v, "boot", 500);
         hold(&mut v, 0, "boot", "10.0.0.1", 500);
         assert_eq!(
-            decide(&v, "me", 1, 120),
+            decide(&v, "me", 1, 120, false),
             Step::Bootstrap {
                 cluster: Condition::Matches("\"cl\"".into()),
                 slot0: Condition::Matches("\"e0\"".into())
@@ -307,7 +328,7 @@ mod tests {
         hold(&mut v, 0, "a", "10.0.0.1", 5);
         hold(&mut v, 1, "b", "10.0.0.2", 5);
         v.servers.push(member("c", "10.0.0.3", 3));
-        assert_eq!(decide(&v, "me", 3, 120), Step::Agent);
+        assert_eq!(decide(&v, "me", 3, 120, false), Step::Agent);
     }
 
     #[test]
@@ -318,7 +339,7 @@ mod tests {
         hold(&mut v, 2, "c", "10.0.0.3", 1);
         v.slots[2].record.as_mut().unwrap().released = true;
         assert_eq!(
-            decide(&v, "me", 3, 120),
+            decide(&v, "me", 3, 120, false),
             Step::Claim(vec![
                 (1, Condition::Matches("\"e1\"".into())),
                 (2, Condition::Matches("\"e2\"".into()))
@@ -327,17 +348,57 @@ mod tests {
     }
 
     #[test]
+    fn slotless_live_servers_limit_the_slots_offered() {
+        // Two of the original tool's servers, three wanted: one slot only,
+        // so that racing claimers cannot make five servers.
+        let mut v = view(3);
+        v.servers.push(member("old-1", "10.0.0.1", 3));
+        v.servers.push(member("old-2", "10.0.0.2", 3));
+        assert_eq!(
+            decide(&v, "me", 3, 120, false),
+            Step::Claim(vec![(0, Condition::Absent)])
+        );
+    }
+
+    #[test]
+    fn a_node_with_raft_state_claims_instead_of_bootstrapping() {
+        assert_eq!(
+            decide(&view(2), "me", 2, 120, true),
+            Step::Claim(vec![(0, Condition::Absent), (1, Condition::Absent)])
+        );
+    }
+
+    #[test]
+    fn the_bootstrap_node_that_lost_its_state_is_still_the_bootstrap_node() {
+        let mut v = view(3);
+        cluster(&mut v, "me", 2);
+        hold(&mut v, 0, "me", "10.0.0.1", 2);
+        v.slots[0].record.as_mut().unwrap().cluster_id = Some("id".into());
+        assert_eq!(
+            decide(&v, "me", 3, 120, false),
+            Step::Renew {
+                index: 0,
+                etag: "\"e0\"".into(),
+                bootstrap: true
+            }
+        );
+    }
+
+    #[test]
     fn the_original_tools_servers_count() {
         let mut v = view(1);
         v.servers.push(member("server1", "192.168.50.100", 30));
-        assert_eq!(decide(&v, "agent1", 1, 120), Step::Agent);
+        assert_eq!(decide(&v, "agent1", 1, 120, false), Step::Agent);
     }
 
     #[test]
     fn a_node_never_counts_itself() {
         let mut v = view(1);
         v.servers.push(member("me", "10.0.0.9", 3));
-        assert!(matches!(decide(&v, "me", 1, 120), Step::Bootstrap { .. }));
+        assert!(matches!(
+            decide(&v, "me", 1, 120, false),
+            Step::Bootstrap { .. }
+        ));
     }
 
     #[test]
@@ -345,10 +406,11 @@ mod tests {
         let mut v = view(3);
         hold(&mut v, 2, "me", "10.0.0.9", 3);
         assert_eq!(
-            decide(&v, "me", 3, 120),
+            decide(&v, "me", 3, 120, false),
             Step::Renew {
                 index: 2,
-                etag: "\"e2\"".into()
+                etag: "\"e2\"".into(),
+                bootstrap: false
             }
         );
     }

@@ -127,20 +127,25 @@ fn unchanged(path: &Path, spec: &FileSpec) -> bool {
 }
 
 /// Checks that the files could be written, before anything is claimed or
-/// written: each target directory exists and is writable, or can be created.
+/// written: in each target directory, or the nearest existing ancestor of
+/// one not created yet, a temporary file can be made (which also tells
+/// who may write there, not only the permission bits).
 pub fn check_writable(root: &Root, specs: &[FileSpec]) -> Result<()> {
+    let mut checked = std::collections::HashSet::new();
     for spec in specs {
         let path = root.path(&spec.path);
         let mut dir = path.parent().map(Path::to_path_buf);
         while let Some(d) = dir {
             match fs::metadata(&d) {
                 Ok(m) if m.is_dir() => {
-                    if m.permissions().readonly() {
-                        bail!(
-                            "cannot write {}: {} is read-only",
-                            path.display(),
-                            d.display()
-                        );
+                    if checked.insert(d.clone()) {
+                        tempfile::tempfile_in(&d).map_err(|e| {
+                            crate::error::usage(format!(
+                                "cannot write {}: {} is not writable ({e}); run as root or fix --root",
+                                path.display(),
+                                d.display()
+                            ))
+                        })?;
                     }
                     break;
                 }

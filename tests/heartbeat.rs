@@ -12,7 +12,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn run_cmd(
+/// `run` for one node with a given expiry.
+fn run_exp_cmd(
     moto: &Moto,
     registry: &str,
     root: &Path,
@@ -21,29 +22,12 @@ fn run_cmd(
     servers: u32,
     expiry: u64,
 ) -> Command {
-    let mut cmd = auto_consul(moto);
-    cmd.args([
-        "run",
-        "--json",
-        "--registry",
-        registry,
-        "--address",
-        ip,
-        "--node",
-        node,
-    ])
-    .arg("--root")
-    .arg(root)
-    .args([
-        "--servers",
-        &servers.to_string(),
-        "--expiry",
-        &expiry.to_string(),
-    ]);
+    let mut cmd = run_cmd(moto, registry, root, node, ip, servers);
+    cmd.args(["--expiry", &expiry.to_string()]);
     cmd
 }
 
-fn run_node(
+fn run_exp(
     moto: &Moto,
     registry: &str,
     root: &Path,
@@ -52,7 +36,7 @@ fn run_node(
     servers: u32,
     expiry: u64,
 ) -> Value {
-    ok_json(&output(&mut run_cmd(
+    ok_json(&output(&mut run_exp_cmd(
         moto, registry, root, node, ip, servers, expiry,
     )))
 }
@@ -80,6 +64,8 @@ fn heartbeat_cmd(
     .arg("--root")
     .arg(root)
     .args(["--expiry", &expiry.to_string()])
+    // As many slots as any test here wants; the env file gives it in production.
+    .args(["--servers", "3"])
     .env("CONSUL_HTTP_ADDR", agent);
     cmd
 }
@@ -95,7 +81,7 @@ fn a_server_heartbeat_writes_both_prefixes_and_renews_its_slot() {
     let registry = format!("s3://{bucket}/hb/server");
     let tmp = tempfile::tempdir().unwrap();
     assert_eq!(
-        mode(&run_node(
+        mode(&run_exp(
             moto,
             &registry,
             tmp.path(),
@@ -213,12 +199,6 @@ fn an_agent_heartbeat_writes_agents_only_and_a_down_agent_writes_nothing() {
     );
 }
 
-fn stamp(seconds_ago: i64) -> String {
-    (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago))
-        .format("%Y%m%d%H%M%S")
-        .to_string()
-}
-
 /// Writes many objects at once through the test's own S3 client.
 fn put_many(moto: &Moto, bucket: &str, items: Vec<(String, String)>) {
     use futures::StreamExt;
@@ -307,7 +287,8 @@ fn a_server_that_stops_heartbeating_loses_its_slot_and_a_dead_cluster_rebootstra
     let bucket = bucket(moto);
     let p = "hb/takeover";
     let registry = format!("s3://{bucket}/{p}");
-    let expiry = 6;
+    // Slot ages have 1-second resolution: margins of 2 s and more below.
+    let expiry = 8;
     let tmp = tempfile::tempdir().unwrap();
     let root = |n: &str| tmp.path().join(n);
     let mut last_write_of_c = std::time::Instant::now();
@@ -315,7 +296,7 @@ fn a_server_that_stops_heartbeating_loses_its_slot_and_a_dead_cluster_rebootstra
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let v = run_node(
+            let v = run_exp(
                 moto,
                 &registry,
                 &root(n),
@@ -338,7 +319,7 @@ fn a_server_that_stops_heartbeating_loses_its_slot_and_a_dead_cluster_rebootstra
         .iter()
         .map(|n| FakeAgent::start(n, true, &[]))
         .collect();
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(4));
     for (i, (n, a)) in ["s-a", "s-b"].iter().zip(&agents).enumerate() {
         let v = ok_json(&output(&mut heartbeat_cmd(
             moto,
@@ -351,8 +332,9 @@ fn a_server_that_stops_heartbeating_loses_its_slot_and_a_dead_cluster_rebootstra
         )));
         assert_eq!(v["slot"]["status"], "renewed");
     }
-    std::thread::sleep(Duration::from_secs(4));
-    let d = run_node(moto, &registry, &root("s-d"), "s-d", "10.5.0.4", 3, expiry);
+    // s-c last wrote about 10 s ago (expired); s-a and s-b about 5 s ago (live).
+    std::thread::sleep(Duration::from_secs(5));
+    let d = run_exp(moto, &registry, &root("s-d"), "s-d", "10.5.0.4", 3, expiry);
     eprintln!(
         "takeover: the slot of a silent server was taken {:.1}s after its claim (expiry {expiry}s)",
         last_write_of_c.elapsed().as_secs_f64()
@@ -365,7 +347,7 @@ fn a_server_that_stops_heartbeating_loses_its_slot_and_a_dead_cluster_rebootstra
     std::thread::sleep(Duration::from_secs(expiry + 1));
     let racers: Vec<_> = (0..6)
         .map(|i| {
-            run_cmd(
+            run_exp_cmd(
                 moto,
                 &registry,
                 &root(&format!("new-{i}")),
@@ -410,7 +392,7 @@ fn leave_frees_the_slot_and_the_next_node_becomes_a_server_at_once() {
     let registry = format!("s3://{bucket}/{p}");
     let tmp = tempfile::tempdir().unwrap();
     assert_eq!(
-        mode(&run_node(
+        mode(&run_exp(
             moto,
             &registry,
             &tmp.path().join("a"),
@@ -422,7 +404,7 @@ fn leave_frees_the_slot_and_the_next_node_becomes_a_server_at_once() {
         "bootstrap"
     );
     assert_eq!(
-        mode(&run_node(
+        mode(&run_exp(
             moto,
             &registry,
             &tmp.path().join("b"),
@@ -434,7 +416,7 @@ fn leave_frees_the_slot_and_the_next_node_becomes_a_server_at_once() {
         "server"
     );
     assert_eq!(
-        mode(&run_node(
+        mode(&run_exp(
             moto,
             &registry,
             &tmp.path().join("c"),
@@ -480,7 +462,7 @@ fn leave_frees_the_slot_and_the_next_node_becomes_a_server_at_once() {
         "heartbeats of the leaver remain"
     );
     assert_eq!(slot(moto, &bucket, p, 1)["released"], true);
-    let d = run_node(
+    let d = run_exp(
         moto,
         &registry,
         &tmp.path().join("d"),
@@ -557,7 +539,7 @@ fn members_whose_instance_ec2_reports_terminated_are_not_joined() {
         "10.7.0.100",
     );
     let tmp = tempfile::tempdir().unwrap();
-    let v = run_node(
+    let v = run_exp(
         moto,
         &format!("s3://{bucket}/{p}"),
         tmp.path(),

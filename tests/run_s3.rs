@@ -8,37 +8,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-fn run_cmd(
-    moto: &Moto,
-    registry: &str,
-    root: &Path,
-    node: &str,
-    ip: &str,
-    servers: u32,
-) -> Command {
-    let mut cmd = auto_consul(moto);
-    cmd.args([
-        "run",
-        "--json",
-        "--registry",
-        registry,
-        "--address",
-        ip,
-        "--node",
-        node,
-    ])
-    .arg("--root")
-    .arg(root)
-    .args(["--servers", &servers.to_string()]);
-    cmd
-}
-
-fn run_node(moto: &Moto, registry: &str, root: &Path, node: &str, ip: &str, servers: u32) -> Value {
-    ok_json(&output(&mut run_cmd(
-        moto, registry, root, node, ip, servers,
-    )))
-}
-
 #[test]
 fn first_node_bootstraps_then_one_server_means_agents() {
     let moto = moto();
@@ -210,12 +179,6 @@ fn racing_nodes_elect_exactly_one_bootstrap_and_exactly_n_servers_on_a_directory
         );
         assert_eq!(count("agent"), racers - servers as usize, "{modes:?}");
     }
-}
-
-fn stamp(seconds_ago: i64) -> String {
-    (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago))
-        .format("%Y%m%d%H%M%S")
-        .to_string()
 }
 
 #[test]
@@ -576,4 +539,30 @@ fn a_store_that_ignores_conditional_writes_is_refused_unless_racy_is_allowed() {
     );
     let v = ok_json(&output(cmd.arg("--allow-racy")));
     assert_eq!(mode(&v), "bootstrap");
+}
+
+#[test]
+fn a_store_that_honours_if_match_but_ignores_if_none_match_is_refused() {
+    let careless = Moto::start(&["--ignore-if-none-match"]);
+    let bucket = bucket(&careless);
+    let registry = format!("s3://{bucket}/consul/half");
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..2 {
+        // The first run on a new registry, and a later one.
+        refused(
+            auto_consul(&careless).args([
+                "run",
+                "--registry",
+                &registry,
+                "--address",
+                "10.0.5.2",
+                "--node",
+                "h1",
+            ]),
+            &tmp.path().join(format!("r{i}")),
+            2,
+            "ignores conditional writes",
+        );
+    }
+    assert!(keys(&careless, &bucket, "consul/half/slots").is_empty());
 }

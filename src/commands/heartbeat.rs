@@ -14,7 +14,7 @@ use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
 use crate::install::Root;
 use crate::model::{HeartbeatBody, HeartbeatKey, Role, slot_key};
-use crate::registry::{Condition, PutOutcome, read_slots};
+use crate::registry::{Condition, PutOutcome, read_slot};
 use crate::{agent, identity, state};
 
 /// `heartbeat`.
@@ -74,19 +74,24 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     }
 
     let mut slot_report = serde_json::Value::Null;
+    let held = saved.as_ref().and_then(|s| s.slot.zip(s.claim_id.clone()));
+    if let Some((index, _)) = held.as_ref().filter(|(i, _)| *i >= opts.servers) {
+        tracing::warn!(
+            "the state file names server slot {index}, beyond --servers {}: not renewing it",
+            opts.servers
+        );
+    }
     if status.server
-        && let Some((index, claim)) = saved.as_ref().and_then(|s| s.slot.zip(s.claim_id.clone()))
+        && let Some((index, claim)) = held.filter(|(i, _)| *i < opts.servers)
     {
-        let slots = read_slots(store, index + 1).await?;
+        let slot = read_slot(store, index).await?;
         let claims = Claims {
             store,
             me: &me,
             racy: false,
             cluster_id: saved.as_ref().and_then(|s| s.cluster_id.clone()),
         };
-        let renewal = claims
-            .renew(&slots[index as usize], &claim, opts.expiry)
-            .await?;
+        let renewal = claims.renew(&slot, &claim, opts.expiry).await?;
         if let Renewal::HeldBy(holder) = &renewal {
             tracing::error!(
                 "SERVER SLOT LOST: {} is held by {holder}; this node keeps running as a server, \

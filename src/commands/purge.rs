@@ -26,6 +26,7 @@ pub fn doomed(
         .iter()
         .filter(|e| {
             e.parsed.age_seconds(now) >= expiry
+                || e.from_the_future(now, expiry)
                 || own.is_some_and(|(node, keep)| e.parsed.node == node && !keep.contains(&e.key))
         })
         .map(|e| e.key.clone())

@@ -264,22 +264,7 @@ impl Elector<'_> {
             {
                 return self.keep(prev, raft, cluster_id, view).await;
             }
-            let mut step = decision::decide(&view, &self.me.node, self.servers, self.expiry);
-            if raft && matches!(step, Step::Bootstrap { .. }) {
-                // A node with Raft state was a server: it joins, it never bootstraps again.
-                let free = view
-                    .slots
-                    .iter()
-                    .filter(|s| !decision::slot_is_live(s, self.expiry))
-                    .map(|s| {
-                        (
-                            s.index,
-                            s.etag.clone().map_or(Condition::Absent, Condition::Matches),
-                        )
-                    })
-                    .collect();
-                step = Step::Claim(free);
-            }
+            let step = decision::decide(&view, &self.me.node, self.servers, self.expiry, raft);
             tracing::debug!("round {round}: {step:?}");
             let elected = |mode, slot: Option<(u32, String)>, cluster_id, view| Elected {
                 mode,
@@ -290,8 +275,23 @@ impl Elector<'_> {
             };
             match step {
                 Step::Agent => return Ok(elected(Mode::Agent, None, cluster_id, view)),
-                Step::Renew { index, etag } => {
+                Step::Renew {
+                    index,
+                    etag,
+                    bootstrap,
+                } => {
+                    // The bootstrap node whose state file was never written
+                    // is still the one to bootstrap (until Raft state exists).
+                    let mode = if bootstrap && !raft {
+                        Mode::Bootstrap
+                    } else {
+                        Mode::Server
+                    };
                     let held = view.slots[index as usize].record.as_ref();
+                    if self.dry_run {
+                        let claim = held.map(|r| (index, r.claim_id.clone()));
+                        return Ok(elected(mode, claim, cluster_id, view));
+                    }
                     let claim = held.map_or_else(new_id, |r| r.claim_id.clone());
                     let sequence = held.map_or(1, |r| r.sequence + 1);
                     if self
@@ -299,12 +299,7 @@ impl Elector<'_> {
                         .write_slot(index, &claim, sequence, Condition::Matches(etag))
                         .await?
                     {
-                        return Ok(elected(
-                            Mode::Server,
-                            Some((index, claim)),
-                            cluster_id,
-                            view,
-                        ));
+                        return Ok(elected(mode, Some((index, claim)), cluster_id, view));
                     }
                 }
                 Step::Bootstrap { cluster, slot0 } => {
@@ -377,9 +372,21 @@ impl Elector<'_> {
         cluster_id: Option<String>,
         view: RegistryView,
     ) -> Result<Elected> {
+        let others = decision::live_servers(&view, &self.me.node, self.expiry);
         let mode = match prev.mode {
             // Bootstrap only until Raft state exists; a plain server after.
             Mode::Bootstrap if raft => Mode::Server,
+            // Raft state gone (say, a data dir on instance storage) while
+            // other servers live: bootstrapping again would split the
+            // cluster. Join them instead.
+            Mode::Bootstrap if !others.is_empty() => {
+                tracing::warn!(
+                    "this node bootstrapped the cluster but has no Raft state now, and {} other servers are live: \
+                     joining them as a plain server",
+                    others.len()
+                );
+                Mode::Server
+            }
             m => m,
         };
         let elected = Elected {
@@ -429,9 +436,7 @@ impl Elector<'_> {
         let body = serde_json::to_vec(&record)?;
         let won = self
             .claims(None)
-            .put_settled(CLUSTER_KEY, body, condition, |b| {
-                ClusterRecord::parse(b).is_ok_and(|r| r.cluster_id == id)
-            })
+            .put_settled(CLUSTER_KEY, body, condition)
             .await?;
         Ok(won.map(|_| id))
     }
@@ -449,30 +454,39 @@ fn same_cluster(recorded: Option<&String>, current: Option<&String>) -> bool {
 /// Checks the store honours create-only writes; `Ok(true)` means it does
 /// not and the operator accepted the racy fallback.
 async fn check_conditional_writes(store: &dyn Store, allow_racy: bool) -> Result<bool> {
-    // A write conditioned on a version tag that never exists must fail,
-    // whether the key exists (412) or not (404): one round trip, whatever
-    // the registry holds.
-    let body = json!({ "probe": "a write under If-Match of a tag that never exists must fail" });
-    let mut outcome = PutOutcome::Conflict;
-    for _ in 0..3 {
-        outcome = store
-            .put(
-                PROBE_KEY,
-                body.to_string().into_bytes(),
-                Condition::Matches(PROBE_TAG.into()),
+    // Both headers are checked, at once. A write under If-Match of a tag no
+    // store gives must fail, whether the key exists (412) or not (404). A
+    // create-only write must fail once the key exists; the very first one
+    // on a new registry creates it, and only then is a second one needed.
+    let body = json!({ "probe": "conditional writes must be honoured" })
+        .to_string()
+        .into_bytes();
+    let put = |condition: Condition| {
+        let body = body.clone();
+        async move {
+            for _ in 0..3 {
+                match store
+                    .put(PROBE_KEY, body.clone(), condition.clone())
+                    .await?
+                {
+                    PutOutcome::Conflict => continue,
+                    PutOutcome::Unknown(err) => return Err(err),
+                    PutOutcome::PreconditionFailed => return Ok(true),
+                    PutOutcome::Written(_) => return Ok(false),
+                }
+            }
+            anyhow::bail!(
+                "checking that the registry honours conditional writes: conflicts every time; run again"
             )
-            .await?;
-        if !matches!(outcome, PutOutcome::Conflict) {
-            break;
         }
-    }
-    match outcome {
-        PutOutcome::PreconditionFailed => return Ok(false),
-        PutOutcome::Unknown(err) => return Err(err),
-        PutOutcome::Conflict => anyhow::bail!(
-            "checking that the registry honours conditional writes: conflicts every time; run again"
-        ),
-        PutOutcome::Written(_) => {}
+    };
+    let (if_match_refused, create_refused) = tokio::try_join!(
+        put(Condition::Matches(PROBE_TAG.into())),
+        put(Condition::Absent)
+    )?;
+    let honoured = if_match_refused && (create_refused || put(Condition::Absent).await?);
+    if honoured {
+        return Ok(false);
     }
     if allow_racy {
         tracing::warn!(
@@ -482,15 +496,29 @@ async fn check_conditional_writes(store: &dyn Store, allow_racy: bool) -> Result
         return Ok(true);
     }
     Err(usage(
-        "the registry ignores conditional writes (a write under If-Match of a version that does not exist \
-         succeeded), so two nodes booting at once could both bootstrap: use S3 or a store that honours \
-         If-None-Match and If-Match, or pass --allow-racy to accept the original racy behaviour",
+        "the registry ignores conditional writes (a write under If-Match of a version that does not exist, \
+         or a create-only write of an existing key, succeeded), so two nodes booting at once could both \
+         bootstrap: use S3 or a store that honours If-None-Match and If-Match, or pass --allow-racy to \
+         accept the original racy behaviour",
     ))
 }
 
 /// Whether the data dir under the root holds Consul Raft state.
+/// A raft directory that cannot be read counts as state: a node that may
+/// have been a server must never bootstrap.
 fn has_raft_state(root: &Root, data_dir: &Path) -> bool {
-    std::fs::read_dir(root.path(&data_dir.join("raft"))).is_ok_and(|mut d| d.next().is_some())
+    let dir = root.path(&data_dir.join("raft"));
+    match std::fs::read_dir(&dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read {} ({e}): assuming Raft state, so never bootstrapping",
+                dir.display()
+            );
+            true
+        }
+    }
 }
 
 /// Secrets read from the files named by options; never from argv values.

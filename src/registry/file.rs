@@ -17,6 +17,9 @@ use super::{Condition, Listed, Object, PutOutcome, Store};
 use crate::error::usage;
 use crate::model::MAX_BODY_BYTES;
 
+/// How long a conditional write waits for the registry lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A registry in a local directory.
 pub struct FileStore {
     dir: PathBuf,
@@ -55,9 +58,24 @@ impl FileStore {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening the registry lock {}", path.display()))?;
-        file.lock()
-            .with_context(|| format!("locking {}", path.display()))?;
-        Ok(file)
+        // Bounded: a lock held for ever on a shared mount must not hang boot.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                    "the registry lock {} is still held after {}s: is another auto-consul stuck? stop it",
+                    path.display(),
+                    LOCK_WAIT.as_secs()
+                ),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()));
+                }
+            }
+        }
     }
 
     /// Reads a key whole (conditional writes compare version tags of
@@ -127,14 +145,10 @@ impl Store for FileStore {
             if start_after.is_some_and(|after| key.as_str() <= after) {
                 continue;
             }
-            let meta = match entry.metadata() {
-                Ok(m) if m.is_file() => m,
-                _ => continue,
-            };
-            out.push(Listed {
-                key,
-                last_modified: meta.modified().ok().map(DateTime::<Utc>::from),
-            });
+            if !entry.metadata().is_ok_and(|m| m.is_file()) {
+                continue;
+            }
+            out.push(Listed { key });
         }
         Ok(out)
     }

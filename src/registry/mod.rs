@@ -15,7 +15,8 @@ use chrono::{DateTime, Utc};
 pub use file::FileStore;
 pub use s3::S3Store;
 pub use view::{
-    HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, read_slots, read_view,
+    HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, read_slot, read_slots,
+    read_view,
 };
 
 use crate::error::usage;
@@ -25,8 +26,6 @@ use crate::error::usage;
 pub struct Listed {
     /// Key relative to the prefix, e.g. `servers/20240101000000-n1`.
     pub key: String,
-    /// When the store last wrote it.
-    pub last_modified: Option<DateTime<Utc>>,
 }
 
 /// An object read back with its version tag.

@@ -111,7 +111,6 @@ impl Store for S3Store {
                 };
                 out.push(Listed {
                     key: rel.to_string(),
-                    last_modified: to_chrono(obj.last_modified()),
                 });
             }
         }

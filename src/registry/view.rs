@@ -53,6 +53,14 @@ pub struct ClusterView {
     pub age_seconds: u64,
 }
 
+impl HeartbeatEntry {
+    /// Stamped more than `expiry` seconds ahead of `now`: junk, or a clock
+    /// far off. Never live, and purged.
+    pub fn from_the_future(&self, now: DateTime<Utc>, expiry: u64) -> bool {
+        (self.parsed.time - now).num_seconds() > expiry as i64
+    }
+}
+
 /// A heartbeat key as listed, parsed.
 #[derive(Debug, Clone)]
 pub struct HeartbeatEntry {
@@ -98,14 +106,11 @@ pub async fn read_view(
         format!("{}{cutoff}", Role::Servers.dir()),
         format!("{}{cutoff}", Role::Agents.dir()),
     );
-    let (servers, agents, cluster, slot_objs) = tokio::try_join!(
+    let (servers, agents, cluster, slots) = tokio::try_join!(
         store.list(Role::Servers.dir(), Some(&servers_from)),
         store.list(Role::Agents.dir(), Some(&agents_from)),
         store.get(CLUSTER_KEY),
-        stream::iter(0..slots)
-            .map(|i| async move { store.get(&model::slot_key(i)).await })
-            .buffered(READ_CONCURRENCY)
-            .try_collect::<Vec<_>>(),
+        read_slots(store, slots),
     )?;
     let now = Utc::now();
 
@@ -113,11 +118,6 @@ pub async fn read_view(
         live_members(store, parse_listing(servers), now, expiry, usize::MAX),
         live_members(store, parse_listing(agents), now, expiry, agent_limit),
     )?;
-    let slots = slot_objs
-        .into_iter()
-        .zip(0..)
-        .map(|(obj, index)| slot_view(index, obj, now))
-        .collect();
     let cluster = cluster.map(|obj| ClusterView {
         record: ClusterRecord::parse(&obj.body)
             .map_err(|why| tracing::warn!("skipping registry key {CLUSTER_KEY}: {why}"))
@@ -159,6 +159,12 @@ pub async fn read_slots(store: &dyn Store, slots: u32) -> Result<Vec<SlotView>> 
         .zip(0..)
         .map(|(obj, index)| slot_view(index, obj, now))
         .collect())
+}
+
+/// Reads slot `index` alone.
+pub async fn read_slot(store: &dyn Store, index: u32) -> Result<SlotView> {
+    let obj = store.get(&model::slot_key(index)).await?;
+    Ok(slot_view(index, obj, Utc::now()))
 }
 
 fn slot_view(index: u32, obj: Option<super::Object>, now: DateTime<Utc>) -> SlotView {
@@ -218,6 +224,13 @@ async fn live_members(
     let mut newest: HashMap<&str, &HeartbeatEntry> = HashMap::new();
     for e in &entries {
         if e.parsed.age_seconds(now) >= expiry {
+            continue;
+        }
+        if e.from_the_future(now, expiry) {
+            tracing::warn!(
+                "skipping registry key {}: stamped more than {expiry}s in the future",
+                e.key
+            );
             continue;
         }
         let slot = newest.entry(e.parsed.node.as_str()).or_insert(e);

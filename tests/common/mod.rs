@@ -367,3 +367,51 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub fn mode(v: &serde_json::Value) -> String {
     v["mode"].as_str().expect("mode").to_string()
 }
+
+/// `auto-consul run --json` for one node: its registry, root, name, address
+/// and the number of servers wanted.
+pub fn run_cmd(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    servers: u32,
+) -> Command {
+    let mut cmd = auto_consul(moto);
+    cmd.args([
+        "run",
+        "--json",
+        "--registry",
+        registry,
+        "--address",
+        ip,
+        "--node",
+        node,
+    ])
+    .arg("--root")
+    .arg(root)
+    .args(["--servers", &servers.to_string()]);
+    cmd
+}
+
+/// Runs one node to success and returns its JSON output.
+pub fn run_node(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    servers: u32,
+) -> serde_json::Value {
+    ok_json(&output(&mut run_cmd(
+        moto, registry, root, node, ip, servers,
+    )))
+}
+
+/// A heartbeat key's timestamp, `seconds_ago` seconds ago.
+pub fn stamp(seconds_ago: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago))
+        .format("%Y%m%d%H%M%S")
+        .to_string()
+}

@@ -9,7 +9,8 @@ each one a measured difference from the real services:
 * the IMDSv2 token response carries `X-aws-ec2-metadata-token-ttl-seconds`, as
   the real metadata service does (aws-config rejects a token without it);
 * with --ignore-conditions, `If-None-Match` and `If-Match` are stripped from
-  every request: a stand-in for an S3-compatible store that ignores them.
+  every request: a stand-in for an S3-compatible store that ignores them;
+  with --ignore-if-none-match, only `If-None-Match` is.
 
 `GET /_stats` answers the number of requests served so far (for tests and
 benchmarks that count requests); `POST /_stats` sets it back to 0.
@@ -147,7 +148,8 @@ class Serialized:
                 return []
         if self.ignore_conditions:
             environ.pop("HTTP_IF_NONE_MATCH", None)
-            environ.pop("HTTP_IF_MATCH", None)
+            if self.ignore_conditions == "all":
+                environ.pop("HTTP_IF_MATCH", None)
         token_ttl = None
         if path == "/latest/api/token":
             token_ttl = environ.get("HTTP_X_AWS_EC2_METADATA_TOKEN_TTL_SECONDS", "21600")
@@ -181,10 +183,11 @@ def watch_parent():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--ignore-conditions", action="store_true")
+    parser.add_argument("--ignore-conditions", action="store_const", const="all", dest="ignore")
+    parser.add_argument("--ignore-if-none-match", action="store_const", const="if-none-match", dest="ignore")
     parser.add_argument("--delay-ms", type=float, default=0.0)
     args = parser.parse_args()
-    app = Serialized(DomainDispatcherApplication(create_backend_app), args.ignore_conditions, args.delay_ms)
+    app = Serialized(DomainDispatcherApplication(create_backend_app), args.ignore, args.delay_ms)
     server = make_server("127.0.0.1", args.port, app, threaded=True)
     print(f"PORT={server.server_port}", flush=True)
     threading.Thread(target=watch_parent, daemon=True).start()
