@@ -67,33 +67,40 @@ struct Elector<'a> {
 pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
-    let me = identity::resolve(
-        opts.address,
-        opts.node.clone(),
-        Duration::from_secs(opts.imds_timeout),
-    )
-    .await?;
-    // Everything that can fail on local input fails before any claim.
+    // What can fail on local input fails before anything is asked or
+    // claimed; the rest (files that need the identity) before any claim.
     let consul = find_consul(&root)?;
     let auto_consul = own_binary(&root)?;
     let secrets = Secrets::read(opts)?;
+
+    // The identity (IMDS), the check of conditional writes and the first
+    // read of the registry are independent: they run at once. No claim is
+    // made before the check has passed.
+    let identity = identity::resolve(
+        opts.address,
+        opts.node.clone(),
+        Duration::from_secs(opts.imds_timeout),
+    );
+    let registry = async {
+        let opened = open_store(&url).await?;
+        let store = opened.store.as_ref();
+        let probe = async {
+            if dry_run {
+                Ok(false)
+            } else {
+                check_conditional_writes(store, opts.allow_racy).await
+            }
+        };
+        let (racy, view) = tokio::try_join!(
+            probe,
+            read_view(store, opts.servers, opts.expiry, VIEW_AGENTS)
+        )?;
+        Ok::<_, anyhow::Error>((opened, racy, view))
+    };
+    let (me, (opened, racy, first_view)) = tokio::try_join!(identity, registry)?;
+    let store = opened.store;
     let fixed_files = fixed_files(opts, &root, &me, &consul, &auto_consul, &url.to_string())?;
     install::check_writable(&root, &fixed_files)?;
-
-    let opened = open_store(&url).await?;
-    let store = opened.store;
-    // The check of conditional writes and the first read of the registry
-    // are independent: one round trip, not two. No claim is made before
-    // the check has passed.
-    let probe = async {
-        if dry_run {
-            Ok(false)
-        } else {
-            check_conditional_writes(store.as_ref(), opts.allow_racy).await
-        }
-    };
-    let first_read = read_view(store.as_ref(), opts.servers, opts.expiry, VIEW_AGENTS);
-    let (racy, first_view) = tokio::try_join!(probe, first_read)?;
     let raft = has_raft_state(&root, &opts.data_dir);
     let previous = state::load(&root).filter(|s| s.registry == url.to_string());
 

@@ -16,6 +16,8 @@ use crate::model::MAX_BODY_BYTES;
 
 /// S3 allows at most this many keys in one DeleteObjects request.
 const DELETE_BATCH: usize = 1000;
+/// DeleteObjects requests in flight at once.
+const DELETE_CONCURRENCY: usize = 4;
 
 /// A registry under `s3://bucket/prefix`.
 pub struct S3Store {
@@ -51,6 +53,43 @@ impl S3Store {
 
     fn url(&self, key: &str) -> String {
         format!("s3://{}/{}", self.bucket, self.full_key(key))
+    }
+}
+
+impl S3Store {
+    /// One DeleteObjects request; keys S3 could not delete are warned about.
+    async fn delete_batch(&self, batch: &[String]) -> Result<()> {
+        let objects = batch
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(self.full_key(k)).build())
+            .collect::<Result<Vec<_>, _>>()
+            .context("building a DeleteObjects request")?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .context("building a DeleteObjects request")?;
+        let resp = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| {
+                explain(
+                    e,
+                    format!("deleting {} keys under {}", batch.len(), self.url("")),
+                )
+            })?;
+        for err in resp.errors() {
+            tracing::warn!(
+                "could not delete {}: {}",
+                err.key().unwrap_or("?"),
+                err.message().unwrap_or("no message")
+            );
+        }
+        Ok(())
     }
 }
 
@@ -210,40 +249,17 @@ impl Store for S3Store {
     }
 
     async fn delete(&self, keys: &[String]) -> Result<usize> {
-        let mut requests = 0;
-        for batch in keys.chunks(DELETE_BATCH) {
-            let objects = batch
-                .iter()
-                .map(|k| ObjectIdentifier::builder().key(self.full_key(k)).build())
-                .collect::<Result<Vec<_>, _>>()
-                .context("building a DeleteObjects request")?;
-            let delete = Delete::builder()
-                .set_objects(Some(objects))
-                .quiet(true)
-                .build()
-                .context("building a DeleteObjects request")?;
-            let resp = self
-                .client
-                .delete_objects()
-                .bucket(&self.bucket)
-                .delete(delete)
-                .send()
-                .await
-                .map_err(|e| {
-                    explain(
-                        e,
-                        format!("deleting {} keys under {}", batch.len(), self.url("")),
-                    )
-                })?;
-            requests += 1;
-            for err in resp.errors() {
-                tracing::warn!(
-                    "could not delete {}: {}",
-                    err.key().unwrap_or("?"),
-                    err.message().unwrap_or("no message")
-                );
-            }
-        }
+        use futures::stream::{self, StreamExt, TryStreamExt};
+        let requests = keys.len().div_ceil(DELETE_BATCH);
+        // By index: a closure over borrowed slices trips async-trait's
+        // lifetimes.
+        stream::iter(0..requests)
+            .map(|i| {
+                self.delete_batch(&keys[i * DELETE_BATCH..((i + 1) * DELETE_BATCH).min(keys.len())])
+            })
+            .buffer_unordered(DELETE_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
         Ok(requests)
     }
 }
