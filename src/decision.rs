@@ -25,8 +25,8 @@ pub enum Step {
         /// bootstrap node (its state file was lost before it was written).
         bootstrap: bool,
     },
-    /// No live server: race to write the cluster record under this
-    /// condition; the winner bootstraps and takes slot 0.
+    /// No live server: race to take slot 0 under its condition; the winner
+    /// bootstraps and writes the cluster record under its condition.
     Bootstrap {
         /// `Absent` for a new registry, `Matches` for a dead cluster's record.
         cluster: Condition,

@@ -83,7 +83,14 @@ fn three_servers_wanted_gives_bootstrap_two_servers_then_agents() {
 }
 
 /// Starts `count` runs at once on one prefix; returns their modes.
-fn race(moto: &Moto, registry: &str, count: usize, servers: u32, tmp: &Path) -> Vec<String> {
+/// Starts `count` runs at once; returns each one's JSON output and stderr.
+fn race(
+    moto: &Moto,
+    registry: &str,
+    count: usize,
+    servers: u32,
+    tmp: &Path,
+) -> Vec<(Value, String)> {
     let children: Vec<_> = (0..count)
         .map(|i| {
             run_cmd(
@@ -102,8 +109,31 @@ fn race(moto: &Moto, registry: &str, count: usize, servers: u32, tmp: &Path) -> 
         .collect();
     children
         .into_iter()
-        .map(|c| mode(&ok_json(&c.wait_with_output().unwrap())))
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            (
+                ok_json(&out),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
         .collect()
+}
+
+/// Who became what, and what they said, for a failed race's message.
+fn race_report(results: &[(Value, String)]) -> String {
+    results
+        .iter()
+        .map(|(v, err)| {
+            format!(
+                "{} {} slot {} {}",
+                v["node"],
+                v["mode"],
+                v["slot"],
+                err.trim()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -113,13 +143,15 @@ fn racing_nodes_elect_exactly_one_bootstrap_and_exactly_n_servers_on_s3() {
     let (racers, prefixes, servers) = (16, 5, 3);
     for p in 0..prefixes {
         let tmp = tempfile::tempdir().unwrap();
-        let modes = race(
+        let results = race(
             moto,
             &format!("s3://{bucket}/race-{p}"),
             racers,
             servers,
             tmp.path(),
         );
+        let modes: Vec<String> = results.iter().map(|(v, _)| mode(v)).collect();
+        let report = race_report(&results);
         let count = |m: &str| modes.iter().filter(|x| *x == m).count();
         eprintln!(
             "race s3 prefix {p}: {racers} processes, bootstrap {}, server {}, agent {}",
@@ -127,13 +159,13 @@ fn racing_nodes_elect_exactly_one_bootstrap_and_exactly_n_servers_on_s3() {
             count("server"),
             count("agent")
         );
-        assert_eq!(count("bootstrap"), 1, "{modes:?}");
+        assert_eq!(count("bootstrap"), 1, "{report}");
         assert_eq!(
             count("bootstrap") + count("server"),
             servers as usize,
-            "{modes:?}"
+            "{report}"
         );
-        assert_eq!(count("agent"), racers - servers as usize, "{modes:?}");
+        assert_eq!(count("agent"), racers - servers as usize, "{report}");
         let holders: std::collections::HashSet<String> = (0..servers)
             .map(|i| {
                 let body: Value = serde_json::from_str(&get(
@@ -157,13 +189,15 @@ fn racing_nodes_elect_exactly_one_bootstrap_and_exactly_n_servers_on_a_directory
         let tmp = tempfile::tempdir().unwrap();
         let reg = tmp.path().join("registry");
         std::fs::create_dir(&reg).unwrap();
-        let modes = race(
+        let results = race(
             moto,
             &format!("file://{}", reg.display()),
             racers,
             servers,
             tmp.path(),
         );
+        let modes: Vec<String> = results.iter().map(|(v, _)| mode(v)).collect();
+        let report = race_report(&results);
         let count = |m: &str| modes.iter().filter(|x| *x == m).count();
         eprintln!(
             "race file prefix {p}: {racers} processes, bootstrap {}, server {}, agent {}",
@@ -171,13 +205,13 @@ fn racing_nodes_elect_exactly_one_bootstrap_and_exactly_n_servers_on_a_directory
             count("server"),
             count("agent")
         );
-        assert_eq!(count("bootstrap"), 1, "{modes:?}");
+        assert_eq!(count("bootstrap"), 1, "{report}");
         assert_eq!(
             count("bootstrap") + count("server"),
             servers as usize,
-            "{modes:?}"
+            "{report}"
         );
-        assert_eq!(count("agent"), racers - servers as usize, "{modes:?}");
+        assert_eq!(count("agent"), racers - servers as usize, "{report}");
     }
 }
 

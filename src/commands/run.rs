@@ -313,26 +313,31 @@ impl Elector<'_> {
                     if self.dry_run {
                         return Ok(elected(Mode::Bootstrap, None, cluster_id, view));
                     }
-                    if let Some(id) = self.create_cluster(cluster).await? {
+                    // Slot 0 first: the node that takes it is the bootstrap
+                    // node. Joiners only claim once they see a live server,
+                    // and no live server exists before slot 0 is taken, so
+                    // any view of theirs that shows slot 0 free is stale and
+                    // their conditional write on it fails: the bootstrap
+                    // node always holds slot 0, and servers never outnumber
+                    // the slots.
+                    let id = new_id();
+                    let claim = new_id();
+                    if self
+                        .claims(Some(&id))
+                        .write_slot(0, &claim, 1, slot0)
+                        .await?
+                    {
                         if let Some(stale) = &cluster_id {
                             tracing::warn!(
                                 "every server of cluster {stale} is gone: bootstrapping a NEW, EMPTY cluster {id}"
                             );
                         }
-                        let claim = new_id();
-                        let slot = if self
-                            .claims(Some(&id))
-                            .write_slot(0, &claim, 1, slot0)
-                            .await?
-                        {
-                            Some((0, claim))
-                        } else {
-                            tracing::error!(
-                                "bootstrapped cluster {id} but could not take server slot 0"
+                        if !self.write_cluster(&id, cluster).await? {
+                            tracing::warn!(
+                                "holding slot 0 but the cluster record changed under it: bootstrapping anyway"
                             );
-                            None
-                        };
-                        return Ok(elected(Mode::Bootstrap, slot, Some(id), view));
+                        }
+                        return Ok(elected(Mode::Bootstrap, Some((0, claim)), Some(id), view));
                     }
                 }
                 Step::Claim(free) => {
@@ -430,11 +435,10 @@ impl Elector<'_> {
         Ok(elected)
     }
 
-    /// Writes the cluster record; `Some(id)` when this node won.
-    async fn create_cluster(&self, condition: Condition) -> Result<Option<String>> {
-        let id = new_id();
+    /// Writes the cluster record `id`; whether it was written.
+    async fn write_cluster(&self, id: &str, condition: Condition) -> Result<bool> {
         let record = ClusterRecord {
-            cluster_id: id.clone(),
+            cluster_id: id.to_string(),
             bootstrap_node: self.me.node.clone(),
             bootstrap_address: self.me.address,
             servers: self.servers,
@@ -445,7 +449,7 @@ impl Elector<'_> {
             .claims(None)
             .put_settled(CLUSTER_KEY, body, condition)
             .await?;
-        Ok(won.map(|_| id))
+        Ok(won.is_some())
     }
 }
 
