@@ -11,97 +11,15 @@
 //! Run: `cargo bench --bench boot` (release profile). Options after `--`:
 //! `--runs N` (default 11), `--delay-ms D` (default 20).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Moto;
 use serde_json::{Value, json};
-
-struct Moto {
-    port: u16,
-    child: Child,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn python() -> String {
-    std::env::var("AUTO_CONSUL_TEST_PYTHON").unwrap_or_else(|_| {
-        let venv = format!(
-            "{}/.cache/auto-consul-venv/bin/python",
-            std::env::var("HOME").unwrap_or_default()
-        );
-        if Path::new(&venv).exists() {
-            venv
-        } else {
-            "python3".into()
-        }
-    })
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_locked.py");
-        let mut child = Command::new(python())
-            .arg(script)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server (pip install 'moto[server]>=5.1.5')");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("PORT=")
-            .and_then(|p| p.parse().ok())
-            .expect("moto_server port");
-        Moto { port, child }
-    }
-
-    fn call(&self, method: &str, path: &str, body: &str) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
-    }
-
-    fn requests(&self) -> u64 {
-        self.call("GET", "/_stats", "").trim().parse().unwrap()
-    }
-
-    fn delay(&self, ms: f64) {
-        self.call("POST", "/_delay", &ms.to_string());
-    }
-
-    /// Creates the bucket if needed and stores `items` in it.
-    fn seed(&self, bucket: &str, items: Vec<(String, String)>) {
-        let mut chunks: Vec<&[(String, String)]> = items.chunks(20_000).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
-        }
-        for chunk in chunks {
-            self.call(
-                "POST",
-                "/_seed",
-                &json!({ "bucket": bucket, "items": chunk }).to_string(),
-            );
-        }
-    }
-}
 
 /// One measured process: wall time, peak RSS in KiB, stdout.
 struct Measured {
@@ -262,7 +180,7 @@ fn main() {
             _ => {}
         }
     }
-    let moto = Moto::start();
+    let moto = Moto::start(&[]);
     let bucket = "bench";
     moto.seed(bucket, vec![]);
     let tmp = tempfile::tempdir().unwrap();

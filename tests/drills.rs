@@ -354,33 +354,17 @@ fn thousands_of_heartbeats_of_one_node_count_once() {
     let moto = moto();
     let bucket = bucket(moto);
     let p = "drill/many";
-    let client = s3(moto);
     let now = chrono::Utc::now();
-    // 30 live and 1970 expired heartbeats, all of one node.
-    rt().block_on(async {
-        use futures::StreamExt;
-        futures::stream::iter(0..2000i64)
-            .map(|i| {
-                let (client, bucket) = (client.clone(), bucket.clone());
-                // Live ones well inside the expiry; expired ones well past it.
-                let age = if i < 30 { i } else { 200 + i };
-                let stamp = (now - chrono::Duration::seconds(age)).format("%Y%m%d%H%M%S");
-                async move {
-                    let key = format!("{p}/agents/{stamp}-chatty");
-                    client
-                        .put_object()
-                        .bucket(&bucket)
-                        .key(key)
-                        .body(b"10.1.1.1".to_vec().into())
-                        .send()
-                        .await
-                        .unwrap();
-                }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await;
-    });
+    // 30 live and 1970 expired heartbeats, all of one node: live ones well
+    // inside the expiry, expired ones well past it.
+    let items = (0..2000i64)
+        .map(|i| {
+            let age = if i < 30 { i } else { 200 + i };
+            let stamp = (now - chrono::Duration::seconds(age)).format("%Y%m%d%H%M%S");
+            (format!("{p}/agents/{stamp}-chatty"), "10.1.1.1".to_string())
+        })
+        .collect();
+    put_many(moto, &bucket, items);
     let registry = format!("s3://{bucket}/{p}");
     let m = ok_json(&output(auto_consul(moto).args([
         "members",

@@ -199,31 +199,6 @@ fn an_agent_heartbeat_writes_agents_only_and_a_down_agent_writes_nothing() {
     );
 }
 
-/// Writes many objects at once through the test's own S3 client.
-fn put_many(moto: &Moto, bucket: &str, items: Vec<(String, String)>) {
-    use futures::StreamExt;
-    let client = s3(moto);
-    rt().block_on(async {
-        futures::stream::iter(items)
-            .map(|(k, b)| {
-                let client = client.clone();
-                async move {
-                    client
-                        .put_object()
-                        .bucket(bucket)
-                        .key(k)
-                        .body(b.into_bytes().into())
-                        .send()
-                        .await
-                        .unwrap()
-                }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await;
-    });
-}
-
 #[test]
 fn purge_deletes_every_expired_key_in_batches_and_keeps_every_live_one() {
     // Its own moto_server, so that the request count is this test's alone.

@@ -136,6 +136,37 @@ fn race_report(results: &[(Value, String)]) -> String {
         .join("\n")
 }
 
+/// Asserts a race's outcome: one bootstrap, exactly `servers` servers
+/// holding slots 0..servers one each, the rest agents.
+fn check_race(label: &str, results: &[(Value, String)], servers: u32) {
+    let report = race_report(results);
+    let count = |m: &str| results.iter().filter(|(v, _)| mode(v) == m).count();
+    eprintln!(
+        "race {label}: {} processes, bootstrap {}, server {}, agent {}",
+        results.len(),
+        count("bootstrap"),
+        count("server"),
+        count("agent")
+    );
+    assert_eq!(count("bootstrap"), 1, "{report}");
+    assert_eq!(
+        count("bootstrap") + count("server"),
+        servers as usize,
+        "{report}"
+    );
+    assert_eq!(count("agent"), results.len() - servers as usize, "{report}");
+    let mut slots: Vec<u64> = results
+        .iter()
+        .filter_map(|(v, _)| v["slot"].as_u64())
+        .collect();
+    slots.sort();
+    assert_eq!(
+        slots,
+        (0..u64::from(servers)).collect::<Vec<_>>(),
+        "one slot each: {report}"
+    );
+}
+
 #[test]
 fn racing_nodes_elect_exactly_one_bootstrap_and_exactly_n_servers_on_s3() {
     let moto = moto();
@@ -150,34 +181,22 @@ fn racing_nodes_elect_exactly_one_bootstrap_and_exactly_n_servers_on_s3() {
             servers,
             tmp.path(),
         );
-        let modes: Vec<String> = results.iter().map(|(v, _)| mode(v)).collect();
-        let report = race_report(&results);
-        let count = |m: &str| modes.iter().filter(|x| *x == m).count();
-        eprintln!(
-            "race s3 prefix {p}: {racers} processes, bootstrap {}, server {}, agent {}",
-            count("bootstrap"),
-            count("server"),
-            count("agent")
-        );
-        assert_eq!(count("bootstrap"), 1, "{report}");
-        assert_eq!(
-            count("bootstrap") + count("server"),
-            servers as usize,
-            "{report}"
-        );
-        assert_eq!(count("agent"), racers - servers as usize, "{report}");
-        let holders: std::collections::HashSet<String> = (0..servers)
-            .map(|i| {
-                let body: Value = serde_json::from_str(&get(
-                    moto,
-                    &bucket,
-                    &format!("race-{p}/slots/server-{i}"),
-                ))
-                .unwrap();
-                body["node"].as_str().unwrap().to_string()
-            })
+        check_race(&format!("s3 prefix {p}"), &results, servers);
+        // The registry agrees: each slot names a node that runs as a server.
+        let servers_named: std::collections::HashSet<String> = results
+            .iter()
+            .filter(|(v, _)| mode(v) != "agent")
+            .map(|(v, _)| v["node"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(holders.len(), servers as usize, "one slot each");
+        for i in 0..servers {
+            let body: Value =
+                serde_json::from_str(&get(moto, &bucket, &format!("race-{p}/slots/server-{i}")))
+                    .unwrap();
+            assert!(
+                servers_named.contains(body["node"].as_str().unwrap()),
+                "slot {i}: {body}"
+            );
+        }
     }
 }
 
@@ -196,22 +215,7 @@ fn racing_nodes_elect_exactly_one_bootstrap_and_exactly_n_servers_on_a_directory
             servers,
             tmp.path(),
         );
-        let modes: Vec<String> = results.iter().map(|(v, _)| mode(v)).collect();
-        let report = race_report(&results);
-        let count = |m: &str| modes.iter().filter(|x| *x == m).count();
-        eprintln!(
-            "race file prefix {p}: {racers} processes, bootstrap {}, server {}, agent {}",
-            count("bootstrap"),
-            count("server"),
-            count("agent")
-        );
-        assert_eq!(count("bootstrap"), 1, "{report}");
-        assert_eq!(
-            count("bootstrap") + count("server"),
-            servers as usize,
-            "{report}"
-        );
-        assert_eq!(count("agent"), racers - servers as usize, "{report}");
+        check_race(&format!("file prefix {p}"), &results, servers);
     }
 }
 

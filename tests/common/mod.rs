@@ -27,9 +27,20 @@ impl Drop for Moto {
     }
 }
 
-/// The Python that has `moto[server]` (the venv `.ci/run` makes).
+/// The Python that has `moto[server]`: `AUTO_CONSUL_TEST_PYTHON`, else the
+/// venv `.ci/run` makes, else `python3`.
 pub fn python() -> String {
-    std::env::var("AUTO_CONSUL_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+    std::env::var("AUTO_CONSUL_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = format!(
+            "{}/.cache/auto-consul-venv/bin/python",
+            std::env::var("HOME").unwrap_or_default()
+        );
+        if Path::new(&venv).exists() {
+            venv
+        } else {
+            "python3".into()
+        }
+    })
 }
 
 /// Starts a Python helper from tests/support that prints `PORT=<n>` first.
@@ -129,6 +140,24 @@ impl Moto {
     /// How many times each armed rule fired.
     pub fn fired(&self) -> Vec<u64> {
         serde_json::from_str(&http_get(self.port, "/_faults")).expect("a list")
+    }
+
+    /// Holds every request `ms` milliseconds before it is served.
+    pub fn delay(&self, ms: f64) {
+        http(self.port, "POST", "/_delay", &ms.to_string());
+    }
+
+    /// Creates `bucket` if needed and stores `items` straight into moto's
+    /// S3 backend.
+    pub fn seed(&self, bucket: &str, items: Vec<(String, String)>) {
+        let mut chunks: Vec<&[(String, String)]> = items.chunks(20_000).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for chunk in chunks {
+            let body = serde_json::json!({ "bucket": bucket, "items": chunk }).to_string();
+            http(self.port, "POST", "/_seed", &body);
+        }
     }
 
     /// Requests served so far.
@@ -414,4 +443,29 @@ pub fn stamp(seconds_ago: i64) -> String {
     (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago))
         .format("%Y%m%d%H%M%S")
         .to_string()
+}
+
+/// Writes many objects at once through the test's own S3 client.
+pub fn put_many(moto: &Moto, bucket: &str, items: Vec<(String, String)>) {
+    use futures::StreamExt;
+    let client = s3(moto);
+    rt().block_on(async {
+        futures::stream::iter(items)
+            .map(|(k, b)| {
+                let client = client.clone();
+                async move {
+                    client
+                        .put_object()
+                        .bucket(bucket)
+                        .key(k)
+                        .body(b.into_bytes().into())
+                        .send()
+                        .await
+                        .unwrap()
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+    });
 }
