@@ -443,10 +443,10 @@ fn sdk_operation_names() -> BTreeMap<String, &'static str> {
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    if let Some(home) = &cargo_home {
-        if let Ok(registries) = fs::read_dir(home.join("registry/src")) {
-            bases.extend(registries.flatten().map(|e| e.path()));
-        }
+    if let Some(home) = &cargo_home
+        && let Ok(registries) = fs::read_dir(home.join("registry/src"))
+    {
+        bases.extend(registries.flatten().map(|e| e.path()));
     }
     bases.push(root().join("vendor"));
 
