@@ -224,62 +224,33 @@ fn a_registry_written_by_the_original_tool_is_read_right() {
     let moto = moto();
     let bucket = bucket(moto);
     let p = "consul/legacy";
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/servers/{}-web-server-1", stamp(10)),
-        "192.168.50.100",
-    );
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/servers/{}-web-server-1", stamp(70)),
-        "192.168.50.100",
-    );
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/servers/{}-old-server", stamp(500)),
-        "192.168.50.99",
-    );
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/servers/{}-bad-body", stamp(5)),
-        "not an address",
-    );
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/servers/garbage"),
-        "192.168.50.98",
-    );
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/agents/{}-web-server-1", stamp(10)),
-        "192.168.50.100",
-    );
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/agents/{}-agent1", stamp(20)),
-        "192.168.50.101\n",
-    );
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/agents/{}-agent-old", stamp(200)),
-        "192.168.50.102",
-    );
-    put(
-        moto,
-        &bucket,
+    for (key, body) in [
+        (
+            format!("servers/{}-web-server-1", stamp(10)),
+            "192.168.50.100",
+        ),
+        (
+            format!("servers/{}-web-server-1", stamp(70)),
+            "192.168.50.100",
+        ),
+        (
+            format!("servers/{}-old-server", stamp(500)),
+            "192.168.50.99",
+        ),
+        (format!("servers/{}-bad-body", stamp(5)), "not an address"),
+        ("servers/garbage".to_string(), "192.168.50.98"),
+        (
+            format!("agents/{}-web-server-1", stamp(10)),
+            "192.168.50.100",
+        ),
+        (format!("agents/{}-agent1", stamp(20)), "192.168.50.101\n"),
+        (format!("agents/{}-agent-old", stamp(200)), "192.168.50.102"),
         // Listings start at the expiry cut-off (keys sort by time), so junk
         // that sorts before it is never even read; this one sorts after.
-        &format!("{p}/agents/latest-agent2"),
-        "192.168.50.103",
-    );
+        ("agents/latest-agent2".to_string(), "192.168.50.103"),
+    ] {
+        put(moto, &bucket, &format!("{p}/{key}"), body);
+    }
     let registry = format!("s3://{bucket}/{p}");
 
     let out = output(auto_consul(moto).args(["members", "--json", "--registry", &registry]));
