@@ -1,5 +1,9 @@
-//! Asking the local Consul agent how it runs: `GET /v1/agent/self`, with
-//! the standard `CONSUL_HTTP_*` variables the `consul` CLI honours.
+//! Asking the local Consul agent how it runs, with the standard
+//! `CONSUL_HTTP_*` variables the `consul` CLI honours. Liveness and the
+//! Raft peers come from `/v1/status/leader` and `/v1/status/peers`, which
+//! need no ACL token; `/v1/agent/self` (which needs `agent:read`) adds the
+//! agent's own word on its mode when permitted, and a 403 there stops
+//! nothing.
 
 use std::time::Duration;
 
@@ -11,10 +15,24 @@ use crate::error::usage;
 /// What the agent says of itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentStatus {
-    /// `Config.Server`.
-    pub server: bool,
-    /// `Config.NodeName`.
-    pub node_name: String,
+    /// `Config.Server`, when `/v1/agent/self` was permitted.
+    pub server: Option<bool>,
+    /// `Config.NodeName`, when `/v1/agent/self` was permitted.
+    pub node_name: Option<String>,
+    /// The Raft leader's address (`/v1/status/leader`), when there is one.
+    pub leader: Option<String>,
+    /// The Raft peers' addresses (`/v1/status/peers`); empty when unknown.
+    pub peers: Vec<std::net::SocketAddr>,
+}
+
+impl AgentStatus {
+    /// Whether the agent runs as a server: its own word when it could be
+    /// read; otherwise whether `address` is among the Raft peers, or what
+    /// `run` decided (`decided_server`).
+    pub fn is_server(&self, address: std::net::IpAddr, decided_server: bool) -> bool {
+        self.server
+            .unwrap_or_else(|| decided_server || self.peers.iter().any(|p| p.ip() == address))
+    }
 }
 
 #[derive(Deserialize)]
@@ -119,42 +137,99 @@ pub async fn status(token_file: Option<&std::path::Path>) -> Result<AgentStatus>
     let client = builder
         .build()
         .context("building the HTTP client for the Consul agent")?;
-    let url = format!("{}/v1/agent/self", addr.base);
     let shown = addr
         .socket
         .as_ref()
         .map_or_else(|| addr.base.clone(), |s| format!("unix://{s}"));
-    let mut req = client.get(&url);
-    if let Some(token) = token {
-        req = req.header("X-Consul-Token", token);
-    }
-    let resp = req.send().await.map_err(|e| {
+    let get = |path: &str| {
+        let mut req = client.get(format!("{}{path}", addr.base));
+        if let Some(token) = &token {
+            req = req.header("X-Consul-Token", token);
+        }
+        req.send()
+    };
+    let (leader, peers, me) = tokio::join!(
+        get("/v1/status/leader"),
+        get("/v1/status/peers"),
+        get("/v1/agent/self")
+    );
+    // Liveness: the leader endpoint needs no token and answers "" when
+    // there is no leader yet.
+    let leader = leader.map_err(|e| {
         anyhow!(e).context(format!(
             "the local Consul agent at {shown} is not answering: is consul.service running? (set CONSUL_HTTP_ADDR if it listens elsewhere)"
         ))
     })?;
-    let status = resp.status();
+    let status = leader.status();
     if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        let hint = if status.as_u16() == 403 {
-            "set CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE to a token with agent:read"
-        } else {
-            "check the agent's log"
-        };
+        let body = leader.text().await.unwrap_or_default();
         return Err(
             anyhow!("{}", body.trim().chars().take(200).collect::<String>()).context(format!(
-                "the local Consul agent at {shown} answered {status}: {hint}"
+                "the local Consul agent at {shown} answered {status} to /v1/status/leader: check the agent's log"
             )),
         );
     }
-    let parsed: SelfResponse = resp.json().await.with_context(|| {
+    let leader: String = leader.json().await.with_context(|| {
         format!(
-            "the local Consul agent at {shown} answered /v1/agent/self with something unexpected"
+            "the local Consul agent at {shown} answered /v1/status/leader with something unexpected"
         )
     })?;
+    // Peers: a client agent that knows no server answers 500; that is no
+    // reason to stop the heartbeat.
+    let peers: Vec<std::net::SocketAddr> = match peers {
+        Ok(resp) if resp.status().is_success() => resp
+            .json::<Vec<String>>()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        Ok(resp) => {
+            tracing::debug!("/v1/status/peers answered {}", resp.status());
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::debug!("/v1/status/peers: {e}");
+            Vec::new()
+        }
+    };
+    let (server, node_name) = match me {
+        Ok(resp) if resp.status().is_success() => match resp.json::<SelfResponse>().await {
+            Ok(parsed) => (Some(parsed.config.server), Some(parsed.config.node_name)),
+            Err(e) => {
+                tracing::warn!(
+                    "the local Consul agent at {shown} answered /v1/agent/self with something unexpected ({e}); \
+                     going by /v1/status/peers and the mode `run` decided"
+                );
+                (None, None)
+            }
+        },
+        Ok(resp) if resp.status().as_u16() == 403 => {
+            tracing::info!(
+                "/v1/agent/self needs agent:read, which this token lacks: going by /v1/status/peers and the mode `run` decided \
+                 (set CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE to a token with agent:read to ask the agent itself)"
+            );
+            (None, None)
+        }
+        Ok(resp) => {
+            tracing::warn!(
+                "the local Consul agent at {shown} answered {} to /v1/agent/self; going by /v1/status/peers and the mode `run` decided",
+                resp.status()
+            );
+            (None, None)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "asking {shown} for /v1/agent/self failed ({e}); going by /v1/status/peers"
+            );
+            (None, None)
+        }
+    };
     Ok(AgentStatus {
-        server: parsed.config.server,
-        node_name: parsed.config.node_name,
+        server,
+        node_name,
+        leader: Some(leader).filter(|l| !l.is_empty()),
+        peers,
     })
 }
 

@@ -144,7 +144,7 @@ impl Claims<'_> {
         };
         let ours = match claim {
             Some(c) => record.claim_id == c,
-            None => record.node == self.me.node,
+            None => record.held_by(&self.me.node, self.me.instance_id.as_deref()),
         };
         let Some(etag) = slot.etag.clone().filter(|_| ours && !record.released) else {
             return Ok(false);

@@ -60,17 +60,45 @@ pub struct GlobalOpts {
           value_parser = parse_node)]
     pub node: Option<String>,
 
-    /// Desired number of Consul servers (3 or 5 in production).
-    #[arg(short = 's', long, env = "AUTO_CONSUL_SERVERS", value_name = "N", default_value_t = 1,
+    /// Desired number of Consul servers (3 or 5 in production). Seeds a new
+    /// cluster's record; once a cluster exists its record rules (change it
+    /// with `auto-consul cluster set`) [default: 1].
+    #[arg(short = 's', long, env = "AUTO_CONSUL_SERVERS", value_name = "N",
           global = true, value_parser = clap::value_parser!(u32).range(1..=9))]
-    pub servers: u32,
+    pub servers: Option<u32>,
 
-    /// Seconds after which a heartbeat or a server slot expires; the heartbeat
-    /// timer fires every EXPIRY/2 seconds.
+    /// Seconds after which a heartbeat or a server slot expires; the
+    /// heartbeat timer fires every EXPIRY/3 seconds. Seeds a new cluster's
+    /// record, which then rules [default: 120].
     #[arg(short = 'e', long, env = "AUTO_CONSUL_EXPIRY", value_name = "SECONDS",
-          default_value_t = 120, global = true,
-          value_parser = clap::value_parser!(u64).range(2..=86_400))]
-    pub expiry: u64,
+          global = true, value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub expiry: Option<u64>,
+
+    /// The EC2 instance id published in slots and heartbeats [default: IMDS
+    /// instance-id, or the node name when it is one]. For hosts without
+    /// IMDS and for tests; the witness rule asks EC2 about these ids.
+    #[arg(long, env = "AUTO_CONSUL_INSTANCE_ID", value_name = "ID", global = true,
+          value_parser = parse_instance_id)]
+    pub instance_id: Option<String>,
+
+    /// Allow `run` to replace the cluster with this id by a new, empty one
+    /// although its servers are not confirmed gone (the witness rule's way
+    /// out, for one boot; `auto-consul cluster retire ID` is the lasting
+    /// one). Only the id named is replaced.
+    #[arg(
+        long,
+        env = "AUTO_CONSUL_REPLACE_CLUSTER",
+        value_name = "CLUSTER_ID",
+        global = true
+    )]
+    pub replace_cluster: Option<String>,
+
+    /// How long `run` waits, in seconds, for an old cluster's servers to
+    /// come back or be confirmed gone before it fails (exit 1; the boot
+    /// unit retries) [default: the expiry].
+    #[arg(long, env = "AUTO_CONSUL_WITNESS_WAIT", value_name = "SECONDS", global = true,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub witness_wait: Option<u64>,
 
     /// Consul data directory.
     #[arg(short = 'd', long, env = "AUTO_CONSUL_DATA_DIR", value_name = "DIR",
@@ -156,7 +184,7 @@ pub enum Command {
     Members,
     /// Ask the local Consul agent how it runs and publish a heartbeat; a
     /// server also renews its slot. Then purge expired heartbeats. Run by
-    /// auto-consul-heartbeat.timer every EXPIRY/2 seconds.
+    /// auto-consul-heartbeat.timer every EXPIRY/3 seconds.
     Heartbeat,
     /// Delete expired heartbeats (in batches of 1000) and release expired
     /// server slots.
@@ -169,6 +197,57 @@ pub enum Command {
     /// at every boot with the env file) and the env file from the options
     /// given, and enable the unit. Starts nothing; re-running is harmless.
     Install,
+    /// Show or change the cluster record: the cluster id and the settings
+    /// every node adopts (servers, expiry).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+/// What `cluster` does.
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Print the cluster record and the settings that rule.
+    Show,
+    /// Change the cluster's settings: `--servers N` and/or `--expiry
+    /// SECONDS`, written under If-Match so no concurrent change is lost.
+    Set,
+    /// Confirm, as the operator, that every server of cluster CLUSTER_ID is
+    /// gone: once none is live, the next node to boot may start a new
+    /// cluster in its place.
+    Retire {
+        /// The id of the cluster to retire (`auto-consul cluster show`).
+        cluster_id: String,
+    },
+}
+
+impl GlobalOpts {
+    /// `--servers`, or its default.
+    pub fn servers(&self) -> u32 {
+        self.servers.unwrap_or(DEFAULT_SERVERS)
+    }
+
+    /// `--expiry`, or its default.
+    pub fn expiry(&self) -> u64 {
+        self.expiry.unwrap_or(DEFAULT_EXPIRY)
+    }
+}
+
+/// `--servers` when not given.
+pub const DEFAULT_SERVERS: u32 = 1;
+/// `--expiry` when not given.
+pub const DEFAULT_EXPIRY: u64 = 120;
+
+fn parse_instance_id(s: &str) -> Result<String, String> {
+    if crate::model::instance_id_ok(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{}` is not an EC2 instance id (i- then letters and digits)",
+            s.escape_debug()
+        ))
+    }
 }
 
 fn parse_address(s: &str) -> Result<IpAddr, String> {
@@ -210,8 +289,8 @@ mod tests {
             Cli::try_parse_from(["auto-consul", "run", "-r", "file:///x", "-s", "3"]).unwrap();
         assert_eq!(before.global.registry.as_deref(), Some("file:///x"));
         assert_eq!(after.global.registry.as_deref(), Some("file:///x"));
-        assert_eq!(before.global.servers, 3);
-        assert_eq!(after.global.servers, 3);
+        assert_eq!(before.global.servers(), 3);
+        assert_eq!(after.global.servers(), 3);
     }
 
     #[test]

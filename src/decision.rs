@@ -67,10 +67,25 @@ fn pending_bootstrap(view: &RegistryView, expiry: u64) -> Option<&ClusterRecord>
 /// only these), and a bootstrap node that created the cluster record within
 /// the expiry.
 pub fn live_servers(view: &RegistryView, me: &str, expiry: u64) -> Vec<Member> {
+    live_servers_for(view, me, None, expiry)
+}
+
+/// [`live_servers`], where a member of this node's name but another known
+/// instance id (a copy of this node's image with a fixed name) counts.
+pub fn live_servers_for(
+    view: &RegistryView,
+    me: &str,
+    me_instance: Option<&str>,
+    expiry: u64,
+) -> Vec<Member> {
     let mut out: Vec<Member> = Vec::new();
     let mut seen = HashSet::new();
     let mut push = |m: Member, out: &mut Vec<Member>| {
-        if m.node != me && seen.insert(m.node.clone()) {
+        let other_instance = matches!(
+            (m.instance_id.as_deref(), me_instance),
+            (Some(theirs), Some(mine)) if theirs != mine
+        );
+        if (m.node != me || other_instance) && seen.insert(m.node.clone()) {
             out.push(m);
         }
     };
@@ -106,31 +121,57 @@ pub fn live_servers(view: &RegistryView, me: &str, expiry: u64) -> Vec<Member> {
     out
 }
 
-/// Decides the next step for node `me` wanting `wanted` servers; `raft`
-/// when this node's data dir holds Raft state (it was a server: it never
-/// bootstraps).
-pub fn decide(view: &RegistryView, me: &str, wanted: u32, expiry: u64, raft: bool) -> Step {
-    if let Some(slot) = view
-        .slots
-        .iter()
-        .find(|s| slot_is_live(s, expiry) && s.record.as_ref().is_some_and(|r| r.node == me))
-    {
-        let created_by_me = view
-            .cluster
-            .as_ref()
-            .and_then(|c| c.record.as_ref())
-            .is_some_and(|c| {
-                c.bootstrap_node == me
-                    && slot.record.as_ref().and_then(|r| r.cluster_id.as_deref())
-                        == Some(c.cluster_id.as_str())
-            });
+/// The cluster whose bootstrap is under way: slot 0 is live and was
+/// claimed for cluster Y (not by `me`), and the record does not name Y yet.
+/// Until it does, Y's settings are unknown: a joiner that decided on the
+/// old record's (or its own) could claim a slot Y does not want.
+pub fn bootstrap_in_progress(
+    view: &RegistryView,
+    me: &str,
+    me_instance: Option<&str>,
+    expiry: u64,
+) -> Option<String> {
+    let slot0 = view.slots.first().filter(|s| slot_is_live(s, expiry))?;
+    let holder = slot0.record.as_ref()?;
+    let y = holder.cluster_id.as_ref()?;
+    let named = view.record().is_some_and(|r| r.cluster_id == *y);
+    (!named && !holder.held_by(me, me_instance)).then(|| y.clone())
+}
+
+/// Decides the next step for node `me` (instance `me_instance`, when
+/// known) wanting `wanted` servers; `raft` when this node's data dir holds
+/// Raft state (it was a server: it never bootstraps).
+pub fn decide(
+    view: &RegistryView,
+    me: &str,
+    me_instance: Option<&str>,
+    wanted: u32,
+    expiry: u64,
+    raft: bool,
+) -> Step {
+    if let Some(slot) = view.slots.iter().find(|s| {
+        slot_is_live(s, expiry)
+            && s.record
+                .as_ref()
+                .is_some_and(|r| r.held_by(me, me_instance))
+    }) {
+        // Slot 0 claimed for cluster X makes this node X's bootstrap node
+        // when the record names X and this node, or names no X at all: a
+        // bootstrap interrupted between taking slot 0 and writing the
+        // record is finished, not abandoned.
+        let slot_cluster = slot.record.as_ref().and_then(|r| r.cluster_id.as_deref());
+        let created_by_me = match (slot_cluster, view.record()) {
+            (Some(x), Some(c)) if c.cluster_id == x => c.bootstrap_node == me,
+            (Some(_), _) => true,
+            (None, _) => false,
+        };
         return Step::Renew {
             index: slot.index,
             etag: slot.etag.clone().unwrap_or_default(),
             bootstrap: slot.index == 0 && created_by_me,
         };
     }
-    let live = live_servers(view, me, expiry).len();
+    let live = live_servers_for(view, me, me_instance, expiry).len();
     if live >= wanted as usize {
         return Step::Agent;
     }
@@ -221,6 +262,10 @@ mod tests {
     fn view(slots: u32) -> RegistryView {
         RegistryView {
             now: chrono::Utc::now(),
+            settings: crate::model::Settings {
+                servers: slots,
+                expiry: 120,
+            },
             servers: vec![],
             agents: vec![],
             slots: (0..slots)
@@ -267,7 +312,9 @@ mod tests {
                 bootstrap_node: node.into(),
                 bootstrap_address: "10.0.0.1".parse().unwrap(),
                 servers: 3,
+                expiry: None,
                 created: String::new(),
+                retired: false,
             }),
         });
     }
@@ -275,7 +322,7 @@ mod tests {
     #[test]
     fn empty_registry_bootstraps_by_creating_the_cluster_record() {
         assert_eq!(
-            decide(&view(3), "me", 3, 120, false),
+            decide(&view(3), "me", None, 3, 120, false),
             Step::Bootstrap {
                 cluster: Condition::Absent,
                 slot0: Condition::Absent
@@ -288,10 +335,10 @@ mod tests {
         let mut v = view(3);
         cluster(&mut v, "boot", 1);
         assert_eq!(
-            decide(&v, "me", 3, 120, false),
+            decide(&v, "me", None, 3, 120, false),
             Step::Claim(vec![(1, Condition::Absent), (2, Condition::Absent)])
         );
-        assert_eq!(decide(&v, "me", 1, 120, false), Step::Agent);
+        assert_eq!(decide(&v, "me", None, 1, 120, false), Step::Agent);
     }
 
     #[test]
@@ -300,7 +347,7 @@ mod tests {
         cluster(&mut v, "boot", 500);
         hold(&mut v, 0, "boot", "10.0.0.1", 500);
         assert_eq!(
-            decide(&v, "me", 1, 120, false),
+            decide(&v, "me", None, 1, 120, false),
             Step::Bootstrap {
                 cluster: Condition::Matches("\"cl\"".into()),
                 slot0: Condition::Matches("\"e0\"".into())
@@ -328,7 +375,7 @@ mod tests {
         hold(&mut v, 0, "a", "10.0.0.1", 5);
         hold(&mut v, 1, "b", "10.0.0.2", 5);
         v.servers.push(member("c", "10.0.0.3", 3));
-        assert_eq!(decide(&v, "me", 3, 120, false), Step::Agent);
+        assert_eq!(decide(&v, "me", None, 3, 120, false), Step::Agent);
     }
 
     #[test]
@@ -339,7 +386,7 @@ mod tests {
         hold(&mut v, 2, "c", "10.0.0.3", 1);
         v.slots[2].record.as_mut().unwrap().released = true;
         assert_eq!(
-            decide(&v, "me", 3, 120, false),
+            decide(&v, "me", None, 3, 120, false),
             Step::Claim(vec![
                 (1, Condition::Matches("\"e1\"".into())),
                 (2, Condition::Matches("\"e2\"".into()))
@@ -355,7 +402,7 @@ mod tests {
         v.servers.push(member("old-1", "10.0.0.1", 3));
         v.servers.push(member("old-2", "10.0.0.2", 3));
         assert_eq!(
-            decide(&v, "me", 3, 120, false),
+            decide(&v, "me", None, 3, 120, false),
             Step::Claim(vec![(0, Condition::Absent)])
         );
     }
@@ -363,7 +410,7 @@ mod tests {
     #[test]
     fn a_node_with_raft_state_claims_instead_of_bootstrapping() {
         assert_eq!(
-            decide(&view(2), "me", 2, 120, true),
+            decide(&view(2), "me", None, 2, 120, true),
             Step::Claim(vec![(0, Condition::Absent), (1, Condition::Absent)])
         );
     }
@@ -375,7 +422,7 @@ mod tests {
         hold(&mut v, 0, "me", "10.0.0.1", 2);
         v.slots[0].record.as_mut().unwrap().cluster_id = Some("id".into());
         assert_eq!(
-            decide(&v, "me", 3, 120, false),
+            decide(&v, "me", None, 3, 120, false),
             Step::Renew {
                 index: 0,
                 etag: "\"e0\"".into(),
@@ -385,10 +432,94 @@ mod tests {
     }
 
     #[test]
+    fn a_bootstrap_interrupted_before_its_record_is_finished_by_its_node_only() {
+        // Slot 0 taken for cluster "new", no record of it: its holder is
+        // the bootstrap node (it writes the record), whoever else looks.
+        let mut v = view(3);
+        hold(&mut v, 0, "me", "10.0.0.1", 2);
+        v.slots[0].record.as_mut().unwrap().cluster_id = Some("new".into());
+        let renew = decide(&v, "me", None, 3, 120, false);
+        assert!(
+            matches!(
+                renew,
+                Step::Renew {
+                    index: 0,
+                    bootstrap: true,
+                    ..
+                }
+            ),
+            "{renew:?}"
+        );
+        // Still so when an older cluster's record is there.
+        cluster(&mut v, "someone-else", 500);
+        let renew = decide(&v, "me", None, 3, 120, false);
+        assert!(
+            matches!(
+                renew,
+                Step::Renew {
+                    index: 0,
+                    bootstrap: true,
+                    ..
+                }
+            ),
+            "{renew:?}"
+        );
+        // A server that took over slot 0 of a cluster bootstrapped by
+        // another node is a plain server.
+        v.slots[0].record.as_mut().unwrap().cluster_id = Some("id".into());
+        let renew = decide(&v, "me", None, 3, 120, false);
+        assert!(
+            matches!(
+                renew,
+                Step::Renew {
+                    index: 0,
+                    bootstrap: false,
+                    ..
+                }
+            ),
+            "{renew:?}"
+        );
+        // Others see a live server, and claim the remaining slots.
+        v.cluster = None;
+        v.slots[0].record.as_mut().unwrap().cluster_id = Some("new".into());
+        assert_eq!(
+            decide(&v, "other", None, 3, 120, false),
+            Step::Claim(vec![(1, Condition::Absent), (2, Condition::Absent)])
+        );
+    }
+
+    #[test]
+    fn a_bootstrap_under_way_is_seen_by_others_only() {
+        let mut v = view(3);
+        hold(&mut v, 0, "boot", "10.0.0.1", 1);
+        v.slots[0].record.as_mut().unwrap().cluster_id = Some("new".into());
+        assert_eq!(
+            bootstrap_in_progress(&v, "me", None, 120).as_deref(),
+            Some("new")
+        );
+        assert_eq!(bootstrap_in_progress(&v, "boot", None, 120), None);
+        // An older cluster's record does not name it either.
+        cluster(&mut v, "someone", 500);
+        assert!(bootstrap_in_progress(&v, "me", None, 120).is_some());
+        // Once the record names it, or once slot 0 expires, it is not.
+        v.cluster
+            .as_mut()
+            .unwrap()
+            .record
+            .as_mut()
+            .unwrap()
+            .cluster_id = "new".into();
+        assert_eq!(bootstrap_in_progress(&v, "me", None, 120), None);
+        v.cluster = None;
+        v.slots[0].age_seconds = 121;
+        assert_eq!(bootstrap_in_progress(&v, "me", None, 120), None);
+    }
+
+    #[test]
     fn the_original_tools_servers_count() {
         let mut v = view(1);
         v.servers.push(member("server1", "192.168.50.100", 30));
-        assert_eq!(decide(&v, "agent1", 1, 120, false), Step::Agent);
+        assert_eq!(decide(&v, "agent1", None, 1, 120, false), Step::Agent);
     }
 
     #[test]
@@ -396,8 +527,20 @@ mod tests {
         let mut v = view(1);
         v.servers.push(member("me", "10.0.0.9", 3));
         assert!(matches!(
-            decide(&v, "me", 1, 120, false),
+            decide(&v, "me", None, 1, 120, false),
             Step::Bootstrap { .. }
+        ));
+    }
+
+    #[test]
+    fn a_node_of_the_same_name_on_another_instance_does_not_hold_the_slot() {
+        let mut v = view(1);
+        hold(&mut v, 0, "me", "10.0.0.9", 3);
+        v.slots[0].record.as_mut().unwrap().instance_id = Some("i-0aaa".into());
+        assert_eq!(decide(&v, "me", Some("i-0bbb"), 1, 120, false), Step::Agent);
+        assert!(matches!(
+            decide(&v, "me", Some("i-0aaa"), 1, 120, false),
+            Step::Renew { index: 0, .. }
         ));
     }
 
@@ -406,7 +549,7 @@ mod tests {
         let mut v = view(3);
         hold(&mut v, 2, "me", "10.0.0.9", 3);
         assert_eq!(
-            decide(&v, "me", 3, 120, false),
+            decide(&v, "me", None, 3, 120, false),
             Step::Renew {
                 index: 2,
                 etag: "\"e2\"".into(),

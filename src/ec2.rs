@@ -1,7 +1,9 @@
-//! Checking members against EC2: instances that EC2 reports as stopped or
-//! going away are not worth joining. Best effort: any failure keeps them.
+//! Asking EC2 about members: instances that EC2 reports as stopped or
+//! going away are not worth joining (best effort: any failure keeps them),
+//! and an old cluster's servers are confirmed gone only on EC2's word
+//! (the witness rule: any failure confirms nothing).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
@@ -11,20 +13,35 @@ use futures::future::join_all;
 /// values in one filter).
 const BATCH: usize = 200;
 
-/// The instances among `ids` that EC2 reports as stopped, stopping,
-/// shutting down or terminated. Ids are asked through an `instance-id`
-/// filter, so an id EC2 does not know (another account or region, long
-/// gone) is simply absent from the answer and kept, and cannot hide the
-/// state of the others. Without permission, or on any error: a warning and
-/// nothing dropped.
-pub async fn not_running(config: &aws_config::SdkConfig, ids: &[String]) -> HashSet<String> {
-    if ids.is_empty() {
-        return HashSet::new();
-    }
+/// What EC2 says of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Witness {
+    /// Pending, running, or a state this build does not know: the member
+    /// may well be alive.
+    Running,
+    /// Stopped, stopping, shutting down or terminated (the state named).
+    Gone(String),
+    /// EC2 does not know the id (terminated long ago, or another account
+    /// or region).
+    Unknown,
+}
+
+/// EC2's word on each of `ids`, one result per batch of [`BATCH`] ids, the
+/// batches asked at once. Ids are asked through an `instance-id` filter, so
+/// an id EC2 does not know is simply absent from the answer ([`Witness::Unknown`])
+/// and cannot hide the state of the others.
+async fn ask(
+    config: &aws_config::SdkConfig,
+    ids: &[String],
+) -> Vec<Result<HashMap<String, Witness>, String>> {
     let client = aws_sdk_ec2::Client::new(config);
     let batches = ids.chunks(BATCH).map(|batch| {
         let client = client.clone();
         async move {
+            let mut out: HashMap<String, Witness> = batch
+                .iter()
+                .map(|id| (id.clone(), Witness::Unknown))
+                .collect();
             let filter = Filter::builder()
                 .name("instance-id")
                 .set_values(Some(batch.to_vec()))
@@ -34,45 +51,74 @@ pub async fn not_running(config: &aws_config::SdkConfig, ids: &[String]) -> Hash
                 .filters(filter)
                 .into_paginator()
                 .send();
-            let mut dead = Vec::new();
             while let Some(page) = pages.next().await {
-                let page = page?;
+                let page = page.map_err(|e| {
+                    let hint = match e.code() {
+                        Some("UnauthorizedOperation") => {
+                            "the instance role lacks ec2:DescribeInstances"
+                        }
+                        _ => "EC2 could not be asked",
+                    };
+                    format!("{hint}: {}", DisplayErrorContext(&e))
+                })?;
                 for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                    let state = instance.state().and_then(|s| s.name());
-                    let gone = matches!(
-                        state,
+                    let Some(id) = instance.instance_id() else {
+                        continue;
+                    };
+                    let word = match instance.state().and_then(|s| s.name()) {
                         Some(
-                            InstanceStateName::Stopped
-                                | InstanceStateName::Stopping
-                                | InstanceStateName::ShuttingDown
-                                | InstanceStateName::Terminated
-                        )
-                    );
-                    if gone && let Some(id) = instance.instance_id() {
-                        dead.push(id.to_string());
+                            s @ (InstanceStateName::Stopped
+                            | InstanceStateName::Stopping
+                            | InstanceStateName::ShuttingDown
+                            | InstanceStateName::Terminated),
+                        ) => Witness::Gone(s.as_str().to_string()),
+                        _ => Witness::Running,
+                    };
+                    if let Some(slot) = out.get_mut(id) {
+                        *slot = word;
                     }
                 }
             }
-            Ok::<_, aws_sdk_ec2::error::SdkError<_>>(dead)
+            Ok(out)
         }
     });
+    join_all(batches).await
+}
+
+/// The instances among `ids` that EC2 reports as stopped, stopping,
+/// shutting down or terminated. An id EC2 does not know is kept. Without
+/// permission, or on any error: a warning, and nothing of that batch
+/// dropped.
+pub async fn not_running(config: &aws_config::SdkConfig, ids: &[String]) -> HashSet<String> {
+    if ids.is_empty() {
+        return HashSet::new();
+    }
     let mut out = HashSet::new();
-    for result in join_all(batches).await {
+    for result in ask(config, ids).await {
         match result {
-            Ok(dead) => out.extend(dead),
+            Ok(words) => out.extend(
+                words
+                    .into_iter()
+                    .filter(|(_, w)| matches!(w, Witness::Gone(_)))
+                    .map(|(id, _)| id),
+            ),
             Err(e) => {
-                let hint = match e.code() {
-                    Some("UnauthorizedOperation") => {
-                        "the instance role lacks ec2:DescribeInstances"
-                    }
-                    _ => "EC2 could not be asked",
-                };
-                tracing::warn!(
-                    "not checking members against EC2 ({hint}); joining them unchecked: {}",
-                    DisplayErrorContext(&e)
-                );
+                tracing::warn!("not checking members against EC2; joining them unchecked: {e}")
             }
         }
     }
     out
+}
+
+/// EC2's word on each of `ids`, for the witness rule. Any failure (no
+/// permission, no endpoint) is an error: silence is never an answer.
+pub async fn witness(
+    config: &aws_config::SdkConfig,
+    ids: &[String],
+) -> anyhow::Result<HashMap<String, Witness>> {
+    let mut out = HashMap::new();
+    for result in ask(config, ids).await {
+        out.extend(result.map_err(anyhow::Error::msg)?);
+    }
+    Ok(out)
 }

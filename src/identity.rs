@@ -22,7 +22,34 @@ pub struct Identity {
 
 /// Resolves the identity, asking IMDS only for what was not given, all
 /// within one overall `wait` (IMDS can be slow in the first seconds of boot).
+/// `--instance-id`, when given, is the instance id (and the node name when
+/// `--node` is not given), and IMDS is not asked for it.
 pub async fn resolve(
+    address: Option<IpAddr>,
+    node: Option<String>,
+    instance_id: Option<String>,
+    wait: Duration,
+) -> Result<Identity> {
+    let given_id = instance_id.clone();
+    let identity = resolve_inner(address, node.or(instance_id), wait).await?;
+    Ok(Identity {
+        instance_id: given_id.or(identity.instance_id),
+        ..identity
+    })
+}
+
+/// The identity from the options shared by every command.
+pub async fn of(opts: &crate::cli::GlobalOpts) -> Result<Identity> {
+    resolve(
+        opts.address,
+        opts.node.clone(),
+        opts.instance_id.clone(),
+        Duration::from_secs(opts.imds_timeout),
+    )
+    .await
+}
+
+async fn resolve_inner(
     address: Option<IpAddr>,
     node: Option<String>,
     wait: Duration,

@@ -160,11 +160,6 @@ impl HeartbeatKey {
     pub fn name(&self) -> String {
         format!("{}-{}", self.time.format(KEY_TIME_FORMAT), self.node)
     }
-
-    /// Whole seconds since the heartbeat, never negative.
-    pub fn age_seconds(&self, now: DateTime<Utc>) -> u64 {
-        age_seconds(self.time, now)
-    }
 }
 
 /// Whole seconds from `then` to `now`, 0 when `then` is in the future.
@@ -255,6 +250,17 @@ pub struct SlotRecord {
 }
 
 impl SlotRecord {
+    /// Whether this record names the node `node` with instance `instance`:
+    /// the same name, and not another instance id when both are known (a
+    /// node started from an image with a fixed name is not the holder).
+    pub fn held_by(&self, node: &str, instance: Option<&str>) -> bool {
+        self.node == node
+            && match (self.instance_id.as_deref(), instance) {
+                (Some(theirs), Some(mine)) => theirs == mine,
+                _ => true,
+            }
+    }
+
     /// Parses and checks a slot body.
     pub fn parse(body: &[u8]) -> Result<SlotRecord, String> {
         if body.len() > MAX_BODY_BYTES {
@@ -276,6 +282,21 @@ impl SlotRecord {
     }
 }
 
+/// The most servers a cluster can want (`--servers`).
+pub const MAX_SERVERS: u32 = 9;
+/// The range of `--expiry`, in seconds.
+pub const EXPIRY_RANGE: std::ops::RangeInclusive<u64> = 2..=86_400;
+
+/// The settings every node of a cluster must agree on. The cluster record
+/// holds them; a node's own flags only seed a new cluster's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Settings {
+    /// Desired number of servers (slots `0..servers`).
+    pub servers: u32,
+    /// Seconds after which a heartbeat or a server slot expires.
+    pub expiry: u64,
+}
+
 /// The `cluster` record, created by the bootstrap node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterRecord {
@@ -285,10 +306,20 @@ pub struct ClusterRecord {
     pub bootstrap_node: String,
     /// The bootstrap node's address.
     pub bootstrap_address: IpAddr,
-    /// Desired number of servers when it was created.
+    /// Desired number of servers; rules every node of the cluster.
     pub servers: u32,
+    /// Heartbeat and slot expiry, seconds; rules every node of the
+    /// cluster. Absent in records written before it was kept here: the
+    /// node's own `--expiry` then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<u64>,
     /// Creation time, RFC 3339.
     pub created: String,
+    /// Set by `auto-consul cluster retire`: an operator has confirmed that
+    /// every server of this cluster is gone, so once none is live a new
+    /// cluster may replace it (the witness rule's way out).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
 
 impl ClusterRecord {
@@ -305,8 +336,32 @@ impl ClusterRecord {
         if !registry_node_name_ok(&rec.bootstrap_node) {
             return Err("cluster record names an invalid node".to_string());
         }
+        if !registry_node_name_ok(&rec.cluster_id) {
+            return Err("cluster record has an invalid cluster id".to_string());
+        }
         validate_address(&rec.bootstrap_address.to_string())?;
+        if !(1..=MAX_SERVERS).contains(&rec.servers) {
+            return Err(format!(
+                "cluster record wants {} servers, outside 1..={MAX_SERVERS}",
+                rec.servers
+            ));
+        }
+        if let Some(e) = rec.expiry.filter(|e| !EXPIRY_RANGE.contains(e)) {
+            return Err(format!(
+                "cluster record has an expiry of {e}s, outside {}..={}",
+                EXPIRY_RANGE.start(),
+                EXPIRY_RANGE.end()
+            ));
+        }
         Ok(rec)
+    }
+
+    /// The settings this record rules, `seed` filling what it lacks.
+    pub fn settings(&self, seed: Settings) -> Settings {
+        Settings {
+            servers: self.servers,
+            expiry: self.expiry.unwrap_or(seed.expiry),
+        }
     }
 }
 

@@ -179,11 +179,13 @@ pub fn heartbeat_service(auto_consul: &str, env_file: &str) -> String {
     )
 }
 
-/// The timer: every `expiry/2` seconds, to the second, with a small random
+/// The timer: every `expiry/3` seconds, to the second, with a small random
 /// delay so that a fleet booted together does not write in lockstep.
 pub fn heartbeat_timer(expiry: u64) -> String {
-    let every = (expiry / 2).max(1);
-    let jitter = (expiry / 10).min(10);
+    // Two runs may fail in a row (a Consul restart) and the slot still
+    // lives: at most every expiry/3, with a jitter well inside it.
+    let every = (expiry / 3).max(1);
+    let jitter = (expiry / 30).min(5);
     let jitter = if jitter > 0 {
         format!("RandomizedDelaySec={jitter}s\n")
     } else {
@@ -234,19 +236,65 @@ pub fn boot_unit(auto_consul: &str, env_file: &str) -> String {
 }
 
 /// The env file shared by `run`, the heartbeat service and the boot unit:
-/// `KEY='value'` lines, readable by systemd and by a shell alike.
-pub fn env_file(vars: &[(&str, String)]) -> Result<String> {
-    let mut out = String::from("# Written by auto-consul: the settings `run` resolved.\n");
-    for (key, value) in vars {
+/// `vars` merged into the file as it is (`existing`). The operator's lines
+/// are kept verbatim and in place: comments, blank lines and every
+/// variable auto-consul does not set (`AWS_REGION`, `HTTPS_PROXY`, ...).
+/// A line setting one of `vars` gets the new value where it stands; the
+/// rest of `vars` are appended.
+pub fn env_file(existing: Option<&str>, vars: &[(&str, String)]) -> Result<String> {
+    let line = |key: &str, value: &str| -> Result<String> {
         if value.contains(['\'', '\n', '\r', '\0']) {
             bail!(
                 "the value of {key} contains a quote or a line break, which the env file cannot hold"
             );
         }
-        out.push_str(&format!("{key}='{value}'\n"));
+        Ok(format!("{key}='{value}'"))
+    };
+    let mut out = String::new();
+    let mut done = std::collections::HashSet::new();
+    match existing {
+        Some(text) => {
+            for raw in text.lines() {
+                let (key, value) = raw.split_once('=').unwrap_or((raw, ""));
+                let key = key.trim();
+                match vars.iter().find(|(k, _)| raw.contains('=') && *k == key) {
+                    // The same value, however quoted: the line stays as
+                    // the operator wrote it.
+                    Some((k, v)) if unquote(value) == v => {
+                        out.push_str(raw);
+                        done.insert(*k);
+                    }
+                    Some((k, v)) => {
+                        out.push_str(&line(k, v)?);
+                        done.insert(*k);
+                    }
+                    None => out.push_str(raw),
+                }
+                out.push('\n');
+            }
+        }
+        None => out.push_str(ENV_HEADER),
+    }
+    for (k, v) in vars.iter().filter(|(k, _)| !done.contains(k)) {
+        out.push_str(&line(k, v)?);
+        out.push('\n');
     }
     Ok(out)
 }
+
+/// An env file value without its surrounding quotes.
+fn unquote(value: &str) -> &str {
+    let v = value.trim();
+    for q in ['\'', '"'] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
+            return inner;
+        }
+    }
+    v
+}
+
+/// The first line of an env file auto-consul creates.
+const ENV_HEADER: &str = "# auto-consul settings; `run` updates the AUTO_CONSUL_* lines it sets and keeps every other line.\n";
 
 #[cfg(test)]
 mod tests {
@@ -331,13 +379,26 @@ mod tests {
     #[test]
     fn env_file_refuses_values_it_cannot_quote() {
         assert_eq!(
-            env_file(&[("A", "s3://b/p".into())])
+            env_file(None, &[("A", "s3://b/p".into())])
                 .unwrap()
                 .lines()
                 .nth(1),
             Some("A='s3://b/p'")
         );
-        assert!(env_file(&[("A", "x'y".into())]).is_err());
-        assert!(env_file(&[("A", "x\ny".into())]).is_err());
+        assert!(env_file(None, &[("A", "x'y".into())]).is_err());
+        assert!(env_file(None, &[("A", "x\ny".into())]).is_err());
+    }
+
+    #[test]
+    fn env_file_keeps_the_operators_lines_in_place() {
+        let operator = "# proxy for S3\nHTTPS_PROXY=http://proxy:3128\nA='old'\n\nAWS_REGION=eu-west-1\nA=again\nC=\"same\"\n";
+        let vars = [("A", "new".into()), ("B", "b".into()), ("C", "same".into())];
+        let merged = env_file(Some(operator), &vars).unwrap();
+        assert_eq!(
+            merged,
+            "# proxy for S3\nHTTPS_PROXY=http://proxy:3128\nA='new'\n\nAWS_REGION=eu-west-1\nA='new'\nC=\"same\"\nB='b'\n"
+        );
+        // Merging again changes nothing.
+        assert_eq!(env_file(Some(&merged), &vars).unwrap(), merged);
     }
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::Identity;
 use crate::install::{FileSpec, Root};
 use crate::model::Mode;
 
@@ -53,6 +54,35 @@ pub fn load(root: &Root) -> Option<State> {
     serde_json::from_slice(&text)
         .map_err(|e| tracing::warn!("ignoring corrupt state file {}: {e}", path.display()))
         .ok()
+}
+
+/// The state of this node for `registry`: `None` when there is none, when
+/// it is for another registry, or (with a warning) when another instance or
+/// node wrote it: a state file copied in an image made from a configured
+/// node must never make this node a server or let it renew a slot.
+pub fn load_for(root: &Root, registry: &str, me: &Identity) -> Option<State> {
+    let state = load(root)?;
+    if state.registry != registry {
+        return None;
+    }
+    let path = root.path(Path::new(STATE_PATH));
+    let other_instance = matches!(
+        (&state.instance_id, &me.instance_id),
+        (Some(theirs), Some(mine)) if theirs != mine
+    );
+    if other_instance || state.node != me.node {
+        tracing::warn!(
+            "ignoring state file {}: it was written by node {} (instance {}), and this is node {} (instance {}); \
+             an image made from a configured node? deciding afresh",
+            path.display(),
+            state.node,
+            state.instance_id.as_deref().unwrap_or("unknown"),
+            me.node,
+            me.instance_id.as_deref().unwrap_or("unknown"),
+        );
+        return None;
+    }
+    Some(state)
 }
 
 /// The state file to write.

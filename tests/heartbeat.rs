@@ -41,6 +41,7 @@ fn run_exp(
     )))
 }
 
+/// A heartbeat with a given expiry.
 fn heartbeat_cmd(
     moto: &Moto,
     registry: &str,
@@ -50,23 +51,10 @@ fn heartbeat_cmd(
     agent: &str,
     expiry: u64,
 ) -> Command {
-    let mut cmd = auto_consul(moto);
-    cmd.args([
-        "heartbeat",
-        "--json",
-        "--registry",
-        registry,
-        "--address",
-        ip,
-        "--node",
-        node,
-    ])
-    .arg("--root")
-    .arg(root)
-    .args(["--expiry", &expiry.to_string()])
-    // As many slots as any test here wants; the env file gives it in production.
-    .args(["--servers", "3"])
-    .env("CONSUL_HTTP_ADDR", agent);
+    let mut cmd = common::heartbeat_cmd(moto, registry, root, node, ip, agent);
+    cmd.args(["--expiry", &expiry.to_string()])
+        // As many slots as any test here wants; the env file gives it in production.
+        .args(["--servers", "3"]);
     cmd
 }
 
@@ -161,7 +149,11 @@ fn an_agent_heartbeat_writes_agents_only_and_a_down_agent_writes_nothing() {
     assert!(keys(moto, &bucket, "hb/agent/servers/").is_empty());
     assert_eq!(keys(moto, &bucket, "hb/agent/agents/").len(), 1);
 
-    // Without the token the agent refuses: no heartbeat, exit 1.
+    assert_eq!(v["agent_self"], true, "the token was sent: {v}");
+
+    // Without the token /v1/agent/self answers 403; a 403 never stops
+    // heartbeats (DESIGN.md, Day-2 rules): the status endpoints say the
+    // agent runs, and it is published as an agent.
     let out = output(&mut heartbeat_cmd(
         moto,
         &registry,
@@ -171,9 +163,11 @@ fn an_agent_heartbeat_writes_agents_only_and_a_down_agent_writes_nothing() {
         &agent.addr(),
         120,
     ));
-    assert_eq!(out.status.code(), Some(1));
+    let v = ok_json(&out);
+    assert_eq!(v["agent_self"], false);
+    assert_eq!(v["mode"], "agent");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("403"),
+        String::from_utf8_lossy(&out.stderr).contains("agent:read"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -194,7 +188,7 @@ fn an_agent_heartbeat_writes_agents_only_and_a_down_agent_writes_nothing() {
     assert!(stderr.contains("is not answering"), "{stderr}");
     assert_eq!(
         keys(moto, &bucket, "hb/agent/agents/").len(),
-        1,
+        2,
         "a down agent wrote a heartbeat"
     );
 }
@@ -222,6 +216,9 @@ fn purge_deletes_every_expired_key_in_batches_and_keeps_every_live_one() {
         };
         items.push((key, body));
     }
+    // Expired on the store's clock: written, then aged ten minutes.
+    put_many(&moto, &bucket, std::mem::take(&mut items));
+    assert_eq!(moto.age(&bucket, &format!("{p}/"), 600) as usize, expired_n);
     let mut live = HashSet::new();
     for i in 0..live_n {
         let key = format!("{p}/agents/{}-live-{i}", stamp(5));
@@ -246,7 +243,8 @@ fn purge_deletes_every_expired_key_in_batches_and_keeps_every_live_one() {
     assert_eq!(v["delete_requests"].as_u64().unwrap() as usize, batches);
     // Listing pages (1000 keys each) + delete batches + one slot read (--servers 1).
     let agents_keys = live_n + expired_n - expired_n.div_ceil(10);
-    let bound = agents_keys.div_ceil(1000) + expired_n.div_ceil(10).div_ceil(1000) + batches + 1;
+    // Plus one read of the cluster record (its expiry rules).
+    let bound = agents_keys.div_ceil(1000) + expired_n.div_ceil(10).div_ceil(1000) + batches + 2;
     eprintln!(
         "purge: {expired_n} expired + {live_n} live keys: {requests} requests ({batches} DeleteObjects), bound {bound}"
     );
@@ -318,25 +316,40 @@ fn a_server_that_stops_heartbeating_loses_its_slot_and_a_dead_cluster_rebootstra
     assert_eq!(d["slot"].as_u64().unwrap() as u32, held_by_c);
     assert_eq!(slot(moto, &bucket, p, held_by_c)["node"], "s-d");
 
-    // Now every server goes silent; after the expiry, six nodes boot at once.
+    // Now every server goes silent. After the expiry a node boots: the
+    // servers have no instance id EC2 could confirm gone, so the witness
+    // rule refuses a new cluster beside them.
     std::thread::sleep(Duration::from_secs(expiry + 1));
-    let racers: Vec<_> = (0..6)
-        .map(|i| {
-            run_exp_cmd(
-                moto,
-                &registry,
-                &root(&format!("new-{i}")),
-                &format!("new-{i}"),
-                &format!("10.5.1.{}", i + 1),
-                1,
-                expiry,
-            )
+    let racer = |i: usize| {
+        let mut cmd = run_exp_cmd(
+            moto,
+            &registry,
+            &root(&format!("new-{i}")),
+            &format!("new-{i}"),
+            &format!("10.5.1.{}", i + 1),
+            1,
+            expiry,
+        );
+        cmd.args(["--witness-wait", "2"])
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-        })
-        .collect();
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let refused = racer(9).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("not confirmed gone"), "{err}");
+    // The operator confirms them gone; six nodes boot at once.
+    let record: Value = serde_json::from_str(&get(moto, &bucket, &format!("{p}/cluster"))).unwrap();
+    ok_json(&output(auto_consul(moto).args([
+        "cluster",
+        "retire",
+        "--json",
+        "--registry",
+        &registry,
+        record["cluster_id"].as_str().unwrap(),
+    ])));
+    let racers: Vec<_> = (0..6).map(|i| racer(i).spawn().unwrap()).collect();
     let outs: Vec<_> = racers
         .into_iter()
         .map(|c| c.wait_with_output().unwrap())
@@ -355,8 +368,9 @@ fn a_server_that_stops_heartbeating_loses_its_slot_and_a_dead_cluster_rebootstra
     );
     let warned = outs
         .iter()
-        .any(|o| String::from_utf8_lossy(&o.stderr).contains("NEW, EMPTY cluster"));
-    assert!(warned, "the re-bootstrap must warn loudly");
+        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("NEW, EMPTY cluster"))
+        .count();
+    assert_eq!(warned, 1, "the re-bootstrap must warn loudly, once");
 }
 
 #[test]
@@ -549,20 +563,25 @@ fn members_and_purge_handle_the_original_tools_registry() {
         format!("{p}/servers/{}-server1", stamp(20)),
         format!("{p}/agents/{}-agent1", stamp(30)),
     );
-    put(moto, &bucket, &live_server, "192.168.50.100");
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/servers/{}-server1", stamp(300)),
-        "192.168.50.100",
-    );
-    put(moto, &bucket, &live_agent, "192.168.50.101");
-    put(
-        moto,
-        &bucket,
-        &format!("{p}/agents/{}-agent-gone", stamp(400)),
-        "192.168.50.102",
-    );
+    // Ages are the store's (LastModified), so each key is written, then
+    // aged as much as its stamp says.
+    for (key, body, age) in [
+        (live_server.clone(), "192.168.50.100", 20),
+        (
+            format!("{p}/servers/{}-server1", stamp(300)),
+            "192.168.50.100",
+            300,
+        ),
+        (live_agent.clone(), "192.168.50.101", 30),
+        (
+            format!("{p}/agents/{}-agent-gone", stamp(400)),
+            "192.168.50.102",
+            400,
+        ),
+    ] {
+        put(moto, &bucket, &key, body);
+        moto.age(&bucket, &key, age);
+    }
     let registry = format!("s3://{bucket}/{p}");
     let m = ok_json(&output(auto_consul(moto).args([
         "members",

@@ -224,32 +224,51 @@ fn a_registry_written_by_the_original_tool_is_read_right() {
     let moto = moto();
     let bucket = bucket(moto);
     let p = "consul/legacy";
-    for (key, body) in [
+    // Ages are the store's: each key is written, then aged as its stamp says.
+    for (key, body, age) in [
         (
             format!("servers/{}-web-server-1", stamp(10)),
             "192.168.50.100",
+            10,
         ),
         (
             format!("servers/{}-web-server-1", stamp(70)),
             "192.168.50.100",
+            70,
         ),
         (
             format!("servers/{}-old-server", stamp(500)),
             "192.168.50.99",
+            500,
         ),
-        (format!("servers/{}-bad-body", stamp(5)), "not an address"),
-        ("servers/garbage".to_string(), "192.168.50.98"),
+        (
+            format!("servers/{}-bad-body", stamp(5)),
+            "not an address",
+            5,
+        ),
+        ("servers/garbage".to_string(), "192.168.50.98", 0),
         (
             format!("agents/{}-web-server-1", stamp(10)),
             "192.168.50.100",
+            10,
         ),
-        (format!("agents/{}-agent1", stamp(20)), "192.168.50.101\n"),
-        (format!("agents/{}-agent-old", stamp(200)), "192.168.50.102"),
-        // Listings start at the expiry cut-off (keys sort by time), so junk
-        // that sorts before it is never even read; this one sorts after.
-        ("agents/latest-agent2".to_string(), "192.168.50.103"),
+        (
+            format!("agents/{}-agent1", stamp(20)),
+            "192.168.50.101\n",
+            20,
+        ),
+        (
+            format!("agents/{}-agent-old", stamp(200)),
+            "192.168.50.102",
+            200,
+        ),
+        // Listings start at a margin before the expiry cut-off (keys sort
+        // by time), so junk that sorts before it is never even read; this
+        // one sorts after.
+        ("agents/latest-agent2".to_string(), "192.168.50.103", 0),
     ] {
         put(moto, &bucket, &format!("{p}/{key}"), body);
+        moto.age(&bucket, &format!("{p}/{key}"), age);
     }
     let registry = format!("s3://{bucket}/{p}");
 

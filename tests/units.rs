@@ -86,7 +86,7 @@ fn units_for_consul_from_a_zip_pass_systemd_analyze_verify() {
     );
     let timer = std::fs::read_to_string(units.join("auto-consul-heartbeat.timer")).unwrap();
     assert!(
-        timer.contains("OnUnitActiveSec=30s") && timer.contains("AccuracySec=1s"),
+        timer.contains("OnUnitActiveSec=20s") && timer.contains("AccuracySec=1s"),
         "{timer}"
     );
 }

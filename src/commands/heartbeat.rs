@@ -2,19 +2,18 @@
 //! server's slot, purge.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use anyhow::Result;
 use chrono::Utc;
 use serde_json::json;
 
 use super::purge::purge_heartbeats;
-use super::{open_store, registry_url};
+use super::{open_store, registry_url, seed_settings};
 use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
 use crate::install::Root;
 use crate::model::{HeartbeatBody, HeartbeatKey, Role, slot_key};
-use crate::registry::{Condition, PutOutcome, read_slot};
+use crate::registry::{Condition, PutOutcome, read_cluster, read_slot};
 use crate::{agent, identity, state};
 
 /// `heartbeat`.
@@ -23,27 +22,23 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let root = Root::new(&opts.root);
     // The agent first: a node whose agent is down publishes nothing.
     let status = agent::status(opts.acl_token_file.as_deref()).await?;
-    let mut me = identity::resolve(
-        opts.address,
-        opts.node.clone(),
-        Duration::from_secs(opts.imds_timeout),
-    )
-    .await?;
-    let saved = state::load(&root).filter(|s| s.registry == url.to_string() && s.node == me.node);
+    let mut me = identity::of(opts).await?;
+    let saved = state::load_for(&root, &url.to_string(), &me);
     if me.instance_id.is_none() {
         me.instance_id = saved.as_ref().and_then(|s| s.instance_id.clone());
     }
-    if status.node_name != me.node {
+    if let Some(name) = status.node_name.as_ref().filter(|n| **n != me.node) {
         tracing::warn!(
-            "the local agent calls itself `{}`, this node is `{}`",
-            status.node_name,
+            "the local agent calls itself `{name}`, this node is `{}`",
             me.node
         );
     }
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
 
-    let mode = if status.server { "server" } else { "agent" };
+    let decided_server = saved.as_ref().is_some_and(|s| s.mode.is_server());
+    let server = status.is_server(me.address, decided_server);
+    let mode = if server { "server" } else { "agent" };
     let body = serde_json::to_vec(&HeartbeatBody {
         node: me.node.clone(),
         address: me.address,
@@ -56,7 +51,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         node: me.node.clone(),
     }
     .name();
-    let roles: &[Role] = if status.server {
+    let roles: &[Role] = if server {
         &[Role::Servers, Role::Agents]
     } else {
         &[Role::Agents]
@@ -65,7 +60,13 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let writes = keys
         .iter()
         .map(|k| store.put(k, body.clone(), Condition::None));
-    for (key, outcome) in keys.iter().zip(futures::future::join_all(writes).await) {
+    // The cluster record (its settings rule) is read alongside.
+    let (outcomes, record) = tokio::join!(futures::future::join_all(writes), read_cluster(store));
+    let settings = match record? {
+        Some((record, _)) => record.settings(seed_settings(opts)),
+        None => seed_settings(opts),
+    };
+    for (key, outcome) in keys.iter().zip(outcomes) {
         match outcome? {
             PutOutcome::Written(_) => {}
             PutOutcome::Unknown(err) => return Err(err),
@@ -75,15 +76,13 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
 
     let mut slot_report = serde_json::Value::Null;
     let held = saved.as_ref().and_then(|s| s.slot.zip(s.claim_id.clone()));
-    if let Some((index, _)) = held.as_ref().filter(|(i, _)| *i >= opts.servers) {
+    if let Some((index, _)) = held.as_ref().filter(|(i, _)| *i >= settings.servers) {
         tracing::warn!(
-            "the state file names server slot {index}, beyond --servers {}: not renewing it",
-            opts.servers
+            "the state file names server slot {index}, beyond the cluster's {} servers: not renewing it",
+            settings.servers
         );
     }
-    if status.server
-        && let Some((index, claim)) = held.filter(|(i, _)| *i < opts.servers)
-    {
+    if server && let Some((index, claim)) = held.filter(|(i, _)| *i < settings.servers) {
         let slot = read_slot(store, index).await?;
         let claims = Claims {
             store,
@@ -91,7 +90,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             racy: false,
             cluster_id: saved.as_ref().and_then(|s| s.cluster_id.clone()),
         };
-        let renewal = claims.renew(&slot, &claim, opts.expiry).await?;
+        let renewal = claims.renew(&slot, &claim, settings.expiry).await?;
         if let Renewal::HeldBy(holder) = &renewal {
             tracing::error!(
                 "SERVER SLOT LOST: {} is held by {holder}; this node keeps running as a server, \
@@ -107,7 +106,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     }
 
     let keep: HashSet<String> = keys.iter().cloned().collect();
-    let purged = purge_heartbeats(store, opts.expiry, Some((&me.node, &keep))).await?;
+    let purged = purge_heartbeats(store, settings.expiry, Some((&me.node, &keep))).await?;
 
     if opts.json {
         println!(
@@ -119,6 +118,9 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
                 "keys": keys,
                 "slot": slot_report,
                 "purged": purged.deleted,
+                "agent_self": status.server.is_some(),
+                "leader": status.leader,
+                "settings": settings,
                 "delete_requests": purged.requests,
             })
         );

@@ -35,7 +35,7 @@ pub fn install(opts: &GlobalOpts) -> Result<()> {
         },
         FileSpec {
             path: ENV_FILE.into(),
-            contents: env_file(opts, None, registry.as_deref())?,
+            contents: env_file(opts, &root, None, registry.as_deref())?,
             mode: 0o644,
             owner: None,
         },

@@ -1,34 +1,30 @@
 //! `leave`: remove this node from the registry at shutdown: its heartbeats
 //! deleted, its server slot released so a replacement can take it at once.
 
-use std::time::Duration;
-
 use anyhow::Result;
 use serde_json::json;
 
-use super::{open_store, registry_url};
+use super::{open_store, registry_url, seed_settings};
 use crate::claims::Claims;
 use crate::cli::GlobalOpts;
 use crate::install::Root;
-use crate::registry::{list_heartbeats, read_slots};
+use crate::registry::{list_heartbeats, read_cluster, read_slots};
 use crate::{identity, state};
 
 /// `leave`.
 pub async fn leave(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
-    let me = identity::resolve(
-        opts.address,
-        opts.node.clone(),
-        Duration::from_secs(opts.imds_timeout),
-    )
-    .await?;
-    let saved = state::load(&root).filter(|s| s.registry == url.to_string() && s.node == me.node);
+    let me = identity::of(opts).await?;
+    let saved = state::load_for(&root, &url.to_string(), &me);
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
 
-    let (entries, slots) =
-        tokio::try_join!(list_heartbeats(store), read_slots(store, opts.servers))?;
+    let (entries, record) = tokio::try_join!(list_heartbeats(store), read_cluster(store))?;
+    let settings = record.map_or(seed_settings(opts), |(r, _)| {
+        r.settings(seed_settings(opts))
+    });
+    let slots = read_slots(store, settings.servers).await?;
     let mine: Vec<String> = entries
         .into_iter()
         .filter(|e| e.parsed.node == me.node)

@@ -1,20 +1,56 @@
-//! `members`: the live servers and agents in the registry.
+//! `members`: the live servers and agents in the registry, and the cluster
+//! record's settings that rule them.
 
 use anyhow::Result;
 use serde_json::json;
 
-use super::{open_store, registry_url};
+use super::{open_store, registry_url, seed_settings};
 use crate::cli::GlobalOpts;
 use crate::decision::live_servers;
-use crate::registry::{Member, read_view};
+use crate::registry::{Member, RegistryView, read_view};
+
+/// The cluster record and settings as `members`, `plan` and `cluster show`
+/// print them in JSON.
+pub fn cluster_json(view: &RegistryView) -> serde_json::Value {
+    let record = view.record();
+    json!({
+        "cluster_id": record.map(|r| r.cluster_id.clone()),
+        "bootstrap_node": record.map(|r| r.bootstrap_node.clone()),
+        "created": record.map(|r| r.created.clone()),
+        "retired": record.is_some_and(|r| r.retired),
+        "record_age_seconds": view.cluster.as_ref().map(|c| c.age_seconds),
+        "servers": view.settings.servers,
+        "expiry": view.settings.expiry,
+        "from_record": record.is_some(),
+    })
+}
+
+/// One line on the cluster record and settings, for text output.
+pub fn cluster_line(view: &RegistryView) -> String {
+    let s = view.settings;
+    match view.record() {
+        Some(r) => format!(
+            "cluster {} (bootstrapped by {}{}): {} servers, expiry {}s",
+            r.cluster_id,
+            r.bootstrap_node,
+            if r.retired { ", RETIRED" } else { "" },
+            s.servers,
+            s.expiry
+        ),
+        None => format!(
+            "no cluster record: {} servers, expiry {}s (this node's flags)",
+            s.servers, s.expiry
+        ),
+    }
+}
 
 /// Lists every live server and agent.
 pub async fn members(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let opened = open_store(&url).await?;
-    let view = read_view(opened.store.as_ref(), opts.servers, opts.expiry, usize::MAX).await?;
+    let view = read_view(opened.store.as_ref(), seed_settings(opts), usize::MAX).await?;
     // Servers as the decision counts them: slot holders and heartbeats.
-    let servers = live_servers(&view, "", opts.expiry);
+    let servers = live_servers(&view, "", view.settings.expiry);
     if opts.json {
         let list = |ms: &[Member]| {
             ms.iter()
@@ -30,10 +66,15 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
         };
         println!(
             "{}",
-            json!({ "servers": list(&servers), "agents": list(&view.agents) })
+            json!({
+                "cluster": cluster_json(&view),
+                "servers": list(&servers),
+                "agents": list(&view.agents),
+            })
         );
         return Ok(());
     }
+    println!("{}", cluster_line(&view));
     for (title, ms) in [("servers", &servers), ("agents", &view.agents)] {
         println!("{title} ({}):", ms.len());
         for m in ms {

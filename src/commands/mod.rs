@@ -1,6 +1,7 @@
 //! The commands, and what they share: the settings resolved from the command
 //! line and the registry they open.
 
+mod cluster;
 mod heartbeat;
 mod install;
 mod leave;
@@ -15,6 +16,8 @@ use anyhow::Result;
 use crate::cli::{Cli, Command, GlobalOpts};
 use crate::error::usage;
 use crate::identity::Identity;
+use crate::install::Root;
+use crate::model::Settings;
 use crate::registry::{self, RegistryUrl, Store};
 use crate::render;
 
@@ -28,6 +31,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Purge => purge::purge(&cli.global).await,
         Command::Leave => leave::leave(&cli.global).await,
         Command::Install => install::install(&cli.global),
+        Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
     }
 }
 
@@ -63,11 +67,44 @@ pub async fn open_store(url: &RegistryUrl) -> Result<Opened> {
     Ok(Opened { store, aws })
 }
 
+/// The settings this node's flags give: they seed a new cluster's record
+/// and rule only where there is none.
+pub fn seed_settings(opts: &GlobalOpts) -> Settings {
+    Settings {
+        servers: opts.servers(),
+        expiry: opts.expiry(),
+    }
+}
+
+/// Warns when the flags given differ from the settings that rule.
+pub fn warn_on_mismatch(opts: &GlobalOpts, view: &crate::registry::RegistryView) {
+    let Some(record) = view.record() else { return };
+    if let Some(s) = opts.servers.filter(|s| *s != view.settings.servers) {
+        tracing::warn!(
+            "--servers {s} (AUTO_CONSUL_SERVERS) differs from cluster {}'s record, which wants {} servers: using {}; change it with `auto-consul cluster set --servers {s}`",
+            record.cluster_id,
+            view.settings.servers,
+            view.settings.servers
+        );
+    }
+    if let Some(e) = opts.expiry.filter(|e| *e != view.settings.expiry) {
+        tracing::warn!(
+            "--expiry {e} (AUTO_CONSUL_EXPIRY) differs from cluster {}'s record, which has {}s: using {}s; change it with `auto-consul cluster set --expiry {e}`",
+            record.cluster_id,
+            view.settings.expiry,
+            view.settings.expiry
+        );
+    }
+}
+
 /// The env file shared by `run`, the heartbeat and the boot unit: every
-/// setting given or resolved. `install` passes no identity (each instance
-/// learns its own at boot) and may pass no registry (user data gives it).
+/// setting given or resolved, merged into the file under `root` as it is
+/// (the operator's own lines are kept). `install` passes no identity (each
+/// instance learns its own at boot) and may pass no registry (user data
+/// gives it).
 pub fn env_file(
     opts: &GlobalOpts,
+    root: &Root,
     me: Option<&Identity>,
     registry: Option<&str>,
 ) -> Result<String> {
@@ -80,9 +117,13 @@ pub fn env_file(
         vars.push(("AUTO_CONSUL_ADDRESS", me.address.to_string()));
         vars.push(("AUTO_CONSUL_NODE", me.node.clone()));
     }
+    if let Some(s) = opts.servers {
+        vars.push(("AUTO_CONSUL_SERVERS", s.to_string()));
+    }
+    if let Some(e) = opts.expiry {
+        vars.push(("AUTO_CONSUL_EXPIRY", e.to_string()));
+    }
     vars.extend([
-        ("AUTO_CONSUL_SERVERS", opts.servers.to_string()),
-        ("AUTO_CONSUL_EXPIRY", opts.expiry.to_string()),
         ("AUTO_CONSUL_DATA_DIR", path(&opts.data_dir)),
         ("AUTO_CONSUL_CONFIG_DIR", path(&opts.config_dir)),
         ("AUTO_CONSUL_DATACENTER", opts.datacenter.clone()),
@@ -101,5 +142,16 @@ pub fn env_file(
     if opts.allow_racy {
         vars.push(("AUTO_CONSUL_ALLOW_RACY", "true".into()));
     }
-    render::env_file(&vars).map_err(|e| usage(format!("{e}; fix the option")))
+    let file = root.path(Path::new(run::ENV_FILE));
+    let existing = match std::fs::read_to_string(&file) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(usage(format!(
+                "cannot read the env file {} ({e}); fix its permissions",
+                file.display()
+            )));
+        }
+    };
+    render::env_file(existing.as_deref(), &vars).map_err(|e| usage(format!("{e}; fix the option")))
 }

@@ -1,5 +1,5 @@
-//! `purge`: delete expired heartbeats in batches, and mark expired slots
-//! released.
+//! `purge`: delete expired heartbeats in batches. Ages are measured on the
+//! store's clock: a purger whose own clock is off deletes nothing live.
 
 use std::collections::HashSet;
 
@@ -7,15 +7,14 @@ use anyhow::Result;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::{open_store, registry_url};
-use crate::claims::Claims;
+use super::{open_store, registry_url, seed_settings};
 use crate::cli::GlobalOpts;
 use crate::decision::slot_is_live;
-use crate::identity::Identity;
-use crate::registry::{HeartbeatEntry, Store, list_heartbeats, read_slots};
+use crate::registry::{HeartbeatEntry, Store, list_heartbeats, read_cluster, read_slots};
 
-/// The keys to delete: every heartbeat at least `expiry` old, and, when
-/// `own` is given, this node's heartbeats other than the ones just written.
+/// The keys to delete: every heartbeat the store wrote at least `expiry`
+/// ago, and, when `own` is given, this node's heartbeats other than the
+/// ones just written.
 pub fn doomed(
     entries: &[HeartbeatEntry],
     now: DateTime<Utc>,
@@ -25,8 +24,7 @@ pub fn doomed(
     entries
         .iter()
         .filter(|e| {
-            e.parsed.age_seconds(now) >= expiry
-                || e.from_the_future(now, expiry)
+            e.age_seconds(now) >= expiry
                 || own.is_some_and(|(node, keep)| e.parsed.node == node && !keep.contains(&e.key))
         })
         .map(|e| e.key.clone())
@@ -49,7 +47,8 @@ pub async fn purge_heartbeats(
     own: Option<(&str, &HashSet<String>)>,
 ) -> Result<Purged> {
     let entries = list_heartbeats(store).await?;
-    let keys = doomed(&entries, Utc::now(), expiry, own);
+    let now = store.now().await;
+    let keys = doomed(&entries, now, expiry, own);
     if keys.is_empty() {
         return Ok(Purged::default());
     }
@@ -60,50 +59,44 @@ pub async fn purge_heartbeats(
     })
 }
 
-/// `purge`.
+/// `purge`. Expired slots are reported, not released: a released slot
+/// says its holder left for good (the witness rule counts on it), and an
+/// expired one is taken over under `If-Match` anyway.
 pub async fn purge(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
+    let settings = match read_cluster(store).await? {
+        Some((record, _)) => record.settings(seed_settings(opts)),
+        None => seed_settings(opts),
+    };
     let (purged, slots) = tokio::try_join!(
-        purge_heartbeats(store, opts.expiry, None),
-        read_slots(store, opts.servers)
+        purge_heartbeats(store, settings.expiry, None),
+        read_slots(store, settings.servers)
     )?;
-    // Releasing needs no identity: the holder's own record is written back,
-    // marked released, under If-Match on the version just read.
-    let mut freed = Vec::new();
-    for slot in slots.iter().filter(|s| !slot_is_live(s, opts.expiry)) {
-        let Some(record) = &slot.record else { continue };
-        if record.released {
-            continue;
-        }
-        let holder = Identity {
-            address: record.address,
-            node: record.node.clone(),
-            instance_id: record.instance_id.clone(),
-        };
-        let claims = Claims {
-            store,
-            me: &holder,
-            racy: false,
-            cluster_id: record.cluster_id.clone(),
-        };
-        if claims.release(slot, Some(&record.claim_id)).await? {
-            freed.push(slot.index);
-        }
-    }
+    let expired: Vec<u32> = slots
+        .iter()
+        .filter(|s| s.record.as_ref().is_some_and(|r| !r.released))
+        .filter(|s| !slot_is_live(s, settings.expiry))
+        .map(|s| s.index)
+        .collect();
     if opts.json {
         println!(
             "{}",
-            json!({ "deleted": purged.deleted, "delete_requests": purged.requests, "slots_freed": freed })
+            json!({
+                "deleted": purged.deleted,
+                "delete_requests": purged.requests,
+                "expired_slots": expired,
+                "expiry": settings.expiry,
+            })
         );
     } else {
         println!(
-            "deleted {} expired heartbeats in {} requests",
-            purged.deleted, purged.requests
+            "deleted {} expired heartbeats in {} requests (expiry {}s)",
+            purged.deleted, purged.requests, settings.expiry
         );
-        if !freed.is_empty() {
-            println!("released expired server slots: {freed:?}");
+        if !expired.is_empty() {
+            println!("expired server slots (free for a new server to take): {expired:?}");
         }
     }
     Ok(())

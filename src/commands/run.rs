@@ -8,19 +8,23 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use serde_json::json;
 
-use super::{env_file, open_store, registry_url};
+use super::members::cluster_json;
+use super::{env_file, open_store, registry_url, seed_settings, warn_on_mismatch};
 use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
 use crate::decision::{self, MAX_JOIN, Step};
-use crate::ec2;
+use crate::ec2::{self, Witness};
 use crate::error::usage;
 use crate::identity::{self, Identity};
 use crate::install::{self, FileSpec, Root};
-use crate::model::{CLUSTER_KEY, ClusterRecord, Mode};
+use crate::model::{CLUSTER_KEY, ClusterRecord, Mode, Settings, SlotRecord};
 use crate::registry::{Condition, PutOutcome, RegistryView, Store, read_view};
 use crate::render::{self, ConsulSettings, Tls};
 use crate::state::{self, State};
 
+/// How long a joiner waits for the record of a cluster whose bootstrap
+/// node holds slot 0 but has not written it yet.
+const PENDING_WAIT: Duration = Duration::from_secs(5);
 /// Rounds of read-decide-claim before giving up under contention.
 const MAX_ROUNDS: u32 = 12;
 /// Agents whose bodies are read: twice the join bound, room for those EC2
@@ -55,12 +59,25 @@ struct Elector<'a> {
     store: &'a dyn Store,
     me: &'a Identity,
     registry: String,
-    servers: u32,
-    expiry: u64,
+    /// This node's flags: they seed a new cluster's record only.
+    seed: Settings,
     /// Write nothing (`plan`).
     dry_run: bool,
     /// The store ignores conditions and the operator accepted it.
     racy: bool,
+    /// The AWS configuration, for asking EC2 about an old cluster's servers.
+    aws: Option<&'a aws_config::SdkConfig>,
+    /// The cluster the operator allows to be replaced (`--replace-cluster`).
+    replace: Option<String>,
+    /// How long to wait for an old cluster's servers (witness rule).
+    witness_wait: Duration,
+}
+
+/// A server of an old cluster that is not confirmed gone.
+struct Unconfirmed {
+    slot: u32,
+    holder: SlotRecord,
+    why: String,
 }
 
 /// `run` (or `plan` with `dry_run`).
@@ -76,11 +93,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     // The identity (IMDS), the check of conditional writes and the first
     // read of the registry are independent: they run at once. No claim is
     // made before the check has passed.
-    let identity = identity::resolve(
-        opts.address,
-        opts.node.clone(),
-        Duration::from_secs(opts.imds_timeout),
-    );
+    let seed = seed_settings(opts);
+    let identity = identity::of(opts);
     let registry = async {
         let opened = open_store(&url).await?;
         let store = opened.store.as_ref();
@@ -91,35 +105,44 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
                 check_conditional_writes(store, opts.allow_racy).await
             }
         };
-        let (racy, view) = tokio::try_join!(
-            probe,
-            read_view(store, opts.servers, opts.expiry, VIEW_AGENTS)
-        )?;
+        let (racy, view) = tokio::try_join!(probe, read_view(store, seed, VIEW_AGENTS))?;
         Ok::<_, anyhow::Error>((opened, racy, view))
     };
     let (me, (opened, racy, first_view)) = tokio::try_join!(identity, registry)?;
     let store = opened.store;
-    let fixed_files = fixed_files(opts, &root, &me, &consul, &auto_consul, &url.to_string())?;
+    warn_on_mismatch(opts, &first_view);
+    let mut fixed_files = fixed_files(opts, &root, &me, &consul, &auto_consul, &url.to_string())?;
     install::check_writable(&root, &fixed_files)?;
     let raft = has_raft_state(&root, &opts.data_dir);
-    let previous = state::load(&root).filter(|s| s.registry == url.to_string());
+    // Only server modes are sticky: an agent decides again at each boot.
+    let previous = state::load_for(&root, &url.to_string(), &me).filter(|s| s.mode.is_server());
 
     let elector = Elector {
         store: store.as_ref(),
         me: &me,
         registry: url.to_string(),
-        servers: opts.servers,
-        expiry: opts.expiry,
+        seed,
         dry_run,
         racy,
+        aws: opened.aws.as_ref(),
+        replace: opts.replace_cluster.clone(),
+        witness_wait: Duration::from_secs(opts.witness_wait.unwrap_or(first_view.settings.expiry)),
     };
     let elected = elector.elect(previous.as_ref(), raft, first_view).await?;
+    let settings = elected.view.settings;
+    // The timer follows the expiry that rules: the cluster record's.
+    for f in fixed_files
+        .iter_mut()
+        .filter(|f| f.path == Path::new(HEARTBEAT_TIMER))
+    {
+        f.contents = render::heartbeat_timer(settings.expiry);
+    }
     let bootstrap = elected.mode == Mode::Bootstrap && !raft;
     let not_running = match &opened.aws {
         Some(aws) => {
             ec2::not_running(
                 aws,
-                &decision::join_candidates(&elected.view, &me.node, opts.expiry),
+                &decision::join_candidates(&elected.view, &me.node, settings.expiry),
             )
             .await
         }
@@ -130,7 +153,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         elected.mode,
         &me.node,
         me.address,
-        opts.expiry,
+        settings.expiry,
         &not_running,
     );
 
@@ -200,6 +223,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             "slot": elected.slot,
             "bootstrap": bootstrap,
             "retry_join": retry_join.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "cluster": cluster_summary(&elected, &me),
             "files": paths,
             "changed": written,
             "started": start,
@@ -220,6 +244,16 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         );
         let join: Vec<String> = retry_join.iter().map(|a| a.to_string()).collect();
         println!("retry_join: [{}]", join.join(", "));
+        let summary = cluster_summary(&elected, &me);
+        match summary["cluster_id"].as_str() {
+            Some(id) => println!(
+                "cluster {id} (bootstrapped by {}): {} servers, expiry {}s",
+                summary["bootstrap_node"].as_str().unwrap_or("?"),
+                summary["servers"],
+                summary["expiry"]
+            ),
+            None => println!("{}", super::members::cluster_line(&elected.view)),
+        }
         for p in &paths {
             let what = if dry_run {
                 "would write"
@@ -248,7 +282,8 @@ impl Elector<'_> {
     }
 
     /// The mode decision of DESIGN.md: sticky state first, then read,
-    /// decide and claim until one claim settles it.
+    /// decide and claim until one claim settles it. Rounds lost to other
+    /// nodes are bounded; so is the wait for an old cluster's servers.
     async fn elect(
         &self,
         previous: Option<&State>,
@@ -256,22 +291,63 @@ impl Elector<'_> {
         first: RegistryView,
     ) -> Result<Elected> {
         let mut first = Some(first);
-        for round in 0..MAX_ROUNDS {
+        let witness_deadline = std::time::Instant::now() + self.witness_wait;
+        let mut waiting_said = false;
+        let mut pending_since: Option<std::time::Instant> = None;
+        let mut pending_said = false;
+        let mut round = 0;
+        loop {
             let view = match first.take() {
                 Some(view) => view,
-                None => read_view(self.store, self.servers, self.expiry, VIEW_AGENTS).await?,
+                None => read_view(self.store, self.seed, VIEW_AGENTS).await?,
             };
-            let cluster_id = view
-                .cluster
-                .as_ref()
-                .and_then(|c| c.record.as_ref())
-                .map(|r| r.cluster_id.clone());
+            let settings = view.settings;
+            // The record's cluster; with no record yet, the one a live slot
+            // 0 was claimed for (a bootstrap still writing its record).
+            let cluster_id = view.record().map(|r| r.cluster_id.clone()).or_else(|| {
+                view.slots
+                    .first()
+                    .filter(|s| decision::slot_is_live(s, settings.expiry))
+                    .and_then(|s| s.record.as_ref())
+                    .and_then(|r| r.cluster_id.clone())
+            });
             if let Some(prev) =
                 previous.filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref()))
             {
                 return self.keep(prev, raft, cluster_id, view).await;
             }
-            let step = decision::decide(&view, &self.me.node, self.servers, self.expiry, raft);
+            // Another node is between taking slot 0 and writing its
+            // record (a few milliseconds): its settings rule, and are not
+            // known yet. Wait for the record, bounded: a bootstrap node
+            // killed in between is finished when it runs again, and
+            // meanwhile counts as a live server.
+            if let Some(y) = decision::bootstrap_in_progress(
+                &view,
+                &self.me.node,
+                self.me.instance_id.as_deref(),
+                settings.expiry,
+            ) {
+                let waited = pending_since.get_or_insert_with(std::time::Instant::now);
+                if waited.elapsed() < PENDING_WAIT {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                if !pending_said {
+                    tracing::warn!(
+                        "cluster {y} holds slot 0 but has no record after {}s: deciding with the settings at hand",
+                        PENDING_WAIT.as_secs()
+                    );
+                    pending_said = true;
+                }
+            }
+            let step = decision::decide(
+                &view,
+                &self.me.node,
+                self.me.instance_id.as_deref(),
+                settings.servers,
+                settings.expiry,
+                raft,
+            );
             tracing::debug!("round {round}: {step:?}");
             let elected = |mode, slot: Option<(u32, String)>, cluster_id, view| Elected {
                 mode,
@@ -295,21 +371,51 @@ impl Elector<'_> {
                         Mode::Server
                     };
                     let held = view.slots[index as usize].record.as_ref();
+                    // The cluster this slot was claimed for: a bootstrap
+                    // interrupted before its record was written finishes
+                    // it under that id.
+                    let slot_cluster = held.and_then(|r| r.cluster_id.clone());
+                    let serves = if bootstrap {
+                        slot_cluster.clone().or(cluster_id.clone())
+                    } else {
+                        cluster_id.clone()
+                    };
                     if self.dry_run {
                         let claim = held.map(|r| (index, r.claim_id.clone()));
-                        return Ok(elected(mode, claim, cluster_id, view));
+                        return Ok(elected(mode, claim, serves, view));
                     }
                     let claim = held.map_or_else(new_id, |r| r.claim_id.clone());
                     let sequence = held.map_or(1, |r| r.sequence + 1);
                     if self
-                        .claims(cluster_id.as_ref())
+                        .claims(serves.as_ref())
                         .write_slot(index, &claim, sequence, Condition::Matches(etag))
                         .await?
                     {
-                        return Ok(elected(mode, Some((index, claim)), cluster_id, view));
+                        if bootstrap && let Some(id) = &serves {
+                            self.finish_bootstrap(&view, id).await?;
+                        }
+                        return Ok(elected(mode, Some((index, claim)), serves, view));
                     }
                 }
                 Step::Bootstrap { cluster, slot0 } => {
+                    let unconfirmed = self.unconfirmed_servers(&view).await;
+                    if !unconfirmed.is_empty() {
+                        let message = self.witness_message(&view, &unconfirmed);
+                        let now = std::time::Instant::now();
+                        if self.dry_run || now >= witness_deadline {
+                            bail!("{message}");
+                        }
+                        if !waiting_said {
+                            tracing::warn!(
+                                "{message} Waiting up to {}s for them to come back or be confirmed gone.",
+                                self.witness_wait.as_secs()
+                            );
+                            waiting_said = true;
+                        }
+                        let poll = Duration::from_secs((settings.expiry / 4).clamp(1, 5));
+                        tokio::time::sleep(poll.min(witness_deadline - now)).await;
+                        continue;
+                    }
                     if self.dry_run {
                         return Ok(elected(Mode::Bootstrap, None, cluster_id, view));
                     }
@@ -329,14 +435,20 @@ impl Elector<'_> {
                     {
                         if let Some(stale) = &cluster_id {
                             tracing::warn!(
-                                "every server of cluster {stale} is gone: bootstrapping a NEW, EMPTY cluster {id}"
+                                "every server of cluster {stale} is confirmed gone: bootstrapping a NEW, EMPTY cluster {id} in its place"
                             );
                         }
-                        if !self.write_cluster(&id, cluster).await? {
-                            tracing::warn!(
-                                "holding slot 0 but the cluster record changed under it: bootstrapping anyway"
-                            );
+                        // A new cluster: this node's flags seed its record.
+                        if !self.write_cluster(&id, cluster, self.seed).await? {
+                            // Someone changed the record between our read
+                            // and now: finish under whatever is there.
+                            let now = read_view(self.store, self.seed, 0).await?;
+                            self.finish_bootstrap(&now, &id).await?;
                         }
+                        // The new cluster's settings are the ones it was
+                        // seeded with, whatever the record it replaced said.
+                        let mut view = view;
+                        view.settings = self.seed;
                         return Ok(elected(Mode::Bootstrap, Some((0, claim)), Some(id), view));
                     }
                 }
@@ -368,11 +480,118 @@ impl Elector<'_> {
                 }
             }
             // Lost every race this round: back off a little, read again.
+            round += 1;
+            if round >= MAX_ROUNDS {
+                bail!(
+                    "could not settle this node's mode after {MAX_ROUNDS} rounds of contention on the registry {}; run again",
+                    self.registry
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20 + u64::from(rand_below(80)))).await;
         }
-        bail!(
-            "could not settle this node's mode after {MAX_ROUNDS} rounds of contention on the registry {}; run again",
-            self.registry
+    }
+
+    /// The witness rule: the servers of the registry's old cluster (the
+    /// holders of unreleased slots) that are not confirmed gone. A slot
+    /// released by `leave` confirms its holder gone; otherwise only EC2
+    /// can (terminated, stopped or unknown). The operator's
+    /// `cluster retire` or `--replace-cluster` confirms them all.
+    async fn unconfirmed_servers(&self, view: &RegistryView) -> Vec<Unconfirmed> {
+        let holders: Vec<(u32, SlotRecord)> = view
+            .slots
+            .iter()
+            .filter_map(|s| s.record.clone().map(|r| (s.index, r)))
+            .filter(|(_, r)| {
+                !r.released && !r.held_by(&self.me.node, self.me.instance_id.as_deref())
+            })
+            .collect();
+        if holders.is_empty() {
+            return Vec::new();
+        }
+        let old = old_cluster_id(view);
+        if view.record().is_some_and(|r| r.retired) {
+            tracing::warn!(
+                "cluster {} was retired by an operator (`auto-consul cluster retire`): its servers count as gone",
+                old.as_deref().unwrap_or("?")
+            );
+            return Vec::new();
+        }
+        if let Some(id) = &self.replace {
+            if old.as_ref() == Some(id) {
+                tracing::warn!(
+                    "--replace-cluster {id}: an operator confirmed the servers of cluster {id} gone"
+                );
+                return Vec::new();
+            }
+            tracing::warn!(
+                "--replace-cluster {id} names no cluster of this registry (its cluster is {}): ignored",
+                old.as_deref().unwrap_or("unnamed")
+            );
+        }
+        let ids: Vec<String> = holders
+            .iter()
+            .filter_map(|(_, r)| r.instance_id.clone())
+            .collect();
+        let answer = if ids.is_empty() {
+            Ok(Default::default())
+        } else {
+            match self.aws {
+                Some(aws) => ec2::witness(aws, &ids).await,
+                None => match crate::aws::load().await {
+                    Ok(aws) => ec2::witness(&aws, &ids).await,
+                    Err(e) => Err(e),
+                },
+            }
+        };
+        let mut out = Vec::new();
+        for (slot, holder) in holders {
+            let why = match (&holder.instance_id, &answer) {
+                (None, _) => Some("no instance id to ask EC2 about".to_string()),
+                (Some(_), Err(e)) => Some(format!("EC2 could not say ({e:#})")),
+                (Some(id), Ok(words)) => match words.get(id) {
+                    Some(Witness::Running) => Some(format!("EC2 says {id} is running")),
+                    Some(Witness::Gone(state)) => {
+                        tracing::info!(
+                            "server {} of the old cluster: EC2 says {id} is {state}",
+                            holder.node
+                        );
+                        None
+                    }
+                    Some(Witness::Unknown) | None => {
+                        tracing::info!(
+                            "server {} of the old cluster: EC2 does not know {id}",
+                            holder.node
+                        );
+                        None
+                    }
+                },
+            };
+            if let Some(why) = why {
+                out.push(Unconfirmed { slot, holder, why });
+            }
+        }
+        out
+    }
+
+    fn witness_message(&self, view: &RegistryView, unconfirmed: &[Unconfirmed]) -> String {
+        let old = old_cluster_id(view).unwrap_or_else(|| "(unnamed)".to_string());
+        let list: Vec<String> = unconfirmed
+            .iter()
+            .map(|u| {
+                format!(
+                    "{} ({}, slot {}: {})",
+                    u.holder.node, u.holder.address, u.slot, u.why
+                )
+            })
+            .collect();
+        format!(
+            "cluster {old} has no live server in the registry {}, but its servers are not confirmed gone: {}. \
+             A new cluster beside them would split Consul in two, so none is started. If they are alive, \
+             fix their heartbeats (registry permissions, the Consul agent, auto-consul-heartbeat.timer); \
+             if they are gone for good, run `auto-consul cluster retire {old}` (or boot once with \
+             --replace-cluster {old}).",
+            self.registry,
+            list.join("; ")
         )
     }
 
@@ -384,7 +603,8 @@ impl Elector<'_> {
         cluster_id: Option<String>,
         view: RegistryView,
     ) -> Result<Elected> {
-        let others = decision::live_servers(&view, &self.me.node, self.expiry);
+        let settings = view.settings;
+        let others = decision::live_servers(&view, &self.me.node, settings.expiry);
         let mode = match prev.mode {
             // Bootstrap only until Raft state exists; a plain server after.
             Mode::Bootstrap if raft => Mode::Server,
@@ -416,17 +636,26 @@ impl Elector<'_> {
         };
         let Some(slot) = elected.view.slots.get(index as usize).cloned() else {
             tracing::error!(
-                "this server held slot {index}, beyond --servers {}: it keeps running without a slot",
-                self.servers
+                "this server held slot {index}, beyond the cluster's {} servers: it keeps running without a slot",
+                settings.servers
             );
             return Ok(elected);
         };
         match self
             .claims(elected.cluster_id.as_ref())
-            .renew(&slot, &claim, self.expiry)
+            .renew(&slot, &claim, settings.expiry)
             .await?
         {
-            Renewal::Renewed | Renewal::Retaken => {}
+            Renewal::Renewed | Renewal::Retaken => {
+                // The bootstrap node killed between taking slot 0 and
+                // writing the record finishes the record now.
+                if prev.mode == Mode::Bootstrap
+                    && index == 0
+                    && let Some(id) = &elected.cluster_id
+                {
+                    self.finish_bootstrap(&elected.view, id).await?;
+                }
+            }
             Renewal::HeldBy(holder) => tracing::error!(
                 "server slot {index} of this node is now held by {holder}: this node keeps running as a server; \
                  check the cluster has no more servers than wanted"
@@ -435,14 +664,22 @@ impl Elector<'_> {
         Ok(elected)
     }
 
-    /// Writes the cluster record `id`; whether it was written.
-    async fn write_cluster(&self, id: &str, condition: Condition) -> Result<bool> {
+    /// Writes the cluster record `id` (settings from `settings`); whether
+    /// it was written.
+    async fn write_cluster(
+        &self,
+        id: &str,
+        condition: Condition,
+        settings: Settings,
+    ) -> Result<bool> {
         let record = ClusterRecord {
             cluster_id: id.to_string(),
             bootstrap_node: self.me.node.clone(),
             bootstrap_address: self.me.address,
-            servers: self.servers,
+            servers: settings.servers,
+            expiry: Some(settings.expiry),
             created: Utc::now().to_rfc3339(),
+            retired: false,
         };
         let body = serde_json::to_vec(&record)?;
         let won = self
@@ -451,6 +688,57 @@ impl Elector<'_> {
             .await?;
         Ok(won.is_some())
     }
+
+    /// This node holds slot 0 for cluster `id`: makes sure the registry's
+    /// record names `id`, writing it (under the condition of what `view`
+    /// shows) when a bootstrap was interrupted before it could.
+    async fn finish_bootstrap(&self, view: &RegistryView, id: &str) -> Result<()> {
+        if view.record().is_some_and(|r| r.cluster_id == id) {
+            return Ok(());
+        }
+        // A new cluster: this node's flags seed its record.
+        let settings = self.seed;
+        let condition = match &view.cluster {
+            None => Condition::Absent,
+            Some(c) => Condition::Matches(c.etag.clone()),
+        };
+        tracing::warn!("holding slot 0 for cluster {id} with no record of it: writing the record");
+        if !self.write_cluster(id, condition, settings).await? {
+            bail!(
+                "the cluster record of {} changed while this node finished bootstrapping cluster {id}; run again",
+                self.registry
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The `cluster` object of `run --json`: the registry's record as read,
+/// or the cluster this node has just bootstrapped in its place.
+fn cluster_summary(elected: &Elected, me: &Identity) -> serde_json::Value {
+    let mut out = cluster_json(&elected.view);
+    let new = elected.cluster_id.is_some()
+        && elected.cluster_id.as_deref() != elected.view.record().map(|r| r.cluster_id.as_str());
+    if new && elected.mode == Mode::Bootstrap {
+        out["cluster_id"] = json!(elected.cluster_id);
+        out["bootstrap_node"] = json!(me.node);
+        out["retired"] = json!(false);
+        out["record_age_seconds"] = json!(0);
+        out["from_record"] = json!(true);
+        out["created"] = serde_json::Value::Null;
+    }
+    out
+}
+
+/// The id of the cluster a registry's slots and record describe: the
+/// record's, else the one slot 0 was claimed for.
+fn old_cluster_id(view: &RegistryView) -> Option<String> {
+    view.record().map(|r| r.cluster_id.clone()).or_else(|| {
+        view.slots
+            .first()
+            .and_then(|s| s.record.as_ref())
+            .and_then(|r| r.cluster_id.clone())
+    })
 }
 
 /// Whether a recorded cluster id still describes the registry's cluster
@@ -635,10 +923,14 @@ fn fixed_files(
         HEARTBEAT_SERVICE,
         render::heartbeat_service(&auto_consul, ENV_FILE),
     ));
-    files.push(unit(HEARTBEAT_TIMER, render::heartbeat_timer(opts.expiry)));
+    // Its contents follow the expiry that rules, known after the election.
+    files.push(unit(
+        HEARTBEAT_TIMER,
+        render::heartbeat_timer(opts.expiry()),
+    ));
     files.push(FileSpec {
         path: ENV_FILE.into(),
-        contents: env_file(opts, Some(me), Some(registry))?,
+        contents: env_file(opts, root, Some(me), Some(registry))?,
         mode: 0o644,
         owner: None,
     });

@@ -145,10 +145,17 @@ impl Store for FileStore {
             if start_after.is_some_and(|after| key.as_str() <= after) {
                 continue;
             }
-            if !entry.metadata().is_ok_and(|m| m.is_file()) {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
                 continue;
             }
-            out.push(Listed { key });
+            let Ok(modified) = meta.modified() else {
+                continue;
+            };
+            out.push(Listed {
+                key,
+                last_modified: DateTime::<Utc>::from(modified),
+            });
         }
         Ok(out)
     }
@@ -189,6 +196,27 @@ impl Store for FileStore {
             }
         }
         Ok(keys.len())
+    }
+
+    async fn now(&self) -> DateTime<Utc> {
+        // The time the file system stamps on a file created now: the same
+        // clock as every mtime in the registry (the file server's, on a
+        // shared mount), whatever this process believes the time is.
+        let stamped = tempfile::Builder::new()
+            .prefix(".clock-")
+            .tempfile_in(&self.dir)
+            .and_then(|f| f.as_file().metadata())
+            .and_then(|m| m.modified());
+        match stamped {
+            Ok(t) => DateTime::<Utc>::from(t),
+            Err(e) => {
+                tracing::debug!(
+                    "cannot read the clock of {} ({e}): using this host's",
+                    self.dir.display()
+                );
+                Utc::now()
+            }
+        }
     }
 }
 

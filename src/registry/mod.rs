@@ -2,6 +2,7 @@
 //! directory), and the reads that turn its keys into members, slots and the
 //! cluster record.
 
+pub mod clock;
 mod file;
 mod s3;
 pub mod view;
@@ -15,8 +16,8 @@ use chrono::{DateTime, Utc};
 pub use file::FileStore;
 pub use s3::S3Store;
 pub use view::{
-    HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, read_slot, read_slots,
-    read_view,
+    ClusterView, HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, read_cluster,
+    read_slot, read_slots, read_view,
 };
 
 use crate::error::usage;
@@ -26,6 +27,8 @@ use crate::error::usage;
 pub struct Listed {
     /// Key relative to the prefix, e.g. `servers/20240101000000-n1`.
     pub key: String,
+    /// When the store last wrote it, on the store's clock.
+    pub last_modified: DateTime<Utc>,
 }
 
 /// An object read back with its version tag.
@@ -78,6 +81,12 @@ pub trait Store: Send + Sync {
     async fn put(&self, key: &str, body: Vec<u8>, condition: Condition) -> Result<PutOutcome>;
     /// Deletes keys; returns the number of requests made.
     async fn delete(&self, keys: &[String]) -> Result<usize>;
+    /// The store's current time: what every age is measured against
+    /// (DESIGN.md, Day-2 rules: one clock, the store's). For S3, the `Date`
+    /// of its latest response, advanced by the time elapsed here since; for
+    /// a directory, the time the file system stamps on a file written now.
+    /// This host's clock only when the store cannot tell.
+    async fn now(&self) -> DateTime<Utc>;
 }
 
 /// A parsed registry URL.

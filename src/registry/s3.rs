@@ -10,6 +10,12 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use chrono::{DateTime, Utc};
 
+use std::sync::Arc;
+
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+
+use super::clock::{StoreClock, parse_http_date};
 use super::{Condition, Listed, Object, PutOutcome, Store};
 use crate::error::usage_because;
 use crate::model::MAX_BODY_BYTES;
@@ -24,6 +30,35 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     prefix: String,
+    clock: Arc<StoreClock>,
+}
+
+/// Reads S3's clock off the `Date` header of every response, errors
+/// included.
+#[derive(Debug)]
+struct ReadDate(Arc<StoreClock>);
+
+impl Intercept for ReadDate {
+    fn name(&self) -> &'static str {
+        "auto-consul: the store's clock"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(at) = context
+            .response()
+            .headers()
+            .get("date")
+            .and_then(parse_http_date)
+        {
+            self.0.observe(at);
+        }
+        Ok(())
+    }
 }
 
 impl S3Store {
@@ -33,13 +68,16 @@ impl S3Store {
         let custom_endpoint = config.endpoint_url().is_some()
             || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some()
             || std::env::var_os("AWS_ENDPOINT_URL").is_some();
+        let clock = Arc::new(StoreClock::default());
         let s3_config = aws_sdk_s3::config::Builder::from(config)
             .force_path_style(custom_endpoint)
+            .interceptor(ReadDate(clock.clone()))
             .build();
         S3Store {
             client: Client::from_conf(s3_config),
             bucket,
             prefix,
+            clock,
         }
     }
 
@@ -148,8 +186,13 @@ impl Store for S3Store {
                 let Some(rel) = key.strip_prefix(&strip) else {
                     continue;
                 };
+                let Some(last_modified) = to_chrono(obj.last_modified()) else {
+                    tracing::warn!("skipping registry key {rel}: listed without a time");
+                    continue;
+                };
                 out.push(Listed {
                     key: rel.to_string(),
+                    last_modified,
                 });
             }
         }
@@ -174,7 +217,10 @@ impl Store for S3Store {
             Err(e) => return Err(explain(e, format!("reading {}", self.url(key)))),
         };
         let etag = resp.e_tag().unwrap_or_default().to_string();
-        let last_modified = to_chrono(resp.last_modified()).unwrap_or_else(Utc::now);
+        // Without a time, the object counts as written now: fresh, never
+        // taken for expired.
+        let last_modified =
+            to_chrono(resp.last_modified()).unwrap_or_else(|| self.clock.now_or_local("S3"));
         // Registry bodies are small; a huge one is junk, and is not
         // downloaded past the point where that is known.
         let mut body = Vec::new();
@@ -261,5 +307,9 @@ impl Store for S3Store {
             .try_collect::<()>()
             .await?;
         Ok(requests)
+    }
+
+    async fn now(&self) -> DateTime<Utc> {
+        self.clock.now_or_local(&format!("S3 ({})", self.url("")))
     }
 }

@@ -9,7 +9,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use super::{Listed, Store};
 use crate::model::{
-    self, CLUSTER_KEY, ClusterRecord, HeartbeatKey, Role, SlotRecord, age_seconds,
+    self, CLUSTER_KEY, ClusterRecord, HeartbeatKey, Role, Settings, SlotRecord, age_seconds,
     parse_heartbeat_body,
 };
 
@@ -53,71 +53,91 @@ pub struct ClusterView {
     pub age_seconds: u64,
 }
 
-impl HeartbeatEntry {
-    /// Stamped more than `expiry` seconds ahead of `now`: junk, or a clock
-    /// far off. Never live, and purged.
-    pub fn from_the_future(&self, now: DateTime<Utc>, expiry: u64) -> bool {
-        (self.parsed.time - now).num_seconds() > expiry as i64
-    }
-}
-
 /// A heartbeat key as listed, parsed.
 #[derive(Debug, Clone)]
 pub struct HeartbeatEntry {
     /// Key relative to the prefix.
     pub key: String,
-    /// Parsed name.
+    /// Parsed name. Its time is the writer's clock: it orders keys and
+    /// decides nothing.
     pub parsed: HeartbeatKey,
+    /// When the store wrote it, on the store's clock.
+    pub last_modified: DateTime<Utc>,
+}
+
+impl HeartbeatEntry {
+    /// Whole seconds since the store wrote it, against the store's `now`.
+    pub fn age_seconds(&self, now: DateTime<Utc>) -> u64 {
+        age_seconds(self.last_modified, now)
+    }
 }
 
 /// What the registry says, read once.
 #[derive(Debug, Clone)]
 pub struct RegistryView {
-    /// When it was read.
+    /// When it was read, on the store's clock.
     pub now: DateTime<Utc>,
+    /// The settings that rule: the cluster record's, or the seed's when
+    /// there is no (readable) record.
+    pub settings: Settings,
     /// Live servers, newest heartbeat per node, freshest first.
     pub servers: Vec<Member>,
     /// Live agents, newest heartbeat per node, freshest first (at most the
     /// limit asked for).
     pub agents: Vec<Member>,
-    /// Slots `0..n`.
+    /// Slots `0..settings.servers`.
     pub slots: Vec<SlotView>,
     /// The cluster record, when there is one.
     pub cluster: Option<ClusterView>,
 }
 
-/// Reads the registry: both heartbeat listings, the cluster record and slots
-/// `0..slots` at once, then the bodies of the newest live heartbeat of each
-/// server and of up to `agent_limit` agents, freshest first.
+impl RegistryView {
+    /// The cluster record, when there is one and it parses.
+    pub fn record(&self) -> Option<&ClusterRecord> {
+        self.cluster.as_ref().and_then(|c| c.record.as_ref())
+    }
+}
+
+/// How far behind the reader a heartbeat key's time may be and the key
+/// still be listed: listings start at a key time (keys sort by time, so
+/// expired ones cost nothing), and a writer whose clock is hours behind
+/// must still count.
+pub const KEY_TIME_MARGIN: chrono::Duration = chrono::Duration::hours(24);
+
+/// The key a listing of `dir` starts after: `expiry` and the margin before
+/// `now`.
+fn listing_start(dir: Role, now: DateTime<Utc>, expiry: u64) -> String {
+    let cutoff = HeartbeatKey {
+        time: now - chrono::Duration::seconds(expiry as i64) - KEY_TIME_MARGIN,
+        node: String::new(),
+    };
+    format!("{}{}", dir.dir(), cutoff.name())
+}
+
+/// Reads the registry: both heartbeat listings, the cluster record and the
+/// slots at once, then the bodies of the newest live heartbeat of each
+/// server and of up to `agent_limit` agents, freshest first. Settings come
+/// from the cluster record; `seed`'s only where there is none.
 pub async fn read_view(
     store: &dyn Store,
-    slots: u32,
-    expiry: u64,
+    seed: Settings,
     agent_limit: usize,
 ) -> Result<RegistryView> {
-    // Keys sort by time: listing from the expiry cut-off on skips every
-    // expired heartbeat, however many there are.
-    let cutoff = HeartbeatKey {
-        time: Utc::now() - chrono::Duration::seconds(expiry as i64 + 1),
-        node: String::new(),
-    }
-    .name();
+    // This host's clock picks where the listings start; it is checked
+    // against the store's below, and the listing redone when it was too
+    // far ahead for the margin.
+    let local = Utc::now();
     let (servers_from, agents_from) = (
-        format!("{}{cutoff}", Role::Servers.dir()),
-        format!("{}{cutoff}", Role::Agents.dir()),
+        listing_start(Role::Servers, local, seed.expiry),
+        listing_start(Role::Agents, local, seed.expiry),
     );
     let (servers, agents, cluster, slots) = tokio::try_join!(
         store.list(Role::Servers.dir(), Some(&servers_from)),
         store.list(Role::Agents.dir(), Some(&agents_from)),
         store.get(CLUSTER_KEY),
-        read_slots(store, slots),
+        read_slot_objects(store, seed.servers),
     )?;
-    let now = Utc::now();
-
-    let (servers, agents) = tokio::try_join!(
-        live_members(store, parse_listing(servers), now, expiry, usize::MAX),
-        live_members(store, parse_listing(agents), now, expiry, agent_limit),
-    )?;
+    let now = store.now().await;
     let cluster = cluster.map(|obj| ClusterView {
         record: ClusterRecord::parse(&obj.body)
             .map_err(|why| tracing::warn!("skipping registry key {CLUSTER_KEY}: {why}"))
@@ -125,13 +145,73 @@ pub async fn read_view(
         etag: obj.etag,
         age_seconds: age_seconds(obj.last_modified, now),
     });
+    let settings = cluster
+        .as_ref()
+        .and_then(|c| c.record.as_ref())
+        .map_or(seed, |r| r.settings(seed));
+
+    let skew = (local - now).num_seconds();
+    if skew.abs() > 60 {
+        tracing::warn!(
+            "this host's clock is {}s {} the registry's: ages are measured on the registry's clock; fix NTP",
+            skew.abs(),
+            if skew > 0 { "ahead of" } else { "behind" }
+        );
+    }
+    let (servers_needed, agents_needed) = (
+        listing_start(Role::Servers, now, settings.expiry),
+        listing_start(Role::Agents, now, settings.expiry),
+    );
+    let (servers, agents) = if servers_needed < servers_from {
+        tokio::try_join!(
+            store.list(Role::Servers.dir(), Some(&servers_needed)),
+            store.list(Role::Agents.dir(), Some(&agents_needed)),
+        )?
+    } else {
+        (servers, agents)
+    };
+    let mut slots = slots;
+    if settings.servers > seed.servers {
+        slots.extend(read_slot_objects_from(store, seed.servers, settings.servers).await?);
+    }
+    slots.truncate(settings.servers as usize);
+    let slots = slot_views(slots, now);
+
+    let (servers, agents) = tokio::try_join!(
+        live_members(
+            store,
+            parse_listing(servers),
+            now,
+            settings.expiry,
+            usize::MAX
+        ),
+        live_members(
+            store,
+            parse_listing(agents),
+            now,
+            settings.expiry,
+            agent_limit
+        ),
+    )?;
     Ok(RegistryView {
         now,
+        settings,
         servers,
         agents,
         slots,
         cluster,
     })
+}
+
+/// Reads the cluster record alone: `None` when absent or junk.
+pub async fn read_cluster(store: &dyn Store) -> Result<Option<(ClusterRecord, String)>> {
+    let Some(obj) = store.get(CLUSTER_KEY).await? else {
+        return Ok(None);
+    };
+    Ok(ClusterRecord::parse(&obj.body)
+        .map_err(|why| tracing::warn!("skipping registry key {CLUSTER_KEY}: {why}"))
+        .ok()
+        .map(|r| (r, obj.etag)))
 }
 
 /// Lists both heartbeat directories at once: every well-formed key, junk
@@ -146,25 +226,38 @@ pub async fn list_heartbeats(store: &dyn Store) -> Result<Vec<HeartbeatEntry>> {
     Ok(all)
 }
 
-/// Reads slots `0..slots` at once.
-pub async fn read_slots(store: &dyn Store, slots: u32) -> Result<Vec<SlotView>> {
-    let objs: Vec<_> = stream::iter(0..slots)
-        .map(|i| async move { store.get(&model::slot_key(i)).await })
+type SlotObject = (u32, Option<super::Object>);
+
+async fn read_slot_objects(store: &dyn Store, slots: u32) -> Result<Vec<SlotObject>> {
+    read_slot_objects_from(store, 0, slots).await
+}
+
+async fn read_slot_objects_from(store: &dyn Store, from: u32, to: u32) -> Result<Vec<SlotObject>> {
+    stream::iter(from..to)
+        .map(|i| async move { Ok::<_, anyhow::Error>((i, store.get(&model::slot_key(i)).await?)) })
         .buffered(READ_CONCURRENCY)
         .try_collect()
-        .await?;
-    let now = Utc::now();
-    Ok(objs
-        .into_iter()
-        .zip(0..)
-        .map(|(obj, index)| slot_view(index, obj, now))
-        .collect())
+        .await
+}
+
+fn slot_views(objs: Vec<SlotObject>, now: DateTime<Utc>) -> Vec<SlotView> {
+    objs.into_iter()
+        .map(|(index, obj)| slot_view(index, obj, now))
+        .collect()
+}
+
+/// Reads slots `0..slots` at once.
+pub async fn read_slots(store: &dyn Store, slots: u32) -> Result<Vec<SlotView>> {
+    let objs = read_slot_objects(store, slots).await?;
+    let now = store.now().await;
+    Ok(slot_views(objs, now))
 }
 
 /// Reads slot `index` alone.
 pub async fn read_slot(store: &dyn Store, index: u32) -> Result<SlotView> {
     let obj = store.get(&model::slot_key(index)).await?;
-    Ok(slot_view(index, obj, Utc::now()))
+    let now = store.now().await;
+    Ok(slot_view(index, obj, now))
 }
 
 fn slot_view(index: u32, obj: Option<super::Object>, now: DateTime<Utc>) -> SlotView {
@@ -207,6 +300,7 @@ fn parse_listing(listed: Vec<Listed>) -> Vec<HeartbeatEntry> {
             parsed.map(|parsed| HeartbeatEntry {
                 key: item.key,
                 parsed,
+                last_modified: item.last_modified,
             })
         })
         .collect()
@@ -221,28 +315,23 @@ async fn live_members(
     expiry: u64,
     limit: usize,
 ) -> Result<Vec<Member>> {
+    // Liveness and "newest" on the store's clock; the key's own time only
+    // breaks ties (it is the writer's clock, which may be hours off).
+    let written = |e: &HeartbeatEntry| (e.last_modified, e.parsed.time);
     let mut newest: HashMap<&str, &HeartbeatEntry> = HashMap::new();
     for e in &entries {
-        if e.parsed.age_seconds(now) >= expiry {
-            continue;
-        }
-        if e.from_the_future(now, expiry) {
-            tracing::warn!(
-                "skipping registry key {}: stamped more than {expiry}s in the future",
-                e.key
-            );
+        if e.age_seconds(now) >= expiry {
             continue;
         }
         let slot = newest.entry(e.parsed.node.as_str()).or_insert(e);
-        if e.parsed.time > slot.parsed.time {
+        if written(e) > written(slot) {
             *slot = e;
         }
     }
     let mut candidates: Vec<&HeartbeatEntry> = newest.into_values().collect();
     candidates.sort_by(|a, b| {
-        b.parsed
-            .time
-            .cmp(&a.parsed.time)
+        written(b)
+            .cmp(&written(a))
             .then(a.parsed.node.cmp(&b.parsed.node))
     });
 
@@ -262,7 +351,7 @@ async fn live_members(
                 node: e.parsed.node.clone(),
                 address: info.address,
                 instance_id: info.instance_id,
-                age_seconds: e.parsed.age_seconds(now),
+                age_seconds: e.age_seconds(now),
             }),
             Err(why) => tracing::warn!("skipping registry key {}: {why}", e.key),
         }

@@ -160,6 +160,16 @@ impl Moto {
         }
     }
 
+    /// Moves the LastModified of every object under `prefix` of `bucket`
+    /// `seconds` into the past: the registry as if silent that long.
+    pub fn age(&self, bucket: &str, prefix: &str, seconds: u64) -> u64 {
+        let body = serde_json::json!({ "bucket": bucket, "prefix": prefix, "seconds": seconds });
+        http(self.port, "POST", "/_age", &body.to_string())
+            .trim()
+            .parse()
+            .expect("a count")
+    }
+
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
         http_get(self.port, "/_stats")
@@ -424,6 +434,33 @@ pub fn run_cmd(
     cmd
 }
 
+/// `auto-consul heartbeat --json` for one node, talking to the (fake)
+/// Consul agent at `agent` (`host:port`).
+pub fn heartbeat_cmd(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    agent: &str,
+) -> Command {
+    let mut cmd = auto_consul(moto);
+    cmd.args([
+        "heartbeat",
+        "--json",
+        "--registry",
+        registry,
+        "--address",
+        ip,
+        "--node",
+        node,
+    ])
+    .arg("--root")
+    .arg(root)
+    .env("CONSUL_HTTP_ADDR", agent);
+    cmd
+}
+
 /// Runs one node to success and returns its JSON output.
 pub fn run_node(
     moto: &Moto,
@@ -468,4 +505,85 @@ pub fn put_many(moto: &Moto, bucket: &str, items: Vec<(String, String)>) {
             .collect::<Vec<_>>()
             .await;
     });
+}
+
+/// An EC2 client on a moto_server.
+pub fn ec2(moto: &Moto) -> aws_sdk_ec2::Client {
+    aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::config::Builder::new()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .endpoint_url(moto.url())
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "testing", "testing", None, None, "tests",
+            ))
+            .build(),
+    )
+}
+
+/// Starts `n` instances in moto's EC2; their ids.
+pub fn run_instances(moto: &Moto, n: i32) -> Vec<String> {
+    let ec2 = ec2(moto);
+    rt().block_on(async {
+        let images = ec2.describe_images().send().await.unwrap();
+        let ami = images.images()[0].image_id().unwrap().to_string();
+        let out = ec2
+            .run_instances()
+            .image_id(ami)
+            .min_count(n)
+            .max_count(n)
+            .send()
+            .await
+            .unwrap();
+        out.instances()
+            .iter()
+            .map(|i| i.instance_id().unwrap().to_string())
+            .collect()
+    })
+}
+
+/// Terminates instances in moto's EC2.
+pub fn terminate(moto: &Moto, ids: &[&str]) {
+    let ec2 = ec2(moto);
+    rt().block_on(async {
+        let mut req = ec2.terminate_instances();
+        for id in ids {
+            req = req.instance_ids(*id);
+        }
+        req.send().await.unwrap();
+    });
+}
+
+/// libfaketime's preload library (Debian package `faketime`), for running
+/// the real binary on a shifted clock.
+pub fn libfaketime() -> PathBuf {
+    for p in [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("libfaketime is missing: apt-get install faketime (the .ci/run script does)");
+}
+
+/// Runs `cmd` with its wall clock shifted by `offset` (libfaketime syntax,
+/// e.g. "+1h", "-1h"); the monotonic clock is left alone.
+pub fn skewed<'a>(cmd: &'a mut Command, offset: &str) -> &'a mut Command {
+    cmd.env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+}
+
+/// The seconds between a heartbeat key's stamp and now: how far the
+/// writer's clock was off.
+pub fn key_skew_seconds(key: &str) -> i64 {
+    let name = key.rsplit('/').next().unwrap();
+    let stamp = &name[..14];
+    let t = chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%d%H%M%S")
+        .unwrap()
+        .and_utc();
+    (t - chrono::Utc::now()).num_seconds()
 }

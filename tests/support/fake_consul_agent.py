@@ -3,9 +3,12 @@
 Consul itself cannot be installed here. This serves `GET /v1/agent/self` in
 the shape Consul documents for that endpoint (Config, DebugConfig, Coord,
 Member, Meta, Stats, xDS), with `Config.Server` telling whether the agent
-runs as a server. With --token, requests without that `X-Consul-Token` get
-403 "ACL not found", as Consul answers. Prints `PORT=<n>` first; exits when
-its parent goes away.
+runs as a server, and `GET /v1/status/leader` and `/v1/status/peers`, which
+Consul serves without any ACL token (a JSON string, "" when there is no
+leader; a JSON list of "ip:port" Raft peers). With --token, requests to
+/v1/agent/self without that `X-Consul-Token` get 403 "ACL not found", as
+Consul answers when the token lacks agent:read; the status endpoints still
+answer. Prints `PORT=<n>` first; exits when its parent goes away.
 """
 
 import argparse
@@ -57,8 +60,17 @@ def main():
     parser.add_argument("--server", action="store_true")
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--token")
+    parser.add_argument("--leader", help="the leader's ip:port (default: this agent's, when a server)")
+    parser.add_argument("--peers", help="comma-separated Raft peers, ip:port (default: this agent's, when a server)")
     args = parser.parse_args()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
+    own = f"{args.address}:8300"
+    leader = args.leader if args.leader is not None else (own if args.server else "")
+    peers = args.peers.split(",") if args.peers else ([own] if args.server else [])
+    status = {
+        "/v1/status/leader": json.dumps(leader).encode(),
+        "/v1/status/peers": json.dumps([p for p in peers if p]).encode(),
+    }
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -72,9 +84,12 @@ def main():
             self.wfile.write(payload)
 
         def do_GET(self):
+            path = self.path.split("?")[0]
+            if path in status:
+                return self.reply(200, status[path], "application/json")
             if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
                 return self.reply(403, b"ACL not found", "text/plain")
-            if self.path.split("?")[0] == "/v1/agent/self":
+            if path == "/v1/agent/self":
                 return self.reply(200, body, "application/json")
             self.reply(404, b"404 page not found", "text/plain")
 

@@ -35,6 +35,12 @@ Seeding, for benchmarks that need large registries: `POST /_seed` with
 and stores the objects straight into moto's S3 backend, without a request
 each.
 
+Time, for Day-2 tests: `POST /_age` with {"bucket": NAME, "prefix": P,
+"seconds": N} moves the LastModified of every object under P that far into
+the past, as if the registry had been silent for N seconds (the objects'
+own clock is the store's: heartbeats, slots and the cluster record age by
+it, whatever the writers' clocks say).
+
 The server exits when its parent process goes away.
 """
 
@@ -73,6 +79,21 @@ def seed_objects(bucket, items):
     for key, body in items:
         backend.put_object(bucket, key, body.encode())
     return len(items)
+
+
+def age_objects(bucket, prefix, seconds):
+    import datetime
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+    aged = 0
+    for name, key in list(backend.get_bucket(bucket).keys.items()):
+        if name.startswith(prefix):
+            key.last_modified = key.last_modified - datetime.timedelta(seconds=seconds)
+            aged += 1
+    return aged
 
 
 def drop_connection(environ):
@@ -133,6 +154,12 @@ class Serialized:
             seed = json.loads(environ["wsgi.input"].read(length))
             with self.lock:
                 count = seed_objects(seed["bucket"], seed.get("items", []))
+            return reply(start_response, 200, str(count).encode())
+        if path == "/_age":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            age = json.loads(environ["wsgi.input"].read(length))
+            with self.lock:
+                count = age_objects(age["bucket"], age.get("prefix", ""), float(age["seconds"]))
             return reply(start_response, 200, str(count).encode())
         if self.delay:
             time.sleep(self.delay)

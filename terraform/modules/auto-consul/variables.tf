@@ -105,7 +105,7 @@ variable "servers" {
 }
 
 variable "expiry" {
-  description = "Heartbeat and server slot expiry in seconds (AUTO_CONSUL_EXPIRY). The heartbeat timer fires every expiry/2."
+  description = "Heartbeat and server slot expiry in seconds (AUTO_CONSUL_EXPIRY). The heartbeat timer fires every expiry/3. Seeds a new cluster's record, which then rules."
   type        = number
   default     = 120
 

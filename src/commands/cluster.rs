@@ -1,0 +1,179 @@
+//! `cluster show|set|retire`: the cluster record, which rules the settings
+//! of every node (DESIGN.md, Day-2 rules), read and changed under
+//! `If-Match` so that no concurrent change is lost.
+
+use anyhow::{Result, bail};
+use serde_json::json;
+
+use super::members::{cluster_json, cluster_line};
+use super::{open_store, registry_url, seed_settings};
+use crate::cli::{ClusterAction, GlobalOpts};
+use crate::error::usage;
+use crate::model::{CLUSTER_KEY, ClusterRecord};
+use crate::registry::{Condition, PutOutcome, Store, read_cluster, read_view};
+
+/// Attempts at a change that meets concurrent changes.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// `cluster ...`.
+pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
+    let url = registry_url(opts)?;
+    let opened = open_store(&url).await?;
+    let store = opened.store.as_ref();
+    match action {
+        ClusterAction::Show => show(opts, store).await,
+        ClusterAction::Set => {
+            if opts.servers.is_none() && opts.expiry.is_none() {
+                return Err(usage(
+                    "`cluster set` changes nothing without --servers N or --expiry SECONDS",
+                ));
+            }
+            let changed = change(store, &url.to_string(), |r| {
+                if let Some(s) = opts.servers {
+                    r.servers = s;
+                }
+                if let Some(e) = opts.expiry {
+                    r.expiry = Some(e);
+                }
+                Ok(())
+            })
+            .await?;
+            report(opts, &changed, "set");
+            Ok(())
+        }
+        ClusterAction::Retire { cluster_id } => {
+            let changed = change(store, &url.to_string(), |r| {
+                if r.cluster_id != *cluster_id {
+                    return Err(usage(format!(
+                        "the registry's cluster is {}, not {cluster_id}: nothing retired; check `auto-consul cluster show`",
+                        r.cluster_id
+                    )));
+                }
+                r.retired = true;
+                Ok(())
+            })
+            .await?;
+            report(opts, &changed, "retired");
+            if !opts.json {
+                println!(
+                    "once none of its servers is live, the next node to boot starts a NEW, EMPTY cluster in its place"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn show(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
+    let view = read_view(store, seed_settings(opts), 0).await?;
+    let slots: Vec<_> = view
+        .slots
+        .iter()
+        .map(|s| {
+            json!({
+                "index": s.index,
+                "node": s.record.as_ref().map(|r| r.node.clone()),
+                "instance_id": s.record.as_ref().and_then(|r| r.instance_id.clone()),
+                "cluster_id": s.record.as_ref().and_then(|r| r.cluster_id.clone()),
+                "released": s.record.as_ref().is_some_and(|r| r.released),
+                "age_seconds": s.etag.as_ref().map(|_| s.age_seconds),
+            })
+        })
+        .collect();
+    if opts.json {
+        println!(
+            "{}",
+            json!({ "cluster": cluster_json(&view), "slots": slots })
+        );
+        return Ok(());
+    }
+    println!("{}", cluster_line(&view));
+    for s in &view.slots {
+        match &s.record {
+            Some(r) => println!(
+                "  slot {}: {} {}{}, written {}s ago{}",
+                s.index,
+                r.node,
+                r.address,
+                r.instance_id
+                    .as_deref()
+                    .map(|i| format!(" ({i})"))
+                    .unwrap_or_default(),
+                s.age_seconds,
+                if r.released { ", released" } else { "" }
+            ),
+            None => println!("  slot {}: free", s.index),
+        }
+    }
+    Ok(())
+}
+
+/// Reads the record, applies `edit`, writes it back under `If-Match`;
+/// again from the read when another change came first.
+async fn change(
+    store: &dyn Store,
+    registry: &str,
+    edit: impl Fn(&mut ClusterRecord) -> Result<()>,
+) -> Result<ClusterRecord> {
+    for _ in 0..MAX_ATTEMPTS {
+        let Some((mut record, etag)) = read_cluster(store).await? else {
+            return Err(usage(format!(
+                "the registry {registry} has no readable cluster record: nothing to change; \
+                 the first node to boot writes one from its --servers and --expiry"
+            )));
+        };
+        let before = record.clone();
+        edit(&mut record)?;
+        if record == before {
+            return Ok(record);
+        }
+        let body = serde_json::to_vec(&record)?;
+        match store
+            .put(CLUSTER_KEY, body.clone(), Condition::Matches(etag))
+            .await?
+        {
+            PutOutcome::Written(_) => return Ok(record),
+            PutOutcome::PreconditionFailed | PutOutcome::Conflict => continue,
+            PutOutcome::Unknown(err) => {
+                tracing::warn!(
+                    "the result of writing {CLUSTER_KEY} is unknown, reading it back: {err:#}"
+                );
+                if store
+                    .get(CLUSTER_KEY)
+                    .await?
+                    .is_some_and(|o| o.body == body)
+                {
+                    return Ok(record);
+                }
+            }
+        }
+    }
+    bail!(
+        "the cluster record of {registry} changed under every one of {MAX_ATTEMPTS} attempts; run again"
+    )
+}
+
+fn report(opts: &GlobalOpts, record: &ClusterRecord, what: &str) {
+    if opts.json {
+        println!(
+            "{}",
+            json!({
+                "cluster_id": record.cluster_id,
+                "servers": record.servers,
+                "expiry": record.expiry,
+                "retired": record.retired,
+            })
+        );
+    } else {
+        println!(
+            "cluster {} {what}: {} servers, expiry {}{}",
+            record.cluster_id,
+            record.servers,
+            record.expiry.map_or_else(
+                || "from each node's --expiry".to_string(),
+                |e| format!("{e}s")
+            ),
+            if record.retired { ", retired" } else { "" }
+        );
+    }
+}
