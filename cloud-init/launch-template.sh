@@ -10,6 +10,7 @@
 set -euo pipefail
 
 REGISTRY="s3://my-bucket/consul/prod"
+ROLE="server"   # server for the servers' group, agent for the agents', auto for one group
 SERVERS=3
 EXPIRY=120
 DATACENTER="dc1"
@@ -34,6 +35,7 @@ install -d -m 0755 /etc/auto-consul
 tmp="$(mktemp /etc/auto-consul/.auto-consul.env.XXXXXX)"
 cat >"$tmp" <<ENV
 AUTO_CONSUL_REGISTRY=${REGISTRY}
+AUTO_CONSUL_ROLE=${ROLE}
 AUTO_CONSUL_SERVERS=${SERVERS}
 AUTO_CONSUL_EXPIRY=${EXPIRY}
 AUTO_CONSUL_DATACENTER=${DATACENTER}
@@ -49,7 +51,8 @@ set -a
 . /etc/auto-consul/auto-consul.env
 set +a
 
-# `install` enables auto-consul.service, so that `run` runs at every later
-# boot too (sticky mode, no `bootstrap` once Raft state exists).
-auto-consul install
-exec auto-consul run
+# `install --now` enables auto-consul.service and starts it without
+# waiting: it runs `auto-consul run` now and at every later boot, and systemd
+# retries it until it succeeds (sticky mode, no `bootstrap` once Raft state
+# exists).
+exec auto-consul install --now

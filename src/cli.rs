@@ -74,6 +74,22 @@ pub struct GlobalOpts {
           global = true, value_parser = clap::value_parser!(u64).range(2..=86_400))]
     pub expiry: Option<u64>,
 
+    /// What this node may become: `server` (never an agent: waits for a
+    /// free or expired slot), `agent` (never claims a slot or bootstraps:
+    /// waits for a live server), or `auto` (the decision: servers until
+    /// the cluster has enough, then agents).
+    #[arg(long, env = "AUTO_CONSUL_ROLE", value_enum, default_value_t = RoleWanted::Auto,
+          global = true)]
+    pub role: RoleWanted,
+
+    /// How long `run` with `--role server` waits for a server slot, or with
+    /// `--role agent` for a live server, before it exits 1 (the boot unit
+    /// retries) [default: EXPIRY + EXPIRY/3 + 10, one expiry and one
+    /// heartbeat interval].
+    #[arg(long, env = "AUTO_CONSUL_ROLE_WAIT", value_name = "SECONDS", global = true,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub role_wait: Option<u64>,
+
     /// The EC2 instance id published in slots and heartbeats [default: IMDS
     /// instance-id, or the node name when it is one]. For hosts without
     /// IMDS and for tests; the witness rule asks EC2 about these ids.
@@ -193,16 +209,45 @@ pub enum Command {
     /// its server slot, so a replacement can take it at once. For shutdown
     /// (ExecStop of a unit).
     Leave,
-    /// For image baking: write the boot unit auto-consul.service (runs `run`
-    /// at every boot with the env file) and the env file from the options
-    /// given, and enable the unit. Starts nothing; re-running is harmless.
-    Install,
+    /// Write the boot unit auto-consul.service (runs `run` at every boot
+    /// with the env file, retried until it succeeds) and merge the options
+    /// given into the env file, and enable the unit. For image baking it
+    /// starts nothing; user data on a stock image adds `--now`. Re-running
+    /// is harmless.
+    Install {
+        /// Also start the boot unit now, without waiting for it (user data:
+        /// a first boot that fails is then retried by systemd).
+        #[arg(long)]
+        now: bool,
+    },
     /// Show or change the cluster record: the cluster id and the settings
     /// every node adopts (servers, expiry).
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,
     },
+}
+
+/// What a node may become (`--role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoleWanted {
+    /// Servers until the cluster has enough, then agents.
+    Auto,
+    /// Always a server (bootstrap or joining); never an agent.
+    Server,
+    /// Always an agent; never claims a slot or bootstraps.
+    Agent,
+}
+
+impl RoleWanted {
+    /// The name used on the command line and in the env file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleWanted::Auto => "auto",
+            RoleWanted::Server => "server",
+            RoleWanted::Agent => "agent",
+        }
+    }
 }
 
 /// What `cluster` does.
@@ -219,6 +264,11 @@ pub enum ClusterAction {
     Retire {
         /// The id of the cluster to retire (`auto-consul cluster show`).
         cluster_id: String,
+        /// Retire it although some of its servers are live in the registry
+        /// (they are about to go): otherwise refused, since the next
+        /// outage would start a second cluster beside them.
+        #[arg(long)]
+        force: bool,
     },
 }
 

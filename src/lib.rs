@@ -15,6 +15,7 @@ pub mod logging;
 pub mod model;
 pub mod registry;
 pub mod render;
+pub mod retry;
 pub mod state;
 
 /// Runs one command line to completion on a fresh Tokio runtime.

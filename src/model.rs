@@ -356,11 +356,20 @@ impl ClusterRecord {
         Ok(rec)
     }
 
-    /// The settings this record rules, `seed` filling what it lacks.
+    /// The settings this record rules, `seed` filling what it lacks. A
+    /// record from before the record ruled (no `expiry`) kept `servers`
+    /// only as the count at creation: the larger of it and the node's
+    /// flag then, so an upgrade never shrinks a fleet grown since.
     pub fn settings(&self, seed: Settings) -> Settings {
-        Settings {
-            servers: self.servers,
-            expiry: self.expiry.unwrap_or(seed.expiry),
+        match self.expiry {
+            Some(expiry) => Settings {
+                servers: self.servers,
+                expiry,
+            },
+            None => Settings {
+                servers: self.servers.max(seed.servers),
+                expiry: seed.expiry,
+            },
         }
     }
 }

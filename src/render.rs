@@ -27,6 +27,9 @@ pub struct ConsulSettings<'a> {
     pub mode: Mode,
     /// Whether to set `bootstrap: true` (bootstrap mode, no Raft state yet).
     pub bootstrap: bool,
+    /// The cluster's number of servers (the record's): autopilot never
+    /// prunes the quorum below it.
+    pub servers: u32,
     /// Addresses to join.
     pub retry_join: &'a [IpAddr],
     /// Gossip encryption key.
@@ -70,6 +73,23 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
         if s.bootstrap {
             c.insert("bootstrap".into(), json!(true));
         }
+        // Replacement servers join while the dead ones still count in Raft:
+        // autopilot removes the dead once a replacement is healthy, and
+        // never below the cluster's size (min_quorum, from 3 servers on,
+        // where losing one still leaves a quorum). Consul applies these
+        // when the datacenter bootstraps; later changes go through
+        // `consul operator autopilot set-config`. Servers do not leave on
+        // terminate: a server that leaves shrinks the quorum's size.
+        let mut autopilot = Map::new();
+        autopilot.insert("cleanup_dead_servers".into(), json!(true));
+        autopilot.insert("last_contact_threshold".into(), json!("200ms"));
+        autopilot.insert("max_trailing_logs".into(), json!(250));
+        autopilot.insert("server_stabilization_time".into(), json!("10s"));
+        if s.servers >= 3 {
+            autopilot.insert("min_quorum".into(), json!(s.servers));
+        }
+        c.insert("autopilot".into(), Value::Object(autopilot));
+        c.insert("leave_on_terminate".into(), json!(false));
     } else {
         c.insert("server".into(), json!(false));
         c.insert("leave_on_terminate".into(), json!(true));
@@ -217,18 +237,23 @@ pub fn boot_unit(auto_consul: &str, env_file: &str) -> String {
          Wants=network-online.target\n\
          After=network-online.target\n\
          Before=consul.service\n\
+         # Retried until it succeeds: a first boot may fail for minutes (an\n\
+         # instance profile not usable yet, S3 errors past the SDK's retries,\n\
+         # a server slot still held by a dead server).\n\
+         StartLimitIntervalSec=0\n\
          \n\
          [Service]\n\
          Type=oneshot\n\
          RemainAfterExit=yes\n\
          EnvironmentFile={env_file}\n\
          ExecStart={auto_consul} run\n\
-         # Exit 1 (registry or IMDS not reachable yet) is retried; exit 2, a\n\
-         # configuration error, is not.\n\
+         # Exit 1 (registry or IMDS not reachable yet, no slot free yet) is\n\
+         # retried; exit 2, a configuration error, is not.\n\
          Restart=on-failure\n\
-         RestartSec=10s\n\
+         RestartSec=15s\n\
          RestartPreventExitStatus=2\n\
-         TimeoutStartSec=5min\n\
+         # Covers the bounded waits of `run` (--role-wait, --witness-wait).\n\
+         TimeoutStartSec=15min\n\
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n"
@@ -308,6 +333,7 @@ mod tests {
             datacenter: "dc1",
             mode,
             bootstrap,
+            servers: 3,
             retry_join: join,
             encrypt: None,
             acl_token: None,
@@ -326,6 +352,33 @@ mod tests {
         let join = ["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
         let text = consul_config(&settings(Mode::Agent, false, &join));
         assert_eq!(text, include_str!("../tests/golden/agent.json"));
+    }
+
+    #[test]
+    fn server_config_has_autopilot_guarding_the_quorum() {
+        let join = ["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
+        let five = ConsulSettings {
+            servers: 5,
+            ..settings(Mode::Server, false, &join)
+        };
+        assert_eq!(
+            consul_config(&five),
+            include_str!("../tests/golden/server-5.json")
+        );
+        // One server: nothing to keep a quorum of, so no min_quorum (which
+        // would stop autopilot from ever replacing it).
+        let one = ConsulSettings {
+            servers: 1,
+            ..settings(Mode::Bootstrap, true, &[])
+        };
+        let v: Value = serde_json::from_str(&consul_config(&one)).unwrap();
+        assert_eq!(v["autopilot"]["cleanup_dead_servers"], json!(true));
+        assert!(v["autopilot"].get("min_quorum").is_none(), "{v}");
+        // Agents leave on terminate and have no autopilot.
+        let agent: Value =
+            serde_json::from_str(&consul_config(&settings(Mode::Agent, false, &join))).unwrap();
+        assert!(agent.get("autopilot").is_none());
+        assert_eq!(agent["leave_on_terminate"], json!(true));
     }
 
     #[test]

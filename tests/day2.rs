@@ -397,6 +397,15 @@ fn a_released_slot_or_an_operator_retire_lets_a_new_cluster_form_on_a_directory(
     let old: Value =
         serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
     let old = old["cluster_id"].as_str().unwrap().to_string();
+    // Retiring a cluster whose server is live is refused.
+    let early =
+        output(auto_consul(moto).args(["cluster", "retire", "--registry", &registry, &old]));
+    assert_eq!(early.status.code(), Some(2), "{}", stderr(&early));
+    assert!(
+        stderr(&early).contains("live servers"),
+        "{}",
+        stderr(&early)
+    );
     // Silent for an hour: every mtime an hour back.
     let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
     for f in files_under(&reg) {
@@ -569,6 +578,34 @@ fn a_joiner_with_other_servers_and_expiry_changes_nothing_and_cluster_set_does()
     ])));
     assert_eq!(show["cluster"]["servers"], 5);
     assert_eq!(show["slots"].as_array().unwrap().len(), 5);
+
+    // A lower expiry reaches every node's timer at its next heartbeat.
+    ok_json(&output(auto_consul(moto).args([
+        "cluster",
+        "set",
+        "--json",
+        "--registry",
+        &registry,
+        "--expiry",
+        "60",
+    ])));
+    let agent = FakeAgent::start("st-x", false, &[]);
+    let hb = ok_json(&output(&mut heartbeat(
+        moto,
+        &registry,
+        &tmp.path().join("st-x"),
+        "st-x",
+        "10.23.0.9",
+        &agent,
+    )));
+    assert_eq!(hb["timer_changed"], true, "{hb}");
+    assert_eq!(hb["settings"]["expiry"], 60);
+    let timer = std::fs::read_to_string(
+        tmp.path()
+            .join("st-x/etc/systemd/system/auto-consul-heartbeat.timer"),
+    )
+    .unwrap();
+    assert!(timer.contains("OnUnitActiveSec=20s"), "{timer}");
 }
 
 #[test]

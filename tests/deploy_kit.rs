@@ -187,9 +187,9 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
     let template = root().join("terraform/modules/auto-consul/user-data.yaml.tftpl");
     assert!(template.is_file(), "missing {}", template.display());
     let dir = scratch_dir("render");
-    for baked in [false, true] {
+    for (baked, role) in [(false, "server"), (true, "agent")] {
         let expr = format!(
-            "templatefile(\"{}\", {{ registry = \"s3://example-bucket/consul/prod\", servers = 3, \
+            "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, \
              expiry = 120, datacenter = \"dc1\", data_dir = \"/opt/consul\", \
              config_dir = \"/etc/consul.d\", baked_image = {baked} }})",
             template.display()
@@ -217,12 +217,28 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
             rendered.contains("AUTO_CONSUL_REGISTRY=s3://example-bucket/consul/prod"),
             "rendered user data lacks the registry:\n{rendered}"
         );
+        assert!(
+            rendered.contains(&format!("AUTO_CONSUL_ROLE={role}")),
+            "rendered user data lacks the role:\n{rendered}"
+        );
         let runs = rendered.lines().any(|l| l.starts_with("runcmd:"));
         assert_eq!(
             runs, !baked,
-            "the user data must run `auto-consul run` (runcmd) exactly when the image is not \
+            "the user data must start the boot unit (runcmd) exactly when the image is not \
              baked (baked_image = {baked}):\n{rendered}"
         );
+        if runs {
+            // The boot unit, retried by systemd, runs `run`; never `run`
+            // itself, once.
+            let cmd = rendered
+                .lines()
+                .find(|l| l.trim_start().starts_with("- [sh"))
+                .unwrap_or_default();
+            assert!(
+                cmd.contains("auto-consul install --now") && !cmd.contains("auto-consul run"),
+                "{rendered}"
+            );
+        }
         let file = dir.join(format!("user-data-baked-{baked}.yaml"));
         fs::write(&file, &rendered).expect("write rendered user data");
         if let Err(e) = cloud_init_schema(&file) {

@@ -8,6 +8,7 @@ use serde_json::json;
 use super::members::{cluster_json, cluster_line};
 use super::{open_store, registry_url, seed_settings};
 use crate::cli::{ClusterAction, GlobalOpts};
+use crate::decision::live_servers;
 use crate::error::usage;
 use crate::model::{CLUSTER_KEY, ClusterRecord};
 use crate::registry::{Condition, PutOutcome, Store, read_cluster, read_view};
@@ -41,7 +42,20 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
             report(opts, &changed, "set");
             Ok(())
         }
-        ClusterAction::Retire { cluster_id } => {
+        ClusterAction::Retire { cluster_id, force } => {
+            let view = read_view(store, seed_settings(opts), 0).await?;
+            let live = live_servers(&view, "", view.settings.expiry);
+            if !live.is_empty() && !force {
+                return Err(usage(format!(
+                    "cluster {cluster_id} has {} live servers in the registry ({}): retired, a later outage would let \
+                     a new cluster start beside them; stop them first, or pass --force if they are going away",
+                    live.len(),
+                    live.iter()
+                        .map(|m| m.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
             let changed = change(store, &url.to_string(), |r| {
                 if r.cluster_id != *cluster_id {
                     return Err(usage(format!(

@@ -8,20 +8,29 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::purge::purge_heartbeats;
+use super::run::HEARTBEAT_TIMER;
 use super::{open_store, registry_url, seed_settings};
 use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
 use crate::install::Root;
 use crate::model::{HeartbeatBody, HeartbeatKey, Role, slot_key};
 use crate::registry::{Condition, PutOutcome, read_cluster, read_slot};
-use crate::{agent, identity, state};
+use crate::{agent, identity, install, render, retry, state};
 
 /// `heartbeat`.
 pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
+    // One run must not lose a slot to a brief hiccup (a Consul restart, an
+    // S3 error): the agent and the registry are retried, within a deadline
+    // shorter than the timer's interval (expiry/3), so runs never overlap.
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_secs((opts.expiry() / 3).saturating_sub(5).clamp(1, 60));
     // The agent first: a node whose agent is down publishes nothing.
-    let status = agent::status(opts.acl_token_file.as_deref()).await?;
+    let status = retry::until(deadline, "asking the local Consul agent", || {
+        agent::status(opts.acl_token_file.as_deref())
+    })
+    .await?;
     let mut me = identity::of(opts).await?;
     let saved = state::load_for(&root, &url.to_string(), &me);
     if me.instance_id.is_none() {
@@ -57,22 +66,33 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         &[Role::Agents]
     };
     let keys: Vec<String> = roles.iter().map(|r| format!("{}{name}", r.dir())).collect();
-    let writes = keys
-        .iter()
-        .map(|k| store.put(k, body.clone(), Condition::None));
+    // A heartbeat is a plain write: writing it again is harmless.
+    let write = |key: &String| {
+        let (key, body) = (key.clone(), body.clone());
+        retry::until(deadline, "writing a heartbeat", move || {
+            let (key, body) = (key.clone(), body.clone());
+            async move {
+                match store.put(&key, body, Condition::None).await? {
+                    PutOutcome::Written(_) => Ok(()),
+                    PutOutcome::Unknown(err) => Err(err),
+                    other => anyhow::bail!("writing heartbeat {key}: unexpected {other:?}"),
+                }
+            }
+        })
+    };
     // The cluster record (its settings rule) is read alongside.
-    let (outcomes, record) = tokio::join!(futures::future::join_all(writes), read_cluster(store));
-    let settings = match record? {
+    let (written, record) = tokio::join!(
+        futures::future::try_join_all(keys.iter().map(write)),
+        retry::until(deadline, "reading the cluster record", || read_cluster(
+            store
+        ))
+    );
+    written?;
+    let record = record?;
+    let settings = match &record {
         Some((record, _)) => record.settings(seed_settings(opts)),
         None => seed_settings(opts),
     };
-    for (key, outcome) in keys.iter().zip(outcomes) {
-        match outcome? {
-            PutOutcome::Written(_) => {}
-            PutOutcome::Unknown(err) => return Err(err),
-            other => anyhow::bail!("writing heartbeat {key}: unexpected {other:?}"),
-        }
-    }
 
     let mut slot_report = serde_json::Value::Null;
     let held = saved.as_ref().and_then(|s| s.slot.zip(s.claim_id.clone()));
@@ -82,7 +102,25 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             settings.servers
         );
     }
-    if server && let Some((index, claim)) = held.filter(|(i, _)| *i < settings.servers) {
+    // A slot claimed for a cluster the registry no longer holds is not
+    // this node's to renew or retake.
+    let other_cluster = match (
+        saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
+        record.as_ref().map(|(r, _)| r.cluster_id.as_str()),
+    ) {
+        (Some(mine), Some(now)) if mine != now => {
+            tracing::error!(
+                "this node serves cluster {mine}, but the registry now holds cluster {now}: not renewing its slot; \
+                 check `auto-consul cluster show` and this node's Consul data"
+            );
+            true
+        }
+        _ => false,
+    };
+    if server
+        && !other_cluster
+        && let Some((index, claim)) = held.filter(|(i, _)| *i < settings.servers)
+    {
         let slot = read_slot(store, index).await?;
         let claims = Claims {
             store,
@@ -105,6 +143,10 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         });
     }
 
+    // The timer follows the record's expiry: after `cluster set --expiry`,
+    // each node's next heartbeat re-arms its own timer.
+    let timer_changed = follow_expiry(&root, settings.expiry)?;
+
     let keep: HashSet<String> = keys.iter().cloned().collect();
     let purged = purge_heartbeats(store, settings.expiry, Some((&me.node, &keep))).await?;
 
@@ -121,6 +163,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
                 "agent_self": status.server.is_some(),
                 "leader": status.leader,
                 "settings": settings,
+                "timer_changed": timer_changed,
                 "delete_requests": purged.requests,
             })
         );
@@ -140,4 +183,33 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Rewrites the heartbeat timer `run` installed when the cluster's expiry
+/// changed, and re-arms it (on a live system); whether it changed. A timer
+/// this node does not have (run by hand, another root) is left alone.
+fn follow_expiry(root: &Root, expiry: u64) -> Result<bool> {
+    let path = std::path::Path::new(HEARTBEAT_TIMER);
+    let Ok(current) = std::fs::read_to_string(root.path(path)) else {
+        return Ok(false);
+    };
+    let wanted = render::heartbeat_timer(expiry);
+    if current == wanted {
+        return Ok(false);
+    }
+    tracing::warn!("the cluster's expiry is now {expiry}s: rewriting {HEARTBEAT_TIMER}");
+    install::write_atomic(
+        root,
+        &install::FileSpec {
+            path: path.into(),
+            contents: wanted,
+            mode: 0o644,
+            owner: None,
+        },
+    )?;
+    if root.is_system() {
+        install::systemctl(&["daemon-reload"])?;
+        install::systemctl(&["restart", "--no-block", "auto-consul-heartbeat.timer"])?;
+    }
+    Ok(true)
 }

@@ -17,7 +17,7 @@ use crate::render;
 pub const BOOT_UNIT: &str = "/etc/systemd/system/auto-consul.service";
 
 /// `install`.
-pub fn install(opts: &GlobalOpts) -> Result<()> {
+pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
     let root = Root::new(&opts.root);
     // The registry may be left for user data to give at boot; if given, it
     // must be right.
@@ -36,7 +36,7 @@ pub fn install(opts: &GlobalOpts) -> Result<()> {
         FileSpec {
             path: ENV_FILE.into(),
             contents: env_file(opts, &root, None, registry.as_deref())?,
-            mode: 0o644,
+            mode: super::env_file_mode(&root),
             owner: None,
         },
     ];
@@ -48,15 +48,21 @@ pub fn install(opts: &GlobalOpts) -> Result<()> {
         }
     }
     let enable = root.is_system() && !opts.no_start;
+    let start = enable && now;
     if enable {
         install::systemctl(&["daemon-reload"])?;
         install::systemctl(&["enable", "auto-consul.service"])?;
+    }
+    if start {
+        // Not waiting: cloud-init's runcmd must not hang on a first boot
+        // that waits for a slot; systemd retries it on failure.
+        install::systemctl(&["start", "--no-block", "auto-consul.service"])?;
     }
     let paths: Vec<_> = files.iter().map(|f| root.path(&f.path)).collect();
     if opts.json {
         println!(
             "{}",
-            json!({ "files": paths, "changed": changed, "enabled": enable })
+            json!({ "files": paths, "changed": changed, "enabled": enable, "started": start })
         );
     } else {
         for p in &paths {
@@ -72,6 +78,9 @@ pub fn install(opts: &GlobalOpts) -> Result<()> {
         }
         if enable {
             println!("enabled: auto-consul.service (runs `auto-consul run` at every boot)");
+        }
+        if start {
+            println!("started: auto-consul.service (retried until `run` succeeds)");
         }
         if registry.is_none() {
             println!(

@@ -30,7 +30,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Heartbeat => heartbeat::heartbeat(&cli.global).await,
         Command::Purge => purge::purge(&cli.global).await,
         Command::Leave => leave::leave(&cli.global).await,
-        Command::Install => install::install(&cli.global),
+        Command::Install { now } => install::install(&cli.global, now),
         Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
     }
 }
@@ -65,6 +65,16 @@ pub async fn open_store(url: &RegistryUrl) -> Result<Opened> {
     };
     let store = registry::open(url, aws.as_ref()).await?;
     Ok(Opened { store, aws })
+}
+
+/// The mode of the env file: the operator's, when the file exists (a
+/// 0600 file holding a proxy's credentials stays 0600), else 0644 (it
+/// holds no secret of auto-consul's).
+pub fn env_file_mode(root: &Root) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(root.path(Path::new(run::ENV_FILE)))
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644)
 }
 
 /// The settings this node's flags give: they seed a new cluster's record
@@ -116,6 +126,9 @@ pub fn env_file(
     if let Some(me) = me {
         vars.push(("AUTO_CONSUL_ADDRESS", me.address.to_string()));
         vars.push(("AUTO_CONSUL_NODE", me.node.clone()));
+    }
+    if opts.role != crate::cli::RoleWanted::Auto {
+        vars.push(("AUTO_CONSUL_ROLE", opts.role.as_str().to_string()));
     }
     if let Some(s) = opts.servers {
         vars.push(("AUTO_CONSUL_SERVERS", s.to_string()));

@@ -11,20 +11,23 @@ use serde_json::json;
 use super::members::cluster_json;
 use super::{env_file, open_store, registry_url, seed_settings, warn_on_mismatch};
 use crate::claims::{Claims, Renewal};
-use crate::cli::GlobalOpts;
+use crate::cli::{GlobalOpts, RoleWanted};
 use crate::decision::{self, MAX_JOIN, Step};
 use crate::ec2::{self, Witness};
 use crate::error::usage;
 use crate::identity::{self, Identity};
 use crate::install::{self, FileSpec, Root};
 use crate::model::{CLUSTER_KEY, ClusterRecord, Mode, Settings, SlotRecord};
-use crate::registry::{Condition, PutOutcome, RegistryView, Store, read_view};
+use crate::registry::{Condition, PutOutcome, RegistryView, Store, read_slots_from, read_view};
 use crate::render::{self, ConsulSettings, Tls};
 use crate::state::{self, State};
 
 /// How long a joiner waits for the record of a cluster whose bootstrap
 /// node holds slot 0 but has not written it yet.
 const PENDING_WAIT: Duration = Duration::from_secs(5);
+/// The name of a cluster that neither a record nor a slot names
+/// (`--replace-cluster unnamed` replaces it).
+const UNNAMED: &str = "unnamed";
 /// Rounds of read-decide-claim before giving up under contention.
 const MAX_ROUNDS: u32 = 12;
 /// Agents whose bodies are read: twice the join bound, room for those EC2
@@ -40,7 +43,7 @@ const CONFIG_FILE: &str = "auto-consul.json";
 const DROPIN: &str = "/etc/systemd/system/consul.service.d/auto-consul.conf";
 const CONSUL_UNIT: &str = "/etc/systemd/system/consul.service";
 const HEARTBEAT_SERVICE: &str = "/etc/systemd/system/auto-consul-heartbeat.service";
-const HEARTBEAT_TIMER: &str = "/etc/systemd/system/auto-consul-heartbeat.timer";
+pub const HEARTBEAT_TIMER: &str = "/etc/systemd/system/auto-consul-heartbeat.timer";
 /// The env file shared by `run`, the heartbeat and the boot unit.
 pub const ENV_FILE: &str = "/etc/auto-consul/auto-consul.env";
 
@@ -71,6 +74,10 @@ struct Elector<'a> {
     replace: Option<String>,
     /// How long to wait for an old cluster's servers (witness rule).
     witness_wait: Duration,
+    /// What this node may become (`--role`).
+    role: RoleWanted,
+    /// How long a `server` waits for a slot, an `agent` for a server.
+    role_wait: Duration,
 }
 
 /// A server of an old cluster that is not confirmed gone.
@@ -114,8 +121,21 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let mut fixed_files = fixed_files(opts, &root, &me, &consul, &auto_consul, &url.to_string())?;
     install::check_writable(&root, &fixed_files)?;
     let raft = has_raft_state(&root, &opts.data_dir);
-    // Only server modes are sticky: an agent decides again at each boot.
-    let previous = state::load_for(&root, &url.to_string(), &me).filter(|s| s.mode.is_server());
+    // Only server modes are sticky: an agent decides again at each boot,
+    // and a node now given `--role agent` becomes one.
+    let previous = state::load_for(&root, &url.to_string(), &me)
+        .filter(|s| s.mode.is_server())
+        .filter(|s| {
+            let keep = opts.role != RoleWanted::Agent;
+            if !keep {
+                tracing::warn!(
+                    "this node ran as {} but is now given --role agent: it runs as an agent; \
+                     its slot expires, and a server replaces it",
+                    s.mode.as_str()
+                );
+            }
+            keep
+        });
 
     let elector = Elector {
         store: store.as_ref(),
@@ -127,6 +147,11 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         aws: opened.aws.as_ref(),
         replace: opts.replace_cluster.clone(),
         witness_wait: Duration::from_secs(opts.witness_wait.unwrap_or(first_view.settings.expiry)),
+        role: opts.role,
+        role_wait: Duration::from_secs(opts.role_wait.unwrap_or_else(|| {
+            let e = first_view.settings.expiry;
+            e + e / 3 + 10
+        })),
     };
     let elected = elector.elect(previous.as_ref(), raft, first_view).await?;
     let settings = elected.view.settings;
@@ -164,6 +189,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         datacenter: &opts.datacenter,
         mode: elected.mode,
         bootstrap,
+        servers: settings.servers,
         retry_join: &retry_join,
         encrypt: secrets.encrypt.as_deref(),
         acl_token: secrets.acl_token.as_deref(),
@@ -292,6 +318,8 @@ impl Elector<'_> {
     ) -> Result<Elected> {
         let mut first = Some(first);
         let witness_deadline = std::time::Instant::now() + self.witness_wait;
+        let role_deadline = std::time::Instant::now() + self.role_wait;
+        let mut role_said = false;
         let mut waiting_said = false;
         let mut pending_since: Option<std::time::Instant> = None;
         let mut pending_said = false;
@@ -315,6 +343,19 @@ impl Elector<'_> {
                 previous.filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref()))
             {
                 return self.keep(prev, raft, cluster_id, view).await;
+            }
+            // A server of a cluster since replaced, still holding its Raft
+            // data: joining the new cluster with it would mix the two.
+            if raft
+                && let Some(x) = previous.and_then(|p| p.cluster_id.as_ref())
+                && let Some(y) = &cluster_id
+            {
+                bail!(
+                    "this node served cluster {x} and holds its Raft data, but the registry {} now holds cluster {y}: \
+                     joining {y} with {x}'s Raft data would mix two clusters. If {x} is gone for good, stop consul, \
+                     move the raft/ directory of the Consul data dir aside, and run again",
+                    self.registry
+                );
             }
             // Another node is between taking slot 0 and writing its
             // record (a few milliseconds): its settings rule, and are not
@@ -349,6 +390,55 @@ impl Elector<'_> {
                 raft,
             );
             tracing::debug!("round {round}: {step:?}");
+            // The role narrows the step: a `server` never settles as an
+            // agent, an `agent` never claims or bootstraps. Either waits
+            // (bounded) for the registry to offer what it may take.
+            let live = decision::live_servers(&view, &self.me.node, settings.expiry);
+            let blocked = match (self.role, &step) {
+                (RoleWanted::Server, Step::Agent) => Some(format!(
+                    "--role server, but all {} server slots of the registry {} are held by live servers ({}): \
+                     waiting for one to be released or to expire",
+                    settings.servers,
+                    self.registry,
+                    live.iter()
+                        .map(|m| m.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                (RoleWanted::Agent, Step::Bootstrap { .. } | Step::Claim(_)) if live.is_empty() => {
+                    Some(format!(
+                        "--role agent, and the registry {} has no live server to join: waiting for one \
+                         (servers come from the nodes given --role server or auto)",
+                        self.registry
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(why) = blocked {
+                let now = std::time::Instant::now();
+                if self.dry_run || now >= role_deadline {
+                    bail!(
+                        "{why}; gave up after {}s (the boot unit tries again; --role-wait sets the wait)",
+                        self.role_wait.as_secs()
+                    );
+                }
+                if !role_said {
+                    tracing::warn!("{why} (up to {}s)", self.role_wait.as_secs());
+                    role_said = true;
+                }
+                let poll = Duration::from_secs((settings.expiry / 8).clamp(1, 5));
+                tokio::time::sleep(poll.min(role_deadline - now)).await;
+                continue;
+            }
+            let step = match (self.role, step) {
+                // An agent that still holds a slot (its role changed) does
+                // not renew it; it expires and a server takes it.
+                (
+                    RoleWanted::Agent,
+                    Step::Renew { .. } | Step::Claim(_) | Step::Bootstrap { .. },
+                ) => Step::Agent,
+                (_, step) => step,
+            };
             let elected = |mode, slot: Option<(u32, String)>, cluster_id, view| Elected {
                 mode,
                 cluster_id,
@@ -398,7 +488,7 @@ impl Elector<'_> {
                     }
                 }
                 Step::Bootstrap { cluster, slot0 } => {
-                    let unconfirmed = self.unconfirmed_servers(&view).await;
+                    let unconfirmed = self.unconfirmed_servers(&view).await?;
                     if !unconfirmed.is_empty() {
                         let message = self.witness_message(&view, &unconfirmed);
                         let now = std::time::Instant::now();
@@ -496,36 +586,38 @@ impl Elector<'_> {
     /// released by `leave` confirms its holder gone; otherwise only EC2
     /// can (terminated, stopped or unknown). The operator's
     /// `cluster retire` or `--replace-cluster` confirms them all.
-    async fn unconfirmed_servers(&self, view: &RegistryView) -> Vec<Unconfirmed> {
+    async fn unconfirmed_servers(&self, view: &RegistryView) -> Result<Vec<Unconfirmed>> {
+        // Every slot, also those past the cluster's count (a lowered
+        // `--servers`, a junk record): their holders may still serve.
+        let beyond = read_slots_from(self.store, view.slots.len() as u32).await?;
         let holders: Vec<(u32, SlotRecord)> = view
             .slots
             .iter()
+            .chain(beyond.iter())
             .filter_map(|s| s.record.clone().map(|r| (s.index, r)))
             .filter(|(_, r)| {
                 !r.released && !r.held_by(&self.me.node, self.me.instance_id.as_deref())
             })
             .collect();
         if holders.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let old = old_cluster_id(view);
+        let old = old_cluster_id(view).unwrap_or_else(|| UNNAMED.to_string());
         if view.record().is_some_and(|r| r.retired) {
             tracing::warn!(
-                "cluster {} was retired by an operator (`auto-consul cluster retire`): its servers count as gone",
-                old.as_deref().unwrap_or("?")
+                "cluster {old} was retired by an operator (`auto-consul cluster retire`): its servers count as gone"
             );
-            return Vec::new();
+            return Ok(Vec::new());
         }
         if let Some(id) = &self.replace {
-            if old.as_ref() == Some(id) {
+            if old == *id {
                 tracing::warn!(
                     "--replace-cluster {id}: an operator confirmed the servers of cluster {id} gone"
                 );
-                return Vec::new();
+                return Ok(Vec::new());
             }
             tracing::warn!(
-                "--replace-cluster {id} names no cluster of this registry (its cluster is {}): ignored",
-                old.as_deref().unwrap_or("unnamed")
+                "--replace-cluster {id} names no cluster of this registry (its cluster is {old}): ignored"
             );
         }
         let ids: Vec<String> = holders
@@ -570,11 +662,19 @@ impl Elector<'_> {
                 out.push(Unconfirmed { slot, holder, why });
             }
         }
-        out
+        Ok(out)
     }
 
     fn witness_message(&self, view: &RegistryView, unconfirmed: &[Unconfirmed]) -> String {
-        let old = old_cluster_id(view).unwrap_or_else(|| "(unnamed)".to_string());
+        let old = old_cluster_id(view).unwrap_or_else(|| UNNAMED.to_string());
+        // `cluster retire` needs a record to mark; without one, the flag.
+        let way_out = if view.record().is_some() {
+            format!(
+                "run `auto-consul cluster retire {old}` (or boot once with --replace-cluster {old})"
+            )
+        } else {
+            format!("boot once with --replace-cluster {old}")
+        };
         let list: Vec<String> = unconfirmed
             .iter()
             .map(|u| {
@@ -588,8 +688,7 @@ impl Elector<'_> {
             "cluster {old} has no live server in the registry {}, but its servers are not confirmed gone: {}. \
              A new cluster beside them would split Consul in two, so none is started. If they are alive, \
              fix their heartbeats (registry permissions, the Consul agent, auto-consul-heartbeat.timer); \
-             if they are gone for good, run `auto-consul cluster retire {old}` (or boot once with \
-             --replace-cluster {old}).",
+             if they are gone for good, {way_out}.",
             self.registry,
             list.join("; ")
         )
@@ -616,6 +715,16 @@ impl Elector<'_> {
                     "this node bootstrapped the cluster but has no Raft state now, and {} other servers are live: \
                      joining them as a plain server",
                     others.len()
+                );
+                Mode::Server
+            }
+            // None live, but servers of this cluster may be alive (a
+            // fleet-wide stop, their Raft data kept): bootstrapping again
+            // would make a second leader. The witness rule decides.
+            Mode::Bootstrap if !self.unconfirmed_servers(&view).await?.is_empty() => {
+                tracing::warn!(
+                    "this node bootstrapped the cluster but has no Raft state now, and other servers of it \
+                     are not confirmed gone: joining them as a plain server"
                 );
                 Mode::Server
             }
@@ -931,7 +1040,7 @@ fn fixed_files(
     files.push(FileSpec {
         path: ENV_FILE.into(),
         contents: env_file(opts, root, Some(me), Some(registry))?,
-        mode: 0o644,
+        mode: super::env_file_mode(root),
         owner: None,
     });
     Ok(files)

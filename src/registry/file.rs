@@ -90,10 +90,13 @@ impl FileStore {
         let modified = fs::metadata(&path)
             .and_then(|m| m.modified())
             .with_context(|| format!("reading the time of {}", path.display()))?;
+        // A time no clock could have given (a crafted file) counts as now:
+        // fresh, never taken for expired.
+        let last_modified = to_utc(modified).unwrap_or_else(Utc::now);
         Ok(Some(Object {
             etag: etag(&body),
             body,
-            last_modified: DateTime::<Utc>::from(modified),
+            last_modified,
         }))
     }
 
@@ -116,6 +119,15 @@ impl FileStore {
         tmp.persist(&path)
             .with_context(|| format!("renaming into {}", path.display()))?;
         Ok(etag(body))
+    }
+}
+
+/// A file time as UTC; `None` out of chrono's range (which its `From`
+/// would panic on).
+fn to_utc(t: std::time::SystemTime) -> Option<DateTime<Utc>> {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => DateTime::from_timestamp(i64::try_from(d.as_secs()).ok()?, d.subsec_nanos()),
+        Err(e) => DateTime::from_timestamp(-i64::try_from(e.duration().as_secs()).ok()?, 0),
     }
 }
 
@@ -149,13 +161,11 @@ impl Store for FileStore {
             if !meta.is_file() {
                 continue;
             }
-            let Ok(modified) = meta.modified() else {
+            let Some(last_modified) = meta.modified().ok().and_then(to_utc) else {
+                tracing::warn!("skipping registry key {key}: its modification time is unusable");
                 continue;
             };
-            out.push(Listed {
-                key,
-                last_modified: DateTime::<Utc>::from(modified),
-            });
+            out.push(Listed { key, last_modified });
         }
         Ok(out)
     }
@@ -208,7 +218,7 @@ impl Store for FileStore {
             .and_then(|f| f.as_file().metadata())
             .and_then(|m| m.modified());
         match stamped {
-            Ok(t) => DateTime::<Utc>::from(t),
+            Ok(t) => to_utc(t).unwrap_or_else(Utc::now),
             Err(e) => {
                 tracing::debug!(
                     "cannot read the clock of {} ({e}): using this host's",

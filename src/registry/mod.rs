@@ -17,7 +17,7 @@ pub use file::FileStore;
 pub use s3::S3Store;
 pub use view::{
     ClusterView, HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, read_cluster,
-    read_slot, read_slots, read_view,
+    read_slot, read_slots, read_slots_from, read_view,
 };
 
 use crate::error::usage;

@@ -60,6 +60,12 @@ def main():
     parser.add_argument("--server", action="store_true")
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--token")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--no-servers",
+        action="store_true",
+        help="a client agent that knows no server: the status endpoints answer 500, as Consul's do",
+    )
     parser.add_argument("--leader", help="the leader's ip:port (default: this agent's, when a server)")
     parser.add_argument("--peers", help="comma-separated Raft peers, ip:port (default: this agent's, when a server)")
     args = parser.parse_args()
@@ -85,6 +91,8 @@ def main():
 
         def do_GET(self):
             path = self.path.split("?")[0]
+            if path in status and args.no_servers:
+                return self.reply(500, b"No known Consul servers", "text/plain")
             if path in status:
                 return self.reply(200, status[path], "application/json")
             if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
@@ -93,7 +101,7 @@ def main():
                 return self.reply(200, body, "application/json")
             self.reply(404, b"404 page not found", "text/plain")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print(f"PORT={server.server_address[1]}", flush=True)
 
     def watch_parent():

@@ -24,7 +24,8 @@ locals {
 
   # Both groups share one env file: the cluster settings must agree on every
   # node, and the mode is decided by the registry, not by the group.
-  user_data = templatefile("${path.module}/user-data.yaml.tftpl", {
+  user_data = { for group, role in { servers = "server", agents = "agent" } : group => templatefile("${path.module}/user-data.yaml.tftpl", {
+    role        = role
     registry    = local.registry_url
     servers     = var.servers
     expiry      = var.expiry
@@ -32,7 +33,7 @@ locals {
     data_dir    = var.consul_data_dir
     config_dir  = var.consul_config_dir
     baked_image = var.baked_image
-  })
+  }) }
 
   # Consul's ports, opened to members of the security group only. 8500 (HTTP
   # API) and 8600 (DNS) can additionally be opened to var.client_cidr_blocks.
@@ -315,7 +316,7 @@ resource "aws_launch_template" "this" {
   image_id               = var.ami_id
   instance_type          = each.value.instance_type
   key_name               = var.key_name
-  user_data              = base64encode(local.user_data)
+  user_data              = base64encode(local.user_data[each.key])
   update_default_version = true
   vpc_security_group_ids = [aws_security_group.consul.id]
 

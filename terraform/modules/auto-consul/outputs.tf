@@ -49,6 +49,6 @@ output "agents_asg_name" {
 }
 
 output "user_data" {
-  description = "The rendered cloud-config user data both launch templates use (not base64 encoded)."
+  description = "The rendered cloud-config user data of each launch template, by group (servers, agents; not base64 encoded)."
   value       = local.user_data
 }
