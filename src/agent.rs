@@ -97,57 +97,109 @@ fn truthy(v: &str) -> bool {
     )
 }
 
-/// Asks the local agent for its status. The token comes from
-/// `CONSUL_HTTP_TOKEN`, else `CONSUL_HTTP_TOKEN_FILE`, else `token_file`
-/// (the agent's own ACL token file, `--acl-token-file`).
-pub async fn status(token_file: Option<&std::path::Path>) -> Result<AgentStatus> {
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let addr = parse_addr(
-        &env("CONSUL_HTTP_ADDR").unwrap_or_else(|| "127.0.0.1:8500".into()),
-        env("CONSUL_HTTP_SSL").is_some_and(|v| truthy(&v)),
-    )?;
-    let token_file = env("CONSUL_HTTP_TOKEN_FILE")
-        .or_else(|| token_file.map(|p| p.to_string_lossy().into_owned()));
-    let token = match (env("CONSUL_HTTP_TOKEN"), token_file) {
-        (Some(t), _) => Some(t),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(&path)
-                .map_err(|e| usage(format!("cannot read the Consul token file {path}: {e}")))?
-                .trim()
-                .to_string(),
-        ),
-        (None, None) => None,
-    };
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5));
-    if let Some(socket) = &addr.socket {
-        builder = builder.unix_socket(socket.as_str());
+/// The local agent's HTTP API, as the `consul` CLI would reach it.
+struct Api {
+    client: reqwest::Client,
+    base: String,
+    shown: String,
+    token: Option<String>,
+}
+
+impl Api {
+    /// From `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, and the
+    /// token from `CONSUL_HTTP_TOKEN`, else `CONSUL_HTTP_TOKEN_FILE`, else
+    /// `token_file` (the agent's own ACL token file, `--acl-token-file`).
+    fn from_env(token_file: Option<&std::path::Path>) -> Result<Api> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let addr = parse_addr(
+            &env("CONSUL_HTTP_ADDR").unwrap_or_else(|| "127.0.0.1:8500".into()),
+            env("CONSUL_HTTP_SSL").is_some_and(|v| truthy(&v)),
+        )?;
+        let token_file = env("CONSUL_HTTP_TOKEN_FILE")
+            .or_else(|| token_file.map(|p| p.to_string_lossy().into_owned()));
+        let token = match (env("CONSUL_HTTP_TOKEN"), token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| usage(format!("cannot read the Consul token file {path}: {e}")))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5));
+        if let Some(socket) = &addr.socket {
+            builder = builder.unix_socket(socket.as_str());
+        }
+        if let Some(path) = env("CONSUL_CACERT") {
+            let pem = std::fs::read(&path)
+                .map_err(|e| usage(format!("cannot read CONSUL_CACERT {path}: {e}")))?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                usage(format!(
+                    "CONSUL_CACERT {path} is not a PEM certificate: {e}"
+                ))
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder
+            .build()
+            .context("building the HTTP client for the Consul agent")?;
+        let shown = addr
+            .socket
+            .as_ref()
+            .map_or_else(|| addr.base.clone(), |s| format!("unix://{s}"));
+        Ok(Api {
+            client,
+            base: addr.base,
+            shown,
+            token,
+        })
     }
-    if let Some(path) = env("CONSUL_CACERT") {
-        let pem = std::fs::read(&path)
-            .map_err(|e| usage(format!("cannot read CONSUL_CACERT {path}: {e}")))?;
-        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-            usage(format!(
-                "CONSUL_CACERT {path} is not a PEM certificate: {e}"
-            ))
-        })?;
-        builder = builder.add_root_certificate(cert);
-    }
-    let client = builder
-        .build()
-        .context("building the HTTP client for the Consul agent")?;
-    let shown = addr
-        .socket
-        .as_ref()
-        .map_or_else(|| addr.base.clone(), |s| format!("unix://{s}"));
-    let get = |path: &str| {
-        let mut req = client.get(format!("{}{path}", addr.base));
-        if let Some(token) = &token {
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
             req = req.header("X-Consul-Token", token);
         }
-        req.send()
-    };
+        req
+    }
+}
+
+/// Makes the local agent leave the cluster gracefully (`PUT
+/// /v1/agent/leave`, what `consul leave` does): its peers see it leave
+/// instead of fail, and a server's Raft peer is removed at once.
+pub async fn leave(token_file: Option<&std::path::Path>) -> Result<()> {
+    let api = Api::from_env(token_file)?;
+    let shown = api.shown.clone();
+    let resp = api
+        .request(reqwest::Method::PUT, "/v1/agent/leave")
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| anyhow!(e).context(format!("asking the Consul agent at {shown} to leave")))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        let hint = if status.as_u16() == 403 {
+            ": its token needs agent:write"
+        } else {
+            ""
+        };
+        anyhow::bail!(
+            "the Consul agent at {shown} answered {status} to /v1/agent/leave{hint}: {}",
+            body.trim().chars().take(200).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
+/// Asks the local agent for its status.
+pub async fn status(token_file: Option<&std::path::Path>) -> Result<AgentStatus> {
+    let api = Api::from_env(token_file)?;
+    let shown = api.shown.clone();
+    let get = |path: &str| api.request(reqwest::Method::GET, path).send();
     let (leader, peers, me) = tokio::join!(
         get("/v1/status/leader"),
         get("/v1/status/peers"),

@@ -206,9 +206,16 @@ pub enum Command {
     /// server slots.
     Purge,
     /// Remove this node from the registry: delete its heartbeats and release
-    /// its server slot, so a replacement can take it at once. For shutdown
-    /// (ExecStop of a unit).
-    Leave,
+    /// its server slot, so a replacement can take it at once.
+    Leave {
+        /// Only when the instance is being terminated (the autoscaling
+        /// target lifecycle state `Terminated`, or a spot interruption
+        /// notice, from IMDS), and make Consul leave gracefully first; a
+        /// reboot keeps everything. The stop action of
+        /// auto-consul-leave.service.
+        #[arg(long)]
+        if_terminating: bool,
+    },
     /// Write the boot unit auto-consul.service (runs `run` at every boot
     /// with the env file, retried until it succeeds) and merge the options
     /// given into the env file, and enable the unit. For image baking it

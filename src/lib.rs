@@ -17,6 +17,7 @@ pub mod registry;
 pub mod render;
 pub mod retry;
 pub mod state;
+pub mod termination;
 
 /// Runs one command line to completion on a fresh Tokio runtime.
 pub fn run(cli: cli::Cli) -> anyhow::Result<()> {

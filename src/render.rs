@@ -260,6 +260,33 @@ pub fn boot_unit(auto_consul: &str, env_file: &str) -> String {
     )
 }
 
+/// The unit that tells a termination from a reboot at shutdown. Started
+/// at boot (it does nothing then) and ordered after consul.service, so at
+/// shutdown it stops first, while Consul and the network still run: when
+/// the instance is being terminated, Consul leaves and the node leaves the
+/// registry (slot released, heartbeats deleted); on a reboot nothing
+/// happens.
+pub fn leave_unit(auto_consul: &str, env_file: &str) -> String {
+    format!(
+        "{MARKER}.\n\
+         [Unit]\n\
+         Description=auto-consul: leave the cluster when this instance is terminated\n\
+         Wants=network-online.target\n\
+         After=network-online.target consul.service\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         EnvironmentFile={env_file}\n\
+         ExecStart=/bin/true\n\
+         ExecStop={auto_consul} leave --if-terminating\n\
+         TimeoutStopSec=90s\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
 /// The env file shared by `run`, the heartbeat service and the boot unit:
 /// `vars` merged into the file as it is (`existing`). The operator's lines
 /// are kept verbatim and in place: comments, blank lines and every

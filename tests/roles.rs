@@ -293,3 +293,115 @@ fn a_heartbeat_rides_out_a_consul_restart() {
     assert_eq!(v["mode"], "agent");
     assert_eq!(v["leader"], Value::Null);
 }
+
+const LIFECYCLE: &str = "/latest/meta-data/autoscaling/target-lifecycle-state";
+const SPOT: &str = "/latest/meta-data/spot/instance-action";
+
+#[test]
+fn termination_leaves_and_a_reboot_keeps_everything() {
+    // A moto of its own: it serves this test's instance metadata.
+    let moto = Moto::start(&[]);
+    let bucket = bucket(&moto);
+    let p = "roles/term";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = |n: &str| tmp.path().join(n);
+    let boot = |n: &str, ip: &str| run_node(&moto, &registry, &root(n), n, ip, 2);
+    assert_eq!(mode(&boot("t-a", "10.34.0.1")), "bootstrap");
+    assert_eq!(mode(&boot("t-b", "10.34.0.2")), "server");
+    // run installs the unit that acts at shutdown.
+    let unit =
+        std::fs::read_to_string(root("t-b").join("etc/systemd/system/auto-consul-leave.service"))
+            .unwrap();
+    assert!(
+        unit.contains("leave --if-terminating")
+            && unit.contains("After=network-online.target consul.service")
+    );
+
+    let left = |n: &str| tmp.path().join(format!("{n}.left"));
+    let agent = |n: &str, ip: &str| {
+        FakeAgent::start(
+            n,
+            true,
+            &["--address", ip, "--leave-file", left(n).to_str().unwrap()],
+        )
+    };
+    let (agent_a, agent_b) = (agent("t-a", "10.34.0.1"), agent("t-b", "10.34.0.2"));
+    let with_imds = |cmd: &mut Command| {
+        cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", moto.url());
+    };
+    for (n, ip, a) in [
+        ("t-a", "10.34.0.1", &agent_a),
+        ("t-b", "10.34.0.2", &agent_b),
+    ] {
+        ok_json(&output(&mut heartbeat_cmd(
+            &moto,
+            &registry,
+            &root(n),
+            n,
+            ip,
+            &a.addr(),
+        )));
+    }
+    let shutdown = |n: &str, ip: &str, a: &FakeAgent| {
+        let mut cmd = auto_consul(&moto);
+        cmd.args([
+            "leave",
+            "--json",
+            "--if-terminating",
+            "--registry",
+            &registry,
+            "--address",
+            ip,
+            "--node",
+            n,
+        ])
+        .arg("--root")
+        .arg(root(n))
+        .env("CONSUL_HTTP_ADDR", a.addr());
+        with_imds(&mut cmd);
+        ok_json(&output(&mut cmd))
+    };
+    let heartbeats_of = |n: &str| {
+        keys(&moto, &bucket, &format!("{p}/"))
+            .into_iter()
+            .filter(|k| k.ends_with(&format!("-{n}")))
+            .count()
+    };
+
+    // A reboot: the group keeps the instance in service, no spot notice.
+    moto.imds(LIFECYCLE, Some("InService"));
+    moto.imds(SPOT, None);
+    let v = shutdown("t-b", "10.34.0.2", &agent_b);
+    assert_eq!(v["terminating"], false);
+    assert!(!left("t-b").exists(), "Consul left on a reboot");
+    assert_eq!(slot_node(&moto, &bucket, p, 1), "t-b");
+    assert_eq!(heartbeats_of("t-b"), 2);
+
+    // Scale-in: the group terminates it.
+    moto.imds(LIFECYCLE, Some("Terminated"));
+    let v = shutdown("t-b", "10.34.0.2", &agent_b);
+    assert_eq!(v["slots_released"], serde_json::json!([1]));
+    assert!(left("t-b").exists(), "Consul did not leave");
+    assert_eq!(heartbeats_of("t-b"), 0);
+
+    // Spot's two-minute warning reaches the heartbeat timer first.
+    moto.imds(LIFECYCLE, Some("InService"));
+    moto.imds(
+        SPOT,
+        Some(r#"{"action": "terminate", "time": "2026-11-25T23:00:00Z"}"#),
+    );
+    let mut hb = heartbeat_cmd(
+        &moto,
+        &registry,
+        &root("t-a"),
+        "t-a",
+        "10.34.0.1",
+        &agent_a.addr(),
+    );
+    with_imds(&mut hb);
+    let v = ok_json(&output(&mut hb));
+    assert_eq!(v["slots_released"], serde_json::json!([0]), "{v}");
+    assert!(left("t-a").exists());
+    assert_eq!(heartbeats_of("t-a"), 0);
+}

@@ -61,6 +61,7 @@ fn units_for_consul_from_a_zip_pass_systemd_analyze_verify() {
         "consul.service.d/auto-consul.conf",
         "auto-consul-heartbeat.service",
         "auto-consul-heartbeat.timer",
+        "auto-consul-leave.service",
     ] {
         assert!(units.join(f).is_file(), "{f} not written");
     }
@@ -70,6 +71,7 @@ fn units_for_consul_from_a_zip_pass_systemd_analyze_verify() {
             "consul.service",
             "auto-consul-heartbeat.service",
             "auto-consul-heartbeat.timer",
+            "auto-consul-leave.service",
         ],
     );
     assert!(
@@ -142,7 +144,8 @@ fn install_writes_a_boot_unit_that_verifies_and_rerunning_changes_nothing() {
         ))
     };
     let first = install();
-    assert_eq!(first["changed"].as_array().unwrap().len(), 2, "{first}");
+    // The boot unit, the unit that leaves on termination, the env file.
+    assert_eq!(first["changed"].as_array().unwrap().len(), 3, "{first}");
     assert_eq!(first["enabled"], false, "nothing is enabled under a --root");
     let etc = root.join("etc/systemd/system");
     let unit = std::fs::read_to_string(etc.join("auto-consul.service")).unwrap();
@@ -161,7 +164,10 @@ fn install_writes_a_boot_unit_that_verifies_and_rerunning_changes_nothing() {
         unit.contains("Before=consul.service") && unit.contains("After=network-online.target"),
         "{unit}"
     );
-    let (ok, text) = verify(&[&etc], &["auto-consul.service"]);
+    let (ok, text) = verify(
+        &[&etc],
+        &["auto-consul.service", "auto-consul-leave.service"],
+    );
     assert!(
         ok && text.trim().is_empty(),
         "systemd-analyze verify: {text}"

@@ -15,12 +15,21 @@ use crate::cli::GlobalOpts;
 use crate::install::Root;
 use crate::model::{HeartbeatBody, HeartbeatKey, Role, slot_key};
 use crate::registry::{Condition, PutOutcome, read_cluster, read_slot};
-use crate::{agent, identity, install, render, retry, state};
+use crate::{agent, identity, install, render, retry, state, termination};
 
 /// `heartbeat`.
 pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
+    // Spot's two-minute warning, or the autoscaling group's decision, is
+    // seen here first: the node leaves now rather than at shutdown.
+    if let Some(reason) = termination::notice(std::time::Duration::from_secs(2)).await {
+        tracing::warn!(
+            "{reason}: leaving the Consul cluster and the registry instead of heartbeating"
+        );
+        super::leave::consul_leaves(opts).await;
+        return super::leave::registry_leave(opts).await;
+    }
     // One run must not lose a slot to a brief hiccup (a Consul restart, an
     // S3 error): the agent and the registry are retried, within a deadline
     // shorter than the timer's interval (expiry/3), so runs never overlap.

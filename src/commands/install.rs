@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::env_file;
-use super::run::{ENV_FILE, own_binary};
+use super::run::{ENV_FILE, LEAVE_UNIT, own_binary};
 use crate::cli::GlobalOpts;
 use crate::install::{self, FileSpec, Root};
 use crate::registry::RegistryUrl;
@@ -34,6 +34,12 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
             owner: None,
         },
         FileSpec {
+            path: LEAVE_UNIT.into(),
+            contents: render::leave_unit(&binary, ENV_FILE),
+            mode: 0o644,
+            owner: None,
+        },
+        FileSpec {
             path: ENV_FILE.into(),
             contents: env_file(opts, &root, None, registry.as_deref())?,
             mode: super::env_file_mode(&root),
@@ -51,7 +57,7 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
     let start = enable && now;
     if enable {
         install::systemctl(&["daemon-reload"])?;
-        install::systemctl(&["enable", "auto-consul.service"])?;
+        install::systemctl(&["enable", "auto-consul.service", "auto-consul-leave.service"])?;
     }
     if start {
         // Not waiting: cloud-init's runcmd must not hang on a first boot

@@ -1,5 +1,8 @@
 //! `leave`: remove this node from the registry at shutdown: its heartbeats
 //! deleted, its server slot released so a replacement can take it at once.
+//! With `--if-terminating` (the stop action of auto-consul-leave.service),
+//! only when the instance is being terminated, and Consul leaves first; a
+//! reboot keeps everything.
 
 use anyhow::Result;
 use serde_json::json;
@@ -9,10 +12,44 @@ use crate::claims::Claims;
 use crate::cli::GlobalOpts;
 use crate::install::Root;
 use crate::registry::{list_heartbeats, read_cluster, read_slots};
-use crate::{identity, state};
+use crate::{agent, identity, state, termination};
 
-/// `leave`.
-pub async fn leave(opts: &GlobalOpts) -> Result<()> {
+/// How long the termination check waits for the metadata service.
+const NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `leave`; with `if_terminating`, only when the instance is going away.
+pub async fn leave(opts: &GlobalOpts, if_terminating: bool) -> Result<()> {
+    if if_terminating {
+        match termination::notice(NOTICE_WAIT).await {
+            None => {
+                let line = "this instance is not being terminated (a reboot or a stop): keeping its slot and heartbeats";
+                if opts.json {
+                    println!("{}", json!({ "terminating": false, "left": false }));
+                } else {
+                    println!("{line}");
+                }
+                return Ok(());
+            }
+            Some(reason) => {
+                tracing::warn!("{reason}: leaving the Consul cluster and the registry");
+                consul_leaves(opts).await;
+            }
+        }
+    }
+    registry_leave(opts).await
+}
+
+/// Makes the local Consul agent leave gracefully; a failure is logged (the
+/// registry is left anyway: the slot must be freed for a replacement).
+pub async fn consul_leaves(opts: &GlobalOpts) {
+    match agent::leave(opts.acl_token_file.as_deref()).await {
+        Ok(()) => tracing::info!("the local Consul agent left the cluster"),
+        Err(e) => tracing::error!("the local Consul agent did not leave: {e:#}"),
+    }
+}
+
+/// Deletes this node's heartbeats and releases its slot.
+pub async fn registry_leave(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
     let me = identity::of(opts).await?;

@@ -29,7 +29,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Members => members::members(&cli.global).await,
         Command::Heartbeat => heartbeat::heartbeat(&cli.global).await,
         Command::Purge => purge::purge(&cli.global).await,
-        Command::Leave => leave::leave(&cli.global).await,
+        Command::Leave { if_terminating } => leave::leave(&cli.global, if_terminating).await,
         Command::Install { now } => install::install(&cli.global, now),
         Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
     }

@@ -43,6 +43,8 @@ const CONFIG_FILE: &str = "auto-consul.json";
 const DROPIN: &str = "/etc/systemd/system/consul.service.d/auto-consul.conf";
 const CONSUL_UNIT: &str = "/etc/systemd/system/consul.service";
 const HEARTBEAT_SERVICE: &str = "/etc/systemd/system/auto-consul-heartbeat.service";
+/// Leaves at shutdown when the instance is being terminated.
+pub const LEAVE_UNIT: &str = "/etc/systemd/system/auto-consul-leave.service";
 pub const HEARTBEAT_TIMER: &str = "/etc/systemd/system/auto-consul-heartbeat.timer";
 /// The env file shared by `run`, the heartbeat and the boot unit.
 pub const ENV_FILE: &str = "/etc/auto-consul/auto-consul.env";
@@ -235,6 +237,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             "--no-block",
             "consul.service",
             "auto-consul-heartbeat.timer",
+            "auto-consul-leave.service",
         ])?;
     }
 
@@ -291,7 +294,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             println!("{what}: {}", p.display());
         }
         if start {
-            println!("started: consul.service, auto-consul-heartbeat.timer");
+            println!(
+                "started: consul.service, auto-consul-heartbeat.timer, auto-consul-leave.service"
+            );
         }
     }
     Ok(())
@@ -1032,6 +1037,7 @@ fn fixed_files(
         HEARTBEAT_SERVICE,
         render::heartbeat_service(&auto_consul, ENV_FILE),
     ));
+    files.push(unit(LEAVE_UNIT, render::leave_unit(&auto_consul, ENV_FILE)));
     // Its contents follow the expiry that rules, known after the election.
     files.push(unit(
         HEARTBEAT_TIMER,

@@ -170,6 +170,12 @@ impl Moto {
             .expect("a count")
     }
 
+    /// Serves `body` at the metadata `path` (404 for `None`).
+    pub fn imds(&self, path: &str, body: Option<&str>) {
+        let rules = serde_json::json!({ path: body });
+        http(self.port, "POST", "/_imds", &rules.to_string());
+    }
+
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
         http_get(self.port, "/_stats")

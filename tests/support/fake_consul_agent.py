@@ -8,7 +8,9 @@ Consul serves without any ACL token (a JSON string, "" when there is no
 leader; a JSON list of "ip:port" Raft peers). With --token, requests to
 /v1/agent/self without that `X-Consul-Token` get 403 "ACL not found", as
 Consul answers when the token lacks agent:read; the status endpoints still
-answer. Prints `PORT=<n>` first; exits when its parent goes away.
+answer. `PUT /v1/agent/leave` (what `consul leave` sends) writes the file
+named by --leave-file. Prints `PORT=<n>` first; exits when its parent goes
+away.
 """
 
 import argparse
@@ -61,6 +63,7 @@ def main():
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--token")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--leave-file", help="PUT /v1/agent/leave writes this file (the agent left)")
     parser.add_argument(
         "--no-servers",
         action="store_true",
@@ -101,6 +104,17 @@ def main():
                 return self.reply(200, body, "application/json")
             self.reply(404, b"404 page not found", "text/plain")
 
+    def do_PUT(self):
+        path = self.path.split("?")[0]
+        if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
+            return self.reply(403, b"Permission denied", "text/plain")
+        if path == "/v1/agent/leave" and args.leave_file:
+            with open(args.leave_file, "w") as f:
+                f.write("left\n")
+            return self.reply(200, b"", "text/plain")
+        self.reply(404, b"404 page not found", "text/plain")
+
+    Handler.do_PUT = do_PUT
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print(f"PORT={server.server_address[1]}", flush=True)
 

@@ -41,6 +41,10 @@ the past, as if the registry had been silent for N seconds (the objects'
 own clock is the store's: heartbeats, slots and the cluster record age by
 it, whatever the writers' clocks say).
 
+Instance metadata the stock moto does not serve, for termination tests:
+`POST /_imds` with {PATH: BODY, ...} answers GET PATH with BODY (200), or 404
+where BODY is null; e.g. "/latest/meta-data/autoscaling/target-lifecycle-state".
+
 The server exits when its parent process goes away.
 """
 
@@ -114,6 +118,7 @@ class Serialized:
         self.requests = 0
         self.faults = []
         self.fired = []
+        self.imds = {}
 
     def take_fault(self, environ):
         method = environ.get("REQUEST_METHOD", "")
@@ -155,6 +160,15 @@ class Serialized:
             with self.lock:
                 count = seed_objects(seed["bucket"], seed.get("items", []))
             return reply(start_response, 200, str(count).encode())
+        if path == "/_imds":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            self.imds.update(json.loads(environ["wsgi.input"].read(length)))
+            return reply(start_response, 200, b"ok")
+        if path in self.imds and environ.get("REQUEST_METHOD") == "GET":
+            body = self.imds[path]
+            if body is None:
+                return reply(start_response, 404, b"Not Found")
+            return reply(start_response, 200, body.encode())
         if path == "/_age":
             length = int(environ.get("CONTENT_LENGTH") or 0)
             age = json.loads(environ["wsgi.input"].read(length))
