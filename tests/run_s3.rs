@@ -386,8 +386,26 @@ fn identity_comes_from_imdsv2_when_not_given() {
     assert_eq!(v["address"], "127.0.0.1");
     assert_eq!(v["instance_id"], "i-fake");
     let env = std::fs::read_to_string(tmp.path().join("etc/auto-consul/auto-consul.env")).unwrap();
-    assert!(env.contains("AUTO_CONSUL_NODE='i-fake'"), "{env}");
-    assert!(env.contains("AUTO_CONSUL_ADDRESS='127.0.0.1'"), "{env}");
+    // Learned, not given: every command on this instance learns it again,
+    // so an image made from this node does not carry it.
+    assert!(!env.contains("AUTO_CONSUL_NODE"), "{env}");
+    assert!(!env.contains("AUTO_CONSUL_ADDRESS"), "{env}");
+    assert!(!env.contains("AUTO_CONSUL_INSTANCE_ID"), "{env}");
+    // The heartbeat learns it the same way, and finds the state run wrote.
+    let agent = FakeAgent::start("i-fake", true, &[]);
+    let hb = ok_json(
+        auto_consul(moto)
+            .args(["heartbeat", "--json", "--registry", &registry])
+            .arg("--root")
+            .arg(tmp.path())
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", moto.url())
+            .env("CONSUL_HTTP_ADDR", agent.addr())
+            .output()
+            .as_ref()
+            .unwrap(),
+    );
+    assert_eq!(hb["node"], "i-fake");
+    assert_eq!(hb["slot"]["status"], "renewed");
 }
 
 #[test]

@@ -123,9 +123,20 @@ pub fn env_file(
     if let Some(registry) = registry {
         vars.push(("AUTO_CONSUL_REGISTRY", registry.to_string()));
     }
+    // Only an identity the operator gave is written down: one learned from
+    // IMDS is learned again by every command on this instance, so an image
+    // made from this node does not carry it (the copy would take this
+    // node's name, address and slot).
     if let Some(me) = me {
-        vars.push(("AUTO_CONSUL_ADDRESS", me.address.to_string()));
-        vars.push(("AUTO_CONSUL_NODE", me.node.clone()));
+        if opts.address.is_some() {
+            vars.push(("AUTO_CONSUL_ADDRESS", me.address.to_string()));
+        }
+        if opts.node.is_some() {
+            vars.push(("AUTO_CONSUL_NODE", me.node.clone()));
+        }
+    }
+    if let Some(id) = &opts.instance_id {
+        vars.push(("AUTO_CONSUL_INSTANCE_ID", id.clone()));
     }
     if opts.role != crate::cli::RoleWanted::Auto {
         vars.push(("AUTO_CONSUL_ROLE", opts.role.as_str().to_string()));
