@@ -1,8 +1,10 @@
 # auto-consul on EC2: an S3 registry, a least-privilege instance role, and two
 # autoscaling groups (servers and agents) whose instances run `auto-consul run`
-# at boot. Every instance decides its own mode against the registry; the
-# servers group is sized to var.servers so that, in steady state, the servers
-# group holds the server slots.
+# at boot, through auto-consul.service (retried until it succeeds). The group
+# gives the role: the servers group, sized to var.servers, runs with role
+# "server" and holds the server slots; the agents group runs with role "agent"
+# and never claims one. The registry decides the rest (which slot, who
+# bootstraps).
 
 # Note for editors: this module uses no comparison, logical or arithmetic
 # operators (==, !=, &&, ||, !, <, >, +, ...). The configuration loader the
@@ -22,8 +24,9 @@ locals {
   bucket_arn   = "arn:${data.aws_partition.current.partition}:s3:::${local.bucket_name}"
   registry_url = join("/", concat(["s3://${local.bucket_name}"], compact([var.registry_prefix])))
 
-  # Both groups share one env file: the cluster settings must agree on every
-  # node, and the mode is decided by the registry, not by the group.
+  # One rendering per group. The cluster settings are the same in both (they
+  # must agree on every node); only AUTO_CONSUL_ROLE differs: "server" for
+  # the servers group, "agent" for the agents group.
   user_data = { for group, role in { servers = "server", agents = "agent" } : group => templatefile("${path.module}/user-data.yaml.tftpl", {
     role        = role
     registry    = local.registry_url
@@ -371,9 +374,14 @@ resource "aws_autoscaling_group" "servers" {
     }
   }
 
-  # No instance_refresh on purpose: a replaced server frees its slot only
-  # when it runs `auto-consul leave` at shutdown or when the slot expires.
-  # Roll servers by hand, one at a time (docs/deploy.md, "Upgrading").
+  # No instance_refresh block: the module starts no refresh by itself. Roll
+  # the servers with an instance refresh you start (aws autoscaling
+  # start-instance-refresh), whose MinHealthyPercentage keeps a Raft quorum
+  # in service: 66 for 3 servers, 80 for 5, so one is replaced at a time.
+  # The terminated server's auto-consul-leave.service makes Consul leave and
+  # releases its slot at once, the replacement (role "server") takes the
+  # slot, and autopilot removes a dead server from Raft once the replacement
+  # is healthy. See docs/deploy.md, "Replacing servers one at a time".
 
   depends_on = [aws_iam_role_policy.auto_consul]
 }
@@ -400,7 +408,8 @@ resource "aws_autoscaling_group" "agents" {
     }
   }
 
-  # Agents start after the servers group is in service, so on a fresh
-  # deployment the servers' instances are the first to claim server slots.
+  # Agents start after the servers group is in service. With role "agent"
+  # they never claim a server slot; one that finds no live server yet waits
+  # for one, and its boot unit retries.
   depends_on = [aws_autoscaling_group.servers]
 }

@@ -140,7 +140,7 @@ variable "consul_config_dir" {
 }
 
 variable "baked_image" {
-  description = "True when the AMI was baked with `auto-consul install` (see packer/): user data then only writes the env file and the baked auto-consul.service runs at boot. False: user data writes the env file and runs `auto-consul run` itself."
+  description = "True when the AMI was baked with `auto-consul install` (see packer/): user data then only writes the env file and the baked auto-consul.service runs at boot. False: user data writes the env file and runs `auto-consul install --now`, which starts the retried boot unit."
   type        = bool
   default     = false
 }
