@@ -10,7 +10,7 @@
 set -euo pipefail
 
 REGISTRY="s3://my-bucket/consul/prod"
-ROLE="server"   # server for the servers' group, agent for the agents', auto for one group
+ROLE="auto"     # server for a servers' group, agent for an agents' group, auto for one group
 SERVERS=3
 EXPIRY=120
 DATACENTER="dc1"

@@ -35,6 +35,9 @@ pub enum Renewal {
     Retaken,
     /// Another node holds it.
     HeldBy(String),
+    /// This node released it (`leave`): it is not taken again until `run`
+    /// decides afresh.
+    Released,
 }
 
 impl Claims<'_> {
@@ -106,6 +109,9 @@ impl Claims<'_> {
     /// when it is free; never takes it from a live holder.
     pub async fn renew(&self, slot: &SlotView, claim: &str, expiry: u64) -> Result<Renewal> {
         let record = slot.record.as_ref();
+        if record.is_some_and(|r| r.claim_id == claim && r.released) {
+            return Ok(Renewal::Released);
+        }
         let ours = record.is_some_and(|r| r.claim_id == claim && !r.released);
         let (condition, sequence, outcome) = match (&slot.etag, ours) {
             (None, _) => (Condition::Absent, 1, Renewal::Retaken),

@@ -202,8 +202,9 @@ pub fn heartbeat_service(auto_consul: &str, env_file: &str) -> String {
 /// The timer: every `expiry/3` seconds, to the second, with a small random
 /// delay so that a fleet booted together does not write in lockstep.
 pub fn heartbeat_timer(expiry: u64) -> String {
-    // Two runs may fail in a row (a Consul restart) and the slot still
-    // lives: at most every expiry/3, with a jitter well inside it.
+    // At most every expiry/3, with a jitter well inside it: one run may
+    // fail outright (after its own retries) and the next still renews the
+    // slot before it expires.
     let every = (expiry / 3).max(1);
     let jitter = (expiry / 30).min(5);
     let jitter = if jitter > 0 {
@@ -273,6 +274,9 @@ pub fn leave_unit(auto_consul: &str, env_file: &str) -> String {
          Description=auto-consul: leave the cluster when this instance is terminated\n\
          Wants=network-online.target\n\
          After=network-online.target consul.service\n\
+         # Stopped after the heartbeat, so that no heartbeat renews the slot\n\
+         # this unit releases.\n\
+         Before=auto-consul-heartbeat.service auto-consul-heartbeat.timer\n\
          \n\
          [Service]\n\
          Type=oneshot\n\

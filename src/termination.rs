@@ -30,8 +30,11 @@ pub async fn notice(wait: Duration) -> Option<String> {
         if let Ok(action) = &spot {
             let action: serde_json::Value =
                 serde_json::from_str(action.as_ref()).unwrap_or_default();
+            // A stop or hibernation keeps the instance (and its Raft data):
+            // like a reboot, it keeps its slot, which expires if it stays
+            // down.
             let what = action["action"].as_str().unwrap_or("terminate");
-            if matches!(what, "terminate" | "stop" | "hibernate") {
+            if what == "terminate" {
                 return Some(format!(
                     "a spot interruption notice: {what} at {}",
                     action["time"].as_str().unwrap_or("?")

@@ -384,6 +384,32 @@ fn termination_leaves_and_a_reboot_keeps_everything() {
     assert_eq!(v["slots_released"], serde_json::json!([1]));
     assert!(left("t-b").exists(), "Consul did not leave");
     assert_eq!(heartbeats_of("t-b"), 0);
+    // A heartbeat that still runs after the leave (the notice gone from
+    // IMDS, say) does not take the released slot again.
+    moto.imds(LIFECYCLE, Some("InService"));
+    let mut hb = heartbeat_cmd(
+        &moto,
+        &registry,
+        &root("t-b"),
+        "t-b",
+        "10.34.0.2",
+        &agent_b.addr(),
+    );
+    with_imds(&mut hb);
+    let v = ok_json(&output(&mut hb));
+    assert_eq!(v["slot"]["status"], "released", "{v}");
+    let slot: Value =
+        serde_json::from_str(&get(&moto, &bucket, &format!("{p}/slots/server-1"))).unwrap();
+    assert_eq!(slot["released"], true);
+
+    // A spot stop keeps the instance: nothing is left.
+    moto.imds(
+        SPOT,
+        Some(r#"{"action": "stop", "time": "2026-11-25T23:00:00Z"}"#),
+    );
+    let v = shutdown("t-a", "10.34.0.1", &agent_a);
+    assert_eq!(v["terminating"], false);
+    assert!(!left("t-a").exists());
 
     // Spot's two-minute warning reaches the heartbeat timer first.
     moto.imds(LIFECYCLE, Some("InService"));

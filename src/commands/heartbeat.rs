@@ -8,7 +8,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::purge::purge_heartbeats;
-use super::run::HEARTBEAT_TIMER;
+use super::run::{HEARTBEAT_TIMER, LEAVE_UNIT};
 use super::{open_store, registry_url, seed_settings};
 use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
@@ -138,6 +138,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             cluster_id: saved.as_ref().and_then(|s| s.cluster_id.clone()),
         };
         let renewal = claims.renew(&slot, &claim, settings.expiry).await?;
+        if renewal == Renewal::Released {
+            tracing::warn!(
+                "{} was released by this node (`leave`): not taking it again; `run` decides afresh at the next boot",
+                slot_key(index)
+            );
+        }
         if let Renewal::HeldBy(holder) = &renewal {
             tracing::error!(
                 "SERVER SLOT LOST: {} is held by {holder}; this node keeps running as a server, \
@@ -147,7 +153,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         }
         slot_report = json!({
             "index": index,
-            "status": match &renewal { Renewal::Renewed => "renewed", Renewal::Retaken => "retaken", Renewal::HeldBy(_) => "lost" },
+            "status": match &renewal { Renewal::Renewed => "renewed", Renewal::Retaken => "retaken", Renewal::HeldBy(_) => "lost", Renewal::Released => "released" },
             "holder": match &renewal { Renewal::HeldBy(h) => h.clone(), _ => me.node.clone() },
         });
     }
@@ -155,6 +161,14 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // The timer follows the record's expiry: after `cluster set --expiry`,
     // each node's next heartbeat re-arms its own timer.
     let timer_changed = follow_expiry(&root, settings.expiry)?;
+    // The unit that leaves at termination must be active to act at
+    // shutdown; an operator's `systemctl stop` would leave it inactive.
+    if root.is_system()
+        && root.path(std::path::Path::new(LEAVE_UNIT)).exists()
+        && let Err(e) = install::systemctl(&["start", "--no-block", "auto-consul-leave.service"])
+    {
+        tracing::warn!("could not start auto-consul-leave.service: {e:#}");
+    }
 
     let keep: HashSet<String> = keys.iter().cloned().collect();
     let purged = purge_heartbeats(store, settings.expiry, Some((&me.node, &keep))).await?;

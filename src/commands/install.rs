@@ -41,7 +41,7 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         },
         FileSpec {
             path: ENV_FILE.into(),
-            contents: env_file(opts, &root, None, registry.as_deref())?,
+            contents: env_file(opts, &root, registry.as_deref())?,
             mode: super::env_file_mode(&root),
             owner: None,
         },

@@ -15,7 +15,6 @@ use anyhow::Result;
 
 use crate::cli::{Cli, Command, GlobalOpts};
 use crate::error::usage;
-use crate::identity::Identity;
 use crate::install::Root;
 use crate::model::Settings;
 use crate::registry::{self, RegistryUrl, Store};
@@ -112,12 +111,7 @@ pub fn warn_on_mismatch(opts: &GlobalOpts, view: &crate::registry::RegistryView)
 /// (the operator's own lines are kept). `install` passes no identity (each
 /// instance learns its own at boot) and may pass no registry (user data
 /// gives it).
-pub fn env_file(
-    opts: &GlobalOpts,
-    root: &Root,
-    me: Option<&Identity>,
-    registry: Option<&str>,
-) -> Result<String> {
+pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Result<String> {
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let mut vars = Vec::new();
     if let Some(registry) = registry {
@@ -127,20 +121,16 @@ pub fn env_file(
     // IMDS is learned again by every command on this instance, so an image
     // made from this node does not carry it (the copy would take this
     // node's name, address and slot).
-    if let Some(me) = me {
-        if opts.address.is_some() {
-            vars.push(("AUTO_CONSUL_ADDRESS", me.address.to_string()));
-        }
-        if opts.node.is_some() {
-            vars.push(("AUTO_CONSUL_NODE", me.node.clone()));
-        }
+    if let Some(address) = opts.address {
+        vars.push(("AUTO_CONSUL_ADDRESS", address.to_string()));
+    }
+    if let Some(node) = &opts.node {
+        vars.push(("AUTO_CONSUL_NODE", node.clone()));
     }
     if let Some(id) = &opts.instance_id {
         vars.push(("AUTO_CONSUL_INSTANCE_ID", id.clone()));
     }
-    if opts.role != crate::cli::RoleWanted::Auto {
-        vars.push(("AUTO_CONSUL_ROLE", opts.role.as_str().to_string()));
-    }
+    vars.push(("AUTO_CONSUL_ROLE", opts.role.as_str().to_string()));
     if let Some(s) = opts.servers {
         vars.push(("AUTO_CONSUL_SERVERS", s.to_string()));
     }

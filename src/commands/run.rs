@@ -22,6 +22,9 @@ use crate::registry::{Condition, PutOutcome, RegistryView, Store, read_slots_fro
 use crate::render::{self, ConsulSettings, Tls};
 use crate::state::{self, State};
 
+/// The most a default wait (`--role-wait`, `--witness-wait`) lasts: both,
+/// with the IMDS wait, stay inside the boot unit's 15-minute start timeout.
+const DEFAULT_WAIT_CAP: u64 = 400;
 /// How long a joiner waits for the record of a cluster whose bootstrap
 /// node holds slot 0 but has not written it yet.
 const PENDING_WAIT: Duration = Duration::from_secs(5);
@@ -120,7 +123,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let (me, (opened, racy, first_view)) = tokio::try_join!(identity, registry)?;
     let store = opened.store;
     warn_on_mismatch(opts, &first_view);
-    let mut fixed_files = fixed_files(opts, &root, &me, &consul, &auto_consul, &url.to_string())?;
+    let mut fixed_files = fixed_files(opts, &root, &consul, &auto_consul, &url.to_string())?;
     install::check_writable(&root, &fixed_files)?;
     let raft = has_raft_state(&root, &opts.data_dir);
     // Only server modes are sticky: an agent decides again at each boot,
@@ -148,11 +151,16 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         racy,
         aws: opened.aws.as_ref(),
         replace: opts.replace_cluster.clone(),
-        witness_wait: Duration::from_secs(opts.witness_wait.unwrap_or(first_view.settings.expiry)),
+        // Defaults that fit together, with IMDS, inside the boot unit's
+        // TimeoutStartSec (15 min).
+        witness_wait: Duration::from_secs(
+            opts.witness_wait
+                .unwrap_or(first_view.settings.expiry.min(DEFAULT_WAIT_CAP)),
+        ),
         role: opts.role,
         role_wait: Duration::from_secs(opts.role_wait.unwrap_or_else(|| {
             let e = first_view.settings.expiry;
-            e + e / 3 + 10
+            (e + e / 3 + 10).min(DEFAULT_WAIT_CAP)
         })),
     };
     let elected = elector.elect(previous.as_ref(), raft, first_view).await?;
@@ -344,8 +352,20 @@ impl Elector<'_> {
                     .and_then(|s| s.record.as_ref())
                     .and_then(|r| r.cluster_id.clone())
             });
-            if let Some(prev) =
-                previous.filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref()))
+            // A slot this node released when it left is not kept: the node
+            // decides afresh (a spot instance started again, an operator's
+            // `leave`).
+            let left = |p: &State| {
+                p.slot.zip(p.claim_id.as_ref()).is_some_and(|(i, c)| {
+                    view.slots
+                        .get(i as usize)
+                        .and_then(|s| s.record.as_ref())
+                        .is_some_and(|r| r.released && r.claim_id == *c)
+                })
+            };
+            if let Some(prev) = previous
+                .filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref()))
+                .filter(|p| !left(p))
             {
                 return self.keep(prev, raft, cluster_id, view).await;
             }
@@ -770,6 +790,10 @@ impl Elector<'_> {
                     self.finish_bootstrap(&elected.view, id).await?;
                 }
             }
+            Renewal::Released => tracing::warn!(
+                "server slot {index} was released when this node left; it keeps its Raft state and runs as a server \
+                 without a slot"
+            ),
             Renewal::HeldBy(holder) => tracing::error!(
                 "server slot {index} of this node is now held by {holder}: this node keeps running as a server; \
                  check the cluster has no more servers than wanted"
@@ -1010,7 +1034,6 @@ pub fn own_binary(root: &Root) -> Result<PathBuf> {
 fn fixed_files(
     opts: &GlobalOpts,
     root: &Root,
-    me: &Identity,
     consul: &Path,
     auto_consul: &Path,
     registry: &str,
@@ -1045,7 +1068,7 @@ fn fixed_files(
     ));
     files.push(FileSpec {
         path: ENV_FILE.into(),
-        contents: env_file(opts, root, Some(me), Some(registry))?,
+        contents: env_file(opts, root, Some(registry))?,
         mode: super::env_file_mode(root),
         owner: None,
     });

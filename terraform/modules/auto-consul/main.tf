@@ -365,6 +365,17 @@ resource "aws_autoscaling_group" "servers" {
     version = aws_launch_template.this["servers"].latest_version
   }
 
+  # A terminating instance waits in Terminating:Wait (var.termination_wait)
+  # long enough for its heartbeat (every expiry/3) to see
+  # target-lifecycle-state = Terminated and leave (Consul leaves, the slot
+  # is released) while Consul still runs; then the termination continues.
+  initial_lifecycle_hook {
+    name                 = "auto-consul-leave"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
+    default_result       = "CONTINUE"
+    heartbeat_timeout    = var.termination_wait
+  }
+
   dynamic "tag" {
     for_each = var.tags
     content {
@@ -397,6 +408,14 @@ resource "aws_autoscaling_group" "agents" {
   launch_template {
     id      = aws_launch_template.this["agents"].id
     version = aws_launch_template.this["agents"].latest_version
+  }
+
+  # As for the servers: time for the heartbeat to see the termination.
+  initial_lifecycle_hook {
+    name                 = "auto-consul-leave"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
+    default_result       = "CONTINUE"
+    heartbeat_timeout    = var.termination_wait
   }
 
   dynamic "tag" {

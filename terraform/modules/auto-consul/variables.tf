@@ -226,3 +226,9 @@ variable "additional_policy_arns" {
   type        = list(string)
   default     = []
 }
+
+variable "termination_wait" {
+  description = "Seconds a terminating instance waits (lifecycle hook, Terminating:Wait) so that its heartbeat, every expiry/3, sees the termination and leaves while Consul still runs: about two heartbeat intervals (90 for the default expiry of 120); 30 to 7200."
+  type        = number
+  default     = 90
+}
