@@ -614,7 +614,14 @@ impl Elector<'_> {
     async fn unconfirmed_servers(&self, view: &RegistryView) -> Result<Vec<Unconfirmed>> {
         // Every slot, also those past the cluster's count (a lowered
         // `--servers`, a junk record): their holders may still serve.
-        let beyond = read_slots_from(self.store, view.slots.len() as u32).await?;
+        // A registry that never had a cluster (no record, no slot) has
+        // nothing to witness: no listing.
+        let fresh = view.cluster.is_none() && view.slots.iter().all(|s| s.etag.is_none());
+        let beyond = if fresh {
+            Vec::new()
+        } else {
+            read_slots_from(self.store, view.slots.len() as u32).await?
+        };
         let holders: Vec<(u32, SlotRecord)> = view
             .slots
             .iter()
