@@ -589,20 +589,22 @@ fn a_joiner_with_other_servers_and_expiry_changes_nothing_and_cluster_set_does()
         "--expiry",
         "60",
     ])));
-    let agent = FakeAgent::start("st-x", false, &[]);
+    // (A server's heartbeat reads the record; an agent's makes one write
+    // and nothing else, and follows a new expiry at its next boot.)
+    let agent = FakeAgent::start("st-a", true, &["--address", "10.23.0.1"]);
     let hb = ok_json(&output(&mut heartbeat(
         moto,
         &registry,
-        &tmp.path().join("st-x"),
-        "st-x",
-        "10.23.0.9",
+        &tmp.path().join("st-a"),
+        "st-a",
+        "10.23.0.1",
         &agent,
     )));
     assert_eq!(hb["timer_changed"], true, "{hb}");
     assert_eq!(hb["settings"]["expiry"], 60);
     let timer = std::fs::read_to_string(
         tmp.path()
-            .join("st-x/etc/systemd/system/auto-consul-heartbeat.timer"),
+            .join("st-a/etc/systemd/system/auto-consul-heartbeat.timer"),
     )
     .unwrap();
     assert!(timer.contains("OnUnitActiveSec=20s"), "{timer}");

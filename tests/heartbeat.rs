@@ -108,17 +108,32 @@ fn a_server_heartbeat_writes_both_prefixes_and_renews_its_slot() {
         before["sequence"].as_u64().unwrap() + 1
     );
 
-    // A second heartbeat replaces the first: the node's older keys are purged.
+    // A second heartbeat within the expiry purges nothing (the purger, the
+    // holder of slot 0, purges once per expiry): both keys stay.
     std::thread::sleep(Duration::from_millis(1100));
-    ok_json(&output(&mut heartbeat_cmd(
-        moto,
-        &registry,
-        tmp.path(),
-        "srv-1",
-        "10.1.0.1",
-        &agent.addr(),
-        120,
-    )));
+    let hb = |tmp: &std::path::Path| {
+        ok_json(&output(&mut heartbeat_cmd(
+            moto,
+            &registry,
+            tmp,
+            "srv-1",
+            "10.1.0.1",
+            &agent.addr(),
+            120,
+        )))
+    };
+    assert_eq!(hb(tmp.path())["purged"], 0);
+    assert_eq!(keys(moto, &bucket, "hb/server/servers/").len(), 2);
+    // An expiry after its last purge, it purges again: its older keys go.
+    let stamp = tmp.path().join("var/lib/auto-consul/purged-at");
+    assert!(stamp.is_file(), "the purger records its purge");
+    std::fs::write(
+        &stamp,
+        (chrono::Utc::now() - chrono::Duration::seconds(121)).to_rfc3339(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(hb(tmp.path())["purged"], 4);
     assert_eq!(keys(moto, &bucket, "hb/server/servers/").len(), 1);
     assert_eq!(keys(moto, &bucket, "hb/server/agents/").len(), 1);
     assert_ne!(keys(moto, &bucket, "hb/server/servers/"), servers);
@@ -239,12 +254,17 @@ fn purge_deletes_every_expired_key_in_batches_and_keeps_every_live_one() {
     let left: HashSet<String> = keys(&moto, &bucket, &format!("{p}/")).into_iter().collect();
     assert_eq!(left, live, "exactly the live keys remain");
     assert_eq!(v["deleted"].as_u64().unwrap() as usize, expired_n);
-    let batches = expired_n.div_ceil(1000);
-    assert_eq!(v["delete_requests"].as_u64().unwrap() as usize, batches);
-    // Listing pages (1000 keys each) + delete batches + one slot read (--servers 1).
+    // A listing page at a time (1000 keys), each page's expired keys in one
+    // DeleteObjects: memory bounded by a page.
     let agents_keys = live_n + expired_n - expired_n.div_ceil(10);
-    // Plus one read of the cluster record (its expiry rules).
-    let bound = agents_keys.div_ceil(1000) + expired_n.div_ceil(10).div_ceil(1000) + batches + 2;
+    let pages = agents_keys.div_ceil(1000) + expired_n.div_ceil(10).div_ceil(1000);
+    let batches = v["delete_requests"].as_u64().unwrap() as usize;
+    assert!(
+        batches <= pages,
+        "{batches} DeleteObjects for {pages} pages"
+    );
+    // Plus one slot read (--servers 1) and one read of the cluster record.
+    let bound = pages + batches + 2;
     eprintln!(
         "purge: {expired_n} expired + {live_n} live keys: {requests} requests ({batches} DeleteObjects), bound {bound}"
     );

@@ -7,14 +7,15 @@ use anyhow::Result;
 use chrono::Utc;
 use serde_json::json;
 
-use super::purge::purge_heartbeats;
+use super::purge::{Purged, purge_heartbeats};
 use super::run::{HEARTBEAT_TIMER, LEAVE_UNIT};
 use super::{open_store, registry_url, seed_settings};
 use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
+use crate::decision::slot_is_live;
 use crate::install::Root;
 use crate::model::{HeartbeatBody, HeartbeatKey, Role, slot_key};
-use crate::registry::{Condition, PutOutcome, read_cluster, read_slot};
+use crate::registry::{Condition, PutOutcome, Store, read_cluster, read_slot, read_slots};
 use crate::{agent, identity, install, render, retry, state, termination};
 
 /// `heartbeat`.
@@ -89,7 +90,26 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             }
         })
     };
-    // The cluster record (its settings rule) is read alongside.
+    // An agent's heartbeat is its one write, whatever the registry holds:
+    // no read, no purge (one server purges for the fleet). Its older keys
+    // expire and that server deletes them.
+    if !server {
+        futures::future::try_join_all(keys.iter().map(write)).await?;
+        keep_leave_unit_active(&root);
+        report(
+            opts,
+            &me,
+            mode,
+            &keys,
+            serde_json::Value::Null,
+            &Purged::default(),
+            &status,
+            None,
+            false,
+        );
+        return Ok(());
+    }
+    // A server reads the cluster record (its settings rule) alongside.
     let (written, record) = tokio::join!(
         futures::future::try_join_all(keys.iter().map(write)),
         retry::until(deadline, "reading the cluster record", || read_cluster(
@@ -126,10 +146,8 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         }
         _ => false,
     };
-    if server
-        && !other_cluster
-        && let Some((index, claim)) = held.filter(|(i, _)| *i < settings.servers)
-    {
+    let mut my_slot = None;
+    if !other_cluster && let Some((index, claim)) = held.filter(|(i, _)| *i < settings.servers) {
         let slot = read_slot(store, index).await?;
         let claims = Claims {
             store,
@@ -151,6 +169,9 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
                 slot_key(index)
             );
         }
+        if matches!(renewal, Renewal::Renewed | Renewal::Retaken) {
+            my_slot = Some(index);
+        }
         slot_report = json!({
             "index": index,
             "status": match &renewal { Renewal::Renewed => "renewed", Renewal::Retaken => "retaken", Renewal::HeldBy(_) => "lost", Renewal::Released => "released" },
@@ -161,18 +182,96 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // The timer follows the record's expiry: after `cluster set --expiry`,
     // each node's next heartbeat re-arms its own timer.
     let timer_changed = follow_expiry(&root, settings.expiry)?;
-    // The unit that leaves at termination must be active to act at
-    // shutdown; an operator's `systemctl stop` would leave it inactive.
+    keep_leave_unit_active(&root);
+
+    // One node purges for the fleet: the live holder of the lowest slot,
+    // once per expiry (on the store's clock).
+    let purged = match my_slot {
+        Some(index) if purger(store, index, settings.expiry).await? => {
+            let now = store.now().await;
+            let last = last_purge(&root);
+            if last.is_some_and(|t| crate::model::age_seconds(t, now) < settings.expiry) {
+                Purged::default()
+            } else {
+                let keep: HashSet<String> = keys.iter().cloned().collect();
+                let purged =
+                    purge_heartbeats(store, settings.expiry, Some((&me.node, &keep))).await?;
+                record_purge(&root, now);
+                purged
+            }
+        }
+        _ => Purged::default(),
+    };
+    report(
+        opts,
+        &me,
+        mode,
+        &keys,
+        slot_report,
+        &purged,
+        &status,
+        Some(settings),
+        timer_changed,
+    );
+    Ok(())
+}
+
+/// Whether the holder of slot `index` is the fleet's purger: no slot
+/// below it is live.
+async fn purger(store: &dyn Store, index: u32, expiry: u64) -> Result<bool> {
+    if index == 0 {
+        return Ok(true);
+    }
+    let below = read_slots(store, index).await?;
+    Ok(!below.iter().any(|s| slot_is_live(s, expiry)))
+}
+
+/// Where the purger keeps the store time of its last purge.
+const PURGED_AT: &str = "/var/lib/auto-consul/purged-at";
+
+fn last_purge(root: &Root) -> Option<chrono::DateTime<chrono::Utc>> {
+    let text = std::fs::read_to_string(root.path(std::path::Path::new(PURGED_AT))).ok()?;
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+fn record_purge(root: &Root, at: chrono::DateTime<chrono::Utc>) {
+    let spec = install::FileSpec {
+        path: PURGED_AT.into(),
+        contents: format!("{}\n", at.to_rfc3339()),
+        mode: 0o644,
+        owner: None,
+    };
+    if let Err(e) = install::write_atomic(root, &spec) {
+        tracing::warn!("could not record the purge time in {PURGED_AT}: {e:#}");
+    }
+}
+
+/// The unit that leaves at termination must be active to act at shutdown;
+/// an operator's `systemctl stop` would leave it inactive.
+fn keep_leave_unit_active(root: &Root) {
     if root.is_system()
         && root.path(std::path::Path::new(LEAVE_UNIT)).exists()
         && let Err(e) = install::systemctl(&["start", "--no-block", "auto-consul-leave.service"])
     {
         tracing::warn!("could not start auto-consul-leave.service: {e:#}");
     }
+}
 
-    let keep: HashSet<String> = keys.iter().cloned().collect();
-    let purged = purge_heartbeats(store, settings.expiry, Some((&me.node, &keep))).await?;
-
+/// Prints what a heartbeat did.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    opts: &GlobalOpts,
+    me: &identity::Identity,
+    mode: &str,
+    keys: &[String],
+    slot_report: serde_json::Value,
+    purged: &Purged,
+    status: &agent::AgentStatus,
+    settings: Option<crate::model::Settings>,
+    timer_changed: bool,
+) {
     if opts.json {
         println!(
             "{}",
@@ -200,12 +299,13 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         if let Some(status) = slot_report.get("status").and_then(|s| s.as_str()) {
             println!("server slot {}: {status}", slot_report["index"]);
         }
-        println!(
-            "purged {} heartbeats in {} requests",
-            purged.deleted, purged.requests
-        );
+        if purged.requests > 0 {
+            println!(
+                "purged {} heartbeats in {} requests",
+                purged.deleted, purged.requests
+            );
+        }
     }
-    Ok(())
 }
 
 /// Rewrites the heartbeat timer `run` installed when the cluster's expiry

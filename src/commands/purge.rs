@@ -10,7 +10,8 @@ use serde_json::json;
 use super::{open_store, registry_url, seed_settings};
 use crate::cli::GlobalOpts;
 use crate::decision::slot_is_live;
-use crate::registry::{HeartbeatEntry, Store, list_heartbeats, read_cluster, read_slots};
+use crate::model::Role;
+use crate::registry::{HeartbeatEntry, Store, parse_listing, read_cluster, read_slots};
 
 /// The keys to delete: every heartbeat the store wrote at least `expiry`
 /// ago, and, when `own` is given, this node's heartbeats other than the
@@ -40,23 +41,33 @@ pub struct Purged {
     pub requests: usize,
 }
 
-/// Lists the heartbeats and deletes the doomed ones.
+/// Deletes the doomed heartbeats, a listing page at a time: each page's
+/// doomed keys go into one `DeleteObjects` before the next page is read, so
+/// memory stays bounded by a page whatever the registry holds.
 pub async fn purge_heartbeats(
     store: &dyn Store,
     expiry: u64,
     own: Option<(&str, &HashSet<String>)>,
 ) -> Result<Purged> {
-    let entries = list_heartbeats(store).await?;
-    let now = store.now().await;
-    let keys = doomed(&entries, now, expiry, own);
-    if keys.is_empty() {
-        return Ok(Purged::default());
+    let mut purged = Purged::default();
+    for dir in [Role::Servers.dir(), Role::Agents.dir()] {
+        let mut token = None;
+        loop {
+            let (page, next) = store.list_page(dir, token).await?;
+            let entries = parse_listing(page);
+            let now = store.now().await;
+            let keys = doomed(&entries, now, expiry, own);
+            if !keys.is_empty() {
+                purged.requests += store.delete(&keys).await?;
+                purged.deleted += keys.len();
+            }
+            match next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
     }
-    let requests = store.delete(&keys).await?;
-    Ok(Purged {
-        deleted: keys.len(),
-        requests,
-    })
+    Ok(purged)
 }
 
 /// `purge`. Expired slots are reported, not released: a released slot

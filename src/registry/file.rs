@@ -170,6 +170,15 @@ impl Store for FileStore {
         Ok(out)
     }
 
+    async fn list_page(
+        &self,
+        dir: &str,
+        _token: Option<String>,
+    ) -> Result<(Vec<Listed>, Option<String>)> {
+        // A directory is read whole: one page.
+        Ok((self.list(dir, None).await?, None))
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Object>> {
         let mut obj = self.read(key)?;
         // Registry bodies are small; anything past the limit is junk.

@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 pub use file::FileStore;
 pub use s3::S3Store;
 pub use view::{
-    ClusterView, HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, read_cluster,
-    read_slot, read_slots, read_slots_from, read_view,
+    ClusterView, HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, parse_listing,
+    read_cluster, read_slot, read_slots, read_slots_from, read_view,
 };
 
 use crate::error::usage;
@@ -74,6 +74,14 @@ pub trait Store: Send + Sync {
     /// Only keys that sort after `start_after` (a full relative key), when
     /// given.
     async fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<Listed>>;
+    /// One page of the keys under `dir` (S3: up to 1000), from `token`
+    /// (`None`: the first page); the token of the next page, if any. For
+    /// work whose memory must stay bounded by a page (the purge).
+    async fn list_page(
+        &self,
+        dir: &str,
+        token: Option<String>,
+    ) -> Result<(Vec<Listed>, Option<String>)>;
     /// Reads one key; `None` when it does not exist. Bodies are cut after
     /// `MAX_BODY_BYTES + 1` bytes: enough to tell they are too big.
     async fn get(&self, key: &str) -> Result<Option<Object>>;

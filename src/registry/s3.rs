@@ -199,6 +199,40 @@ impl Store for S3Store {
         Ok(out)
     }
 
+    async fn list_page(
+        &self,
+        dir: &str,
+        token: Option<String>,
+    ) -> Result<(Vec<Listed>, Option<String>)> {
+        let strip = self.full_key("");
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full_key(dir))
+            .set_continuation_token(token)
+            .send()
+            .await
+            .map_err(|e| explain(e, format!("listing {}", self.url(dir))))?;
+        let items = page
+            .contents()
+            .iter()
+            .filter_map(|obj| {
+                let rel = obj.key()?.strip_prefix(&strip)?;
+                Some(Listed {
+                    key: rel.to_string(),
+                    last_modified: to_chrono(obj.last_modified())?,
+                })
+            })
+            .collect();
+        let next = page
+            .is_truncated()
+            .unwrap_or(false)
+            .then(|| page.next_continuation_token().map(str::to_string))
+            .flatten();
+        Ok((items, next))
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Object>> {
         let resp = self
             .client

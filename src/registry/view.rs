@@ -308,7 +308,7 @@ fn slot_view(index: u32, obj: Option<super::Object>, now: DateTime<Utc>) -> Slot
 }
 
 /// Parses listed keys, skipping junk with a warning that names the key.
-fn parse_listing(listed: Vec<Listed>) -> Vec<HeartbeatEntry> {
+pub fn parse_listing(listed: Vec<Listed>) -> Vec<HeartbeatEntry> {
     listed
         .into_iter()
         .filter_map(|item| {

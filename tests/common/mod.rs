@@ -593,3 +593,20 @@ pub fn key_skew_seconds(key: &str) -> i64 {
         .and_utc();
     (t - chrono::Utc::now()).num_seconds()
 }
+
+/// How many keys are under `prefix`, over every listing page.
+pub fn count_keys(moto: &Moto, bucket: &str, prefix: &str) -> usize {
+    rt().block_on(async {
+        let mut pages = s3(moto)
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut n = 0;
+        while let Some(page) = pages.next().await {
+            n += page.expect("list").contents().len();
+        }
+        n
+    })
+}

@@ -1,0 +1,158 @@
+//! What the registry costs, in requests (moto_server's exact counter): an
+//! agent's heartbeat is one write whatever the registry holds, and one
+//! server purges for the fleet.
+
+mod common;
+
+use common::*;
+
+fn agent_items(p: &str, n: usize, seconds_ago: i64) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("{p}/agents/{}-fleet-{i}", stamp(seconds_ago)),
+                format!(
+                    r#"{{"node":"fleet-{i}","address":"10.40.{}.{}","mode":"agent","version":"0"}}"#,
+                    i / 250,
+                    i % 250 + 1
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_agent_heartbeat_is_one_request_against_2000_live_heartbeats() {
+    // A moto of its own: its request counter is this test's alone.
+    let moto = Moto::start(&[]);
+    let bucket = bucket(&moto);
+    let p = "cost/agent";
+    let registry = format!("s3://{bucket}/{p}");
+    moto.seed(&bucket, agent_items(p, 2000, 5));
+    let tmp = tempfile::tempdir().unwrap();
+    assert_eq!(
+        mode(&run_node(
+            &moto,
+            &registry,
+            &tmp.path().join("srv"),
+            "srv",
+            "10.41.0.1",
+            1
+        )),
+        "bootstrap"
+    );
+    assert_eq!(
+        mode(&run_node(
+            &moto,
+            &registry,
+            &tmp.path().join("ag"),
+            "ag",
+            "10.41.0.2",
+            1
+        )),
+        "agent"
+    );
+    let agent = FakeAgent::start("ag", false, &[]);
+    for _ in 0..2 {
+        let before = moto.requests();
+        let v = ok_json(&output(&mut heartbeat_cmd(
+            &moto,
+            &registry,
+            &tmp.path().join("ag"),
+            "ag",
+            "10.41.0.2",
+            &agent.addr(),
+        )));
+        let requests = moto.requests() - before;
+        assert_eq!(v["mode"], "agent");
+        assert_eq!(
+            requests, 1,
+            "an agent heartbeat made {requests} requests: {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+}
+
+#[test]
+fn only_the_holder_of_the_lowest_live_slot_purges_and_once_per_expiry() {
+    let moto = Moto::start(&[]);
+    let bucket = bucket(&moto);
+    let p = "cost/purger";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = |n: &str| tmp.path().join(n);
+    assert_eq!(
+        mode(&run_node(
+            &moto,
+            &registry,
+            &root("s0"),
+            "s0",
+            "10.42.0.1",
+            2
+        )),
+        "bootstrap"
+    );
+    assert_eq!(
+        mode(&run_node(
+            &moto,
+            &registry,
+            &root("s1"),
+            "s1",
+            "10.42.0.2",
+            2
+        )),
+        "server"
+    );
+    // 1500 expired heartbeats (on the store's clock) and 300 live ones.
+    moto.seed(&bucket, agent_items(p, 1500, 600));
+    assert_eq!(moto.age(&bucket, &format!("{p}/agents/"), 600), 1500);
+    let live: Vec<(String, String)> = (0..300)
+        .map(|i| {
+            (
+                format!("{p}/agents/{}-live-{i}", stamp(1)),
+                format!(
+                    r#"{{"node":"live-{i}","address":"10.43.{}.{}","mode":"agent","version":"0"}}"#,
+                    i / 250,
+                    i % 250 + 1
+                ),
+            )
+        })
+        .collect();
+    moto.seed(&bucket, live);
+    let hb = |n: &str, ip: &str| {
+        let agent = FakeAgent::start(n, true, &["--address", ip]);
+        ok_json(&output(&mut heartbeat_cmd(
+            &moto,
+            &registry,
+            &root(n),
+            n,
+            ip,
+            &agent.addr(),
+        )))
+    };
+    // The holder of slot 1 does not purge while slot 0 is live.
+    let v = hb("s1", "10.42.0.2");
+    assert_eq!(v["slot"]["index"], 1);
+    assert_eq!(v["purged"], 0, "{v}");
+    assert_eq!(
+        count_keys(&moto, &bucket, &format!("{p}/agents/")),
+        1800 + 1
+    );
+    // The holder of slot 0 does, streaming pages into DeleteObjects.
+    let before = moto.requests();
+    let v = hb("s0", "10.42.0.1");
+    let requests = moto.requests() - before;
+    assert_eq!(v["slot"]["index"], 0);
+    assert_eq!(v["purged"], 1500, "{v}");
+    // 2 PUTs, the record, the slot read and renewal, then 2 agents/ pages
+    // and 1 servers/ page, each page's expired keys in one DeleteObjects.
+    assert!(requests <= 5 + 3 + 2, "{requests} requests: {v}");
+    assert_eq!(count_keys(&moto, &bucket, &format!("{p}/agents/")), 300 + 2);
+    // Again within the expiry: it does not list the registry again.
+    moto.seed(&bucket, agent_items(p, 10, 600));
+    moto.age(&bucket, &format!("{p}/agents/"), 0);
+    let before = moto.requests();
+    let v = hb("s0", "10.42.0.1");
+    assert_eq!(v["purged"], 0, "{v}");
+    assert_eq!(moto.requests() - before, 5, "{v}");
+}
