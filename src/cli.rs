@@ -90,6 +90,14 @@ pub struct GlobalOpts {
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub role_wait: Option<u64>,
 
+    /// Seconds after which an agent's heartbeat expires; agents heartbeat
+    /// every AGENT_EXPIRY/3 seconds. Long by default: agents' heartbeats are
+    /// most of a fleet's registry requests, and only join lists use them.
+    /// Seeds a new cluster's record, which then rules [default: 7200].
+    #[arg(long, env = "AUTO_CONSUL_AGENT_EXPIRY", value_name = "SECONDS", global = true,
+          value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub agent_expiry: Option<u64>,
+
     /// The EC2 instance id published in slots and heartbeats [default: IMDS
     /// instance-id, or the node name when it is one]. For hosts without
     /// IMDS and for tests; the witness rule asks EC2 about these ids.
@@ -289,12 +297,19 @@ impl GlobalOpts {
     pub fn expiry(&self) -> u64 {
         self.expiry.unwrap_or(DEFAULT_EXPIRY)
     }
+
+    /// `--agent-expiry`, or its default.
+    pub fn agent_expiry(&self) -> u64 {
+        self.agent_expiry.unwrap_or(DEFAULT_AGENT_EXPIRY)
+    }
 }
 
 /// `--servers` when not given.
 pub const DEFAULT_SERVERS: u32 = 1;
 /// `--expiry` when not given.
 pub const DEFAULT_EXPIRY: u64 = 120;
+/// `--agent-expiry` when not given: agents heartbeat every 40 minutes.
+pub const DEFAULT_AGENT_EXPIRY: u64 = 7200;
 
 fn parse_instance_id(s: &str) -> Result<String, String> {
     if crate::model::instance_id_ok(s) {

@@ -265,6 +265,7 @@ mod tests {
             settings: crate::model::Settings {
                 servers: slots,
                 expiry: 120,
+                agent_expiry: 7200,
             },
             servers: vec![],
             agents: vec![],
@@ -313,6 +314,7 @@ mod tests {
                 bootstrap_address: "10.0.0.1".parse().unwrap(),
                 servers: 3,
                 expiry: None,
+                agent_expiry: None,
                 created: String::new(),
                 retired: false,
             }),

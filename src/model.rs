@@ -293,8 +293,12 @@ pub const EXPIRY_RANGE: std::ops::RangeInclusive<u64> = 2..=86_400;
 pub struct Settings {
     /// Desired number of servers (slots `0..servers`).
     pub servers: u32,
-    /// Seconds after which a heartbeat or a server slot expires.
+    /// Seconds after which a server's heartbeat or slot expires.
     pub expiry: u64,
+    /// Seconds after which an agent's heartbeat expires (agents' timers
+    /// fire every third of it: their heartbeats are the bulk of a fleet's
+    /// requests, and nothing fails over on them).
+    pub agent_expiry: u64,
 }
 
 /// The `cluster` record, created by the bootstrap node.
@@ -313,6 +317,10 @@ pub struct ClusterRecord {
     /// node's own `--expiry` then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiry: Option<u64>,
+    /// Agents' heartbeat expiry, seconds; absent in older records (the
+    /// node's own `--agent-expiry` then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_expiry: Option<u64>,
     /// Creation time, RFC 3339.
     pub created: String,
     /// Set by `auto-consul cluster retire`: an operator has confirmed that
@@ -346,6 +354,13 @@ impl ClusterRecord {
                 rec.servers
             ));
         }
+        if let Some(e) = rec.agent_expiry.filter(|e| !EXPIRY_RANGE.contains(e)) {
+            return Err(format!(
+                "cluster record has an agent expiry of {e}s, outside {}..={}",
+                EXPIRY_RANGE.start(),
+                EXPIRY_RANGE.end()
+            ));
+        }
         if let Some(e) = rec.expiry.filter(|e| !EXPIRY_RANGE.contains(e)) {
             return Err(format!(
                 "cluster record has an expiry of {e}s, outside {}..={}",
@@ -361,14 +376,17 @@ impl ClusterRecord {
     /// only as the count at creation: the larger of it and the node's
     /// flag then, so an upgrade never shrinks a fleet grown since.
     pub fn settings(&self, seed: Settings) -> Settings {
+        let agent_expiry = self.agent_expiry.unwrap_or(seed.agent_expiry);
         match self.expiry {
             Some(expiry) => Settings {
                 servers: self.servers,
                 expiry,
+                agent_expiry,
             },
             None => Settings {
                 servers: self.servers.max(seed.servers),
                 expiry: seed.expiry,
+                agent_expiry,
             },
         }
     }

@@ -103,9 +103,10 @@ fn only_the_holder_of_the_lowest_live_slot_purges_and_once_per_expiry() {
         )),
         "server"
     );
-    // 1500 expired heartbeats (on the store's clock) and 300 live ones.
-    moto.seed(&bucket, agent_items(p, 1500, 600));
-    assert_eq!(moto.age(&bucket, &format!("{p}/agents/"), 600), 1500);
+    // 1500 expired agent heartbeats (past the agents' 7200 s, on the
+    // store's clock) and 300 live ones.
+    moto.seed(&bucket, agent_items(p, 1500, 7300));
+    assert_eq!(moto.age(&bucket, &format!("{p}/agents/"), 7300), 1500);
     let live: Vec<(String, String)> = (0..300)
         .map(|i| {
             (
@@ -149,10 +150,67 @@ fn only_the_holder_of_the_lowest_live_slot_purges_and_once_per_expiry() {
     assert!(requests <= 5 + 3 + 2, "{requests} requests: {v}");
     assert_eq!(count_keys(&moto, &bucket, &format!("{p}/agents/")), 300 + 2);
     // Again within the expiry: it does not list the registry again.
-    moto.seed(&bucket, agent_items(p, 10, 600));
+    moto.seed(&bucket, agent_items(p, 10, 7300));
     moto.age(&bucket, &format!("{p}/agents/"), 0);
     let before = moto.requests();
     let v = hb("s0", "10.42.0.1");
     assert_eq!(v["purged"], 0, "{v}");
     assert_eq!(moto.requests() - before, 5, "{v}");
+}
+
+#[test]
+fn a_joining_agent_reads_at_most_3_listing_pages_of_a_fleet_of_10000() {
+    let moto = Moto::start(&[]);
+    let bucket = bucket(&moto);
+    let p = "cost/join";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, n) in ["j0", "j1", "j2"].iter().enumerate() {
+        run_node(
+            &moto,
+            &registry,
+            &tmp.path().join(n),
+            n,
+            &format!("10.44.0.{}", i + 1),
+            3,
+        );
+    }
+    // Steady state of 10 000 agents heartbeating every 2400 s (the default
+    // agent expiry of 7200 s): three live keys each, spread over the expiry.
+    let items: Vec<(String, String)> = (0..10_000usize)
+        .flat_map(|i| {
+            (0..3).map(move |k| {
+                let ago = ((i * 7 + k * 2400) % 7200) as i64;
+                (
+                    format!("{p}/agents/{}-fleet-{i}", stamp(ago)),
+                    format!(
+                        r#"{{"node":"fleet-{i}","address":"10.45.{}.{}","mode":"agent","version":"0"}}"#,
+                        i / 250,
+                        i % 250 + 1
+                    ),
+                )
+            })
+        })
+        .collect();
+    moto.seed(&bucket, items);
+    let before = moto.kinds();
+    let v = run_node(
+        &moto,
+        &registry,
+        &tmp.path().join("joiner"),
+        "joiner",
+        "10.44.1.1",
+        3,
+    );
+    let after = moto.kinds();
+    let delta = |k: &str| after.get(k).unwrap_or(&0) - before.get(k).unwrap_or(&0);
+    assert_eq!(mode(&v), "agent");
+    assert_eq!(&v["retry_join"].as_array().unwrap()[..3].len(), &3);
+    eprintln!(
+        "joining 10 000 agents: LIST {}, GET {}, PUT {}",
+        delta("LIST"),
+        delta("GET"),
+        delta("PUT")
+    );
+    assert!(delta("LIST") <= 3, "{} listing pages", delta("LIST"));
 }

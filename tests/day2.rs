@@ -532,14 +532,14 @@ fn a_joiner_with_other_servers_and_expiry_changes_nothing_and_cluster_set_does()
     let slots: Vec<String> = keys(moto, &bucket, &format!("{p}/slots/"));
     assert_eq!(slots.len(), 3, "{slots:?}");
     assert_eq!(cluster_id(moto, &bucket, p), id);
-    // The timer it installed follows the record's expiry (every 120/3 s at
-    // most), not its own flag.
+    // The timer it installed follows the record's agent expiry (an agent:
+    // every 7200/3 s), not its own flag.
     let timer = std::fs::read_to_string(
         tmp.path()
             .join("st-x/etc/systemd/system/auto-consul-heartbeat.timer"),
     )
     .unwrap();
-    assert!(timer.contains("OnUnitActiveSec=40s"), "{timer}");
+    assert!(timer.contains("OnUnitActiveSec=2400s"), "{timer}");
 
     // `members` shows the settings; `cluster set` changes them under If-Match.
     let members = ok_json(&output(auto_consul(moto).args([

@@ -249,6 +249,8 @@ fn purge_deletes_every_expired_key_in_batches_and_keeps_every_live_one() {
         &format!("s3://{bucket}/{p}"),
         "--expiry",
         "120",
+        "--agent-expiry",
+        "120",
     ])));
     let requests = moto.requests() - before;
     let left: HashSet<String> = keys(&moto, &bucket, &format!("{p}/")).into_iter().collect();
@@ -603,11 +605,14 @@ fn members_and_purge_handle_the_original_tools_registry() {
         moto.age(&bucket, &key, age);
     }
     let registry = format!("s3://{bucket}/{p}");
+    // The original tool had one expiry for servers and agents alike.
     let m = ok_json(&output(auto_consul(moto).args([
         "members",
         "--json",
         "--registry",
         &registry,
+        "--agent-expiry",
+        "120",
     ])));
     assert_eq!(m["servers"].as_array().unwrap().len(), 1);
     assert_eq!(m["servers"][0]["address"], "192.168.50.100");
@@ -618,6 +623,8 @@ fn members_and_purge_handle_the_original_tools_registry() {
         "--json",
         "--registry",
         &registry,
+        "--agent-expiry",
+        "120",
     ])));
     assert_eq!(v["deleted"], 2);
     assert_eq!(

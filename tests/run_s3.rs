@@ -272,7 +272,15 @@ fn a_registry_written_by_the_original_tool_is_read_right() {
     }
     let registry = format!("s3://{bucket}/{p}");
 
-    let out = output(auto_consul(moto).args(["members", "--json", "--registry", &registry]));
+    // The original tool had one expiry for servers and agents alike.
+    let out = output(auto_consul(moto).args([
+        "members",
+        "--json",
+        "--registry",
+        &registry,
+        "--agent-expiry",
+        "120",
+    ]));
     let members = ok_json(&out);
     let nodes = |role: &str| -> Vec<(String, String)> {
         members[role]
@@ -310,7 +318,10 @@ fn a_registry_written_by_the_original_tool_is_read_right() {
     );
 
     let tmp = tempfile::tempdir().unwrap();
-    let v = run_node(moto, &registry, tmp.path(), "agent3", "192.168.50.110", 1);
+    let v = ok_json(&output(
+        run_cmd(moto, &registry, tmp.path(), "agent3", "192.168.50.110", 1)
+            .args(["--agent-expiry", "120"]),
+    ));
     assert_eq!(mode(&v), "agent");
     assert_eq!(
         v["retry_join"],

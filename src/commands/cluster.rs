@@ -11,7 +11,7 @@ use crate::cli::{ClusterAction, GlobalOpts};
 use crate::decision::live_servers;
 use crate::error::usage;
 use crate::model::{CLUSTER_KEY, ClusterRecord};
-use crate::registry::{Condition, PutOutcome, Store, read_cluster, read_view};
+use crate::registry::{Agents, Condition, PutOutcome, Store, read_cluster, read_view};
 
 /// Attempts at a change that meets concurrent changes.
 const MAX_ATTEMPTS: u32 = 5;
@@ -24,9 +24,9 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
     match action {
         ClusterAction::Show => show(opts, store).await,
         ClusterAction::Set => {
-            if opts.servers.is_none() && opts.expiry.is_none() {
+            if opts.servers.is_none() && opts.expiry.is_none() && opts.agent_expiry.is_none() {
                 return Err(usage(
-                    "`cluster set` changes nothing without --servers N or --expiry SECONDS",
+                    "`cluster set` changes nothing without --servers N, --expiry SECONDS or --agent-expiry SECONDS",
                 ));
             }
             let changed = change(store, &url.to_string(), |r| {
@@ -36,6 +36,9 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
                 if let Some(e) = opts.expiry {
                     r.expiry = Some(e);
                 }
+                if let Some(e) = opts.agent_expiry {
+                    r.agent_expiry = Some(e);
+                }
                 Ok(())
             })
             .await?;
@@ -43,7 +46,7 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
             Ok(())
         }
         ClusterAction::Retire { cluster_id, force } => {
-            let view = read_view(store, seed_settings(opts), 0).await?;
+            let view = read_view(store, seed_settings(opts), Agents::Recent(0)).await?;
             let live = live_servers(&view, "", view.settings.expiry);
             if !live.is_empty() && !force {
                 return Err(usage(format!(
@@ -79,7 +82,7 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
 }
 
 async fn show(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
-    let view = read_view(store, seed_settings(opts), 0).await?;
+    let view = read_view(store, seed_settings(opts), Agents::Recent(0)).await?;
     let slots: Vec<_> = view
         .slots
         .iter()
@@ -175,6 +178,7 @@ fn report(opts: &GlobalOpts, record: &ClusterRecord, what: &str) {
                 "cluster_id": record.cluster_id,
                 "servers": record.servers,
                 "expiry": record.expiry,
+                "agent_expiry": record.agent_expiry,
                 "retired": record.retired,
             })
         );

@@ -194,8 +194,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
                 Purged::default()
             } else {
                 let keep: HashSet<String> = keys.iter().cloned().collect();
-                let purged =
-                    purge_heartbeats(store, settings.expiry, Some((&me.node, &keep))).await?;
+                let purged = purge_heartbeats(store, settings, Some((&me.node, &keep))).await?;
                 record_purge(&root, now);
                 purged
             }

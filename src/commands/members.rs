@@ -7,7 +7,7 @@ use serde_json::json;
 use super::{open_store, registry_url, seed_settings};
 use crate::cli::GlobalOpts;
 use crate::decision::live_servers;
-use crate::registry::{Member, RegistryView, read_view};
+use crate::registry::{Agents, Member, RegistryView, read_view};
 
 /// The cluster record and settings as `members`, `plan` and `cluster show`
 /// print them in JSON.
@@ -21,6 +21,7 @@ pub fn cluster_json(view: &RegistryView) -> serde_json::Value {
         "record_age_seconds": view.cluster.as_ref().map(|c| c.age_seconds),
         "servers": view.settings.servers,
         "expiry": view.settings.expiry,
+        "agent_expiry": view.settings.agent_expiry,
         "from_record": record.is_some(),
     })
 }
@@ -30,16 +31,17 @@ pub fn cluster_line(view: &RegistryView) -> String {
     let s = view.settings;
     match view.record() {
         Some(r) => format!(
-            "cluster {} (bootstrapped by {}{}): {} servers, expiry {}s",
+            "cluster {} (bootstrapped by {}{}): {} servers, expiry {}s, agent expiry {}s",
             r.cluster_id,
             r.bootstrap_node,
             if r.retired { ", RETIRED" } else { "" },
             s.servers,
-            s.expiry
+            s.expiry,
+            s.agent_expiry
         ),
         None => format!(
-            "no cluster record: {} servers, expiry {}s (this node's flags)",
-            s.servers, s.expiry
+            "no cluster record: {} servers, expiry {}s, agent expiry {}s (this node's flags)",
+            s.servers, s.expiry, s.agent_expiry
         ),
     }
 }
@@ -48,7 +50,7 @@ pub fn cluster_line(view: &RegistryView) -> String {
 pub async fn members(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let opened = open_store(&url).await?;
-    let view = read_view(opened.store.as_ref(), seed_settings(opts), usize::MAX).await?;
+    let view = read_view(opened.store.as_ref(), seed_settings(opts), Agents::All).await?;
     // Servers as the decision counts them: slot holders and heartbeats.
     let servers = live_servers(&view, "", view.settings.expiry);
     if opts.json {

@@ -82,6 +82,7 @@ pub fn seed_settings(opts: &GlobalOpts) -> Settings {
     Settings {
         servers: opts.servers(),
         expiry: opts.expiry(),
+        agent_expiry: opts.agent_expiry(),
     }
 }
 
@@ -94,6 +95,18 @@ pub fn warn_on_mismatch(opts: &GlobalOpts, view: &crate::registry::RegistryView)
             record.cluster_id,
             view.settings.servers,
             view.settings.servers
+        );
+    }
+    if let Some(e) = opts
+        .agent_expiry
+        .filter(|e| *e != view.settings.agent_expiry)
+    {
+        tracing::warn!(
+            "--agent-expiry {e} (AUTO_CONSUL_AGENT_EXPIRY) differs from cluster {}'s record, which has {}s: \
+             using {}s; change it with `auto-consul cluster set --agent-expiry {e}`",
+            record.cluster_id,
+            view.settings.agent_expiry,
+            view.settings.agent_expiry
         );
     }
     if let Some(e) = opts.expiry.filter(|e| *e != view.settings.expiry) {
@@ -136,6 +149,9 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
     }
     if let Some(e) = opts.expiry {
         vars.push(("AUTO_CONSUL_EXPIRY", e.to_string()));
+    }
+    if let Some(e) = opts.agent_expiry {
+        vars.push(("AUTO_CONSUL_AGENT_EXPIRY", e.to_string()));
     }
     vars.extend([
         ("AUTO_CONSUL_DATA_DIR", path(&opts.data_dir)),

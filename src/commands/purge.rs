@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{open_store, registry_url, seed_settings};
 use crate::cli::GlobalOpts;
 use crate::decision::slot_is_live;
-use crate::model::Role;
+use crate::model::{Role, Settings};
 use crate::registry::{HeartbeatEntry, Store, parse_listing, read_cluster, read_slots};
 
 /// The keys to delete: every heartbeat the store wrote at least `expiry`
@@ -46,11 +46,14 @@ pub struct Purged {
 /// memory stays bounded by a page whatever the registry holds.
 pub async fn purge_heartbeats(
     store: &dyn Store,
-    expiry: u64,
+    settings: Settings,
     own: Option<(&str, &HashSet<String>)>,
 ) -> Result<Purged> {
     let mut purged = Purged::default();
-    for dir in [Role::Servers.dir(), Role::Agents.dir()] {
+    for (dir, expiry) in [
+        (Role::Servers.dir(), settings.expiry),
+        (Role::Agents.dir(), settings.agent_expiry),
+    ] {
         let mut token = None;
         loop {
             let (page, next) = store.list_page(dir, token).await?;
@@ -82,7 +85,7 @@ pub async fn purge(opts: &GlobalOpts) -> Result<()> {
         None => seed_settings(opts),
     };
     let (purged, slots) = tokio::try_join!(
-        purge_heartbeats(store, settings.expiry, None),
+        purge_heartbeats(store, settings, None),
         read_slots(store, settings.servers)
     )?;
     let expired: Vec<u32> = slots
@@ -99,12 +102,13 @@ pub async fn purge(opts: &GlobalOpts) -> Result<()> {
                 "delete_requests": purged.requests,
                 "expired_slots": expired,
                 "expiry": settings.expiry,
+                "agent_expiry": settings.agent_expiry,
             })
         );
     } else {
         println!(
-            "deleted {} expired heartbeats in {} requests (expiry {}s)",
-            purged.deleted, purged.requests, settings.expiry
+            "deleted {} expired heartbeats in {} requests (expiry {}s, agents {}s)",
+            purged.deleted, purged.requests, settings.expiry, settings.agent_expiry
         );
         if !expired.is_empty() {
             println!("expired server slots (free for a new server to take): {expired:?}");

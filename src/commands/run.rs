@@ -18,7 +18,9 @@ use crate::error::usage;
 use crate::identity::{self, Identity};
 use crate::install::{self, FileSpec, Root};
 use crate::model::{CLUSTER_KEY, ClusterRecord, Mode, Settings, SlotRecord};
-use crate::registry::{Condition, PutOutcome, RegistryView, Store, read_slots_from, read_view};
+use crate::registry::{
+    Agents, Condition, PutOutcome, RegistryView, Store, read_slots_from, read_view,
+};
 use crate::render::{self, ConsulSettings, Tls};
 use crate::state::{self, State};
 
@@ -117,7 +119,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
                 check_conditional_writes(store, opts.allow_racy).await
             }
         };
-        let (racy, view) = tokio::try_join!(probe, read_view(store, seed, VIEW_AGENTS))?;
+        let (racy, view) =
+            tokio::try_join!(probe, read_view(store, seed, Agents::Recent(VIEW_AGENTS)))?;
         Ok::<_, anyhow::Error>((opened, racy, view))
     };
     let (me, (opened, racy, first_view)) = tokio::try_join!(identity, registry)?;
@@ -165,12 +168,18 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     };
     let elected = elector.elect(previous.as_ref(), raft, first_view).await?;
     let settings = elected.view.settings;
-    // The timer follows the expiry that rules: the cluster record's.
+    // The timer follows the expiry that rules (the cluster record's): a
+    // server's, or the longer one of agents.
+    let timer_expiry = if elected.mode.is_server() {
+        settings.expiry
+    } else {
+        settings.agent_expiry
+    };
     for f in fixed_files
         .iter_mut()
         .filter(|f| f.path == Path::new(HEARTBEAT_TIMER))
     {
-        f.contents = render::heartbeat_timer(settings.expiry);
+        f.contents = render::heartbeat_timer(timer_expiry);
     }
     let bootstrap = elected.mode == Mode::Bootstrap && !raft;
     let not_running = match &opened.aws {
@@ -340,7 +349,7 @@ impl Elector<'_> {
         loop {
             let view = match first.take() {
                 Some(view) => view,
-                None => read_view(self.store, self.seed, VIEW_AGENTS).await?,
+                None => read_view(self.store, self.seed, Agents::Recent(VIEW_AGENTS)).await?,
             };
             let settings = view.settings;
             // The record's cluster; with no record yet, the one a live slot
@@ -557,7 +566,7 @@ impl Elector<'_> {
                         if !self.write_cluster(&id, cluster, self.seed).await? {
                             // Someone changed the record between our read
                             // and now: finish under whatever is there.
-                            let now = read_view(self.store, self.seed, 0).await?;
+                            let now = read_view(self.store, self.seed, Agents::Recent(0)).await?;
                             self.finish_bootstrap(&now, &id).await?;
                         }
                         // The new cluster's settings are the ones it was
@@ -823,6 +832,7 @@ impl Elector<'_> {
             bootstrap_address: self.me.address,
             servers: settings.servers,
             expiry: Some(settings.expiry),
+            agent_expiry: Some(settings.agent_expiry),
             created: Utc::now().to_rfc3339(),
             retired: false,
         };

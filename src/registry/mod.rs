@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 pub use file::FileStore;
 pub use s3::S3Store;
 pub use view::{
-    ClusterView, HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats, parse_listing,
-    read_cluster, read_slot, read_slots, read_slots_from, read_view,
+    Agents, ClusterView, HeartbeatEntry, Member, RegistryView, SlotView, list_heartbeats,
+    parse_listing, read_cluster, read_slot, read_slots, read_slots_from, read_view,
 };
 
 use crate::error::usage;

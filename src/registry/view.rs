@@ -114,26 +114,61 @@ fn listing_start(dir: Role, now: DateTime<Utc>, expiry: u64) -> String {
     format!("{}{}", dir.dir(), cutoff.name())
 }
 
+/// Which agents a view reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agents {
+    /// Every live agent (`members`): the whole `agents/` listing.
+    All,
+    /// Join candidates only: up to this many of the agents that wrote in
+    /// the last [`AGENT_JOIN_WINDOW`] (by their key stamps). A boot then
+    /// reads O(servers + join list), not O(fleet).
+    Recent(usize),
+}
+
+/// How far back (by key stamp) a boot looks for agents to join: agents are
+/// only fallbacks in a join list, behind the servers; a writer whose clock
+/// is off by more is just not offered.
+pub const AGENT_JOIN_WINDOW: chrono::Duration = chrono::Duration::seconds(300);
+
 /// Reads the registry: both heartbeat listings, the cluster record and the
 /// slots at once, then the bodies of the newest live heartbeat of each
-/// server and of up to `agent_limit` agents, freshest first. Settings come
-/// from the cluster record; `seed`'s only where there is none.
-pub async fn read_view(
-    store: &dyn Store,
-    seed: Settings,
-    agent_limit: usize,
-) -> Result<RegistryView> {
+/// server and of the agents asked for, freshest first. Settings come from
+/// the cluster record; `seed`'s only where there is none.
+pub async fn read_view(store: &dyn Store, seed: Settings, agents: Agents) -> Result<RegistryView> {
     // This host's clock picks where the listings start; it is checked
-    // against the store's below, and the listing redone when it was too
-    // far ahead for the margin.
+    // against the store's below, and the servers' listing redone when it
+    // was too far ahead for the margin.
     let local = Utc::now();
+    let agent_limit = match agents {
+        Agents::All => usize::MAX,
+        Agents::Recent(n) => n,
+    };
+    let agents_start = |now: DateTime<Utc>, expiry: u64| match agents {
+        Agents::All => listing_start(Role::Agents, now, expiry),
+        Agents::Recent(_) => format!(
+            "{}{}",
+            Role::Agents.dir(),
+            HeartbeatKey {
+                time: now - AGENT_JOIN_WINDOW,
+                node: String::new(),
+            }
+            .name()
+        ),
+    };
     let (servers_from, agents_from) = (
         listing_start(Role::Servers, local, seed.expiry),
-        listing_start(Role::Agents, local, seed.expiry),
+        agents_start(local, seed.agent_expiry),
     );
+    let list_agents = async {
+        if agent_limit == 0 {
+            Ok(Vec::new())
+        } else {
+            store.list(Role::Agents.dir(), Some(&agents_from)).await
+        }
+    };
     let (servers, agents, cluster, slots) = tokio::try_join!(
         store.list(Role::Servers.dir(), Some(&servers_from)),
-        store.list(Role::Agents.dir(), Some(&agents_from)),
+        list_agents,
         store.get(CLUSTER_KEY),
         read_slot_objects(store, seed.servers),
     )?;
@@ -159,17 +194,19 @@ pub async fn read_view(
             if skew > 0 { "ahead of" } else { "behind" }
         );
     }
-    let (servers_needed, agents_needed) = (
-        listing_start(Role::Servers, now, settings.expiry),
-        listing_start(Role::Agents, now, settings.expiry),
-    );
-    let (servers, agents) = if servers_needed < servers_from {
-        tokio::try_join!(
-            store.list(Role::Servers.dir(), Some(&servers_needed)),
-            store.list(Role::Agents.dir(), Some(&agents_needed)),
-        )?
+    let servers_needed = listing_start(Role::Servers, now, settings.expiry);
+    let servers = if servers_needed < servers_from {
+        store
+            .list(Role::Servers.dir(), Some(&servers_needed))
+            .await?
     } else {
-        (servers, agents)
+        servers
+    };
+    let agents_needed = agents_start(now, settings.agent_expiry);
+    let agents = if agent_limit > 0 && agents_needed < agents_from {
+        store.list(Role::Agents.dir(), Some(&agents_needed)).await?
+    } else {
+        agents
     };
     let mut slots = slots;
     if settings.servers > seed.servers {
@@ -190,7 +227,7 @@ pub async fn read_view(
             store,
             parse_listing(agents),
             now,
-            settings.expiry,
+            settings.agent_expiry,
             agent_limit
         ),
     )?;

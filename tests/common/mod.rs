@@ -176,6 +176,11 @@ impl Moto {
         http(self.port, "POST", "/_imds", &rules.to_string());
     }
 
+    /// Requests served so far, by kind (LIST, GET, PUT, DELETE, ...).
+    pub fn kinds(&self) -> std::collections::BTreeMap<String, u64> {
+        serde_json::from_str(&http_get(self.port, "/_kinds")).expect("a map")
+    }
+
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
         http_get(self.port, "/_stats")

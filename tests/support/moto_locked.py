@@ -14,6 +14,9 @@ each one a measured difference from the real services:
 
 `GET /_stats` answers the number of requests served so far (for tests and
 benchmarks that count requests); `POST /_stats` sets it back to 0.
+`GET /_kinds` answers them by kind, as S3 prices them: {"LIST": n, "GET": n,
+"PUT": n, "DELETE": n, ...} (a ListObjectsV2 is a GET with list-type=2, a
+DeleteObjects a POST with ?delete).
 
 Faults and latency, for drills and benchmarks:
 
@@ -119,6 +122,7 @@ class Serialized:
         self.faults = []
         self.fired = []
         self.imds = {}
+        self.kinds = {}
 
     def take_fault(self, environ):
         method = environ.get("REQUEST_METHOD", "")
@@ -138,9 +142,12 @@ class Serialized:
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
+        if path.startswith("/_kinds"):
+            return reply(start_response, 200, json.dumps(self.kinds).encode(), "application/json")
         if path.startswith("/_stats"):
             if environ.get("REQUEST_METHOD") == "POST":
                 self.requests = 0
+                self.kinds = {}
             return reply(start_response, 200, str(self.requests).encode())
         if path.startswith("/_faults"):
             if environ.get("REQUEST_METHOD") == "POST":
@@ -202,8 +209,17 @@ class Serialized:
                 headers = list(headers) + [("X-aws-ec2-metadata-token-ttl-seconds", token_ttl)]
             return start_response(status, headers, exc_info)
 
+        method = environ.get("REQUEST_METHOD", "")
+        query = environ.get("QUERY_STRING", "")
+        if method == "GET" and "list-type=2" in query:
+            kind = "LIST"
+        elif method == "POST" and "delete" in query:
+            kind = "DELETE"
+        else:
+            kind = method
         with self.lock:
             self.requests += 1
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
             # Drain the whole response under the lock so that the write is
             # complete before the next request is looked at.
             body = list(self.app(environ, start))
