@@ -71,17 +71,14 @@ fn live_registry(
     root: &Path,
     write: impl Fn(&str, &str),
 ) -> Vec<String> {
-    assert_eq!(
-        mode(&run_node(
-            moto,
-            registry,
-            &root.join("boot"),
-            "boot",
-            "10.20.0.1",
-            1
-        )),
-        "bootstrap"
-    );
+    // Agents expire after 600 s here: a clock an hour off, were it used,
+    // would find every live agent's key expired.
+    let boot = ok_json(&output(
+        run_cmd(moto, registry, &root.join("boot"), "boot", "10.20.0.1", 1)
+            .args(["--agent-expiry", "600"]),
+    ));
+    assert_eq!(mode(&boot), "bootstrap");
+    assert_eq!(boot["cluster"]["agent_expiry"], 600);
     (1..=3)
         .map(|i| {
             let node = format!("live-{i}");
@@ -132,6 +129,22 @@ fn skewed_nodes_change_nothing(
             (skew - want).abs() < 120,
             "libfaketime did not shift the clock: key {written} is {skew}s off, {want}s wanted"
         );
+        // The purger (the bootstrap node, slot 0), its purge due, on the
+        // same skewed clock: its own keys aside, it deletes nothing live.
+        let boot_root = tmp.join("boot");
+        let _ = std::fs::remove_file(boot_root.join("var/lib/auto-consul/purged-at"));
+        let server = FakeAgent::start("boot", true, &["--address", "10.20.0.1"]);
+        let hb = ok_json(&output(skewed(
+            &mut heartbeat(moto, registry, &boot_root, "boot", "10.20.0.1", &server),
+            offset,
+        )));
+        assert_eq!(hb["slot"]["status"], "renewed", "clock {offset}: {hb}");
+        for k in &before_cluster {
+            assert!(
+                keys_now().contains(k),
+                "clock {offset}: the purger deleted {k}"
+            );
+        }
         let purge = ok_json(&output(skewed(
             auto_consul(moto).args(["purge", "--json", "--registry", registry]),
             offset,

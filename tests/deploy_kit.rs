@@ -190,7 +190,7 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
     for (baked, role) in [(false, "server"), (true, "agent")] {
         let expr = format!(
             "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, \
-             expiry = 120, datacenter = \"dc1\", data_dir = \"/opt/consul\", \
+             expiry = 120, agent_expiry = 7200, datacenter = \"dc1\", data_dir = \"/opt/consul\", \
              config_dir = \"/etc/consul.d\", baked_image = {baked} }})",
             template.display()
         );

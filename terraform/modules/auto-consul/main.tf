@@ -28,14 +28,15 @@ locals {
   # must agree on every node); only AUTO_CONSUL_ROLE differs: "server" for
   # the servers group, "agent" for the agents group.
   user_data = { for group, role in { servers = "server", agents = "agent" } : group => templatefile("${path.module}/user-data.yaml.tftpl", {
-    role        = role
-    registry    = local.registry_url
-    servers     = var.servers
-    expiry      = var.expiry
-    datacenter  = var.datacenter
-    data_dir    = var.consul_data_dir
-    config_dir  = var.consul_config_dir
-    baked_image = var.baked_image
+    role         = role
+    registry     = local.registry_url
+    servers      = var.servers
+    expiry       = var.expiry
+    agent_expiry = var.agent_expiry
+    datacenter   = var.datacenter
+    data_dir     = var.consul_data_dir
+    config_dir   = var.consul_config_dir
+    baked_image  = var.baked_image
   }) }
 
   # Consul's ports, opened to members of the security group only. 8500 (HTTP

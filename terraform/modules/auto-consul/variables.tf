@@ -227,6 +227,18 @@ variable "additional_policy_arns" {
   default     = []
 }
 
+variable "agent_expiry" {
+  description = "Agents' heartbeat expiry in seconds (AUTO_CONSUL_AGENT_EXPIRY); agents heartbeat every agent_expiry/3. Long, because agents' heartbeats are most of the registry's requests and only join lists use them: 7200 keeps a 1 000-node fleet near $9 a month of S3 requests. Seeds a new cluster's record, which then rules."
+  type        = number
+  default     = 7200
+
+  validation {
+    # Whole number, and unchanged when clamped to [10, 86400].
+    condition     = alltrue([can(regex("^[0-9]+$", tostring(var.agent_expiry))), contains([var.agent_expiry], min(max(var.agent_expiry, 10), 86400))])
+    error_message = "agent_expiry must be a whole number of seconds between 10 and 86400."
+  }
+}
+
 variable "termination_wait" {
   description = "Seconds a terminating instance waits (lifecycle hook, Terminating:Wait) so that its heartbeat, every expiry/3, sees the termination and leaves while Consul still runs: about two heartbeat intervals (90 for the default expiry of 120); 30 to 7200."
   type        = number
