@@ -191,6 +191,12 @@ pub struct GlobalOpts {
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub imds_timeout: u64,
 
+    /// Log format on stderr: `text` (for people) or `json` (one JSON object
+    /// a line, for journald shipped to CloudWatch or Loki).
+    #[arg(long, env = "AUTO_CONSUL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text,
+          global = true)]
+    pub log_format: LogFormat,
+
     /// More logging: -v for auto-consul's debug messages, -vv for every
     /// library's too; RUST_LOG overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
@@ -235,12 +241,29 @@ pub enum Command {
         #[arg(long)]
         now: bool,
     },
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish,
+    /// powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff, section 1) to stdout.
+    Man,
     /// Show or change the cluster record: the cluster id and the settings
     /// every node adopts (servers, expiry).
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,
     },
+}
+
+/// How logs are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Plain lines.
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 /// What a node may become (`--role`).

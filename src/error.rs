@@ -55,7 +55,18 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 
 /// Prints the error on stderr: `error: <what failed>` then one
 /// `  caused by: ...` line per cause.
-pub fn report(err: &anyhow::Error) {
+pub fn report(err: &anyhow::Error, json: bool) {
+    if json {
+        let mut chain = err.chain().map(|e| e.to_string());
+        let line = serde_json::json!({
+            "level": "ERROR",
+            "message": chain.next().unwrap_or_default(),
+            "causes": chain.collect::<Vec<_>>(),
+            "exit_code": exit_code(err),
+        });
+        eprintln!("{line}");
+        return;
+    }
     let mut chain = err.chain();
     if let Some(top) = chain.next() {
         eprintln!("error: {top}");

@@ -7,18 +7,24 @@ use tracing_subscriber::EnvFilter;
 /// Sets up the global subscriber: auto-consul's own `info` and up and
 /// other crates' `warn` by default; `-v` adds auto-consul's `debug`, `-vv`
 /// everything's `debug`; `RUST_LOG` overrides them.
-pub fn init(verbose: u8) {
+/// With `json`, one JSON object a line (timestamp, level, message and
+/// fields), through tracing-subscriber's JSON layer.
+pub fn init(verbose: u8, json: bool) {
     let default = match verbose {
         0 => "auto_consul=info,warn",
         1 => "auto_consul=debug,info",
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .without_time()
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if json {
+        fmt.json().flatten_event(true).init();
+    } else {
+        fmt.with_ansi(std::io::stderr().is_terminal())
+            .without_time()
+            .init();
+    }
 }

@@ -6,11 +6,12 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = auto_consul::cli::Cli::parse();
-    auto_consul::logging::init(cli.global.verbose);
+    let json = cli.global.log_format == auto_consul::cli::LogFormat::Json;
+    auto_consul::logging::init(cli.global.verbose, json);
     match auto_consul::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            auto_consul::error::report(&err);
+            auto_consul::error::report(&err, json);
             ExitCode::from(auto_consul::error::exit_code(&err))
         }
     }

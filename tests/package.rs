@@ -1,5 +1,6 @@
 //! The Debian package builds (`cargo deb`, from the binary this test run
-//! built) and holds the binary and the boot unit.
+//! built) and holds the binary, the boot unit, the man page and the shell
+//! completions.
 
 use std::path::Path;
 use std::process::Command;
@@ -9,6 +10,20 @@ fn the_debian_package_holds_the_binary_and_the_boot_unit() {
     let bin = Path::new(env!("CARGO_BIN_EXE_auto-consul"));
     // The binary lives in <target>/debug/: package that one, build nothing.
     let target = bin.parent().and_then(Path::parent).expect("a target dir");
+    // The generated assets, as packaging/build-deb.sh makes them, next to
+    // the binary being packaged.
+    let generated = bin.parent().unwrap().join("generated");
+    std::fs::create_dir_all(&generated).unwrap();
+    for (args, file) in [
+        (&["man"][..], "auto-consul.1"),
+        (&["completions", "bash"][..], "auto-consul.bash"),
+        (&["completions", "zsh"][..], "_auto-consul"),
+        (&["completions", "fish"][..], "auto-consul.fish"),
+    ] {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success() && !out.stdout.is_empty(), "{args:?}");
+        std::fs::write(generated.join(file), &out.stdout).unwrap();
+    }
     let out_dir = tempfile::tempdir().unwrap();
     let out = Command::new("cargo")
         .args([
@@ -49,6 +64,14 @@ fn the_debian_package_holds_the_binary_and_the_boot_unit() {
         entry("./lib/systemd/system/auto-consul.service").is_some(),
         "no boot unit in:\n{list}"
     );
+    for path in [
+        "./usr/share/man/man1/auto-consul.1",
+        "./usr/share/bash-completion/completions/auto-consul",
+        "./usr/share/zsh/vendor-completions/_auto-consul",
+        "./usr/share/fish/vendor_completions.d/auto-consul.fish",
+    ] {
+        assert!(entry(path).is_some(), "no {path} in:\n{list}");
+    }
     let info = Command::new("dpkg-deb")
         .arg("-f")
         .arg(&deb)

@@ -31,6 +31,31 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Leave { if_terminating } => leave::leave(&cli.global, if_terminating).await,
         Command::Install { now } => install::install(&cli.global, now),
         Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut text = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "auto-consul", &mut text);
+            print_all(&text)
+        }
+        Command::Man => {
+            let mut text = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut text)
+                .map_err(|e| anyhow::anyhow!("rendering the manual page: {e}"))?;
+            print_all(&text)
+        }
+    }
+}
+
+/// Writes generated text to stdout; a reader that stops early (`| head`)
+/// is no error.
+fn print_all(text: &[u8]) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(text) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("writing to stdout: {e}"))
+        }
+        _ => Ok(()),
     }
 }
 
