@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use futures::future::join_all;
 
@@ -59,7 +59,7 @@ async fn ask(
                         }
                         _ => "EC2 could not be asked",
                     };
-                    format!("{hint}: {}", DisplayErrorContext(&e))
+                    format!("{hint}: {}", crate::error::messages(&e))
                 })?;
                 for instance in page.reservations().iter().flat_map(|r| r.instances()) {
                     let Some(id) = instance.instance_id() else {

@@ -40,6 +40,22 @@ pub fn usage_because(msg: impl Into<String>, cause: anyhow::Error) -> anyhow::Er
     })
 }
 
+/// An error and its sources as their messages, joined with ": " (repeats
+/// dropped): what the SDK's `DisplayErrorContext` says, without the debug
+/// dump of the raw response (headers, body) it appends.
+pub fn messages(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 /// The process exit code for an error: 2 when a [`UsageError`] is anywhere in
 /// the chain, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
@@ -79,6 +95,13 @@ pub fn report(err: &anyhow::Error, json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_join_the_chain_without_repeats() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let outer = anyhow::Error::new(io).context("connecting");
+        assert_eq!(messages(outer.as_ref()), "connecting: refused");
+    }
 
     #[test]
     fn usage_errors_exit_2_wherever_they_are_in_the_chain() {

@@ -125,10 +125,7 @@ async fn get_retrying(client: &imds::Client, path: &str) -> Result<String> {
         match client.get(path).await {
             Ok(value) => return Ok(value.as_ref().to_string()),
             Err(e) => {
-                tracing::debug!(
-                    "IMDS {path}: {}",
-                    aws_sdk_s3::error::DisplayErrorContext(&e)
-                );
+                tracing::debug!("IMDS {path}: {}", crate::error::messages(&e));
                 last = Some(e);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -136,6 +133,6 @@ async fn get_retrying(client: &imds::Client, path: &str) -> Result<String> {
     }
     Err(anyhow!(
         "IMDS {path}: {}",
-        aws_sdk_s3::error::DisplayErrorContext(last.expect("tried"))
+        crate::error::messages(last.as_ref().expect("tried"))
     ))
 }

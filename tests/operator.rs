@@ -78,3 +78,32 @@ fn the_man_page_and_completions_cover_every_command() {
     let bad = output(auto_consul(moto).args(["completions", "tcsh"]));
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn sdk_errors_read_as_messages_not_debug_dumps() {
+    let moto = moto();
+    let check = |out: &std::process::Output, code: i32, needle: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{stderr}");
+        let lines = stderr.lines().count();
+        assert!((1..=6).contains(&lines), "{lines} lines: {stderr}");
+        assert!(stderr.lines().next().unwrap().contains(needle), "{stderr}");
+        for dump in ["HeaderValue", "SdkBody", "ErrorMetadata", "raw: Response"] {
+            assert!(!stderr.contains(dump), "debug dump ({dump}) in: {stderr}");
+        }
+    };
+    // A bucket that does not exist: a usage error.
+    let out =
+        output(auto_consul(moto).args(["members", "--registry", "s3://no-such-bucket-here/p"]));
+    check(&out, 2, "the bucket does not exist");
+    // An endpoint nobody answers: operational.
+    let out = output(
+        auto_consul(moto)
+            .args(["members", "--registry", "s3://some-bucket/p"])
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", closed_port()),
+            ),
+    );
+    check(&out, 1, "cannot be reached");
+}

@@ -293,10 +293,11 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         let summary = cluster_summary(&elected, &me);
         match summary["cluster_id"].as_str() {
             Some(id) => println!(
-                "cluster {id} (bootstrapped by {}): {} servers, expiry {}s",
+                "cluster {id} (bootstrapped by {}): {} servers, expiry {}s, agent expiry {}s",
                 summary["bootstrap_node"].as_str().unwrap_or("?"),
                 summary["servers"],
-                summary["expiry"]
+                summary["expiry"],
+                summary["agent_expiry"]
             ),
             None => println!("{}", super::members::cluster_line(&elected.view)),
         }
