@@ -301,6 +301,18 @@ pub struct Settings {
     pub agent_expiry: u64,
 }
 
+impl Settings {
+    /// Agents' keys never expire before servers': servers write `agents/`
+    /// keys too, at the servers' pace, and they must stay live between
+    /// two of them.
+    pub fn consistent(self) -> Settings {
+        Settings {
+            agent_expiry: self.agent_expiry.max(self.expiry),
+            ..self
+        }
+    }
+}
+
 /// The `cluster` record, created by the bootstrap node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterRecord {
@@ -389,6 +401,7 @@ impl ClusterRecord {
                 agent_expiry,
             },
         }
+        .consistent()
     }
 }
 

@@ -195,7 +195,11 @@ pub fn heartbeat_service(auto_consul: &str, env_file: &str) -> String {
          [Service]\n\
          Type=oneshot\n\
          EnvironmentFile={env_file}\n\
-         ExecStart={auto_consul} heartbeat\n"
+         ExecStart={auto_consul} heartbeat\n\
+         # A run that failed (Consul not up yet at boot) is tried again soon,\n\
+         # not a whole timer interval later (40 minutes for an agent).\n\
+         Restart=on-failure\n\
+         RestartSec=30s\n"
     )
 }
 

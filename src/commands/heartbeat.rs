@@ -14,6 +14,7 @@ use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
 use crate::decision::slot_is_live;
 use crate::install::Root;
+use crate::model::Settings;
 use crate::model::{HeartbeatBody, HeartbeatKey, Role, slot_key};
 use crate::registry::{Condition, PutOutcome, Store, read_cluster, read_slot, read_slots};
 use crate::{agent, identity, install, render, retry, state, termination};
@@ -185,21 +186,20 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     keep_leave_unit_active(&root);
 
     // One node purges for the fleet: the live holder of the lowest slot,
-    // once per expiry (on the store's clock).
-    let purged = match my_slot {
-        Some(index) if purger(store, index, settings.expiry).await? => {
-            let now = store.now().await;
-            let last = last_purge(&root);
-            if last.is_some_and(|t| crate::model::age_seconds(t, now) < settings.expiry) {
-                Purged::default()
-            } else {
-                let keep: HashSet<String> = keys.iter().cloned().collect();
-                let purged = purge_heartbeats(store, settings, Some((&me.node, &keep))).await?;
-                record_purge(&root, now);
-                purged
-            }
-        }
-        _ => Purged::default(),
+    // or, when no slot is live, any server (two at once do no harm);
+    // once per expiry on the store's clock. The recorded time is checked
+    // first (no slot reads when a purge is not due); one in the future
+    // (another registry's clock, say) does not count.
+    let now = store.now().await;
+    let due = last_purge(&root)
+        .is_none_or(|t| t > now || crate::model::age_seconds(t, now) >= settings.expiry);
+    let purged = if due && purger(store, my_slot, settings).await? {
+        let keep: HashSet<String> = keys.iter().cloned().collect();
+        let purged = purge_heartbeats(store, settings, Some((&me.node, &keep))).await?;
+        record_purge(&root, now);
+        purged
+    } else {
+        Purged::default()
     };
     report(
         opts,
@@ -215,14 +215,15 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     Ok(())
 }
 
-/// Whether the holder of slot `index` is the fleet's purger: no slot
-/// below it is live.
-async fn purger(store: &dyn Store, index: u32, expiry: u64) -> Result<bool> {
-    if index == 0 {
+/// Whether this server is the fleet's purger: it holds slot `i` and no slot
+/// below it is live, or it holds none and no slot is live at all.
+async fn purger(store: &dyn Store, my_slot: Option<u32>, settings: Settings) -> Result<bool> {
+    let below = my_slot.unwrap_or(settings.servers);
+    if below == 0 {
         return Ok(true);
     }
-    let below = read_slots(store, index).await?;
-    Ok(!below.iter().any(|s| slot_is_live(s, expiry)))
+    let slots = read_slots(store, below).await?;
+    Ok(!slots.iter().any(|s| slot_is_live(s, settings.expiry)))
 }
 
 /// Where the purger keeps the store time of its last purge.

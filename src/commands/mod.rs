@@ -109,6 +109,7 @@ pub fn seed_settings(opts: &GlobalOpts) -> Settings {
         expiry: opts.expiry(),
         agent_expiry: opts.agent_expiry(),
     }
+    .consistent()
 }
 
 /// Warns when the flags given differ from the settings that rule.

@@ -136,7 +136,23 @@ fn explain<E>(err: SdkError<E>, what: String) -> anyhow::Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let detail = crate::error::messages(&err);
+    // The chain's messages, plus what only the raw response says: its HTTP
+    // status (an empty 403 or a proxy's HTML page has no other) and, on a
+    // region mismatch, the bucket's region.
+    let raw = match &err {
+        SdkError::ServiceError(ctx) => Some(ctx.raw()),
+        SdkError::ResponseError(ctx) => Some(ctx.raw()),
+        _ => None,
+    };
+    let mut detail = crate::error::messages(&err);
+    if let Some(raw) = raw {
+        detail = format!("HTTP {}: {detail}", raw.status().as_u16());
+        if let Some(region) = raw.headers().get("x-amz-bucket-region") {
+            detail.push_str(&format!(
+                " (the bucket is in region {region}: set AWS_REGION={region})"
+            ));
+        }
+    }
     match &err {
         SdkError::ServiceError(ctx) => match ctx.err().code() {
             Some("NoSuchBucket") => usage_because(
