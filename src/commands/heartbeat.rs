@@ -188,11 +188,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // One node purges for the fleet: the live holder of the lowest slot,
     // or, when no slot is live, any server (two at once do no harm);
     // once per expiry on the store's clock. The recorded time is checked
-    // first (no slot reads when a purge is not due); one in the future
-    // (another registry's clock, say) does not count.
+    // first (no slot reads when a purge is not due); one more than an
+    // expiry in the future (another registry's clock, say) does not count.
+    // (A reading a second ahead is only the `Date` header's resolution.)
     let now = store.now().await;
-    let due = last_purge(&root)
-        .is_none_or(|t| t > now || crate::model::age_seconds(t, now) >= settings.expiry);
+    let expiry = chrono::Duration::seconds(settings.expiry as i64);
+    let due = last_purge(&root).is_none_or(|t| t > now + expiry || t + expiry <= now);
     let purged = if due && purger(store, my_slot, settings).await? {
         let keep: HashSet<String> = keys.iter().cloned().collect();
         let purged = purge_heartbeats(store, settings, Some((&me.node, &keep))).await?;
