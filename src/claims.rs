@@ -14,6 +14,35 @@ use crate::registry::{Condition, PutOutcome, SlotView, Store};
 /// Retries of one write that meets a 409 conflict.
 const MAX_CONFLICT_RETRIES: u32 = 5;
 
+/// A conditional write whose result is known for sure (see
+/// [`Claims::put_settled`]); `Some(etag)` when the key holds our bytes.
+pub async fn put_settled(
+    store: &dyn Store,
+    key: &str,
+    body: Vec<u8>,
+    condition: Condition,
+) -> Result<Option<String>> {
+    for attempt in 0..=MAX_CONFLICT_RETRIES {
+        match store.put(key, body.clone(), condition.clone()).await? {
+            PutOutcome::Written(etag) => return Ok(Some(etag)),
+            PutOutcome::Conflict => tokio::time::sleep(Duration::from_millis(25 << attempt)).await,
+            PutOutcome::PreconditionFailed => {
+                let back = store.get(key).await?;
+                return Ok(back.filter(|o| o.body == body).map(|o| o.etag));
+            }
+            PutOutcome::Unknown(err) => {
+                tracing::warn!("the result of writing {key} is unknown, reading it back: {err:#}");
+                let back = store.get(key).await.with_context(|| {
+                    format!("reading back {key} after a write with a lost response")
+                })?;
+                return Ok(back.filter(|o| o.body == body).map(|o| o.etag));
+            }
+        }
+    }
+    tracing::warn!("writing {key} met {MAX_CONFLICT_RETRIES} conflicts in a row");
+    Ok(None)
+}
+
 /// Writes to the registry on behalf of one node.
 pub struct Claims<'a> {
     /// The registry.
@@ -58,29 +87,7 @@ impl Claims<'_> {
         } else {
             condition
         };
-        for attempt in 0..=MAX_CONFLICT_RETRIES {
-            match self.store.put(key, body.clone(), condition.clone()).await? {
-                PutOutcome::Written(etag) => return Ok(Some(etag)),
-                PutOutcome::Conflict => {
-                    tokio::time::sleep(Duration::from_millis(25 << attempt)).await
-                }
-                PutOutcome::PreconditionFailed => {
-                    let back = self.store.get(key).await?;
-                    return Ok(back.filter(|o| o.body == body).map(|o| o.etag));
-                }
-                PutOutcome::Unknown(err) => {
-                    tracing::warn!(
-                        "the result of writing {key} is unknown, reading it back: {err:#}"
-                    );
-                    let back = self.store.get(key).await.with_context(|| {
-                        format!("reading back {key} after a write with a lost response")
-                    })?;
-                    return Ok(back.filter(|o| o.body == body).map(|o| o.etag));
-                }
-            }
-        }
-        tracing::warn!("writing {key} met {MAX_CONFLICT_RETRIES} conflicts in a row");
-        Ok(None)
+        put_settled(self.store, key, body, condition).await
     }
 
     /// Writes server slot `index` with our claim; whether this node holds it.

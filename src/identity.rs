@@ -62,11 +62,7 @@ async fn resolve_inner(
             instance_id,
         });
     }
-    let client = imds::Client::builder()
-        .connect_timeout(Duration::from_secs(1))
-        .read_timeout(Duration::from_secs(2))
-        .max_attempts(2)
-        .build();
+    let client = imds_client(2);
     // Every IMDS read after the first reuses the client's cached token, so
     // the instance id (worth publishing) costs one more round trip at most.
     let lookup = async {
@@ -116,6 +112,16 @@ async fn resolve_inner(
             "cannot learn this node's identity from the EC2 instance metadata service (IMDSv2): \
              not on EC2? pass --address and --node",
         )
+}
+
+/// An IMDSv2 client with short timeouts (1 s to connect, 2 s to read): the
+/// callers bound their own overall waits.
+pub fn imds_client(max_attempts: u32) -> imds::Client {
+    imds::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .read_timeout(Duration::from_secs(2))
+        .max_attempts(max_attempts)
+        .build()
 }
 
 /// Reads one IMDS path, retrying once a second until the caller's deadline.

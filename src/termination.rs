@@ -5,15 +5,9 @@
 
 use std::time::Duration;
 
-use aws_config::imds;
-
 /// Why this instance is going away, when it is.
 pub async fn notice(wait: Duration) -> Option<String> {
-    let client = imds::Client::builder()
-        .connect_timeout(Duration::from_secs(1))
-        .read_timeout(Duration::from_secs(2))
-        .max_attempts(1)
-        .build();
+    let client = crate::identity::imds_client(1);
     let ask = async {
         let (lifecycle, spot) = tokio::join!(
             client.get("/latest/meta-data/autoscaling/target-lifecycle-state"),

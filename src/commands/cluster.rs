@@ -7,11 +7,12 @@ use serde_json::json;
 
 use super::members::{cluster_json, cluster_line};
 use super::{open_store, registry_url, seed_settings};
+use crate::claims::put_settled;
 use crate::cli::{ClusterAction, GlobalOpts};
 use crate::decision::live_servers;
 use crate::error::usage;
 use crate::model::{CLUSTER_KEY, ClusterRecord};
-use crate::registry::{Agents, Condition, PutOutcome, Store, read_cluster, read_view};
+use crate::registry::{Agents, Condition, Store, read_cluster, read_view};
 
 /// Attempts at a change that meets concurrent changes.
 const MAX_ATTEMPTS: u32 = 5;
@@ -145,24 +146,12 @@ async fn change(
             return Ok(record);
         }
         let body = serde_json::to_vec(&record)?;
-        match store
-            .put(CLUSTER_KEY, body.clone(), Condition::Matches(etag))
+        // Not ours (someone changed the record first): read and edit again.
+        if put_settled(store, CLUSTER_KEY, body, Condition::Matches(etag))
             .await?
+            .is_some()
         {
-            PutOutcome::Written(_) => return Ok(record),
-            PutOutcome::PreconditionFailed | PutOutcome::Conflict => continue,
-            PutOutcome::Unknown(err) => {
-                tracing::warn!(
-                    "the result of writing {CLUSTER_KEY} is unknown, reading it back: {err:#}"
-                );
-                if store
-                    .get(CLUSTER_KEY)
-                    .await?
-                    .is_some_and(|o| o.body == body)
-                {
-                    return Ok(record);
-                }
-            }
+            return Ok(record);
         }
     }
     bail!(

@@ -210,7 +210,7 @@ pub async fn read_view(store: &dyn Store, seed: Settings, agents: Agents) -> Res
     };
     let mut slots = slots;
     if settings.servers > seed.servers {
-        slots.extend(read_slot_objects_from(store, seed.servers, settings.servers).await?);
+        slots.extend(read_slot_objects_at(store, seed.servers..settings.servers).await?);
     }
     slots.truncate(settings.servers as usize);
     let slots = slot_views(slots, now);
@@ -267,11 +267,15 @@ pub async fn list_heartbeats(store: &dyn Store) -> Result<Vec<HeartbeatEntry>> {
 type SlotObject = (u32, Option<super::Object>);
 
 async fn read_slot_objects(store: &dyn Store, slots: u32) -> Result<Vec<SlotObject>> {
-    read_slot_objects_from(store, 0, slots).await
+    read_slot_objects_at(store, 0..slots).await
 }
 
-async fn read_slot_objects_from(store: &dyn Store, from: u32, to: u32) -> Result<Vec<SlotObject>> {
-    stream::iter(from..to)
+/// Reads the slots at `indices`, READ_CONCURRENCY at once, in order.
+async fn read_slot_objects_at(
+    store: &dyn Store,
+    indices: impl IntoIterator<Item = u32>,
+) -> Result<Vec<SlotObject>> {
+    stream::iter(indices)
         .map(|i| async move { Ok::<_, anyhow::Error>((i, store.get(&model::slot_key(i)).await?)) })
         .buffered(READ_CONCURRENCY)
         .try_collect()
@@ -297,11 +301,7 @@ pub async fn read_slots_from(store: &dyn Store, from: u32) -> Result<Vec<SlotVie
         .collect();
     indices.sort_unstable();
     indices.dedup();
-    let objs: Vec<SlotObject> = stream::iter(indices)
-        .map(|i| async move { Ok::<_, anyhow::Error>((i, store.get(&model::slot_key(i)).await?)) })
-        .buffered(READ_CONCURRENCY)
-        .try_collect()
-        .await?;
+    let objs = read_slot_objects_at(store, indices).await?;
     let now = store.now().await;
     Ok(slot_views(objs, now))
 }
