@@ -2,14 +2,13 @@
 //! them: claiming, renewing and releasing server slots, creating the cluster
 //! record.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result};
 
 use crate::decision::slot_is_live;
 use crate::identity::Identity;
 use crate::model::{SlotRecord, slot_key};
 use crate::registry::{Condition, PutOutcome, SlotView, Store};
+use crate::retry::Backoff;
 
 /// Retries of one write that meets a 409 conflict.
 const MAX_CONFLICT_RETRIES: u32 = 5;
@@ -22,10 +21,11 @@ pub async fn put_settled(
     body: Vec<u8>,
     condition: Condition,
 ) -> Result<Option<String>> {
-    for attempt in 0..=MAX_CONFLICT_RETRIES {
+    let mut backoff = Backoff::CONTENTION;
+    for _ in 0..=MAX_CONFLICT_RETRIES {
         match store.put(key, body.clone(), condition.clone()).await? {
             PutOutcome::Written(etag) => return Ok(Some(etag)),
-            PutOutcome::Conflict => tokio::time::sleep(Duration::from_millis(25 << attempt)).await,
+            PutOutcome::Conflict => tokio::time::sleep(backoff.delay()).await,
             PutOutcome::PreconditionFailed => {
                 let back = store.get(key).await?;
                 return Ok(back.filter(|o| o.body == body).map(|o| o.etag));

@@ -2,12 +2,13 @@
 //! or the EC2 instance metadata service (IMDSv2, token based).
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use aws_config::imds;
 
 use crate::model::{instance_id_ok, validate_address, validate_node_name};
+use crate::retry::Backoff;
 
 /// This node's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +64,7 @@ async fn resolve_inner(
         });
     }
     let client = imds_client(2);
+    let deadline = Instant::now() + wait;
     // Every IMDS read after the first reuses the client's cached token, so
     // the instance id (worth publishing) costs one more round trip at most.
     let lookup = async {
@@ -71,7 +73,8 @@ async fn resolve_inner(
                 match address {
                     Some(a) => Ok(a),
                     None => {
-                        let raw = get_retrying(&client, "/latest/meta-data/local-ipv4").await?;
+                        let raw =
+                            get_retrying(&client, "/latest/meta-data/local-ipv4", deadline).await?;
                         validate_address(raw.trim()).map_err(|e| {
                             anyhow!("IMDS local-ipv4 answered something unusable: {e}")
                         })
@@ -79,7 +82,7 @@ async fn resolve_inner(
                 }
             },
             async {
-                let raw = get_retrying(&client, "/latest/meta-data/instance-id").await?;
+                let raw = get_retrying(&client, "/latest/meta-data/instance-id", deadline).await?;
                 let id = raw.trim().to_string();
                 if instance_id_ok(&id) {
                     Ok(id)
@@ -124,21 +127,18 @@ pub fn imds_client(max_attempts: u32) -> imds::Client {
         .build()
 }
 
-/// Reads one IMDS path, retrying once a second until the caller's deadline.
-async fn get_retrying(client: &imds::Client, path: &str) -> Result<String> {
-    let mut last = None;
-    for _ in 0..600 {
+/// Reads one IMDS path, retrying ([`Backoff::IMDS`]) until `deadline`.
+async fn get_retrying(client: &imds::Client, path: &str, deadline: Instant) -> Result<String> {
+    let mut backoff = Backoff::IMDS;
+    loop {
         match client.get(path).await {
             Ok(value) => return Ok(value.as_ref().to_string()),
             Err(e) => {
                 tracing::debug!("IMDS {path}: {}", crate::error::messages(&e));
-                last = Some(e);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !backoff.sleep_within(deadline).await {
+                    return Err(anyhow!("IMDS {path}: {}", crate::error::messages(&e)));
+                }
             }
         }
     }
-    Err(anyhow!(
-        "IMDS {path}: {}",
-        crate::error::messages(last.as_ref().expect("tried"))
-    ))
 }

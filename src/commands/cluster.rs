@@ -13,6 +13,7 @@ use crate::decision::live_servers;
 use crate::error::usage;
 use crate::model::{CLUSTER_KEY, ClusterRecord};
 use crate::registry::{Agents, Condition, Store, read_cluster, read_view};
+use crate::retry::Backoff;
 
 /// Attempts at a change that meets concurrent changes.
 const MAX_ATTEMPTS: u32 = 5;
@@ -133,6 +134,7 @@ async fn change(
     registry: &str,
     edit: impl Fn(&mut ClusterRecord) -> Result<()>,
 ) -> Result<ClusterRecord> {
+    let mut backoff = Backoff::CONTENTION;
     for _ in 0..MAX_ATTEMPTS {
         let Some((mut record, etag)) = read_cluster(store).await? else {
             return Err(usage(format!(
@@ -153,6 +155,7 @@ async fn change(
         {
             return Ok(record);
         }
+        tokio::time::sleep(backoff.delay()).await;
     }
     bail!(
         "the cluster record of {registry} changed under every one of {MAX_ATTEMPTS} attempts; run again"

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use super::{Condition, Listed, Object, PutOutcome, Store};
 use crate::error::usage;
 use crate::model::MAX_BODY_BYTES;
+use crate::retry::Backoff;
 
 /// How long a conditional write waits for the registry lock.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -60,17 +61,18 @@ impl FileStore {
             .with_context(|| format!("opening the registry lock {}", path.display()))?;
         // Bounded: a lock held for ever on a shared mount must not hang boot.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut backoff = Backoff::LOCK;
         loop {
             match file.try_lock() {
                 Ok(()) => return Ok(file),
-                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-                    "the registry lock {} is still held after {}s: is another auto-consul stuck? stop it",
-                    path.display(),
-                    LOCK_WAIT.as_secs()
-                ),
+                Err(std::fs::TryLockError::WouldBlock) => match backoff.delay_within(deadline) {
+                    Some(delay) => std::thread::sleep(delay),
+                    None => anyhow::bail!(
+                        "the registry lock {} is still held after {}s: is another auto-consul stuck? stop it",
+                        path.display(),
+                        LOCK_WAIT.as_secs()
+                    ),
+                },
                 Err(std::fs::TryLockError::Error(e)) => {
                     return Err(e).with_context(|| format!("locking {}", path.display()));
                 }
