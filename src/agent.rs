@@ -133,6 +133,55 @@ impl Api {
         if let Some(socket) = &addr.socket {
             builder = builder.unix_socket(socket.as_str());
         }
+        // A client certificate, for an agent whose HTTPS listener verifies
+        // incoming connections.
+        match (env("CONSUL_CLIENT_CERT"), env("CONSUL_CLIENT_KEY")) {
+            (Some(cert), Some(key)) => {
+                let read = |path: &str, what: &str| {
+                    std::fs::read(path)
+                        .map_err(|e| usage(format!("cannot read {what} {path}: {e}")))
+                };
+                let mut pem = read(&cert, "CONSUL_CLIENT_CERT")?;
+                pem.push(b'\n');
+                pem.extend(read(&key, "CONSUL_CLIENT_KEY")?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    usage(format!(
+                        "CONSUL_CLIENT_CERT {cert} and CONSUL_CLIENT_KEY {key} are not a PEM certificate and key: {e}"
+                    ))
+                })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(usage(
+                    "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY go together: set both or neither",
+                ));
+            }
+        }
+        // The name the agent's certificate is checked against, when it is
+        // not the host of CONSUL_HTTP_ADDR (e.g. 127.0.0.1 and a certificate
+        // for server.dc1.consul): the URL names it, and it resolves to the
+        // address given.
+        let mut base = addr.base.clone();
+        if let Some(name) = env("CONSUL_TLS_SERVER_NAME").filter(|_| addr.socket.is_none()) {
+            let mut url = url::Url::parse(&addr.base).map_err(|e| usage(e.to_string()))?;
+            let port = url.port_or_known_default().unwrap_or(8501);
+            let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+            let target =
+                std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(['[', ']']), port))
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| {
+                        usage(format!("CONSUL_HTTP_ADDR host {host} does not resolve"))
+                    })?;
+            url.set_host(Some(&name)).map_err(|e| {
+                usage(format!(
+                    "CONSUL_TLS_SERVER_NAME `{name}` is not a host name: {e}"
+                ))
+            })?;
+            builder = builder.resolve(&name, target);
+            base = url.as_str().trim_end_matches('/').to_string();
+        }
         if let Some(path) = env("CONSUL_CACERT") {
             let pem = std::fs::read(&path)
                 .map_err(|e| usage(format!("cannot read CONSUL_CACERT {path}: {e}")))?;
@@ -152,7 +201,7 @@ impl Api {
             .map_or_else(|| addr.base.clone(), |s| format!("unix://{s}"));
         Ok(Api {
             client,
-            base: addr.base,
+            base,
             shown,
             token,
         })
@@ -193,6 +242,44 @@ pub async fn leave(token_file: Option<&std::path::Path>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What a join request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joined {
+    /// The agent joined the address.
+    Yes,
+    /// The token lacks `agent:write`: no address will do.
+    Denied,
+    /// This address failed (unreachable, refused): try another.
+    Failed(String),
+}
+
+/// Asks the local agent to join the gossip pool at `address` (`PUT
+/// /v1/agent/join/<address>`, what `consul join` does).
+pub async fn join(
+    token_file: Option<&std::path::Path>,
+    address: std::net::IpAddr,
+) -> Result<Joined> {
+    let api = Api::from_env(token_file)?;
+    let resp = api
+        .request(reqwest::Method::PUT, &format!("/v1/agent/join/{address}"))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await;
+    Ok(match resp {
+        Ok(r) if r.status().is_success() => Joined::Yes,
+        Ok(r) if r.status().as_u16() == 403 => Joined::Denied,
+        Ok(r) => {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            Joined::Failed(format!(
+                "{status}: {}",
+                body.trim().chars().take(200).collect::<String>()
+            ))
+        }
+        Err(e) => Joined::Failed(crate::error::messages(&e)),
+    })
 }
 
 /// Asks the local agent for its status.

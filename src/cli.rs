@@ -171,13 +171,21 @@ pub struct GlobalOpts {
 
     /// Certificate file for Consul's TLS (written as a path, not read).
     #[arg(long, env = "AUTO_CONSUL_CERT_FILE", value_name = "FILE", global = true,
-          value_parser = parse_abs_path, requires = "key_file")]
+          value_parser = parse_abs_path, requires_all = ["key_file", "ca_file"])]
     pub cert_file: Option<PathBuf>,
 
     /// Private key file for Consul's TLS (written as a path, not read).
     #[arg(long, env = "AUTO_CONSUL_KEY_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path, requires = "cert_file")]
     pub key_file: Option<PathBuf>,
+
+    /// A cloud auto-join entry added after the registry's addresses in
+    /// `retry_join` (never for a bootstrap server), the fallback when the
+    /// registry is out of reach, e.g. `provider=aws tag_key=auto-consul:cluster
+    /// tag_value=prod`. Consul resolves it with ec2:DescribeInstances.
+    #[arg(long, env = "AUTO_CONSUL_CLOUD_JOIN", value_name = "SPEC", global = true,
+          value_parser = parse_cloud_join)]
+    pub cloud_join: Option<String>,
 
     /// Accept a registry that ignores conditional writes, falling back to the
     /// original tool's racy decision (two nodes booting at once may both
@@ -355,6 +363,21 @@ fn parse_node(s: &str) -> Result<String, String> {
 
 fn parse_datacenter(s: &str) -> Result<String, String> {
     validate_datacenter(s).map(|()| s.to_string())
+}
+
+fn parse_cloud_join(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if !s.split_whitespace().any(|kv| kv.starts_with("provider=")) {
+        return Err(
+            "must be a Consul cloud auto-join entry naming its provider, \
+                    e.g. `provider=aws tag_key=auto-consul:cluster tag_value=prod`"
+                .into(),
+        );
+    }
+    if s.contains(['\'', '"', '\n', '\r', '\0']) {
+        return Err("must not contain quotes or line breaks".into());
+    }
+    Ok(s.to_string())
 }
 
 fn parse_abs_path(s: &str) -> Result<PathBuf, String> {

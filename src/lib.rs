@@ -13,6 +13,7 @@ pub mod identity;
 pub mod install;
 pub mod logging;
 pub mod model;
+pub mod precedence;
 pub mod registry;
 pub mod render;
 pub mod retry;

@@ -32,6 +32,10 @@ pub struct ConsulSettings<'a> {
     pub servers: u32,
     /// Addresses to join.
     pub retry_join: &'a [IpAddr],
+    /// A cloud auto-join entry (`provider=aws tag_key=... tag_value=...`),
+    /// tried after the addresses: the fallback when the registry is out of
+    /// reach. Never given to a bootstrap server (it must not join).
+    pub cloud_join: Option<&'a str>,
     /// Gossip encryption key.
     pub encrypt: Option<&'a str>,
     /// ACL token for the agent.
@@ -61,12 +65,7 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
     c.insert("datacenter".into(), json!(s.datacenter));
     c.insert(
         "retry_join".into(),
-        json!(
-            s.retry_join
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-        ),
+        json!(retry_join(s.retry_join, s.cloud_join)),
     );
     if s.mode.is_server() {
         c.insert("server".into(), json!(true));
@@ -100,25 +99,68 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
     if let Some(token) = s.acl_token {
         c.insert("acl".into(), json!({ "tokens": { "agent": token } }));
     }
-    let mut tls = Map::new();
-    for (name, path) in [
-        ("ca_file", s.tls.ca_file),
-        ("cert_file", s.tls.cert_file),
-        ("key_file", s.tls.key_file),
-    ] {
-        if let Some(p) = path {
-            tls.insert(name.into(), json!(p.to_string_lossy()));
+    if let Some((tls, auto_encrypt)) = tls_config(&s.tls, s.mode.is_server()) {
+        c.insert("tls".into(), tls);
+        if let Some(auto_encrypt) = auto_encrypt {
+            c.insert("auto_encrypt".into(), auto_encrypt);
         }
-    }
-    if !tls.is_empty() {
-        tls.insert("verify_incoming".into(), json!(s.tls.cert_file.is_some()));
-        tls.insert("verify_outgoing".into(), json!(true));
-        c.insert("tls".into(), json!({ "defaults": Value::Object(tls) }));
     }
     let mut text =
         serde_json::to_string_pretty(&Value::Object(c)).expect("JSON of strings serialises");
     text.push('\n');
     text
+}
+
+/// The `retry_join` list: the addresses, then the cloud auto-join entry.
+pub fn retry_join(addresses: &[IpAddr], cloud_join: Option<&str>) -> Vec<String> {
+    addresses
+        .iter()
+        .map(|a| a.to_string())
+        .chain(cloud_join.map(str::to_string))
+        .collect()
+}
+
+/// Consul's `tls` and `auto_encrypt` blocks, as HashiCorp's production
+/// guidance has them; `None` without a CA (no TLS).
+///
+/// - `tls.defaults` holds the CA, certificate and key, and
+///   `verify_outgoing`: every connection this agent makes checks the
+///   other end against the CA.
+/// - `verify_incoming` is set for internal RPC only (`tls.internal_rpc`)
+///   and on servers only: agents and servers must show a certificate to
+///   a server, while the HTTPS and gRPC listeners keep their own choice
+///   (a default `verify_incoming` would demand client certificates of
+///   every API and UI user).
+/// - `verify_server_hostname` on every node: a server must present
+///   `server.<datacenter>.<domain>`, so a certificate an agent holds (any
+///   the CA signed) cannot pose as a server.
+/// - `auto_encrypt`: servers hand out agent certificates (`allow_tls`);
+///   an agent given only the CA asks for one (`tls`).
+fn tls_config(tls: &Tls<'_>, server: bool) -> Option<(Value, Option<Value>)> {
+    let ca = tls.ca_file?;
+    let mut defaults = Map::new();
+    defaults.insert("ca_file".into(), json!(ca.to_string_lossy()));
+    if let (Some(cert), Some(key)) = (tls.cert_file, tls.key_file) {
+        defaults.insert("cert_file".into(), json!(cert.to_string_lossy()));
+        defaults.insert("key_file".into(), json!(key.to_string_lossy()));
+    }
+    defaults.insert("verify_outgoing".into(), json!(true));
+    let mut internal = Map::new();
+    if server {
+        internal.insert("verify_incoming".into(), json!(true));
+    }
+    internal.insert("verify_server_hostname".into(), json!(true));
+    let auto_encrypt = if server {
+        Some(json!({ "allow_tls": true }))
+    } else if tls.cert_file.is_none() {
+        Some(json!({ "tls": true }))
+    } else {
+        None
+    };
+    Some((
+        json!({ "defaults": defaults, "internal_rpc": internal }),
+        auto_encrypt,
+    ))
 }
 
 /// Checks that a path can stand unquoted in a unit file line (no spaces,
@@ -138,28 +180,176 @@ pub fn unit_path(path: &Path) -> Result<String> {
     Ok(s.into_owned())
 }
 
-/// The drop-in for the packaged `consul.service`.
-pub fn consul_dropin(consul: &str, config_dir: &str) -> String {
+/// The drop-in for `consul.service`, packaged or ours. `notify` when the
+/// node has someone to join; `config_file` is the file `run` writes.
+///
+/// `data_dir` is given when the consul user exists: the data dir is made
+/// (outside any sandbox) and handed to it before Consul starts.
+pub fn consul_dropin(
+    consul: &str,
+    config_dir: &str,
+    config_file: &str,
+    data_dir: Option<&str>,
+    notify: bool,
+) -> String {
+    let prepare = data_dir
+        .map(|d| {
+            format!(
+                "# The data dir, the consul user's ('+': outside the sandbox).\n\
+                 ExecStartPre=+/usr/bin/install -d -o consul -g consul -m 0750 {d}\n"
+            )
+        })
+        .unwrap_or_default();
+    let start = if notify {
+        "# Consul tells systemd it is ready once it has joined the cluster:\n\
+         # units ordered after consul.service start with a joined agent. A join\n\
+         # that takes longer than the timeout (servers being replaced) fails\n\
+         # the start, and Restart= tries again with the retry_join the\n\
+         # heartbeat keeps current.\n\
+         Type=notify\n\
+         TimeoutStartSec=10min\n"
+    } else {
+        "# A lone bootstrap server has nobody to join, and Consul reports ready\n\
+         # only after a join: do not wait for it.\n\
+         Type=exec\n\
+         TimeoutStartSec=90s\n"
+    };
     format!(
-        "# Written by auto-consul; rewritten at every boot.\n\
+        "{MARKER}; rewritten at every boot.\n\
          [Unit]\n\
          Wants=network-online.target\n\
          After=network-online.target auto-consul.service\n\
+         # HashiCorp's package starts Consul only when its consul.hcl is not\n\
+         # empty; the configuration that matters is auto-consul's. (An empty\n\
+         # assignment resets every condition of the unit.)\n\
+         ConditionFileNotEmpty=\n\
+         ConditionFileNotEmpty={config_file}\n\
          \n\
          [Service]\n\
-         # Consul reports ready to systemd only after joining a cluster, which a\n\
-         # lone bootstrap server never does: do not wait for it.\n\
-         Type=exec\n\
+         {start}\
+         LimitNOFILE=65536\n\
+         {prepare}\
          ExecStart=\n\
          ExecStart={consul} agent -config-dir={config_dir}\n"
     )
 }
 
-/// A full `consul.service`, for Consul installed from a zip (no unit at all).
-pub fn consul_unit(consul: &str, config_dir: &str, user: Option<&str>) -> String {
-    let user = user
-        .map(|u| format!("User={u}\nGroup={u}\n"))
-        .unwrap_or_default();
+/// Where auto-consul's own units run and what they may write.
+#[derive(Debug, Clone, Copy)]
+pub struct UnitPaths<'a> {
+    /// The auto-consul binary.
+    pub auto_consul: &'a str,
+    /// The env file.
+    pub env_file: &'a str,
+    /// Consul's config dir (written by `run`, rewritten by `heartbeat`).
+    pub config_dir: &'a str,
+    /// The directory of a `file://` registry, which must stay writable.
+    pub registry_dir: Option<&'a str>,
+}
+
+impl UnitPaths<'_> {
+    /// `ProtectHome=yes` hides /root, /home and /run/user: `read-only`
+    /// when the binary lies there, so that it still runs.
+    fn protect_home(&self) -> &'static str {
+        let hidden = ["/root/", "/home/", "/run/user/"];
+        if hidden.iter().any(|h| self.auto_consul.starts_with(h)) {
+            "read-only"
+        } else {
+            "yes"
+        }
+    }
+
+    fn registry_rw(&self) -> String {
+        self.registry_dir
+            .map(|d| format!(" -{d}"))
+            .unwrap_or_default()
+    }
+}
+
+/// The sandbox every unit gets, measured with `systemd-analyze security
+/// --offline=true` (the test suite asserts the scores). What differs per
+/// unit: the capabilities, the writable paths, `ProtectHome=`, extra
+/// system calls, address families and the umask.
+struct Sandbox<'a> {
+    caps: &'a str,
+    read_write: String,
+    protect_home: &'a str,
+    state_dir: bool,
+    extra_syscalls: &'a str,
+    families: &'a str,
+    umask: &'a str,
+}
+
+impl Sandbox<'_> {
+    fn render(&self) -> String {
+        let state = if self.state_dir {
+            "StateDirectory=auto-consul\nStateDirectoryMode=0755\n"
+        } else {
+            ""
+        };
+        let rw = if self.read_write.is_empty() {
+            String::new()
+        } else {
+            format!("ReadWritePaths={}\n", self.read_write)
+        };
+        format!(
+            "CapabilityBoundingSet={caps}\n\
+             AmbientCapabilities=\n\
+             NoNewPrivileges=yes\n\
+             ProtectSystem=strict\n\
+             {state}{rw}\
+             ProtectHome={home}\n\
+             PrivateTmp=yes\n\
+             PrivateDevices=yes\n\
+             DevicePolicy=closed\n\
+             PrivateMounts=yes\n\
+             ProtectKernelTunables=yes\n\
+             ProtectKernelModules=yes\n\
+             ProtectKernelLogs=yes\n\
+             ProtectControlGroups=yes\n\
+             ProtectClock=yes\n\
+             ProtectHostname=yes\n\
+             ProtectProc=invisible\n\
+             ProcSubset=pid\n\
+             RestrictAddressFamilies={families}\n\
+             RestrictNamespaces=yes\n\
+             RestrictRealtime=yes\n\
+             RestrictSUIDSGID=yes\n\
+             LockPersonality=yes\n\
+             MemoryDenyWriteExecute=yes\n\
+             SystemCallArchitectures=native\n\
+             SystemCallFilter=@system-service\n\
+             SystemCallFilter=~@privileged @resources\n\
+             {extra}\
+             SystemCallErrorNumber=EPERM\n\
+             KeyringMode=private\n\
+             UMask={umask}\n",
+            caps = self.caps,
+            home = self.protect_home,
+            families = self.families,
+            extra = self.extra_syscalls,
+            umask = self.umask,
+        )
+    }
+}
+
+/// A full `consul.service`, for Consul installed from a zip (no unit at
+/// all): run as the `consul` user, with no capabilities (Consul's ports are
+/// unprivileged), writing only its data dir. The drop-in adds the type,
+/// the start timeout and the command line.
+pub fn consul_unit(consul: &str, config_dir: &str, data_dir: &str) -> String {
+    let sandbox = Sandbox {
+        caps: "",
+        read_write: data_dir.to_string(),
+        protect_home: "yes",
+        state_dir: false,
+        extra_syscalls: "",
+        // Netlink: Go lists the interfaces for bind and advertise
+        // addresses (and go-sockaddr templates); AF_UNIX: sd_notify.
+        families: "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        umask: "0027",
+    }
+    .render();
     format!(
         "# Written by auto-consul: no consul.service was installed.\n\
          [Unit]\n\
@@ -170,36 +360,80 @@ pub fn consul_unit(consul: &str, config_dir: &str, user: Option<&str>) -> String
          \n\
          [Service]\n\
          Type=exec\n\
-         {user}\
+         User=consul\n\
+         Group=consul\n\
          ExecStart={consul} agent -config-dir={config_dir}\n\
          ExecReload=/bin/kill --signal HUP $MAINPID\n\
          KillMode=process\n\
          KillSignal=SIGTERM\n\
          Restart=on-failure\n\
          LimitNOFILE=65536\n\
+         # Sandbox: script checks (enable_script_checks) run inside it too.\n\
+         RemoveIPC=yes\n\
+         {sandbox}\
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n"
     )
 }
 
-/// The oneshot service the heartbeat timer starts.
-pub fn heartbeat_service(auto_consul: &str, env_file: &str) -> String {
+/// The heartbeat's and the leave unit's sandbox: root, reading past file
+/// modes (a consul-owned config dir, token or CA file) but nothing more.
+fn small_sandbox(paths: &UnitPaths<'_>, read_write: String, chown: bool) -> String {
+    let (caps, extra_syscalls) = if chown {
+        (
+            "CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH",
+            "SystemCallFilter=@chown\n",
+        )
+    } else {
+        ("CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH", "")
+    };
+    Sandbox {
+        caps,
+        read_write,
+        protect_home: paths.protect_home(),
+        state_dir: true,
+        extra_syscalls,
+        families: "AF_UNIX AF_INET AF_INET6",
+        umask: "0077",
+    }
+    .render()
+}
+
+/// The oneshot service the heartbeat timer starts. It may rewrite the
+/// `retry_join` of Consul's config and its own timer, and reloads systemd
+/// to re-arm it.
+pub fn heartbeat_service(paths: &UnitPaths<'_>) -> String {
+    let sandbox = small_sandbox(
+        paths,
+        format!(
+            "-{} -/etc/systemd/system{}",
+            paths.config_dir,
+            paths.registry_rw()
+        ),
+        // Consul's config file, rewritten, stays the consul user's.
+        true,
+    );
     format!(
         "# Written by auto-consul.\n\
          [Unit]\n\
          Description=auto-consul heartbeat: publish this node to the registry\n\
          Wants=network-online.target\n\
-         After=network-online.target consul.service\n\
+         After=network-online.target\n\
          \n\
          [Service]\n\
          Type=oneshot\n\
          EnvironmentFile={env_file}\n\
          ExecStart={auto_consul} heartbeat\n\
          # A run that failed (Consul not up yet at boot) is tried again soon,\n\
-         # not a whole timer interval later (40 minutes for an agent).\n\
+         # not a whole timer interval later (40 minutes for an agent). Not\n\
+         # ordered after consul.service: while Consul waits to join, the\n\
+         # heartbeat is what gives it live servers to join.\n\
          Restart=on-failure\n\
-         RestartSec=30s\n"
+         RestartSec=30s\n\
+         {sandbox}",
+        env_file = paths.env_file,
+        auto_consul = paths.auto_consul,
     )
 }
 
@@ -234,7 +468,26 @@ pub fn heartbeat_timer(expiry: u64) -> String {
 
 /// The boot unit `install` writes: `auto-consul run` once per boot, before
 /// Consul starts; retried while the registry or IMDS is not reachable yet.
-pub fn boot_unit(auto_consul: &str, env_file: &str) -> String {
+pub fn boot_unit(paths: &UnitPaths<'_>) -> String {
+    // CAP_CHOWN: Consul's config file is handed to the consul user.
+    // CAP_DAC_*: the config dir and the data dir may be consul's, and the
+    // Raft check must see <data_dir>/raft (or a server could bootstrap).
+    let sandbox = Sandbox {
+        caps: "CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH",
+        read_write: format!(
+            "/etc/auto-consul /etc/systemd/system {}{}",
+            paths.config_dir,
+            paths.registry_rw()
+        ),
+        protect_home: paths.protect_home(),
+        state_dir: true,
+        extra_syscalls: "SystemCallFilter=@chown\n",
+        families: "AF_UNIX AF_INET AF_INET6",
+        // Directories it creates must stay readable by the consul user;
+        // files get explicit modes.
+        umask: "0022",
+    }
+    .render();
     format!(
         "{MARKER}.\n\
          [Unit]\n\
@@ -251,6 +504,9 @@ pub fn boot_unit(auto_consul: &str, env_file: &str) -> String {
          Type=oneshot\n\
          RemainAfterExit=yes\n\
          EnvironmentFile={env_file}\n\
+         # Outside the sandbox ('+'): the directories it may write must exist\n\
+         # before the sandbox is set up.\n\
+         ExecStartPre=+/bin/mkdir -p /etc/auto-consul {config_dir}\n\
          ExecStart={auto_consul} run\n\
          # Exit 1 (registry or IMDS not reachable yet, no slot free yet) is\n\
          # retried; exit 2, a configuration error, is not.\n\
@@ -259,9 +515,13 @@ pub fn boot_unit(auto_consul: &str, env_file: &str) -> String {
          RestartPreventExitStatus=2\n\
          # Covers the bounded waits of `run` (--role-wait, --witness-wait).\n\
          TimeoutStartSec=15min\n\
+         {sandbox}\
          \n\
          [Install]\n\
-         WantedBy=multi-user.target\n"
+         WantedBy=multi-user.target\n",
+        env_file = paths.env_file,
+        config_dir = paths.config_dir,
+        auto_consul = paths.auto_consul,
     )
 }
 
@@ -271,7 +531,8 @@ pub fn boot_unit(auto_consul: &str, env_file: &str) -> String {
 /// the instance is being terminated, Consul leaves and the node leaves the
 /// registry (slot released, heartbeats deleted); on a reboot nothing
 /// happens.
-pub fn leave_unit(auto_consul: &str, env_file: &str) -> String {
+pub fn leave_unit(paths: &UnitPaths<'_>) -> String {
+    let sandbox = small_sandbox(paths, paths.registry_rw().trim_start().to_string(), false);
     format!(
         "{MARKER}.\n\
          [Unit]\n\
@@ -289,9 +550,12 @@ pub fn leave_unit(auto_consul: &str, env_file: &str) -> String {
          ExecStart=/bin/true\n\
          ExecStop={auto_consul} leave --if-terminating\n\
          TimeoutStopSec=90s\n\
+         {sandbox}\
          \n\
          [Install]\n\
-         WantedBy=multi-user.target\n"
+         WantedBy=multi-user.target\n",
+        env_file = paths.env_file,
+        auto_consul = paths.auto_consul,
     )
 }
 
@@ -370,23 +634,138 @@ mod tests {
             bootstrap,
             servers: 3,
             retry_join: join,
+            cloud_join: None,
             encrypt: None,
             acl_token: None,
             tls: Tls::default(),
         }
     }
 
-    #[test]
-    fn bootstrap_config_matches_golden() {
-        let text = consul_config(&settings(Mode::Bootstrap, true, &[]));
-        assert_eq!(text, include_str!("../tests/golden/bootstrap.json"));
+    /// Compares `text` with the golden file `name`; with
+    /// AUTO_CONSUL_BLESS=1 in the environment, writes it instead (then
+    /// review the diff).
+    fn golden(name: &str, text: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("AUTO_CONSUL_BLESS").is_some() {
+            std::fs::write(&path, text).unwrap();
+            return;
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (AUTO_CONSUL_BLESS=1 writes it)", path.display()));
+        assert_eq!(text, want, "{name} differs from its golden file");
     }
 
     #[test]
-    fn agent_config_matches_golden() {
-        let join = ["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
-        let text = consul_config(&settings(Mode::Agent, false, &join));
-        assert_eq!(text, include_str!("../tests/golden/agent.json"));
+    fn configs_for_every_mode_with_and_without_tls_match_golden() {
+        let join: [IpAddr; 2] = ["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
+        let ca = Path::new("/etc/consul.d/tls/ca.pem");
+        let cert = Path::new("/etc/consul.d/tls/node.pem");
+        let key = Path::new("/etc/consul.d/tls/node-key.pem");
+        let full = Tls {
+            ca_file: Some(ca),
+            cert_file: Some(cert),
+            key_file: Some(key),
+        };
+        let ca_only = Tls {
+            ca_file: Some(ca),
+            ..Tls::default()
+        };
+        let cases: [(&str, ConsulSettings<'_>); 8] = [
+            ("bootstrap.json", settings(Mode::Bootstrap, true, &[])),
+            ("server.json", settings(Mode::Server, false, &join)),
+            ("agent.json", settings(Mode::Agent, false, &join)),
+            (
+                "agent-cloud-join.json",
+                ConsulSettings {
+                    cloud_join: Some("provider=aws tag_key=auto-consul:cluster tag_value=prod"),
+                    ..settings(Mode::Agent, false, &join)
+                },
+            ),
+            (
+                "bootstrap-tls.json",
+                ConsulSettings {
+                    tls: full,
+                    ..settings(Mode::Bootstrap, true, &[])
+                },
+            ),
+            (
+                "server-tls.json",
+                ConsulSettings {
+                    tls: full,
+                    ..settings(Mode::Server, false, &join)
+                },
+            ),
+            (
+                "agent-tls.json",
+                ConsulSettings {
+                    tls: full,
+                    ..settings(Mode::Agent, false, &join)
+                },
+            ),
+            (
+                "agent-auto-encrypt.json",
+                ConsulSettings {
+                    tls: ca_only,
+                    ..settings(Mode::Agent, false, &join)
+                },
+            ),
+        ];
+        for (name, s) in &cases {
+            golden(name, &consul_config(s));
+        }
+    }
+
+    #[test]
+    fn tls_follows_hashicorps_guidance() {
+        let join: [IpAddr; 1] = ["10.0.0.1".parse().unwrap()];
+        let tls = Tls {
+            ca_file: Some(Path::new("/ca.pem")),
+            cert_file: Some(Path::new("/c.pem")),
+            key_file: Some(Path::new("/k.pem")),
+        };
+        let server: Value = serde_json::from_str(&consul_config(&ConsulSettings {
+            tls,
+            ..settings(Mode::Server, false, &join)
+        }))
+        .unwrap();
+        // Client certificates are demanded for internal RPC only, not of
+        // HTTPS or gRPC users; servers prove their role by hostname.
+        assert!(server["tls"]["defaults"].get("verify_incoming").is_none());
+        assert_eq!(server["tls"]["defaults"]["verify_outgoing"], json!(true));
+        assert_eq!(
+            server["tls"]["internal_rpc"]["verify_incoming"],
+            json!(true)
+        );
+        assert_eq!(
+            server["tls"]["internal_rpc"]["verify_server_hostname"],
+            json!(true)
+        );
+        assert_eq!(server["auto_encrypt"], json!({ "allow_tls": true }));
+        let agent: Value = serde_json::from_str(&consul_config(&ConsulSettings {
+            tls: Tls {
+                ca_file: Some(Path::new("/ca.pem")),
+                ..Tls::default()
+            },
+            ..settings(Mode::Agent, false, &join)
+        }))
+        .unwrap();
+        assert_eq!(agent["auto_encrypt"], json!({ "tls": true }));
+        assert!(agent["tls"]["defaults"].get("cert_file").is_none());
+        assert!(
+            agent["tls"]["internal_rpc"]
+                .get("verify_incoming")
+                .is_none()
+        );
+        assert_eq!(
+            agent["tls"]["internal_rpc"]["verify_server_hostname"],
+            json!(true)
+        );
+        // No CA, no TLS at all.
+        let plain: Value =
+            serde_json::from_str(&consul_config(&settings(Mode::Server, false, &join))).unwrap();
+        assert!(plain.get("tls").is_none() && plain.get("auto_encrypt").is_none());
     }
 
     #[test]
@@ -396,10 +775,7 @@ mod tests {
             servers: 5,
             ..settings(Mode::Server, false, &join)
         };
-        assert_eq!(
-            consul_config(&five),
-            include_str!("../tests/golden/server-5.json")
-        );
+        golden("server-5.json", &consul_config(&five));
         // One server: nothing to keep a quorum of, so no min_quorum (which
         // would stop autopilot from ever replacing it).
         let one = ConsulSettings {
@@ -426,26 +802,71 @@ mod tests {
         assert_eq!(v["retry_join"], json!(["10.0.0.1"]));
     }
 
+    fn packaged_paths() -> UnitPaths<'static> {
+        UnitPaths {
+            auto_consul: "/usr/bin/auto-consul",
+            env_file: "/etc/auto-consul/auto-consul.env",
+            config_dir: "/etc/consul.d",
+            registry_dir: None,
+        }
+    }
+
     #[test]
     fn units_match_golden() {
-        assert_eq!(
-            consul_dropin("/usr/bin/consul", "/etc/consul.d"),
-            include_str!("../tests/golden/consul.service.d-auto-consul.conf")
+        let dropin = |data_dir, notify| {
+            consul_dropin(
+                "/usr/bin/consul",
+                "/etc/consul.d",
+                "/etc/consul.d/zz-auto-consul.json",
+                data_dir,
+                notify,
+            )
+        };
+        golden(
+            "consul.service.d-auto-consul.conf",
+            &dropin(Some("/opt/consul"), true),
         );
-        assert_eq!(
-            heartbeat_timer(120),
-            include_str!("../tests/golden/auto-consul-heartbeat.timer")
+        golden(
+            "consul.service.d-auto-consul-bootstrap.conf",
+            &dropin(None, false),
         );
-        assert_eq!(
-            heartbeat_service("/usr/bin/auto-consul", "/etc/auto-consul/auto-consul.env"),
-            include_str!("../tests/golden/auto-consul-heartbeat.service")
+        golden(
+            "consul.service",
+            &consul_unit("/usr/bin/consul", "/etc/consul.d", "/opt/consul"),
         );
+        golden("auto-consul-heartbeat.timer", &heartbeat_timer(120));
+        golden(
+            "auto-consul-heartbeat.service",
+            &heartbeat_service(&packaged_paths()),
+        );
+        golden("auto-consul-leave.service", &leave_unit(&packaged_paths()));
+    }
+
+    #[test]
+    fn a_binary_under_home_keeps_home_readable_and_a_file_registry_writable() {
+        let paths = UnitPaths {
+            auto_consul: "/root/bin/auto-consul",
+            registry_dir: Some("/srv/registry"),
+            ..packaged_paths()
+        };
+        let unit = heartbeat_service(&paths);
+        assert!(unit.contains("ProtectHome=read-only\n"), "{unit}");
+        assert!(
+            unit.contains("ReadWritePaths=-/etc/consul.d -/etc/systemd/system -/srv/registry\n"),
+            "{unit}"
+        );
+        assert!(heartbeat_service(&packaged_paths()).contains("ProtectHome=yes\n"));
     }
 
     #[test]
     fn the_packaged_boot_unit_is_the_one_install_writes() {
+        if std::env::var_os("AUTO_CONSUL_BLESS").is_some() {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/auto-consul.service");
+            std::fs::write(path, boot_unit(&packaged_paths())).unwrap();
+            return;
+        }
         assert_eq!(
-            boot_unit("/usr/bin/auto-consul", "/etc/auto-consul/auto-consul.env"),
+            boot_unit(&packaged_paths()),
             include_str!("../packaging/auto-consul.service")
         );
     }

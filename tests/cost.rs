@@ -52,7 +52,13 @@ fn an_agent_heartbeat_is_one_request_against_2000_live_heartbeats() {
         )),
         "agent"
     );
-    let agent = FakeAgent::start("ag", false, &[]);
+    // An agent of a working cluster: it knows the leader, so the live
+    // servers come from its Raft peers, not from the registry.
+    let agent = FakeAgent::start(
+        "ag",
+        false,
+        &["--leader", "10.41.0.1:8300", "--peers", "10.41.0.1:8300"],
+    );
     for _ in 0..2 {
         let before = moto.requests();
         let v = ok_json(&output(&mut heartbeat_cmd(

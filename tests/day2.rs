@@ -43,7 +43,7 @@ fn slot_of(moto: &Moto, bucket: &str, prefix: &str, i: u32) -> Value {
 
 fn config(root: &Path) -> Value {
     serde_json::from_str(
-        &std::fs::read_to_string(root.join("etc/consul.d/auto-consul.json")).unwrap(),
+        &std::fs::read_to_string(root.join("etc/consul.d/zz-auto-consul.json")).unwrap(),
     )
     .unwrap()
 }

@@ -191,7 +191,8 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
         let expr = format!(
             "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, \
              expiry = 120, agent_expiry = 7200, datacenter = \"dc1\", data_dir = \"/opt/consul\", \
-             config_dir = \"/etc/consul.d\", baked_image = {baked} }})",
+             config_dir = \"/etc/consul.d\", baked_image = {baked}, \
+             cloud_join = \"provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod\" }})",
             template.display()
         );
         let input = dir.join("expr.txt");
@@ -216,6 +217,12 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
         assert!(
             rendered.contains("AUTO_CONSUL_REGISTRY=s3://example-bucket/consul/prod"),
             "rendered user data lacks the registry:\n{rendered}"
+        );
+        assert!(
+            rendered.contains(
+                "      AUTO_CONSUL_CLOUD_JOIN='provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod'\n"
+            ),
+            "rendered user data lacks the cloud auto-join entry:\n{rendered}"
         );
         assert!(
             rendered.contains(&format!("AUTO_CONSUL_ROLE={role}")),

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 /// Every file `run` wrote under `root` is whole: the config parses, and
 /// no temporary file is left.
 fn assert_files_whole(root: &Path) {
-    let config = root.join("etc/consul.d/auto-consul.json");
+    let config = root.join("etc/consul.d/zz-auto-consul.json");
     if config.exists() {
         let text = std::fs::read_to_string(&config).unwrap();
         serde_json::from_str::<Value>(&text)
@@ -253,7 +253,7 @@ fn run_killed_at_random_points_then_run_again_is_consistent() {
         )));
         assert_files_whole(&root);
         let config: Value = serde_json::from_str(
-            &std::fs::read_to_string(root.join("etc/consul.d/auto-consul.json")).unwrap(),
+            &std::fs::read_to_string(root.join("etc/consul.d/zz-auto-consul.json")).unwrap(),
         )
         .unwrap();
         assert_eq!(
@@ -336,7 +336,8 @@ fn a_hostile_registry_is_skipped_never_joined_and_never_crashes_run() {
         json!(["10.9.9.9"]),
         "only the well-formed member is joined"
     );
-    let text = std::fs::read_to_string(tmp.path().join("etc/consul.d/auto-consul.json")).unwrap();
+    let text =
+        std::fs::read_to_string(tmp.path().join("etc/consul.d/zz-auto-consul.json")).unwrap();
     let config: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(config["retry_join"], json!(["10.9.9.9"]));
     assert_eq!(config["server"], false);

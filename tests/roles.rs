@@ -68,7 +68,7 @@ fn a_server_replacement_waits_for_the_dead_servers_slot_and_never_settles_as_an_
     // Still waiting, not settled as an agent.
     assert!(
         !tmp.path()
-            .join("r-d/etc/consul.d/auto-consul.json")
+            .join("r-d/etc/consul.d/zz-auto-consul.json")
             .exists()
     );
     // The dead server's slot expires (one expiry on the store's clock).

@@ -24,7 +24,7 @@ fn first_node_bootstraps_then_one_server_means_agents() {
     assert_eq!(mode(&first), "bootstrap");
     assert_eq!(first["retry_join"], serde_json::json!([]));
     let config: Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("a/etc/consul.d/auto-consul.json")).unwrap(),
+        &std::fs::read_to_string(tmp.path().join("a/etc/consul.d/zz-auto-consul.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(config["bootstrap"], true);
@@ -42,7 +42,7 @@ fn first_node_bootstraps_then_one_server_means_agents() {
     assert_eq!(mode(&second), "agent");
     assert_eq!(second["retry_join"], serde_json::json!(["10.0.0.1"]));
     let config: Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("b/etc/consul.d/auto-consul.json")).unwrap(),
+        &std::fs::read_to_string(tmp.path().join("b/etc/consul.d/zz-auto-consul.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(config["server"], false);
@@ -359,7 +359,7 @@ fn rerunning_keeps_the_mode_and_files_and_raft_state_means_no_bootstrap() {
     let back = run_node(moto, &registry, &root, "boot", "10.0.2.1", 3);
     assert_eq!(mode(&back), "server");
     let config: Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("etc/consul.d/auto-consul.json")).unwrap(),
+        &std::fs::read_to_string(root.join("etc/consul.d/zz-auto-consul.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(config["server"], true);
@@ -374,7 +374,7 @@ fn rerunning_keeps_the_mode_and_files_and_raft_state_means_no_bootstrap() {
     assert_eq!(mode(&v), "server");
     assert_eq!(v["bootstrap"], false);
     let config: Value = serde_json::from_str(
-        &std::fs::read_to_string(root2.join("etc/consul.d/auto-consul.json")).unwrap(),
+        &std::fs::read_to_string(root2.join("etc/consul.d/zz-auto-consul.json")).unwrap(),
     )
     .unwrap();
     assert!(config.get("bootstrap").is_none(), "{config}");

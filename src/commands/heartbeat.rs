@@ -55,6 +55,8 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     }
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
+    let rejoined =
+        super::rejoin::rejoin(opts, &root, store, &status, &me, seed_settings(opts)).await;
 
     let decided_server = saved.as_ref().is_some_and(|s| s.mode.is_server());
     let server = status.is_server(me.address, decided_server);
@@ -107,6 +109,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             &status,
             None,
             false,
+            &rejoined,
         );
         return Ok(());
     }
@@ -212,6 +215,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         &status,
         Some(settings),
         timer_changed,
+        &rejoined,
     );
     Ok(())
 }
@@ -272,6 +276,7 @@ fn report(
     status: &agent::AgentStatus,
     settings: Option<crate::model::Settings>,
     timer_changed: bool,
+    rejoined: &super::rejoin::Rejoin,
 ) {
     if opts.json {
         println!(
@@ -288,6 +293,10 @@ fn report(
                 "settings": settings,
                 "timer_changed": timer_changed,
                 "delete_requests": purged.requests,
+                "live_servers": rejoined.servers.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "live_servers_from": rejoined.source,
+                "retry_join": rejoined.rewritten,
+                "joined": rejoined.joined.map(|a| a.to_string()),
             })
         );
     } else {
@@ -299,6 +308,12 @@ fn report(
         );
         if let Some(status) = slot_report.get("status").and_then(|s| s.as_str()) {
             println!("server slot {}: {status}", slot_report["index"]);
+        }
+        if let Some(list) = &rejoined.rewritten {
+            println!("retry_join is now [{}]", list.join(", "));
+        }
+        if let Some(a) = rejoined.joined {
+            println!("the Consul agent knew no leader: it joined {a}");
         }
         if purged.requests > 0 {
             println!(

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::env_file;
 use super::run::{ENV_FILE, LEAVE_UNIT, own_binary};
 use crate::cli::GlobalOpts;
+use crate::error::usage;
 use crate::install::{self, FileSpec, Root};
 use crate::registry::RegistryUrl;
 use crate::render;
@@ -26,16 +27,31 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         None => None,
     };
     let binary = render::unit_path(&own_binary(&root)?)?;
+    let config_dir =
+        render::unit_path(&opts.config_dir).map_err(|e| usage(format!("--config-dir: {e}")))?;
+    let registry_dir = match opts.registry.as_deref().filter(|s| !s.is_empty()) {
+        Some(raw) => match RegistryUrl::parse(raw)? {
+            RegistryUrl::File { dir } => Some(render::unit_path(&dir)?),
+            RegistryUrl::S3 { .. } => None,
+        },
+        None => None,
+    };
+    let paths = render::UnitPaths {
+        auto_consul: &binary,
+        env_file: ENV_FILE,
+        config_dir: &config_dir,
+        registry_dir: registry_dir.as_deref(),
+    };
     let files = [
         FileSpec {
             path: BOOT_UNIT.into(),
-            contents: render::boot_unit(&binary, ENV_FILE),
+            contents: render::boot_unit(&paths),
             mode: 0o644,
             owner: None,
         },
         FileSpec {
             path: LEAVE_UNIT.into(),
-            contents: render::leave_unit(&binary, ENV_FILE),
+            contents: render::leave_unit(&paths),
             mode: 0o644,
             owner: None,
         },
@@ -47,6 +63,12 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         },
     ];
     install::check_writable(&root, &files)?;
+    // Consul from a zip (or not installed yet): `run` will write a
+    // consul.service that runs Consul as `consul`, and the boot unit's
+    // sandbox cannot create users.
+    if root.units_named("consul.service").is_empty() {
+        super::run::ensure_consul_user(&root)?;
+    }
     let mut changed = Vec::new();
     for f in &files {
         if install::write_atomic(&root, f)? {

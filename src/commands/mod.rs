@@ -7,6 +7,7 @@ mod install;
 mod leave;
 mod members;
 mod purge;
+mod rejoin;
 mod run;
 
 use std::path::Path;
@@ -184,6 +185,9 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
         ("AUTO_CONSUL_CONFIG_DIR", path(&opts.config_dir)),
         ("AUTO_CONSUL_DATACENTER", opts.datacenter.clone()),
     ]);
+    if let Some(spec) = &opts.cloud_join {
+        vars.push(("AUTO_CONSUL_CLOUD_JOIN", spec.clone()));
+    }
     for (key, value) in [
         ("AUTO_CONSUL_ENCRYPT_FILE", &opts.encrypt_file),
         ("AUTO_CONSUL_ACL_TOKEN_FILE", &opts.acl_token_file),

@@ -9,13 +9,18 @@ leader; a JSON list of "ip:port" Raft peers). With --token, requests to
 /v1/agent/self without that `X-Consul-Token` get 403 "ACL not found", as
 Consul answers when the token lacks agent:read; the status endpoints still
 answer. `PUT /v1/agent/leave` (what `consul leave` sends) writes the file
-named by --leave-file. Prints `PORT=<n>` first; exits when its parent goes
+named by --leave-file; `PUT /v1/agent/join/<address>` (what `consul join`
+sends) appends the address to --join-file and answers 200, or 403 with
+--token when the token differs. With --tls-cert/--tls-key it serves HTTPS,
+and with --tls-client-ca it demands a client certificate signed by that CA
+(an agent whose HTTPS listener has verify_incoming). Prints `PORT=<n>` first; exits when its parent goes
 away.
 """
 
 import argparse
 import json
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -69,6 +74,10 @@ def main():
         action="store_true",
         help="a client agent that knows no server: the status endpoints answer 500, as Consul's do",
     )
+    parser.add_argument("--join-file", help="PUT /v1/agent/join/<addr> appends <addr> to this file")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="and this key (PEM)")
+    parser.add_argument("--tls-client-ca", help="demand client certificates signed by this CA (PEM)")
     parser.add_argument("--leader", help="the leader's ip:port (default: this agent's, when a server)")
     parser.add_argument("--peers", help="comma-separated Raft peers, ip:port (default: this agent's, when a server)")
     args = parser.parse_args()
@@ -112,10 +121,21 @@ def main():
             with open(args.leave_file, "w") as f:
                 f.write("left\n")
             return self.reply(200, b"", "text/plain")
+        if path.startswith("/v1/agent/join/") and args.join_file:
+            with open(args.join_file, "a") as f:
+                f.write(path[len("/v1/agent/join/"):] + "\n")
+            return self.reply(200, b"", "text/plain")
         self.reply(404, b"404 page not found", "text/plain")
 
     Handler.do_PUT = do_PUT
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(args.tls_client_ca)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print(f"PORT={server.server_address[1]}", flush=True)
 
     def watch_parent():

@@ -9,10 +9,15 @@ use crate::cli::GlobalOpts;
 use crate::commands::env_file;
 use crate::error::usage;
 use crate::install::{FileSpec, Root};
+use crate::registry::RegistryUrl;
 use crate::render::{self};
 
 /// Paths on the target system.
-pub(super) const CONFIG_FILE: &str = "auto-consul.json";
+/// Read after HashiCorp's packaged `consul.hcl` and other files in the
+/// config dir (Consul reads them in lexical order; the last one wins).
+pub const CONFIG_FILE: &str = "zz-auto-consul.json";
+/// Its name before: read before `consul.hcl`, which then won.
+pub const LEGACY_CONFIG_FILE: &str = "auto-consul.json";
 pub(super) const DROPIN: &str = "/etc/systemd/system/consul.service.d/auto-consul.conf";
 pub(super) const CONSUL_UNIT: &str = "/etc/systemd/system/consul.service";
 pub(super) const HEARTBEAT_SERVICE: &str = "/etc/systemd/system/auto-consul-heartbeat.service";
@@ -76,37 +81,109 @@ pub fn own_binary(root: &Root) -> Result<PathBuf> {
     })
 }
 
-/// The files that do not depend on the decision: units and env file.
-pub(super) fn fixed_files(
-    opts: &GlobalOpts,
-    root: &Root,
-    consul: &Path,
-    auto_consul: &Path,
-    registry: &str,
-) -> Result<Vec<FileSpec>> {
-    let consul = render::unit_path(consul).context("the consul binary's path")?;
-    let auto_consul = render::unit_path(auto_consul).context("the auto-consul binary's path")?;
-    let config_dir =
-        render::unit_path(&opts.config_dir).map_err(|e| usage(format!("--config-dir: {e}")))?;
-    let unit = |path: &str, contents: String| FileSpec {
+/// The paths the units name, checked for use in a unit file.
+pub struct UnitStrings {
+    pub consul: String,
+    pub auto_consul: String,
+    pub config_dir: String,
+    pub data_dir: String,
+    pub registry_dir: Option<String>,
+}
+
+impl UnitStrings {
+    pub fn new(
+        opts: &GlobalOpts,
+        consul: &Path,
+        auto_consul: &Path,
+        registry: &RegistryUrl,
+    ) -> Result<UnitStrings> {
+        let registry_dir = match registry {
+            RegistryUrl::File { dir } => {
+                Some(render::unit_path(dir).map_err(|e| usage(format!("--registry: {e}")))?)
+            }
+            RegistryUrl::S3 { .. } => None,
+        };
+        Ok(UnitStrings {
+            consul: render::unit_path(consul).context("the consul binary's path")?,
+            auto_consul: render::unit_path(auto_consul).context("the auto-consul binary's path")?,
+            config_dir: render::unit_path(&opts.config_dir)
+                .map_err(|e| usage(format!("--config-dir: {e}")))?,
+            data_dir: render::unit_path(&opts.data_dir)
+                .map_err(|e| usage(format!("--data-dir: {e}")))?,
+            registry_dir,
+        })
+    }
+
+    pub fn paths(&self) -> render::UnitPaths<'_> {
+        render::UnitPaths {
+            auto_consul: &self.auto_consul,
+            env_file: ENV_FILE,
+            config_dir: &self.config_dir,
+            registry_dir: self.registry_dir.as_deref(),
+        }
+    }
+
+    /// The drop-in for `consul.service`; `notify` when the node has
+    /// someone to join.
+    pub fn dropin(&self, root: &Root, notify: bool) -> String {
+        let config_file = format!("{}/{CONFIG_FILE}", self.config_dir.trim_end_matches('/'));
+        render::consul_dropin(
+            &self.consul,
+            &self.config_dir,
+            &config_file,
+            root.user("consul").map(|_| self.data_dir.as_str()),
+            notify,
+        )
+    }
+}
+
+fn unit(path: &str, contents: String) -> FileSpec {
+    FileSpec {
         path: path.into(),
         contents,
         mode: 0o644,
         owner: None,
-    };
-    let mut files = vec![unit(DROPIN, render::consul_dropin(&consul, &config_dir))];
+    }
+}
+
+/// The files whose contents the decision settles: the drop-in (Consul's
+/// type) and the timer (the expiry that rules).
+pub(super) fn decided_units(
+    files: &mut [FileSpec],
+    units: &UnitStrings,
+    root: &Root,
+    timer_expiry: u64,
+    notify: bool,
+) {
+    for f in files.iter_mut() {
+        if f.path == Path::new(HEARTBEAT_TIMER) {
+            f.contents = render::heartbeat_timer(timer_expiry);
+        } else if f.path == Path::new(DROPIN) {
+            f.contents = units.dropin(root, notify);
+        }
+    }
+}
+
+/// The files that do not depend on the decision: units and env file (the
+/// drop-in and the timer as placeholders until `decided_units`).
+pub(super) fn fixed_files(
+    opts: &GlobalOpts,
+    root: &Root,
+    units: &UnitStrings,
+    registry: &str,
+) -> Result<Vec<FileSpec>> {
+    let mut files = vec![unit(DROPIN, units.dropin(root, false))];
     if manages_consul_unit(root) {
-        let user = root.user("consul").map(|_| "consul");
         files.push(unit(
             CONSUL_UNIT,
-            render::consul_unit(&consul, &config_dir, user),
+            render::consul_unit(&units.consul, &units.config_dir, &units.data_dir),
         ));
     }
     files.push(unit(
         HEARTBEAT_SERVICE,
-        render::heartbeat_service(&auto_consul, ENV_FILE),
+        render::heartbeat_service(&units.paths()),
     ));
-    files.push(unit(LEAVE_UNIT, render::leave_unit(&auto_consul, ENV_FILE)));
+    files.push(unit(LEAVE_UNIT, render::leave_unit(&units.paths())));
     // Its contents follow the expiry that rules, known after the election.
     files.push(unit(
         HEARTBEAT_TIMER,
@@ -119,6 +196,67 @@ pub(super) fn fixed_files(
         owner: None,
     });
     Ok(files)
+}
+
+/// Removes the config file an older auto-consul wrote (`auto-consul.json`,
+/// read before HashiCorp's `consul.hcl`): Consul would read both.
+pub(super) fn remove_legacy_config(root: &Root, config_dir: &Path) -> Result<()> {
+    let path = root.path(&config_dir.join(LEGACY_CONFIG_FILE));
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(
+                "removed {} (now {CONFIG_FILE}, read after the packaged consul.hcl)",
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::anyhow!(e).context(format!(
+            "removing {} (auto-consul's config file before it was renamed {CONFIG_FILE}): remove it by hand",
+            path.display()
+        ))),
+    }
+}
+
+/// Makes sure the `consul` user exists when auto-consul writes the unit
+/// that runs Consul as it (Consul from a zip, which creates no user): on
+/// the running system with `useradd --system`; under another root, a
+/// warning (create it in the image).
+pub fn ensure_consul_user(root: &Root) -> Result<()> {
+    if root.user("consul").is_some() {
+        return Ok(());
+    }
+    if !root.is_system() {
+        tracing::warn!(
+            "no consul user in {}: consul.service runs Consul as `consul`; create it in the image \
+             (useradd --system --user-group --no-create-home --shell /usr/sbin/nologin consul)",
+            root.path(Path::new("/etc/passwd")).display()
+        );
+        return Ok(());
+    }
+    let out = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "consul",
+        ])
+        .output()
+        .map_err(|e| anyhow::anyhow!("running useradd to create the consul user: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "useradd could not create the consul user ({}): {}; create it in the image \
+             (`auto-consul install` does, or useradd --system consul)",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    tracing::info!("created the system user consul, which consul.service runs as");
+    Ok(())
 }
 
 /// Whether `run` writes a full `consul.service`: only when no other unit

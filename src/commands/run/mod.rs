@@ -3,7 +3,7 @@
 //! election (`elect`), the witness rule (`witness`), the conditional-write
 //! probe (`probe`), the files written (`files`), the secrets read (`secrets`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -14,9 +14,11 @@ use crate::commands::members::cluster_json;
 use crate::commands::{open_store, registry_url, seed_settings, warn_on_mismatch};
 use crate::decision::{self, MAX_JOIN};
 use crate::ec2::{self};
+use crate::error::usage;
 use crate::identity::{self, Identity};
 use crate::install::{self, FileSpec, Root};
 use crate::model::Mode;
+use crate::precedence;
 use crate::registry::{Agents, read_view};
 use crate::render::{self, ConsulSettings, Tls};
 use crate::state::{self, State};
@@ -29,7 +31,9 @@ mod witness;
 
 use elect::{Elected, Elector};
 use files::*;
-pub use files::{ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, own_binary};
+pub use files::{
+    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user, own_binary,
+};
 use probe::check_conditional_writes;
 use secrets::Secrets;
 
@@ -48,6 +52,13 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let consul = find_consul(&root)?;
     let auto_consul = own_binary(&root)?;
     let secrets = Secrets::read(opts)?;
+    if opts.ca_file.is_some() && opts.cert_file.is_none() && opts.role != RoleWanted::Agent {
+        return Err(usage(
+            "--ca-file without --cert-file: a server needs its own certificate (--cert-file and \
+             --key-file); only a node run with --role agent does without one (it gets one from \
+             the servers through auto_encrypt)",
+        ));
+    }
 
     // The identity (IMDS), the check of conditional writes and the first
     // read of the registry are independent: they run at once. No claim is
@@ -71,7 +82,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let (me, (opened, racy, first_view)) = tokio::try_join!(identity, registry)?;
     let store = opened.store;
     warn_on_mismatch(opts, &first_view);
-    let mut fixed_files = fixed_files(opts, &root, &consul, &auto_consul, &url.to_string())?;
+    let units = UnitStrings::new(opts, &consul, &auto_consul, &url)?;
+    let mut fixed_files = fixed_files(opts, &root, &units, &url.to_string())?;
     install::check_writable(&root, &fixed_files)?;
     let raft = has_raft_state(&root, &opts.data_dir);
     // Only server modes are sticky: an agent decides again at each boot,
@@ -120,12 +132,6 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     } else {
         settings.agent_expiry
     };
-    for f in fixed_files
-        .iter_mut()
-        .filter(|f| f.path == Path::new(HEARTBEAT_TIMER))
-    {
-        f.contents = render::heartbeat_timer(timer_expiry);
-    }
     let bootstrap = elected.mode == Mode::Bootstrap && !raft;
     let not_running = match &opened.aws {
         Some(aws) => {
@@ -146,6 +152,16 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         &not_running,
     );
 
+    // A bootstrap server joins nobody: not even through the cloud entry,
+    // which could find an old cluster's servers.
+    let cloud_join = opts
+        .cloud_join
+        .as_deref()
+        .filter(|_| elected.mode != Mode::Bootstrap);
+    // Consul's readiness notice is worth waiting for when it has someone
+    // to join; a lone bootstrap server never sends it.
+    let notify = !retry_join.is_empty() || cloud_join.is_some();
+    decided_units(&mut fixed_files, &units, &root, timer_expiry, notify);
     let config = ConsulSettings {
         node: &me.node,
         address: me.address,
@@ -155,6 +171,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         bootstrap,
         servers: settings.servers,
         retry_join: &retry_join,
+        cloud_join,
         encrypt: secrets.encrypt.as_deref(),
         acl_token: secrets.acl_token.as_deref(),
         tls: Tls {
@@ -163,10 +180,24 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             key_file: opts.key_file.as_deref(),
         },
     };
+    if !dry_run && manages_consul_unit(&root) {
+        ensure_consul_user(&root)?;
+    }
     let consul_user = root.user("consul");
+    let consul_config = render::consul_config(&config);
+    let conflicts = precedence::conflicts(
+        &root.path(&opts.config_dir),
+        &opts.config_dir,
+        CONFIG_FILE,
+        &[LEGACY_CONFIG_FILE],
+        &serde_json::from_str(&consul_config).expect("rendered JSON parses"),
+    );
+    for c in &conflicts {
+        tracing::warn!("{c}");
+    }
     let mut files = vec![FileSpec {
         path: opts.config_dir.join(CONFIG_FILE),
-        contents: render::consul_config(&config),
+        contents: consul_config,
         mode: if secrets.any() { 0o600 } else { 0o640 },
         owner: consul_user,
     }];
@@ -189,6 +220,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
                 written.push(root.path(&f.path));
             }
         }
+        remove_legacy_config(&root, &opts.config_dir)?;
     }
     let start = !dry_run && !opts.no_start && root.is_system();
     if start {
@@ -216,6 +248,10 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             "retry_join": retry_join.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "cluster": cluster_summary(&elected, &me),
             "files": paths,
+            "config_conflicts": conflicts.iter().map(|c| json!({
+                "file": c.file, "key": c.key, "effect": c.effect,
+            })).collect::<Vec<_>>(),
+            "consul_type": if notify { "notify" } else { "exec" },
             "changed": written,
             "started": start,
             "dry_run": dry_run,

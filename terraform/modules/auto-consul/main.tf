@@ -37,6 +37,7 @@ locals {
     data_dir     = var.consul_data_dir
     config_dir   = var.consul_config_dir
     baked_image  = var.baked_image
+    cloud_join   = var.cloud_auto_join ? "provider=aws tag_key=auto-consul:cluster tag_value=${var.name}" : ""
   }) }
 
   # Consul's ports, opened to members of the security group only. 8500 (HTTP
@@ -342,7 +343,7 @@ resource "aws_launch_template" "this" {
 
   tag_specifications {
     resource_type = "instance"
-    tags          = merge(var.tags, { Name = "${var.name}-${each.key}", "auto-consul:group" = each.key })
+    tags          = merge(var.tags, { Name = "${var.name}-${each.key}", "auto-consul:group" = each.key, "auto-consul:cluster" = var.name })
   }
 
   tag_specifications {

@@ -244,3 +244,9 @@ variable "termination_wait" {
   type        = number
   default     = 90
 }
+
+variable "cloud_auto_join" {
+  description = "Add Consul's cloud auto-join entry (provider=aws, instances tagged auto-consul:cluster = name) to retry_join, after the registry's addresses: agents still find the servers when the registry cannot be read. Never used by a bootstrap server."
+  type        = bool
+  default     = true
+}

@@ -1,0 +1,182 @@
+//! Nodes find servers again. `retry_join` is written at boot; once every
+//! server it names has been replaced, a Consul restart would join nobody.
+//! So each heartbeat keeps it current, and a local agent that knows no
+//! leader is asked to join live servers at once.
+//!
+//! The live servers come from Consul itself while it knows a leader (its
+//! Raft peers: no registry request, so an agent's heartbeat stays one
+//! write), and from the registry when it does not (the servers' newest
+//! heartbeats, as `run` reads them).
+
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::run::CONFIG_FILE;
+use crate::agent::{self, AgentStatus, Joined};
+use crate::cli::GlobalOpts;
+use crate::decision;
+use crate::identity::Identity;
+use crate::install::{self, FileSpec, Root};
+use crate::model::{Mode, Settings};
+use crate::registry::{Agents, Store, read_view};
+
+/// What the heartbeat did to find servers.
+#[derive(Debug, Default, Clone)]
+pub struct Rejoin {
+    /// The live servers, and where they came from (`consul` or `registry`).
+    pub servers: Vec<IpAddr>,
+    pub source: Option<&'static str>,
+    /// The new `retry_join`, when the config file was rewritten.
+    pub rewritten: Option<Vec<String>>,
+    /// The address the agent joined, when it knew no leader.
+    pub joined: Option<IpAddr>,
+}
+
+/// Keeps `retry_join` current and, with no leader known, asks the agent
+/// to join. Failures are warnings: the heartbeat itself went through.
+pub async fn rejoin(
+    opts: &GlobalOpts,
+    root: &Root,
+    store: &dyn Store,
+    status: &AgentStatus,
+    me: &Identity,
+    seed: Settings,
+) -> Rejoin {
+    let mut out = Rejoin::default();
+    let config = opts.config_dir.join(CONFIG_FILE);
+    let on_disk = root.path(&config);
+    // A node `run` never set up (a heartbeat by hand) has nothing to keep.
+    let Ok(text) = std::fs::read_to_string(&on_disk) else {
+        return out;
+    };
+    let leaderless = status.leader.is_none();
+    out.servers = if leaderless {
+        out.source = Some("registry");
+        match read_view(store, seed, Agents::Recent(0)).await {
+            Ok(view) => decision::join_list(
+                &view,
+                Mode::Server,
+                &me.node,
+                me.address,
+                view.settings.expiry,
+                &Default::default(),
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    "the local Consul agent knows no leader, and the registry cannot be read for live servers: {e:#}"
+                );
+                Vec::new()
+            }
+        }
+    } else {
+        out.source = Some("consul");
+        let mut seen = std::collections::HashSet::new();
+        status
+            .peers
+            .iter()
+            .map(|p| p.ip())
+            .filter(|ip| *ip != me.address && seen.insert(*ip))
+            .collect()
+    };
+    if out.servers.is_empty() {
+        return out;
+    }
+    match rewrite_retry_join(root, &config, &on_disk, &text, &out.servers) {
+        Ok(new) => out.rewritten = new,
+        Err(e) => tracing::warn!(
+            "could not update retry_join in {}: {e:#}",
+            on_disk.display()
+        ),
+    }
+    if leaderless {
+        for address in &out.servers {
+            match agent::join(opts.acl_token_file.as_deref(), *address).await {
+                Ok(Joined::Yes) => {
+                    tracing::warn!(
+                        "the local Consul agent knew no leader: it joined {address}, a live server"
+                    );
+                    out.joined = Some(*address);
+                    break;
+                }
+                Ok(Joined::Denied) => {
+                    tracing::warn!(
+                        "the local Consul agent knows no leader, and its token may not make it join \
+                         (agent:write): it finds the live servers at its next restart, from retry_join"
+                    );
+                    break;
+                }
+                Ok(Joined::Failed(why)) => {
+                    tracing::warn!("the local Consul agent could not join {address}: {why}")
+                }
+                Err(e) => {
+                    tracing::warn!("asking the local Consul agent to join {address}: {e:#}");
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes `servers` as the addresses of `retry_join` in Consul's config,
+/// keeping its other entries (the cloud auto-join one) after them, the
+/// file's mode and owner; `None` when it already says so.
+fn rewrite_retry_join(
+    root: &Root,
+    config: &Path,
+    on_disk: &Path,
+    text: &str,
+    servers: &[IpAddr],
+) -> anyhow::Result<Option<Vec<String>>> {
+    let mut value: Value = serde_json::from_str(text)?;
+    let Some(map) = value.as_object_mut() else {
+        anyhow::bail!("it is not a JSON object");
+    };
+    let current: Vec<String> = map
+        .get("retry_join")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let others = current.iter().filter(|s| s.parse::<IpAddr>().is_err());
+    let wanted: Vec<String> = servers
+        .iter()
+        .map(|a| a.to_string())
+        .chain(others.cloned())
+        .collect();
+    let same = {
+        let mut a = current.clone();
+        let mut b = wanted.clone();
+        a.sort();
+        b.sort();
+        a == b
+    };
+    if same {
+        return Ok(None);
+    }
+    map.insert("retry_join".into(), serde_json::json!(wanted));
+    let meta = std::fs::metadata(on_disk)?;
+    let mut contents = serde_json::to_string_pretty(&value)?;
+    contents.push('\n');
+    install::write_atomic(
+        root,
+        &FileSpec {
+            path: config.to_path_buf(),
+            contents,
+            mode: meta.mode() & 0o7777,
+            owner: Some((meta.uid(), meta.gid())),
+        },
+    )?;
+    tracing::info!(
+        "retry_join in {} is now [{}]",
+        config.display(),
+        wanted.join(", ")
+    );
+    Ok(Some(wanted))
+}
