@@ -179,6 +179,14 @@ pub struct GlobalOpts {
           value_parser = parse_abs_path, requires = "cert_file")]
     pub key_file: Option<PathBuf>,
 
+    /// Write metrics for Prometheus' node_exporter textfile collector to
+    /// FILE (atomically) when `run` or `heartbeat` ends: last success per
+    /// command, mode, slot, live servers, registry requests and errors by
+    /// kind, keys purged. The units may write the file's directory.
+    #[arg(long, env = "AUTO_CONSUL_METRICS_FILE", value_name = "FILE", global = true,
+          value_parser = parse_abs_path)]
+    pub metrics_file: Option<PathBuf>,
+
     /// A cloud auto-join entry added after the registry's addresses in
     /// `retry_join` (never for a bootstrap server), the fallback when the
     /// registry is out of reach, e.g. `provider=aws tag_key=auto-consul:cluster
@@ -220,6 +228,11 @@ pub enum Command {
     Plan,
     /// List the live servers and agents in the registry.
     Members,
+    /// Whether this node is healthy: its mode and slot, the cluster record,
+    /// the local Consul agent, its last heartbeat, the heartbeat timer.
+    /// Exit 0 when healthy, 1 when degraded (each reason named): fit for a
+    /// monitoring check.
+    Status,
     /// Ask the local Consul agent how it runs and publish a heartbeat; a
     /// server also renews its slot. Then purge expired heartbeats. Run by
     /// auto-consul-heartbeat.timer every EXPIRY/3 seconds.

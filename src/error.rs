@@ -69,9 +69,24 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
+/// `status` found the node degraded: exit 1, its output already says why.
+#[derive(Debug)]
+pub struct Degraded;
+
+impl fmt::Display for Degraded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("this node is degraded")
+    }
+}
+
+impl std::error::Error for Degraded {}
+
 /// Prints the error on stderr: `error: <what failed>` then one
 /// `  caused by: ...` line per cause.
 pub fn report(err: &anyhow::Error, json: bool) {
+    if err.downcast_ref::<Degraded>().is_some() {
+        return;
+    }
     if json {
         let mut chain = err.chain().map(|e| e.to_string());
         let line = serde_json::json!({

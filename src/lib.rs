@@ -12,6 +12,7 @@ pub mod error;
 pub mod identity;
 pub mod install;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod precedence;
 pub mod registry;

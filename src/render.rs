@@ -245,6 +245,8 @@ pub struct UnitPaths<'a> {
     pub config_dir: &'a str,
     /// The directory of a `file://` registry, which must stay writable.
     pub registry_dir: Option<&'a str>,
+    /// The directory of the metrics file, which must stay writable.
+    pub metrics_dir: Option<&'a str>,
 }
 
 impl UnitPaths<'_> {
@@ -259,10 +261,13 @@ impl UnitPaths<'_> {
         }
     }
 
+    /// The writable paths every auto-consul unit needs beyond its own.
     fn registry_rw(&self) -> String {
-        self.registry_dir
+        [self.registry_dir, self.metrics_dir]
+            .iter()
+            .flatten()
             .map(|d| format!(" -{d}"))
-            .unwrap_or_default()
+            .collect()
     }
 }
 
@@ -808,6 +813,7 @@ mod tests {
             env_file: "/etc/auto-consul/auto-consul.env",
             config_dir: "/etc/consul.d",
             registry_dir: None,
+            metrics_dir: None,
         }
     }
 

@@ -107,3 +107,229 @@ fn sdk_errors_read_as_messages_not_debug_dumps() {
     );
     check(&out, 1, "cannot be reached");
 }
+
+#[test]
+fn denied_access_reads_as_one_message_naming_the_permissions() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    // S3 answers 403 AccessDenied to every request on this bucket, as it
+    // does for an instance role without s3:ListBucket.
+    moto.faults(serde_json::json!([
+        {"status": 403, "code": "AccessDenied", "match": bucket, "count": 50}
+    ]));
+    let out =
+        output(auto_consul(moto).args(["members", "--registry", &format!("s3://{bucket}/p")]));
+    moto.faults(serde_json::json!([]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    let lines = stderr.lines().count();
+    assert!((1..=6).contains(&lines), "{lines} lines: {stderr}");
+    assert!(
+        stderr.lines().next().unwrap().contains("access denied"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("S3 permissions"), "{stderr}");
+    for dump in ["HeaderValue", "SdkBody", "ErrorMetadata", "raw: Response"] {
+        assert!(!stderr.contains(dump), "debug dump ({dump}) in: {stderr}");
+    }
+}
+
+/// A bootstrap node set up by `run` in its own root, with its heartbeat
+/// written against a fake agent.
+fn healthy_node(moto: &Moto, tmp: &std::path::Path, metrics: Option<&str>) -> (String, FakeAgent) {
+    let bucket = bucket(moto);
+    let registry = format!("s3://{bucket}/status");
+    let root = tmp.join("root");
+    let mut run = run_cmd(moto, &registry, &root, "st-1", "10.60.0.1", 1);
+    if let Some(m) = metrics {
+        run.args(["--metrics-file", m]);
+    }
+    ok_json(&output(&mut run));
+    let agent = FakeAgent::start("st-1", true, &["--address", "10.60.0.1"]);
+    let mut beat = heartbeat_cmd(moto, &registry, &root, "st-1", "10.60.0.1", &agent.addr());
+    if let Some(m) = metrics {
+        beat.args(["--metrics-file", m]);
+    }
+    ok_json(&output(&mut beat));
+    (registry, agent)
+}
+
+fn status(
+    moto: &Moto,
+    registry: &str,
+    root: &std::path::Path,
+    agent: &str,
+) -> std::process::Output {
+    output(
+        auto_consul(moto)
+            .args(["status", "--json", "--registry", registry])
+            .arg("--root")
+            .arg(root)
+            .env("CONSUL_HTTP_ADDR", agent),
+    )
+}
+
+#[test]
+fn status_says_healthy_or_names_what_is_degraded() {
+    let moto = moto();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let (registry, agent) = healthy_node(moto, tmp.path(), None);
+    let out = status(moto, &registry, &root, &agent.addr());
+    let v = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(v["healthy"], true, "{v}");
+    assert_eq!(v["mode"], "bootstrap", "{v}");
+    assert_eq!(v["slot"]["index"], 0, "{v}");
+    assert_eq!(v["slot"]["held"], true, "{v}");
+    assert_eq!(v["agent"]["leader"], "10.60.0.1:8300", "{v}");
+    assert!(v["cluster"]["cluster_id"].is_string(), "{v}");
+    assert!(v["heartbeat_age_seconds"].as_i64().unwrap() <= 5, "{v}");
+    // Text for a person, the same verdict.
+    let text = output(
+        auto_consul(moto)
+            .args(["status", "--registry", &registry])
+            .arg("--root")
+            .arg(&root)
+            .env("CONSUL_HTTP_ADDR", agent.addr()),
+    );
+    let shown = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        shown.contains("bootstrap in server slot 0") && shown.trim_end().ends_with("healthy"),
+        "{shown}"
+    );
+
+    // The agent is down: degraded, exit 1, the reason named.
+    drop(agent);
+    let out = status(
+        moto,
+        &registry,
+        &root,
+        &format!("127.0.0.1:{}", closed_port()),
+    );
+    let v = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert_eq!(v["healthy"], false);
+    let reasons = v["reasons"].to_string();
+    assert!(reasons.contains("not answering"), "{reasons}");
+    // A node that never heartbeat: degraded for that reason too.
+    let fresh = tmp.path().join("fresh");
+    let agent = FakeAgent::start("st-2", false, &["--leader", "10.60.0.1:8300"]);
+    ok_json(&output(&mut run_cmd(
+        moto,
+        &registry,
+        &fresh,
+        "st-2",
+        "10.60.0.2",
+        1,
+    )));
+    let out = status(moto, &registry, &fresh, &agent.addr());
+    let v = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert!(v["reasons"].to_string().contains("no heartbeat"), "{v}");
+    let text = output(
+        auto_consul(moto)
+            .args(["status", "--registry", &registry])
+            .arg("--root")
+            .arg(&fresh)
+            .env("CONSUL_HTTP_ADDR", agent.addr()),
+    );
+    assert!(String::from_utf8_lossy(&text.stdout).contains("DEGRADED: no heartbeat"));
+    assert!(
+        text.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+}
+
+/// The samples of a metrics file as a real parser reads them
+/// (prometheus_client's): "name{labels}" -> value.
+fn parse_metrics(path: &std::path::Path) -> std::collections::BTreeMap<String, f64> {
+    let script = "import json, sys\n\
+                  from prometheus_client.parser import text_string_to_metric_families\n\
+                  out = {}\n\
+                  for fam in text_string_to_metric_families(open(sys.argv[1]).read()):\n\
+                  \x20   for s in fam.samples:\n\
+                  \x20       labels = ','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))\n\
+                  \x20       out[f'{s.name}{{{labels}}}'] = s.value\n\
+                  print(json.dumps(out))\n";
+    let out = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "prometheus_client refused the metrics file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn metrics_are_valid_exposition_format_and_keep_each_commands_last_run() {
+    let moto = moto();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let file = "/var/lib/node_exporter/textfile/auto-consul.prom";
+    let on_disk = root.join(file.trim_start_matches('/'));
+    let (registry, agent) = healthy_node(moto, tmp.path(), Some(file));
+    let m = parse_metrics(&on_disk);
+    for key in [
+        "auto_consul_last_success_timestamp_seconds{command=run}",
+        "auto_consul_last_success_timestamp_seconds{command=heartbeat}",
+    ] {
+        assert!(m.get(key).is_some_and(|t| *t > 1.7e9), "{key}: {m:?}");
+    }
+    assert_eq!(m["auto_consul_mode{mode=bootstrap}"], 1.0, "{m:?}");
+    assert_eq!(m["auto_consul_mode{mode=agent}"], 0.0, "{m:?}");
+    assert_eq!(m["auto_consul_server_slot_held{slot=0}"], 1.0, "{m:?}");
+    assert!(
+        m["auto_consul_registry_requests{command=heartbeat,kind=put}"] >= 2.0,
+        "{m:?}"
+    );
+    assert!(
+        m["auto_consul_registry_requests{command=run,kind=put}"] >= 2.0,
+        "{m:?}"
+    );
+    assert_eq!(
+        m["auto_consul_registry_errors{command=run,kind=put}"], 0.0,
+        "{m:?}"
+    );
+    assert_eq!(m["auto_consul_last_run_success{command=heartbeat}"], 1.0);
+    assert!(
+        m.contains_key("auto_consul_heartbeats_purged{command=heartbeat}"),
+        "{m:?}"
+    );
+    let first_success = m["auto_consul_last_success_timestamp_seconds{command=heartbeat}"];
+
+    // A failed heartbeat (its agent is gone): the failure is recorded, the
+    // last success and the run's samples stay.
+    drop(agent);
+    let failed = output(
+        heartbeat_cmd(
+            moto,
+            &registry,
+            &root,
+            "st-1",
+            "10.60.0.1",
+            &format!("127.0.0.1:{}", closed_port()),
+        )
+        .args(["--metrics-file", file, "--expiry", "15"]),
+    );
+    assert!(!failed.status.success());
+    let m = parse_metrics(&on_disk);
+    assert_eq!(
+        m["auto_consul_last_run_success{command=heartbeat}"], 0.0,
+        "{m:?}"
+    );
+    assert_eq!(
+        m["auto_consul_last_success_timestamp_seconds{command=heartbeat}"],
+        first_success
+    );
+    assert!(
+        m.contains_key("auto_consul_last_success_timestamp_seconds{command=run}"),
+        "{m:?}"
+    );
+    assert_eq!(m["auto_consul_mode{mode=bootstrap}"], 1.0, "{m:?}");
+}

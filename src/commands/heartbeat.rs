@@ -96,8 +96,11 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // An agent's heartbeat is its one write, whatever the registry holds:
     // no read, no purge (one server purges for the fleet). Its older keys
     // expire and that server deletes them.
+    crate::metrics::live_servers(rejoined.servers.len());
     if !server {
         futures::future::try_join_all(keys.iter().map(write)).await?;
+        super::status::record_heartbeat(&root, store.now().await);
+        crate::metrics::node(crate::model::Mode::Agent, None);
         keep_leave_unit_active(&root);
         report(
             opts,
@@ -121,6 +124,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         ))
     );
     written?;
+    super::status::record_heartbeat(&root, store.now().await);
     let record = record?;
     let settings = match &record {
         Some((record, _)) => record.settings(seed_settings(opts)),
@@ -183,6 +187,8 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         });
     }
 
+    let saved_mode = saved.as_ref().map(|s| s.mode).filter(|m| m.is_server());
+    crate::metrics::node(saved_mode.unwrap_or(crate::model::Mode::Server), my_slot);
     // The timer follows the record's expiry: after `cluster set --expiry`,
     // each node's next heartbeat re-arms its own timer.
     let timer_changed = follow_expiry(&root, settings.expiry)?;
@@ -205,6 +211,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     } else {
         Purged::default()
     };
+    crate::metrics::purged(purged.deleted);
     report(
         opts,
         &me,

@@ -36,11 +36,13 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         },
         None => None,
     };
+    let metrics_dir = super::run::metrics_dir(opts)?;
     let paths = render::UnitPaths {
         auto_consul: &binary,
         env_file: ENV_FILE,
         config_dir: &config_dir,
         registry_dir: registry_dir.as_deref(),
+        metrics_dir: metrics_dir.as_deref(),
     };
     let files = [
         FileSpec {

@@ -9,6 +9,7 @@ mod members;
 mod purge;
 mod rejoin;
 mod run;
+mod status;
 
 use std::path::Path;
 
@@ -24,10 +25,13 @@ use crate::render;
 /// Runs one command.
 pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run => run::run(&cli.global, false).await,
+        Command::Run => measured(&cli.global, "run", run::run(&cli.global, false)).await,
         Command::Plan => run::run(&cli.global, true).await,
         Command::Members => members::members(&cli.global).await,
-        Command::Heartbeat => heartbeat::heartbeat(&cli.global).await,
+        Command::Status => status::status(&cli.global).await,
+        Command::Heartbeat => {
+            measured(&cli.global, "heartbeat", heartbeat::heartbeat(&cli.global)).await
+        }
         Command::Purge => purge::purge(&cli.global).await,
         Command::Leave { if_terminating } => leave::leave(&cli.global, if_terminating).await,
         Command::Install { now } => install::install(&cli.global, now),
@@ -46,6 +50,22 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             print_all(&text)
         }
     }
+}
+
+/// Runs `command` and writes its metrics (`--metrics-file`), failed or not.
+async fn measured(
+    opts: &GlobalOpts,
+    name: &str,
+    command: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    let result = command.await;
+    if let Some(path) = &opts.metrics_file {
+        let root = Root::new(&opts.root);
+        if let Err(e) = crate::metrics::write(&root, path, name, result.is_ok()) {
+            tracing::warn!("could not write the metrics file {}: {e:#}", path.display());
+        }
+    }
+    result
 }
 
 /// Writes generated text to stdout; a reader that stops early (`| head`)
@@ -89,7 +109,10 @@ pub async fn open_store(url: &RegistryUrl) -> Result<Opened> {
         RegistryUrl::File { .. } => None,
     };
     let store = registry::open(url, aws.as_ref()).await?;
-    Ok(Opened { store, aws })
+    Ok(Opened {
+        store: Box::new(crate::metrics::Counted(store)),
+        aws,
+    })
 }
 
 /// The mode of the env file: the operator's, when the file exists (a
@@ -185,6 +208,9 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
         ("AUTO_CONSUL_CONFIG_DIR", path(&opts.config_dir)),
         ("AUTO_CONSUL_DATACENTER", opts.datacenter.clone()),
     ]);
+    if let Some(file) = &opts.metrics_file {
+        vars.push(("AUTO_CONSUL_METRICS_FILE", path(file)));
+    }
     if let Some(spec) = &opts.cloud_join {
         vars.push(("AUTO_CONSUL_CLOUD_JOIN", spec.clone()));
     }

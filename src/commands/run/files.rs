@@ -88,6 +88,7 @@ pub struct UnitStrings {
     pub config_dir: String,
     pub data_dir: String,
     pub registry_dir: Option<String>,
+    pub metrics_dir: Option<String>,
 }
 
 impl UnitStrings {
@@ -111,6 +112,7 @@ impl UnitStrings {
             data_dir: render::unit_path(&opts.data_dir)
                 .map_err(|e| usage(format!("--data-dir: {e}")))?,
             registry_dir,
+            metrics_dir: metrics_dir(opts)?,
         })
     }
 
@@ -120,6 +122,7 @@ impl UnitStrings {
             env_file: ENV_FILE,
             config_dir: &self.config_dir,
             registry_dir: self.registry_dir.as_deref(),
+            metrics_dir: self.metrics_dir.as_deref(),
         }
     }
 
@@ -135,6 +138,15 @@ impl UnitStrings {
             notify,
         )
     }
+}
+
+/// The directory of `--metrics-file`, for the units' writable paths.
+pub fn metrics_dir(opts: &GlobalOpts) -> Result<Option<String>> {
+    opts.metrics_file
+        .as_deref()
+        .and_then(Path::parent)
+        .map(|d| render::unit_path(d).map_err(|e| usage(format!("--metrics-file: {e}"))))
+        .transpose()
 }
 
 fn unit(path: &str, contents: String) -> FileSpec {

@@ -32,7 +32,8 @@ mod witness;
 use elect::{Elected, Elector};
 use files::*;
 pub use files::{
-    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user, own_binary,
+    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user,
+    metrics_dir, own_binary,
 };
 use probe::check_conditional_writes;
 use secrets::Secrets;
@@ -125,6 +126,12 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     };
     let elected = elector.elect(previous.as_ref(), raft, first_view).await?;
     let settings = elected.view.settings;
+    if !dry_run {
+        crate::metrics::node(elected.mode, elected.slot);
+        crate::metrics::live_servers(
+            decision::live_servers(&elected.view, &me.node, settings.expiry).len(),
+        );
+    }
     // The timer follows the expiry that rules (the cluster record's): a
     // server's, or the longer one of agents.
     let timer_expiry = if elected.mode.is_server() {
