@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use serde_json::Value;
 
 fn agent_items(p: &str, n: usize, seconds_ago: i64) -> Vec<(String, String)> {
     (0..n)
@@ -219,4 +220,49 @@ fn a_joining_agent_reads_at_most_3_listing_pages_of_a_fleet_of_10000() {
         delta("PUT")
     );
     assert!(delta("LIST") <= 3, "{} listing pages", delta("LIST"));
+}
+
+#[test]
+fn a_server_without_a_slot_purges_only_when_no_slot_is_live() {
+    let moto = Moto::start(&[]);
+    let bucket = bucket(&moto);
+    let p = "cost/noslot";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = |n: &str| tmp.path().join(n);
+    for (n, ip) in [("n0", "10.46.0.1"), ("n1", "10.46.0.2")] {
+        run_node(&moto, &registry, &root(n), n, ip, 2);
+    }
+    // n1 runs as a server but holds no slot (its state names none, as
+    // after a slot it released): it purges only when no slot is live.
+    let state = root("n1").join("var/lib/auto-consul/state.json");
+    let mut s: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(s["mode"], "server", "{s}");
+    s["slot"] = Value::Null;
+    s["claim_id"] = Value::Null;
+    std::fs::write(&state, s.to_string()).unwrap();
+    moto.seed(&bucket, agent_items(p, 50, 7300));
+    moto.age(&bucket, &format!("{p}/agents/"), 7300);
+    let beat = || {
+        let agent = FakeAgent::start("n1", true, &["--address", "10.46.0.2"]);
+        ok_json(&output(&mut heartbeat_cmd(
+            &moto,
+            &registry,
+            &root("n1"),
+            "n1",
+            "10.46.0.2",
+            &agent.addr(),
+        )))
+    };
+    // Both slots live (just claimed): n1 leaves the purge to their holders.
+    let v = beat();
+    assert_eq!(v["slot"], Value::Null, "{v}");
+    assert_eq!(v["purged"], 0, "{v}");
+    // Every slot expired on the store's clock (their holders silent): any
+    // server purges, so expired keys never pile up.
+    moto.age(&bucket, &format!("{p}/slots/"), 600);
+    let v = beat();
+    assert_eq!(v["purged"], 50, "{v}");
+    // Left: the heartbeat it has just written.
+    assert_eq!(count_keys(&moto, &bucket, &format!("{p}/agents/")), 1);
 }
