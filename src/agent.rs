@@ -167,19 +167,22 @@ impl Api {
             let mut url = url::Url::parse(&addr.base).map_err(|e| usage(e.to_string()))?;
             let port = url.port_or_known_default().unwrap_or(8501);
             let host = url.host_str().unwrap_or("127.0.0.1").to_string();
-            let target =
+            // Every address the host has (localhost: ::1 and 127.0.0.1).
+            let targets: Vec<std::net::SocketAddr> =
                 std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(['[', ']']), port))
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| {
-                        usage(format!("CONSUL_HTTP_ADDR host {host} does not resolve"))
-                    })?;
+                    .map(|a| a.collect())
+                    .unwrap_or_default();
+            if targets.is_empty() {
+                return Err(usage(format!(
+                    "CONSUL_HTTP_ADDR host {host} does not resolve: set CONSUL_HTTP_ADDR to the agent's address (e.g. https://127.0.0.1:8501)"
+                )));
+            }
             url.set_host(Some(&name)).map_err(|e| {
                 usage(format!(
                     "CONSUL_TLS_SERVER_NAME `{name}` is not a host name: {e}"
                 ))
             })?;
-            builder = builder.resolve(&name, target);
+            builder = builder.resolve_to_addrs(&name, &targets);
             base = url.as_str().trim_end_matches('/').to_string();
         }
         if let Some(path) = env("CONSUL_CACERT") {

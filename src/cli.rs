@@ -187,9 +187,10 @@ pub struct GlobalOpts {
           value_parser = parse_abs_path)]
     pub metrics_file: Option<PathBuf>,
 
-    /// A cloud auto-join entry added after the registry's addresses in
-    /// `retry_join` (never for a bootstrap server), the fallback when the
-    /// registry is out of reach, e.g. `provider=aws tag_key=auto-consul:cluster
+    /// A cloud auto-join entry added after the registry's addresses in an
+    /// agent's `retry_join` (servers never get it): agents find the cluster
+    /// even when the registry is out of reach. Consul joins every instance
+    /// it finds, so the tag must name this cluster only, e.g. `provider=aws tag_key=auto-consul:cluster
     /// tag_value=prod`. Consul resolves it with ec2:DescribeInstances.
     #[arg(long, env = "AUTO_CONSUL_CLOUD_JOIN", value_name = "SPEC", global = true,
           value_parser = parse_cloud_join)]

@@ -164,6 +164,25 @@ pub fn check_writable(root: &Root, specs: &[FileSpec]) -> Result<()> {
     Ok(())
 }
 
+/// Takes the lock `name` (a file in /var/lib/auto-consul under the root),
+/// waiting for another auto-consul process that holds it: `run` and
+/// `heartbeat` both rewrite Consul's config file and the metrics file,
+/// each by read, change, rename. Released when the file is dropped.
+pub fn lock(root: &Root, name: &str) -> Result<fs::File> {
+    let dir = root.path(Path::new("/var/lib/auto-consul"));
+    fs::create_dir_all(&dir).with_context(|| format!("creating directory {}", dir.display()))?;
+    let path = dir.join(format!("{name}.lock"));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening the lock {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
 /// Runs `systemctl` with `args`, failing with its output when it fails.
 pub fn systemctl(args: &[&str]) -> Result<()> {
     let out = Command::new("systemctl")

@@ -161,6 +161,7 @@ pub fn write(root: &Root, path: &Path, command: &str, ok: bool) -> Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .clone()
         .unwrap_or_default();
+    let _lock = install::lock(root, "metrics")?;
     let on_disk = root.path(path);
     let previous = std::fs::read_to_string(&on_disk).unwrap_or_default();
     let now = Utc::now().timestamp_millis() as f64 / 1000.0;
@@ -261,6 +262,12 @@ pub fn write(root: &Root, path: &Path, command: &str, ok: bool) -> Result<()> {
             mode: 0o644,
             owner: None,
         },
-    )?;
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "the units may write only an existing directory: create {} and run `auto-consul install` again",
+            path.parent().unwrap_or(path).display()
+        ))
+    })?;
     Ok(())
 }

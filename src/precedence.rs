@@ -28,6 +28,13 @@ const OWNED: &[&str] = &[
     "encrypt",
 ];
 
+/// Keys whose values are secrets: compared, never shown.
+const SECRETS: &[&str] = &["encrypt"];
+
+/// Keys that start a cluster: set anywhere but in auto-consul's file, a
+/// node could bootstrap a second cluster. `run` refuses them (exit 2).
+pub const BOOTSTRAPPING: &[&str] = &["bootstrap", "bootstrap_expect"];
+
 /// Keys whose values are lists that Consul joins across files.
 const LISTS: &[&str] = &["retry_join", "start_join"];
 
@@ -101,7 +108,20 @@ pub fn conflicts(
             let Some(value) = theirs.get(*key) else {
                 continue;
             };
-            let mine = ours.get(*key);
+            let real_mine = ours.get(*key);
+            if !LISTS.contains(key) && real_mine == Some(value) {
+                continue;
+            }
+            // A secret is never shown, in a log or in `--json`.
+            let show = |v: &Value| {
+                if SECRETS.contains(key) {
+                    Value::String("(a secret, not shown)".into())
+                } else {
+                    v.clone()
+                }
+            };
+            let value = show(value);
+            let mine = real_mine.map(show);
             let effect = if LISTS.contains(key) {
                 if value.as_array().is_some_and(|a| a.is_empty()) {
                     continue;
@@ -111,16 +131,16 @@ pub fn conflicts(
                 )
             } else {
                 match mine {
-                    Some(m) if m == value => continue,
                     Some(m) if read_after_ours => format!(
                         "its {value} is read after auto-consul's {m} and wins, so the node does not run as decided"
                     ),
                     Some(m) => {
                         format!("auto-consul's file is read last, so its {m} is used, not {value}")
                     }
-                    None => format!(
-                        "its {value} conflicts with auto-consul's decision (Consul may refuse to start)"
+                    None if BOOTSTRAPPING.contains(key) => format!(
+                        "its {value} could make this node bootstrap a second cluster beside the one auto-consul decides"
                     ),
+                    None => format!("its {value} conflicts with auto-consul's decision"),
                 }
             };
             out.push(Conflict {
@@ -128,6 +148,54 @@ pub fn conflicts(
                 key: (*key).to_string(),
                 effect,
             });
+        }
+    }
+    out
+}
+
+/// Other files that set `bootstrap: true` or a `bootstrap_expect` above 0:
+/// with them a node could bootstrap a second cluster, whatever auto-consul
+/// decides, so `run` refuses to go on (checked before anything is claimed).
+pub fn bootstrapping(
+    dir_on_disk: &Path,
+    config_dir: &Path,
+    own_name: &str,
+    skip: &[&str],
+) -> Vec<Conflict> {
+    let Ok(entries) = std::fs::read_dir(dir_on_disk) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n != own_name && !skip.contains(&n.as_str()))
+        .filter(|n| n.ends_with(".json") || n.ends_with(".hcl"))
+        .collect();
+    names.sort();
+    for name in names {
+        let Ok(Value::Object(map)) = std::fs::read_to_string(dir_on_disk.join(&name))
+            .map_err(|e| e.to_string())
+            .and_then(|t| parse(&name, &t))
+        else {
+            continue;
+        };
+        for key in BOOTSTRAPPING {
+            let on = match map.get(*key) {
+                Some(Value::Bool(b)) => *b,
+                Some(Value::Number(n)) => n.as_f64().is_some_and(|n| n > 0.0),
+                _ => false,
+            };
+            if on {
+                out.push(Conflict {
+                    file: config_dir.join(&name),
+                    key: (*key).to_string(),
+                    effect: format!(
+                        "it could make this node bootstrap a second cluster, whatever auto-consul decides (= {})",
+                        map[*key]
+                    ),
+                });
+            }
         }
     }
     out

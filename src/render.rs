@@ -33,8 +33,8 @@ pub struct ConsulSettings<'a> {
     /// Addresses to join.
     pub retry_join: &'a [IpAddr],
     /// A cloud auto-join entry (`provider=aws tag_key=... tag_value=...`),
-    /// tried after the addresses: the fallback when the registry is out of
-    /// reach. Never given to a bootstrap server (it must not join).
+    /// listed after the addresses; Consul joins every instance it finds.
+    /// Given to agents only.
     pub cloud_join: Option<&'a str>,
     /// Gossip encryption key.
     pub encrypt: Option<&'a str>,
@@ -69,9 +69,9 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
     );
     if s.mode.is_server() {
         c.insert("server".into(), json!(true));
-        if s.bootstrap {
-            c.insert("bootstrap".into(), json!(true));
-        }
+        // Explicit either way: auto-consul's file is read last, so no other
+        // file can make a joining server bootstrap.
+        c.insert("bootstrap".into(), json!(s.bootstrap));
         // Replacement servers join while the dead ones still count in Raft:
         // autopilot removes the dead once a replacement is healthy, and
         // never below the cluster's size (min_quorum, from 3 servers on,
@@ -91,6 +91,7 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
         c.insert("leave_on_terminate".into(), json!(false));
     } else {
         c.insert("server".into(), json!(false));
+        c.insert("bootstrap".into(), json!(false));
         c.insert("leave_on_terminate".into(), json!(true));
     }
     if let Some(key) = s.encrypt {
@@ -103,6 +104,11 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
         c.insert("tls".into(), tls);
         if let Some(auto_encrypt) = auto_encrypt {
             c.insert("auto_encrypt".into(), auto_encrypt);
+        }
+        // Servers sign agents' auto_encrypt certificates with Connect's CA:
+        // with Connect off, they refuse (Consul's AutoEncrypt.Sign).
+        if s.mode.is_server() {
+            c.insert("connect".into(), json!({ "enabled": true }));
         }
     }
     let mut text =
@@ -247,14 +253,23 @@ pub struct UnitPaths<'a> {
     pub registry_dir: Option<&'a str>,
     /// The directory of the metrics file, which must stay writable.
     pub metrics_dir: Option<&'a str>,
+    /// Whether a file the units read (secret, certificate, metrics) lies
+    /// under /root, /home or /run/user.
+    pub reads_home: bool,
+}
+
+/// Whether `path` lies where `ProtectHome=yes` hides it.
+pub fn in_home(path: &str) -> bool {
+    ["/root/", "/home/", "/run/user/"]
+        .iter()
+        .any(|h| path.starts_with(h))
 }
 
 impl UnitPaths<'_> {
     /// `ProtectHome=yes` hides /root, /home and /run/user: `read-only`
-    /// when the binary lies there, so that it still runs.
+    /// when the binary or a file it reads lies there, so that it still runs.
     fn protect_home(&self) -> &'static str {
-        let hidden = ["/root/", "/home/", "/run/user/"];
-        if hidden.iter().any(|h| self.auto_consul.starts_with(h)) {
+        if self.reads_home || in_home(self.auto_consul) {
             "read-only"
         } else {
             "yes"
@@ -345,7 +360,9 @@ impl Sandbox<'_> {
 pub fn consul_unit(consul: &str, config_dir: &str, data_dir: &str) -> String {
     let sandbox = Sandbox {
         caps: "",
-        read_write: data_dir.to_string(),
+        // '-': a data dir not made yet fails no start; the drop-in's
+        // ExecStartPre makes it.
+        read_write: format!("-{data_dir}"),
         protect_home: "yes",
         state_dir: false,
         extra_syscalls: "",
@@ -803,7 +820,7 @@ mod tests {
         let v: Value =
             serde_json::from_str(&consul_config(&settings(Mode::Server, false, &join))).unwrap();
         assert_eq!(v["server"], json!(true));
-        assert!(v.get("bootstrap").is_none());
+        assert_eq!(v["bootstrap"], json!(false));
         assert_eq!(v["retry_join"], json!(["10.0.0.1"]));
     }
 
@@ -814,6 +831,7 @@ mod tests {
             config_dir: "/etc/consul.d",
             registry_dir: None,
             metrics_dir: None,
+            reads_home: false,
         }
     }
 

@@ -720,7 +720,7 @@ fn a_state_file_copied_from_another_instance_claims_nothing() {
     ));
     let v = ok_json(&out);
     assert_eq!(mode(&v), "agent");
-    assert_eq!(config(&rb)["bootstrap"], Value::Null);
+    assert_eq!(config(&rb)["bootstrap"], Value::Bool(false));
     assert!(
         stderr(&out).contains("ignoring state file"),
         "{}",

@@ -557,3 +557,65 @@ fn tls_flags_that_cannot_work_are_refused_before_anything_is_claimed() {
         "nothing claimed"
     );
 }
+
+#[test]
+fn another_file_that_would_bootstrap_stops_run_before_any_claim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, registry) = (tmp.path().join("root"), tmp.path().join("registry"));
+    std::fs::create_dir_all(&registry).unwrap();
+    let conf = root.join("etc/consul.d");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("server.hcl"),
+        "server = true\nbootstrap_expect = 3\n",
+    )
+    .unwrap();
+    let moto = moto();
+    let out = output(
+        auto_consul(moto)
+            .args(["run", "--address", "10.0.8.30", "--node", "boot-x"])
+            .arg("--registry")
+            .arg(format!("file://{}", registry.display()))
+            .arg("--root")
+            .arg(&root),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/etc/consul.d/server.hcl sets `bootstrap_expect`"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(&registry).unwrap().next().is_none(),
+        "nothing claimed"
+    );
+    assert!(!conf.join("zz-auto-consul.json").exists());
+}
+
+#[test]
+fn a_node_of_a_replaced_cluster_never_joins_the_new_one() {
+    let s = stranded();
+    // This node's state names another cluster than the registry's now.
+    let state = s.root.join("var/lib/auto-consul/state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    v["cluster_id"] = serde_json::json!("an-old-cluster");
+    std::fs::write(&state, v.to_string()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let joins = tmp.path().join("joins");
+    let agent = FakeAgent::start(
+        "heal-a1",
+        false,
+        &["--no-servers", "--join-file", joins.to_str().unwrap()],
+    );
+    let out = output(&mut s.beat(&agent));
+    let v = ok_json(&out);
+    assert_eq!(v["joined"], serde_json::Value::Null, "{v}");
+    assert!(!joins.exists());
+    assert_eq!(retry_join(&s.config)[0], "10.9.9.9", "left as it was");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another cluster"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -55,8 +55,16 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     }
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
-    let rejoined =
-        super::rejoin::rejoin(opts, &root, store, &status, &me, seed_settings(opts)).await;
+    let rejoined = super::rejoin::rejoin(
+        opts,
+        &root,
+        store,
+        &status,
+        &me,
+        seed_settings(opts),
+        saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
+    )
+    .await;
 
     let decided_server = saved.as_ref().is_some_and(|s| s.mode.is_server());
     let server = status.is_server(me.address, decided_server);

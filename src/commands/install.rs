@@ -43,6 +43,7 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         config_dir: &config_dir,
         registry_dir: registry_dir.as_deref(),
         metrics_dir: metrics_dir.as_deref(),
+        reads_home: super::run::reads_home(opts),
     };
     let files = [
         FileSpec {

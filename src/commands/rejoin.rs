@@ -44,18 +44,32 @@ pub async fn rejoin(
     status: &AgentStatus,
     me: &Identity,
     seed: Settings,
+    my_cluster: Option<&str>,
 ) -> Rejoin {
     let mut out = Rejoin::default();
     let config = opts.config_dir.join(CONFIG_FILE);
     let on_disk = root.path(&config);
     // A node `run` never set up (a heartbeat by hand) has nothing to keep.
-    let Ok(text) = std::fs::read_to_string(&on_disk) else {
+    if !on_disk.is_file() {
         return out;
-    };
+    }
     let leaderless = status.leader.is_none();
     out.servers = if leaderless {
         out.source = Some("registry");
         match read_view(store, seed, Agents::Recent(0)).await {
+            // The registry's servers may be another cluster's (this node's
+            // was replaced): joining them would merge two clusters.
+            Ok(view)
+                if my_cluster
+                    .is_some_and(|mine| view.record().is_some_and(|r| r.cluster_id != mine)) =>
+            {
+                tracing::warn!(
+                    "the local Consul agent knows no leader, but the registry now holds another cluster than this node's ({}): \
+                     not joining its servers; `run` at the next boot decides afresh",
+                    my_cluster.unwrap_or_default()
+                );
+                Vec::new()
+            }
             Ok(view) => decision::join_list(
                 &view,
                 Mode::Server,
@@ -84,7 +98,13 @@ pub async fn rejoin(
     if out.servers.is_empty() {
         return out;
     }
-    match rewrite_retry_join(root, &config, &on_disk, &text, &out.servers) {
+    // Under the lock `run` takes to write the same file, and from the file
+    // as it is now: a `run` in between is never undone.
+    let rewritten = install::lock(root, "consul-config").and_then(|_lock| {
+        let text = std::fs::read_to_string(&on_disk)?;
+        rewrite_retry_join(root, &config, &on_disk, &text, &out.servers)
+    });
+    match rewritten {
         Ok(new) => out.rewritten = new,
         Err(e) => tracing::warn!(
             "could not update retry_join in {}: {e:#}",

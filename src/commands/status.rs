@@ -82,7 +82,13 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
                         if record.retired {
                             degraded.push(format!("cluster {} is retired", record.cluster_id));
                         }
-                        if let Some(mine) = saved.as_ref().and_then(|s| s.cluster_id.as_deref())
+                        // A server's Raft data is its cluster's; an agent
+                        // follows the servers it finds (and decides again
+                        // at its next boot).
+                        if let Some(mine) = saved
+                            .as_ref()
+                            .filter(|s| s.mode.is_server())
+                            .and_then(|s| s.cluster_id.as_deref())
                             && mine != record.cluster_id
                         {
                             degraded.push(format!(
@@ -153,6 +159,17 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
         Ok(a) => {
             if a.leader.is_none() {
                 degraded.push("the local Consul agent knows no leader".into());
+            }
+            // The agent's own word (when the token allows) against the mode
+            // `run` decided: another config file can make a server a client.
+            if let (Some(s), Some(is_server)) = (saved.as_ref(), a.server)
+                && s.mode.is_server() != is_server
+            {
+                degraded.push(format!(
+                    "`run` decided {}, but the local Consul agent runs as {}: check the other files of the config dir (`auto-consul plan` names them)",
+                    s.mode.as_str(),
+                    if is_server { "a server" } else { "a client" }
+                ));
             }
             json!({ "answering": true, "leader": a.leader, "server_peers": a.peers.len() })
         }

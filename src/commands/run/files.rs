@@ -89,6 +89,7 @@ pub struct UnitStrings {
     pub data_dir: String,
     pub registry_dir: Option<String>,
     pub metrics_dir: Option<String>,
+    pub reads_home: bool,
 }
 
 impl UnitStrings {
@@ -113,6 +114,7 @@ impl UnitStrings {
                 .map_err(|e| usage(format!("--data-dir: {e}")))?,
             registry_dir,
             metrics_dir: metrics_dir(opts)?,
+            reads_home: reads_home(opts),
         })
     }
 
@@ -123,6 +125,7 @@ impl UnitStrings {
             config_dir: &self.config_dir,
             registry_dir: self.registry_dir.as_deref(),
             metrics_dir: self.metrics_dir.as_deref(),
+            reads_home: self.reads_home,
         }
     }
 
@@ -138,6 +141,22 @@ impl UnitStrings {
             notify,
         )
     }
+}
+
+/// Whether a file the units read or write lies where `ProtectHome=yes`
+/// would hide it.
+pub fn reads_home(opts: &GlobalOpts) -> bool {
+    [
+        &opts.encrypt_file,
+        &opts.acl_token_file,
+        &opts.ca_file,
+        &opts.cert_file,
+        &opts.key_file,
+        &opts.metrics_file,
+    ]
+    .iter()
+    .filter_map(|p| p.as_deref())
+    .any(|p| render::in_home(&p.to_string_lossy()))
 }
 
 /// The directory of `--metrics-file`, for the units' writable paths.
@@ -260,12 +279,13 @@ pub fn ensure_consul_user(root: &Root) -> Result<()> {
         .output()
         .map_err(|e| anyhow::anyhow!("running useradd to create the consul user: {e}"))?;
     if !out.status.success() {
-        anyhow::bail!(
-            "useradd could not create the consul user ({}): {}; create it in the image \
-             (`auto-consul install` does, or useradd --system consul)",
+        return Err(usage(format!(
+            "useradd could not create the consul user, which consul.service runs as ({}): {}; \
+             create it in the image: `auto-consul install` does (the boot unit's sandbox cannot), \
+             or useradd --system --user-group --no-create-home --shell /usr/sbin/nologin consul",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        );
+        )));
     }
     tracing::info!("created the system user consul, which consul.service runs as");
     Ok(())

@@ -33,7 +33,7 @@ use elect::{Elected, Elector};
 use files::*;
 pub use files::{
     CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user,
-    metrics_dir, own_binary,
+    metrics_dir, own_binary, reads_home,
 };
 use probe::check_conditional_writes;
 use secrets::Secrets;
@@ -59,6 +59,25 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
              --key-file); only a node run with --role agent does without one (it gets one from \
              the servers through auto_encrypt)",
         ));
+    }
+
+    if let Some(c) = precedence::bootstrapping(
+        &root.path(&opts.config_dir),
+        &opts.config_dir,
+        CONFIG_FILE,
+        &[LEGACY_CONFIG_FILE],
+    )
+    .first()
+    {
+        return Err(usage(format!(
+            "{c}: auto-consul alone decides which node bootstraps"
+        )));
+    }
+    // On the running system the user is made before anything is claimed
+    // or rendered (the drop-in hands it the data dir); under another root
+    // its absence is only a warning, given with the files.
+    if !dry_run && root.is_system() && manages_consul_unit(&root) {
+        ensure_consul_user(&root)?;
     }
 
     // The identity (IMDS), the check of conditional writes and the first
@@ -159,12 +178,13 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         &not_running,
     );
 
-    // A bootstrap server joins nobody: not even through the cloud entry,
-    // which could find an old cluster's servers.
+    // Consul joins every instance a cloud entry finds, not the first: only
+    // agents get it (a server's gossip pool and Raft peers come from the
+    // registry), and never a bootstrap server.
     let cloud_join = opts
         .cloud_join
         .as_deref()
-        .filter(|_| elected.mode != Mode::Bootstrap);
+        .filter(|_| elected.mode == Mode::Agent);
     // Consul's readiness notice is worth waiting for when it has someone
     // to join; a lone bootstrap server never sends it.
     let notify = !retry_join.is_empty() || cloud_join.is_some();
@@ -187,7 +207,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             key_file: opts.key_file.as_deref(),
         },
     };
-    if !dry_run && manages_consul_unit(&root) {
+    if !dry_run && !root.is_system() && manages_consul_unit(&root) {
         ensure_consul_user(&root)?;
     }
     let consul_user = root.user("consul");
@@ -222,6 +242,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
 
     let mut written = Vec::new();
     if !dry_run {
+        let _lock = install::lock(&root, "consul-config")?;
         for f in &files {
             if install::write_atomic(&root, f)? {
                 written.push(root.path(&f.path));

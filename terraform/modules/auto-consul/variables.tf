@@ -246,7 +246,7 @@ variable "termination_wait" {
 }
 
 variable "cloud_auto_join" {
-  description = "Add Consul's cloud auto-join entry (provider=aws, instances tagged auto-consul:cluster = name) to retry_join, after the registry's addresses: agents still find the servers when the registry cannot be read. Never used by a bootstrap server."
+  description = "Add Consul's cloud auto-join entry (provider=aws, instances tagged auto-consul:cluster = name) to the agents' retry_join, after the registry's addresses: agents still find the cluster when the registry cannot be read. Servers never get it. Consul joins every instance it finds, so name must be unique to this cluster."
   type        = bool
   default     = true
 }
