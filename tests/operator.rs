@@ -333,3 +333,37 @@ fn metrics_are_valid_exposition_format_and_keep_each_commands_last_run() {
     );
     assert_eq!(m["auto_consul_mode{mode=bootstrap}"], 1.0, "{m:?}");
 }
+
+#[test]
+fn baking_an_image_whose_env_file_names_a_node_is_warned_about() {
+    let moto = moto();
+    let tmp = tempfile::tempdir().unwrap();
+    let env = tmp.path().join("etc/auto-consul/auto-consul.env");
+    std::fs::create_dir_all(env.parent().unwrap()).unwrap();
+    // As an older `run` left it on the node the image is made from.
+    std::fs::write(
+        &env,
+        "AUTO_CONSUL_REGISTRY='s3://b/p'\nAUTO_CONSUL_ADDRESS='10.1.2.3'\nAUTO_CONSUL_NODE='i-0abc'\n",
+    )
+    .unwrap();
+    let install = |now: bool| {
+        let mut cmd = auto_consul(moto);
+        cmd.args(["install", "--json"])
+            .arg("--root")
+            .arg(tmp.path());
+        if now {
+            cmd.arg("--now");
+        }
+        output(&mut cmd)
+    };
+    let bake = install(false);
+    assert!(bake.status.success());
+    let stderr = String::from_utf8_lossy(&bake.stderr);
+    assert!(
+        stderr.contains("sets AUTO_CONSUL_ADDRESS, AUTO_CONSUL_NODE: an image baked now"),
+        "{stderr}"
+    );
+    // At boot (`--now`, from user data) the identity is this instance's.
+    let boot = install(true);
+    assert!(!String::from_utf8_lossy(&boot.stderr).contains("an image baked now"));
+}

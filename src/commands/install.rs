@@ -26,6 +26,9 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         Some(raw) => Some(RegistryUrl::parse(raw)?.to_string()),
         None => None,
     };
+    if !now {
+        warn_identity_in_image(&root);
+    }
     let binary = render::unit_path(&own_binary(&root)?)?;
     let config_dir =
         render::unit_path(&opts.config_dir).map_err(|e| usage(format!("--config-dir: {e}")))?;
@@ -121,4 +124,30 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `install` without `--now` is the bake step: an env file that names one
+/// node's identity (written by an older `run`, or by hand) would give every
+/// instance of the image the same address and name.
+fn warn_identity_in_image(root: &Root) {
+    let Ok(text) = std::fs::read_to_string(root.path(Path::new(ENV_FILE))) else {
+        return;
+    };
+    let named: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+        .filter(|k| {
+            matches!(
+                *k,
+                "AUTO_CONSUL_ADDRESS" | "AUTO_CONSUL_NODE" | "AUTO_CONSUL_INSTANCE_ID"
+            )
+        })
+        .collect();
+    if !named.is_empty() {
+        tracing::warn!(
+            "{ENV_FILE} sets {}: an image baked now gives every instance this one identity; \
+             remove those lines before baking (each instance learns its own from IMDS)",
+            named.join(", ")
+        );
+    }
 }
