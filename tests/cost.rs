@@ -262,7 +262,10 @@ fn a_server_without_a_slot_purges_only_when_no_slot_is_live() {
     // server purges, so expired keys never pile up.
     moto.age(&bucket, &format!("{p}/slots/"), 600);
     let v = beat();
-    assert_eq!(v["purged"], 50, "{v}");
+    // The 50 expired keys, and n1's own keys of its first heartbeat when
+    // they were stamped in another second than this one's (superseded).
+    let purged = v["purged"].as_u64().unwrap();
+    assert!(purged == 50 || purged == 52, "{v}");
     // Left: the heartbeat it has just written.
     assert_eq!(count_keys(&moto, &bucket, &format!("{p}/agents/")), 1);
 }
