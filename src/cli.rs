@@ -196,6 +196,14 @@ pub struct GlobalOpts {
           value_parser = parse_cloud_join)]
     pub cloud_join: Option<String>,
 
+    /// Also sandbox a packaged consul.service (HashiCorp's package, or any
+    /// unit auto-consul did not write) as auto-consul's own is: no
+    /// capabilities, a read-only system but the data dir. Opt-in: script
+    /// checks, log files or DNS on port 53 need more. The consul.service
+    /// auto-consul writes (Consul from a zip) is always sandboxed.
+    #[arg(long, env = "AUTO_CONSUL_SANDBOX_CONSUL", global = true)]
+    pub sandbox_consul: bool,
+
     /// Accept a registry that ignores conditional writes, falling back to the
     /// original tool's racy decision (two nodes booting at once may both
     /// bootstrap). Never use this with S3 itself.

@@ -358,20 +358,7 @@ impl Sandbox<'_> {
 /// unprivileged), writing only its data dir. The drop-in adds the type,
 /// the start timeout and the command line.
 pub fn consul_unit(consul: &str, config_dir: &str, data_dir: &str) -> String {
-    let sandbox = Sandbox {
-        caps: "",
-        // '-': a data dir not made yet fails no start; the drop-in's
-        // ExecStartPre makes it.
-        read_write: format!("-{data_dir}"),
-        protect_home: "yes",
-        state_dir: false,
-        extra_syscalls: "",
-        // Netlink: Go lists the interfaces for bind and advertise
-        // addresses (and go-sockaddr templates); AF_UNIX: sd_notify.
-        families: "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
-        umask: "0027",
-    }
-    .render();
+    let sandbox = consul_sandbox(data_dir);
     format!(
         "# Written by auto-consul: no consul.service was installed.\n\
          [Unit]\n\
@@ -390,13 +377,43 @@ pub fn consul_unit(consul: &str, config_dir: &str, data_dir: &str) -> String {
          KillSignal=SIGTERM\n\
          Restart=on-failure\n\
          LimitNOFILE=65536\n\
-         # Sandbox: script checks (enable_script_checks) run inside it too.\n\
-         RemoveIPC=yes\n\
          {sandbox}\
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n"
     )
+}
+
+/// The drop-in that sandboxes a packaged `consul.service` as auto-consul's
+/// own is (`--sandbox-consul`, opt-in: an operator's Consul may run script
+/// checks or write logs the sandbox forbids).
+pub fn consul_sandbox_dropin(data_dir: &str) -> String {
+    format!(
+        "{MARKER} (--sandbox-consul); removed when that is no longer set.\n\
+         [Service]\n\
+         {}",
+        consul_sandbox(data_dir)
+    )
+}
+
+/// Consul's sandbox: no capabilities (its ports are unprivileged), writing
+/// only its data dir. Script checks (enable_script_checks) run inside it.
+fn consul_sandbox(data_dir: &str) -> String {
+    let sandbox = Sandbox {
+        caps: "",
+        // '-': a data dir not made yet fails no start; the drop-in's
+        // ExecStartPre makes it.
+        read_write: format!("-{data_dir}"),
+        protect_home: "yes",
+        state_dir: false,
+        extra_syscalls: "",
+        // Netlink: Go lists the interfaces for bind and advertise
+        // addresses (and go-sockaddr templates); AF_UNIX: sd_notify.
+        families: "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        umask: "0027",
+    }
+    .render();
+    format!("RemoveIPC=yes\n{sandbox}")
 }
 
 /// The heartbeat's and the leave unit's sandbox: root, reading past file

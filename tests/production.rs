@@ -121,13 +121,11 @@ fn the_units_run_and_install_write_meet_their_exposure_goals() {
     assert!(lone.contains("\nType=exec\n"), "{lone}");
 }
 
-#[test]
-fn files_that_set_what_auto_consul_decides_are_named_and_lose() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (root, registry) = (tmp.path().join("root"), tmp.path().join("registry"));
+/// A root with HashiCorp's packaged consul.service (the fixture) under
+/// `dir`, and an empty directory registry: (root, registry).
+fn packaged(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (root, registry) = (dir.join("root"), dir.join("registry"));
     std::fs::create_dir_all(&registry).unwrap();
-    // HashiCorp's package: its unit, its consul.hcl (data_dir /opt/consul),
-    // and an operator's file; plus the config file of the previous version.
     let lib = root.join("usr/lib/systemd/system");
     std::fs::create_dir_all(&lib).unwrap();
     std::fs::copy(
@@ -135,6 +133,15 @@ fn files_that_set_what_auto_consul_decides_are_named_and_lose() {
         lib.join("consul.service"),
     )
     .unwrap();
+    (root, registry)
+}
+
+#[test]
+fn files_that_set_what_auto_consul_decides_are_named_and_lose() {
+    let tmp = tempfile::tempdir().unwrap();
+    // HashiCorp's package: its unit, its consul.hcl (data_dir /opt/consul),
+    // and an operator's file; plus the config file of the previous version.
+    let (root, registry) = packaged(tmp.path());
     let conf = root.join("etc/consul.d");
     std::fs::create_dir_all(&conf).unwrap();
     std::fs::write(
@@ -618,4 +625,41 @@ fn a_node_of_a_replaced_cluster_never_joins_the_new_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_packaged_consul_is_sandboxed_only_when_asked_and_unsandboxed_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, registry) = packaged(tmp.path());
+    let sandbox = root.join("etc/systemd/system/consul.service.d/auto-consul-sandbox.conf");
+    // By default the package's unit keeps its exposure: only the drop-in
+    // that makes it run auto-consul's configuration is written.
+    run_file(&root, &registry, "pkg-1", "10.0.8.40", &[]);
+    assert!(!sandbox.exists());
+    let plain = exposure(&root, "consul.service");
+    assert!(plain > 9.0, "packaged: {plain}");
+    // Asked for: the same sandbox as the consul.service auto-consul writes.
+    run_file(
+        &root,
+        &registry,
+        "pkg-1",
+        "10.0.8.40",
+        &["--sandbox-consul"],
+    );
+    let boxed = exposure(&root, "consul.service");
+    eprintln!("packaged consul.service: exposure {plain}, with --sandbox-consul {boxed}");
+    assert!(boxed <= 5.0, "with --sandbox-consul: {boxed}");
+    let text = std::fs::read_to_string(&sandbox).unwrap();
+    assert!(text.contains("ReadWritePaths=-/opt/consul\n"), "{text}");
+    let env = std::fs::read_to_string(root.join("etc/auto-consul/auto-consul.env")).unwrap();
+    assert!(env.contains("AUTO_CONSUL_SANDBOX_CONSUL='true'"), "{env}");
+    // No longer asked for (the env line removed): the drop-in goes.
+    let kept: String = env
+        .lines()
+        .filter(|l| !l.starts_with("AUTO_CONSUL_SANDBOX_CONSUL"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(root.join("etc/auto-consul/auto-consul.env"), kept).unwrap();
+    run_file(&root, &registry, "pkg-1", "10.0.8.40", &[]);
+    assert!(!sandbox.exists());
 }

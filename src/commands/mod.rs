@@ -225,6 +225,9 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
             vars.push((key, path(p)));
         }
     }
+    if opts.sandbox_consul {
+        vars.push(("AUTO_CONSUL_SANDBOX_CONSUL", "true".into()));
+    }
     if opts.allow_racy {
         vars.push(("AUTO_CONSUL_ALLOW_RACY", "true".into()));
     }

@@ -20,6 +20,9 @@ pub const CONFIG_FILE: &str = "zz-auto-consul.json";
 pub const LEGACY_CONFIG_FILE: &str = "auto-consul.json";
 pub(super) const DROPIN: &str = "/etc/systemd/system/consul.service.d/auto-consul.conf";
 pub(super) const CONSUL_UNIT: &str = "/etc/systemd/system/consul.service";
+/// The sandbox for a packaged consul.service (`--sandbox-consul`).
+pub(super) const SANDBOX_DROPIN: &str =
+    "/etc/systemd/system/consul.service.d/auto-consul-sandbox.conf";
 pub(super) const HEARTBEAT_SERVICE: &str = "/etc/systemd/system/auto-consul-heartbeat.service";
 /// Leaves at shutdown when the instance is being terminated.
 pub const LEAVE_UNIT: &str = "/etc/systemd/system/auto-consul-leave.service";
@@ -209,6 +212,11 @@ pub(super) fn fixed_files(
             CONSUL_UNIT,
             render::consul_unit(&units.consul, &units.config_dir, &units.data_dir),
         ));
+    } else if opts.sandbox_consul {
+        files.push(unit(
+            SANDBOX_DROPIN,
+            render::consul_sandbox_dropin(&units.data_dir),
+        ));
     }
     files.push(unit(
         HEARTBEAT_SERVICE,
@@ -227,6 +235,20 @@ pub(super) fn fixed_files(
         owner: None,
     });
     Ok(files)
+}
+
+/// Removes the sandbox drop-in auto-consul wrote when `--sandbox-consul`
+/// is no longer set (or Consul's unit is now auto-consul's own).
+pub(super) fn remove_sandbox_dropin(root: &Root) -> Result<()> {
+    let path = root.path(Path::new(SANDBOX_DROPIN));
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.starts_with(render::MARKER) => {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            tracing::info!("removed {} (--sandbox-consul is not set)", path.display());
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Removes the config file an older auto-consul wrote (`auto-consul.json`,

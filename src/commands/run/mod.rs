@@ -249,6 +249,12 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             }
         }
         remove_legacy_config(&root, &opts.config_dir)?;
+        if !files
+            .iter()
+            .any(|f| f.path == std::path::Path::new(SANDBOX_DROPIN))
+        {
+            remove_sandbox_dropin(&root)?;
+        }
     }
     let start = !dry_run && !opts.no_start && root.is_system();
     if start {
