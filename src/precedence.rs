@@ -74,23 +74,9 @@ pub fn conflicts(
     skip: &[&str],
     ours: &Value,
 ) -> Vec<Conflict> {
-    let Ok(entries) = std::fs::read_dir(dir_on_disk) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n != own_name && !skip.contains(&n.as_str()))
-        .filter(|n| n.ends_with(".json") || n.ends_with(".hcl"))
-        .collect();
-    names.sort();
     let mut out = Vec::new();
-    for name in names {
+    for (name, parsed) in other_files(dir_on_disk, own_name, skip) {
         let file = config_dir.join(&name);
-        let parsed = std::fs::read_to_string(dir_on_disk.join(&name))
-            .map_err(|e| e.to_string())
-            .and_then(|text| parse(&name, &text));
         let theirs = match parsed {
             Ok(Value::Object(map)) => map,
             Ok(_) => continue,
@@ -162,22 +148,9 @@ pub fn bootstrapping(
     own_name: &str,
     skip: &[&str],
 ) -> Vec<Conflict> {
-    let Ok(entries) = std::fs::read_dir(dir_on_disk) else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n != own_name && !skip.contains(&n.as_str()))
-        .filter(|n| n.ends_with(".json") || n.ends_with(".hcl"))
-        .collect();
-    names.sort();
-    for name in names {
-        let Ok(Value::Object(map)) = std::fs::read_to_string(dir_on_disk.join(&name))
-            .map_err(|e| e.to_string())
-            .and_then(|t| parse(&name, &t))
-        else {
+    for (name, parsed) in other_files(dir_on_disk, own_name, skip) {
+        let Ok(Value::Object(map)) = parsed else {
             continue;
         };
         for key in BOOTSTRAPPING {
@@ -199,6 +172,35 @@ pub fn bootstrapping(
         }
     }
     out
+}
+
+/// The other `.json` and `.hcl` files of the config dir (all but
+/// `own_name` and `skip`), in the order Consul reads them, each parsed.
+fn other_files(
+    dir_on_disk: &Path,
+    own_name: &str,
+    skip: &[&str],
+) -> Vec<(String, Result<Value, String>)> {
+    let Ok(entries) = std::fs::read_dir(dir_on_disk) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n != own_name && !skip.contains(&n.as_str()))
+        .filter(|n| n.ends_with(".json") || n.ends_with(".hcl"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let parsed = std::fs::read_to_string(dir_on_disk.join(&name))
+                .map_err(|e| e.to_string())
+                .and_then(|text| parse(&name, &text));
+            (name, parsed)
+        })
+        .collect()
 }
 
 /// A config file's top-level keys as JSON values: `.json` with serde_json,

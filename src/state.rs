@@ -12,6 +12,33 @@ use crate::model::Mode;
 
 /// Where the state lives on the target system.
 pub const STATE_PATH: &str = "/var/lib/auto-consul/state.json";
+/// Where the purger keeps the store time of its last purge.
+pub const PURGED_AT: &str = "/var/lib/auto-consul/purged-at";
+/// Where `heartbeat` keeps the store time of its last written heartbeat
+/// (read by `status`).
+pub const HEARTBEAT_AT: &str = "/var/lib/auto-consul/heartbeat-at";
+
+/// Records a time (the store's) in `path`; a failure is a warning: what
+/// the time marks has happened.
+pub fn record_time(root: &Root, path: &str, at: chrono::DateTime<chrono::Utc>) {
+    let spec = FileSpec {
+        path: path.into(),
+        contents: format!("{}\n", at.to_rfc3339()),
+        mode: 0o644,
+        owner: None,
+    };
+    if let Err(e) = crate::install::write_atomic(root, &spec) {
+        tracing::warn!("could not record the time in {path}: {e:#}");
+    }
+}
+
+/// The time recorded in `path`, if any.
+pub fn recorded_time(root: &Root, path: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let text = std::fs::read_to_string(root.path(Path::new(path))).ok()?;
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
 
 /// What this node decided, for which registry and cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -107,7 +107,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     crate::metrics::live_servers(rejoined.servers.len());
     if !server {
         futures::future::try_join_all(keys.iter().map(write)).await?;
-        super::status::record_heartbeat(&root, store.now().await);
+        state::record_time(&root, state::HEARTBEAT_AT, store.now().await);
         crate::metrics::node(crate::model::Mode::Agent, None);
         keep_leave_unit_active(&root);
         report(
@@ -132,7 +132,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         ))
     );
     written?;
-    super::status::record_heartbeat(&root, store.now().await);
+    state::record_time(&root, state::HEARTBEAT_AT, store.now().await);
     let record = record?;
     let settings = match &record {
         Some((record, _)) => record.settings(seed_settings(opts)),
@@ -210,11 +210,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // (A reading a second ahead is only the `Date` header's resolution.)
     let now = store.now().await;
     let expiry = chrono::Duration::seconds(settings.expiry as i64);
-    let due = last_purge(&root).is_none_or(|t| t > now + expiry || t + expiry <= now);
+    let due = state::recorded_time(&root, state::PURGED_AT)
+        .is_none_or(|t| t > now + expiry || t + expiry <= now);
     let purged = if due && purger(store, my_slot, settings).await? {
         let keep: HashSet<String> = keys.iter().cloned().collect();
         let purged = purge_heartbeats(store, settings, Some((&me.node, &keep))).await?;
-        record_purge(&root, now);
+        state::record_time(&root, state::PURGED_AT, now);
         purged
     } else {
         Purged::default()
@@ -244,28 +245,6 @@ async fn purger(store: &dyn Store, my_slot: Option<u32>, settings: Settings) -> 
     }
     let slots = read_slots(store, below).await?;
     Ok(!slots.iter().any(|s| slot_is_live(s, settings.expiry)))
-}
-
-/// Where the purger keeps the store time of its last purge.
-const PURGED_AT: &str = "/var/lib/auto-consul/purged-at";
-
-fn last_purge(root: &Root) -> Option<chrono::DateTime<chrono::Utc>> {
-    let text = std::fs::read_to_string(root.path(std::path::Path::new(PURGED_AT))).ok()?;
-    chrono::DateTime::parse_from_rfc3339(text.trim())
-        .ok()
-        .map(|t| t.with_timezone(&chrono::Utc))
-}
-
-fn record_purge(root: &Root, at: chrono::DateTime<chrono::Utc>) {
-    let spec = install::FileSpec {
-        path: PURGED_AT.into(),
-        contents: format!("{}\n", at.to_rfc3339()),
-        mode: 0o644,
-        owner: None,
-    };
-    if let Err(e) = install::write_atomic(root, &spec) {
-        tracing::warn!("could not record the purge time in {PURGED_AT}: {e:#}");
-    }
 }
 
 /// The unit that leaves at termination must be active to act at shutdown;

@@ -7,9 +7,8 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::env_file;
-use super::run::{ENV_FILE, LEAVE_UNIT, own_binary};
+use super::run::{ENV_FILE, LEAVE_UNIT, UnitStrings, own_binary};
 use crate::cli::GlobalOpts;
-use crate::error::usage;
 use crate::install::{self, FileSpec, Root};
 use crate::registry::RegistryUrl;
 use crate::render;
@@ -23,31 +22,14 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
     // The registry may be left for user data to give at boot; if given, it
     // must be right.
     let registry = match opts.registry.as_deref().filter(|s| !s.is_empty()) {
-        Some(raw) => Some(RegistryUrl::parse(raw)?.to_string()),
+        Some(raw) => Some(RegistryUrl::parse(raw)?),
         None => None,
     };
     if !now {
         warn_identity_in_image(&root);
     }
-    let binary = render::unit_path(&own_binary(&root)?)?;
-    let config_dir =
-        render::unit_path(&opts.config_dir).map_err(|e| usage(format!("--config-dir: {e}")))?;
-    let registry_dir = match opts.registry.as_deref().filter(|s| !s.is_empty()) {
-        Some(raw) => match RegistryUrl::parse(raw)? {
-            RegistryUrl::File { dir } => Some(render::unit_path(&dir)?),
-            RegistryUrl::S3 { .. } => None,
-        },
-        None => None,
-    };
-    let metrics_dir = super::run::metrics_dir(opts)?;
-    let paths = render::UnitPaths {
-        auto_consul: &binary,
-        env_file: ENV_FILE,
-        config_dir: &config_dir,
-        registry_dir: registry_dir.as_deref(),
-        metrics_dir: metrics_dir.as_deref(),
-        reads_home: super::run::reads_home(opts),
-    };
+    let units = UnitStrings::new(opts, &own_binary(&root)?, registry.as_ref())?;
+    let paths = units.paths();
     let files = [
         FileSpec {
             path: BOOT_UNIT.into(),
@@ -63,7 +45,11 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         },
         FileSpec {
             path: ENV_FILE.into(),
-            contents: env_file(opts, &root, registry.as_deref())?,
+            contents: env_file(
+                opts,
+                &root,
+                registry.as_ref().map(|r| r.to_string()).as_deref(),
+            )?,
             mode: super::env_file_mode(&root),
             owner: None,
         },

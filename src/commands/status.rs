@@ -6,10 +6,8 @@
 //! node's slot (two GETs; never a listing, so a fleet's checks cost no
 //! more than that), the local agent, and the heartbeat timer.
 
-use std::path::Path;
-
 use anyhow::Result;
-use chrono::{DateTime, Utc};
+
 use serde_json::{Value, json};
 
 use super::{open_store, registry_url, seed_settings};
@@ -17,30 +15,6 @@ use crate::cli::GlobalOpts;
 use crate::install::Root;
 use crate::registry::{read_cluster, read_slot};
 use crate::{agent, state};
-
-/// Where `heartbeat` records the store time of its last written heartbeat.
-pub const HEARTBEAT_AT: &str = "/var/lib/auto-consul/heartbeat-at";
-
-/// Records the store time of a heartbeat just written; a failure is a
-/// warning (the heartbeat itself went through).
-pub fn record_heartbeat(root: &Root, at: DateTime<Utc>) {
-    let spec = crate::install::FileSpec {
-        path: HEARTBEAT_AT.into(),
-        contents: format!("{}\n", at.to_rfc3339()),
-        mode: 0o644,
-        owner: None,
-    };
-    if let Err(e) = crate::install::write_atomic(root, &spec) {
-        tracing::warn!("could not record the heartbeat time in {HEARTBEAT_AT}: {e:#}");
-    }
-}
-
-fn last_heartbeat(root: &Root) -> Option<DateTime<Utc>> {
-    let text = std::fs::read_to_string(root.path(Path::new(HEARTBEAT_AT))).ok()?;
-    DateTime::parse_from_rfc3339(text.trim())
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
 
 /// The heartbeat timer's state, where systemd runs (`None` elsewhere).
 fn timer_state(root: &Root) -> Option<String> {
@@ -136,7 +110,8 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
                     }
                 }
                 let now = store.now().await;
-                heartbeat_age = last_heartbeat(&root).map(|t| (now - t).num_seconds().max(0));
+                heartbeat_age = state::recorded_time(&root, state::HEARTBEAT_AT)
+                    .map(|t| (now - t).num_seconds().max(0));
             }
         },
     }

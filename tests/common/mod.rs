@@ -418,6 +418,32 @@ pub fn mode(v: &serde_json::Value) -> String {
     v["mode"].as_str().expect("mode").to_string()
 }
 
+/// `auto-consul COMMAND --json` as one node: its registry, root, name and
+/// address.
+fn node_cmd(
+    moto: &Moto,
+    command: &str,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+) -> Command {
+    let mut cmd = auto_consul(moto);
+    cmd.args([
+        command,
+        "--json",
+        "--registry",
+        registry,
+        "--address",
+        ip,
+        "--node",
+        node,
+    ])
+    .arg("--root")
+    .arg(root);
+    cmd
+}
+
 /// `auto-consul run --json` for one node: its registry, root, name, address
 /// and the number of servers wanted.
 pub fn run_cmd(
@@ -428,20 +454,8 @@ pub fn run_cmd(
     ip: &str,
     servers: u32,
 ) -> Command {
-    let mut cmd = auto_consul(moto);
-    cmd.args([
-        "run",
-        "--json",
-        "--registry",
-        registry,
-        "--address",
-        ip,
-        "--node",
-        node,
-    ])
-    .arg("--root")
-    .arg(root)
-    .args(["--servers", &servers.to_string()]);
+    let mut cmd = node_cmd(moto, "run", registry, root, node, ip);
+    cmd.args(["--servers", &servers.to_string()]);
     cmd
 }
 
@@ -455,20 +469,8 @@ pub fn heartbeat_cmd(
     ip: &str,
     agent: &str,
 ) -> Command {
-    let mut cmd = auto_consul(moto);
-    cmd.args([
-        "heartbeat",
-        "--json",
-        "--registry",
-        registry,
-        "--address",
-        ip,
-        "--node",
-        node,
-    ])
-    .arg("--root")
-    .arg(root)
-    .env("CONSUL_HTTP_ADDR", agent);
+    let mut cmd = node_cmd(moto, "heartbeat", registry, root, node, ip);
+    cmd.env("CONSUL_HTTP_ADDR", agent);
     cmd
 }
 

@@ -84,9 +84,9 @@ pub fn own_binary(root: &Root) -> Result<PathBuf> {
     })
 }
 
-/// The paths the units name, checked for use in a unit file.
+/// The paths auto-consul's units name (`run`'s and `install`'s), checked
+/// for use in a unit file.
 pub struct UnitStrings {
-    pub consul: String,
     pub auto_consul: String,
     pub config_dir: String,
     pub data_dir: String,
@@ -96,20 +96,19 @@ pub struct UnitStrings {
 }
 
 impl UnitStrings {
+    /// `registry` may be unknown (`install` without one).
     pub fn new(
         opts: &GlobalOpts,
-        consul: &Path,
         auto_consul: &Path,
-        registry: &RegistryUrl,
+        registry: Option<&RegistryUrl>,
     ) -> Result<UnitStrings> {
         let registry_dir = match registry {
-            RegistryUrl::File { dir } => {
+            Some(RegistryUrl::File { dir }) => {
                 Some(render::unit_path(dir).map_err(|e| usage(format!("--registry: {e}")))?)
             }
-            RegistryUrl::S3 { .. } => None,
+            Some(RegistryUrl::S3 { .. }) | None => None,
         };
         Ok(UnitStrings {
-            consul: render::unit_path(consul).context("the consul binary's path")?,
             auto_consul: render::unit_path(auto_consul).context("the auto-consul binary's path")?,
             config_dir: render::unit_path(&opts.config_dir)
                 .map_err(|e| usage(format!("--config-dir: {e}")))?,
@@ -132,12 +131,12 @@ impl UnitStrings {
         }
     }
 
-    /// The drop-in for `consul.service`; `notify` when the node has
-    /// someone to join.
-    pub fn dropin(&self, root: &Root, notify: bool) -> String {
+    /// The drop-in for `consul.service` running `consul` (a unit-safe
+    /// path); `notify` when the node has someone to join.
+    pub fn dropin(&self, root: &Root, consul: &str, notify: bool) -> String {
         let config_file = format!("{}/{CONFIG_FILE}", self.config_dir.trim_end_matches('/'));
         render::consul_dropin(
-            &self.consul,
+            consul,
             &self.config_dir,
             &config_file,
             root.user("consul").map(|_| self.data_dir.as_str()),
@@ -185,6 +184,7 @@ fn unit(path: &str, contents: String) -> FileSpec {
 pub(super) fn decided_units(
     files: &mut [FileSpec],
     units: &UnitStrings,
+    consul: &str,
     root: &Root,
     timer_expiry: u64,
     notify: bool,
@@ -193,24 +193,27 @@ pub(super) fn decided_units(
         if f.path == Path::new(HEARTBEAT_TIMER) {
             f.contents = render::heartbeat_timer(timer_expiry);
         } else if f.path == Path::new(DROPIN) {
-            f.contents = units.dropin(root, notify);
+            f.contents = units.dropin(root, consul, notify);
         }
     }
 }
 
 /// The files that do not depend on the decision: units and env file (the
+/// full consul.service when `manages_consul`; the
 /// drop-in and the timer as placeholders until `decided_units`).
 pub(super) fn fixed_files(
     opts: &GlobalOpts,
     root: &Root,
+    manages_consul: bool,
     units: &UnitStrings,
+    consul: &str,
     registry: &str,
 ) -> Result<Vec<FileSpec>> {
-    let mut files = vec![unit(DROPIN, units.dropin(root, false))];
-    if manages_consul_unit(root) {
+    let mut files = vec![unit(DROPIN, units.dropin(root, consul, false))];
+    if manages_consul {
         files.push(unit(
             CONSUL_UNIT,
-            render::consul_unit(&units.consul, &units.config_dir, &units.data_dir),
+            render::consul_unit(consul, &units.config_dir, &units.data_dir),
         ));
     } else if opts.sandbox_consul {
         files.push(unit(

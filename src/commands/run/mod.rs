@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::cli::{GlobalOpts, RoleWanted};
@@ -32,8 +32,7 @@ mod witness;
 use elect::{Elected, Elector};
 use files::*;
 pub use files::{
-    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user,
-    metrics_dir, own_binary, reads_home,
+    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user, own_binary,
 };
 use probe::check_conditional_writes;
 use secrets::Secrets;
@@ -76,7 +75,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     // On the running system the user is made before anything is claimed
     // or rendered (the drop-in hands it the data dir); under another root
     // its absence is only a warning, given with the files.
-    if !dry_run && root.is_system() && manages_consul_unit(&root) {
+    let manages_consul = manages_consul_unit(&root);
+    if !dry_run && root.is_system() && manages_consul {
         ensure_consul_user(&root)?;
     }
 
@@ -102,8 +102,16 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let (me, (opened, racy, first_view)) = tokio::try_join!(identity, registry)?;
     let store = opened.store;
     warn_on_mismatch(opts, &first_view);
-    let units = UnitStrings::new(opts, &consul, &auto_consul, &url)?;
-    let mut fixed_files = fixed_files(opts, &root, &units, &url.to_string())?;
+    let units = UnitStrings::new(opts, &auto_consul, Some(&url))?;
+    let consul = render::unit_path(&consul).context("the consul binary's path")?;
+    let mut fixed_files = fixed_files(
+        opts,
+        &root,
+        manages_consul,
+        &units,
+        &consul,
+        &url.to_string(),
+    )?;
     install::check_writable(&root, &fixed_files)?;
     let raft = has_raft_state(&root, &opts.data_dir);
     // Only server modes are sticky: an agent decides again at each boot,
@@ -188,7 +196,14 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     // Consul's readiness notice is worth waiting for when it has someone
     // to join; a lone bootstrap server never sends it.
     let notify = !retry_join.is_empty() || cloud_join.is_some();
-    decided_units(&mut fixed_files, &units, &root, timer_expiry, notify);
+    decided_units(
+        &mut fixed_files,
+        &units,
+        &consul,
+        &root,
+        timer_expiry,
+        notify,
+    );
     let config = ConsulSettings {
         node: &me.node,
         address: me.address,
@@ -207,7 +222,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             key_file: opts.key_file.as_deref(),
         },
     };
-    if !dry_run && !root.is_system() && manages_consul_unit(&root) {
+    if !dry_run && !root.is_system() && manages_consul {
         ensure_consul_user(&root)?;
     }
     let consul_user = root.user("consul");
