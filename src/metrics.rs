@@ -71,6 +71,17 @@ impl Store for Counted {
         r
     }
 
+    async fn list_until(
+        &self,
+        dir: &str,
+        start_after: Option<&str>,
+        enough: &(dyn for<'x> Fn(&'x [Listed]) -> bool + Send + Sync),
+    ) -> Result<Vec<Listed>> {
+        let r = self.0.list_until(dir, start_after, enough).await;
+        request("list", r.is_err());
+        r
+    }
+
     async fn list_page(
         &self,
         dir: &str,

@@ -90,6 +90,16 @@ pub fn registry_node_name_ok(s: &str) -> bool {
 
 /// Checks a Consul datacenter name.
 pub fn validate_datacenter(s: &str) -> Result<(), String> {
+    // Consul lower-cases the datacenter it is given (builder.go), so a
+    // name in capitals would differ from the one in the registry and in
+    // the TLS server name (`server.<dc>.<domain>`): refused, with the fix.
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "`{}` has capital letters, and Consul lower-cases datacenter names: use `{}`",
+            s.escape_debug(),
+            s.to_ascii_lowercase().escape_debug()
+        ));
+    }
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()

@@ -249,6 +249,8 @@ pub struct UnitPaths<'a> {
     pub env_file: &'a str,
     /// Consul's config dir (written by `run`, rewritten by `heartbeat`).
     pub config_dir: &'a str,
+    /// Consul's data dir (`run` moves a stale `server_metadata.json` aside).
+    pub data_dir: &'a str,
     /// The directory of a `file://` registry, which must stay writable.
     pub registry_dir: Option<&'a str>,
     /// The directory of the metrics file, which must stay writable.
@@ -513,9 +515,14 @@ pub fn boot_unit(paths: &UnitPaths<'_>) -> String {
     // Raft check must see <data_dir>/raft (or a server could bootstrap).
     let sandbox = Sandbox {
         caps: "CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH",
+        // '-': a directory that does not exist yet (Consul from a zip has
+        // no /etc/consul.d; a custom config dir; a data dir Consul makes)
+        // must not fail the namespace set-up (status=226/NAMESPACE).
+        // ExecStartPre makes the config dir first, outside the sandbox.
         read_write: format!(
-            "/etc/auto-consul /etc/systemd/system {}{}",
+            "/etc/auto-consul /etc/systemd/system -{} -{}{}",
             paths.config_dir,
+            paths.data_dir,
             paths.registry_rw()
         ),
         protect_home: paths.protect_home(),
@@ -846,6 +853,7 @@ mod tests {
             auto_consul: "/usr/bin/auto-consul",
             env_file: "/etc/auto-consul/auto-consul.env",
             config_dir: "/etc/consul.d",
+            data_dir: "/opt/consul",
             registry_dir: None,
             metrics_dir: None,
             reads_home: false,

@@ -34,9 +34,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     }
     // One run must not lose a slot to a brief hiccup (a Consul restart, an
     // S3 error): the agent and the registry are retried, within a deadline
-    // shorter than the timer's interval (expiry/3), so runs never overlap.
+    // shorter than the timer's interval, so runs never overlap. The
+    // interval is the installed timer's (it follows the cluster record's
+    // expiry); the flag's expiry/3 only for a heartbeat run by hand.
+    let interval = timer_interval(&root).unwrap_or(opts.expiry() / 3);
     let deadline = std::time::Instant::now()
-        + std::time::Duration::from_secs((opts.expiry() / 3).saturating_sub(5).clamp(1, 60));
+        + std::time::Duration::from_secs(interval.saturating_sub(5).clamp(1, 60));
     // The agent first: a node whose agent is down publishes nothing.
     let status = retry::until(deadline, "asking the local Consul agent", || {
         agent::status(opts.acl_token_file.as_deref())
@@ -316,6 +319,15 @@ fn report(
             );
         }
     }
+}
+
+/// The interval of the heartbeat timer `run` installed (its
+/// `OnUnitActiveSec=`, in seconds), if there is one.
+fn timer_interval(root: &Root) -> Option<u64> {
+    let text = std::fs::read_to_string(root.path(std::path::Path::new(HEARTBEAT_TIMER))).ok()?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("OnUnitActiveSec="))
+        .and_then(|v| v.trim().trim_end_matches('s').parse().ok())
 }
 
 /// Rewrites the heartbeat timer `run` installed when the cluster's expiry

@@ -139,32 +139,37 @@ pub fn seed_settings(opts: &GlobalOpts) -> Settings {
 /// Warns when the flags given differ from the settings that rule.
 pub fn warn_on_mismatch(opts: &GlobalOpts, view: &crate::registry::RegistryView) {
     let Some(record) = view.record() else { return };
-    if let Some(s) = opts.servers.filter(|s| *s != view.settings.servers) {
+    let s = view.settings;
+    let given = [
+        (
+            "--servers",
+            "AUTO_CONSUL_SERVERS",
+            opts.servers.map(u64::from),
+            u64::from(s.servers),
+            "",
+        ),
+        ("--expiry", "AUTO_CONSUL_EXPIRY", opts.expiry, s.expiry, "s"),
+        (
+            "--agent-expiry",
+            "AUTO_CONSUL_AGENT_EXPIRY",
+            opts.agent_expiry,
+            s.agent_expiry,
+            "s",
+        ),
+    ];
+    for (flag, env, mine, theirs, unit) in given {
+        let Some(mine) = mine.filter(|m| *m != theirs) else {
+            continue;
+        };
+        // The record may have been changed on purpose (`cluster set`): the
+        // usual fix is this node's seed, not the record.
         tracing::warn!(
-            "--servers {s} (AUTO_CONSUL_SERVERS) differs from cluster {}'s record, which wants {} servers: using {}; change it with `auto-consul cluster set --servers {s}`",
+            "{flag} {mine} ({env}) differs from cluster {}'s record, which has {theirs}{unit} and rules: \
+             using {theirs}{unit}. If {theirs}{unit} is meant (say, after `auto-consul cluster set`), set \
+             {env}={theirs} in {} or the user data; to change the cluster, run \
+             `auto-consul cluster set {flag} {mine}`",
             record.cluster_id,
-            view.settings.servers,
-            view.settings.servers
-        );
-    }
-    if let Some(e) = opts
-        .agent_expiry
-        .filter(|e| *e != view.settings.agent_expiry)
-    {
-        tracing::warn!(
-            "--agent-expiry {e} (AUTO_CONSUL_AGENT_EXPIRY) differs from cluster {}'s record, which has {}s: \
-             using {}s; change it with `auto-consul cluster set --agent-expiry {e}`",
-            record.cluster_id,
-            view.settings.agent_expiry,
-            view.settings.agent_expiry
-        );
-    }
-    if let Some(e) = opts.expiry.filter(|e| *e != view.settings.expiry) {
-        tracing::warn!(
-            "--expiry {e} (AUTO_CONSUL_EXPIRY) differs from cluster {}'s record, which has {}s: using {}s; change it with `auto-consul cluster set --expiry {e}`",
-            record.cluster_id,
-            view.settings.expiry,
-            view.settings.expiry
+            run::ENV_FILE
         );
     }
 }

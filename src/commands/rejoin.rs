@@ -14,7 +14,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::run::CONFIG_FILE;
+use super::run::{CONFIG_FILE, has_raft_state};
 use crate::agent::{self, AgentStatus, Joined};
 use crate::cli::GlobalOpts;
 use crate::decision;
@@ -95,14 +95,19 @@ pub async fn rejoin(
             .filter(|ip| *ip != me.address && seen.insert(*ip))
             .collect()
     };
-    if out.servers.is_empty() {
+    // DESIGN.md's one gate for `bootstrap: true`, kept in every rewrite:
+    // once Raft data exists, or another server lives, the file no longer
+    // says `bootstrap: true` (Consul would bootstrap alone again should its
+    // Raft data go and only consul.service restart).
+    let past_bootstrap = !out.servers.is_empty() || has_raft_state(root, &opts.data_dir);
+    if out.servers.is_empty() && !past_bootstrap {
         return out;
     }
     // Under the lock `run` takes to write the same file, and from the file
     // as it is now: a `run` in between is never undone.
     let rewritten = install::lock(root, "consul-config").and_then(|_lock| {
         let text = std::fs::read_to_string(&on_disk)?;
-        rewrite_retry_join(root, &config, &on_disk, &text, &out.servers)
+        rewrite_config(root, &config, &on_disk, &text, &out.servers)
     });
     match rewritten {
         Ok(new) => out.rewritten = new,
@@ -141,10 +146,12 @@ pub async fn rejoin(
     out
 }
 
-/// Writes `servers` as the addresses of `retry_join` in Consul's config,
-/// keeping its other entries (the cloud auto-join one) after them, the
-/// file's mode and owner; `None` when it already says so.
-fn rewrite_retry_join(
+/// Writes `servers` (unless empty) as the addresses of `retry_join` in
+/// Consul's config, keeping its other entries (the cloud auto-join one)
+/// after them, and turns `bootstrap: true` off: the caller knows this node
+/// is past its bootstrap. Keeps the file's mode and owner; `None` when
+/// nothing changed.
+fn rewrite_config(
     root: &Root,
     config: &Path,
     on_disk: &Path,
@@ -165,11 +172,15 @@ fn rewrite_retry_join(
         })
         .unwrap_or_default();
     let others = current.iter().filter(|s| s.parse::<IpAddr>().is_err());
-    let wanted: Vec<String> = servers
-        .iter()
-        .map(|a| a.to_string())
-        .chain(others.cloned())
-        .collect();
+    let wanted: Vec<String> = if servers.is_empty() {
+        current.clone()
+    } else {
+        servers
+            .iter()
+            .map(|a| a.to_string())
+            .chain(others.cloned())
+            .collect()
+    };
     let same = {
         let mut a = current.clone();
         let mut b = wanted.clone();
@@ -177,10 +188,18 @@ fn rewrite_retry_join(
         b.sort();
         a == b
     };
-    if same {
+    let bootstraps = map.get("bootstrap") == Some(&Value::Bool(true));
+    if same && !bootstraps {
         return Ok(None);
     }
     map.insert("retry_join".into(), serde_json::json!(wanted));
+    if bootstraps {
+        map.insert("bootstrap".into(), Value::Bool(false));
+        tracing::info!(
+            "{}: `bootstrap` is now false (this node is past its bootstrap: Raft state or other live servers)",
+            config.display()
+        );
+    }
     let meta = std::fs::metadata(on_disk)?;
     let mut contents = serde_json::to_string_pretty(&value)?;
     contents.push('\n');

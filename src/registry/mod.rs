@@ -74,6 +74,19 @@ pub trait Store: Send + Sync {
     /// Only keys that sort after `start_after` (a full relative key), when
     /// given.
     async fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<Listed>>;
+    /// [`Store::list`], stopping after the first page (S3: 1000 keys) at
+    /// which `enough` holds for what is listed so far: a reader that needs
+    /// a few keys pays a page, not the whole listing. A store without pages
+    /// lists everything.
+    async fn list_until(
+        &self,
+        dir: &str,
+        start_after: Option<&str>,
+        enough: &(dyn for<'x> Fn(&'x [Listed]) -> bool + Send + Sync),
+    ) -> Result<Vec<Listed>> {
+        let _ = enough;
+        self.list(dir, start_after).await
+    }
     /// One page of the keys under `dir` (S3: up to 1000), from `token`
     /// (`None`: the first page); the token of the next page, if any. For
     /// work whose memory must stay bounded by a page (the purge).

@@ -184,6 +184,15 @@ fn to_chrono(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<DateTime<Ut
 #[async_trait]
 impl Store for S3Store {
     async fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<Listed>> {
+        self.list_until(dir, start_after, &|_| false).await
+    }
+
+    async fn list_until(
+        &self,
+        dir: &str,
+        start_after: Option<&str>,
+        enough: &(dyn for<'x> Fn(&'x [Listed]) -> bool + Send + Sync),
+    ) -> Result<Vec<Listed>> {
         let full = self.full_key(dir);
         let strip = self.full_key("");
         let mut pages = self
@@ -210,6 +219,9 @@ impl Store for S3Store {
                     key: rel.to_string(),
                     last_modified,
                 });
+            }
+            if enough(&out) {
+                break;
             }
         }
         Ok(out)

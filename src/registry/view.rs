@@ -139,6 +139,7 @@ pub async fn read_view(store: &dyn Store, seed: Settings, agents: Agents) -> Res
     // against the store's below, and the servers' listing redone when it
     // was too far ahead for the margin.
     let local = Utc::now();
+    let which = agents;
     let agent_limit = match agents {
         Agents::All => usize::MAX,
         Agents::Recent(n) => n,
@@ -163,7 +164,7 @@ pub async fn read_view(store: &dyn Store, seed: Settings, agents: Agents) -> Res
         if agent_limit == 0 {
             Ok(Vec::new())
         } else {
-            store.list(Role::Agents.dir(), Some(&agents_from)).await
+            list_agents_from(store, &agents_from, which).await
         }
     };
     let (servers, agents, cluster, slots) = tokio::try_join!(
@@ -204,7 +205,7 @@ pub async fn read_view(store: &dyn Store, seed: Settings, agents: Agents) -> Res
     };
     let agents_needed = agents_start(now, settings.agent_expiry);
     let agents = if agent_limit > 0 && agents_needed < agents_from {
-        store.list(Role::Agents.dir(), Some(&agents_needed)).await?
+        list_agents_from(store, &agents_needed, which).await?
     } else {
         agents
     };
@@ -239,6 +240,29 @@ pub async fn read_view(store: &dyn Store, seed: Settings, agents: Agents) -> Res
         slots,
         cluster,
     })
+}
+
+/// Lists `agents/` from `start`: all of it for [`Agents::All`]; for
+/// [`Agents::Recent`], page by page only until the listing names enough
+/// distinct nodes for the join list. In a boot storm (thousands of agents
+/// in the window) a boot then costs one page, not the whole window.
+async fn list_agents_from(store: &dyn Store, start: &str, agents: Agents) -> Result<Vec<Listed>> {
+    let wanted = match agents {
+        Agents::All => usize::MAX,
+        Agents::Recent(n) => n,
+    };
+    let enough = move |listed: &[Listed]| {
+        wanted != usize::MAX
+            && parse_listing(listed.to_vec())
+                .iter()
+                .map(|e| e.parsed.node.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                >= wanted
+    };
+    store
+        .list_until(Role::Agents.dir(), Some(start), &enough)
+        .await
 }
 
 /// Reads the cluster record alone: `None` when absent or junk.

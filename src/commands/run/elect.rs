@@ -33,6 +33,9 @@ pub(super) struct Elected {
     pub(super) slot: Option<u32>,
     pub(super) claim_id: Option<String>,
     pub(super) view: RegistryView,
+    /// The witness rule was checked against `view` in the round that
+    /// settled the mode (a fresh bootstrap): the gate need not ask again.
+    pub(super) witnessed: bool,
 }
 
 /// Everything a node needs to take part in the election.
@@ -68,10 +71,99 @@ impl Elector<'_> {
         }
     }
 
+    /// The mode decision of DESIGN.md, then the one gate every bootstrap
+    /// passes: whatever path settled on [`Mode::Bootstrap`] (a fresh
+    /// genesis, a kept state file, a slot 0 found held without one), the
+    /// node bootstraps only through [`Self::may_bootstrap`]; otherwise it
+    /// joins as a plain server.
+    pub(super) async fn elect(
+        &self,
+        previous: Option<&State>,
+        raft: bool,
+        first: RegistryView,
+    ) -> Result<Elected> {
+        let mut elected = self.elect_mode(previous, raft, first).await?;
+        if elected.mode == Mode::Bootstrap
+            && !self
+                .may_bootstrap(&elected.view, raft, elected.witnessed)
+                .await?
+        {
+            elected.mode = Mode::Server;
+        }
+        Ok(elected)
+    }
+
+    /// The gate of DESIGN.md's "`bootstrap: true` has one gate": Consul
+    /// bootstraps Raft whenever `bootstrap` is set and it has no Raft
+    /// state, before it joins anyone. So `bootstrap` is written only when
+    /// this node has no Raft state and no other server of the cluster is
+    /// live (slot, heartbeat, a record just written) or unconfirmed (an
+    /// unreleased slot whose instance EC2 does not confirm gone).
+    /// `witnessed`: the witness rule already held for `view` this round.
+    pub(super) async fn may_bootstrap(
+        &self,
+        view: &RegistryView,
+        raft: bool,
+        witnessed: bool,
+    ) -> Result<bool> {
+        if raft {
+            tracing::info!(
+                "this node holds Raft state: Consul is past its bootstrap, so it starts as a plain server"
+            );
+            return Ok(false);
+        }
+        // A genesis this node began but never finished (it took slot 0 for
+        // cluster Y and stopped before the record named Y): config files
+        // are written only after the record, so no Consul of Y has ever
+        // run. The servers that joined meanwhile wait for this node;
+        // nothing of Y can be split, and not bootstrapping would leave Y
+        // without a leader for ever.
+        if unfinished_genesis(view, self.me) {
+            return Ok(true);
+        }
+        let others = decision::live_servers_for(
+            view,
+            &self.me.node,
+            self.me.instance_id.as_deref(),
+            view.settings.expiry,
+        );
+        if !others.is_empty() {
+            tracing::warn!(
+                "this node holds the cluster's slot 0 but no Raft state, and {} other servers are live ({}): \
+                 bootstrapping would start a second cluster beside them, so it joins them as a plain server",
+                others.len(),
+                others
+                    .iter()
+                    .map(|m| m.node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return Ok(false);
+        }
+        if witnessed {
+            return Ok(true);
+        }
+        let unconfirmed = self.unconfirmed_servers(view).await?;
+        if !unconfirmed.is_empty() {
+            tracing::warn!(
+                "this node holds the cluster's slot 0 but no Raft state, and other servers of the cluster \
+                 are not confirmed gone ({}): they may hold its Raft data, so it starts as a plain server \
+                 and waits for them",
+                unconfirmed
+                    .iter()
+                    .map(|u| format!("{}: {}", u.holder.node, u.why))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     /// The mode decision of DESIGN.md: sticky state first, then read,
     /// decide and claim until one claim settles it. Rounds lost to other
     /// nodes are bounded; so is the wait for an old cluster's servers.
-    pub(super) async fn elect(
+    async fn elect_mode(
         &self,
         previous: Option<&State>,
         raft: bool,
@@ -116,7 +208,7 @@ impl Elector<'_> {
                 .filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref()))
                 .filter(|p| !left(p))
             {
-                return self.keep(prev, raft, cluster_id, view).await;
+                return self.keep(prev, cluster_id, view).await;
             }
             // A server of a cluster since replaced, still holding its Raft
             // data: joining the new cluster with it would mix the two.
@@ -219,6 +311,7 @@ impl Elector<'_> {
                 slot: slot.as_ref().map(|s| s.0),
                 claim_id: slot.map(|s| s.1),
                 view,
+                witnessed: false,
             };
             match step {
                 Step::Agent => return Ok(elected(Mode::Agent, None, cluster_id, view)),
@@ -229,7 +322,7 @@ impl Elector<'_> {
                 } => {
                     // The bootstrap node whose state file was never written
                     // is still the one to bootstrap (until Raft state exists).
-                    let mode = if bootstrap && !raft {
+                    let mode = if bootstrap {
                         Mode::Bootstrap
                     } else {
                         Mode::Server
@@ -281,7 +374,9 @@ impl Elector<'_> {
                         continue;
                     }
                     if self.dry_run {
-                        return Ok(elected(Mode::Bootstrap, None, cluster_id, view));
+                        let mut out = elected(Mode::Bootstrap, None, cluster_id, view);
+                        out.witnessed = true;
+                        return Ok(out);
                     }
                     // Slot 0 first: the node that takes it is the bootstrap
                     // node. Joiners only claim once they see a live server,
@@ -313,7 +408,9 @@ impl Elector<'_> {
                         // seeded with, whatever the record it replaced said.
                         let mut view = view;
                         view.settings = self.seed;
-                        return Ok(elected(Mode::Bootstrap, Some((0, claim)), Some(id), view));
+                        let mut out = elected(Mode::Bootstrap, Some((0, claim)), Some(id), view);
+                        out.witnessed = true;
+                        return Ok(out);
                     }
                 }
                 Step::Claim(free) => {
@@ -359,44 +456,21 @@ impl Elector<'_> {
     pub(super) async fn keep(
         &self,
         prev: &State,
-        raft: bool,
         cluster_id: Option<String>,
         view: RegistryView,
     ) -> Result<Elected> {
         let settings = view.settings;
-        let others = decision::live_servers(&view, &self.me.node, settings.expiry);
-        let mode = match prev.mode {
-            // Bootstrap only until Raft state exists; a plain server after.
-            Mode::Bootstrap if raft => Mode::Server,
-            // Raft state gone (say, a data dir on instance storage) while
-            // other servers live: bootstrapping again would split the
-            // cluster. Join them instead.
-            Mode::Bootstrap if !others.is_empty() => {
-                tracing::warn!(
-                    "this node bootstrapped the cluster but has no Raft state now, and {} other servers are live: \
-                     joining them as a plain server",
-                    others.len()
-                );
-                Mode::Server
-            }
-            // None live, but servers of this cluster may be alive (a
-            // fleet-wide stop, their Raft data kept): bootstrapping again
-            // would make a second leader. The witness rule decides.
-            Mode::Bootstrap if !self.unconfirmed_servers(&view).await?.is_empty() => {
-                tracing::warn!(
-                    "this node bootstrapped the cluster but has no Raft state now, and other servers of it \
-                     are not confirmed gone: joining them as a plain server"
-                );
-                Mode::Server
-            }
-            m => m,
-        };
+        // A bootstrap node's mode is kept; whether it may still bootstrap
+        // (no Raft state, no other server live or unconfirmed) is the
+        // gate's to say, as on every path.
+        let mode = prev.mode;
         let elected = Elected {
             mode,
             cluster_id: cluster_id.or_else(|| prev.cluster_id.clone()),
             slot: prev.slot,
             claim_id: prev.claim_id.clone(),
             view,
+            witnessed: false,
         };
         if !mode.is_server() || self.dry_run {
             return Ok(elected);
@@ -486,6 +560,17 @@ impl Elector<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether `me` holds slot 0 for a cluster the registry's record does not
+/// name yet (an interrupted genesis of its own).
+fn unfinished_genesis(view: &RegistryView, me: &Identity) -> bool {
+    view.slots
+        .first()
+        .and_then(|s| s.record.as_ref())
+        .filter(|r| !r.released && r.held_by(&me.node, me.instance_id.as_deref()))
+        .and_then(|r| r.cluster_id.as_deref())
+        .is_some_and(|y| view.record().is_none_or(|c| c.cluster_id != y))
 }
 
 /// The id of the cluster a registry's slots and record describe: the

@@ -30,10 +30,69 @@ pub const HEARTBEAT_TIMER: &str = "/etc/systemd/system/auto-consul-heartbeat.tim
 /// The env file shared by `run`, the heartbeat and the boot unit.
 pub const ENV_FILE: &str = "/etc/auto-consul/auto-consul.env";
 
+/// Consul's `server_rejoin_age_max` default (168 h; its minimum is 6 h):
+/// a server whose `server_metadata.json` says it last ran longer ago
+/// refuses to start until an operator removes that file (Consul's docs;
+/// agent/config/builder.go `ServerRejoinAgeMax`).
+pub(super) const SERVER_REJOIN_AGE_MAX: u64 = 168 * 3600;
+
+/// The file Consul servers stamp with the time they last ran.
+pub(super) const SERVER_METADATA: &str = "server_metadata.json";
+
+/// How long ago (seconds, on this host's clock: the clock Consul itself
+/// compares it with) a server last ran, by its `server_metadata.json`
+/// (`{"last_seen_unix": N}`); `None` when there is no such file or it
+/// cannot be read as one.
+pub(super) fn server_offline_for(text: &str, now_unix: i64) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let seen = v.get("last_seen_unix")?.as_i64()?;
+    Some(now_unix.saturating_sub(seen).max(0) as u64)
+}
+
+/// A server that may rejoin (the election kept or gave it a server's
+/// place in its cluster) but was stopped longer than Consul's
+/// `server_rejoin_age_max` would restart-loop on Consul's refusal. The
+/// registry has just decided it rejoins, so the step Consul's docs leave
+/// to an operator is taken: its `server_metadata.json` is moved aside
+/// (kept as `server_metadata.json.stale`); the Raft data stays and Consul
+/// catches up from the leader. Returns the path moved aside, if any.
+pub(super) fn clear_stale_server_metadata(root: &Root, data_dir: &Path) -> Result<Option<PathBuf>> {
+    let path = root.path(&data_dir.join(SERVER_METADATA));
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let Some(offline) = server_offline_for(&text, chrono::Utc::now().timestamp()) else {
+        tracing::warn!(
+            "{} is not the {{\"last_seen_unix\": N}} Consul writes: left alone",
+            path.display()
+        );
+        return Ok(None);
+    };
+    if offline <= SERVER_REJOIN_AGE_MAX {
+        return Ok(None);
+    }
+    let aside = path.with_file_name(format!("{SERVER_METADATA}.stale"));
+    std::fs::rename(&path, &aside).with_context(|| {
+        format!(
+            "moving {} aside (this server was stopped {} h, past Consul's server_rejoin_age_max of 168 h)",
+            path.display(),
+            offline / 3600
+        )
+    })?;
+    tracing::warn!(
+        "this server last ran {} h ago, past Consul's server_rejoin_age_max (168 h), and the registry has it \
+         rejoin its cluster: moved {} to {} so Consul starts and catches up from the leader",
+        offline / 3600,
+        path.display(),
+        aside.display()
+    );
+    Ok(Some(aside))
+}
+
 /// Whether the data dir under the root holds Consul Raft state.
 /// A raft directory that cannot be read counts as state: a node that may
 /// have been a server must never bootstrap.
-pub(super) fn has_raft_state(root: &Root, data_dir: &Path) -> bool {
+pub fn has_raft_state(root: &Root, data_dir: &Path) -> bool {
     let dir = root.path(&data_dir.join("raft"));
     match std::fs::read_dir(&dir) {
         Ok(mut entries) => entries.next().is_some(),
@@ -125,6 +184,7 @@ impl UnitStrings {
             auto_consul: &self.auto_consul,
             env_file: ENV_FILE,
             config_dir: &self.config_dir,
+            data_dir: &self.data_dir,
             registry_dir: self.registry_dir.as_deref(),
             metrics_dir: self.metrics_dir.as_deref(),
             reads_home: self.reads_home,
@@ -324,4 +384,23 @@ pub(super) fn manages_consul_unit(root: &Root) -> bool {
         p == Path::new(CONSUL_UNIT)
             && std::fs::read_to_string(root.path(p)).is_ok_and(|t| t.starts_with(render::MARKER))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SERVER_REJOIN_AGE_MAX, server_offline_for};
+
+    #[test]
+    fn a_server_stopped_past_the_rejoin_age_is_told_from_one_that_is_not() {
+        let now = 1_800_000_000;
+        let file = |ago: i64| format!("{{\"last_seen_unix\":{}}}", now - ago);
+        let week = SERVER_REJOIN_AGE_MAX as i64;
+        assert_eq!(server_offline_for(&file(3600), now), Some(3600));
+        assert!(server_offline_for(&file(week + 1), now).unwrap() > SERVER_REJOIN_AGE_MAX);
+        assert!(server_offline_for(&file(week), now).unwrap() <= SERVER_REJOIN_AGE_MAX);
+        // A stamp from the future (a clock set back) is not "offline".
+        assert_eq!(server_offline_for(&file(-600), now), Some(0));
+        assert_eq!(server_offline_for("junk", now), None);
+        assert_eq!(server_offline_for("{\"last_seen\":1}", now), None);
+    }
 }

@@ -32,7 +32,8 @@ mod witness;
 use elect::{Elected, Elector};
 use files::*;
 pub use files::{
-    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user, own_binary,
+    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user,
+    has_raft_state, own_binary,
 };
 use probe::check_conditional_writes;
 use secrets::Secrets;
@@ -166,7 +167,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     } else {
         settings.agent_expiry
     };
-    let bootstrap = elected.mode == Mode::Bootstrap && !raft;
+    // Settled by the election's one gate (`Elector::may_bootstrap`).
+    let bootstrap = elected.mode == Mode::Bootstrap;
     let not_running = match &opened.aws {
         Some(aws) => {
             ec2::not_running(
@@ -222,6 +224,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             key_file: opts.key_file.as_deref(),
         },
     };
+    if !dry_run && raft && elected.mode.is_server() {
+        clear_stale_server_metadata(&root, &opts.data_dir)?;
+    }
     if !dry_run && !root.is_system() && manages_consul {
         ensure_consul_user(&root)?;
     }
