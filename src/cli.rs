@@ -64,14 +64,15 @@ pub struct GlobalOpts {
     /// cluster's record; once a cluster exists its record rules (change it
     /// with `auto-consul cluster set`) [default: 1].
     #[arg(short = 's', long, env = "AUTO_CONSUL_SERVERS", value_name = "N",
-          global = true, value_parser = clap::value_parser!(u32).range(1..=9))]
+          global = true, allow_negative_numbers = true, value_parser = servers_in_range)]
     pub servers: Option<u32>,
 
     /// Seconds after which a heartbeat or a server slot expires; the
     /// heartbeat timer fires every EXPIRY/3 seconds. Seeds a new cluster's
     /// record, which then rules [default: 120].
     #[arg(short = 'e', long, env = "AUTO_CONSUL_EXPIRY", value_name = "SECONDS",
-          global = true, value_parser = clap::value_parser!(u64).range(2..=86_400))]
+          global = true, allow_negative_numbers = true,
+          value_parser = seconds_in(2, 86_400))]
     pub expiry: Option<u64>,
 
     /// What this node may become: `server` (never an agent: waits for a
@@ -87,7 +88,8 @@ pub struct GlobalOpts {
     /// retries) [default: EXPIRY + EXPIRY/3 + 10, one expiry and one
     /// heartbeat interval].
     #[arg(long, env = "AUTO_CONSUL_ROLE_WAIT", value_name = "SECONDS", global = true,
-          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+          allow_negative_numbers = true,
+          value_parser = seconds_in(0, 86_400))]
     pub role_wait: Option<u64>,
 
     /// Seconds after which an agent's heartbeat expires; agents heartbeat
@@ -95,7 +97,8 @@ pub struct GlobalOpts {
     /// most of a fleet's registry requests, and only join lists use them.
     /// Seeds a new cluster's record, which then rules [default: 7200].
     #[arg(long, env = "AUTO_CONSUL_AGENT_EXPIRY", value_name = "SECONDS", global = true,
-          value_parser = clap::value_parser!(u64).range(2..=86_400))]
+          allow_negative_numbers = true,
+          value_parser = seconds_in(2, 86_400))]
     pub agent_expiry: Option<u64>,
 
     /// The EC2 instance id published in slots and heartbeats [default: IMDS
@@ -121,7 +124,8 @@ pub struct GlobalOpts {
     /// come back or be confirmed gone before it fails (exit 1; the boot
     /// unit retries) [default: the expiry].
     #[arg(long, env = "AUTO_CONSUL_WITNESS_WAIT", value_name = "SECONDS", global = true,
-          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+          allow_negative_numbers = true,
+          value_parser = seconds_in(0, 86_400))]
     pub witness_wait: Option<u64>,
 
     /// Consul data directory.
@@ -213,7 +217,8 @@ pub struct GlobalOpts {
     /// Overall wait, in seconds, for the instance metadata service at boot.
     #[arg(long, env = "AUTO_CONSUL_IMDS_TIMEOUT", value_name = "SECONDS",
           default_value_t = 30, global = true,
-          value_parser = clap::value_parser!(u64).range(1..=600))]
+          allow_negative_numbers = true,
+          value_parser = seconds_in(1, 600))]
     pub imds_timeout: u64,
 
     /// Log format on stderr: `text` (for people) or `json` (one JSON object
@@ -364,6 +369,28 @@ pub const DEFAULT_EXPIRY: u64 = 120;
 /// `--agent-expiry` when not given: agents heartbeat every 40 minutes.
 pub const DEFAULT_AGENT_EXPIRY: u64 = 7200;
 
+/// Parses a whole number of seconds from `lo` to `hi`; the error names the
+/// range (clap's own says only "invalid digit", or takes `-5` for an option).
+fn seconds_in(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync {
+    move |s| {
+        s.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (lo..=hi).contains(n))
+            .ok_or_else(|| format!("must be a whole number of seconds from {lo} to {hi}"))
+    }
+}
+
+fn servers_in_range(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=9).contains(n))
+        .ok_or_else(|| {
+            "must be a whole number of servers from 1 to 9 (3 or 5 in production)".into()
+        })
+}
+
 fn parse_instance_id(s: &str) -> Result<String, String> {
     if crate::model::instance_id_ok(s) {
         Ok(s.to_string())
@@ -443,6 +470,42 @@ mod tests {
         ] {
             let err = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn a_bounded_option_out_of_range_names_its_range() {
+        for (args, range) in [
+            (
+                &["auto-consul", "run", "--expiry", "-5"][..],
+                "from 2 to 86400",
+            ),
+            (
+                &["auto-consul", "run", "--expiry=-5"][..],
+                "from 2 to 86400",
+            ),
+            (
+                &["auto-consul", "run", "--expiry", "1"][..],
+                "from 2 to 86400",
+            ),
+            (
+                &["auto-consul", "run", "--role-wait", "x"][..],
+                "from 0 to 86400",
+            ),
+            (
+                &["auto-consul", "run", "--imds-timeout", "601"][..],
+                "from 1 to 600",
+            ),
+            (
+                &["auto-consul", "run", "--servers", "-1"][..],
+                "from 1 to 9",
+            ),
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            let text = err.to_string();
+            let first = text.lines().next().unwrap();
+            assert!(first.contains(range), "{args:?}: {first}");
         }
     }
 }
