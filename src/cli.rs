@@ -292,6 +292,23 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether the command is one a person types on a configured node, and
+    /// so takes the node's settings from the env file `run` wrote. The
+    /// units' commands (`run`, `heartbeat`, `leave`) get the file from
+    /// systemd; `install` writes it.
+    pub fn reads_env_file(&self) -> bool {
+        matches!(
+            self,
+            Command::Plan
+                | Command::Members
+                | Command::Status
+                | Command::Purge
+                | Command::Cluster { .. }
+        )
+    }
+}
+
 /// How logs are written (`--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {

@@ -5,7 +5,22 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = auto_consul::cli::Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // A command a person types on a configured node (status, members,
+    // cluster, ...) takes the node's settings from the env file `run`
+    // wrote, as the units do; the environment and flags still win.
+    if let Ok(first) = auto_consul::cli::Cli::try_parse_from(&args)
+        && first.command.reads_env_file()
+    {
+        for (key, value) in auto_consul::commands::node_env_file(&first.global.root) {
+            if std::env::var_os(&key).is_none() {
+                // SAFETY: still single-threaded: no runtime, no logging
+                // thread, nothing else reads the environment yet.
+                unsafe { std::env::set_var(key, value) };
+            }
+        }
+    }
+    let cli = auto_consul::cli::Cli::parse_from(args);
     let json = cli.global.log_format == auto_consul::cli::LogFormat::Json;
     auto_consul::logging::init(cli.global.verbose, json);
     match auto_consul::run(cli) {

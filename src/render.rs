@@ -653,6 +653,18 @@ pub fn env_file(existing: Option<&str>, vars: &[(&str, String)]) -> Result<Strin
 }
 
 /// An env file value without its surrounding quotes.
+/// The `KEY=VALUE` lines of an env file, as systemd's `EnvironmentFile=`
+/// reads them (comments and blank lines skipped, one level of quotes off).
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), unquote(v).to_string()))
+        .filter(|(k, _)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .collect()
+}
+
 fn unquote(value: &str) -> &str {
     let v = value.trim();
     for q in ['\'', '"'] {

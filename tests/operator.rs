@@ -198,6 +198,39 @@ fn status_says_healthy_or_names_what_is_degraded() {
         shown.contains("bootstrap in server slot 0") && shown.trim_end().ends_with("healthy"),
         "{shown}"
     );
+    // On the node itself, with no settings typed: the env file `run`
+    // wrote gives the registry and the rest, as it does to the units.
+    let bare = output(
+        auto_consul(moto)
+            .args(["status", "--json"])
+            .arg("--root")
+            .arg(&root)
+            .env("CONSUL_HTTP_ADDR", agent.addr()),
+    );
+    let v = json(&bare);
+    assert_eq!(bare.status.code(), Some(0), "{v}");
+    assert_eq!(v["mode"], "bootstrap", "{v}");
+    let members = ok_json(&output(
+        auto_consul(moto)
+            .args(["members", "--json"])
+            .arg("--root")
+            .arg(&root),
+    ));
+    assert!(members["cluster"]["cluster_id"].is_string(), "{members}");
+    // The environment still wins over the file.
+    let elsewhere = output(
+        auto_consul(moto)
+            .args(["members", "--json"])
+            .arg("--root")
+            .arg(&root)
+            .env("AUTO_CONSUL_REGISTRY", "s3://no-such-bucket-here/x"),
+    );
+    assert_ne!(elsewhere.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&elsewhere.stderr).contains("no-such-bucket-here"),
+        "{}",
+        String::from_utf8_lossy(&elsewhere.stderr)
+    );
 
     // The agent is down: degraded, exit 1, the reason named.
     drop(agent);

@@ -298,7 +298,7 @@ fn report(
         );
     } else {
         println!(
-            "{} ({}) is a {mode}: wrote {}",
+            "{} ({}) runs as {mode}: wrote {}",
             me.node,
             me.address,
             keys.join(", ")

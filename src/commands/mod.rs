@@ -174,6 +174,15 @@ pub fn warn_on_mismatch(opts: &GlobalOpts, view: &crate::registry::RegistryView)
     }
 }
 
+/// The settings in this node's env file under `root` (the one `run` and
+/// `install` write and the units load); none when there is no such file.
+pub fn node_env_file(root: &Path) -> Vec<(String, String)> {
+    let path = Root::new(root).path(Path::new(run::ENV_FILE));
+    std::fs::read_to_string(path)
+        .map(|text| render::parse_env_file(&text))
+        .unwrap_or_default()
+}
+
 /// The env file shared by `run`, the heartbeat and the boot unit: every
 /// setting given or resolved, merged into the file under `root` as it is
 /// (the operator's own lines are kept). `install` passes no identity (each
