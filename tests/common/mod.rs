@@ -617,3 +617,51 @@ pub fn count_keys(moto: &Moto, bucket: &str, prefix: &str) -> usize {
         n
     })
 }
+
+/// Builds the Debian package from the binary this test run built (no
+/// build: `cargo deb --profile dev --no-build`), with the man page and the
+/// shell completions generated as packaging/build-deb.sh makes them, into
+/// `out_dir`; returns the .deb's path.
+pub fn build_deb(out_dir: &Path) -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_auto-consul"));
+    // The binary lives in <target>/debug/: package that one.
+    let target = bin.parent().and_then(Path::parent).expect("a target dir");
+    let generated = bin.parent().unwrap().join("generated");
+    std::fs::create_dir_all(&generated).unwrap();
+    for (args, file) in [
+        (&["man"][..], "auto-consul.1"),
+        (&["completions", "bash"][..], "auto-consul.bash"),
+        (&["completions", "zsh"][..], "_auto-consul"),
+        (&["completions", "fish"][..], "auto-consul.fish"),
+    ] {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success() && !out.stdout.is_empty(), "{args:?}");
+        std::fs::write(generated.join(file), &out.stdout).unwrap();
+    }
+    let out = Command::new("cargo")
+        .args([
+            "deb",
+            "--profile",
+            "dev",
+            "--no-build",
+            "--fast",
+            "--quiet",
+            "-o",
+        ])
+        .arg(out_dir)
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo is on PATH");
+    assert!(
+        out.status.success(),
+        "cargo deb failed (cargo install cargo-deb --locked): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_dir(out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb was written")
+}
