@@ -398,3 +398,86 @@ mod tests {
         assert!(parse_addr("unix://", false).is_err());
     }
 }
+
+/// The policy agents' token carries: register any node, read services
+/// (what a Consul client agent needs to join and anti-entropy its node).
+pub const AGENT_POLICY: &str = "auto-consul-agent";
+const AGENT_RULES: &str =
+    "node_prefix \"\" {\n  policy = \"write\"\n}\nservice_prefix \"\" {\n  policy = \"read\"\n}\n";
+
+/// Makes sure the agents' token (SecretID `agent_token`, made at genesis)
+/// exists in Consul, creating its policy and the token with the initial
+/// management token when it does not. Idempotent across servers: Consul
+/// refuses a second token with the same SecretID and a second policy with
+/// the same name, and those answers count as done. Returns whether this
+/// call created the token.
+pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<bool> {
+    let mut api = Api::from_env(None)?;
+    let shown = api.shown.clone();
+    api.token = Some(agent_token.to_string());
+    let me = api
+        .request(reqwest::Method::GET, "/v1/acl/token/self")
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow!(e).context(format!(
+                "asking the Consul agent at {shown} for the agents' token"
+            ))
+        })?;
+    if me.status().is_success() {
+        return Ok(false);
+    }
+    api.token = Some(management.to_string());
+    async fn put(
+        api: &Api,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<(reqwest::StatusCode, String)> {
+        let resp = api
+            .request(reqwest::Method::PUT, path)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow!(e).context(format!("PUT {path} to the Consul agent at {}", api.shown))
+            })?;
+        let status = resp.status();
+        Ok((status, resp.text().await.unwrap_or_default()))
+    }
+    let (status, text) = put(
+        &api,
+        "/v1/acl/policy",
+        serde_json::json!({
+            "Name": AGENT_POLICY,
+            "Description": "auto-consul: what the agents' token may do",
+            "Rules": AGENT_RULES,
+        }),
+    )
+    .await?;
+    if !status.is_success() && !text.contains("already exists") {
+        anyhow::bail!(
+            "the Consul agent answered {status} to PUT /v1/acl/policy: {}",
+            text.trim().chars().take(200).collect::<String>()
+        );
+    }
+    let (status, text) = put(
+        &api,
+        "/v1/acl/token",
+        serde_json::json!({
+            "SecretID": agent_token,
+            "Description": "auto-consul: the token agents run with",
+            "Policies": [{ "Name": AGENT_POLICY }],
+        }),
+    )
+    .await?;
+    if status.is_success() {
+        return Ok(true);
+    }
+    if text.contains("already in use") || text.contains("already exists") {
+        return Ok(false);
+    }
+    anyhow::bail!(
+        "the Consul agent answered {status} to PUT /v1/acl/token: {}",
+        text.trim().chars().take(200).collect::<String>()
+    )
+}

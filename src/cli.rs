@@ -158,6 +158,15 @@ pub struct GlobalOpts {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Where the cluster makes and keeps its secrets at genesis (gossip
+    /// key, CA, ACL tokens): `ssm:///PATH` (SSM Parameter Store,
+    /// SecureString, under PATH/<cluster id>/), `file:///DIR` (files 0600),
+    /// or `none`. Files named by --encrypt-file, --ca-file, ... still win
+    /// [default: none].
+    #[arg(long, env = "AUTO_CONSUL_SECRETS", value_name = "URL", global = true,
+          value_parser = parse_secrets)]
+    pub secrets: Option<crate::secrets::SecretsUrl>,
+
     /// File holding the gossip encryption key (Consul's `encrypt`).
     #[arg(long, env = "AUTO_CONSUL_ENCRYPT_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path)]
@@ -290,6 +299,27 @@ pub enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// The secrets the cluster made at genesis (--secrets): where they are,
+    /// and one value for an operator whose IAM role may read it.
+    Secrets {
+        #[command(subcommand)]
+        action: SecretsAction,
+    },
+}
+
+/// What `secrets` does.
+#[derive(Debug, Subcommand)]
+pub enum SecretsAction {
+    /// List the cluster's secrets: each name, where it is kept, whether it
+    /// exists and who may read it. Never a value.
+    List,
+    /// Print one secret's value on stdout (the only way a value reaches a
+    /// terminal): gossip-key, ca-cert, agent-token, ca or
+    /// management-token.
+    Get {
+        /// The secret's name.
+        name: String,
+    },
 }
 
 impl Command {
@@ -305,6 +335,7 @@ impl Command {
                 | Command::Status
                 | Command::Purge
                 | Command::Cluster { .. }
+                | Command::Secrets { .. }
         )
     }
 }
@@ -406,6 +437,10 @@ fn servers_in_range(s: &str) -> Result<u32, String> {
         .ok_or_else(|| {
             "must be a whole number of servers from 1 to 9 (3 or 5 in production)".into()
         })
+}
+
+fn parse_secrets(s: &str) -> Result<crate::secrets::SecretsUrl, String> {
+    crate::secrets::SecretsUrl::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_instance_id(s: &str) -> Result<String, String> {

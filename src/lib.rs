@@ -18,6 +18,7 @@ pub mod precedence;
 pub mod registry;
 pub mod render;
 pub mod retry;
+pub mod secrets;
 pub mod state;
 pub mod termination;
 

@@ -40,8 +40,19 @@ pub struct ConsulSettings<'a> {
     pub encrypt: Option<&'a str>,
     /// ACL token for the agent.
     pub acl_token: Option<&'a str>,
+    /// ACLs made at genesis (a secrets store): enabled, default deny.
+    pub acl: Option<GenesisAcl<'a>>,
     /// TLS CA, certificate and key paths.
     pub tls: Tls<'a>,
+}
+
+/// The ACLs a cluster made at genesis runs with.
+#[derive(Debug, Clone, Copy)]
+pub struct GenesisAcl<'a> {
+    /// `acl.tokens.initial_management`: servers only.
+    pub management: Option<&'a str>,
+    /// `acl.tokens.agent`.
+    pub agent: &'a str,
 }
 
 /// TLS file paths for Consul.
@@ -97,7 +108,29 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
     if let Some(key) = s.encrypt {
         c.insert("encrypt".into(), json!(key));
     }
-    if let Some(token) = s.acl_token {
+    if let Some(acl) = s.acl {
+        // Consul's ACL block (agent/config/builder.go reads `acl.enabled`,
+        // `acl.default_policy`, `acl.enable_token_persistence` and
+        // `acl.tokens.{initial_management,agent}`): deny what no token
+        // allows; the first leader creates the initial management token;
+        // tokens set by API persist. ACLs need the primary datacenter
+        // named (this one: a cluster of one datacenter).
+        let mut tokens = Map::new();
+        if let Some(m) = acl.management {
+            tokens.insert("initial_management".into(), json!(m));
+        }
+        tokens.insert("agent".into(), json!(s.acl_token.unwrap_or(acl.agent)));
+        c.insert(
+            "acl".into(),
+            json!({
+                "enabled": true,
+                "default_policy": "deny",
+                "enable_token_persistence": true,
+                "tokens": Value::Object(tokens),
+            }),
+        );
+        c.insert("primary_datacenter".into(), json!(s.datacenter));
+    } else if let Some(token) = s.acl_token {
         c.insert("acl".into(), json!({ "tokens": { "agent": token } }));
     }
     if let Some((tls, auto_encrypt)) = tls_config(&s.tls, s.mode.is_server()) {
@@ -695,6 +728,7 @@ mod tests {
             cloud_join: None,
             encrypt: None,
             acl_token: None,
+            acl: None,
             tls: Tls::default(),
         }
     }

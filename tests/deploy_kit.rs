@@ -187,9 +187,12 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
     let template = root().join("terraform/modules/auto-consul/user-data.yaml.tftpl");
     assert!(template.is_file(), "missing {}", template.display());
     let dir = scratch_dir("render");
-    for (baked, role) in [(false, "server"), (true, "agent")] {
+    for (baked, role, secrets) in [
+        (false, "server", "ssm:///auto-consul/prod"),
+        (true, "agent", ""),
+    ] {
         let expr = format!(
-            "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, \
+            "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, secrets = \"{secrets}\", \
              expiry = 120, agent_expiry = 7200, datacenter = \"dc1\", data_dir = \"/opt/consul\", \
              config_dir = \"/etc/consul.d\", baked_image = {baked}, \
              cloud_join = \"provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod\" }})",
@@ -321,6 +324,7 @@ checks = {
             "aws_s3_bucket_public_access_block.registry",
             "aws_s3_bucket_server_side_encryption_configuration.registry",
             "aws_s3_bucket_lifecycle_configuration.registry",
+            "aws_s3_bucket_policy.registry",
             "aws_iam_role.this",
             "aws_iam_role_policy.auto_consul",
             "aws_iam_instance_profile.this",
@@ -329,10 +333,11 @@ checks = {
             "aws_autoscaling_group.servers",
             "aws_autoscaling_group.agents",
         ],
-        "DataResources": ["data.aws_iam_policy_document.auto_consul"],
-        "Variables": ["servers", "expiry", "datacenter", "registry_prefix"],
+        "DataResources": ["data.aws_iam_policy_document.assume_role"],
+        "Variables": ["servers", "expiry", "datacenter", "registry_prefix", "secrets", "ssm_path"],
         "Outputs": [
             "bucket_name", "registry_url", "iam_role_name", "instance_profile_name",
+            "iam_policies", "registry_bucket_policy", "secrets_url",
             "security_group_id", "servers_asg_name", "agents_asg_name",
         ],
     },
@@ -409,6 +414,8 @@ const SDK_CALLS: &[(&str, &[&str])] = &[
     ("delete_objects", &["s3:DeleteObject"]),
     ("head_bucket", &["s3:ListBucket"]),
     ("describe_instances", &["ec2:DescribeInstances"]),
+    ("get_parameter", &["ssm:GetParameter"]),
+    ("put_parameter", &["ssm:PutParameter"]),
 ];
 
 /// Source text with comment lines dropped, and everything from the first
@@ -481,7 +488,11 @@ fn sdk_operation_names() -> BTreeMap<String, &'static str> {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            for (krate, service) in [("aws-sdk-s3", "s3"), ("aws-sdk-ec2", "ec2")] {
+            for (krate, service) in [
+                ("aws-sdk-s3", "s3"),
+                ("aws-sdk-ec2", "ec2"),
+                ("aws-sdk-ssm", "ssm"),
+            ] {
                 let versioned = name
                     .strip_prefix(krate)
                     .and_then(|rest| rest.strip_prefix('-'))
@@ -501,7 +512,7 @@ fn sdk_operation_names() -> BTreeMap<String, &'static str> {
             }
         }
     }
-    for service in ["s3", "ec2"] {
+    for service in ["s3", "ec2", "ssm"] {
         assert!(
             ops.values().any(|s| *s == service),
             "cannot find the sources of aws-sdk-{service} (looked in {bases:?}; found {crates_seen:?}); \
@@ -511,105 +522,66 @@ fn sdk_operation_names() -> BTreeMap<String, &'static str> {
     ops
 }
 
-/// IAM actions named in `actions = [ ... ]` lists of the .tf files in `dir`:
-/// every quoted string starting with "s3:" or "ec2:".
-fn policy_actions(dir: &Path) -> BTreeSet<String> {
+/// The module's role policies, as Terraform renders them: each
+/// `policies/<role>.json.tftpl` (the bucket policy aside) with its
+/// template variables filled in, parsed.
+fn role_policies(dir: &Path) -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    for role in ["server", "agent"] {
+        let file = dir.join(format!("policies/{role}.json.tftpl"));
+        let text = fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .replace("${bucket_arn}", "arn:aws:s3:::bucket")
+            .replace("${key_prefix}", "consul/prod/")
+            .replace(
+                "${ssm_parameter_arn}",
+                "arn:aws:ssm:us-east-1:123456789012:parameter/auto-consul/prod",
+            );
+        assert!(
+            !text.contains("${") && !text.contains("%{"),
+            "{}: a template variable the test does not fill",
+            file.display()
+        );
+        let policy = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON once rendered: {e}", file.display()));
+        out.insert(role.to_string(), policy);
+    }
+    out
+}
+
+/// The actions a policy document allows (`Action`, a string or a list, of
+/// its Allow statements).
+fn allowed_actions(policy: &serde_json::Value) -> BTreeSet<String> {
     let mut actions = BTreeSet::new();
-    let files = files_with_ext(dir, "tf");
-    assert!(!files.is_empty(), "no .tf files in {}", dir.display());
-    for file in files {
-        let raw = fs::read_to_string(&file).expect("read .tf file");
-        let text = strip_hcl_comments(&raw);
-        let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
-        let mut from = 0;
-        while let Some(pos) = text[from..].find("actions") {
-            let at = from + pos;
-            from = at + "actions".len();
-            if text[..at].chars().next_back().is_some_and(is_ident)
-                || text[from..].chars().next().is_some_and(is_ident)
-            {
-                continue; // not_actions, actions_x, ...
+    for st in policy["Statement"].as_array().into_iter().flatten() {
+        if st["Effect"] != "Allow" {
+            continue;
+        }
+        match &st["Action"] {
+            serde_json::Value::String(a) => {
+                actions.insert(a.clone());
             }
-            let rest = text[from..].trim_start();
-            let Some(rest) = rest.strip_prefix('=') else {
-                continue;
-            };
-            let Some(rest) = rest.trim_start().strip_prefix('[') else {
-                continue;
-            };
-            let end = rest
-                .find(']')
-                .unwrap_or_else(|| panic!("{}: unterminated actions list", file.display()));
-            for (i, quoted) in rest[..end].split('"').enumerate() {
-                if i % 2 == 1 && (quoted.starts_with("s3:") || quoted.starts_with("ec2:")) {
-                    actions.insert(quoted.to_string());
-                }
+            serde_json::Value::Array(list) => {
+                actions.extend(list.iter().filter_map(|a| a.as_str().map(String::from)));
             }
+            other => panic!("a statement's Action is {other}"),
         }
     }
     actions
 }
 
-/// Drops `#` and `//` line comments that are outside double-quoted strings.
-fn strip_hcl_comments(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        let mut in_string = false;
-        let mut escaped = false;
-        let mut cut = line.len();
-        let chars: Vec<(usize, char)> = line.char_indices().collect();
-        for (k, &(idx, c)) in chars.iter().enumerate() {
-            if in_string {
-                match c {
-                    _ if escaped => escaped = false,
-                    '\\' => escaped = true,
-                    '"' => in_string = false,
-                    _ => {}
-                }
-                continue;
-            }
-            let next = chars.get(k + 1).map(|&(_, n)| n);
-            if c == '"' {
-                in_string = true;
-            } else if c == '#' || (c == '/' && next == Some('/')) {
-                cut = idx;
-                break;
-            }
-        }
-        out.push_str(&line[..cut]);
-        out.push('\n');
-    }
-    out
-}
-
 #[test]
 fn iam_policy_parser_reads_actions_lists() {
-    let dir = scratch_dir("policy-parser");
-    fs::write(
-        dir.join("p.tf"),
-        r#"
-statement {
-  # actions = ["s3:Commented"]
-  actions   = ["s3:GetObject", "s3:PutObject"] // "s3:Trailing"
-  resources = ["arn:aws:s3:::b/p/*"]
-}
-statement {
-  actions = [
-    "ec2:DescribeInstances",
-    "sts:AssumeRole",
-  ]
-  not_actions = ["s3:NotThis"]
-}
-"#,
-    )
-    .unwrap();
-    let found = policy_actions(&dir);
-    let _ = fs::remove_dir_all(&dir);
+    let policy = serde_json::json!({"Statement": [
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": "*"},
+        {"Effect": "Allow", "Action": "ec2:DescribeInstances", "Resource": "*"},
+        {"Effect": "Deny", "Action": "s3:NotThis", "Resource": "*"},
+    ]});
     let want: BTreeSet<String> = ["s3:GetObject", "s3:PutObject", "ec2:DescribeInstances"]
         .into_iter()
         .map(String::from)
         .collect();
-    assert_eq!(found, want);
+    assert_eq!(allowed_actions(&policy), want);
 
     let calls = empty_calls(&production_source(
         "let r = client\n    .get_object()\n    .bucket(b);\n// x.put_object()\n#[cfg(test)]\nmod t { fn f() { c.create_bucket(); } }\n",
@@ -653,9 +625,9 @@ fn iam_policy_grants_exactly_the_sdk_calls_in_src() {
         .collect();
     assert!(
         unmapped.is_empty(),
-        "S3/EC2 operations called in src/ that the IAM table in tests/deploy_kit.rs does not map; \
-         add each to SDK_CALLS with its IAM action(s) and to the policy in \
-         terraform/modules/auto-consul/main.tf:\n  {}",
+        "S3/EC2/SSM operations called in src/ that the IAM table in tests/deploy_kit.rs does not map; \
+         add each to SDK_CALLS with its IAM action(s) and to the policies in \
+         terraform/modules/auto-consul/policies/:\n  {}",
         unmapped.join("\n  ")
     );
 
@@ -663,16 +635,20 @@ fn iam_policy_grants_exactly_the_sdk_calls_in_src() {
         .keys()
         .flat_map(|op| table[op.as_str()].iter().map(|a| a.to_string()))
         .collect();
-    let granted = policy_actions(&root().join("terraform/modules/auto-consul"));
+    let policies = role_policies(&root().join("terraform/modules/auto-consul"));
+    let granted = allowed_actions(&policies["server"]);
+    let agent = allowed_actions(&policies["agent"]);
 
     assert!(
         !needed.is_empty(),
         "found no AWS SDK calls ({:?}) in src/**/*.rs",
         table.keys().collect::<Vec<_>>()
     );
+    // Agents are servers' subset: never more than the binary needs.
+    let agent_extra: Vec<&String> = agent.difference(&granted).collect();
     assert!(
-        !granted.is_empty(),
-        "found no s3:/ec2: actions in `actions = [...]` lists of terraform/modules/auto-consul/*.tf"
+        agent_extra.is_empty(),
+        "the agents' policy grants what the servers' does not: {agent_extra:?}"
     );
     let wildcards: Vec<&String> = granted.iter().filter(|a| a.contains('*')).collect();
     assert!(

@@ -142,7 +142,9 @@ fn healthy_node(moto: &Moto, tmp: &std::path::Path, metrics: Option<&str>) -> (S
     let root = tmp.join("root");
     let mut run = run_cmd(moto, &registry, &root, "st-1", "10.60.0.1", 1);
     if let Some(m) = metrics {
-        run.args(["--metrics-file", m]);
+        // A short expiry: its failed heartbeat gives up within a second
+        // (the retry deadline follows the installed timer, every 5 s).
+        run.args(["--metrics-file", m, "--expiry", "15"]);
     }
     ok_json(&output(&mut run));
     let agent = FakeAgent::start("st-1", true, &["--address", "10.60.0.1"]);
@@ -348,7 +350,7 @@ fn metrics_are_valid_exposition_format_and_keep_each_commands_last_run() {
             "10.60.0.1",
             &format!("127.0.0.1:{}", closed_port()),
         )
-        .args(["--metrics-file", file, "--expiry", "15"]),
+        .args(["--metrics-file", file]),
     );
     assert!(!failed.status.success());
     let m = parse_metrics(&on_disk);

@@ -198,6 +198,14 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         });
     }
 
+    if let (Some(url), Some(cluster)) = (
+        &opts.secrets,
+        saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
+    ) && status.leader.is_some()
+    {
+        agent_token_in_consul(&root, url, cluster).await;
+    }
+
     let saved_mode = saved.as_ref().map(|s| s.mode).filter(|m| m.is_server());
     crate::metrics::node(saved_mode.unwrap_or(crate::model::Mode::Server), my_slot);
     // The timer follows the record's expiry: after `cluster set --expiry`,
@@ -237,6 +245,56 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         &rejoined,
     );
     Ok(())
+}
+
+/// Where a server records that the agents' token exists in Consul (the
+/// cluster id), so later heartbeats ask nothing.
+const AGENT_TOKEN_MADE: &str = "/var/lib/auto-consul/agent-token-made";
+
+/// A server of a cluster whose secrets were made at genesis makes the
+/// agents' token exist in Consul once a leader is up (with the initial
+/// management token), then records it. Failures are warnings: the next
+/// heartbeat tries again.
+async fn agent_token_in_consul(root: &Root, url: &crate::secrets::SecretsUrl, cluster: &str) {
+    let marker = root.path(std::path::Path::new(AGENT_TOKEN_MADE));
+    if std::fs::read_to_string(&marker).is_ok_and(|c| c.trim() == cluster) {
+        return;
+    }
+    let made = async {
+        let Some(store) = crate::secrets::open(url).await? else {
+            return Ok(None);
+        };
+        let m = crate::secrets::genesis(store.as_ref(), cluster, true).await?;
+        let management = m
+            .management_token
+            .ok_or_else(|| anyhow::anyhow!("no management token"))?;
+        agent::ensure_agent_token(&management, &m.agent_token)
+            .await
+            .map(Some)
+    };
+    match made.await {
+        Ok(Some(created)) => {
+            if created {
+                tracing::info!(
+                    "made the agents' ACL token in Consul (policy {})",
+                    agent::AGENT_POLICY
+                );
+            }
+            if let Err(e) = install::write_atomic(
+                root,
+                &install::FileSpec {
+                    path: AGENT_TOKEN_MADE.into(),
+                    contents: format!("{cluster}\n"),
+                    mode: 0o644,
+                    owner: None,
+                },
+            ) {
+                tracing::warn!("could not record that the agents' token exists: {e:#}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("the agents' ACL token is not in Consul yet: {e:#}"),
+    }
 }
 
 /// Whether this server is the fleet's purger: it holds slot `i` and no slot

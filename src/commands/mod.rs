@@ -9,6 +9,7 @@ mod members;
 mod purge;
 mod rejoin;
 mod run;
+mod secrets;
 mod status;
 
 use std::path::Path;
@@ -36,6 +37,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Leave { if_terminating } => leave::leave(&cli.global, if_terminating).await,
         Command::Install { now } => install::install(&cli.global, now),
         Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
+        Command::Secrets { action } => secrets::secrets(&cli.global, &action).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut text = Vec::new();
@@ -238,6 +240,9 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
         if let Some(p) = value {
             vars.push((key, path(p)));
         }
+    }
+    if let Some(url) = &opts.secrets {
+        vars.push(("AUTO_CONSUL_SECRETS", url.to_string()));
     }
     if opts.sandbox_consul {
         vars.push(("AUTO_CONSUL_SANDBOX_CONSUL", "true".into()));

@@ -18,6 +18,7 @@ away.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import ssl
@@ -80,6 +81,12 @@ def main():
     parser.add_argument("--tls-client-ca", help="demand client certificates signed by this CA (PEM)")
     parser.add_argument("--leader", help="the leader's ip:port (default: this agent's, when a server)")
     parser.add_argument("--peers", help="comma-separated Raft peers, ip:port (default: this agent's, when a server)")
+    parser.add_argument(
+        "--acl-dir",
+        help="serve Consul's ACL token and policy endpoints, with the cluster's ACL state in this directory "
+        "(shared by the fake agents of one cluster, under a lock); every write is logged to acl-log.jsonl there",
+    )
+    parser.add_argument("--acl-management", help="the initial management token the ACL writes need")
     args = parser.parse_args()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
     own = f"{args.address}:8300"
@@ -89,6 +96,28 @@ def main():
         "/v1/status/leader": json.dumps(leader).encode(),
         "/v1/status/peers": json.dumps([p for p in peers if p]).encode(),
     }
+
+    def acl_state(update):
+        """Runs update(state) on the shared ACL state under its lock;
+        returns what update returns. State: {"tokens": {secret: token},
+        "policies": {name: policy}}."""
+        path = os.path.join(args.acl_dir, "acl-state.json")
+        with open(os.path.join(args.acl_dir, "acl.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(path) as f:
+                    state = json.load(f)
+            except FileNotFoundError:
+                state = {"tokens": {}, "policies": {}}
+            result = update(state)
+            with open(path + ".tmp", "w") as f:
+                json.dump(state, f)
+            os.replace(path + ".tmp", path)
+            return result
+
+    def acl_log(entry):
+        with open(os.path.join(args.acl_dir, "acl-log.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -107,6 +136,13 @@ def main():
                 return self.reply(500, b"No known Consul servers", "text/plain")
             if path in status:
                 return self.reply(200, status[path], "application/json")
+            if path == "/v1/acl/token/self" and args.acl_dir:
+                # Consul: the token the request carries, or 403 "ACL not found".
+                secret = self.headers.get("X-Consul-Token", "")
+                token = acl_state(lambda st: st["tokens"].get(secret))
+                if token is None:
+                    return self.reply(403, b"ACL not found", "text/plain")
+                return self.reply(200, json.dumps(token).encode(), "application/json")
             if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
                 return self.reply(403, b"ACL not found", "text/plain")
             if path == "/v1/agent/self":
@@ -115,6 +151,35 @@ def main():
 
     def do_PUT(self):
         path = self.path.split("?")[0]
+        if path in ("/v1/acl/policy", "/v1/acl/token") and args.acl_dir:
+            if self.headers.get("X-Consul-Token") != args.acl_management:
+                return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
+            length = int(self.headers.get("Content-Length") or 0)
+            req = json.loads(self.rfile.read(length) or b"{}")
+            if path == "/v1/acl/policy":
+                def put_policy(st):
+                    if req.get("Name") in st["policies"]:
+                        return None
+                    policy = dict(req, ID=str(uuid.uuid4()))
+                    st["policies"][req.get("Name")] = policy
+                    return policy
+                made = acl_state(put_policy)
+                if made is None:
+                    msg = f'Invalid Policy: A Policy with Name "{req.get("Name")}" already exists'
+                    return self.reply(500, msg.encode(), "text/plain")
+            else:
+                def put_token(st):
+                    secret = req.get("SecretID") or str(uuid.uuid4())
+                    if secret in st["tokens"]:
+                        return None
+                    token = dict(req, SecretID=secret, AccessorID=str(uuid.uuid4()))
+                    st["tokens"][secret] = token
+                    return token
+                made = acl_state(put_token)
+                if made is None:
+                    return self.reply(500, b"Invalid Token: SecretID is already in use", "text/plain")
+            acl_log({"path": path, "by": args.node, "body": req})
+            return self.reply(200, json.dumps(made).encode(), "application/json")
         if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
             return self.reply(403, b"Permission denied", "text/plain")
         if path == "/v1/agent/leave" and args.leave_file:

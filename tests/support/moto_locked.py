@@ -48,10 +48,18 @@ Instance metadata the stock moto does not serve, for termination tests:
 `POST /_imds` with {PATH: BODY, ...} answers GET PATH with BODY (200), or 404
 where BODY is null; e.g. "/latest/meta-data/autoscaling/target-lifecycle-state".
 
+SSM, for the secrets tests: `GET /_ssm` answers every SSM call so far as
+[{"action": "GetParameter", "name": NAME, "key": ACCESS_KEY_ID}, ...] (who
+read or wrote which parameter). Fault rules also match the `X-Amz-Target`
+header (after a `#`), and a rule with "json": true answers a JSON-protocol
+error, as SSM does: {"match": "AmazonSSM.GetParameter", "status": 400,
+"code": "AccessDeniedException", "json": true}.
+
 The server exits when its parent process goes away.
 """
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -123,10 +131,13 @@ class Serialized:
         self.fired = []
         self.imds = {}
         self.kinds = {}
+        self.ssm_calls = []
 
     def take_fault(self, environ):
         method = environ.get("REQUEST_METHOD", "")
         target = environ.get("PATH_INFO", "") + "?" + environ.get("QUERY_STRING", "")
+        # JSON-protocol services (SSM) name the operation in a header.
+        target += "#" + environ.get("HTTP_X_AMZ_TARGET", "")
         with self.lock:
             for i, rule in enumerate(self.faults):
                 if rule.get("count", 1) <= 0:
@@ -142,6 +153,10 @@ class Serialized:
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
+        if path.startswith("/_ssm"):
+            with self.lock:
+                calls = list(self.ssm_calls)
+            return reply(start_response, 200, json.dumps(calls).encode(), "application/json")
         if path.startswith("/_kinds"):
             return reply(start_response, 200, json.dumps(self.kinds).encode(), "application/json")
         if path.startswith("/_stats"):
@@ -188,6 +203,11 @@ class Serialized:
         if rule is not None:
             if "stall" in rule:
                 time.sleep(float(rule["stall"]))
+            elif "status" in rule and rule.get("json"):
+                # A JSON-protocol error (SSM), as AWS answers it.
+                body = json.dumps({"__type": rule.get("code", "InternalServerError"),
+                                   "message": rule.get("message", "injected fault")}).encode()
+                return reply(start_response, int(rule["status"]), body, "application/x-amz-json-1.1")
             elif "status" in rule:
                 body = S3_ERROR.format(code=rule.get("code", "InternalError")).encode()
                 return reply(start_response, int(rule["status"]), body, "application/xml")
@@ -211,6 +231,21 @@ class Serialized:
 
         method = environ.get("REQUEST_METHOD", "")
         query = environ.get("QUERY_STRING", "")
+        amz_target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if amz_target.startswith("AmazonSSM."):
+            # Every SSM call, by whom (the access key id) and on which name,
+            # for tests that check who reads what.
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            raw = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = io.BytesIO(raw)
+            try:
+                name = json.loads(raw or b"{}").get("Name")
+            except ValueError:
+                name = None
+            auth = environ.get("HTTP_AUTHORIZATION", "")
+            key = auth.split("Credential=", 1)[1].split("/", 1)[0] if "Credential=" in auth else None
+            with self.lock:
+                self.ssm_calls.append({"action": amz_target.split(".", 1)[1], "name": name, "key": key})
         if method == "GET" and "list-type=2" in query:
             kind = "LIST"
         elif method == "POST" and "delete" in query:

@@ -59,6 +59,9 @@ pub(super) struct Elector<'a> {
     pub(super) role: RoleWanted,
     /// How long a `server` waits for a slot, an `agent` for a server.
     pub(super) role_wait: Duration,
+    /// The secrets store (--secrets): a new cluster's secrets are made
+    /// before its record is written.
+    pub(super) secrets: Option<&'a dyn crate::secrets::SecretStore>,
 }
 
 impl Elector<'_> {
@@ -530,6 +533,12 @@ impl Elector<'_> {
             created: Utc::now().to_rfc3339(),
             retired: false,
         };
+        // The secrets first: until the record names the cluster, its
+        // genesis counts as unfinished (no Consul of it has run), so a
+        // node stopped while making them bootstraps when it runs again.
+        if let Some(store) = self.secrets {
+            crate::secrets::genesis(store, id, true).await?;
+        }
         let body = serde_json::to_vec(&record)?;
         let won = self
             .claims(None)

@@ -89,6 +89,45 @@ pub(super) fn clear_stale_server_metadata(root: &Root, data_dir: &Path) -> Resul
     Ok(Some(aside))
 }
 
+/// The TLS files of a node whose secrets were made at genesis: the CA's
+/// certificate, and for a server its own certificate and key, signed by
+/// the CA. A server's certificate on disk is kept while it was issued
+/// under the same CA and has more than 30 days left; otherwise a new one
+/// is made (at each `run`, so at each boot).
+pub(super) fn tls_material(
+    root: &Root,
+    config_dir: &Path,
+    made: &crate::secrets::Material,
+    mode: crate::model::Mode,
+    datacenter: &str,
+    address: std::net::IpAddr,
+) -> Result<Vec<FileSpec>> {
+    use crate::secrets::{certificate_still_good, server_certificate, tls_path};
+    let file = |name: &str, contents: String, mode: u32| FileSpec {
+        path: tls_path(config_dir, name),
+        contents,
+        mode,
+        owner: None,
+    };
+    let mut out = vec![file("ca.pem", made.ca_cert.clone(), 0o644)];
+    if mode.is_server() {
+        let read = |name: &str| std::fs::read_to_string(root.path(&tls_path(config_dir, name)));
+        let kept = match (read("server.pem"), read("server-key.pem"), read("ca.pem")) {
+            (Ok(cert), Ok(key), Ok(ca)) if certificate_still_good(&cert, &made.ca_cert, &ca) => {
+                Some((cert, key))
+            }
+            _ => None,
+        };
+        let (cert, key) = match kept {
+            Some(pair) => pair,
+            None => server_certificate(made, datacenter, address)?,
+        };
+        out.push(file("server.pem", cert, 0o644));
+        out.push(file("server-key.pem", key, 0o600));
+    }
+    Ok(out)
+}
+
 /// Whether the data dir under the root holds Consul Raft state.
 /// A raft directory that cannot be read counts as state: a node that may
 /// have been a server must never bootstrap.

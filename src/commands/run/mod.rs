@@ -90,7 +90,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         let opened = open_store(&url).await?;
         let store = opened.store.as_ref();
         let probe = async {
-            if dry_run {
+            // An agent never makes a conditional write (DESIGN.md: agents
+            // write only agents/ keys), so it has nothing to probe.
+            if dry_run || opts.role == RoleWanted::Agent {
                 Ok(false)
             } else {
                 check_conditional_writes(store, opts.allow_racy).await
@@ -131,7 +133,12 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             keep
         });
 
+    let secrets_store = match &opts.secrets {
+        Some(url) if !dry_run => crate::secrets::open(url).await?,
+        _ => None,
+    };
     let elector = Elector {
+        secrets: secrets_store.as_deref(),
         store: store.as_ref(),
         me: &me,
         registry: url.to_string(),
@@ -206,6 +213,50 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         timer_expiry,
         notify,
     );
+    // Secrets made at genesis (--secrets): read, or made by a server and
+    // read back. What an operator's files give wins, piece by piece.
+    let made = match (secrets_store.as_deref(), elected.cluster_id.as_deref()) {
+        (Some(store), Some(cluster)) => {
+            Some(crate::secrets::genesis(store, cluster, elected.mode.is_server()).await?)
+        }
+        (Some(_), None) => {
+            return Err(usage(
+                "--secrets needs a cluster id to keep secrets under, and this registry has no \
+                 cluster record (the original tool's): run `auto-consul cluster set` or drop --secrets",
+            ));
+        }
+        (None, _) => None,
+    };
+    let tls_files = match &made {
+        Some(m) if opts.ca_file.is_none() => tls_material(
+            &root,
+            &opts.config_dir,
+            m,
+            elected.mode,
+            &opts.datacenter,
+            me.address,
+        )?,
+        _ => Vec::new(),
+    };
+    let tls_path = |f: &str| crate::secrets::tls_path(&opts.config_dir, f);
+    let (ca_path, cert_path, key_path) = (
+        tls_path("ca.pem"),
+        tls_path("server.pem"),
+        tls_path("server-key.pem"),
+    );
+    let tls = if tls_files.is_empty() {
+        Tls {
+            ca_file: opts.ca_file.as_deref(),
+            cert_file: opts.cert_file.as_deref(),
+            key_file: opts.key_file.as_deref(),
+        }
+    } else {
+        Tls {
+            ca_file: Some(&ca_path),
+            cert_file: elected.mode.is_server().then_some(cert_path.as_path()),
+            key_file: elected.mode.is_server().then_some(key_path.as_path()),
+        }
+    };
     let config = ConsulSettings {
         node: &me.node,
         address: me.address,
@@ -216,13 +267,16 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         servers: settings.servers,
         retry_join: &retry_join,
         cloud_join,
-        encrypt: secrets.encrypt.as_deref(),
+        encrypt: secrets
+            .encrypt
+            .as_deref()
+            .or(made.as_ref().map(|m| m.gossip_key.as_str())),
         acl_token: secrets.acl_token.as_deref(),
-        tls: Tls {
-            ca_file: opts.ca_file.as_deref(),
-            cert_file: opts.cert_file.as_deref(),
-            key_file: opts.key_file.as_deref(),
-        },
+        acl: made.as_ref().map(|m| render::GenesisAcl {
+            management: m.management_token.as_deref(),
+            agent: &m.agent_token,
+        }),
+        tls,
     };
     if !dry_run && raft && elected.mode.is_server() {
         clear_stale_server_metadata(&root, &opts.data_dir)?;
@@ -245,9 +299,17 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let mut files = vec![FileSpec {
         path: opts.config_dir.join(CONFIG_FILE),
         contents: consul_config,
-        mode: if secrets.any() { 0o600 } else { 0o640 },
+        mode: if secrets.any() || made.is_some() {
+            0o600
+        } else {
+            0o640
+        },
         owner: consul_user,
     }];
+    files.extend(tls_files.into_iter().map(|mut f| {
+        f.owner = consul_user;
+        f
+    }));
     files.extend(fixed_files);
     files.push(state::file(&State {
         registry: url.to_string(),

@@ -68,6 +68,12 @@ module "consul" {
   agent_instance_type     = "t3.micro"
   agents_desired_capacity = 2
 
+  # Secure at genesis: the first servers make the gossip key, the CA and the
+  # ACL tokens in SSM Parameter Store under this path (SecureString,
+  # create-only); agents may read only <path>/<cluster id>/agent/*.
+  secrets  = true
+  ssm_path = "/auto-consul/example"
+
   # Let the rest of the VPC use Consul's HTTP API and DNS.
   client_cidr_blocks = [data.aws_vpc.default.cidr_block]
 
@@ -98,4 +104,19 @@ output "servers_asg_name" {
 
 output "agents_asg_name" {
   value = module.consul.agents_asg_name
+}
+
+output "iam_role_name" {
+  description = "The instance roles, by role (server, agent)."
+  value       = module.consul.iam_role_name
+}
+
+output "instance_profile_name" {
+  description = "The instance profiles, by role (server, agent)."
+  value       = module.consul.instance_profile_name
+}
+
+output "secrets_url" {
+  description = "Where the cluster's secrets live (names only, never values)."
+  value       = module.consul.secrets_url
 }

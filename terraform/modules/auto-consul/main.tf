@@ -1,10 +1,12 @@
-# auto-consul on EC2: an S3 registry, a least-privilege instance role, and two
-# autoscaling groups (servers and agents) whose instances run `auto-consul run`
-# at boot, through auto-consul.service (retried until it succeeds). The group
-# gives the role: the servers group, sized to var.servers, runs with role
-# "server" and holds the server slots; the agents group runs with role "agent"
-# and never claims one. The registry decides the rest (which slot, who
-# bootstraps).
+# auto-consul on EC2: an S3 registry whose bucket refuses blind writes to the
+# claims, one least-privilege instance role per group, and two autoscaling
+# groups (servers and agents) whose instances run `auto-consul run` at boot,
+# through auto-consul.service (retried until it succeeds). The group gives
+# the role: the servers group, sized to var.servers, runs with role "server",
+# holds the server slots and makes the cluster's secrets in SSM; the agents
+# group runs with role "agent", never claims a slot and may write only its
+# own heartbeats and read only the agents' secrets. The registry decides the
+# rest (which slot, who bootstraps).
 
 # Note for editors: this module uses no comparison, logical or arithmetic
 # operators (==, !=, &&, ||, !, <, >, +, ...). The configuration loader the
@@ -38,6 +40,7 @@ locals {
     config_dir   = var.consul_config_dir
     baked_image  = var.baked_image
     cloud_join   = var.cloud_auto_join ? "provider=aws tag_key=auto-consul:cluster tag_value=${var.name}" : ""
+    secrets      = local.secrets_url
   }) }
 
   # Consul's ports, opened to members of the security group only. 8500 (HTTP
@@ -158,8 +161,90 @@ resource "aws_s3_bucket_lifecycle_configuration" "registry" {
 }
 
 # ---------------------------------------------------------------------------
-# IAM: exactly the calls auto-consul makes, nothing else
+# IAM: one role per group, each allowed exactly the calls auto-consul makes
+# in that role
 # ---------------------------------------------------------------------------
+
+# The policies are JSON templates in policies/, rendered here with three
+# plain "${name}" substitutions and no template directives, so a test can
+# render the very same file by substituting strings and run the binary
+# under it:
+#
+#   bucket_arn        arn:aws:s3:::BUCKET
+#   key_prefix        the registry prefix with a trailing "/" ("" at the
+#                     bucket root), e.g. "consul/prod/"
+#   ssm_parameter_arn arn:PARTITION:ssm:REGION:ACCOUNT:parameter<ssm_path>,
+#                     e.g. arn:aws:ssm:eu-west-1:123456789012:parameter/auto-consul/prod
+#
+# agent.json.tftpl: write and delete only agents/ keys (its own heartbeats,
+# its own `leave`); read cluster, slots/, servers/ and agents/; list only the
+# prefixes it reads; the cas-probe key (see below); DescribeInstances; SSM
+# GetParameter on <ssm_path>/<cluster id>/agent/* only (gossip key, CA
+# certificate, agent token).
+#
+# server.json.tftpl: what agents have, plus PutObject on cluster, slots/ and
+# servers/ (genesis, claims, renewals, releases, `cluster set|retire`),
+# DeleteObject on servers/ (the purge, `leave`), and SSM GetParameter and
+# PutParameter on <ssm_path>/* (servers make every secret, create-only, and
+# read them all, the CA key and the management token included).
+#
+# Neither role may delete `cluster` or a slot: auto-consul never does (a slot
+# is released by rewriting it under If-Match, a cluster retired likewise).
+#
+# cas-probe: `run` checks that the store honours conditional writes by
+# writing PREFIX/cas-probe under If-Match and If-None-Match (src/commands/run/
+# probe.rs), whatever the role, so both roles may put that one key. The
+# bucket policy below makes every write to it conditional, so no one can do
+# more with it than create it once.
+#
+# s3:ListBucket carries an s3:prefix condition (StringLikeIfExists) naming
+# the listed prefixes and two single keys (cluster, cas-probe). S3 answers a
+# GetObject of a missing key (a new registry's cluster record, a free slot)
+# with 404 only to a caller allowed to list, 403 otherwise, and auto-consul
+# takes 404 for "absent" (so does the probe, for its If-Match write of a
+# cas-probe not made yet). The patterns match the listing prefixes
+# (PREFIX/servers/) and the keys read, in case S3 checks that permission
+# with the key as s3:prefix; IfExists keeps the grant in case it checks
+# with no s3:prefix at all. Either way the check never turns a 404 into a
+# 403, and a listing of any other prefix of the bucket is refused.
+#
+# No kms:* permission: the registry bucket uses SSE-S3, and SSM SecureString
+# parameters use the AWS managed key aws/ssm, whose key policy lets every
+# principal of the account use it through SSM. The split between the roles
+# is therefore ssm:GetParameter's resource, not the key.
+
+locals {
+  # The IAM role of each autoscaling group (keys of local.groups).
+  group_role = { servers = "server", agents = "agent" }
+
+  # The servers' role and profile keep the name prefix of the single role
+  # of earlier versions (see the moved blocks below).
+  role_name_prefix = { server = "${var.name}-", agent = "${var.name}-agent-" }
+
+  # SSM path of the cluster's secrets: <ssm_path>/<cluster id>/{agent,server}/...
+  # Defaults to one path per module instance, so two clusters in one account
+  # never read each other's secrets.
+  ssm_path    = coalesce(var.ssm_path, "/auto-consul/${var.name}")
+  secrets_url = var.secrets ? "ssm://${local.ssm_path}" : ""
+
+  policy_vars = {
+    bucket_arn        = local.bucket_arn
+    key_prefix        = local.key_prefix
+    ssm_parameter_arn = "arn:${data.aws_partition.current.partition}:ssm:${data.aws_arn.security_group.region}:${data.aws_arn.security_group.account}:parameter${local.ssm_path}"
+  }
+
+  # jsondecode() checks each template is JSON when Terraform renders it.
+  policies = { for role in ["server", "agent"] : role => jsonencode(jsondecode(templatefile("${path.module}/policies/${role}.json.tftpl", local.policy_vars))) }
+
+  bucket_policy = jsonencode(jsondecode(templatefile("${path.module}/policies/bucket.json.tftpl", local.policy_vars)))
+}
+
+# The region and account the module deploys into, read from the ARN of a
+# resource it creates: known to every AWS provider version from 5.0 on
+# (aws_region's `name` is deprecated in 6.x, `region` does not exist in 5.x).
+data "aws_arn" "security_group" {
+  arn = aws_security_group.consul.arn
+}
 
 data "aws_iam_policy_document" "assume_role" {
   statement {
@@ -174,40 +259,13 @@ data "aws_iam_policy_document" "assume_role" {
   }
 }
 
-data "aws_iam_policy_document" "auto_consul" {
-  # ListObjectsV2 over servers/ and agents/ (heartbeats, purge). Not limited
-  # by an s3:prefix condition on purpose: S3 answers a GetObject of a key that
-  # does not exist yet (a free slot, a new registry's cluster record) with 404
-  # only when the caller may list the bucket, and a GetObject carries no
-  # prefix, so a prefix-conditioned grant would turn those 404s into 403s and
-  # fail the first boot. The bucket is the registry's own.
-  statement {
-    sid       = "ListRegistry"
-    effect    = "Allow"
-    actions   = ["s3:ListBucket"]
-    resources = [local.bucket_arn]
-  }
+resource "aws_iam_role" "this" {
+  for_each = local.role_name_prefix
 
-  # GetObject: read heartbeats, slots, the cluster record.
-  # PutObject: heartbeats, the cluster record, slot claims and renewals; the
-  #   conditional forms (If-None-Match: *, If-Match: <etag>) and the cas-probe
-  #   need no other permission.
-  # DeleteObject: DeleteObjects when purging expired heartbeats, and `leave`.
-  statement {
-    sid       = "ReadWriteRegistry"
-    effect    = "Allow"
-    actions   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
-    resources = ["${local.bucket_arn}/${local.key_prefix}*"]
-  }
-
-  # DescribeInstances: drop join candidates whose instance is stopped or gone.
-  # This action supports no resource-level scoping, hence "*".
-  statement {
-    sid       = "DescribeInstances"
-    effect    = "Allow"
-    actions   = ["ec2:DescribeInstances"]
-    resources = ["*"]
-  }
+  name_prefix        = each.value
+  description        = "Consul ${each.key}s managed by auto-consul"
+  assume_role_policy = data.aws_iam_policy_document.assume_role.json
+  tags               = var.tags
 
   lifecycle {
     precondition {
@@ -217,30 +275,75 @@ data "aws_iam_policy_document" "auto_consul" {
   }
 }
 
-resource "aws_iam_role" "this" {
-  name_prefix        = "${var.name}-"
-  description        = "Consul instances managed by auto-consul"
-  assume_role_policy = data.aws_iam_policy_document.assume_role.json
-  tags               = var.tags
-}
-
 resource "aws_iam_role_policy" "auto_consul" {
+  for_each = aws_iam_role.this
+
   name   = "auto-consul-registry"
-  role   = aws_iam_role.this.id
-  policy = data.aws_iam_policy_document.auto_consul.json
+  role   = each.value.id
+  policy = local.policies[each.key]
 }
 
 resource "aws_iam_role_policy_attachment" "additional" {
-  for_each = toset(var.additional_policy_arns)
+  # The servers' attachments keep the keys (the bare ARNs) of the single
+  # role of earlier versions.
+  for_each = merge(
+    { for arn in var.additional_policy_arns : arn => { role = "server", arn = arn } },
+    { for arn in var.additional_policy_arns : "agent ${arn}" => { role = "agent", arn = arn } },
+  )
 
-  role       = aws_iam_role.this.name
-  policy_arn = each.value
+  role       = aws_iam_role.this[each.value.role].name
+  policy_arn = each.value.arn
 }
 
 resource "aws_iam_instance_profile" "this" {
-  name_prefix = "${var.name}-"
-  role        = aws_iam_role.this.name
+  for_each = aws_iam_role.this
+
+  name_prefix = local.role_name_prefix[each.key]
+  role        = each.value.name
   tags        = var.tags
+}
+
+# The single role, policy and profile of earlier versions become the
+# servers' ones, updated in place: same name prefix, same policy name. A
+# replaced profile would leave the running instances, servers and agents
+# alike, without credentials; this way they keep theirs (the old agents the
+# servers' role, until they are replaced), and only the agents' role and
+# profile are new.
+moved {
+  from = aws_iam_role.this
+  to   = aws_iam_role.this["server"]
+}
+
+moved {
+  from = aws_iam_role_policy.auto_consul
+  to   = aws_iam_role_policy.auto_consul["server"]
+}
+
+moved {
+  from = aws_iam_instance_profile.this
+  to   = aws_iam_instance_profile.this["server"]
+}
+
+# ---------------------------------------------------------------------------
+# Registry bucket policy: no blind writes to the claims
+# ---------------------------------------------------------------------------
+
+# Denies, to every principal (operators and other tools included), a
+# PutObject on slots/, `cluster` or `cas-probe` that carries neither
+# If-None-Match nor If-Match: the keys of a Null block are ANDed, so the
+# statement matches only when both condition keys are absent ("Enforce
+# conditional writes on Amazon S3 buckets", AWS S3 user guide). auto-consul
+# writes these keys only conditionally. Multipart uploads and CopyObject
+# cannot carry the headers, so neither works on these keys any more; the
+# binary uses neither. Only on a bucket this module creates: for your own
+# bucket, merge the `registry_bucket_policy` output into its policy.
+resource "aws_s3_bucket_policy" "registry" {
+  count  = var.create_bucket ? 1 : 0
+  bucket = aws_s3_bucket.registry[0].id
+  policy = local.bucket_policy
+
+  # S3 refuses a bucket policy while the public access block is being set.
+  depends_on = [aws_s3_bucket_public_access_block.registry]
 }
 
 # ---------------------------------------------------------------------------
@@ -326,7 +429,7 @@ resource "aws_launch_template" "this" {
   vpc_security_group_ids = [aws_security_group.consul.id]
 
   iam_instance_profile {
-    arn = aws_iam_instance_profile.this.arn
+    arn = aws_iam_instance_profile.this[local.group_role[each.key]].arn
   }
 
   # IMDSv2 only: a session token is required for every read. auto-consul

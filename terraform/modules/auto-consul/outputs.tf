@@ -9,18 +9,43 @@ output "registry_url" {
 }
 
 output "iam_role_name" {
-  description = "Name of the instance role carrying the auto-consul policy."
-  value       = aws_iam_role.this.name
+  description = "Names of the instance roles, by role: server (the servers group) and agent (the agents group)."
+  value       = { for role, r in aws_iam_role.this : role => r.name }
 }
 
 output "iam_role_arn" {
-  description = "ARN of the instance role."
-  value       = aws_iam_role.this.arn
+  description = "ARNs of the instance roles, by role (server, agent)."
+  value       = { for role, r in aws_iam_role.this : role => r.arn }
 }
 
 output "instance_profile_name" {
-  description = "Name of the instance profile, for instances launched outside this module's autoscaling groups."
-  value       = aws_iam_instance_profile.this.name
+  description = "Names of the instance profiles, by role (server, agent), for instances launched outside this module's autoscaling groups: give a server the server profile and AUTO_CONSUL_ROLE=server, an agent the agent profile and AUTO_CONSUL_ROLE=agent."
+  value       = { for role, p in aws_iam_instance_profile.this : role => p.name }
+}
+
+output "instance_profile_arn" {
+  description = "ARNs of the instance profiles, by role (server, agent)."
+  value       = { for role, p in aws_iam_instance_profile.this : role => p.arn }
+}
+
+output "iam_policies" {
+  description = "The inline IAM policy of each role, by role (server, agent), as JSON: rendered from policies/<role>.json.tftpl."
+  value       = local.policies
+}
+
+output "registry_bucket_policy" {
+  description = "The bucket policy that refuses PutObject without If-None-Match or If-Match on slots/, cluster and cas-probe, as JSON. Applied by the module only to a bucket it creates; with create_bucket = false, merge it into your bucket's policy."
+  value       = local.bucket_policy
+}
+
+output "ssm_path" {
+  description = "SSM Parameter Store path of the cluster's secrets (parameter names only; no value is ever read by Terraform)."
+  value       = local.ssm_path
+}
+
+output "secrets_url" {
+  description = "AUTO_CONSUL_SECRETS of the instances (ssm://<ssm_path>), empty when secrets = false: the --secrets of auto-consul commands run from an operator's machine (whose IAM identity then needs ssm:GetParameter on it)."
+  value       = local.secrets_url
 }
 
 output "security_group_id" {

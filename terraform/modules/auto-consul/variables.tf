@@ -222,7 +222,7 @@ variable "imds_hop_limit" {
 }
 
 variable "additional_policy_arns" {
-  description = "Extra managed policies to attach to the instance role (for example AmazonSSMManagedInstanceCore for Session Manager). auto-consul itself needs none of them."
+  description = "Extra managed policies to attach to both instance roles, the servers' and the agents' (for example AmazonSSMManagedInstanceCore for Session Manager). auto-consul itself needs none of them."
   type        = list(string)
   default     = []
 }
@@ -249,4 +249,27 @@ variable "cloud_auto_join" {
   description = "Add Consul's cloud auto-join entry (provider=aws, instances tagged auto-consul:cluster = name) to the agents' retry_join, after the registry's addresses: agents still find the cluster when the registry cannot be read. Servers never get it. Consul joins every instance it finds, so name must be unique to this cluster."
   type        = bool
   default     = true
+}
+
+# ---------------------------------------------------------------------------
+# Secrets (gossip key, CA, ACL tokens) in SSM Parameter Store
+# ---------------------------------------------------------------------------
+
+variable "secrets" {
+  description = "Keep the cluster's secrets in SSM Parameter Store under ssm_path (AUTO_CONSUL_SECRETS=ssm://<ssm_path>): the first node that needs each secret creates it (SecureString, create-only), every other node reads it. Servers may make and read all of them; agents may read only <ssm_path>/<cluster id>/agent/*. False: no AUTO_CONSUL_SECRETS in the user data (the IAM grants on ssm_path stay, and name only that path)."
+  type        = bool
+  default     = true
+}
+
+variable "ssm_path" {
+  description = "SSM Parameter Store path of the cluster's secrets, without trailing slash (for example \"/auto-consul/prod\"). Parameters live under <ssm_path>/<cluster id>/agent/ (gossip-key, ca-cert, agent-token: both roles read) and <ssm_path>/<cluster id>/server/ (ca, management-token: servers only). Empty: \"/auto-consul/<name>\", one path per cluster, so clusters in one account never share secrets."
+  type        = string
+  default     = ""
+
+  validation {
+    # SSM names: letters, digits, "_", ".", "-" and "/"; names may not begin
+    # with "aws" or "ssm" (any case).
+    condition     = alltrue([can(regex("^((/[A-Za-z0-9_.-]+)+)?$", var.ssm_path)), contains([false], can(regex("^/(?i)(aws|ssm)", var.ssm_path)))])
+    error_message = "ssm_path must be empty or like /auto-consul/prod: \"/\"-separated segments of letters, digits, \"_\", \".\" and \"-\", no trailing \"/\", and not starting with /aws or /ssm."
+  }
 }

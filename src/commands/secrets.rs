@@ -1,0 +1,90 @@
+//! `secrets list|get`: the secrets a cluster made at genesis, for an
+//! operator. Names and places only, except `get`, which prints the one
+//! value asked for (and needs the IAM right to read it).
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::{open_store, registry_url};
+use crate::cli::{GlobalOpts, SecretsAction};
+use crate::error::usage;
+use crate::registry::read_cluster;
+use crate::secrets::{Secret, SecretsUrl};
+
+/// `secrets ...`.
+pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
+    let url = match &opts.secrets {
+        None | Some(SecretsUrl::None) => {
+            return Err(usage(
+                "no secrets store: give --secrets ssm:///PATH or file:///DIR (AUTO_CONSUL_SECRETS), as the cluster's nodes have it",
+            ));
+        }
+        Some(url) => url,
+    };
+    let registry = registry_url(opts)?;
+    let opened = open_store(&registry).await?;
+    let Some((record, _)) = read_cluster(opened.store.as_ref()).await? else {
+        return Err(usage(format!(
+            "the registry {registry} has no cluster record: no secrets were made"
+        )));
+    };
+    let cluster = record.cluster_id;
+    let store = crate::secrets::open(url)
+        .await?
+        .expect("a store for a URL that is not none");
+    let name = |s: Secret| format!("{cluster}/{}", s.rel());
+    match action {
+        SecretsAction::Get { name: wanted } => {
+            let Some(secret) = Secret::ALL.into_iter().find(|s| s.short() == wanted) else {
+                let names: Vec<&str> = Secret::ALL.iter().map(|s| s.short()).collect();
+                return Err(usage(format!(
+                    "no secret `{wanted}`: use one of {}",
+                    names.join(", ")
+                )));
+            };
+            match store.get(&name(secret)).await? {
+                Some(v) => println!("{}", v.trim_end()),
+                None => anyhow::bail!(
+                    "{} does not exist yet: the cluster's servers make it at genesis",
+                    store.shown(&name(secret))
+                ),
+            }
+        }
+        SecretsAction::List => {
+            let mut rows = Vec::new();
+            for s in Secret::ALL {
+                let n = name(s);
+                // Existence only; a denial (an agent's role, say) is shown.
+                let exists = match store.get(&n).await {
+                    Ok(v) => json!(v.is_some()),
+                    Err(e) => json!(format!("{e:#}")),
+                };
+                rows.push(json!({
+                    "name": s.short(),
+                    "where": store.shown(&n),
+                    "exists": exists,
+                    "readers": if s.for_agents() { "servers, agents" } else { "servers" },
+                }));
+            }
+            if opts.json {
+                println!("{}", json!({ "cluster_id": cluster, "secrets": rows }));
+            } else {
+                println!("cluster {cluster}: secrets in {url}");
+                for r in &rows {
+                    let state = match &r["exists"] {
+                        serde_json::Value::Bool(true) => "made".to_string(),
+                        serde_json::Value::Bool(false) => "not made yet".to_string(),
+                        other => other.as_str().unwrap_or_default().to_string(),
+                    };
+                    println!(
+                        "  {:<17} {} ({state}; read by {})",
+                        r["name"].as_str().unwrap_or_default(),
+                        r["where"].as_str().unwrap_or_default(),
+                        r["readers"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,646 @@
+//! Secure at genesis (DESIGN.md, "The cluster it builds is secure"): the
+//! gossip key, a CA and the ACL tokens, made once by the cluster itself in a
+//! secrets store, never in the S3 registry, argv, logs or `--json`.
+//!
+//! Each secret is written create-only (SSM `PutParameter` without
+//! overwrite; a hard link for a directory) by the first server that needs
+//! it, and everyone reads the winner's value: an interrupted genesis is
+//! finished by whoever comes next. Names live under `<path>/<cluster id>/`,
+//! split by who may read them, so one IAM statement per role says so:
+//!
+//! | name | made by | read by |
+//! |---|---|---|
+//! | `agent/gossip-key` | servers | servers, agents |
+//! | `agent/ca-cert` | servers (the certificate of `server/ca`) | servers, agents |
+//! | `agent/agent-token` | servers | servers, agents |
+//! | `server/ca` | servers | servers |
+//! | `server/management-token` | servers | servers |
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_trait::async_trait;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::error::usage;
+
+/// `--secrets`: where the cluster's secrets live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretsUrl {
+    /// No store: secrets only from the files an operator names.
+    None,
+    /// SSM Parameter Store, SecureString parameters under this path
+    /// (`/auto-consul`, no trailing `/`).
+    Ssm { path: String },
+    /// A directory on this host (files 0600): the local quick start, tests.
+    Dir { dir: PathBuf },
+}
+
+impl SecretsUrl {
+    /// Parses `none`, `ssm:///PATH` or `file:///DIR`.
+    pub fn parse(s: &str) -> Result<SecretsUrl> {
+        let hint = "use ssm:///PATH (SSM Parameter Store), file:///ABSOLUTE/DIR or none";
+        if s == "none" {
+            return Ok(SecretsUrl::None);
+        }
+        if let Some(rest) = s.strip_prefix("ssm://") {
+            let path = rest.trim_end_matches('/');
+            let ok = path.starts_with('/')
+                && path.len() > 1
+                && path[1..].split('/').all(|p| {
+                    !p.is_empty()
+                        && p.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+                });
+            if !ok {
+                bail!(
+                    "--secrets {s}: the SSM path must be /NAME[/NAME...] of letters, digits, `_`, `.` and `-`; {hint}"
+                );
+            }
+            return Ok(SecretsUrl::Ssm {
+                path: path.to_string(),
+            });
+        }
+        if let Some(rest) = s.strip_prefix("file://") {
+            if !rest.starts_with('/') || rest.len() < 2 {
+                bail!("--secrets {s}: the directory must be absolute; {hint}");
+            }
+            return Ok(SecretsUrl::Dir {
+                dir: PathBuf::from(rest),
+            });
+        }
+        bail!("--secrets {s}: unknown scheme; {hint}")
+    }
+}
+
+impl std::fmt::Display for SecretsUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretsUrl::None => f.write_str("none"),
+            SecretsUrl::Ssm { path } => write!(f, "ssm://{path}"),
+            SecretsUrl::Dir { dir } => write!(f, "file://{}", dir.display()),
+        }
+    }
+}
+
+/// One secret of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Secret {
+    /// Consul's gossip key: 32 random bytes, base64.
+    GossipKey,
+    /// The CA's certificate (PEM), without its key.
+    CaCert,
+    /// The SecretID of the token agents run with (node write, service read).
+    AgentToken,
+    /// The CA: certificate and key (PEM) in one value.
+    Ca,
+    /// `acl.tokens.initial_management`.
+    ManagementToken,
+}
+
+impl Secret {
+    /// Every secret, in the order a server makes them (the CA before its
+    /// certificate).
+    pub const ALL: [Secret; 5] = [
+        Secret::GossipKey,
+        Secret::Ca,
+        Secret::CaCert,
+        Secret::ManagementToken,
+        Secret::AgentToken,
+    ];
+
+    /// The name under the cluster's path.
+    pub fn rel(self) -> &'static str {
+        match self {
+            Secret::GossipKey => "agent/gossip-key",
+            Secret::CaCert => "agent/ca-cert",
+            Secret::AgentToken => "agent/agent-token",
+            Secret::Ca => "server/ca",
+            Secret::ManagementToken => "server/management-token",
+        }
+    }
+
+    /// The short name `auto-consul secrets get` takes.
+    pub fn short(self) -> &'static str {
+        self.rel().rsplit('/').next().unwrap_or_default()
+    }
+
+    /// Whether agents read it (the rest is for servers only).
+    pub fn for_agents(self) -> bool {
+        self.rel().starts_with("agent/")
+    }
+
+    /// Checks a value read from the store; says why it is not one.
+    fn check(self, value: &str) -> Result<(), String> {
+        match self {
+            Secret::GossipKey => check_gossip_key(value),
+            Secret::AgentToken | Secret::ManagementToken => uuid::Uuid::parse_str(value)
+                .map(|_| ())
+                .map_err(|_| "is not a token (a UUID)".to_string()),
+            Secret::CaCert => split_ca(value)
+                .filter(|(_, key)| key.is_none())
+                .map(|_| ())
+                .ok_or_else(|| "is not one PEM certificate".to_string()),
+            Secret::Ca => {
+                let (cert, key) = split_ca(value)
+                    .ok_or_else(|| "is not a PEM certificate and key".to_string())?;
+                let key = key.ok_or_else(|| "has no PEM private key".to_string())?;
+                let key = KeyPair::from_pem(&key).map_err(|e| format!("has a bad key: {e}"))?;
+                Issuer::from_ca_cert_pem(&cert, key)
+                    .map(|_| ())
+                    .map_err(|e| format!("has a bad certificate: {e}"))
+            }
+        }
+    }
+}
+
+/// Consul's own check of `encrypt` (agent/config/builder.go decodes it
+/// with Go's standard base64; memberlist's keyring takes 16, 24 or 32
+/// bytes: AES-128, -192 or -256). Says why a key fails, never the key.
+pub fn check_gossip_key(key: &str) -> Result<(), String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| "is not base64 (standard alphabet, with padding)".to_string())?;
+    match bytes.len() {
+        16 | 24 | 32 => Ok(()),
+        n => Err(format!("decodes to {n} bytes, not 16, 24 or 32")),
+    }
+}
+
+/// A value's PEM certificate and, if any, its PEM private key.
+fn split_ca(value: &str) -> Option<(String, Option<String>)> {
+    let block = |begin: &str, end: &str| -> Option<String> {
+        let start = value.find(begin)?;
+        let stop = value[start..].find(end)? + start + end.len();
+        Some(format!("{}\n", &value[start..stop]))
+    };
+    let cert = block("-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----")?;
+    if value.matches("-----BEGIN CERTIFICATE-----").count() != 1 {
+        return None;
+    }
+    let key = block("-----BEGIN PRIVATE KEY-----", "-----END PRIVATE KEY-----");
+    Some((cert, key))
+}
+
+/// A secrets store: create-only writes, reads of the winner.
+#[async_trait]
+pub trait SecretStore: Send + Sync {
+    /// The value of `name` (relative: `<cluster>/agent/gossip-key`), if any.
+    async fn get(&self, name: &str) -> Result<Option<String>>;
+    /// Writes `name` only if it does not exist; whether this call wrote it.
+    async fn create(&self, name: &str, value: &str) -> Result<bool>;
+    /// What an operator looks for: the full parameter name or file path.
+    fn shown(&self, name: &str) -> String;
+}
+
+/// Opens the store `url` names (`None` for `none`).
+pub async fn open(url: &SecretsUrl) -> Result<Option<Box<dyn SecretStore>>> {
+    Ok(match url {
+        SecretsUrl::None => None,
+        SecretsUrl::Dir { dir } => Some(Box::new(DirStore { dir: dir.clone() })),
+        SecretsUrl::Ssm { path } => {
+            let config = crate::aws::load().await?;
+            Some(Box::new(SsmStore {
+                client: aws_sdk_ssm::Client::new(&config),
+                path: path.clone(),
+            }))
+        }
+    })
+}
+
+struct SsmStore {
+    client: aws_sdk_ssm::Client,
+    path: String,
+}
+
+/// An SSM error as one line: the parameter, the action, and for a denial
+/// the IAM permission it needs.
+fn ssm_error<E>(err: aws_sdk_ssm::error::SdkError<E>, action: &str, name: &str) -> anyhow::Error
+where
+    E: aws_sdk_ssm::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    use aws_sdk_ssm::error::ProvideErrorMetadata;
+    let code = err.code().unwrap_or_default().to_string();
+    if code.contains("AccessDenied") {
+        return anyhow!(
+            "access to SSM parameter {name} denied: this instance's role needs ssm:{action} on it \
+             (and kms:Decrypt with the key that encrypts it); see docs/deploy.md"
+        );
+    }
+    anyhow!(
+        "SSM {action} of parameter {name} failed: {}",
+        crate::error::messages(&err)
+    )
+}
+
+#[async_trait]
+impl SecretStore for SsmStore {
+    async fn get(&self, name: &str) -> Result<Option<String>> {
+        let full = self.shown(name);
+        match self
+            .client
+            .get_parameter()
+            .name(&full)
+            .with_decryption(true)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.parameter().and_then(|p| p.value()).map(str::to_string)),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_parameter_not_found()) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(ssm_error(e, "GetParameter", &full)),
+        }
+    }
+
+    async fn create(&self, name: &str, value: &str) -> Result<bool> {
+        let full = self.shown(name);
+        match self
+            .client
+            .put_parameter()
+            .name(&full)
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .overwrite(false)
+            .description("Made by auto-consul at the cluster's genesis; do not edit")
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_parameter_already_exists()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(ssm_error(e, "PutParameter", &full)),
+        }
+    }
+
+    fn shown(&self, name: &str) -> String {
+        format!("{}/{name}", self.path)
+    }
+}
+
+struct DirStore {
+    dir: PathBuf,
+}
+
+#[async_trait]
+impl SecretStore for DirStore {
+    async fn get(&self, name: &str) -> Result<Option<String>> {
+        let path = self.dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("reading secret {}", path.display()))),
+        }
+    }
+
+    async fn create(&self, name: &str, value: &str) -> Result<bool> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let path = self.dir.join(name);
+        let parent = path.parent().context("a secret's path has a parent")?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        // Written whole under a temporary name, then linked to its name:
+        // a link fails if the name exists, so the first writer wins and
+        // nobody reads a half-written value.
+        let tmp = parent.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(value.as_bytes())?;
+        f.sync_all()?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(anyhow!(e).context(format!("creating secret {}", path.display()))),
+        }
+    }
+
+    fn shown(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// The secrets a node runs with; agents get no CA key and no management
+/// token.
+#[derive(Clone)]
+pub struct Material {
+    pub gossip_key: String,
+    pub ca_cert: String,
+    pub agent_token: String,
+    /// Servers only: the CA's key, to sign their certificates.
+    pub ca_key: Option<String>,
+    /// Servers only.
+    pub management_token: Option<String>,
+}
+
+impl std::fmt::Debug for Material {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Material { .. }")
+    }
+}
+
+/// Reads (agents) or makes-then-reads (servers) cluster `cluster`'s
+/// secrets. Servers finish whatever an interrupted genesis left undone; an
+/// agent whose secrets the servers have not made yet fails (exit 1: the
+/// boot unit tries again).
+pub async fn genesis(store: &dyn SecretStore, cluster: &str, server: bool) -> Result<Material> {
+    let name = |s: Secret| format!("{cluster}/{}", s.rel());
+    let mut values = std::collections::HashMap::new();
+    for secret in Secret::ALL {
+        if !server && !secret.for_agents() {
+            continue;
+        }
+        let n = name(secret);
+        let value = match store.get(&n).await? {
+            Some(v) => v,
+            None if server => {
+                let fresh = match secret {
+                    Secret::GossipKey => new_gossip_key(),
+                    Secret::Ca => new_ca(cluster)?,
+                    Secret::CaCert => {
+                        let ca: &String = values.get(&Secret::Ca).expect("the CA comes first");
+                        split_ca(ca).expect("checked").0
+                    }
+                    Secret::ManagementToken | Secret::AgentToken => {
+                        uuid::Uuid::new_v4().to_string()
+                    }
+                };
+                if store.create(&n, &fresh).await? {
+                    tracing::info!("made {} for cluster {cluster}", store.shown(&n));
+                    fresh
+                } else {
+                    // Another node won: its value, as everyone else uses.
+                    store.get(&n).await?.ok_or_else(|| {
+                        anyhow!(
+                            "{} exists (it could not be created) but cannot be read",
+                            store.shown(&n)
+                        )
+                    })?
+                }
+            }
+            None => bail!(
+                "secret {} of cluster {cluster} is not made yet: the cluster's servers make it at genesis; \
+                 an agent waits for them (the boot unit tries again)",
+                store.shown(&n)
+            ),
+        };
+        let value = value.trim().to_string()
+            + if matches!(secret, Secret::Ca | Secret::CaCert) {
+                "\n"
+            } else {
+                ""
+            };
+        secret.check(&value).map_err(|why| {
+            usage(format!(
+                "secret {} {why}: delete it so the cluster's servers make it again, or write a valid one",
+                store.shown(&n)
+            ))
+        })?;
+        values.insert(secret, value);
+    }
+    if server {
+        // The certificate agents read must be the CA's own.
+        let ca = &values[&Secret::Ca];
+        let cert = &values[&Secret::CaCert];
+        if split_ca(ca).map(|c| c.0).as_deref() != Some(cert.as_str()) {
+            return Err(usage(format!(
+                "secret {} is not the certificate of {}: delete it so the servers make it again",
+                store.shown(&name(Secret::CaCert)),
+                store.shown(&name(Secret::Ca))
+            )));
+        }
+    }
+    let mut take = |s: Secret| values.remove(&s);
+    let ca_key = take(Secret::Ca).and_then(|ca: String| split_ca(&ca).and_then(|c| c.1));
+    Ok(Material {
+        gossip_key: take(Secret::GossipKey).expect("read"),
+        ca_cert: take(Secret::CaCert).expect("read"),
+        agent_token: take(Secret::AgentToken).expect("read"),
+        ca_key,
+        management_token: take(Secret::ManagementToken),
+    })
+}
+
+fn new_gossip_key() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand_bytes();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// 32 bytes from the operating system's random source (two v4 UUIDs are
+/// 244 random bits; the OS source directly is simpler to reason about).
+fn rand_bytes() -> [u8; 32] {
+    let mut out = [0u8; 32];
+    getrandom::fill(&mut out).expect("the OS random source");
+    out
+}
+
+/// A new CA for cluster `cluster`: ECDSA P-256, ten years, PEM certificate
+/// then PEM key.
+fn new_ca(cluster: &str) -> Result<String> {
+    let key = KeyPair::generate().context("making the CA key")?;
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("auto-consul CA {cluster}"));
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(3650);
+    let cert = params.self_signed(&key).context("signing the CA")?;
+    Ok(format!("{}{}", cert.pem(), key.serialize_pem()))
+}
+
+/// A server's certificate and key (PEM), signed by the CA: valid for
+/// `server.<datacenter>.<domain>` (what `verify_server_hostname` checks),
+/// localhost, 127.0.0.1 and `address`, for a year.
+pub fn server_certificate(
+    material: &Material,
+    datacenter: &str,
+    address: std::net::IpAddr,
+) -> Result<(String, String)> {
+    let ca_key = material
+        .ca_key
+        .as_deref()
+        .context("only servers sign certificates")?;
+    let issuer = Issuer::from_ca_cert_pem(
+        &material.ca_cert,
+        KeyPair::from_pem(ca_key).context("the CA key")?,
+    )
+    .context("the CA certificate")?;
+    let key = KeyPair::generate().context("making the server key")?;
+    let mut params = CertificateParams::new(vec![
+        format!("server.{datacenter}.consul"),
+        "localhost".to_string(),
+    ])
+    .context("the server certificate's names")?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    params.subject_alt_names.push(SanType::IpAddress(address));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("server.{datacenter}.consul"));
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(365);
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("signing the server certificate")?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Whether the server certificate at `cert_pem` can be kept: issued under
+/// `ca_pem` (the same CA as on disk) and valid for more than 30 days.
+pub fn certificate_still_good(cert_pem: &str, ca_pem_now: &str, ca_pem_on_disk: &str) -> bool {
+    if ca_pem_now != ca_pem_on_disk {
+        return false;
+    }
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else {
+        return false;
+    };
+    let Ok(cert) = pem.parse_x509() else {
+        return false;
+    };
+    let left = cert.validity().not_after.timestamp() - chrono::Utc::now().timestamp();
+    left > 30 * 86_400
+}
+
+/// The files of `dir` for a name: where `run` writes a node's TLS material.
+pub fn tls_path(config_dir: &Path, file: &str) -> PathBuf {
+    config_dir.join("auto-consul-tls").join(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_urls_parse_or_say_what_is_allowed() {
+        assert_eq!(SecretsUrl::parse("none").unwrap(), SecretsUrl::None);
+        assert_eq!(
+            SecretsUrl::parse("ssm:///auto-consul/prod/").unwrap(),
+            SecretsUrl::Ssm {
+                path: "/auto-consul/prod".into()
+            }
+        );
+        assert_eq!(
+            SecretsUrl::parse("file:///var/lib/x").unwrap(),
+            SecretsUrl::Dir {
+                dir: "/var/lib/x".into()
+            }
+        );
+        for bad in [
+            "ssm://",
+            "ssm:///",
+            "ssm:///a//b",
+            "ssm:///a b",
+            "file://rel",
+            "s3://x",
+        ] {
+            let err = SecretsUrl::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("ssm:///PATH"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_new_ca_signs_server_certificates_and_every_value_checks() {
+        let ca = new_ca("c1").unwrap();
+        Secret::Ca.check(&ca).unwrap();
+        let (cert, key) = split_ca(&ca).unwrap();
+        Secret::CaCert.check(&cert).unwrap();
+        assert!(key.is_some());
+        assert!(
+            Secret::CaCert.check(&ca).is_err(),
+            "a CA with its key is not a certificate alone"
+        );
+        Secret::GossipKey.check(&new_gossip_key()).unwrap();
+        assert!(Secret::AgentToken.check("garbage").is_err());
+        assert!(Secret::Ca.check("garbage").is_err());
+        let material = Material {
+            gossip_key: new_gossip_key(),
+            ca_cert: cert.clone(),
+            agent_token: String::new(),
+            ca_key: key,
+            management_token: None,
+        };
+        let (server, _) =
+            server_certificate(&material, "dc1", "10.0.0.5".parse().unwrap()).unwrap();
+        assert!(certificate_still_good(&server, &cert, &cert));
+        assert!(!certificate_still_good(&server, &cert, "another CA"));
+        assert!(!certificate_still_good("junk", &cert, &cert));
+    }
+
+    #[tokio::test]
+    async fn a_directory_store_is_create_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore {
+            dir: tmp.path().to_path_buf(),
+        };
+        assert_eq!(store.get("c/agent/x").await.unwrap(), None);
+        assert!(store.create("c/agent/x", "one").await.unwrap());
+        assert!(!store.create("c/agent/x", "two").await.unwrap());
+        assert_eq!(
+            store.get("c/agent/x").await.unwrap().as_deref(),
+            Some("one")
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("c/agent/x"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn gossip_keys_are_checked_as_consul_checks_them() {
+        // 32, 24 and 16 bytes, as `consul keygen` and older tools make them.
+        for key in [
+            "pUqJrVyVRj5jsiYEkM/tFQYfWyJIv4s3XkvDwy7Cu5s=",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYX",
+            "AAECAwQFBgcICQoLDA0ODw==",
+        ] {
+            assert_eq!(check_gossip_key(key), Ok(()), "{key}");
+        }
+        let err = |k: &str| check_gossip_key(k).unwrap_err();
+        assert!(err("not a key!").contains("not base64"));
+        // Unpadded base64 of 16 bytes: Go's StdEncoding refuses it too.
+        assert!(err("AAECAwQFBgcICQoLDA0ODw").contains("not base64"));
+        assert!(err("AAECAwQFBgcICQoLDA0O").contains("15 bytes"));
+        assert!(err("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g").contains("33 bytes"));
+    }
+}
