@@ -288,6 +288,9 @@ pub struct UnitPaths<'a> {
     pub registry_dir: Option<&'a str>,
     /// The directory of the metrics file, which must stay writable.
     pub metrics_dir: Option<&'a str>,
+    /// The directory of a `file://` secrets store, which `run` and the
+    /// heartbeat may write (a genesis makes its files there).
+    pub secrets_dir: Option<&'a str>,
     /// Whether a file the units read (secret, certificate, metrics) lies
     /// under /root, /home or /run/user.
     pub reads_home: bool,
@@ -313,7 +316,7 @@ impl UnitPaths<'_> {
 
     /// The writable paths every auto-consul unit needs beyond its own.
     fn registry_rw(&self) -> String {
-        [self.registry_dir, self.metrics_dir]
+        [self.registry_dir, self.metrics_dir, self.secrets_dir]
             .iter()
             .flatten()
             .map(|d| format!(" -{d}"))
@@ -586,6 +589,7 @@ pub fn boot_unit(paths: &UnitPaths<'_>) -> String {
          # Outside the sandbox ('+'): the directories it may write must exist\n\
          # before the sandbox is set up.\n\
          ExecStartPre=+/bin/mkdir -p /etc/auto-consul {config_dir}\n\
+         {secrets_mkdir}\
          ExecStart={auto_consul} run\n\
          # Exit 1 (registry or IMDS not reachable yet, no slot free yet) is\n\
          # retried; exit 2, a configuration error, is not.\n\
@@ -601,6 +605,10 @@ pub fn boot_unit(paths: &UnitPaths<'_>) -> String {
         env_file = paths.env_file,
         config_dir = paths.config_dir,
         auto_consul = paths.auto_consul,
+        secrets_mkdir = paths
+            .secrets_dir
+            .map(|d| format!("ExecStartPre=+/bin/mkdir -p -m 0700 {d}\n"))
+            .unwrap_or_default(),
     )
 }
 
@@ -902,6 +910,7 @@ mod tests {
             data_dir: "/opt/consul",
             registry_dir: None,
             metrics_dir: None,
+            secrets_dir: None,
             reads_home: false,
         }
     }

@@ -3,8 +3,8 @@
 //! `systemd-nspawn`) and the real cloud-init, which runs the repository's
 //! `cloud-init/launch-template.yaml` from a NoCloud seed, as EC2 would.
 //! moto serves S3 and EC2 (one for all) and IMDSv2 (one per container, for
-//! its identity and termination notices); a stand-in `consul` serves the
-//! agent API and sends READY=1.
+//! its identity and termination notices) and SSM (the secrets made at
+//! genesis); a stand-in `consul` serves the agent API and sends READY=1.
 //!
 //! The scenarios live in `tests/live/smoke.sh` (also runnable by hand);
 //! this test builds the package, runs them, and holds them to the list
@@ -34,6 +34,8 @@ const CHECKS: &[&str] = &[
     "c1: slot 0 is c1's",
     "c1: heartbeat published (servers/)",
     "c1: auto-consul status healthy",
+    "c1: ACLs default deny, gossip key set (secrets from SSM)",
+    "c1: its certificate verifies against the cluster's CA",
     // An agent of that cluster.
     "c2: cloud-init done, no errors",
     "c2: auto-consul.service succeeded",
@@ -45,6 +47,8 @@ const CHECKS: &[&str] = &[
     "c2: runs as agent",
     "c2: consul.service Type=notify, started (READY=1)",
     "c2: heartbeat published (agents/)",
+    "c2: the same gossip key as c1",
+    "c2: no CA key or management token on the agent",
     // The heartbeat timer follows `cluster set`.
     "cluster set --expiry 45",
     "c1: heartbeat timer rewritten to 15s",

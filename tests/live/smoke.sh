@@ -154,7 +154,7 @@ has() {
 }
 
 # --- c1: packaged Consul, bootstrap server --------------------------------
-new_container 1 imds1 consul/live 18501 AUTO_CONSUL_SERVERS=1
+new_container 1 imds1 consul/live 18501 AUTO_CONSUL_SERVERS=1 AUTO_CONSUL_SECRETS=ssm:///auto-consul/live
 boot "$run/img-packaged" 1
 c1="$run/c1"; id1=$(cat "$c1/instance-id")
 common_checks "$c1"
@@ -164,15 +164,23 @@ check "c1: registry has a cluster record naming c1" has consul/live/cluster "\"b
 check "c1: slot 0 is c1's" has consul/live/slots/server-0 "\"instance_id\":\"$id1\"" '"released":false'
 check "c1: heartbeat published (servers/)" wait_for 20 heartbeat_seen consul/live/servers/ "$id1"
 check "c1: auto-consul status healthy" ac "$c1" status
+# Secrets made at genesis in SSM (moto): gossip key, ACLs, TLS from its CA.
+cfg=/etc/consul.d/zz-auto-consul.json
+tlsdir=etc/consul.d/auto-consul-tls
+check "c1: ACLs default deny, gossip key set (secrets from SSM)" in_ct "$c1" sh -c "grep -q '\"default_policy\": \"deny\"' $cfg && grep -q '\"encrypt\"' $cfg"
+check "c1: its certificate verifies against the cluster's CA" openssl verify -CAfile "$c1/root/$tlsdir/ca.pem" "$c1/root/$tlsdir/server.pem"
 
 # --- c2: packaged Consul, agent ---------------------------------------------
-new_container 2 imds2 consul/live 18502 AUTO_CONSUL_SERVERS=1
+new_container 2 imds2 consul/live 18502 AUTO_CONSUL_SERVERS=1 AUTO_CONSUL_SECRETS=ssm:///auto-consul/live
 boot "$run/img-packaged" 2
 c2="$run/c2"; id2=$(cat "$c2/instance-id")
 common_checks "$c2"
 check "c2: runs as agent" in_ct "$c2" grep -q '"mode": "agent"' /var/lib/auto-consul/state.json
 check "c2: consul.service Type=notify, started (READY=1)" is "$c2" consul.service Type notify
 check "c2: heartbeat published (agents/)" wait_for 20 heartbeat_seen consul/live/agents/ "$id2"
+gossip() { in_ct "$1" grep '"encrypt"' "$cfg"; }
+check "c2: the same gossip key as c1" test "$(gossip "$c1")" = "$(gossip "$c2")"
+check "c2: no CA key or management token on the agent" not grep -rq -e 'PRIVATE KEY' -e initial_management "$c2/root/etc/consul.d"
 
 # --- cluster set --expiry 45: c1's heartbeat follows it ----------------------
 check "cluster set --expiry 45" ac "$c1" cluster set --expiry 45

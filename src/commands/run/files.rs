@@ -190,6 +190,7 @@ pub struct UnitStrings {
     pub data_dir: String,
     pub registry_dir: Option<String>,
     pub metrics_dir: Option<String>,
+    pub secrets_dir: Option<String>,
     pub reads_home: bool,
 }
 
@@ -214,6 +215,12 @@ impl UnitStrings {
                 .map_err(|e| usage(format!("--data-dir: {e}")))?,
             registry_dir,
             metrics_dir: metrics_dir(opts)?,
+            secrets_dir: match &opts.secrets {
+                Some(crate::secrets::SecretsUrl::Dir { dir }) => {
+                    Some(render::unit_path(dir).map_err(|e| usage(format!("--secrets: {e}")))?)
+                }
+                _ => None,
+            },
             reads_home: reads_home(opts),
         })
     }
@@ -226,6 +233,7 @@ impl UnitStrings {
             data_dir: &self.data_dir,
             registry_dir: self.registry_dir.as_deref(),
             metrics_dir: self.metrics_dir.as_deref(),
+            secrets_dir: self.secrets_dir.as_deref(),
             reads_home: self.reads_home,
         }
     }
@@ -257,7 +265,11 @@ pub fn reads_home(opts: &GlobalOpts) -> bool {
     ]
     .iter()
     .filter_map(|p| p.as_deref())
-    .any(|p| render::in_home(&p.to_string_lossy()))
+    .chain(match &opts.secrets {
+        Some(crate::secrets::SecretsUrl::Dir { dir }) => Some(dir.as_path()),
+        _ => None,
+    })
+    .any(|p| render::in_home(&format!("{}/", p.to_string_lossy())))
 }
 
 /// The directory of `--metrics-file`, for the units' writable paths.
