@@ -219,6 +219,25 @@ fn main() {
         &delayed,
     );
 
+    // The same bootstrap with --secrets in SSM: the gossip key, the CA,
+    // its certificate and two tokens made (create-only) and read back
+    // before the cluster record, then read again for the config, and a
+    // server certificate signed locally.
+    let with_secrets = |i: usize| {
+        let mut c = empty(i);
+        c.args(["--secrets", &format!("ssm:///bench/secrets-{}", n.get())]);
+        c
+    };
+    let base = bench_case(&moto, runs, 0.0, &with_secrets);
+    let delayed = bench_case(&moto, runs, delay, &with_secrets);
+    report(
+        "run, empty registry, --secrets ssm",
+        None,
+        delay,
+        &base,
+        &delayed,
+    );
+
     for size in [1_000usize, 10_000] {
         let prefix = format!("live-{size}");
         moto.delay(0.0);
@@ -293,6 +312,9 @@ fn main() {
                 })
                 .collect();
             moto.seed(bucket, items);
+            // Expired on the store's clock (the one that rules): older
+            // than the agents' expiry (7200 s).
+            moto.age(bucket, &format!("{prefix}/"), 8000);
             moto.delay(d);
             let before = moto.requests();
             let mut c = auto_consul(&moto);

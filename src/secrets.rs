@@ -366,58 +366,94 @@ impl std::fmt::Debug for Material {
 /// boot unit tries again).
 pub async fn genesis(store: &dyn SecretStore, cluster: &str, server: bool) -> Result<Material> {
     let name = |s: Secret| format!("{cluster}/{}", s.rel());
-    let mut values = std::collections::HashMap::new();
-    for secret in Secret::ALL {
-        if !server && !secret.for_agents() {
-            continue;
-        }
+    let wanted: Vec<Secret> = Secret::ALL
+        .into_iter()
+        .filter(|s| server || s.for_agents())
+        .collect();
+    // Every read at once: one round trip when the secrets exist (every
+    // boot but the first).
+    let read = futures::future::try_join_all(wanted.iter().map(|s| {
+        let n = name(*s);
+        async move { store.get(&n).await }
+    }))
+    .await?;
+    let mut values: std::collections::HashMap<Secret, String> = wanted
+        .iter()
+        .zip(read)
+        .filter_map(|(s, v)| v.map(|v| (*s, v)))
+        .collect();
+    if let Some(missing) = wanted.iter().find(|s| !values.contains_key(s))
+        && !server
+    {
+        bail!(
+            "secret {} of cluster {cluster} is not made yet: the cluster's servers make it at genesis; \
+             an agent waits for them (the boot unit tries again)",
+            store.shown(&name(*missing))
+        );
+    }
+    // A server makes what is missing: the CA's certificate after the CA
+    // (it is the CA's own), the rest at once. Each create is create-only:
+    // a loser reads the winner's value.
+    let make = |secret: Secret, fresh: String| {
         let n = name(secret);
-        let value = match store.get(&n).await? {
-            Some(v) => v,
-            None if server => {
+        async move {
+            if store.create(&n, &fresh).await? {
+                tracing::info!("made {} for cluster {cluster}", store.shown(&n));
+                return Ok::<_, anyhow::Error>((secret, fresh));
+            }
+            let theirs = store.get(&n).await?.ok_or_else(|| {
+                anyhow!(
+                    "{} exists (it could not be created) but cannot be read",
+                    store.shown(&n)
+                )
+            })?;
+            Ok((secret, theirs))
+        }
+    };
+    if server {
+        let mut first = Vec::new();
+        for secret in [
+            Secret::GossipKey,
+            Secret::Ca,
+            Secret::ManagementToken,
+            Secret::AgentToken,
+        ] {
+            if !values.contains_key(&secret) {
                 let fresh = match secret {
                     Secret::GossipKey => new_gossip_key(),
                     Secret::Ca => new_ca(cluster)?,
-                    Secret::CaCert => {
-                        let ca: &String = values.get(&Secret::Ca).expect("the CA comes first");
-                        split_ca(ca).expect("checked").0
-                    }
-                    Secret::ManagementToken | Secret::AgentToken => {
-                        uuid::Uuid::new_v4().to_string()
-                    }
+                    _ => uuid::Uuid::new_v4().to_string(),
                 };
-                if store.create(&n, &fresh).await? {
-                    tracing::info!("made {} for cluster {cluster}", store.shown(&n));
-                    fresh
-                } else {
-                    // Another node won: its value, as everyone else uses.
-                    store.get(&n).await?.ok_or_else(|| {
-                        anyhow!(
-                            "{} exists (it could not be created) but cannot be read",
-                            store.shown(&n)
-                        )
-                    })?
-                }
+                first.push(make(secret, fresh));
             }
-            None => bail!(
-                "secret {} of cluster {cluster} is not made yet: the cluster's servers make it at genesis; \
-                 an agent waits for them (the boot unit tries again)",
-                store.shown(&n)
-            ),
-        };
-        let value = value.trim().to_string()
+        }
+        values.extend(futures::future::try_join_all(first).await?);
+        if !values.contains_key(&Secret::CaCert) {
+            let ca = &values[&Secret::Ca];
+            let cert = split_ca(ca).map(|c| c.0).ok_or_else(|| {
+                usage(format!(
+                    "secret {} is not a PEM certificate and key: delete it so the cluster's servers make it again",
+                    store.shown(&name(Secret::Ca))
+                ))
+            })?;
+            let (s, v) = make(Secret::CaCert, cert).await?;
+            values.insert(s, v);
+        }
+    }
+    for secret in &wanted {
+        let value = values.get_mut(secret).expect("read or made");
+        *value = value.trim().to_string()
             + if matches!(secret, Secret::Ca | Secret::CaCert) {
                 "\n"
             } else {
                 ""
             };
-        secret.check(&value).map_err(|why| {
+        secret.check(value).map_err(|why| {
             usage(format!(
                 "secret {} {why}: delete it so the cluster's servers make it again, or write a valid one",
-                store.shown(&n)
+                store.shown(&name(*secret))
             ))
         })?;
-        values.insert(secret, value);
     }
     if server {
         // The certificate agents read must be the CA's own.
