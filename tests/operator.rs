@@ -128,7 +128,13 @@ fn denied_access_reads_as_one_message_naming_the_permissions() {
         stderr.lines().next().unwrap().contains("access denied"),
         "{stderr}"
     );
-    assert!(stderr.contains("S3 permissions"), "{stderr}");
+    // It names the permission and which role has it.
+    let first = stderr.lines().next().unwrap();
+    assert!(
+        // (the reads go at once: whichever is refused first)
+        first.contains("access denied: s3:") && first.contains("agents' roles"),
+        "{stderr}"
+    );
     for dump in ["HeaderValue", "SdkBody", "ErrorMetadata", "raw: Response"] {
         assert!(!stderr.contains(dump), "debug dump ({dump}) in: {stderr}");
     }

@@ -118,6 +118,7 @@ impl S3Store {
                 explain(
                     e,
                     format!("deleting {} keys under {}", batch.len(), self.url("")),
+                    ("s3:DeleteObject", batch.first().map_or("", |k| k.as_str())),
                 )
             })?;
         for err in resp.errors() {
@@ -132,7 +133,10 @@ impl S3Store {
 }
 
 /// Turns an SDK error into one that says what failed and what to do.
-fn explain<E>(err: SdkError<E>, what: String) -> anyhow::Error
+/// `access`: the IAM action the request needed and the registry key (or
+/// directory) it was on, relative to the prefix: a denial names both, and
+/// which of the module's roles grants it.
+fn explain<E>(err: SdkError<E>, what: String, access: (&str, &str)) -> anyhow::Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -159,9 +163,16 @@ where
                 format!("{what}: the bucket does not exist; create it or fix --registry"),
                 anyhow::anyhow!(detail),
             ),
-            Some("AccessDenied") | Some("InvalidAccessKeyId") | Some("SignatureDoesNotMatch") => {
+            Some("AccessDenied") => {
+                let (action, key) = access;
                 anyhow::anyhow!(detail).context(format!(
-                    "{what}: access denied; check the instance role's S3 permissions on the registry prefix"
+                    "{what}: access denied: {action} on {key} {}; check this instance's role (docs/deploy.md)",
+                    who_may(action, key)
+                ))
+            }
+            Some("InvalidAccessKeyId") | Some("SignatureDoesNotMatch") => {
+                anyhow::anyhow!(detail).context(format!(
+                    "{what}: access denied: the credentials are not valid; check the instance role's S3 permissions on the registry prefix"
                 ))
             }
             _ => anyhow::anyhow!(detail).context(what),
@@ -173,6 +184,22 @@ where
             "{what}: the request could not be built; check AWS_REGION and the credentials"
         )),
         _ => anyhow::anyhow!(detail).context(what),
+    }
+}
+
+/// Which of the roles in the Terraform module (policies/*.json.tftpl) may
+/// do `action` on registry key `key`: the servers' write slots, servers'
+/// heartbeats and the cluster record; both may read the registry and
+/// write agents' heartbeats.
+fn who_may(action: &str, key: &str) -> &'static str {
+    let servers_only = ["slots/", "servers/", "cluster"]
+        .iter()
+        .any(|p| key.starts_with(p));
+    match action {
+        "s3:PutObject" | "s3:DeleteObject" if servers_only => {
+            "is granted to the servers' role only (an agent never writes there)"
+        }
+        _ => "is granted to both the servers' and the agents' roles",
     }
 }
 
@@ -205,7 +232,13 @@ impl Store for S3Store {
             .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| explain(e, format!("listing {}", self.url(dir))))?;
+            let page = page.map_err(|e| {
+                explain(
+                    e,
+                    format!("listing {}", self.url(dir)),
+                    ("s3:ListBucket", dir),
+                )
+            })?;
             for obj in page.contents() {
                 let Some(key) = obj.key() else { continue };
                 let Some(rel) = key.strip_prefix(&strip) else {
@@ -241,7 +274,13 @@ impl Store for S3Store {
             .set_continuation_token(token)
             .send()
             .await
-            .map_err(|e| explain(e, format!("listing {}", self.url(dir))))?;
+            .map_err(|e| {
+                explain(
+                    e,
+                    format!("listing {}", self.url(dir)),
+                    ("s3:ListBucket", dir),
+                )
+            })?;
         let items = page
             .contents()
             .iter()
@@ -276,7 +315,13 @@ impl Store for S3Store {
             {
                 return Ok(None);
             }
-            Err(e) => return Err(explain(e, format!("reading {}", self.url(key)))),
+            Err(e) => {
+                return Err(explain(
+                    e,
+                    format!("reading {}", self.url(key)),
+                    ("s3:GetObject", key),
+                ));
+            }
         };
         let etag = resp.e_tag().unwrap_or_default().to_string();
         // Without a time, the object counts as written now: fresh, never
@@ -334,10 +379,12 @@ impl Store for S3Store {
                     (s, _) if s >= 500 => Ok(PutOutcome::Unknown(explain(
                         SdkError::ServiceError(ctx),
                         format!("writing {}", self.url(key)),
+                        ("s3:PutObject", key),
                     ))),
                     _ => Err(explain(
                         SdkError::ServiceError(ctx),
                         format!("writing {}", self.url(key)),
+                        ("s3:PutObject", key),
                     )),
                 }
             }
@@ -350,9 +397,14 @@ impl Store for S3Store {
                 Ok(PutOutcome::Unknown(explain(
                     e,
                     format!("writing {}", self.url(key)),
+                    ("s3:PutObject", key),
                 )))
             }
-            Err(e) => Err(explain(e, format!("writing {}", self.url(key)))),
+            Err(e) => Err(explain(
+                e,
+                format!("writing {}", self.url(key)),
+                ("s3:PutObject", key),
+            )),
         }
     }
 
