@@ -481,3 +481,65 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
         text.trim().chars().take(200).collect::<String>()
     )
 }
+
+/// This server's entry in autopilot's health report (`GET
+/// /v1/operator/autopilot/health`; Consul answers 429 with the same body
+/// while the cluster is unhealthy): whether it is healthy and a voter.
+/// `None` when the report does not list it yet. Needs operator:read with
+/// ACLs on.
+pub async fn autopilot_self(
+    token: Option<&str>,
+    node: &str,
+    address: std::net::IpAddr,
+) -> Result<Option<(bool, bool)>> {
+    let mut api = Api::from_env(None)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
+    let shown = api.shown.clone();
+    let resp = api
+        .request(reqwest::Method::GET, "/v1/operator/autopilot/health")
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow!(e).context(format!(
+                "asking the Consul agent at {shown} for autopilot's health"
+            ))
+        })?;
+    let status = resp.status();
+    if !(status.is_success() || status.as_u16() == 429) {
+        let body = resp.text().await.unwrap_or_default();
+        let hint = if status.as_u16() == 403 {
+            ": its token needs operator:read"
+        } else {
+            ""
+        };
+        anyhow::bail!(
+            "the Consul agent at {shown} answered {status} to /v1/operator/autopilot/health{hint}: {}",
+            body.trim().chars().take(200).collect::<String>()
+        );
+    }
+    let report: serde_json::Value = resp
+        .json()
+        .await
+        .context("autopilot's health report is not JSON")?;
+    let me = report["Servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| {
+            s["Name"].as_str() == Some(node)
+                || s["Address"]
+                    .as_str()
+                    .and_then(|a| a.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])))
+                    .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+                    == Some(address)
+        });
+    Ok(me.map(|s| {
+        (
+            s["Healthy"].as_bool().unwrap_or(false),
+            s["Voter"].as_bool().unwrap_or(false),
+        )
+    }))
+}

@@ -223,6 +223,34 @@ pub struct GlobalOpts {
     #[arg(long, env = "AUTO_CONSUL_ALLOW_RACY", global = true)]
     pub allow_racy: bool,
 
+    /// The autoscaling group whose launch lifecycle hook this instance
+    /// completes once in service [default: the instance's metadata tag
+    /// aws:autoscaling:groupName, when tags are in IMDS; none: no hook].
+    #[arg(
+        long,
+        env = "AUTO_CONSUL_AUTOSCALING_GROUP",
+        value_name = "NAME",
+        global = true
+    )]
+    pub autoscaling_group: Option<String>,
+
+    /// The launch lifecycle hook's name [default: auto-consul-launch, the
+    /// Terraform module's].
+    #[arg(
+        long,
+        env = "AUTO_CONSUL_LIFECYCLE_HOOK",
+        value_name = "NAME",
+        global = true
+    )]
+    pub lifecycle_hook: Option<String>,
+
+    /// How long `gate` waits for the node to be in service (an agent: a
+    /// leader known; a server: a healthy voter by autopilot) before it
+    /// abandons the launch.
+    #[arg(long, env = "AUTO_CONSUL_GATE_WAIT", value_name = "SECONDS", default_value_t = 900,
+          global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
+    pub gate_wait: u64,
+
     /// Overall wait, in seconds, for the instance metadata service at boot.
     #[arg(long, env = "AUTO_CONSUL_IMDS_TIMEOUT", value_name = "SECONDS",
           default_value_t = 30, global = true,
@@ -285,6 +313,12 @@ pub enum Command {
         #[arg(long)]
         now: bool,
     },
+    /// The launch gate, run by auto-consul-gate.service in an autoscaling
+    /// group: wait until this node is in service (an agent: its Consul
+    /// knows a leader; a server: autopilot reports it a healthy voter),
+    /// then complete the launch hook with CONTINUE; ABANDON after
+    /// --gate-wait. Outside a group it does nothing.
+    Gate,
     /// Print shell completions for SHELL (bash, zsh, fish, elvish,
     /// powershell) to stdout.
     Completions {

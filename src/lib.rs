@@ -11,6 +11,7 @@ pub mod ec2;
 pub mod error;
 pub mod identity;
 pub mod install;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod model;

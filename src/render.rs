@@ -543,6 +543,35 @@ pub fn heartbeat_timer(expiry: u64) -> String {
     )
 }
 
+/// The launch gate's unit (an instance in an autoscaling group with a
+/// launch hook): after Consul starts, `auto-consul gate` waits until the
+/// node is in service, then completes the hook. Written and started by
+/// `run` only in a group.
+pub fn gate_service(paths: &UnitPaths<'_>) -> String {
+    let sandbox = small_sandbox(paths, paths.registry_rw().trim_start().to_string(), false);
+    format!(
+        "{MARKER}.\n\
+         [Unit]\n\
+         Description=auto-consul launch gate: put this instance in service once Consul is\n\
+         Wants=network-online.target consul.service\n\
+         After=network-online.target consul.service\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         EnvironmentFile={env_file}\n\
+         ExecStart={auto_consul} gate\n\
+         # Covers --gate-wait (15 minutes by default).\n\
+         TimeoutStartSec=20min\n\
+         {sandbox}\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        env_file = paths.env_file,
+        auto_consul = paths.auto_consul,
+    )
+}
+
 /// The boot unit `install` writes: `auto-consul run` once per boot, before
 /// Consul starts; retried while the registry or IMDS is not reachable yet.
 pub fn boot_unit(paths: &UnitPaths<'_>) -> String {

@@ -416,6 +416,14 @@ const SDK_CALLS: &[(&str, &[&str])] = &[
     ("describe_instances", &["ec2:DescribeInstances"]),
     ("get_parameter", &["ssm:GetParameter"]),
     ("put_parameter", &["ssm:PutParameter"]),
+    (
+        "complete_lifecycle_action",
+        &["autoscaling:CompleteLifecycleAction"],
+    ),
+    (
+        "record_lifecycle_action_heartbeat",
+        &["autoscaling:RecordLifecycleActionHeartbeat"],
+    ),
 ];
 
 /// Source text with comment lines dropped, and everything from the first
@@ -492,6 +500,7 @@ fn sdk_operation_names() -> BTreeMap<String, &'static str> {
                 ("aws-sdk-s3", "s3"),
                 ("aws-sdk-ec2", "ec2"),
                 ("aws-sdk-ssm", "ssm"),
+                ("aws-sdk-autoscaling", "autoscaling"),
             ] {
                 let versioned = name
                     .strip_prefix(krate)
@@ -512,7 +521,7 @@ fn sdk_operation_names() -> BTreeMap<String, &'static str> {
             }
         }
     }
-    for service in ["s3", "ec2", "ssm"] {
+    for service in ["s3", "ec2", "ssm", "autoscaling"] {
         assert!(
             ops.values().any(|s| *s == service),
             "cannot find the sources of aws-sdk-{service} (looked in {bases:?}; found {crates_seen:?}); \
@@ -536,6 +545,10 @@ fn role_policies(dir: &Path) -> BTreeMap<String, serde_json::Value> {
             .replace(
                 "${ssm_parameter_arn}",
                 "arn:aws:ssm:us-east-1:123456789012:parameter/auto-consul/prod",
+            )
+            .replace(
+                "${asg_arn_prefix}",
+                "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/consul-",
             );
         assert!(
             !text.contains("${") && !text.contains("%{"),
@@ -665,4 +678,75 @@ fn iam_policy_grants_exactly_the_sdk_calls_in_src() {
          granted by the policy but used by no call in src/: {extra:?}\n\
          calls found: {used:?}"
     );
+}
+
+/// The launch gate's side in the module: both groups hold an
+/// `EC2_INSTANCE_LAUNCHING` hook named as the binary expects, abandoned by
+/// default; the servers' group rolls with an instance refresh that keeps
+/// every server in service (launch before terminate); instance tags are in
+/// IMDS (the gate reads its group's name there). Read with hcl-rs.
+#[test]
+fn terraform_groups_gate_launches_and_roll_servers_one_at_a_time() {
+    let text = fs::read_to_string(root().join("terraform/modules/auto-consul/main.tf")).unwrap();
+    let body: hcl::Body = hcl::from_str(&text).expect("main.tf parses as HCL");
+    let attr = |b: &hcl::Block, name: &str| -> String {
+        b.body
+            .attributes()
+            .find(|a| a.key.as_str() == name)
+            .map(|a| a.expr.to_string())
+            .unwrap_or_default()
+    };
+    let group = |name: &str| -> hcl::Block {
+        body.blocks()
+            .find(|b| {
+                b.identifier.as_str() == "resource"
+                    && b.labels.iter().map(|l| l.as_str()).collect::<Vec<_>>()
+                        == ["aws_autoscaling_group", name]
+            })
+            .unwrap_or_else(|| panic!("no aws_autoscaling_group.{name}"))
+            .clone()
+    };
+    for name in ["servers", "agents"] {
+        let g = group(name);
+        let launch = g
+            .body
+            .blocks()
+            .filter(|b| b.identifier.as_str() == "initial_lifecycle_hook")
+            .find(|b| attr(b, "lifecycle_transition").contains("EC2_INSTANCE_LAUNCHING"))
+            .unwrap_or_else(|| panic!("{name}: no launching hook"));
+        assert!(
+            attr(launch, "name").contains(auto_consul::lifecycle::DEFAULT_HOOK),
+            "{name}: the hook's name is the one the gate completes"
+        );
+        assert!(attr(launch, "default_result").contains("ABANDON"), "{name}");
+    }
+    let servers = group("servers");
+    let refresh = servers
+        .body
+        .blocks()
+        .find(|b| b.identifier.as_str() == "instance_refresh")
+        .expect("servers: an instance_refresh block");
+    let prefs = refresh
+        .body
+        .blocks()
+        .find(|b| b.identifier.as_str() == "preferences")
+        .expect("instance_refresh.preferences");
+    assert_eq!(attr(prefs, "min_healthy_percentage"), "100");
+    assert!(
+        attr(prefs, "max_healthy_percentage").contains("134"),
+        "3 servers: one more"
+    );
+    let template = body
+        .blocks()
+        .find(|b| {
+            b.identifier.as_str() == "resource"
+                && b.labels.first().map(|l| l.as_str()) == Some("aws_launch_template")
+        })
+        .expect("a launch template");
+    let metadata = template
+        .body
+        .blocks()
+        .find(|b| b.identifier.as_str() == "metadata_options")
+        .expect("metadata_options");
+    assert!(attr(metadata, "instance_metadata_tags").contains("enabled"));
 }

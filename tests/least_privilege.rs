@@ -40,6 +40,10 @@ fn policy(role: &str, bucket: &str, prefix: &str) -> String {
         .replace(
             "${ssm_parameter_arn}",
             "arn:aws:ssm:us-east-1:123456789012:parameter/auto-consul/lp",
+        )
+        .replace(
+            "${asg_arn_prefix}",
+            "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/lp-",
         );
     assert!(!text.contains("${"), "{file}: a variable left");
     serde_json::from_str::<Value>(&text).expect("the rendered policy is JSON");

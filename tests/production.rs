@@ -68,7 +68,19 @@ fn the_units_run_and_install_write_meet_their_exposure_goals() {
     let (root, registry) = (tmp.path().join("root"), tmp.path().join("registry"));
     std::fs::create_dir_all(&registry).unwrap();
     // Consul from a zip: no unit, so `run` writes consul.service.
-    let first = run_file(&root, &registry, "prod-1", "10.0.8.1", &[]);
+    // In an autoscaling group: the launch gate's unit is written too.
+    let first = run_file(
+        &root,
+        &registry,
+        "prod-1",
+        "10.0.8.1",
+        &[
+            "--instance-id",
+            "i-0123456789abcdef0",
+            "--autoscaling-group",
+            "consul-servers",
+        ],
+    );
     assert_eq!(
         first["consul_type"], "exec",
         "a lone bootstrap server: {first}"
@@ -90,6 +102,7 @@ fn the_units_run_and_install_write_meet_their_exposure_goals() {
     let scores = [
         ("auto-consul-heartbeat.service", 3.0),
         ("auto-consul-leave.service", 3.0),
+        ("auto-consul-gate.service", 3.0),
         ("auto-consul.service", 6.0),
         ("consul.service", 5.0),
     ];

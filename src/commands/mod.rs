@@ -2,6 +2,7 @@
 //! line and the registry they open.
 
 mod cluster;
+mod gate;
 mod heartbeat;
 mod install;
 mod leave;
@@ -38,6 +39,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Install { now } => install::install(&cli.global, now),
         Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
         Command::Secrets { action } => secrets::secrets(&cli.global, &action).await,
+        Command::Gate => gate::gate(&cli.global).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut text = Vec::new();
@@ -240,6 +242,12 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
         if let Some(p) = value {
             vars.push((key, path(p)));
         }
+    }
+    if let Some(g) = &opts.autoscaling_group {
+        vars.push(("AUTO_CONSUL_AUTOSCALING_GROUP", g.clone()));
+    }
+    if let Some(h) = &opts.lifecycle_hook {
+        vars.push(("AUTO_CONSUL_LIFECYCLE_HOOK", h.clone()));
     }
     if let Some(url) = &opts.secrets {
         vars.push(("AUTO_CONSUL_SECRETS", url.to_string()));

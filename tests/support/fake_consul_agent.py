@@ -87,6 +87,11 @@ def main():
         "(shared by the fake agents of one cluster, under a lock); every write is logged to acl-log.jsonl there",
     )
     parser.add_argument("--acl-management", help="the initial management token the ACL writes need")
+    parser.add_argument(
+        "--autopilot-file",
+        help="serve GET /v1/operator/autopilot/health with this file's JSON (Consul's OperatorHealthReply: "
+        "Healthy, FailureTolerance, Servers[{ID, Name, Address, Healthy, Voter, Leader, ...}]), read at each request",
+    )
     args = parser.parse_args()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
     own = f"{args.address}:8300"
@@ -136,6 +141,13 @@ def main():
                 return self.reply(500, b"No known Consul servers", "text/plain")
             if path in status:
                 return self.reply(200, status[path], "application/json")
+            if path == "/v1/operator/autopilot/health" and args.autopilot_file:
+                with open(args.autopilot_file, "rb") as f:
+                    health = f.read()
+                # Consul answers 429 when the cluster is unhealthy, with the
+                # same body (agent/operator_endpoint.go).
+                code = 200 if json.loads(health).get("Healthy") else 429
+                return self.reply(code, health, "application/json")
             if path == "/v1/acl/token/self" and args.acl_dir:
                 # Consul: the token the request carries, or 403 "ACL not found".
                 secret = self.headers.get("X-Consul-Token", "")

@@ -55,6 +55,12 @@ header (after a `#`), and a rule with "json": true answers a JSON-protocol
 error, as SSM does: {"match": "AmazonSSM.GetParameter", "status": 400,
 "code": "AccessDeniedException", "json": true}.
 
+Autoscaling lifecycle actions, which moto does not implement:
+CompleteLifecycleAction and RecordLifecycleActionHeartbeat are checked
+(group, hook, instance id or token; CONTINUE or ABANDON), recorded and
+answered as AWS answers them; `GET /_lifecycle` lists the calls in order
+([{"action", "group", "hook", "instance", "result", "time"}, ...]).
+
 The server exits when its parent process goes away.
 """
 
@@ -66,6 +72,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
@@ -111,6 +118,10 @@ def age_objects(bucket, prefix, seconds):
     return aged
 
 
+# Autoscaling lifecycle calls the stand-in answers (moto does not).
+LIFECYCLE_ACTIONS = ("CompleteLifecycleAction", "RecordLifecycleActionHeartbeat")
+
+
 def drop_connection(environ):
     sock = environ.get("werkzeug.socket")
     if sock is not None:
@@ -132,6 +143,36 @@ class Serialized:
         self.imds = {}
         self.kinds = {}
         self.ssm_calls = []
+        self.lifecycle_calls = []
+
+    def lifecycle(self, form, start_response):
+        """Autoscaling's lifecycle calls, which moto does not implement:
+        checked as AWS checks them (a group, a hook, and an instance id or
+        a token; CONTINUE or ABANDON), recorded, answered in AWS's XML."""
+        action = form["Action"]
+        missing = [k for k in ("AutoScalingGroupName", "LifecycleHookName") if not form.get(k)]
+        if not form.get("InstanceId") and not form.get("LifecycleActionToken"):
+            missing.append("InstanceId or LifecycleActionToken")
+        if action == "CompleteLifecycleAction" and form.get("LifecycleActionResult") not in ("CONTINUE", "ABANDON"):
+            missing.append("LifecycleActionResult (CONTINUE or ABANDON)")
+        if missing:
+            body = ("<ErrorResponse><Error><Type>Sender</Type><Code>ValidationError</Code><Message>"
+                    + "missing or invalid: " + ", ".join(missing) + "</Message></Error></ErrorResponse>")
+            return reply(start_response, 400, body.encode(), "text/xml")
+        with self.lock:
+            self.lifecycle_calls.append({
+                "action": action,
+                "group": form.get("AutoScalingGroupName"),
+                "hook": form.get("LifecycleHookName"),
+                "instance": form.get("InstanceId"),
+                "result": form.get("LifecycleActionResult"),
+                "time": time.time(),
+            })
+        ns = "http://autoscaling.amazonaws.com/doc/2011-01-01/"
+        body = (f'<{action}Response xmlns="{ns}"><{action}Result/>'
+                f"<ResponseMetadata><RequestId>{len(self.lifecycle_calls)}</RequestId></ResponseMetadata>"
+                f"</{action}Response>")
+        return reply(start_response, 200, body.encode(), "text/xml")
 
     def take_fault(self, environ):
         method = environ.get("REQUEST_METHOD", "")
@@ -153,6 +194,10 @@ class Serialized:
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
+        if path.startswith("/_lifecycle"):
+            with self.lock:
+                calls = list(self.lifecycle_calls)
+            return reply(start_response, 200, json.dumps(calls).encode(), "application/json")
         if path.startswith("/_ssm"):
             with self.lock:
                 calls = list(self.ssm_calls)
@@ -231,6 +276,13 @@ class Serialized:
 
         method = environ.get("REQUEST_METHOD", "")
         query = environ.get("QUERY_STRING", "")
+        if method == "POST" and "x-www-form-urlencoded" in environ.get("CONTENT_TYPE", ""):
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            raw = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = io.BytesIO(raw)
+            form = {k: v[0] for k, v in urllib.parse.parse_qs(raw.decode()).items()}
+            if form.get("Action") in LIFECYCLE_ACTIONS:
+                return self.lifecycle(form, start_response)
         amz_target = environ.get("HTTP_X_AMZ_TARGET", "")
         if amz_target.startswith("AmazonSSM."):
             # Every SSM call, by whom (the access key id) and on which name,

@@ -25,6 +25,20 @@ pub(super) const PENDING_WAIT: Duration = Duration::from_secs(5);
 pub(super) const UNNAMED: &str = "unnamed";
 /// Rounds of read-decide-claim before giving up under contention.
 pub(super) const MAX_ROUNDS: u32 = 12;
+/// An election that cannot succeed on this boot: the witness rule forbids
+/// a cluster, or the role cannot be had within its wait. An instance in
+/// an autoscaling group abandons its launch on it.
+#[derive(Debug)]
+pub(super) struct Definitive(pub(super) String);
+
+impl std::fmt::Display for Definitive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Definitive {}
+
 /// What the election settled on.
 #[derive(Debug, Clone)]
 pub(super) struct Elected {
@@ -286,10 +300,11 @@ impl Elector<'_> {
             if let Some(why) = blocked {
                 let now = std::time::Instant::now();
                 if self.dry_run || now >= role_deadline {
-                    bail!(
+                    return Err(Definitive(format!(
                         "{why}; gave up after {}s (the boot unit tries again; --role-wait sets the wait)",
                         self.role_wait.as_secs()
-                    );
+                    ))
+                    .into());
                 }
                 if !role_said {
                     tracing::warn!("{why} (up to {}s)", self.role_wait.as_secs());
@@ -363,7 +378,7 @@ impl Elector<'_> {
                         let message = self.witness_message(&view, &unconfirmed);
                         let now = std::time::Instant::now();
                         if self.dry_run || now >= witness_deadline {
-                            bail!("{message}");
+                            return Err(Definitive(message).into());
                         }
                         if !waiting_said {
                             tracing::warn!(

@@ -25,6 +25,8 @@ pub(super) const SANDBOX_DROPIN: &str =
     "/etc/systemd/system/consul.service.d/auto-consul-sandbox.conf";
 pub(super) const HEARTBEAT_SERVICE: &str = "/etc/systemd/system/auto-consul-heartbeat.service";
 /// Leaves at shutdown when the instance is being terminated.
+/// The launch gate's unit, written in an autoscaling group only.
+pub(super) const GATE_UNIT: &str = "/etc/systemd/system/auto-consul-gate.service";
 pub const LEAVE_UNIT: &str = "/etc/systemd/system/auto-consul-leave.service";
 pub const HEARTBEAT_TIMER: &str = "/etc/systemd/system/auto-consul-heartbeat.timer";
 /// The env file shared by `run`, the heartbeat and the boot unit.

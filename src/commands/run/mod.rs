@@ -159,7 +159,27 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             (e + e / 3 + 10).min(DEFAULT_WAIT_CAP)
         })),
     };
-    let elected = elector.elect(previous.as_ref(), raft, first_view).await?;
+    let elected = match elector.elect(previous.as_ref(), raft, first_view).await {
+        Ok(elected) => elected,
+        Err(e) => {
+            if !dry_run && e.downcast_ref::<elect::Definitive>().is_some() {
+                crate::lifecycle::abandon(
+                    opts,
+                    me.instance_id.as_deref(),
+                    "this boot cannot succeed",
+                )
+                .await;
+            }
+            return Err(e);
+        }
+    };
+    // In an autoscaling group, the launch gate's unit puts the instance in
+    // service once Consul is (an agent: a leader; a server: a voter).
+    let hook = if dry_run {
+        None
+    } else {
+        crate::lifecycle::hook(opts, me.instance_id.as_deref()).await
+    };
     let settings = elected.view.settings;
     if !dry_run {
         crate::metrics::node(elected.mode, elected.slot);
@@ -311,6 +331,14 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         f
     }));
     files.extend(fixed_files);
+    if hook.is_some() {
+        files.push(FileSpec {
+            path: GATE_UNIT.into(),
+            contents: render::gate_service(&units.paths()),
+            mode: 0o644,
+            owner: None,
+        });
+    }
     files.push(state::file(&State {
         registry: url.to_string(),
         cluster_id: elected.cluster_id.clone(),
@@ -341,14 +369,18 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let start = !dry_run && !opts.no_start && root.is_system();
     if start {
         install::systemctl(&["daemon-reload"])?;
-        install::systemctl(&[
+        let mut units = vec![
             "enable",
             "--now",
             "--no-block",
             "consul.service",
             "auto-consul-heartbeat.timer",
             "auto-consul-leave.service",
-        ])?;
+        ];
+        if hook.is_some() {
+            units.push("auto-consul-gate.service");
+        }
+        install::systemctl(&units)?;
     }
 
     let paths: Vec<PathBuf> = files.iter().map(|f| root.path(&f.path)).collect();
@@ -371,6 +403,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             "changed": written,
             "started": start,
             "dry_run": dry_run,
+            "lifecycle_hook": hook.as_ref().map(|h| json!({"group": h.group, "hook": h.hook})),
         });
         println!("{out}");
     } else {

@@ -231,6 +231,9 @@ locals {
     bucket_arn        = local.bucket_arn
     key_prefix        = local.key_prefix
     ssm_parameter_arn = "arn:${data.aws_partition.current.partition}:ssm:${data.aws_arn.security_group.region}:${data.aws_arn.security_group.account}:parameter${local.ssm_path}"
+    # Both groups' names start with "<name>-": the launch gate completes
+    # its own group's hook.
+    asg_arn_prefix = "arn:${data.aws_partition.current.partition}:autoscaling:${data.aws_arn.security_group.region}:${data.aws_arn.security_group.account}:autoScalingGroup:*:autoScalingGroupName/${var.name}-"
   }
 
   # jsondecode() checks each template is JSON when Terraform renders it.
@@ -441,7 +444,10 @@ resource "aws_launch_template" "this" {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
     http_put_response_hop_limit = var.imds_hop_limit
-    instance_metadata_tags      = "disabled"
+    # The launch gate finds its group in the instance's tags
+    # (aws:autoscaling:groupName): the group's name is not known when the
+    # launch template is written.
+    instance_metadata_tags = "enabled"
   }
 
   tag_specifications {
@@ -470,6 +476,20 @@ resource "aws_autoscaling_group" "servers" {
     version = aws_launch_template.this["servers"].latest_version
   }
 
+  # In service only when really in service: the instance stays in
+  # Pending:Wait until auto-consul-gate.service completes this hook, with
+  # CONTINUE once Consul is in service (a server: autopilot reports it a
+  # healthy voter; an agent: it knows a leader), with ABANDON when the boot
+  # cannot succeed (the witness rule, no slot in time) so the group
+  # replaces it at once. The gate records a heartbeat every minute while it
+  # waits; silence for heartbeat_timeout abandons the launch.
+  initial_lifecycle_hook {
+    name                 = "auto-consul-launch"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
+    default_result       = "ABANDON"
+    heartbeat_timeout    = var.launch_wait
+  }
+
   # A terminating instance waits in Terminating:Wait (var.termination_wait)
   # long enough for its heartbeat (every expiry/3) to see
   # target-lifecycle-state = Terminated and leave (Consul leaves, the slot
@@ -490,14 +510,25 @@ resource "aws_autoscaling_group" "servers" {
     }
   }
 
-  # No instance_refresh block: the module starts no refresh by itself. Roll
-  # the servers with an instance refresh you start (aws autoscaling
-  # start-instance-refresh), whose MinHealthyPercentage keeps a Raft quorum
-  # in service: 66 for 3 servers, 80 for 5, so one is replaced at a time.
-  # The terminated server's auto-consul-leave.service makes Consul leave and
-  # releases its slot at once, the replacement (role "server") takes the
-  # slot, and autopilot removes a dead server from Raft once the replacement
-  # is healthy. See docs/deploy.md, "Replacing servers one at a time".
+  # One server at a time, launched before one is terminated: a change of
+  # the launch template (a new AMI, new user data) starts an instance
+  # refresh that keeps 100 % of the servers in service and may run one
+  # more; a new server counts as in service only once the launch gate has
+  # completed (a healthy voter), and only then is an old one terminated
+  # (its auto-consul-leave.service makes Consul leave and releases its
+  # slot). A voter is never removed before its replacement is a voter.
+  # See docs/deploy.md, "Rolling out a new AMI".
+  instance_refresh {
+    strategy = "Rolling"
+    preferences {
+      min_healthy_percentage = 100
+      # One server more than the group's size: 100 + ceil(100 / servers)
+      # (written as a table: the module avoids arithmetic operators).
+      max_healthy_percentage = lookup({ "1" = 200, "2" = 150, "3" = 134, "4" = 125, "5" = 120, "6" = 117, "7" = 115, "8" = 113, "9" = 112 }, tostring(var.servers), 200)
+      instance_warmup        = 30
+      skip_matching          = true
+    }
+  }
 
   depends_on = [aws_iam_role_policy.auto_consul]
 }
@@ -513,6 +544,20 @@ resource "aws_autoscaling_group" "agents" {
   launch_template {
     id      = aws_launch_template.this["agents"].id
     version = aws_launch_template.this["agents"].latest_version
+  }
+
+  # In service only when really in service: the instance stays in
+  # Pending:Wait until auto-consul-gate.service completes this hook, with
+  # CONTINUE once Consul is in service (a server: autopilot reports it a
+  # healthy voter; an agent: it knows a leader), with ABANDON when the boot
+  # cannot succeed (the witness rule, no slot in time) so the group
+  # replaces it at once. The gate records a heartbeat every minute while it
+  # waits; silence for heartbeat_timeout abandons the launch.
+  initial_lifecycle_hook {
+    name                 = "auto-consul-launch"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
+    default_result       = "ABANDON"
+    heartbeat_timeout    = var.launch_wait
   }
 
   # As for the servers: time for the heartbeat to see the termination.

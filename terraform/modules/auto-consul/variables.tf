@@ -239,6 +239,17 @@ variable "agent_expiry" {
   }
 }
 
+variable "launch_wait" {
+  description = "Seconds a launching instance may stay in Pending:Wait without a word from its launch gate (which records a heartbeat every minute while Consul joins) before the group abandons it; 60 to 7200."
+  type        = number
+  default     = 300
+
+  validation {
+    condition     = contains(range(60, 7201), var.launch_wait)
+    error_message = "launch_wait must be between 60 and 7200 seconds."
+  }
+}
+
 variable "termination_wait" {
   description = "Seconds a terminating instance waits (lifecycle hook, Terminating:Wait) so that its heartbeat, every expiry/3, sees the termination and leaves while Consul still runs: about two heartbeat intervals (90 for the default expiry of 120); 30 to 7200."
   type        = number
