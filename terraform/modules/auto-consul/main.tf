@@ -510,21 +510,24 @@ resource "aws_autoscaling_group" "servers" {
     }
   }
 
-  # One server at a time, launched before one is terminated: a change of
-  # the launch template (a new AMI, new user data) starts an instance
-  # refresh that keeps 100 % of the servers in service and may run one
-  # more; a new server counts as in service only once the launch gate has
-  # completed (a healthy voter), and only then is an old one terminated
-  # (its auto-consul-leave.service makes Consul leave and releases its
-  # slot). A voter is never removed before its replacement is a voter.
+  # One server at a time: a change of the launch template (a new AMI, new
+  # user data) starts an instance refresh that keeps all servers but one in
+  # service (a Raft quorum), so it replaces one at a time. The old server
+  # goes first: its auto-consul-leave.service makes Consul leave and
+  # releases its slot, which its replacement takes (the registry has
+  # exactly as many slots as servers, so a replacement launched first would
+  # find none free). A replacement counts as in service only once its
+  # launch gate has completed, i.e. once autopilot reports it a healthy
+  # voter: only then does the refresh take the next server. So no second
+  # voter goes before the first one's replacement is a voter.
   # See docs/deploy.md, "Rolling out a new AMI".
   instance_refresh {
     strategy = "Rolling"
     preferences {
-      min_healthy_percentage = 100
-      # One server more than the group's size: 100 + ceil(100 / servers)
-      # (written as a table: the module avoids arithmetic operators).
-      max_healthy_percentage = lookup({ "1" = 200, "2" = 150, "3" = 134, "4" = 125, "5" = 120, "6" = 117, "7" = 115, "8" = 113, "9" = 112 }, tostring(var.servers), 200)
+      # floor(100 * (servers - 1) / servers), as a table: the module avoids
+      # arithmetic operators.
+      min_healthy_percentage = lookup({ "1" = 0, "2" = 50, "3" = 66, "4" = 75, "5" = 80, "6" = 83, "7" = 85, "8" = 87, "9" = 88 }, tostring(var.servers), 66)
+      max_healthy_percentage = 100
       instance_warmup        = 30
       skip_matching          = true
     }
