@@ -285,11 +285,13 @@ pub enum Command {
     /// monitoring check.
     Status,
     /// Ask the local Consul agent how it runs and publish a heartbeat; a
-    /// server also renews its slot. Then purge expired heartbeats. Run by
-    /// auto-consul-heartbeat.timer every EXPIRY/3 seconds.
+    /// server also renews its slot, and the live holder of the lowest slot
+    /// purges expired heartbeats for the fleet, once per expiry. Run by
+    /// auto-consul-heartbeat.timer every EXPIRY/3 seconds (AGENT_EXPIRY/3
+    /// on agents).
     Heartbeat,
-    /// Delete expired heartbeats (in batches of 1000) and release expired
-    /// server slots.
+    /// Delete expired heartbeats (in batches of 1000) and report expired
+    /// server slots (a slot is taken over, never deleted).
     Purge,
     /// Remove this node from the registry: delete its heartbeats and release
     /// its server slot, so a replacement can take it at once.
@@ -328,7 +330,7 @@ pub enum Command {
     /// Print the manual page (roff, section 1) to stdout.
     Man,
     /// Show or change the cluster record: the cluster id and the settings
-    /// every node adopts (servers, expiry).
+    /// every node adopts (servers, expiry, agent expiry).
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,
@@ -372,6 +374,23 @@ impl Command {
                 | Command::Secrets { .. }
         )
     }
+
+    /// Lines of the env file this command must not take: `cluster set`
+    /// changes exactly the settings given on its command line, never the
+    /// seeds a node's env file holds (they would silently overwrite the
+    /// record's other settings).
+    pub fn env_file_skips(&self) -> &'static [&'static str] {
+        match self {
+            Command::Cluster {
+                action: ClusterAction::Set,
+            } => &[
+                "AUTO_CONSUL_SERVERS",
+                "AUTO_CONSUL_EXPIRY",
+                "AUTO_CONSUL_AGENT_EXPIRY",
+            ],
+            _ => &[],
+        }
+    }
 }
 
 /// How logs are written (`--log-format`).
@@ -410,8 +429,10 @@ impl RoleWanted {
 pub enum ClusterAction {
     /// Print the cluster record and the settings that rule.
     Show,
-    /// Change the cluster's settings: `--servers N` and/or `--expiry
-    /// SECONDS`, written under If-Match so no concurrent change is lost.
+    /// Change the cluster's settings: `--servers N`, `--expiry SECONDS`
+    /// and/or `--agent-expiry SECONDS` (from the command line only, never
+    /// the env file's seeds), written under If-Match so no concurrent
+    /// change is lost.
     Set,
     /// Confirm, as the operator, that every server of cluster CLUSTER_ID is
     /// gone: once none is live, the next node to boot may start a new

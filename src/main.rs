@@ -12,8 +12,9 @@ fn main() -> ExitCode {
     if let Ok(first) = auto_consul::cli::Cli::try_parse_from(&args)
         && first.command.reads_env_file()
     {
+        let skips = first.command.env_file_skips();
         for (key, value) in auto_consul::commands::node_env_file(&first.global.root) {
-            if std::env::var_os(&key).is_none() {
+            if std::env::var_os(&key).is_none() && !skips.contains(&key.as_str()) {
                 // SAFETY: still single-threaded: no runtime, no logging
                 // thread, nothing else reads the environment yet.
                 unsafe { std::env::set_var(key, value) };

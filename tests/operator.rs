@@ -408,3 +408,42 @@ fn baking_an_image_whose_env_file_names_a_node_is_warned_about() {
     let boot = install(true);
     assert!(!String::from_utf8_lossy(&boot.stderr).contains("an image baked now"));
 }
+
+#[test]
+fn cluster_set_on_a_node_changes_only_what_its_command_line_names() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let registry = format!("s3://{bucket}/set-on-node");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("n");
+    // The node's env file holds its seeds: expiry 120.
+    ok_json(&output(
+        run_cmd(moto, &registry, &root, "set-1", "10.61.0.1", 3).args(["--expiry", "120"]),
+    ));
+    let set = |args: &[&str], on_node: bool| {
+        let mut cmd = auto_consul(moto);
+        cmd.args(["cluster", "set", "--json"]).args(args);
+        if on_node {
+            cmd.arg("--root").arg(&root);
+        } else {
+            cmd.args(["--registry", &registry]);
+        }
+        ok_json(&output(&mut cmd))
+    };
+    // An operator lengthens the expiry from anywhere...
+    assert_eq!(set(&["--expiry", "300"], false)["expiry"], 300);
+    // ...then, on the node (registry from its env file), adds servers: the
+    // env file's seed (120) does not undo the expiry.
+    let v = set(&["--servers", "5"], true);
+    assert_eq!(v["servers"], 5, "{v}");
+    assert_eq!(v["expiry"], 300, "{v}");
+    // And with nothing to change on its command line, it changes nothing.
+    let mut none = auto_consul(moto);
+    let out = output(none.args(["cluster", "set"]).arg("--root").arg(&root));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
