@@ -187,7 +187,8 @@ fn an_agent_heartbeat_writes_agents_only_and_a_down_agent_writes_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Agent not running: exit 1, a clear message, nothing written.
+    // Agent not running (and this root never ran `run`): at once, a clear
+    // message naming both, nothing written.
     let down = format!("127.0.0.1:{}", closed_port());
     let out = output(&mut heartbeat_cmd(
         moto,
@@ -199,8 +200,11 @@ fn an_agent_heartbeat_writes_agents_only_and_a_down_agent_writes_nothing() {
         120,
     ));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("is not answering"), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is not answering") && stderr.contains("auto-consul run"),
+        "{stderr}"
+    );
     assert_eq!(
         keys(moto, &bucket, "hb/agent/agents/").len(),
         2,

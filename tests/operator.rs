@@ -106,6 +106,19 @@ fn sdk_errors_read_as_messages_not_debug_dumps() {
             ),
     );
     check(&out, 1, "cannot be reached");
+    // No credentials anywhere (none in the environment, no profile, no
+    // instance metadata): the first line says so, not "unreachable", and
+    // no warning dump of the SDK's providers comes before it.
+    let out = output(
+        auto_consul(moto)
+            .args(["members", "--registry", "s3://some-bucket/p"])
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("RUST_LOG"),
+    );
+    check(&out, 1, "no AWS credentials");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error:"), "{stderr}");
 }
 
 #[test]
@@ -446,4 +459,54 @@ fn cluster_set_on_a_node_changes_only_what_its_command_line_names() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_heartbeat_before_run_says_so_at_once_and_writes_nothing() {
+    // Its own moto: nothing may be written, counted exactly.
+    let moto = &Moto::start(&[]);
+    let bucket = bucket(moto);
+    let registry = format!("s3://{bucket}/before-run");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("n");
+    // No agent at all: one line, exit 2, no minute of retries (the
+    // retries would print "trying again" warnings first).
+    let out = output(&mut heartbeat_cmd(
+        moto,
+        &registry,
+        &root,
+        "early",
+        "10.63.0.1",
+        &format!("127.0.0.1:{}", closed_port()),
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("error:") && err.contains("auto-consul run"),
+        "{err}"
+    );
+    assert!(!err.contains("trying again"), "{err}");
+    // An agent that says it is a server, and a registry with no cluster.
+    let agent = FakeAgent::start("early", true, &["--address", "10.63.0.1"]);
+    let before = moto.kinds();
+    let out = output(&mut heartbeat_cmd(
+        moto,
+        &registry,
+        &root,
+        "early",
+        "10.63.0.1",
+        &agent.addr(),
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no cluster record") && err.contains("auto-consul run"),
+        "{err}"
+    );
+    assert_eq!(
+        moto.kinds().get("PUT"),
+        before.get("PUT"),
+        "nothing written"
+    );
+    assert!(keys(moto, &bucket, "before-run/").is_empty());
 }

@@ -489,8 +489,10 @@ fn the_heartbeat_shows_a_client_certificate_and_checks_the_agents_name() {
     certificates(d);
     let registry = d.join("registry");
     std::fs::create_dir_all(&registry).unwrap();
-    let registry = format!("file://{}", registry.display());
     let root = d.join("root");
+    // The node was set up by `run` (a heartbeat before it is refused).
+    run_file(&root, &registry, "tls-1", "10.0.7.9", &[]);
+    let registry = format!("file://{}", registry.display());
     let p = |n: &str| d.join(n).display().to_string();
     let agent = FakeAgent::start(
         "tls-1",

@@ -23,6 +23,18 @@ use crate::{agent, identity, install, render, retry, state, termination};
 pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
+    // A node `run` never set up (no state file): no minute of retries
+    // against an agent that was never started, and no server heartbeat
+    // into a registry that has no cluster; what is missing is said at once.
+    let state_file = root.path(std::path::Path::new(state::STATE_PATH));
+    let never_ran = !state_file.exists();
+    let not_run = |what: &str| {
+        crate::error::usage(format!(
+            "{what}, and there is no state file at {}: this node has not run `auto-consul run` \
+             (the boot unit auto-consul.service does, and starts the heartbeat timer); run it first",
+            state_file.display()
+        ))
+    };
     // Spot's two-minute warning, or the autoscaling group's decision, is
     // seen here first: the node leaves now rather than at shutdown.
     if let Some(reason) = termination::notice(std::time::Duration::from_secs(2)).await {
@@ -41,10 +53,16 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let deadline = std::time::Instant::now()
         + std::time::Duration::from_secs(interval.saturating_sub(5).clamp(1, 60));
     // The agent first: a node whose agent is down publishes nothing.
-    let status = retry::until(deadline, "asking the local Consul agent", || {
+    let status = if never_ran {
         agent::status(opts.acl_token_file.as_deref())
-    })
-    .await?;
+            .await
+            .map_err(|e| not_run(&format!("{e:#}")))?
+    } else {
+        retry::until(deadline, "asking the local Consul agent", || {
+            agent::status(opts.acl_token_file.as_deref())
+        })
+        .await?
+    };
     let mut me = identity::of(opts).await?;
     let saved = state::load_for(&root, &url.to_string(), &me);
     if me.instance_id.is_none() {
@@ -126,6 +144,13 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             &rejoined,
         );
         return Ok(());
+    }
+    // A server `run` never set up writes nothing into a registry that
+    // holds no cluster.
+    if never_ran && read_cluster(store).await?.is_none() {
+        return Err(not_run(&format!(
+            "the local Consul agent says it is a server but the registry {url} holds no cluster record"
+        )));
     }
     // A server reads the cluster record (its settings rule) alongside.
     let (written, record) = tokio::join!(

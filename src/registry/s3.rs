@@ -177,6 +177,14 @@ where
             }
             _ => anyhow::anyhow!(detail).context(what),
         },
+        // The SDK reports a request it could not sign for want of
+        // credentials as a dispatch failure: say so, not "unreachable".
+        SdkError::DispatchFailure(_) if detail.contains("credentials") => {
+            anyhow::anyhow!(detail).context(format!(
+                "{what}: no AWS credentials: on EC2, give the instance a profile with a role \
+                 (docs/deploy.md); elsewhere set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ))
+        }
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => anyhow::anyhow!(detail).context(format!(
             "{what}: the S3 endpoint cannot be reached; check the network, AWS_ENDPOINT_URL and the region"
         )),

@@ -358,7 +358,7 @@ pub fn auto_consul(moto: &Moto) -> Command {
             format!("http://127.0.0.1:{}", closed_port()),
         )
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RUST_LOG", "auto_consul=info,warn")
+        .env("RUST_LOG", "auto_consul=info,aws_config=error,warn")
         .stdin(Stdio::null());
     cmd
 }
