@@ -42,6 +42,7 @@ pub struct GlobalOpts {
     /// Registry: s3://BUCKET/PREFIX, or file:///DIR for a directory on this
     /// host or a shared mount.
     #[arg(
+        help_heading = "Registry and cluster",
         short = 'r',
         long,
         env = "AUTO_CONSUL_REGISTRY",
@@ -51,26 +52,28 @@ pub struct GlobalOpts {
     pub registry: Option<String>,
 
     /// Address this node advertises and binds [default: IMDS local-ipv4].
-    #[arg(short = 'a', long, env = "AUTO_CONSUL_ADDRESS", value_name = "IP", global = true,
+    #[arg(help_heading = "Identity", short = 'a', long, env = "AUTO_CONSUL_ADDRESS", value_name = "IP", global = true,
           value_parser = parse_address)]
     pub address: Option<IpAddr>,
 
     /// Consul node name [default: IMDS instance-id].
-    #[arg(short = 'n', long, env = "AUTO_CONSUL_NODE", value_name = "NAME", global = true,
+    #[arg(help_heading = "Identity", short = 'n', long, env = "AUTO_CONSUL_NODE", value_name = "NAME", global = true,
           value_parser = parse_node)]
     pub node: Option<String>,
 
-    /// Desired number of Consul servers (3 or 5 in production). Seeds a new
-    /// cluster's record; once a cluster exists its record rules (change it
-    /// with `auto-consul cluster set`) [default: 1].
-    #[arg(short = 's', long, env = "AUTO_CONSUL_SERVERS", value_name = "N",
+    /// Desired number of Consul servers (3 or 5 in production).
+    ///
+    /// Seeds a new cluster's record; once a cluster exists its record rules
+    /// (change it with `auto-consul cluster set`) [default: 1].
+    #[arg(help_heading = "Registry and cluster", short = 's', long, env = "AUTO_CONSUL_SERVERS", value_name = "N",
           global = true, allow_negative_numbers = true, value_parser = servers_in_range)]
     pub servers: Option<u32>,
 
-    /// Seconds after which a heartbeat or a server slot expires; the
-    /// heartbeat timer fires every EXPIRY/3 seconds. Seeds a new cluster's
-    /// record, which then rules [default: 120].
-    #[arg(short = 'e', long, env = "AUTO_CONSUL_EXPIRY", value_name = "SECONDS",
+    /// Seconds after which a heartbeat or a server slot expires; the heartbeat
+    /// timer fires every EXPIRY/3 seconds.
+    ///
+    /// Seeds a new cluster's record, which then rules [default: 120].
+    #[arg(help_heading = "Registry and cluster", short = 'e', long, env = "AUTO_CONSUL_EXPIRY", value_name = "SECONDS",
           global = true, allow_negative_numbers = true,
           value_parser = seconds_in(2, 86_400))]
     pub expiry: Option<u64>,
@@ -79,7 +82,7 @@ pub struct GlobalOpts {
     /// free or expired slot), `agent` (never claims a slot or bootstraps:
     /// waits for a live server), or `auto` (the decision: servers until
     /// the cluster has enough, then agents).
-    #[arg(long, env = "AUTO_CONSUL_ROLE", value_enum, default_value_t = RoleWanted::Auto,
+    #[arg(help_heading = "Roles and waits", long, env = "AUTO_CONSUL_ROLE", value_enum, default_value_t = RoleWanted::Auto,
           global = true)]
     pub role: RoleWanted,
 
@@ -87,32 +90,39 @@ pub struct GlobalOpts {
     /// `--role agent` for a live server, before it exits 1 (the boot unit
     /// retries) [default: EXPIRY + EXPIRY/3 + 10, one expiry and one
     /// heartbeat interval].
-    #[arg(long, env = "AUTO_CONSUL_ROLE_WAIT", value_name = "SECONDS", global = true,
+    #[arg(hide_short_help = true, help_heading = "Roles and waits", long, env = "AUTO_CONSUL_ROLE_WAIT", value_name = "SECONDS", global = true,
           allow_negative_numbers = true,
           value_parser = seconds_in(0, 86_400))]
     pub role_wait: Option<u64>,
 
-    /// Seconds after which an agent's heartbeat expires; agents heartbeat
-    /// every AGENT_EXPIRY/3 seconds. Long by default: agents' heartbeats are
-    /// most of a fleet's registry requests, and only join lists use them.
-    /// Seeds a new cluster's record, which then rules [default: 7200].
-    #[arg(long, env = "AUTO_CONSUL_AGENT_EXPIRY", value_name = "SECONDS", global = true,
+    /// Seconds after which an agent's heartbeat expires; agents heartbeat every
+    /// AGENT_EXPIRY/3 seconds.
+    ///
+    /// Long by default: agents' heartbeats are most of a fleet's registry
+    /// requests, and only join lists use them. Seeds a new cluster's record,
+    /// which then rules [default: 7200].
+    #[arg(hide_short_help = true, help_heading = "Registry and cluster", long, env = "AUTO_CONSUL_AGENT_EXPIRY", value_name = "SECONDS", global = true,
           allow_negative_numbers = true,
           value_parser = seconds_in(2, 86_400))]
     pub agent_expiry: Option<u64>,
 
     /// The EC2 instance id published in slots and heartbeats [default: IMDS
-    /// instance-id, or the node name when it is one]. For hosts without
-    /// IMDS and for tests; the witness rule asks EC2 about these ids.
-    #[arg(long, env = "AUTO_CONSUL_INSTANCE_ID", value_name = "ID", global = true,
+    /// instance-id, or the node name when it is one].
+    ///
+    /// For hosts without IMDS and for tests; the witness rule asks EC2 about
+    /// these ids.
+    #[arg(hide_short_help = true, help_heading = "Identity", long, env = "AUTO_CONSUL_INSTANCE_ID", value_name = "ID", global = true,
           value_parser = parse_instance_id)]
     pub instance_id: Option<String>,
 
     /// Allow `run` to replace the cluster with this id by a new, empty one
-    /// although its servers are not confirmed gone (the witness rule's way
-    /// out, for one boot; `auto-consul cluster retire ID` is the lasting
-    /// one). Only the id named is replaced.
+    /// although its servers are not confirmed gone (the witness rule's way out,
+    /// for one boot; `auto-consul cluster retire ID` is the lasting one).
+    ///
+    /// Only the id named is replaced.
     #[arg(
+        hide_short_help = true,
+        help_heading = "Registry and cluster",
         long,
         env = "AUTO_CONSUL_REPLACE_CLUSTER",
         value_name = "CLUSTER_ID",
@@ -123,110 +133,139 @@ pub struct GlobalOpts {
     /// How long `run` waits, in seconds, for an old cluster's servers to
     /// come back or be confirmed gone before it fails (exit 1; the boot
     /// unit retries) [default: the expiry].
-    #[arg(long, env = "AUTO_CONSUL_WITNESS_WAIT", value_name = "SECONDS", global = true,
+    #[arg(hide_short_help = true, help_heading = "Roles and waits", long, env = "AUTO_CONSUL_WITNESS_WAIT", value_name = "SECONDS", global = true,
           allow_negative_numbers = true,
           value_parser = seconds_in(0, 86_400))]
     pub witness_wait: Option<u64>,
 
     /// Consul data directory.
-    #[arg(short = 'd', long, env = "AUTO_CONSUL_DATA_DIR", value_name = "DIR",
+    #[arg(help_heading = "Consul paths", short = 'd', long, env = "AUTO_CONSUL_DATA_DIR", value_name = "DIR",
           default_value = "/opt/consul", global = true, value_parser = parse_abs_path)]
     pub data_dir: PathBuf,
 
     /// Consul configuration directory.
-    #[arg(short = 'c', long, env = "AUTO_CONSUL_CONFIG_DIR", value_name = "DIR",
+    #[arg(help_heading = "Consul paths", short = 'c', long, env = "AUTO_CONSUL_CONFIG_DIR", value_name = "DIR",
           default_value = "/etc/consul.d", global = true, value_parser = parse_abs_path)]
     pub config_dir: PathBuf,
 
     /// Consul datacenter.
-    #[arg(long, env = "AUTO_CONSUL_DATACENTER", value_name = "DC", default_value = "dc1",
+    #[arg(help_heading = "Consul paths", long, env = "AUTO_CONSUL_DATACENTER", value_name = "DC", default_value = "dc1",
           global = true, value_parser = parse_datacenter)]
     pub datacenter: String,
 
-    /// Take every local path (files written, state, the data dir's Raft
-    /// check, the unit path) under DIR; with a root other than /, systemctl
-    /// is never called. For image baking and tests.
-    #[arg(long, env = "AUTO_CONSUL_ROOT", value_name = "DIR", default_value = "/",
+    /// Take every local path (files written, state, the data dir's Raft check,
+    /// the unit path) under DIR; with a root other than /, systemctl is never
+    /// called.
+    ///
+    /// For image baking and tests.
+    #[arg(hide_short_help = true, help_heading = "Consul paths", long, env = "AUTO_CONSUL_ROOT", value_name = "DIR", default_value = "/",
           global = true, value_parser = parse_abs_path)]
     pub root: PathBuf,
 
     /// Write files but call no systemctl.
-    #[arg(long, global = true)]
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Consul paths",
+        long,
+        global = true
+    )]
     pub no_start: bool,
 
     /// Print one JSON object instead of text.
-    #[arg(long, global = true)]
+    #[arg(help_heading = "Output and logging", long, global = true)]
     pub json: bool,
 
-    /// Where the cluster makes and keeps its secrets at genesis (gossip
-    /// key, CA, ACL tokens): `ssm:///PATH` (SSM Parameter Store,
-    /// SecureString, under PATH/<cluster id>/), `file:///DIR` (files 0600),
-    /// or `none`. Files named by --encrypt-file, --ca-file, ... still win
-    /// [default: none].
-    #[arg(long, env = "AUTO_CONSUL_SECRETS", value_name = "URL", global = true,
+    /// Where the cluster makes and keeps its secrets at genesis (gossip key,
+    /// CA, ACL tokens): `ssm:///PATH` (SSM Parameter Store, SecureString, under
+    /// PATH/<cluster id>/), `file:///DIR` (files 0600), or `none`.
+    ///
+    /// Files named by --encrypt-file, --ca-file, ... still win [default: none].
+    #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_SECRETS", value_name = "URL", global = true,
           value_parser = parse_secrets)]
     pub secrets: Option<crate::secrets::SecretsUrl>,
 
     /// File holding the gossip encryption key (Consul's `encrypt`).
-    #[arg(long, env = "AUTO_CONSUL_ENCRYPT_FILE", value_name = "FILE", global = true,
+    #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_ENCRYPT_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path)]
     pub encrypt_file: Option<PathBuf>,
 
     /// File holding the ACL token the agent uses (Consul's `acl.tokens.agent`).
-    #[arg(long, env = "AUTO_CONSUL_ACL_TOKEN_FILE", value_name = "FILE", global = true,
+    #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_ACL_TOKEN_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path)]
     pub acl_token_file: Option<PathBuf>,
 
     /// CA certificate file for Consul's TLS (written as a path, not read).
-    #[arg(long, env = "AUTO_CONSUL_CA_FILE", value_name = "FILE", global = true,
+    #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_CA_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path)]
     pub ca_file: Option<PathBuf>,
 
     /// Certificate file for Consul's TLS (written as a path, not read).
-    #[arg(long, env = "AUTO_CONSUL_CERT_FILE", value_name = "FILE", global = true,
+    #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_CERT_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path, requires_all = ["key_file", "ca_file"])]
     pub cert_file: Option<PathBuf>,
 
     /// Private key file for Consul's TLS (written as a path, not read).
-    #[arg(long, env = "AUTO_CONSUL_KEY_FILE", value_name = "FILE", global = true,
+    #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_KEY_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path, requires = "cert_file")]
     pub key_file: Option<PathBuf>,
 
-    /// Write metrics for Prometheus' node_exporter textfile collector to
-    /// FILE (atomically) when `run` or `heartbeat` ends: last success per
-    /// command, mode, slot, live servers, registry requests and errors by
-    /// kind, keys purged. The units may write the file's directory.
-    #[arg(long, env = "AUTO_CONSUL_METRICS_FILE", value_name = "FILE", global = true,
+    /// Write metrics for Prometheus' node_exporter textfile collector to FILE
+    /// (atomically) when `run` or `heartbeat` ends: last success per command,
+    /// mode, slot, live servers, registry requests and errors by kind, keys
+    /// purged.
+    ///
+    /// The units may write the file's directory.
+    #[arg(hide_short_help = true, help_heading = "Output and logging", long, env = "AUTO_CONSUL_METRICS_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path)]
     pub metrics_file: Option<PathBuf>,
 
     /// A cloud auto-join entry added after the registry's addresses in an
     /// agent's `retry_join` (servers never get it): agents find the cluster
-    /// even when the registry is out of reach. Consul joins every instance
-    /// it finds, so the tag must name this cluster only, e.g. `provider=aws tag_key=auto-consul:cluster
-    /// tag_value=prod`. Consul resolves it with ec2:DescribeInstances.
-    #[arg(long, env = "AUTO_CONSUL_CLOUD_JOIN", value_name = "SPEC", global = true,
+    /// even when the registry is out of reach.
+    ///
+    /// Consul joins every instance it finds, so the tag must name this cluster
+    /// only, e.g. `provider=aws tag_key=auto-consul:cluster tag_value=prod`.
+    /// Consul resolves it with ec2:DescribeInstances.
+    #[arg(hide_short_help = true, help_heading = "Consul paths", long, env = "AUTO_CONSUL_CLOUD_JOIN", value_name = "SPEC", global = true,
           value_parser = parse_cloud_join)]
     pub cloud_join: Option<String>,
 
-    /// Also sandbox a packaged consul.service (HashiCorp's package, or any
-    /// unit auto-consul did not write) as auto-consul's own is: no
-    /// capabilities, a read-only system but the data dir. Opt-in: script
-    /// checks, log files or DNS on port 53 need more. The consul.service
-    /// auto-consul writes (Consul from a zip) is always sandboxed.
-    #[arg(long, env = "AUTO_CONSUL_SANDBOX_CONSUL", global = true)]
+    /// Also sandbox a packaged consul.service (HashiCorp's package, or any unit
+    /// auto-consul did not write) as auto-consul's own is: no capabilities, a
+    /// read-only system but the data dir.
+    ///
+    /// Opt-in: script checks, log files or DNS on port 53 need more. The
+    /// consul.service auto-consul writes (Consul from a zip) is always
+    /// sandboxed.
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Consul paths",
+        long,
+        env = "AUTO_CONSUL_SANDBOX_CONSUL",
+        global = true
+    )]
     pub sandbox_consul: bool,
 
     /// Accept a registry that ignores conditional writes, falling back to the
     /// original tool's racy decision (two nodes booting at once may both
-    /// bootstrap). Never use this with S3 itself.
-    #[arg(long, env = "AUTO_CONSUL_ALLOW_RACY", global = true)]
+    /// bootstrap).
+    ///
+    /// Never use this with S3 itself.
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Registry and cluster",
+        long,
+        env = "AUTO_CONSUL_ALLOW_RACY",
+        global = true
+    )]
     pub allow_racy: bool,
 
     /// The autoscaling group whose launch lifecycle hook this instance
     /// completes once in service [default: the instance's metadata tag
     /// aws:autoscaling:groupName, when tags are in IMDS; none: no hook].
     #[arg(
+        hide_short_help = true,
+        help_heading = "Roles and waits",
         long,
         env = "AUTO_CONSUL_AUTOSCALING_GROUP",
         value_name = "NAME",
@@ -237,6 +276,8 @@ pub struct GlobalOpts {
     /// The launch lifecycle hook's name [default: auto-consul-launch, the
     /// Terraform module's].
     #[arg(
+        hide_short_help = true,
+        help_heading = "Roles and waits",
         long,
         env = "AUTO_CONSUL_LIFECYCLE_HOOK",
         value_name = "NAME",
@@ -247,12 +288,12 @@ pub struct GlobalOpts {
     /// How long `gate` waits for the node to be in service (an agent: a
     /// leader known; a server: a healthy voter by autopilot) before it
     /// abandons the launch.
-    #[arg(long, env = "AUTO_CONSUL_GATE_WAIT", value_name = "SECONDS", default_value_t = 900,
+    #[arg(hide_short_help = true, help_heading = "Roles and waits", long, env = "AUTO_CONSUL_GATE_WAIT", value_name = "SECONDS", default_value_t = 900,
           global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
     pub gate_wait: u64,
 
     /// Overall wait, in seconds, for the instance metadata service at boot.
-    #[arg(long, env = "AUTO_CONSUL_IMDS_TIMEOUT", value_name = "SECONDS",
+    #[arg(hide_short_help = true, help_heading = "Identity", long, env = "AUTO_CONSUL_IMDS_TIMEOUT", value_name = "SECONDS",
           default_value_t = 30, global = true,
           allow_negative_numbers = true,
           value_parser = seconds_in(1, 600))]
@@ -260,13 +301,13 @@ pub struct GlobalOpts {
 
     /// Log format on stderr: `text` (for people) or `json` (one JSON object
     /// a line, for journald shipped to CloudWatch or Loki).
-    #[arg(long, env = "AUTO_CONSUL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text,
+    #[arg(hide_short_help = true, help_heading = "Output and logging", long, env = "AUTO_CONSUL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text,
           global = true)]
     pub log_format: LogFormat,
 
     /// More logging: -v for auto-consul's debug messages, -vv for every
     /// library's too; RUST_LOG overrides.
-    #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
+    #[arg(help_heading = "Output and logging", short = 'v', long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 }
 
@@ -279,16 +320,18 @@ pub enum Command {
     Plan,
     /// List the live servers and agents in the registry.
     Members,
-    /// Whether this node is healthy: its mode and slot, the cluster record,
-    /// the local Consul agent, its last heartbeat, the heartbeat timer.
+    /// Whether this node is healthy: its mode and slot, the cluster record, the
+    /// local Consul agent, its last heartbeat, the heartbeat timer.
+    ///
     /// Exit 0 when healthy, 1 when degraded (each reason named): fit for a
     /// monitoring check.
     Status,
-    /// Ask the local Consul agent how it runs and publish a heartbeat; a
-    /// server also renews its slot, and the live holder of the lowest slot
-    /// purges expired heartbeats for the fleet, once per expiry. Run by
-    /// auto-consul-heartbeat.timer every EXPIRY/3 seconds (AGENT_EXPIRY/3
-    /// on agents).
+    /// Ask the local Consul agent how it runs and publish a heartbeat; a server
+    /// also renews its slot, and the live holder of the lowest slot purges
+    /// expired heartbeats for the fleet, once per expiry.
+    ///
+    /// Run by auto-consul-heartbeat.timer every EXPIRY/3 seconds
+    /// (AGENT_EXPIRY/3 on agents).
     Heartbeat,
     /// Delete expired heartbeats (in batches of 1000) and report expired
     /// server slots (a slot is taken over, never deleted).
@@ -296,19 +339,21 @@ pub enum Command {
     /// Remove this node from the registry: delete its heartbeats and release
     /// its server slot, so a replacement can take it at once.
     Leave {
-        /// Only when the instance is being terminated (the autoscaling
-        /// target lifecycle state `Terminated`, or a spot interruption
-        /// notice, from IMDS), and make Consul leave gracefully first; a
-        /// reboot keeps everything. The stop action of
-        /// auto-consul-leave.service.
+        /// Only when the instance is being terminated (the autoscaling target
+        /// lifecycle state `Terminated`, or a spot interruption notice, from
+        /// IMDS), and make Consul leave gracefully first; a reboot keeps
+        /// everything.
+        ///
+        /// The stop action of auto-consul-leave.service.
         #[arg(long)]
         if_terminating: bool,
     },
-    /// Write the boot unit auto-consul.service (runs `run` at every boot
-    /// with the env file, retried until it succeeds) and merge the options
-    /// given into the env file, and enable the unit. For image baking it
-    /// starts nothing; user data on a stock image adds `--now`. Re-running
-    /// is harmless.
+    /// Write the boot unit auto-consul.service (runs `run` at every boot with
+    /// the env file, retried until it succeeds) and merge the options given
+    /// into the env file, and enable the unit.
+    ///
+    /// For image baking it starts nothing; user data on a stock image adds
+    /// `--now`. Re-running is harmless.
     Install {
         /// Also start the boot unit now, without waiting for it (user data:
         /// a first boot that fails is then retried by systemd).
@@ -316,10 +361,11 @@ pub enum Command {
         now: bool,
     },
     /// The launch gate, run by auto-consul-gate.service in an autoscaling
-    /// group: wait until this node is in service (an agent: its Consul
-    /// knows a leader; a server: autopilot reports it a healthy voter),
-    /// then complete the launch hook with CONTINUE; ABANDON after
-    /// --gate-wait. Outside a group it does nothing.
+    /// group: wait until this node is in service (an agent: its Consul knows a
+    /// leader; a server: autopilot reports it a healthy voter), then complete
+    /// the launch hook with CONTINUE; ABANDON after --gate-wait.
+    ///
+    /// Outside a group it does nothing.
     Gate,
     /// Print shell completions for SHELL (bash, zsh, fish, elvish,
     /// powershell) to stdout.
@@ -578,6 +624,40 @@ mod tests {
             let err = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn help_is_grouped_and_the_short_help_is_short() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let short = cmd.render_help().to_string();
+        let long = cmd.render_long_help().to_string();
+        for heading in [
+            "Identity:",
+            "Registry and cluster:",
+            "Roles and waits:",
+            "Consul paths:",
+            "TLS and secrets:",
+            "Output and logging:",
+        ] {
+            assert!(long.contains(heading), "--help lacks {heading}");
+            assert!(short.contains(heading), "-h lacks {heading}");
+        }
+        // -h: the options a first run needs; --help: every one.
+        assert!(short.contains("--registry") && !short.contains("--allow-racy"));
+        assert!(long.contains("--allow-racy") && long.contains("--gate-wait"));
+        let (s, l) = (short.lines().count(), long.lines().count());
+        assert!(s * 2 < l, "-h is {s} lines, --help {l}");
+        let mut run = Cli::command();
+        run.build();
+        let run = run.find_subcommand_mut("run").unwrap();
+        let run_short = run.render_help().to_string();
+        assert!(run_short.contains("--registry"), "{run_short}");
+        assert!(
+            run_short.lines().count() < 70,
+            "run -h is {} lines",
+            run_short.lines().count()
+        );
     }
 
     #[test]
