@@ -372,33 +372,6 @@ pub async fn status(token_file: Option<&std::path::Path>) -> Result<AgentStatus>
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses_parse_like_the_consul_cli() {
-        assert_eq!(
-            parse_addr("127.0.0.1:8500", false).unwrap().base,
-            "http://127.0.0.1:8500"
-        );
-        assert_eq!(
-            parse_addr("127.0.0.1:8501", true).unwrap().base,
-            "https://127.0.0.1:8501"
-        );
-        assert_eq!(
-            parse_addr("https://consul.local:8501/", false)
-                .unwrap()
-                .base,
-            "https://consul.local:8501"
-        );
-        let unix = parse_addr("unix:///run/consul/http.sock", false).unwrap();
-        assert_eq!(unix.socket.as_deref(), Some("/run/consul/http.sock"));
-        assert!(parse_addr("ftp://x", false).is_err());
-        assert!(parse_addr("unix://", false).is_err());
-    }
-}
-
 /// The policy agents' token carries: register any node, read services
 /// (what a Consul client agent needs to join and anti-entropy its node).
 pub const AGENT_POLICY: &str = "auto-consul-agent";
@@ -542,4 +515,31 @@ pub async fn autopilot_self(
             s["Voter"].as_bool().unwrap_or(false),
         )
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_like_the_consul_cli() {
+        assert_eq!(
+            parse_addr("127.0.0.1:8500", false).unwrap().base,
+            "http://127.0.0.1:8500"
+        );
+        assert_eq!(
+            parse_addr("127.0.0.1:8501", true).unwrap().base,
+            "https://127.0.0.1:8501"
+        );
+        assert_eq!(
+            parse_addr("https://consul.local:8501/", false)
+                .unwrap()
+                .base,
+            "https://consul.local:8501"
+        );
+        let unix = parse_addr("unix:///run/consul/http.sock", false).unwrap();
+        assert_eq!(unix.socket.as_deref(), Some("/run/consul/http.sock"));
+        assert!(parse_addr("ftp://x", false).is_err());
+        assert!(parse_addr("unix://", false).is_err());
+    }
 }

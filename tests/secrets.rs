@@ -173,7 +173,7 @@ fn racing_nodes_share_one_set_of_secrets_and_agents_read_only_theirs() {
         values.insert(rel, value);
     }
     let management = values["server/management-token"].trim().to_string();
-    for i in 0..24 {
+    for (i, node_mode) in modes.iter().enumerate() {
         let c = config(&root(i));
         assert_eq!(c["encrypt"], values["agent/gossip-key"].trim(), "node {i}");
         assert_eq!(c["acl"]["default_policy"], "deny", "node {i}");
@@ -186,7 +186,7 @@ fn racing_nodes_share_one_set_of_secrets_and_agents_read_only_theirs() {
             std::fs::read_to_string(tls.join("ca.pem")).unwrap(),
             values["agent/ca-cert"]
         );
-        if modes[i] == "agent" {
+        if *node_mode == "agent" {
             // An agent holds neither the CA key nor the management token.
             assert!(
                 files_holding(&root(i), "PRIVATE KEY").is_empty(),

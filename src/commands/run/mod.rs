@@ -44,137 +44,51 @@ const DEFAULT_WAIT_CAP: u64 = 400;
 /// Agents whose bodies are read: twice the join bound, room for those EC2
 /// reports gone.
 pub(super) const VIEW_AGENTS: usize = 2 * MAX_JOIN;
-/// `run` (or `plan` with `dry_run`).
+/// `run` (or `plan` with `dry_run`): DESIGN.md's steps, one call each.
 pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
-    // What can fail on local input fails before anything is asked or
-    // claimed; the rest (files that need the identity) before any claim.
-    let consul = find_consul(&root)?;
-    let auto_consul = own_binary(&root)?;
-    let secrets = Secrets::read(opts)?;
-    if opts.ca_file.is_some() && opts.cert_file.is_none() && opts.role != RoleWanted::Agent {
-        return Err(usage(
-            "--ca-file without --cert-file: a server needs its own certificate (--cert-file and \
-             --key-file); only a node run with --role agent does without one (it gets one from \
-             the servers through auto_encrypt)",
-        ));
-    }
-
-    if let Some(c) = precedence::bootstrapping(
-        &root.path(&opts.config_dir),
-        &opts.config_dir,
-        CONFIG_FILE,
-        &[LEGACY_CONFIG_FILE],
-    )
-    .first()
-    {
-        return Err(usage(format!(
-            "{c}: auto-consul alone decides which node bootstraps"
-        )));
-    }
-    // On the running system the user is made before anything is claimed
-    // or rendered (the drop-in hands it the data dir); under another root
-    // its absence is only a warning, given with the files.
-    let manages_consul = manages_consul_unit(&root);
-    if !dry_run && root.is_system() && manages_consul {
-        ensure_consul_user(&root)?;
-    }
-
-    // The identity (IMDS), the check of conditional writes and the first
-    // read of the registry are independent: they run at once. No claim is
-    // made before the check has passed.
-    let seed = seed_settings(opts);
-    let identity = identity::of(opts);
-    let registry = async {
-        let opened = open_store(&url).await?;
-        let store = opened.store.as_ref();
-        let probe = async {
-            // An agent never makes a conditional write (DESIGN.md: agents
-            // write only agents/ keys), so it has nothing to probe.
-            if dry_run || opts.role == RoleWanted::Agent {
-                Ok(false)
-            } else {
-                check_conditional_writes(store, opts.allow_racy).await
-            }
-        };
-        let (racy, view) =
-            tokio::try_join!(probe, read_view(store, seed, Agents::Recent(VIEW_AGENTS)))?;
-        Ok::<_, anyhow::Error>((opened, racy, view))
-    };
-    let (me, (opened, racy, first_view)) = tokio::try_join!(identity, registry)?;
-    let store = opened.store;
+    // 1. What can fail on local input fails before anything is asked.
+    let local = local_checks(opts, &root, dry_run)?;
+    // 2. Identity (IMDS), the conditional-write probe and the first read
+    //    of the registry, at once; no claim before the probe has passed.
+    let (me, opened, racy, first_view) = first_look(opts, &url, dry_run).await?;
     warn_on_mismatch(opts, &first_view);
-    let units = UnitStrings::new(opts, &auto_consul, Some(&url))?;
-    let consul = render::unit_path(&consul).context("the consul binary's path")?;
-    let mut fixed_files = fixed_files(
+    // 3. The files the decision does not change, checked writable before
+    //    any claim.
+    let units = UnitStrings::new(opts, &local.auto_consul, Some(&url))?;
+    let consul = render::unit_path(&local.consul).context("the consul binary's path")?;
+    let mut fixed = fixed_files(
         opts,
         &root,
-        manages_consul,
+        local.manages_consul,
         &units,
         &consul,
         &url.to_string(),
     )?;
-    install::check_writable(&root, &fixed_files)?;
+    install::check_writable(&root, &fixed)?;
+    // 4. The election: sticky state, claims, the one bootstrap gate.
     let raft = has_raft_state(&root, &opts.data_dir);
-    // Only server modes are sticky: an agent decides again at each boot,
-    // and a node now given `--role agent` becomes one.
-    let previous = state::load_for(&root, &url.to_string(), &me)
-        .filter(|s| s.mode.is_server())
-        .filter(|s| {
-            let keep = opts.role != RoleWanted::Agent;
-            if !keep {
-                tracing::warn!(
-                    "this node ran as {} but is now given --role agent: it runs as an agent; \
-                     its slot expires, and a server replaces it",
-                    s.mode.as_str()
-                );
-            }
-            keep
-        });
-
+    let previous = sticky_state(opts, &root, &url.to_string(), &me);
     let secrets_store = match &opts.secrets {
         Some(url) if !dry_run => crate::secrets::open(url).await?,
         _ => None,
     };
     let elector = Elector {
         secrets: secrets_store.as_deref(),
-        store: store.as_ref(),
+        store: opened.store.as_ref(),
         me: &me,
         registry: url.to_string(),
-        seed,
+        seed: seed_settings(opts),
         dry_run,
         racy,
         aws: opened.aws.as_ref(),
         replace: opts.replace_cluster.clone(),
-        // Defaults that fit together, with IMDS, inside the boot unit's
-        // TimeoutStartSec (15 min).
-        witness_wait: Duration::from_secs(
-            opts.witness_wait
-                .unwrap_or(first_view.settings.expiry.min(DEFAULT_WAIT_CAP)),
-        ),
+        witness_wait: witness_wait(opts, &first_view),
         role: opts.role,
-        role_wait: Duration::from_secs(opts.role_wait.unwrap_or_else(|| {
-            let e = first_view.settings.expiry;
-            (e + e / 3 + 10).min(DEFAULT_WAIT_CAP)
-        })),
+        role_wait: role_wait(opts, &first_view),
     };
-    let elected = match elector.elect(previous.as_ref(), raft, first_view).await {
-        Ok(elected) => elected,
-        Err(e) => {
-            if !dry_run && e.downcast_ref::<elect::Definitive>().is_some() {
-                crate::lifecycle::abandon(
-                    opts,
-                    me.instance_id.as_deref(),
-                    "this boot cannot succeed",
-                )
-                .await;
-            }
-            return Err(e);
-        }
-    };
-    // In an autoscaling group, the launch gate's unit puts the instance in
-    // service once Consul is (an agent: a leader; a server: a voter).
+    let elected = elect_or_abandon(&elector, opts, previous.as_ref(), raft, first_view).await?;
     let hook = if dry_run {
         None
     } else {
@@ -187,37 +101,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             decision::live_servers(&elected.view, &me.node, settings.expiry).len(),
         );
     }
-    // The timer follows the expiry that rules (the cluster record's): a
-    // server's, or the longer one of agents.
-    let timer_expiry = if elected.mode.is_server() {
-        settings.expiry
-    } else {
-        settings.agent_expiry
-    };
-    // Settled by the election's one gate (`Elector::may_bootstrap`).
-    let bootstrap = elected.mode == Mode::Bootstrap;
-    let not_running = match &opened.aws {
-        Some(aws) => {
-            ec2::not_running(
-                aws,
-                &decision::join_candidates(&elected.view, &me.node, settings.expiry),
-            )
-            .await
-        }
-        None => Default::default(),
-    };
-    let retry_join = decision::join_list(
-        &elected.view,
-        elected.mode,
-        &me.node,
-        me.address,
-        settings.expiry,
-        &not_running,
-    );
-
-    // Consul joins every instance a cloud entry finds, not the first: only
-    // agents get it (a server's gossip pool and Raft peers come from the
-    // registry), and never a bootstrap server.
+    // 5. Whom to join, and the units the decision settles.
+    let retry_join = join_list(&opened, &elected, &me).await;
+    // Consul joins every instance a cloud entry finds: agents only.
     let cloud_join = opts
         .cloud_join
         .as_deref()
@@ -225,28 +111,14 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     // Consul's readiness notice is worth waiting for when it has someone
     // to join; a lone bootstrap server never sends it.
     let notify = !retry_join.is_empty() || cloud_join.is_some();
-    decided_units(
-        &mut fixed_files,
-        &units,
-        &consul,
-        &root,
-        timer_expiry,
-        notify,
-    );
-    // Secrets made at genesis (--secrets): read, or made by a server and
-    // read back. What an operator's files give wins, piece by piece.
-    let made = match (secrets_store.as_deref(), elected.cluster_id.as_deref()) {
-        (Some(store), Some(cluster)) => {
-            Some(crate::secrets::genesis(store, cluster, elected.mode.is_server()).await?)
-        }
-        (Some(_), None) => {
-            return Err(usage(
-                "--secrets needs a cluster id to keep secrets under, and this registry has no \
-                 cluster record (the original tool's): run `auto-consul cluster set` or drop --secrets",
-            ));
-        }
-        (None, _) => None,
+    let timer_expiry = if elected.mode.is_server() {
+        settings.expiry
+    } else {
+        settings.agent_expiry
     };
+    decided_units(&mut fixed, &units, &consul, &root, timer_expiry, notify);
+    // 6. The secrets made at genesis, and the TLS files from them.
+    let made = genesis_material(secrets_store.as_deref(), &elected).await?;
     let tls_files = match &made {
         Some(m) if opts.ca_file.is_none() => tls_material(
             &root,
@@ -258,79 +130,45 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         )?,
         _ => Vec::new(),
     };
-    let tls_path = |f: &str| crate::secrets::tls_path(&opts.config_dir, f);
-    let (ca_path, cert_path, key_path) = (
-        tls_path("ca.pem"),
-        tls_path("server.pem"),
-        tls_path("server-key.pem"),
-    );
-    let tls = if tls_files.is_empty() {
-        Tls {
-            ca_file: opts.ca_file.as_deref(),
-            cert_file: opts.cert_file.as_deref(),
-            key_file: opts.key_file.as_deref(),
-        }
-    } else {
-        Tls {
-            ca_file: Some(&ca_path),
-            cert_file: elected.mode.is_server().then_some(cert_path.as_path()),
-            key_file: elected.mode.is_server().then_some(key_path.as_path()),
-        }
-    };
+    // 7. Consul's configuration and every other file.
+    let tls_paths = TlsPaths::new(&opts.config_dir);
     let config = ConsulSettings {
         node: &me.node,
         address: me.address,
         data_dir: &opts.data_dir,
         datacenter: &opts.datacenter,
         mode: elected.mode,
-        bootstrap,
+        // Settled by the election's one gate (`Elector::may_bootstrap`).
+        bootstrap: elected.mode == Mode::Bootstrap,
         servers: settings.servers,
         retry_join: &retry_join,
         cloud_join,
-        encrypt: secrets
+        encrypt: local
+            .secrets
             .encrypt
             .as_deref()
             .or(made.as_ref().map(|m| m.gossip_key.as_str())),
-        acl_token: secrets.acl_token.as_deref(),
+        acl_token: local.secrets.acl_token.as_deref(),
         acl: made.as_ref().map(|m| render::GenesisAcl {
             management: m.management_token.as_deref(),
             agent: &m.agent_token,
         }),
-        tls,
+        tls: tls_paths.tls(opts, elected.mode, !tls_files.is_empty()),
     };
     if !dry_run && raft && elected.mode.is_server() {
         clear_stale_server_metadata(&root, &opts.data_dir)?;
     }
-    if !dry_run && !root.is_system() && manages_consul {
+    if !dry_run && !root.is_system() && local.manages_consul {
         ensure_consul_user(&root)?;
     }
+    let (config_file, conflicts) = consul_config_file(opts, &root, &config, &local, made.is_some());
     let consul_user = root.user("consul");
-    let consul_config = render::consul_config(&config);
-    let conflicts = precedence::conflicts(
-        &root.path(&opts.config_dir),
-        &opts.config_dir,
-        CONFIG_FILE,
-        &[LEGACY_CONFIG_FILE],
-        &serde_json::from_str(&consul_config).expect("rendered JSON parses"),
-    );
-    for c in &conflicts {
-        tracing::warn!("{c}");
-    }
-    let mut files = vec![FileSpec {
-        path: opts.config_dir.join(CONFIG_FILE),
-        contents: consul_config,
-        mode: if secrets.any() || made.is_some() {
-            0o600
-        } else {
-            0o640
-        },
-        owner: consul_user,
-    }];
+    let mut files = vec![config_file];
     files.extend(tls_files.into_iter().map(|mut f| {
         f.owner = consul_user;
         f
     }));
-    files.extend(fixed_files);
+    files.extend(fixed);
     if hook.is_some() {
         files.push(FileSpec {
             path: GATE_UNIT.into(),
@@ -349,65 +187,371 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         slot: elected.slot,
         claim_id: elected.claim_id.clone(),
     }));
-
-    let mut written = Vec::new();
-    if !dry_run {
-        let _lock = install::lock(&root, "consul-config")?;
-        for f in &files {
-            if install::write_atomic(&root, f)? {
-                written.push(root.path(&f.path));
-            }
-        }
-        remove_legacy_config(&root, &opts.config_dir)?;
-        if !files
-            .iter()
-            .any(|f| f.path == std::path::Path::new(SANDBOX_DROPIN))
-        {
-            remove_sandbox_dropin(&root)?;
-        }
-    }
+    // 8. Write, start, say what was done.
+    let written = if dry_run {
+        Vec::new()
+    } else {
+        write_files(&root, &opts.config_dir, &files)?
+    };
     let start = !dry_run && !opts.no_start && root.is_system();
     if start {
-        install::systemctl(&["daemon-reload"])?;
-        let mut units = vec![
-            "enable",
-            "--now",
-            "--no-block",
-            "consul.service",
-            "auto-consul-heartbeat.timer",
-            "auto-consul-leave.service",
-        ];
-        if hook.is_some() {
-            units.push("auto-consul-gate.service");
+        start_units(hook.is_some())?;
+    }
+    let done = Done {
+        elected: &elected,
+        me: &me,
+        retry_join: &retry_join,
+        files: files.iter().map(|f| root.path(&f.path)).collect(),
+        written,
+        conflicts: &conflicts,
+        notify,
+        start,
+        dry_run,
+        hook: hook.as_ref(),
+    };
+    if opts.json {
+        println!("{}", done.json());
+    } else {
+        done.print();
+    }
+    Ok(())
+}
+
+/// What `run` checked of its local input.
+struct Local {
+    consul: PathBuf,
+    auto_consul: PathBuf,
+    secrets: Secrets,
+    manages_consul: bool,
+}
+
+/// Step 1: the consul and auto-consul binaries, the secret files, the TLS
+/// flags, other files of the config dir that would bootstrap, the consul
+/// user (made before anything is claimed on the running system).
+fn local_checks(opts: &GlobalOpts, root: &Root, dry_run: bool) -> Result<Local> {
+    let consul = find_consul(root)?;
+    let auto_consul = own_binary(root)?;
+    let secrets = Secrets::read(opts)?;
+    if opts.ca_file.is_some() && opts.cert_file.is_none() && opts.role != RoleWanted::Agent {
+        return Err(usage(
+            "--ca-file without --cert-file: a server needs its own certificate (--cert-file and \
+             --key-file); only a node run with --role agent does without one (it gets one from \
+             the servers through auto_encrypt)",
+        ));
+    }
+    if let Some(c) = precedence::bootstrapping(
+        &root.path(&opts.config_dir),
+        &opts.config_dir,
+        CONFIG_FILE,
+        &[LEGACY_CONFIG_FILE],
+    )
+    .first()
+    {
+        return Err(usage(format!(
+            "{c}: auto-consul alone decides which node bootstraps"
+        )));
+    }
+    // On the running system the user is made before anything is claimed
+    // or rendered (the drop-in hands it the data dir); under another root
+    // its absence is only a warning, given with the files.
+    let manages_consul = manages_consul_unit(root);
+    if !dry_run && root.is_system() && manages_consul {
+        ensure_consul_user(root)?;
+    }
+    Ok(Local {
+        consul,
+        auto_consul,
+        secrets,
+        manages_consul,
+    })
+}
+
+/// Step 2: identity, the probe of conditional writes (none for an agent,
+/// which never makes one, nor for `plan`) and the first read, at once.
+async fn first_look(
+    opts: &GlobalOpts,
+    url: &crate::registry::RegistryUrl,
+    dry_run: bool,
+) -> Result<(Identity, super::Opened, bool, crate::registry::RegistryView)> {
+    let registry = async {
+        let opened = open_store(url).await?;
+        let store = opened.store.as_ref();
+        let probe = async {
+            if dry_run || opts.role == RoleWanted::Agent {
+                Ok(false)
+            } else {
+                check_conditional_writes(store, opts.allow_racy).await
+            }
+        };
+        let (racy, view) = tokio::try_join!(
+            probe,
+            read_view(store, seed_settings(opts), Agents::Recent(VIEW_AGENTS))
+        )?;
+        Ok::<_, anyhow::Error>((opened, racy, view))
+    };
+    let (me, (opened, racy, view)) = tokio::try_join!(identity::of(opts), registry)?;
+    Ok((me, opened, racy, view))
+}
+
+/// The state file's mode, when it is sticky: only server modes are; an
+/// agent decides again at each boot, and a node now given `--role agent`
+/// becomes one.
+fn sticky_state(opts: &GlobalOpts, root: &Root, registry: &str, me: &Identity) -> Option<State> {
+    state::load_for(root, registry, me)
+        .filter(|s| s.mode.is_server())
+        .filter(|s| {
+            let keep = opts.role != RoleWanted::Agent;
+            if !keep {
+                tracing::warn!(
+                    "this node ran as {} but is now given --role agent: it runs as an agent; \
+                     its slot expires, and a server replaces it",
+                    s.mode.as_str()
+                );
+            }
+            keep
+        })
+}
+
+/// `--witness-wait`, or a default that fits, with IMDS, inside the boot
+/// unit's start timeout (15 min).
+fn witness_wait(opts: &GlobalOpts, view: &crate::registry::RegistryView) -> Duration {
+    Duration::from_secs(
+        opts.witness_wait
+            .unwrap_or(view.settings.expiry.min(DEFAULT_WAIT_CAP)),
+    )
+}
+
+/// `--role-wait`, or one expiry and one heartbeat interval, capped alike.
+fn role_wait(opts: &GlobalOpts, view: &crate::registry::RegistryView) -> Duration {
+    Duration::from_secs(opts.role_wait.unwrap_or_else(|| {
+        let e = view.settings.expiry;
+        (e + e / 3 + 10).min(DEFAULT_WAIT_CAP)
+    }))
+}
+
+/// Step 4: the election; a boot that cannot succeed abandons its launch
+/// in an autoscaling group (the group replaces the instance at once).
+async fn elect_or_abandon(
+    elector: &Elector<'_>,
+    opts: &GlobalOpts,
+    previous: Option<&State>,
+    raft: bool,
+    view: crate::registry::RegistryView,
+) -> Result<Elected> {
+    match elector.elect(previous, raft, view).await {
+        Ok(elected) => Ok(elected),
+        Err(e) => {
+            if !elector.dry_run && e.downcast_ref::<elect::Definitive>().is_some() {
+                crate::lifecycle::abandon(
+                    opts,
+                    elector.me.instance_id.as_deref(),
+                    "this boot cannot succeed",
+                )
+                .await;
+            }
+            Err(e)
         }
-        install::systemctl(&units)?;
+    }
+}
+
+/// Step 5: `retry_join`, members EC2 reports not running left out.
+async fn join_list(
+    opened: &super::Opened,
+    elected: &Elected,
+    me: &Identity,
+) -> Vec<std::net::IpAddr> {
+    let expiry = elected.view.settings.expiry;
+    let not_running = match &opened.aws {
+        Some(aws) => {
+            ec2::not_running(
+                aws,
+                &decision::join_candidates(&elected.view, &me.node, expiry),
+            )
+            .await
+        }
+        None => Default::default(),
+    };
+    decision::join_list(
+        &elected.view,
+        elected.mode,
+        &me.node,
+        me.address,
+        expiry,
+        &not_running,
+    )
+}
+
+/// Step 6: the secrets made at genesis (--secrets): read, or made by a
+/// server and read back.
+async fn genesis_material(
+    store: Option<&dyn crate::secrets::SecretStore>,
+    elected: &Elected,
+) -> Result<Option<crate::secrets::Material>> {
+    match (store, elected.cluster_id.as_deref()) {
+        (Some(store), Some(cluster)) => Ok(Some(
+            crate::secrets::genesis(store, cluster, elected.mode.is_server()).await?,
+        )),
+        (Some(_), None) => Err(usage(
+            "--secrets needs a cluster id to keep secrets under, and this registry has no \
+             cluster record (the original tool's): run `auto-consul cluster set` or drop --secrets",
+        )),
+        (None, _) => Ok(None),
+    }
+}
+
+/// Where a node whose secrets were made at genesis keeps its TLS files.
+struct TlsPaths {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsPaths {
+    fn new(config_dir: &std::path::Path) -> TlsPaths {
+        let p = |f: &str| crate::secrets::tls_path(config_dir, f);
+        TlsPaths {
+            ca: p("ca.pem"),
+            cert: p("server.pem"),
+            key: p("server-key.pem"),
+        }
     }
 
-    let paths: Vec<PathBuf> = files.iter().map(|f| root.path(&f.path)).collect();
-    if opts.json {
-        let out = json!({
+    /// The operator's TLS files, or (`made`) these, a certificate for
+    /// servers only.
+    fn tls<'a>(&'a self, opts: &'a GlobalOpts, mode: Mode, made: bool) -> Tls<'a> {
+        if !made {
+            return Tls {
+                ca_file: opts.ca_file.as_deref(),
+                cert_file: opts.cert_file.as_deref(),
+                key_file: opts.key_file.as_deref(),
+            };
+        }
+        Tls {
+            ca_file: Some(&self.ca),
+            cert_file: mode.is_server().then_some(self.cert.as_path()),
+            key_file: mode.is_server().then_some(self.key.as_path()),
+        }
+    }
+}
+
+/// Step 7: Consul's config file (0600 when it holds a secret), and the
+/// other files of the config dir that set what it decides, warned about.
+fn consul_config_file(
+    opts: &GlobalOpts,
+    root: &Root,
+    config: &ConsulSettings<'_>,
+    local: &Local,
+    made: bool,
+) -> (FileSpec, Vec<precedence::Conflict>) {
+    let contents = render::consul_config(config);
+    let conflicts = precedence::conflicts(
+        &root.path(&opts.config_dir),
+        &opts.config_dir,
+        CONFIG_FILE,
+        &[LEGACY_CONFIG_FILE],
+        &serde_json::from_str(&contents).expect("rendered JSON parses"),
+    );
+    for c in &conflicts {
+        tracing::warn!("{c}");
+    }
+    let file = FileSpec {
+        path: opts.config_dir.join(CONFIG_FILE),
+        contents,
+        mode: if local.secrets.any() || made {
+            0o600
+        } else {
+            0o640
+        },
+        owner: root.user("consul"),
+    };
+    (file, conflicts)
+}
+
+/// Step 8: every file, atomically, under the lock the heartbeat's
+/// rewrites take; the old config file and a sandbox drop-in no longer
+/// wanted removed. Returns the paths actually rewritten.
+fn write_files(
+    root: &Root,
+    config_dir: &std::path::Path,
+    files: &[FileSpec],
+) -> Result<Vec<PathBuf>> {
+    let _lock = install::lock(root, "consul-config")?;
+    let mut written = Vec::new();
+    for f in files {
+        if install::write_atomic(root, f)? {
+            written.push(root.path(&f.path));
+        }
+    }
+    remove_legacy_config(root, config_dir)?;
+    if !files
+        .iter()
+        .any(|f| f.path == std::path::Path::new(SANDBOX_DROPIN))
+    {
+        remove_sandbox_dropin(root)?;
+    }
+    Ok(written)
+}
+
+/// Step 8: Consul, the heartbeat timer, the leave unit (and the launch
+/// gate in an autoscaling group), enabled and started without waiting.
+fn start_units(gate: bool) -> Result<()> {
+    install::systemctl(&["daemon-reload"])?;
+    let mut units = vec![
+        "enable",
+        "--now",
+        "--no-block",
+        "consul.service",
+        "auto-consul-heartbeat.timer",
+        "auto-consul-leave.service",
+    ];
+    if gate {
+        units.push("auto-consul-gate.service");
+    }
+    install::systemctl(&units)
+}
+
+/// What `run` did, as `--json` or text says it.
+struct Done<'a> {
+    elected: &'a Elected,
+    me: &'a Identity,
+    retry_join: &'a [std::net::IpAddr],
+    files: Vec<PathBuf>,
+    written: Vec<PathBuf>,
+    conflicts: &'a [precedence::Conflict],
+    notify: bool,
+    start: bool,
+    dry_run: bool,
+    hook: Option<&'a crate::lifecycle::Hook>,
+}
+
+impl Done<'_> {
+    fn json(&self) -> serde_json::Value {
+        let (elected, me) = (self.elected, self.me);
+        json!({
             "mode": elected.mode.as_str(),
             "node": me.node,
             "address": me.address.to_string(),
             "instance_id": me.instance_id,
             "cluster_id": elected.cluster_id,
             "slot": elected.slot,
-            "bootstrap": bootstrap,
-            "retry_join": retry_join.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "cluster": cluster_summary(&elected, &me),
-            "files": paths,
-            "config_conflicts": conflicts.iter().map(|c| json!({
+            "bootstrap": elected.mode == Mode::Bootstrap,
+            "retry_join": self.retry_join.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "cluster": cluster_summary(elected, me),
+            "files": self.files,
+            "config_conflicts": self.conflicts.iter().map(|c| json!({
                 "file": c.file, "key": c.key, "effect": c.effect,
             })).collect::<Vec<_>>(),
-            "consul_type": if notify { "notify" } else { "exec" },
-            "changed": written,
-            "started": start,
-            "dry_run": dry_run,
-            "lifecycle_hook": hook.as_ref().map(|h| json!({"group": h.group, "hook": h.hook})),
-        });
-        println!("{out}");
-    } else {
-        let verb = if dry_run { "would run" } else { "runs" };
+            "consul_type": if self.notify { "notify" } else { "exec" },
+            "changed": self.written,
+            "started": self.start,
+            "dry_run": self.dry_run,
+            "lifecycle_hook": self.hook.map(|h| json!({"group": h.group, "hook": h.hook})),
+        })
+    }
+
+    fn print(&self) {
+        let (elected, me) = (self.elected, self.me);
+        let verb = if self.dry_run { "would run" } else { "runs" };
         let slot = elected
             .slot
             .map(|s| format!(" in server slot {s}"))
@@ -418,9 +562,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             me.address,
             elected.mode.as_str()
         );
-        let join: Vec<String> = retry_join.iter().map(|a| a.to_string()).collect();
+        let join: Vec<String> = self.retry_join.iter().map(|a| a.to_string()).collect();
         println!("retry_join: [{}]", join.join(", "));
-        let summary = cluster_summary(&elected, &me);
+        let summary = cluster_summary(elected, me);
         match summary["cluster_id"].as_str() {
             Some(id) => println!(
                 "cluster {id} (bootstrapped by {}): {} servers, expiry {}s, agent expiry {}s",
@@ -431,23 +575,22 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             ),
             None => println!("{}", super::members::cluster_line(&elected.view)),
         }
-        for p in &paths {
-            let what = if dry_run {
+        for p in &self.files {
+            let what = if self.dry_run {
                 "would write"
-            } else if written.contains(p) {
+            } else if self.written.contains(p) {
                 "wrote"
             } else {
                 "unchanged"
             };
             println!("{what}: {}", p.display());
         }
-        if start {
+        if self.start {
             println!(
                 "started: consul.service, auto-consul-heartbeat.timer, auto-consul-leave.service"
             );
         }
     }
-    Ok(())
 }
 
 /// The `cluster` object of `run --json`: the registry's record as read,
