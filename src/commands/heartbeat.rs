@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use anyhow::Result;
 use chrono::Utc;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::purge::{Purged, purge_heartbeats};
 use super::run::{HEARTBEAT_TIMER, LEAVE_UNIT};
@@ -28,15 +28,8 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // into a registry that has no cluster; what is missing is said at once.
     let state_file = root.path(std::path::Path::new(state::STATE_PATH));
     let never_ran = !state_file.exists();
-    let not_run = |what: &str| {
-        crate::error::usage(format!(
-            "{what}, and there is no state file at {}: this node has not run `auto-consul run` \
-             (the boot unit auto-consul.service does, and starts the heartbeat timer); run it first",
-            state_file.display()
-        ))
-    };
-    // Spot's two-minute warning, or the autoscaling group's decision, is
-    // seen here first: the node leaves now rather than at shutdown.
+    // 1. Spot's two-minute warning, or the autoscaling group's decision,
+    //    is seen here first: the node leaves now rather than at shutdown.
     if let Some(reason) = termination::notice(std::time::Duration::from_secs(2)).await {
         tracing::warn!(
             "{reason}: leaving the Consul cluster and the registry instead of heartbeating"
@@ -44,19 +37,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         super::leave::consul_leaves(opts).await;
         return super::leave::registry_leave(opts).await;
     }
-    // One run must not lose a slot to a brief hiccup (a Consul restart, an
-    // S3 error): the agent and the registry are retried, within a deadline
-    // shorter than the timer's interval, so runs never overlap. The
-    // interval is the installed timer's (it follows the cluster record's
-    // expiry); the flag's expiry/3 only for a heartbeat run by hand.
-    let interval = timer_interval(&root).unwrap_or(opts.expiry() / 3);
-    let deadline = std::time::Instant::now()
-        + std::time::Duration::from_secs(interval.saturating_sub(5).clamp(1, 60));
-    // The agent first: a node whose agent is down publishes nothing.
+    // 2. The agent first: a node whose agent is down publishes nothing.
+    let deadline = retry_deadline(opts, &root);
     let status = if never_ran {
         agent::status(opts.acl_token_file.as_deref())
             .await
-            .map_err(|e| not_run(&format!("{e:#}")))?
+            .map_err(|e| not_run(&state_file, &format!("{e:#}")))?
     } else {
         retry::until(deadline, "asking the local Consul agent", || {
             agent::status(opts.acl_token_file.as_deref())
@@ -74,6 +60,8 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             me.node
         );
     }
+    // 3. Live servers found again: retry_join kept current, a leaderless
+    //    agent made to join.
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
     let rejoined = super::rejoin::rejoin(
@@ -86,58 +74,26 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
     )
     .await;
-
+    crate::metrics::live_servers(rejoined.servers.len());
+    // 4. The heartbeat keys. An agent's heartbeat is its one write,
+    //    whatever the registry holds: no read, no purge.
     let decided_server = saved.as_ref().is_some_and(|s| s.mode.is_server());
     let server = status.is_server(me.address, decided_server);
     let mode = if server { "server" } else { "agent" };
-    let body = serde_json::to_vec(&HeartbeatBody {
-        node: me.node.clone(),
-        address: me.address,
-        instance_id: me.instance_id.clone(),
-        mode: mode.into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })?;
-    let name = HeartbeatKey {
-        time: Utc::now(),
-        node: me.node.clone(),
-    }
-    .name();
-    let roles: &[Role] = if server {
-        &[Role::Servers, Role::Agents]
-    } else {
-        &[Role::Agents]
-    };
-    let keys: Vec<String> = roles.iter().map(|r| format!("{}{name}", r.dir())).collect();
-    // A heartbeat is a plain write: writing it again is harmless.
-    let write = |key: &String| {
-        let (key, body) = (key.clone(), body.clone());
-        retry::until(deadline, "writing a heartbeat", move || {
-            let (key, body) = (key.clone(), body.clone());
-            async move {
-                match store.put(&key, body, Condition::None).await? {
-                    PutOutcome::Written(_) => Ok(()),
-                    PutOutcome::Unknown(err) => Err(err),
-                    other => anyhow::bail!("writing heartbeat {key}: unexpected {other:?}"),
-                }
-            }
-        })
-    };
-    // An agent's heartbeat is its one write, whatever the registry holds:
-    // no read, no purge (one server purges for the fleet). Its older keys
-    // expire and that server deletes them.
-    crate::metrics::live_servers(rejoined.servers.len());
+    let keys = Beat::new(&me, server)?;
     if !server {
-        futures::future::try_join_all(keys.iter().map(write)).await?;
+        keys.write(store, deadline).await?;
         state::record_time(&root, state::HEARTBEAT_AT, store.now().await);
         crate::metrics::node(crate::model::Mode::Agent, None);
         keep_leave_unit_active(&root);
+        let idle = Purged::default();
         report(
             opts,
             &me,
             mode,
-            &keys,
-            serde_json::Value::Null,
-            &Purged::default(),
+            &keys.keys,
+            Value::Null,
+            &idle,
             &status,
             None,
             false,
@@ -145,16 +101,19 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         );
         return Ok(());
     }
-    // A server `run` never set up writes nothing into a registry that
-    // holds no cluster.
+    // 5. A server: its keys, with the cluster record (its settings rule)
+    //    read alongside; nothing into a registry with no cluster from a
+    //    node `run` never set up.
     if never_ran && read_cluster(store).await?.is_none() {
-        return Err(not_run(&format!(
-            "the local Consul agent says it is a server but the registry {url} holds no cluster record"
-        )));
+        return Err(not_run(
+            &state_file,
+            &format!(
+                "the local Consul agent says it is a server but the registry {url} holds no cluster record"
+            ),
+        ));
     }
-    // A server reads the cluster record (its settings rule) alongside.
     let (written, record) = tokio::join!(
-        futures::future::try_join_all(keys.iter().map(write)),
+        keys.write(store, deadline),
         retry::until(deadline, "reading the cluster record", || read_cluster(
             store
         ))
@@ -166,63 +125,10 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         Some((record, _)) => record.settings(seed_settings(opts)),
         None => seed_settings(opts),
     };
-
-    let mut slot_report = serde_json::Value::Null;
-    let held = saved.as_ref().and_then(|s| s.slot.zip(s.claim_id.clone()));
-    if let Some((index, _)) = held.as_ref().filter(|(i, _)| *i >= settings.servers) {
-        tracing::warn!(
-            "the state file names server slot {index}, beyond the cluster's {} servers: not renewing it",
-            settings.servers
-        );
-    }
-    // A slot claimed for a cluster the registry no longer holds is not
-    // this node's to renew or retake.
-    let other_cluster = match (
-        saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
-        record.as_ref().map(|(r, _)| r.cluster_id.as_str()),
-    ) {
-        (Some(mine), Some(now)) if mine != now => {
-            tracing::error!(
-                "this node serves cluster {mine}, but the registry now holds cluster {now}: not renewing its slot; \
-                 check `auto-consul cluster show` and this node's Consul data"
-            );
-            true
-        }
-        _ => false,
-    };
-    let mut my_slot = None;
-    if !other_cluster && let Some((index, claim)) = held.filter(|(i, _)| *i < settings.servers) {
-        let slot = read_slot(store, index).await?;
-        let claims = Claims {
-            store,
-            me: &me,
-            racy: false,
-            cluster_id: saved.as_ref().and_then(|s| s.cluster_id.clone()),
-        };
-        let renewal = claims.renew(&slot, &claim, settings.expiry).await?;
-        if renewal == Renewal::Released {
-            tracing::warn!(
-                "{} was released by this node (`leave`): not taking it again; `run` decides afresh at the next boot",
-                slot_key(index)
-            );
-        }
-        if let Renewal::HeldBy(holder) = &renewal {
-            tracing::error!(
-                "SERVER SLOT LOST: {} is held by {holder}; this node keeps running as a server, \
-                 so the cluster may have more servers than wanted: check `consul operator raft list-peers`",
-                slot_key(index)
-            );
-        }
-        if matches!(renewal, Renewal::Renewed | Renewal::Retaken) {
-            my_slot = Some(index);
-        }
-        slot_report = json!({
-            "index": index,
-            "status": match &renewal { Renewal::Renewed => "renewed", Renewal::Retaken => "retaken", Renewal::HeldBy(_) => "lost", Renewal::Released => "released" },
-            "holder": match &renewal { Renewal::HeldBy(h) => h.clone(), _ => me.node.clone() },
-        });
-    }
-
+    // 6. Its slot renewed; the agents' ACL token made once (secrets at
+    //    genesis); the timer following the record's expiry.
+    let (slot_report, my_slot) =
+        renew_slot(store, &me, saved.as_ref(), record.as_ref(), settings).await?;
     if let (Some(url), Some(cluster)) = (
         &opts.secrets,
         saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
@@ -230,38 +136,18 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     {
         agent_token_in_consul(&root, url, cluster).await;
     }
-
     let saved_mode = saved.as_ref().map(|s| s.mode).filter(|m| m.is_server());
     crate::metrics::node(saved_mode.unwrap_or(crate::model::Mode::Server), my_slot);
-    // The timer follows the record's expiry: after `cluster set --expiry`,
-    // each node's next heartbeat re-arms its own timer.
     let timer_changed = follow_expiry(&root, settings.expiry)?;
     keep_leave_unit_active(&root);
-
-    // One node purges for the fleet: the live holder of the lowest slot,
-    // or, when no slot is live, any server (two at once do no harm);
-    // once per expiry on the store's clock. The recorded time is checked
-    // first (no slot reads when a purge is not due); one more than an
-    // expiry in the future (another registry's clock, say) does not count.
-    // (A reading a second ahead is only the `Date` header's resolution.)
-    let now = store.now().await;
-    let expiry = chrono::Duration::seconds(settings.expiry as i64);
-    let due = state::recorded_time(&root, state::PURGED_AT)
-        .is_none_or(|t| t > now + expiry || t + expiry <= now);
-    let purged = if due && purger(store, my_slot, settings).await? {
-        let keep: HashSet<String> = keys.iter().cloned().collect();
-        let purged = purge_heartbeats(store, settings, Some((&me.node, &keep))).await?;
-        state::record_time(&root, state::PURGED_AT, now);
-        purged
-    } else {
-        Purged::default()
-    };
+    // 7. One server purges for the fleet, once per expiry.
+    let purged = purge_if_due(&root, store, my_slot, settings, &me, &keys.keys).await?;
     crate::metrics::purged(purged.deleted);
     report(
         opts,
         &me,
         mode,
-        &keys,
+        &keys.keys,
         slot_report,
         &purged,
         &status,
@@ -270,6 +156,166 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         &rejoined,
     );
     Ok(())
+}
+
+/// The error for a node `run` never set up.
+fn not_run(state_file: &std::path::Path, what: &str) -> anyhow::Error {
+    crate::error::usage(format!(
+        "{what}, and there is no state file at {}: this node has not run `auto-consul run` \
+         (the boot unit auto-consul.service does, and starts the heartbeat timer); run it first",
+        state_file.display()
+    ))
+}
+
+/// One run must not lose a slot to a brief hiccup (a Consul restart, an
+/// S3 error): the agent and the registry are retried, within a deadline
+/// shorter than the timer's interval, so runs never overlap. The interval
+/// is the installed timer's (it follows the cluster record's expiry); the
+/// flag's expiry/3 only for a heartbeat run by hand.
+fn retry_deadline(opts: &GlobalOpts, root: &Root) -> std::time::Instant {
+    let interval = timer_interval(root).unwrap_or(opts.expiry() / 3);
+    std::time::Instant::now()
+        + std::time::Duration::from_secs(interval.saturating_sub(5).clamp(1, 60))
+}
+
+/// This run's heartbeat: its keys (`agents/`, and `servers/` for a
+/// server) and their one body.
+struct Beat {
+    keys: Vec<String>,
+    body: Vec<u8>,
+}
+
+impl Beat {
+    fn new(me: &identity::Identity, server: bool) -> Result<Beat> {
+        let body = serde_json::to_vec(&HeartbeatBody {
+            node: me.node.clone(),
+            address: me.address,
+            instance_id: me.instance_id.clone(),
+            mode: if server { "server" } else { "agent" }.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        })?;
+        let name = HeartbeatKey {
+            time: Utc::now(),
+            node: me.node.clone(),
+        }
+        .name();
+        let roles: &[Role] = if server {
+            &[Role::Servers, Role::Agents]
+        } else {
+            &[Role::Agents]
+        };
+        let keys = roles.iter().map(|r| format!("{}{name}", r.dir())).collect();
+        Ok(Beat { keys, body })
+    }
+
+    /// Writes every key, each retried within `deadline`: a heartbeat is a
+    /// plain write, writing it again is harmless.
+    async fn write(&self, store: &dyn Store, deadline: std::time::Instant) -> Result<()> {
+        let write = |key: &String| {
+            let (key, body) = (key.clone(), self.body.clone());
+            retry::until(deadline, "writing a heartbeat", move || {
+                let (key, body) = (key.clone(), body.clone());
+                async move {
+                    match store.put(&key, body, Condition::None).await? {
+                        PutOutcome::Written(_) => Ok(()),
+                        PutOutcome::Unknown(err) => Err(err),
+                        other => anyhow::bail!("writing heartbeat {key}: unexpected {other:?}"),
+                    }
+                }
+            })
+        };
+        futures::future::try_join_all(self.keys.iter().map(write)).await?;
+        Ok(())
+    }
+}
+
+/// Renews the slot the state file names, unless it is beyond the
+/// cluster's count or was claimed for a cluster the registry no longer
+/// holds. Returns the `slot` object of the report and the slot held.
+async fn renew_slot(
+    store: &dyn Store,
+    me: &identity::Identity,
+    saved: Option<&state::State>,
+    record: Option<&(crate::model::ClusterRecord, String)>,
+    settings: Settings,
+) -> Result<(Value, Option<u32>)> {
+    let held = saved.and_then(|s| s.slot.zip(s.claim_id.clone()));
+    if let Some((index, _)) = held.as_ref().filter(|(i, _)| *i >= settings.servers) {
+        tracing::warn!(
+            "the state file names server slot {index}, beyond the cluster's {} servers: not renewing it",
+            settings.servers
+        );
+    }
+    // A slot claimed for a cluster the registry no longer holds is not
+    // this node's to renew or retake.
+    if let (Some(mine), Some(now)) = (
+        saved.and_then(|s| s.cluster_id.as_deref()),
+        record.map(|(r, _)| r.cluster_id.as_str()),
+    ) && mine != now
+    {
+        tracing::error!(
+            "this node serves cluster {mine}, but the registry now holds cluster {now}: not renewing its slot; \
+             check `auto-consul cluster show` and this node's Consul data"
+        );
+        return Ok((Value::Null, None));
+    }
+    let Some((index, claim)) = held.filter(|(i, _)| *i < settings.servers) else {
+        return Ok((Value::Null, None));
+    };
+    let slot = read_slot(store, index).await?;
+    let claims = Claims {
+        store,
+        me,
+        racy: false,
+        cluster_id: saved.and_then(|s| s.cluster_id.clone()),
+    };
+    let renewal = claims.renew(&slot, &claim, settings.expiry).await?;
+    match &renewal {
+        Renewal::Released => tracing::warn!(
+            "{} was released by this node (`leave`): not taking it again; `run` decides afresh at the next boot",
+            slot_key(index)
+        ),
+        Renewal::HeldBy(holder) => tracing::error!(
+            "SERVER SLOT LOST: {} is held by {holder}; this node keeps running as a server, \
+             so the cluster may have more servers than wanted: check `consul operator raft list-peers`",
+            slot_key(index)
+        ),
+        Renewal::Renewed | Renewal::Retaken => {}
+    }
+    let mine = matches!(renewal, Renewal::Renewed | Renewal::Retaken).then_some(index);
+    let report = json!({
+        "index": index,
+        "status": match &renewal { Renewal::Renewed => "renewed", Renewal::Retaken => "retaken", Renewal::HeldBy(_) => "lost", Renewal::Released => "released" },
+        "holder": match &renewal { Renewal::HeldBy(h) => h.clone(), _ => me.node.clone() },
+    });
+    Ok((report, mine))
+}
+
+/// One node purges for the fleet: the live holder of the lowest slot, or,
+/// when no slot is live, any server (two at once do no harm); once per
+/// expiry on the store's clock. The recorded time is checked first (no
+/// slot reads when a purge is not due); one more than an expiry in the
+/// future (another registry's clock, say) does not count. (A reading a
+/// second ahead is only the `Date` header's resolution.)
+async fn purge_if_due(
+    root: &Root,
+    store: &dyn Store,
+    my_slot: Option<u32>,
+    settings: Settings,
+    me: &identity::Identity,
+    keys: &[String],
+) -> Result<Purged> {
+    let now = store.now().await;
+    let expiry = chrono::Duration::seconds(settings.expiry as i64);
+    let due = state::recorded_time(root, state::PURGED_AT)
+        .is_none_or(|t| t > now + expiry || t + expiry <= now);
+    if !(due && purger(store, my_slot, settings).await?) {
+        return Ok(Purged::default());
+    }
+    let keep: HashSet<String> = keys.iter().cloned().collect();
+    let purged = purge_heartbeats(store, settings, Some((&me.node, &keep))).await?;
+    state::record_time(root, state::PURGED_AT, now);
+    Ok(purged)
 }
 
 /// Where a server records that the agents' token exists in Consul (the
