@@ -28,158 +28,214 @@ fn timer_state(root: &Root) -> Option<String> {
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
 }
 
-/// `status`.
+/// `status`: what the node left, the registry, the heartbeat's age, the
+/// local agent and the timer, each adding the reasons it is degraded.
 pub async fn status(opts: &GlobalOpts) -> Result<()> {
     let root = Root::new(&opts.root);
-    let mut degraded: Vec<String> = Vec::new();
-    let saved = state::load(&root);
-    if saved.is_none() {
-        degraded.push("this node has no state: `auto-consul run` never set it up".into());
-    }
-
-    // The registry: the record and this node's slot.
-    let mut cluster = Value::Null;
-    let mut slot = Value::Null;
-    let mut heartbeat_age = None;
-    let mut settings = seed_settings(opts);
-    match registry_url(opts) {
-        Err(e) => degraded.push(format!("{e:#}")),
-        Ok(url) => match open_store(&url).await {
-            Err(e) => degraded.push(format!("the registry {url} cannot be opened: {e:#}")),
-            Ok(opened) => {
-                let store = opened.store.as_ref();
-                match read_cluster(store).await {
-                    Err(e) => degraded.push(format!("the registry {url} cannot be read: {e:#}")),
-                    Ok(None) => degraded.push(format!("the registry {url} has no cluster record")),
-                    Ok(Some((record, _))) => {
-                        settings = record.settings(seed_settings(opts));
-                        if record.retired {
-                            degraded.push(format!("cluster {} is retired", record.cluster_id));
-                        }
-                        // A server's Raft data is its cluster's; an agent
-                        // follows the servers it finds (and decides again
-                        // at its next boot).
-                        if let Some(mine) = saved
-                            .as_ref()
-                            .filter(|s| s.mode.is_server())
-                            .and_then(|s| s.cluster_id.as_deref())
-                            && mine != record.cluster_id
-                        {
-                            degraded.push(format!(
-                                "this node joined cluster {mine}, the registry now holds {}",
-                                record.cluster_id
-                            ));
-                        }
-                        cluster = json!({
-                            "cluster_id": record.cluster_id,
-                            "bootstrap_node": record.bootstrap_node,
-                            "servers": settings.servers,
-                            "expiry": settings.expiry,
-                            "agent_expiry": settings.agent_expiry,
-                            "retired": record.retired,
-                        });
-                    }
-                }
-                if let Some((s, index)) = saved.as_ref().and_then(|s| s.slot.map(|i| (s, i))) {
-                    match read_slot(store, index).await {
-                        Err(e) => {
-                            degraded.push(format!("server slot {index} cannot be read: {e:#}"))
-                        }
-                        Ok(view) => {
-                            let holder = view.record.as_ref();
-                            let mine = holder
-                                .is_some_and(|h| h.held_by(&s.node, s.instance_id.as_deref()));
-                            if !mine {
-                                degraded.push(format!(
-                                    "server slot {index} is held by {}, not this node",
-                                    holder.map_or("nobody", |h| h.node.as_str())
-                                ));
-                            } else if view.age_seconds > settings.expiry {
-                                degraded.push(format!(
-                                    "server slot {index} was last renewed {}s ago, past the expiry ({}s)",
-                                    view.age_seconds, settings.expiry
-                                ));
-                            }
-                            slot = json!({
-                                "index": index,
-                                "holder": holder.map(|h| h.node.clone()),
-                                "held": mine,
-                                "age_seconds": view.age_seconds,
-                            });
-                        }
-                    }
-                }
-                let now = store.now().await;
-                heartbeat_age = state::recorded_time(&root, state::HEARTBEAT_AT)
-                    .map(|t| (now - t).num_seconds().max(0));
-            }
-        },
-    }
-    let server = saved.as_ref().is_some_and(|s| s.mode.is_server());
-    let expiry = if server {
-        settings.expiry
-    } else {
-        settings.agent_expiry
+    let mut h = Health {
+        saved: state::load(&root),
+        settings: seed_settings(opts),
+        reasons: Vec::new(),
+        cluster: Value::Null,
+        slot: Value::Null,
+        agent: Value::Null,
+        heartbeat_age: None,
+        timer: None,
     };
-    match heartbeat_age {
-        None => degraded.push("no heartbeat has been written from this node".into()),
-        Some(age) if age as u64 > expiry => degraded.push(format!(
-            "the last heartbeat was written {age}s ago, past the expiry ({expiry}s): is auto-consul-heartbeat.timer running?"
-        )),
-        Some(_) => {}
+    if h.saved.is_none() {
+        h.degraded("this node has no state: `auto-consul run` never set it up");
     }
-
-    // The local agent.
-    let agent = match agent::status(opts.acl_token_file.as_deref()).await {
-        Ok(a) => {
-            if a.leader.is_none() {
-                degraded.push("the local Consul agent knows no leader".into());
-            }
-            // The agent's own word (when the token allows) against the mode
-            // `run` decided: another config file can make a server a client.
-            if let (Some(s), Some(is_server)) = (saved.as_ref(), a.server)
-                && s.mode.is_server() != is_server
-            {
-                degraded.push(format!(
-                    "`run` decided {}, but the local Consul agent runs as {}: check the other files of the config dir (`auto-consul plan` names them)",
-                    s.mode.as_str(),
-                    if is_server { "a server" } else { "a client" }
-                ));
-            }
-            json!({ "answering": true, "leader": a.leader, "server_peers": a.peers.len() })
-        }
-        Err(e) => {
-            degraded.push(format!("{e:#}"));
-            json!({ "answering": false })
-        }
-    };
-    let timer = timer_state(&root);
-    if let Some(t) = timer.as_deref().filter(|t| *t != "active") {
-        degraded.push(format!("auto-consul-heartbeat.timer is {t}"));
+    h.registry(opts, &root).await;
+    h.heartbeat_age();
+    h.agent(opts).await;
+    h.timer = timer_state(&root);
+    if let Some(t) = h.timer.clone().filter(|t| *t != "active") {
+        h.degraded(format!("auto-consul-heartbeat.timer is {t}"));
     }
-
-    let healthy = degraded.is_empty();
     if opts.json {
-        println!(
-            "{}",
-            json!({
-                "healthy": healthy,
-                "reasons": degraded,
-                "node": saved.as_ref().map(|s| s.node.clone()),
-                "address": saved.as_ref().map(|s| s.address.to_string()),
-                "role": opts.role.as_str(),
-                "mode": saved.as_ref().map(|s| s.mode.as_str()),
-                "cluster_id": saved.as_ref().and_then(|s| s.cluster_id.clone()),
-                "claim_id": saved.as_ref().and_then(|s| s.claim_id.clone()),
-                "slot": slot,
-                "cluster": cluster,
-                "agent": agent,
-                "heartbeat_age_seconds": heartbeat_age,
-                "timer": timer,
-            })
-        );
+        println!("{}", h.json(opts));
     } else {
-        match &saved {
+        h.print(opts);
+    }
+    if h.reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::error::Degraded.into())
+    }
+}
+
+/// What `status` found, and why the node is degraded.
+struct Health {
+    saved: Option<state::State>,
+    settings: crate::model::Settings,
+    reasons: Vec<String>,
+    cluster: Value,
+    slot: Value,
+    agent: Value,
+    heartbeat_age: Option<i64>,
+    timer: Option<String>,
+}
+
+impl Health {
+    fn degraded(&mut self, why: impl Into<String>) {
+        self.reasons.push(why.into());
+    }
+
+    /// The cluster record and this node's slot (two GETs; never a
+    /// listing), and the time of its last heartbeat on the store's clock.
+    async fn registry(&mut self, opts: &GlobalOpts, root: &Root) {
+        let url = match registry_url(opts) {
+            Ok(url) => url,
+            Err(e) => return self.degraded(format!("{e:#}")),
+        };
+        let opened = match open_store(&url).await {
+            Ok(o) => o,
+            Err(e) => return self.degraded(format!("the registry {url} cannot be opened: {e:#}")),
+        };
+        let store = opened.store.as_ref();
+        match read_cluster(store).await {
+            Err(e) => self.degraded(format!("the registry {url} cannot be read: {e:#}")),
+            Ok(None) => self.degraded(format!("the registry {url} has no cluster record")),
+            Ok(Some((record, _))) => self.record(opts, &record),
+        }
+        if let Some((node, instance, index)) = self
+            .saved
+            .as_ref()
+            .and_then(|s| s.slot.map(|i| (s.node.clone(), s.instance_id.clone(), i)))
+        {
+            match read_slot(store, index).await {
+                Err(e) => self.degraded(format!("server slot {index} cannot be read: {e:#}")),
+                Ok(view) => self.slot(&view, &node, instance.as_deref(), index),
+            }
+        }
+        let now = store.now().await;
+        self.heartbeat_age =
+            state::recorded_time(root, state::HEARTBEAT_AT).map(|t| (now - t).num_seconds().max(0));
+    }
+
+    fn record(&mut self, opts: &GlobalOpts, record: &crate::model::ClusterRecord) {
+        self.settings = record.settings(seed_settings(opts));
+        if record.retired {
+            self.degraded(format!("cluster {} is retired", record.cluster_id));
+        }
+        // A server's Raft data is its cluster's; an agent follows the
+        // servers it finds (and decides again at its next boot).
+        if let Some(mine) = self
+            .saved
+            .as_ref()
+            .filter(|s| s.mode.is_server())
+            .and_then(|s| s.cluster_id.clone())
+            && mine != record.cluster_id
+        {
+            self.degraded(format!(
+                "this node joined cluster {mine}, the registry now holds {}",
+                record.cluster_id
+            ));
+        }
+        let s = self.settings;
+        self.cluster = json!({
+            "cluster_id": record.cluster_id,
+            "bootstrap_node": record.bootstrap_node,
+            "servers": s.servers,
+            "expiry": s.expiry,
+            "agent_expiry": s.agent_expiry,
+            "retired": record.retired,
+        });
+    }
+
+    fn slot(
+        &mut self,
+        view: &crate::registry::SlotView,
+        node: &str,
+        instance: Option<&str>,
+        index: u32,
+    ) {
+        let holder = view.record.as_ref();
+        let mine = holder.is_some_and(|h| h.held_by(node, instance));
+        if !mine {
+            self.degraded(format!(
+                "server slot {index} is held by {}, not this node",
+                holder.map_or("nobody", |h| h.node.as_str())
+            ));
+        } else if view.age_seconds > self.settings.expiry {
+            self.degraded(format!(
+                "server slot {index} was last renewed {}s ago, past the expiry ({}s)",
+                view.age_seconds, self.settings.expiry
+            ));
+        }
+        self.slot = json!({
+            "index": index,
+            "holder": holder.map(|h| h.node.clone()),
+            "held": mine,
+            "age_seconds": view.age_seconds,
+        });
+    }
+
+    /// The last heartbeat against the expiry of this node's kind.
+    fn heartbeat_age(&mut self) {
+        let server = self.saved.as_ref().is_some_and(|s| s.mode.is_server());
+        let expiry = if server {
+            self.settings.expiry
+        } else {
+            self.settings.agent_expiry
+        };
+        match self.heartbeat_age {
+            None => self.degraded("no heartbeat has been written from this node"),
+            Some(age) if age as u64 > expiry => self.degraded(format!(
+                "the last heartbeat was written {age}s ago, past the expiry ({expiry}s): is auto-consul-heartbeat.timer running?"
+            )),
+            Some(_) => {}
+        }
+    }
+
+    /// The local agent: answering, knowing a leader, running in the mode
+    /// `run` decided (another config file can make a server a client).
+    async fn agent(&mut self, opts: &GlobalOpts) {
+        self.agent = match agent::status(opts.acl_token_file.as_deref()).await {
+            Ok(a) => {
+                if a.leader.is_none() {
+                    self.degraded("the local Consul agent knows no leader");
+                }
+                if let (Some(mode), Some(is_server)) =
+                    (self.saved.as_ref().map(|s| s.mode), a.server)
+                    && mode.is_server() != is_server
+                {
+                    self.degraded(format!(
+                        "`run` decided {}, but the local Consul agent runs as {}: check the other files of the config dir (`auto-consul plan` names them)",
+                        mode.as_str(),
+                        if is_server { "a server" } else { "a client" }
+                    ));
+                }
+                json!({ "answering": true, "leader": a.leader, "server_peers": a.peers.len() })
+            }
+            Err(e) => {
+                self.degraded(format!("{e:#}"));
+                json!({ "answering": false })
+            }
+        };
+    }
+
+    fn json(&self, opts: &GlobalOpts) -> Value {
+        let saved = self.saved.as_ref();
+        json!({
+            "healthy": self.reasons.is_empty(),
+            "reasons": self.reasons,
+            "node": saved.map(|s| s.node.clone()),
+            "address": saved.map(|s| s.address.to_string()),
+            "role": opts.role.as_str(),
+            "mode": saved.map(|s| s.mode.as_str()),
+            "cluster_id": saved.and_then(|s| s.cluster_id.clone()),
+            "claim_id": saved.and_then(|s| s.claim_id.clone()),
+            "slot": self.slot,
+            "cluster": self.cluster,
+            "agent": self.agent,
+            "heartbeat_age_seconds": self.heartbeat_age,
+            "timer": self.timer,
+        })
+    }
+
+    fn print(&self, opts: &GlobalOpts) {
+        match &self.saved {
             Some(s) => println!(
                 "node {} ({}): {}{}, role {}",
                 s.node,
@@ -192,6 +248,7 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
             ),
             None => println!("node: not set up"),
         }
+        let cluster = &self.cluster;
         if let Some(id) = cluster["cluster_id"].as_str() {
             println!(
                 "cluster {id} (bootstrapped by {}): {} servers, expiry {}s, agent expiry {}s",
@@ -201,12 +258,13 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
                 cluster["agent_expiry"]
             );
         }
-        if let Some(age) = slot["age_seconds"].as_u64() {
+        if let Some(age) = self.slot["age_seconds"].as_u64() {
             println!(
                 "slot holder: {} (renewed {age}s ago)",
-                slot["holder"].as_str().unwrap_or("nobody")
+                self.slot["holder"].as_str().unwrap_or("nobody")
             );
         }
+        let agent = &self.agent;
         println!(
             "consul agent: {}",
             if agent["answering"] == json!(true) {
@@ -219,22 +277,17 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
                 "not answering".into()
             }
         );
-        match heartbeat_age {
+        match self.heartbeat_age {
             Some(age) => println!("last heartbeat: {age}s ago"),
             None => println!("last heartbeat: none"),
         }
-        if let Some(t) = &timer {
+        if let Some(t) = &self.timer {
             println!("heartbeat timer: {t}");
         }
-        if healthy {
+        if self.reasons.is_empty() {
             println!("healthy");
         } else {
-            println!("DEGRADED: {}", degraded.join("; "));
+            println!("DEGRADED: {}", self.reasons.join("; "));
         }
-    }
-    if healthy {
-        Ok(())
-    } else {
-        Err(crate::error::Degraded.into())
     }
 }
