@@ -187,12 +187,7 @@ impl Elector<'_> {
         first: RegistryView,
     ) -> Result<Elected> {
         let mut first = Some(first);
-        let witness_deadline = std::time::Instant::now() + self.witness_wait;
-        let role_deadline = std::time::Instant::now() + self.role_wait;
-        let mut role_said = false;
-        let mut waiting_said = false;
-        let mut pending_since: Option<std::time::Instant> = None;
-        let mut pending_said = false;
+        let mut waits = Waits::new(self);
         let mut round = 0;
         let mut backoff = Backoff::CONTENTION;
         loop {
@@ -200,265 +195,61 @@ impl Elector<'_> {
                 Some(view) => view,
                 None => read_view(self.store, self.seed, Agents::Recent(VIEW_AGENTS)).await?,
             };
-            let settings = view.settings;
-            // The record's cluster; with no record yet, the one a live slot
-            // 0 was claimed for (a bootstrap still writing its record).
-            let cluster_id = view.record().map(|r| r.cluster_id.clone()).or_else(|| {
-                view.slots
-                    .first()
-                    .filter(|s| decision::slot_is_live(s, settings.expiry))
-                    .and_then(|s| s.record.as_ref())
-                    .and_then(|r| r.cluster_id.clone())
-            });
-            // A slot this node released when it left is not kept: the node
-            // decides afresh (a spot instance started again, an operator's
-            // `leave`).
-            let left = |p: &State| {
-                p.slot.zip(p.claim_id.as_ref()).is_some_and(|(i, c)| {
-                    view.slots
-                        .get(i as usize)
-                        .and_then(|s| s.record.as_ref())
-                        .is_some_and(|r| r.released && r.claim_id == *c)
-                })
-            };
+            let cluster_id = cluster_of(&view);
+            // 1. Sticky state: a server keeps its mode and slot (not one it
+            //    released when it left: it decides afresh).
             if let Some(prev) = previous
                 .filter(|p| same_cluster(p.cluster_id.as_ref(), cluster_id.as_ref()))
-                .filter(|p| !left(p))
+                .filter(|p| !left(p, &view))
             {
                 return self.keep(prev, cluster_id, view).await;
             }
-            // A server of a cluster since replaced, still holding its Raft
-            // data: joining the new cluster with it would mix the two.
-            if raft
-                && let Some(x) = previous.and_then(|p| p.cluster_id.as_ref())
-                && let Some(y) = &cluster_id
-            {
-                bail!(
-                    "this node served cluster {x} and holds its Raft data, but the registry {} now holds cluster {y}: \
-                     joining {y} with {x}'s Raft data would mix two clusters. If {x} is gone for good, stop consul, \
-                     move the raft/ directory of the Consul data dir aside, and run again",
-                    self.registry
-                );
+            // 2. Never a replaced cluster's Raft data in a new one.
+            self.refuse_mixing(previous, raft, cluster_id.as_ref())?;
+            // 3. Another node between slot 0 and its record: wait for the
+            //    record, bounded.
+            if waits.pending_bootstrap(self, &view).await {
+                continue;
             }
-            // Another node is between taking slot 0 and writing its
-            // record (a few milliseconds): its settings rule, and are not
-            // known yet. Wait for the record, bounded: a bootstrap node
-            // killed in between is finished when it runs again, and
-            // meanwhile counts as a live server.
-            if let Some(y) = decision::bootstrap_in_progress(
-                &view,
-                &self.me.node,
-                self.me.instance_id.as_deref(),
-                settings.expiry,
-            ) {
-                let waited = pending_since.get_or_insert_with(std::time::Instant::now);
-                if waited.elapsed() < PENDING_WAIT {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                if !pending_said {
-                    tracing::warn!(
-                        "cluster {y} holds slot 0 but has no record after {}s: deciding with the settings at hand",
-                        PENDING_WAIT.as_secs()
-                    );
-                    pending_said = true;
-                }
-            }
+            // 4. The decision, narrowed by the role; a role that cannot be
+            //    had yet waits, bounded.
             let step = decision::decide(
                 &view,
                 &self.me.node,
                 self.me.instance_id.as_deref(),
-                settings.servers,
-                settings.expiry,
+                view.settings.servers,
+                view.settings.expiry,
                 raft,
             );
             tracing::debug!("round {round}: {step:?}");
-            // The role narrows the step: a `server` never settles as an
-            // agent, an `agent` never claims or bootstraps. Either waits
-            // (bounded) for the registry to offer what it may take.
-            let live = decision::live_servers(&view, &self.me.node, settings.expiry);
-            let blocked = match (self.role, &step) {
-                (RoleWanted::Server, Step::Agent) => Some(format!(
-                    "--role server, but all {} server slots of the registry {} are held by live servers ({}): \
-                     waiting for one to be released or to expire",
-                    settings.servers,
-                    self.registry,
-                    live.iter()
-                        .map(|m| m.node.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-                (RoleWanted::Agent, Step::Bootstrap { .. } | Step::Claim(_)) if live.is_empty() => {
-                    Some(format!(
-                        "--role agent, and the registry {} has no live server to join: waiting for one \
-                         (servers come from the nodes given --role server or auto)",
-                        self.registry
-                    ))
-                }
-                _ => None,
-            };
-            if let Some(why) = blocked {
-                let now = std::time::Instant::now();
-                if self.dry_run || now >= role_deadline {
-                    return Err(Definitive(format!(
-                        "{why}; gave up after {}s (the boot unit tries again; --role-wait sets the wait)",
-                        self.role_wait.as_secs()
-                    ))
-                    .into());
-                }
-                if !role_said {
-                    tracing::warn!("{why} (up to {}s)", self.role_wait.as_secs());
-                    role_said = true;
-                }
-                let poll = Duration::from_secs((settings.expiry / 8).clamp(1, 5));
-                tokio::time::sleep(poll.min(role_deadline - now)).await;
+            if let Some(why) = self.role_blocked(&step, &view) {
+                waits.role(self, why, view.settings.expiry).await?;
                 continue;
             }
-            let step = match (self.role, step) {
-                // An agent that still holds a slot (its role changed) does
-                // not renew it; it expires and a server takes it.
-                (
-                    RoleWanted::Agent,
-                    Step::Renew { .. } | Step::Claim(_) | Step::Bootstrap { .. },
-                ) => Step::Agent,
-                (_, step) => step,
-            };
-            let elected = |mode, slot: Option<(u32, String)>, cluster_id, view| Elected {
-                mode,
-                cluster_id,
-                slot: slot.as_ref().map(|s| s.0),
-                claim_id: slot.map(|s| s.1),
-                view,
-                witnessed: false,
-            };
-            match step {
-                Step::Agent => return Ok(elected(Mode::Agent, None, cluster_id, view)),
+            // 5. Carry the step out; a lost race reads the registry again.
+            let settled = match narrowed(self.role, step) {
+                Step::Agent => Some(elected(Mode::Agent, None, cluster_id, view)),
                 Step::Renew {
                     index,
                     etag,
                     bootstrap,
                 } => {
-                    // The bootstrap node whose state file was never written
-                    // is still the one to bootstrap (until Raft state exists).
-                    let mode = if bootstrap {
-                        Mode::Bootstrap
-                    } else {
-                        Mode::Server
-                    };
-                    let held = view.slots[index as usize].record.as_ref();
-                    // The cluster this slot was claimed for: a bootstrap
-                    // interrupted before its record was written finishes
-                    // it under that id.
-                    let slot_cluster = held.and_then(|r| r.cluster_id.clone());
-                    let serves = if bootstrap {
-                        slot_cluster.clone().or(cluster_id.clone())
-                    } else {
-                        cluster_id.clone()
-                    };
-                    if self.dry_run {
-                        let claim = held.map(|r| (index, r.claim_id.clone()));
-                        return Ok(elected(mode, claim, serves, view));
-                    }
-                    let claim = held.map_or_else(new_id, |r| r.claim_id.clone());
-                    let sequence = held.map_or(1, |r| r.sequence + 1);
-                    if self
-                        .claims(serves.as_ref())
-                        .write_slot(index, &claim, sequence, Condition::Matches(etag))
+                    self.renew_found(index, etag, bootstrap, cluster_id, view)
                         .await?
-                    {
-                        if bootstrap && let Some(id) = &serves {
-                            self.finish_bootstrap(&view, id).await?;
-                        }
-                        return Ok(elected(mode, Some((index, claim)), serves, view));
-                    }
                 }
                 Step::Bootstrap { cluster, slot0 } => {
                     let unconfirmed = self.unconfirmed_servers(&view).await?;
                     if !unconfirmed.is_empty() {
-                        let message = self.witness_message(&view, &unconfirmed);
-                        let now = std::time::Instant::now();
-                        if self.dry_run || now >= witness_deadline {
-                            return Err(Definitive(message).into());
-                        }
-                        if !waiting_said {
-                            tracing::warn!(
-                                "{message} Waiting up to {}s for them to come back or be confirmed gone.",
-                                self.witness_wait.as_secs()
-                            );
-                            waiting_said = true;
-                        }
-                        let poll = Duration::from_secs((settings.expiry / 4).clamp(1, 5));
-                        tokio::time::sleep(poll.min(witness_deadline - now)).await;
+                        waits.witness(self, &view, &unconfirmed).await?;
                         continue;
                     }
-                    if self.dry_run {
-                        let mut out = elected(Mode::Bootstrap, None, cluster_id, view);
-                        out.witnessed = true;
-                        return Ok(out);
-                    }
-                    // Slot 0 first: the node that takes it is the bootstrap
-                    // node. Joiners only claim once they see a live server,
-                    // and no live server exists before slot 0 is taken, so
-                    // any view of theirs that shows slot 0 free is stale and
-                    // their conditional write on it fails: the bootstrap
-                    // node always holds slot 0, and servers never outnumber
-                    // the slots.
-                    let id = new_id();
-                    let claim = new_id();
-                    if self
-                        .claims(Some(&id))
-                        .write_slot(0, &claim, 1, slot0)
-                        .await?
-                    {
-                        if let Some(stale) = &cluster_id {
-                            tracing::warn!(
-                                "every server of cluster {stale} is confirmed gone: bootstrapping a NEW, EMPTY cluster {id} in its place"
-                            );
-                        }
-                        // A new cluster: this node's flags seed its record.
-                        if !self.write_cluster(&id, cluster, self.seed).await? {
-                            // Someone changed the record between our read
-                            // and now: finish under whatever is there.
-                            let now = read_view(self.store, self.seed, Agents::Recent(0)).await?;
-                            self.finish_bootstrap(&now, &id).await?;
-                        }
-                        // The new cluster's settings are the ones it was
-                        // seeded with, whatever the record it replaced said.
-                        let mut view = view;
-                        view.settings = self.seed;
-                        let mut out = elected(Mode::Bootstrap, Some((0, claim)), Some(id), view);
-                        out.witnessed = true;
-                        return Ok(out);
-                    }
+                    self.genesis(cluster, slot0, cluster_id, view).await?
                 }
-                Step::Claim(free) => {
-                    if raft && free.is_empty() {
-                        tracing::warn!(
-                            "this node has Raft state but every server slot is held: running as a server without a slot"
-                        );
-                        return Ok(elected(Mode::Server, None, cluster_id, view));
-                    }
-                    for (index, condition) in free {
-                        if self.dry_run {
-                            return Ok(elected(Mode::Server, None, cluster_id, view));
-                        }
-                        let claim = new_id();
-                        if self
-                            .claims(cluster_id.as_ref())
-                            .write_slot(index, &claim, 1, condition)
-                            .await?
-                        {
-                            return Ok(elected(
-                                Mode::Server,
-                                Some((index, claim)),
-                                cluster_id,
-                                view,
-                            ));
-                        }
-                    }
-                }
+                Step::Claim(free) => self.claim_free(free, raft, cluster_id, view).await?,
+            };
+            if let Some(elected) = settled {
+                return Ok(elected);
             }
-            // Lost every race this round: back off a little, read again.
             round += 1;
             if round >= MAX_ROUNDS {
                 bail!(
@@ -468,6 +259,183 @@ impl Elector<'_> {
             }
             tokio::time::sleep(backoff.delay()).await;
         }
+    }
+
+    /// A server of a cluster since replaced, still holding its Raft data:
+    /// joining the new cluster with it would mix the two.
+    fn refuse_mixing(
+        &self,
+        previous: Option<&State>,
+        raft: bool,
+        cluster_id: Option<&String>,
+    ) -> Result<()> {
+        if raft
+            && let Some(x) = previous.and_then(|p| p.cluster_id.as_ref())
+            && let Some(y) = cluster_id
+        {
+            bail!(
+                "this node served cluster {x} and holds its Raft data, but the registry {} now holds cluster {y}: \
+                 joining {y} with {x}'s Raft data would mix two clusters. If {x} is gone for good, stop consul, \
+                 move the raft/ directory of the Consul data dir aside, and run again",
+                self.registry
+            );
+        }
+        Ok(())
+    }
+
+    /// Why the role cannot take what the registry offers yet: a `server`
+    /// never settles as an agent, an `agent` never claims or bootstraps
+    /// (it waits for a live server).
+    fn role_blocked(&self, step: &Step, view: &RegistryView) -> Option<String> {
+        let settings = view.settings;
+        let live = decision::live_servers(view, &self.me.node, settings.expiry);
+        match (self.role, step) {
+            (RoleWanted::Server, Step::Agent) => Some(format!(
+                "--role server, but all {} server slots of the registry {} are held by live servers ({}): \
+                 waiting for one to be released or to expire",
+                settings.servers,
+                self.registry,
+                live.iter()
+                    .map(|m| m.node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            (RoleWanted::Agent, Step::Bootstrap { .. } | Step::Claim(_)) if live.is_empty() => {
+                Some(format!(
+                    "--role agent, and the registry {} has no live server to join: waiting for one \
+                     (servers come from the nodes given --role server or auto)",
+                    self.registry
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Step::Renew: this node already holds a live slot (its state file
+    /// was lost). The bootstrap node whose state file was never written is
+    /// still the one to bootstrap (the gate says whether it may); a
+    /// bootstrap interrupted before its record is finished under the id
+    /// its slot was claimed for.
+    async fn renew_found(
+        &self,
+        index: u32,
+        etag: String,
+        bootstrap: bool,
+        cluster_id: Option<String>,
+        view: RegistryView,
+    ) -> Result<Option<Elected>> {
+        let mode = if bootstrap {
+            Mode::Bootstrap
+        } else {
+            Mode::Server
+        };
+        let held = view.slots[index as usize].record.as_ref();
+        let serves = if bootstrap {
+            held.and_then(|r| r.cluster_id.clone()).or(cluster_id)
+        } else {
+            cluster_id
+        };
+        if self.dry_run {
+            let claim = held.map(|r| (index, r.claim_id.clone()));
+            return Ok(Some(elected(mode, claim, serves, view)));
+        }
+        let claim = held.map_or_else(new_id, |r| r.claim_id.clone());
+        let sequence = held.map_or(1, |r| r.sequence + 1);
+        if !self
+            .claims(serves.as_ref())
+            .write_slot(index, &claim, sequence, Condition::Matches(etag))
+            .await?
+        {
+            return Ok(None);
+        }
+        if bootstrap && let Some(id) = &serves {
+            self.finish_bootstrap(&view, id).await?;
+        }
+        Ok(Some(elected(mode, Some((index, claim)), serves, view)))
+    }
+
+    /// Step::Bootstrap, the witness rule satisfied: slot 0 first. The node
+    /// that takes it is the bootstrap node. Joiners only claim once they
+    /// see a live server, and no live server exists before slot 0 is
+    /// taken, so any view of theirs that shows slot 0 free is stale and
+    /// their conditional write on it fails: the bootstrap node always holds
+    /// slot 0, and servers never outnumber the slots.
+    async fn genesis(
+        &self,
+        cluster: Condition,
+        slot0: Condition,
+        cluster_id: Option<String>,
+        view: RegistryView,
+    ) -> Result<Option<Elected>> {
+        if self.dry_run {
+            let mut out = elected(Mode::Bootstrap, None, cluster_id, view);
+            out.witnessed = true;
+            return Ok(Some(out));
+        }
+        let id = new_id();
+        let claim = new_id();
+        if !self
+            .claims(Some(&id))
+            .write_slot(0, &claim, 1, slot0)
+            .await?
+        {
+            return Ok(None);
+        }
+        if let Some(stale) = &cluster_id {
+            tracing::warn!(
+                "every server of cluster {stale} is confirmed gone: bootstrapping a NEW, EMPTY cluster {id} in its place"
+            );
+        }
+        // A new cluster: this node's flags seed its record.
+        if !self.write_cluster(&id, cluster, self.seed).await? {
+            // Someone changed the record between our read and now: finish
+            // under whatever is there.
+            let now = read_view(self.store, self.seed, Agents::Recent(0)).await?;
+            self.finish_bootstrap(&now, &id).await?;
+        }
+        // The new cluster's settings are the ones it was seeded with,
+        // whatever the record it replaced said.
+        let mut view = view;
+        view.settings = self.seed;
+        let mut out = elected(Mode::Bootstrap, Some((0, claim)), Some(id), view);
+        out.witnessed = true;
+        Ok(Some(out))
+    }
+
+    /// Step::Claim: the free slots in order; a node with Raft state and no
+    /// free slot runs as a server without one.
+    async fn claim_free(
+        &self,
+        free: Vec<(u32, Condition)>,
+        raft: bool,
+        cluster_id: Option<String>,
+        view: RegistryView,
+    ) -> Result<Option<Elected>> {
+        if raft && free.is_empty() {
+            tracing::warn!(
+                "this node has Raft state but every server slot is held: running as a server without a slot"
+            );
+            return Ok(Some(elected(Mode::Server, None, cluster_id, view)));
+        }
+        for (index, condition) in free {
+            if self.dry_run {
+                return Ok(Some(elected(Mode::Server, None, cluster_id, view)));
+            }
+            let claim = new_id();
+            if self
+                .claims(cluster_id.as_ref())
+                .write_slot(index, &claim, 1, condition)
+                .await?
+            {
+                return Ok(Some(elected(
+                    Mode::Server,
+                    Some((index, claim)),
+                    cluster_id,
+                    view,
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// Step 1: keep the recorded mode, and a server's slot.
@@ -595,6 +563,158 @@ fn unfinished_genesis(view: &RegistryView, me: &Identity) -> bool {
         .filter(|r| !r.released && r.held_by(&me.node, me.instance_id.as_deref()))
         .and_then(|r| r.cluster_id.as_deref())
         .is_some_and(|y| view.record().is_none_or(|c| c.cluster_id != y))
+}
+
+/// The bounded waits of one election, and whether each was said.
+struct Waits {
+    role_deadline: std::time::Instant,
+    witness_deadline: std::time::Instant,
+    role_said: bool,
+    witness_said: bool,
+    pending_since: Option<std::time::Instant>,
+    pending_said: bool,
+}
+
+impl Waits {
+    fn new(e: &Elector<'_>) -> Waits {
+        let now = std::time::Instant::now();
+        Waits {
+            role_deadline: now + e.role_wait,
+            witness_deadline: now + e.witness_wait,
+            role_said: false,
+            witness_said: false,
+            pending_since: None,
+            pending_said: false,
+        }
+    }
+
+    /// Another node is between taking slot 0 and writing its record (a few
+    /// milliseconds): its settings rule, and are not known yet. Whether to
+    /// read again (after a short sleep): up to PENDING_WAIT, after which a
+    /// bootstrap node killed in between is finished when it runs again,
+    /// and meanwhile counts as a live server.
+    async fn pending_bootstrap(&mut self, e: &Elector<'_>, view: &RegistryView) -> bool {
+        let Some(y) = decision::bootstrap_in_progress(
+            view,
+            &e.me.node,
+            e.me.instance_id.as_deref(),
+            view.settings.expiry,
+        ) else {
+            return false;
+        };
+        let waited = self
+            .pending_since
+            .get_or_insert_with(std::time::Instant::now);
+        if waited.elapsed() < PENDING_WAIT {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return true;
+        }
+        if !self.pending_said {
+            tracing::warn!(
+                "cluster {y} holds slot 0 but has no record after {}s: deciding with the settings at hand",
+                PENDING_WAIT.as_secs()
+            );
+            self.pending_said = true;
+        }
+        false
+    }
+
+    /// The role cannot be had yet: wait a poll, or fail for good
+    /// (`Definitive`) once `--role-wait` has passed.
+    async fn role(&mut self, e: &Elector<'_>, why: String, expiry: u64) -> Result<()> {
+        let now = std::time::Instant::now();
+        if e.dry_run || now >= self.role_deadline {
+            return Err(Definitive(format!(
+                "{why}; gave up after {}s (the boot unit tries again; --role-wait sets the wait)",
+                e.role_wait.as_secs()
+            ))
+            .into());
+        }
+        if !self.role_said {
+            tracing::warn!("{why} (up to {}s)", e.role_wait.as_secs());
+            self.role_said = true;
+        }
+        let poll = Duration::from_secs((expiry / 8).clamp(1, 5));
+        tokio::time::sleep(poll.min(self.role_deadline - now)).await;
+        Ok(())
+    }
+
+    /// The witness rule forbids a new cluster yet: wait a poll for the old
+    /// servers to come back or be confirmed gone, or fail for good once
+    /// `--witness-wait` has passed.
+    async fn witness(
+        &mut self,
+        e: &Elector<'_>,
+        view: &RegistryView,
+        unconfirmed: &[super::witness::Unconfirmed],
+    ) -> Result<()> {
+        let message = e.witness_message(view, unconfirmed);
+        let now = std::time::Instant::now();
+        if e.dry_run || now >= self.witness_deadline {
+            return Err(Definitive(message).into());
+        }
+        if !self.witness_said {
+            tracing::warn!(
+                "{message} Waiting up to {}s for them to come back or be confirmed gone.",
+                e.witness_wait.as_secs()
+            );
+            self.witness_said = true;
+        }
+        let poll = Duration::from_secs((view.settings.expiry / 4).clamp(1, 5));
+        tokio::time::sleep(poll.min(self.witness_deadline - now)).await;
+        Ok(())
+    }
+}
+
+/// The record's cluster; with no record yet, the one a live slot 0 was
+/// claimed for (a bootstrap still writing its record).
+fn cluster_of(view: &RegistryView) -> Option<String> {
+    view.record().map(|r| r.cluster_id.clone()).or_else(|| {
+        view.slots
+            .first()
+            .filter(|s| decision::slot_is_live(s, view.settings.expiry))
+            .and_then(|s| s.record.as_ref())
+            .and_then(|r| r.cluster_id.clone())
+    })
+}
+
+/// Whether this node released the slot its state file names (`leave`: a
+/// spot instance started again, an operator's leave).
+fn left(p: &State, view: &RegistryView) -> bool {
+    p.slot.zip(p.claim_id.as_ref()).is_some_and(|(i, c)| {
+        view.slots
+            .get(i as usize)
+            .and_then(|s| s.record.as_ref())
+            .is_some_and(|r| r.released && r.claim_id == *c)
+    })
+}
+
+/// The role narrows the step: an agent that still holds a slot (its role
+/// changed) does not renew it; it expires and a server takes it.
+fn narrowed(role: RoleWanted, step: Step) -> Step {
+    match (role, step) {
+        (RoleWanted::Agent, Step::Renew { .. } | Step::Claim(_) | Step::Bootstrap { .. }) => {
+            Step::Agent
+        }
+        (_, step) => step,
+    }
+}
+
+/// What the election settled on, before the gate looks at it.
+fn elected(
+    mode: Mode,
+    slot: Option<(u32, String)>,
+    cluster_id: Option<String>,
+    view: RegistryView,
+) -> Elected {
+    Elected {
+        mode,
+        cluster_id,
+        slot: slot.as_ref().map(|s| s.0),
+        claim_id: slot.map(|s| s.1),
+        view,
+        witnessed: false,
+    }
 }
 
 /// The id of the cluster a registry's slots and record describe: the
