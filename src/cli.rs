@@ -367,6 +367,22 @@ pub enum Command {
     ///
     /// Outside a group it does nothing.
     Gate,
+    /// Quorum-loss recovery (Consul's outage guide): print the
+    /// raft/peers.json of the servers that survive (live in the registry,
+    /// running by EC2, each with the node id its heartbeats publish) and
+    /// the steps; with --apply, write it on this node.
+    ///
+    /// It stops and starts nothing: Consul must be stopped on every
+    /// surviving server, the same file written on each, then Consul
+    /// started on all.
+    Recover {
+        /// Print the file and the steps; write nothing (the default).
+        #[arg(long, conflicts_with = "apply")]
+        plan: bool,
+        /// Write <data-dir>/raft/peers.json on this node.
+        #[arg(long)]
+        apply: bool,
+    },
     /// Print shell completions for SHELL (bash, zsh, fish, elvish,
     /// powershell) to stdout.
     Completions {
@@ -418,6 +434,7 @@ impl Command {
                 | Command::Purge
                 | Command::Cluster { .. }
                 | Command::Secrets { .. }
+                | Command::Recover { .. }
         )
     }
 

@@ -191,6 +191,10 @@ pub struct HeartbeatBody {
     pub mode: String,
     /// The auto-consul version that wrote it.
     pub version: String,
+    /// A server's Consul node id (its data dir's `node-id`), for the
+    /// `peers.json` of a quorum-loss recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
 }
 
 /// What a heartbeat body tells, whichever tool wrote it.
@@ -200,6 +204,8 @@ pub struct HeartbeatInfo {
     pub address: IpAddr,
     /// EC2 instance id, when the writer knew it.
     pub instance_id: Option<String>,
+    /// A server's Consul node id (a UUID), when the writer gave one.
+    pub node_id: Option<String>,
 }
 
 /// Parses a heartbeat body for `node`: our JSON, or a bare IP address as the
@@ -224,15 +230,18 @@ pub fn parse_heartbeat_body(node: &str, body: &[u8]) -> Result<HeartbeatInfo, St
         }
         validate_address(&hb.address.to_string())?;
         let instance_id = hb.instance_id.filter(|id| instance_id_ok(id));
+        let node_id = hb.node_id.filter(|id| uuid::Uuid::parse_str(id).is_ok());
         Ok(HeartbeatInfo {
             address: hb.address,
             instance_id,
+            node_id,
         })
     } else {
         let address = validate_address(text)?;
         Ok(HeartbeatInfo {
             address,
             instance_id: None,
+            node_id: None,
         })
     }
 }

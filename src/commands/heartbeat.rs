@@ -80,7 +80,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let decided_server = saved.as_ref().is_some_and(|s| s.mode.is_server());
     let server = status.is_server(me.address, decided_server);
     let mode = if server { "server" } else { "agent" };
-    let keys = Beat::new(&me, server)?;
+    // A server's Consul node id (its data dir's `node-id`), published for
+    // a quorum-loss recovery's peers.json (`auto-consul recover`).
+    let node_id = std::fs::read_to_string(root.path(&opts.data_dir.join("node-id")))
+        .ok()
+        .map(|t| t.trim().to_string());
+    let keys = Beat::new(&me, server, node_id)?;
     if !server {
         keys.write(store, deadline).await?;
         state::record_time(&root, state::HEARTBEAT_AT, store.now().await);
@@ -186,13 +191,14 @@ struct Beat {
 }
 
 impl Beat {
-    fn new(me: &identity::Identity, server: bool) -> Result<Beat> {
+    fn new(me: &identity::Identity, server: bool, node_id: Option<String>) -> Result<Beat> {
         let body = serde_json::to_vec(&HeartbeatBody {
             node: me.node.clone(),
             address: me.address,
             instance_id: me.instance_id.clone(),
             mode: if server { "server" } else { "agent" }.into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            node_id: node_id.filter(|_| server),
         })?;
         let name = HeartbeatKey {
             time: Utc::now(),

@@ -8,6 +8,7 @@ mod install;
 mod leave;
 mod members;
 mod purge;
+mod recover;
 mod rejoin;
 mod run;
 mod secrets;
@@ -40,6 +41,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
         Command::Secrets { action } => secrets::secrets(&cli.global, &action).await,
         Command::Gate => gate::gate(&cli.global).await,
+        Command::Recover { apply, .. } => recover::recover(&cli.global, apply).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut text = Vec::new();

@@ -1,0 +1,129 @@
+//! Quorum-loss recovery: `recover` writes the `raft/peers.json` of Consul's
+//! outage guide for the servers that survive (live in the registry, running
+//! by EC2), with the node ids their heartbeats publish; `--plan` writes
+//! nothing, `--apply` writes it on this node only.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+fn recover(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    id: &str,
+    args: &[&str],
+) -> std::process::Output {
+    output(
+        auto_consul(moto)
+            .args([
+                "recover",
+                "--json",
+                "--registry",
+                registry,
+                "--node",
+                node,
+                "--address",
+                ip,
+            ])
+            .args(["--instance-id", id])
+            .args(args)
+            .arg("--root")
+            .arg(root),
+    )
+}
+
+#[test]
+fn peers_json_lists_the_surviving_servers_with_their_node_ids() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let registry = format!("s3://{bucket}/recover/q");
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = run_instances(moto, 3);
+    let nodes: Vec<(PathBuf, String, String, String)> = (0..3)
+        .map(|i| {
+            (
+                tmp.path().join(format!("s{i}")),
+                format!("rc-{i}"),
+                format!("10.95.0.{}", i + 1),
+                format!("{:08x}-0000-4000-8000-00000000000{i}", 0xabc + i),
+            )
+        })
+        .collect();
+    for (i, (root, node, ip, node_id)) in nodes.iter().enumerate() {
+        ok_json(&output(
+            run_cmd(moto, &registry, root, node, ip, 3).args(["--instance-id", &ids[i]]),
+        ));
+        // Consul's node id, as Consul writes it in the data dir.
+        std::fs::create_dir_all(root.join("opt/consul")).unwrap();
+        std::fs::write(root.join("opt/consul/node-id"), node_id).unwrap();
+        let agent = FakeAgent::start(node, true, &["--address", ip]);
+        let beat = ok_json(&output(
+            heartbeat_cmd(moto, &registry, root, node, ip, &agent.addr())
+                .args(["--instance-id", &ids[i]]),
+        ));
+        assert!(beat["keys"][0].as_str().unwrap().starts_with("servers/"));
+    }
+    // Two of three servers are lost: one terminated, the other survives.
+    terminate(moto, &[&ids[2]]);
+    let (root, node, ip, _) = &nodes[0];
+    let plan = ok_json(&recover(moto, &registry, root, node, ip, &ids[0], &[]));
+    let peers = plan["peers"].as_array().unwrap();
+    let mut got: Vec<(String, String)> = peers
+        .iter()
+        .map(|p| {
+            assert_eq!(p["non_voter"], false);
+            (
+                p["id"].as_str().unwrap().to_string(),
+                p["address"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(String, String)> = nodes[..2]
+        .iter()
+        .map(|(_, _, ip, id)| (id.clone(), format!("{ip}:8300")))
+        .collect();
+    assert_eq!(got, want, "{plan}");
+    let path = root.join("opt/consul/raft/peers.json");
+    assert!(!path.exists(), "--plan writes nothing");
+    assert_eq!(plan["written"], false);
+    assert!(plan["steps"].to_string().contains("systemctl stop consul"));
+
+    let applied = ok_json(&recover(
+        moto,
+        &registry,
+        root,
+        node,
+        ip,
+        &ids[0],
+        &["--apply"],
+    ));
+    assert_eq!(applied["written"], true);
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(file, Value::Array(peers.clone()), "the file is the plan");
+
+    // A survivor whose heartbeats carry no node id: --apply refuses,
+    // naming it, and writes nothing.
+    let (root1, node1, ip1, _) = &nodes[1];
+    std::fs::remove_file(root1.join("opt/consul/node-id")).unwrap();
+    let agent = FakeAgent::start(node1, true, &["--address", ip1]);
+    ok_json(&output(
+        heartbeat_cmd(moto, &registry, root1, node1, ip1, &agent.addr())
+            .args(["--instance-id", &ids[1]]),
+    ));
+    std::fs::remove_file(&path).unwrap();
+    let out = recover(moto, &registry, root, node, ip, &ids[0], &["--apply"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(node1.as_str()) && err.contains("node id"),
+        "{err}"
+    );
+    assert!(!path.exists());
+}
