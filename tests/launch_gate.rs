@@ -36,19 +36,8 @@ fn in_group<'a>(cmd: &'a mut Command, id: &str) -> &'a mut Command {
 }
 
 fn gate(moto: &Moto, registry: &str, root: &Path, node: &str, ip: &str, agent: &str) -> Command {
-    let mut cmd = auto_consul(moto);
-    cmd.args([
-        "gate",
-        "--registry",
-        registry,
-        "--node",
-        node,
-        "--address",
-        ip,
-    ])
-    .arg("--root")
-    .arg(root)
-    .env("CONSUL_HTTP_ADDR", agent);
+    let mut cmd = node_cmd(moto, "gate", registry, root, node, ip);
+    cmd.env("CONSUL_HTTP_ADDR", agent);
     cmd
 }
 

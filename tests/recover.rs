@@ -20,21 +20,9 @@ fn recover(
     args: &[&str],
 ) -> std::process::Output {
     output(
-        auto_consul(moto)
-            .args([
-                "recover",
-                "--json",
-                "--registry",
-                registry,
-                "--node",
-                node,
-                "--address",
-                ip,
-            ])
+        node_cmd(moto, "recover", registry, root, node, ip)
             .args(["--instance-id", id])
-            .args(args)
-            .arg("--root")
-            .arg(root),
+            .args(args),
     )
 }
 

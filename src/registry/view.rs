@@ -251,11 +251,14 @@ async fn list_agents_from(store: &dyn Store, start: &str, agents: Agents) -> Res
         Agents::All => usize::MAX,
         Agents::Recent(n) => n,
     };
+    // Distinct nodes by key name, without copying the listing (junk keys
+    // are warned about once, when the listing is parsed).
     let enough = move |listed: &[Listed]| {
         wanted != usize::MAX
-            && parse_listing(listed.to_vec())
+            && listed
                 .iter()
-                .map(|e| e.parsed.node.as_str())
+                .filter_map(|l| HeartbeatKey::parse(l.key.rsplit('/').next()?))
+                .map(|k| k.node)
                 .collect::<std::collections::HashSet<_>>()
                 .len()
                 >= wanted

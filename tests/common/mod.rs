@@ -420,7 +420,7 @@ pub fn mode(v: &serde_json::Value) -> String {
 
 /// `auto-consul COMMAND --json` as one node: its registry, root, name and
 /// address.
-fn node_cmd(
+pub fn node_cmd(
     moto: &Moto,
     command: &str,
     registry: &str,

@@ -96,25 +96,65 @@ pub(super) fn clear_stale_server_metadata(root: &Root, data_dir: &Path) -> Resul
 /// the CA. A server's certificate on disk is kept while it was issued
 /// under the same CA and has more than 30 days left; otherwise a new one
 /// is made (at each `run`, so at each boot).
+/// Where a node whose secrets were made at genesis keeps its TLS files.
+pub(super) struct TlsPaths {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsPaths {
+    pub(super) fn new(config_dir: &Path) -> TlsPaths {
+        let p = |f: &str| crate::secrets::tls_path(config_dir, f);
+        TlsPaths {
+            ca: p("ca.pem"),
+            cert: p("server.pem"),
+            key: p("server-key.pem"),
+        }
+    }
+
+    /// The operator's TLS files, or (`made`) these, a certificate for
+    /// servers only.
+    pub(super) fn tls<'a>(
+        &'a self,
+        opts: &'a GlobalOpts,
+        mode: crate::model::Mode,
+        made: bool,
+    ) -> render::Tls<'a> {
+        if !made {
+            return render::Tls {
+                ca_file: opts.ca_file.as_deref(),
+                cert_file: opts.cert_file.as_deref(),
+                key_file: opts.key_file.as_deref(),
+            };
+        }
+        render::Tls {
+            ca_file: Some(&self.ca),
+            cert_file: mode.is_server().then_some(self.cert.as_path()),
+            key_file: mode.is_server().then_some(self.key.as_path()),
+        }
+    }
+}
+
 pub(super) fn tls_material(
     root: &Root,
-    config_dir: &Path,
+    paths: &TlsPaths,
     made: &crate::secrets::Material,
     mode: crate::model::Mode,
     datacenter: &str,
     address: std::net::IpAddr,
 ) -> Result<Vec<FileSpec>> {
-    use crate::secrets::{certificate_still_good, server_certificate, tls_path};
-    let file = |name: &str, contents: String, mode: u32| FileSpec {
-        path: tls_path(config_dir, name),
+    use crate::secrets::{certificate_still_good, server_certificate};
+    let file = |path: &Path, contents: String, mode: u32| FileSpec {
+        path: path.to_path_buf(),
         contents,
         mode,
         owner: None,
     };
-    let mut out = vec![file("ca.pem", made.ca_cert.clone(), 0o644)];
+    let mut out = vec![file(&paths.ca, made.ca_cert.clone(), 0o644)];
     if mode.is_server() {
-        let read = |name: &str| std::fs::read_to_string(root.path(&tls_path(config_dir, name)));
-        let kept = match (read("server.pem"), read("server-key.pem"), read("ca.pem")) {
+        let read = |path: &Path| std::fs::read_to_string(root.path(path));
+        let kept = match (read(&paths.cert), read(&paths.key), read(&paths.ca)) {
             (Ok(cert), Ok(key), Ok(ca)) if certificate_still_good(&cert, &made.ca_cert, &ca) => {
                 Some((cert, key))
             }
@@ -124,8 +164,8 @@ pub(super) fn tls_material(
             Some(pair) => pair,
             None => server_certificate(made, datacenter, address)?,
         };
-        out.push(file("server.pem", cert, 0o644));
-        out.push(file("server-key.pem", key, 0o600));
+        out.push(file(&paths.cert, cert, 0o644));
+        out.push(file(&paths.key, key, 0o600));
     }
     Ok(out)
 }

@@ -20,7 +20,7 @@ use crate::install::{self, FileSpec, Root};
 use crate::model::Mode;
 use crate::precedence;
 use crate::registry::{Agents, read_view};
-use crate::render::{self, ConsulSettings, Tls};
+use crate::render::{self, ConsulSettings};
 use crate::state::{self, State};
 
 mod elect;
@@ -119,10 +119,11 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     decided_units(&mut fixed, &units, &consul, &root, timer_expiry, notify);
     // 6. The secrets made at genesis, and the TLS files from them.
     let made = genesis_material(secrets_store.as_deref(), &elected).await?;
+    let tls_paths = TlsPaths::new(&opts.config_dir);
     let tls_files = match &made {
         Some(m) if opts.ca_file.is_none() => tls_material(
             &root,
-            &opts.config_dir,
+            &tls_paths,
             m,
             elected.mode,
             &opts.datacenter,
@@ -131,7 +132,6 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         _ => Vec::new(),
     };
     // 7. Consul's configuration and every other file.
-    let tls_paths = TlsPaths::new(&opts.config_dir);
     let config = ConsulSettings {
         node: &me.node,
         address: me.address,
@@ -161,7 +161,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     if !dry_run && !root.is_system() && local.manages_consul {
         ensure_consul_user(&root)?;
     }
-    let (config_file, conflicts) = consul_config_file(opts, &root, &config, &local, made.is_some());
+    let holds_secret = local.secrets.any() || made.is_some();
+    let (config_file, conflicts) = consul_config_file(opts, &root, &config, holds_secret);
     let consul_user = root.user("consul");
     let mut files = vec![config_file];
     files.extend(tls_files.into_iter().map(|mut f| {
@@ -399,49 +400,13 @@ async fn genesis_material(
     }
 }
 
-/// Where a node whose secrets were made at genesis keeps its TLS files.
-struct TlsPaths {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl TlsPaths {
-    fn new(config_dir: &std::path::Path) -> TlsPaths {
-        let p = |f: &str| crate::secrets::tls_path(config_dir, f);
-        TlsPaths {
-            ca: p("ca.pem"),
-            cert: p("server.pem"),
-            key: p("server-key.pem"),
-        }
-    }
-
-    /// The operator's TLS files, or (`made`) these, a certificate for
-    /// servers only.
-    fn tls<'a>(&'a self, opts: &'a GlobalOpts, mode: Mode, made: bool) -> Tls<'a> {
-        if !made {
-            return Tls {
-                ca_file: opts.ca_file.as_deref(),
-                cert_file: opts.cert_file.as_deref(),
-                key_file: opts.key_file.as_deref(),
-            };
-        }
-        Tls {
-            ca_file: Some(&self.ca),
-            cert_file: mode.is_server().then_some(self.cert.as_path()),
-            key_file: mode.is_server().then_some(self.key.as_path()),
-        }
-    }
-}
-
 /// Step 7: Consul's config file (0600 when it holds a secret), and the
 /// other files of the config dir that set what it decides, warned about.
 fn consul_config_file(
     opts: &GlobalOpts,
     root: &Root,
     config: &ConsulSettings<'_>,
-    local: &Local,
-    made: bool,
+    holds_secret: bool,
 ) -> (FileSpec, Vec<precedence::Conflict>) {
     let contents = render::consul_config(config);
     let conflicts = precedence::conflicts(
@@ -457,11 +422,7 @@ fn consul_config_file(
     let file = FileSpec {
         path: opts.config_dir.join(CONFIG_FILE),
         contents,
-        mode: if local.secrets.any() || made {
-            0o600
-        } else {
-            0o640
-        },
+        mode: if holds_secret { 0o600 } else { 0o640 },
         owner: root.user("consul"),
     };
     (file, conflicts)
