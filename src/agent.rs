@@ -210,6 +210,24 @@ impl Api {
         })
     }
 
+    /// `PUT path` with a JSON body: the status and the body's text.
+    async fn put_json(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<(reqwest::StatusCode, String)> {
+        let resp = self
+            .request(reqwest::Method::PUT, path)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow!(e).context(format!("PUT {path} to the Consul agent at {}", self.shown))
+            })?;
+        let status = resp.status();
+        Ok((status, resp.text().await.unwrap_or_default()))
+    }
+
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut req = self.client.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
@@ -401,24 +419,8 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
         return Ok(false);
     }
     api.token = Some(management.to_string());
-    async fn put(
-        api: &Api,
-        path: &str,
-        body: serde_json::Value,
-    ) -> Result<(reqwest::StatusCode, String)> {
-        let resp = api
-            .request(reqwest::Method::PUT, path)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| {
-                anyhow!(e).context(format!("PUT {path} to the Consul agent at {}", api.shown))
-            })?;
-        let status = resp.status();
-        Ok((status, resp.text().await.unwrap_or_default()))
-    }
-    let (status, text) = put(
-        &api,
+    let (status, text) = api
+        .put_json(
         "/v1/acl/policy",
         serde_json::json!({
             "Name": AGENT_POLICY,
@@ -433,8 +435,8 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
             text.trim().chars().take(200).collect::<String>()
         );
     }
-    let (status, text) = put(
-        &api,
+    let (status, text) = api
+        .put_json(
         "/v1/acl/token",
         serde_json::json!({
             "SecretID": agent_token,
@@ -443,6 +445,36 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
         }),
     )
     .await?;
+    if status.is_success() {
+        return Ok(true);
+    }
+    if text.contains("already in use") || text.contains("already exists") {
+        return Ok(false);
+    }
+    anyhow::bail!(
+        "the Consul agent answered {status} to PUT /v1/acl/token: {}",
+        text.trim().chars().take(200).collect::<String>()
+    )
+}
+
+/// Makes `new_management` a management token (Consul's built-in
+/// `global-management` policy), with the `management` token that is
+/// valid now: after a restore, the ACL state is the old cluster's, whose
+/// tokens know nothing of this cluster's secrets. Returns whether this
+/// call created it.
+pub async fn ensure_management_token(management: &str, new_management: &str) -> Result<bool> {
+    let mut api = Api::from_env(None)?;
+    api.token = Some(management.to_string());
+    let (status, text) = api
+        .put_json(
+            "/v1/acl/token",
+            serde_json::json!({
+                "SecretID": new_management,
+                "Description": "auto-consul: this cluster's management token (made again after a restore)",
+                "Policies": [{ "Name": "global-management" }],
+            }),
+        )
+        .await?;
     if status.is_success() {
         return Ok(true);
     }
@@ -515,6 +547,94 @@ pub async fn autopilot_self(
             s["Voter"].as_bool().unwrap_or(false),
         )
     }))
+}
+
+/// How long a snapshot may take to stream either way (gigabytes).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// Saves a snapshot of the servers' state (`GET /v1/snapshot`, what
+/// `consul snapshot save` does; forwarded to the leader) into `dest`,
+/// streamed and hashed. `token`: a management token when ACLs are on
+/// (else the `CONSUL_HTTP_TOKEN*` one).
+pub async fn save_snapshot(
+    token: Option<&str>,
+    dest: &std::path::Path,
+) -> Result<crate::spool::Spooled> {
+    let mut api = Api::from_env(None)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
+    let shown = api.shown.clone();
+    let mut resp = api
+        .request(reqwest::Method::GET, "/v1/snapshot")
+        .timeout(SNAPSHOT_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow!(e).context(format!(
+                "asking the Consul agent at {shown} for a snapshot"
+            ))
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(snapshot_refused(resp, &shown, "GET").await);
+    }
+    let mut spool = crate::spool::Spool::create(dest).await?;
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .with_context(|| format!("reading the snapshot from {shown}"))?
+    {
+        spool.write(&chunk).await?;
+    }
+    let saved = spool.finish().await?;
+    if saved.size == 0 {
+        anyhow::bail!("the Consul agent at {shown} sent an empty snapshot");
+    }
+    Ok(saved)
+}
+
+/// Restores `file` into the servers (`PUT /v1/snapshot`, what `consul
+/// snapshot restore` does): Consul's whole state is replaced by it.
+pub async fn restore_snapshot(token: Option<&str>, file: &crate::spool::Spooled) -> Result<()> {
+    let mut api = Api::from_env(None)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
+    let shown = api.shown.clone();
+    let body = tokio::fs::File::open(&file.path)
+        .await
+        .with_context(|| format!("opening {}", file.path.display()))?;
+    let resp = api
+        .request(reqwest::Method::PUT, "/v1/snapshot")
+        .timeout(SNAPSHOT_TIMEOUT)
+        .header(reqwest::header::CONTENT_LENGTH, file.size)
+        .body(reqwest::Body::from(body))
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow!(e).context(format!(
+                "sending the snapshot to the Consul agent at {shown}"
+            ))
+        })?;
+    if !resp.status().is_success() {
+        return Err(snapshot_refused(resp, &shown, "PUT").await);
+    }
+    Ok(())
+}
+
+async fn snapshot_refused(resp: reqwest::Response, shown: &str, method: &str) -> anyhow::Error {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let hint = match status.as_u16() {
+        403 => ": it needs a management token (--secrets makes one at genesis, or set CONSUL_HTTP_TOKEN)",
+        500 if body.contains("No cluster leader") => ": there is no leader yet; try again once there is",
+        _ => "",
+    };
+    anyhow!(
+        "the Consul agent at {shown} answered {status} to {method} /v1/snapshot{hint}: {}",
+        body.trim().chars().take(200).collect::<String>()
+    )
 }
 
 #[cfg(test)]

@@ -292,6 +292,27 @@ pub struct GlobalOpts {
           global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
     pub gate_wait: u64,
 
+    /// Seconds between the leader's snapshots of Consul's state to the
+    /// registry bucket (`snapshots/<cluster id>/`); 0 turns them off. The
+    /// interval is the recovery point: what a lost cluster can lose.
+    ///
+    /// Servers run auto-consul-snapshot.timer; only the leader saves
+    /// [default: 3600].
+    #[arg(hide_short_help = true, help_heading = "Snapshots and recovery", long, env = "AUTO_CONSUL_SNAPSHOT_INTERVAL",
+          value_name = "SECONDS", global = true, allow_negative_numbers = true, value_parser = snapshot_interval)]
+    pub snapshot_interval: Option<u64>,
+
+    /// How many snapshots the leader keeps; it deletes older ones after
+    /// each save [default: 24].
+    #[arg(hide_short_help = true, help_heading = "Snapshots and recovery", long, env = "AUTO_CONSUL_SNAPSHOT_KEEP",
+          value_name = "N", global = true, allow_negative_numbers = true, value_parser = snapshot_keep)]
+    pub snapshot_keep: Option<u32>,
+
+    /// A new cluster that replaces a gone one starts empty instead of
+    /// restoring the old cluster's newest snapshot.
+    #[arg(hide_short_help = true, help_heading = "Snapshots and recovery", long, env = "AUTO_CONSUL_NO_RESTORE", global = true)]
+    pub no_restore: bool,
+
     /// Overall wait, in seconds, for the instance metadata service at boot.
     #[arg(hide_short_help = true, help_heading = "Identity", long, env = "AUTO_CONSUL_IMDS_TIMEOUT", value_name = "SECONDS",
           default_value_t = 30, global = true,
@@ -383,6 +404,24 @@ pub enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// Save a snapshot of Consul's state to the registry bucket, when this
+    /// server's Consul is the leader; keep the newest --snapshot-keep.
+    /// First, restore the snapshot a new cluster owes (a cluster that
+    /// replaced a gone one), once.
+    ///
+    /// Run by auto-consul-snapshot.timer on servers. Elsewhere it does
+    /// nothing and says why.
+    Snapshot,
+    /// Restore a snapshot from the registry into this cluster (`PUT
+    /// /v1/snapshot`: it replaces Consul's whole state), after checking its
+    /// SHA-256; without KEY, list the snapshots there are.
+    Restore {
+        /// The snapshot's key, as listed (snapshots/<cluster id>/<stamp>-<node>.snap).
+        key: Option<String>,
+        /// Drop the restore this cluster owes at genesis; restore nothing.
+        #[arg(long, conflicts_with = "key")]
+        cancel: bool,
+    },
     /// Print shell completions for SHELL (bash, zsh, fish, elvish,
     /// powershell) to stdout.
     Completions {
@@ -435,6 +474,8 @@ impl Command {
                 | Command::Cluster { .. }
                 | Command::Secrets { .. }
                 | Command::Recover { .. }
+                | Command::Snapshot
+                | Command::Restore { .. }
         )
     }
 
@@ -526,6 +567,16 @@ impl GlobalOpts {
     pub fn agent_expiry(&self) -> u64 {
         self.agent_expiry.unwrap_or(DEFAULT_AGENT_EXPIRY)
     }
+
+    /// `--snapshot-interval`, or its default; 0: no snapshots.
+    pub fn snapshot_interval(&self) -> u64 {
+        self.snapshot_interval.unwrap_or(SNAPSHOT_INTERVAL_DEFAULT)
+    }
+
+    /// `--snapshot-keep`, or its default.
+    pub fn snapshot_keep(&self) -> u32 {
+        self.snapshot_keep.unwrap_or(SNAPSHOT_KEEP_DEFAULT)
+    }
 }
 
 /// `--servers` when not given.
@@ -545,6 +596,35 @@ fn seconds_in(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, String> + Clone 
             .filter(|n| (lo..=hi).contains(n))
             .ok_or_else(|| format!("must be a whole number of seconds from {lo} to {hi}"))
     }
+}
+
+/// The snapshot interval's bounds: off, or at least a minute.
+pub const SNAPSHOT_INTERVAL_RANGE: std::ops::RangeInclusive<u64> = 60..=604_800;
+/// The default snapshot interval, seconds.
+pub const SNAPSHOT_INTERVAL_DEFAULT: u64 = 3600;
+/// The default number of snapshots kept.
+pub const SNAPSHOT_KEEP_DEFAULT: u32 = 24;
+
+fn snapshot_interval(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n == 0 || SNAPSHOT_INTERVAL_RANGE.contains(n))
+        .ok_or_else(|| {
+            format!(
+                "must be 0 (no snapshots) or a whole number of seconds from {} to {}",
+                SNAPSHOT_INTERVAL_RANGE.start(),
+                SNAPSHOT_INTERVAL_RANGE.end()
+            )
+        })
+}
+
+fn snapshot_keep(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=10_000).contains(n))
+        .ok_or_else(|| "must be a whole number of snapshots from 1 to 10000".into())
 }
 
 fn servers_in_range(s: &str) -> Result<u32, String> {

@@ -317,6 +317,7 @@ mod tests {
                 agent_expiry: None,
                 created: String::new(),
                 retired: false,
+                restore: None,
             }),
         });
     }

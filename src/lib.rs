@@ -20,6 +20,7 @@ pub mod registry;
 pub mod render;
 pub mod retry;
 pub mod secrets;
+pub mod spool;
 pub mod state;
 pub mod termination;
 

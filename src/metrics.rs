@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 
 use crate::install::{self, FileSpec, Root};
 use crate::model::Mode;
-use crate::registry::{Condition, Listed, Object, PutOutcome, Store};
+use crate::registry::{Condition, Fetched, Listed, Object, PutOutcome, Store};
 
 /// What the command reported.
 #[derive(Debug, Default, Clone)]
@@ -27,6 +27,8 @@ struct Facts {
     slot: Option<Option<u32>>,
     live_servers: Option<usize>,
     purged: Option<usize>,
+    /// When the snapshot this command saved was saved.
+    snapshot_saved: Option<DateTime<Utc>>,
     /// (kind, errors?) -> count.
     requests: BTreeMap<(&'static str, bool), u64>,
 }
@@ -54,6 +56,11 @@ pub fn live_servers(n: usize) {
 /// How many heartbeat keys the command purged.
 pub fn purged(n: usize) {
     with(|f| f.purged = Some(n));
+}
+
+/// When the snapshot the command saved was saved.
+pub fn snapshot_saved(at: DateTime<Utc>) {
+    with(|f| f.snapshot_saved = Some(at));
 }
 
 fn request(kind: &'static str, failed: bool) {
@@ -110,6 +117,18 @@ impl Store for Counted {
         r
     }
 
+    async fn put_file(&self, key: &str, path: &Path, sha256: &str) -> Result<()> {
+        let r = self.0.put_file(key, path, sha256).await;
+        request("put", r.is_err());
+        r
+    }
+
+    async fn get_file(&self, key: &str, dest: &Path) -> Result<Option<Fetched>> {
+        let r = self.0.get_file(key, dest).await;
+        request("get", r.is_err());
+        r
+    }
+
     async fn now(&self) -> DateTime<Utc> {
         self.0.now().await
     }
@@ -162,6 +181,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "gauge",
         "Heartbeat keys the command's last run purged.",
     ),
+    (
+        "auto_consul_snapshot_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time this node last saved a snapshot of Consul's state to the registry.",
+    ),
 ];
 
 /// Writes the metrics of `command` (which ended now, `ok` or not) into
@@ -190,7 +214,11 @@ pub fn write(root: &Root, path: &Path, command: &str, ok: bool) -> Result<()> {
         // The node's mode and slot are replaced by a command that knows them.
         let replaced =
             line.contains(&mine) || (facts.mode.is_some() && !line.contains("command=\""));
-        let keep = !replaced || (!ok && name == "auto_consul_last_success_timestamp_seconds");
+        // What only a success says stays until the next success says it.
+        let kept_until_said = (!ok && name == "auto_consul_last_success_timestamp_seconds")
+            || (facts.snapshot_saved.is_none()
+                && name == "auto_consul_snapshot_last_success_timestamp_seconds");
+        let keep = !replaced || kept_until_said;
         if keep {
             samples.entry(fname).or_default().push(line.to_string());
         }
@@ -253,6 +281,13 @@ pub fn write(root: &Root, path: &Path, command: &str, ok: bool) -> Result<()> {
     }
     if let Some(n) = facts.purged {
         add("auto_consul_heartbeats_purged", mine.clone(), n.to_string());
+    }
+    if let Some(at) = facts.snapshot_saved {
+        add(
+            "auto_consul_snapshot_last_success_timestamp_seconds",
+            mine.clone(),
+            (at.timestamp_millis() as f64 / 1000.0).to_string(),
+        );
     }
     let mut text = String::new();
     for (name, kind, help) in FAMILIES {

@@ -359,6 +359,55 @@ pub struct ClusterRecord {
     /// cluster may replace it (the witness rule's way out).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retired: bool,
+    /// Set at the genesis of a cluster that replaced a gone one: the old
+    /// cluster's newest valid snapshot is restored into this one, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestorePlan>,
+}
+
+/// Where a replacing cluster's restore stands (`ClusterRecord::restore`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePlan {
+    /// The cluster replaced: its snapshots are under `snapshots/<from>/`.
+    pub from: String,
+    /// What has happened so far.
+    pub state: RestoreState,
+    /// The snapshot chosen, once one is (registry key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Its SHA-256, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The node that restored it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// When the state last changed, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+/// The steps of a restore at genesis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreState {
+    /// To do, once a leader is up.
+    Pending,
+    /// A snapshot was chosen and sent to Consul; not known to be done (a
+    /// node stopped mid-way sends it again).
+    Restoring,
+    /// Restored.
+    Done,
+    /// The old cluster left no valid snapshot.
+    Nothing,
+    /// An operator chose otherwise (`restore KEY` or `restore --cancel`).
+    Cancelled,
+}
+
+impl RestoreState {
+    /// Whether a restore is still to be done.
+    pub fn open(self) -> bool {
+        matches!(self, RestoreState::Pending | RestoreState::Restoring)
+    }
 }
 
 impl ClusterRecord {
@@ -377,6 +426,18 @@ impl ClusterRecord {
         }
         if !registry_node_name_ok(&rec.cluster_id) {
             return Err("cluster record has an invalid cluster id".to_string());
+        }
+        if let Some(plan) = &rec.restore {
+            if !registry_node_name_ok(&plan.from) {
+                return Err("cluster record restores from an invalid cluster id".to_string());
+            }
+            if plan
+                .key
+                .as_ref()
+                .is_some_and(|k| SnapshotKey::parse(&plan.from, k).is_none())
+            {
+                return Err("cluster record restores a key outside its snapshots".to_string());
+            }
         }
         validate_address(&rec.bootstrap_address.to_string())?;
         if !(1..=MAX_SERVERS).contains(&rec.servers) {
@@ -431,6 +492,39 @@ pub fn slot_key(i: u32) -> String {
 
 /// The key of the cluster record.
 pub const CLUSTER_KEY: &str = "cluster";
+
+/// The directory of cluster `id`'s snapshots.
+pub fn snapshots_dir(id: &str) -> String {
+    format!("snapshots/{id}/")
+}
+
+/// A snapshot's key, `snapshots/<cluster id>/<YYYYmmddHHMMSS>-<node>.snap`:
+/// names sort by time (the store's clock), the newest last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotKey {
+    /// The cluster whose state it holds.
+    pub cluster: String,
+    /// When it was saved and by whom.
+    pub stamp: HeartbeatKey,
+}
+
+impl SnapshotKey {
+    /// Parses a registry key under `snapshots/<cluster>/`; `None` for
+    /// anything else (junk is never restored or deleted).
+    pub fn parse(cluster: &str, key: &str) -> Option<SnapshotKey> {
+        let name = key.strip_prefix(&snapshots_dir(cluster))?;
+        let stamp = HeartbeatKey::parse(name.strip_suffix(".snap")?)?;
+        Some(SnapshotKey {
+            cluster: cluster.to_string(),
+            stamp,
+        })
+    }
+
+    /// The registry key.
+    pub fn key(&self) -> String {
+        format!("{}{}.snap", snapshots_dir(&self.cluster), self.stamp.name())
+    }
+}
 
 #[cfg(test)]
 mod tests {

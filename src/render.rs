@@ -543,6 +543,62 @@ pub fn heartbeat_timer(expiry: u64) -> String {
     )
 }
 
+/// The snapshot unit, on servers: `auto-consul snapshot` (the leader
+/// saves; a restore a new cluster owes comes first). A run with no leader
+/// yet fails and is tried again soon, so that restore does not wait an
+/// interval.
+pub fn snapshot_service(paths: &UnitPaths<'_>) -> String {
+    let sandbox = small_sandbox(paths, paths.registry_rw().trim_start().to_string(), false);
+    format!(
+        "{MARKER}.\n\
+         [Unit]\n\
+         Description=auto-consul snapshot: save the leader's Consul state to the registry\n\
+         Wants=network-online.target\n\
+         After=network-online.target consul.service\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         EnvironmentFile={env_file}\n\
+         ExecStart={auto_consul} snapshot\n\
+         # Snapshots of gigabytes stream through the state directory.\n\
+         TimeoutStartSec=6h\n\
+         Restart=on-failure\n\
+         RestartSec=30s\n\
+         Nice=10\n\
+         IOSchedulingClass=idle\n\
+         {sandbox}",
+        env_file = paths.env_file,
+        auto_consul = paths.auto_consul,
+    )
+}
+
+/// The snapshot timer: a first run a minute after boot (a restore owed at
+/// genesis), then every `interval` seconds; with 0 (no snapshots), only
+/// the first.
+pub fn snapshot_timer(interval: u64) -> String {
+    let (what, every) = if interval == 0 {
+        ("once after boot (snapshots off)".to_string(), String::new())
+    } else {
+        (
+            format!("every {interval}s"),
+            format!("OnUnitActiveSec={interval}s\nRandomizedDelaySec={}s\n", (interval / 20).min(300)),
+        )
+    };
+    format!(
+        "{MARKER}.\n\
+         [Unit]\n\
+         Description=auto-consul snapshot {what}\n\
+         \n\
+         [Timer]\n\
+         OnActiveSec=60s\n\
+         {every}\
+         AccuracySec=1s\n\
+         \n\
+         [Install]\n\
+         WantedBy=timers.target\n"
+    )
+}
+
 /// The launch gate's unit (an instance in an autoscaling group with a
 /// launch hook): after Consul starts, `auto-consul gate` waits until the
 /// node is in service, then completes the hook. Written and started by
@@ -973,6 +1029,11 @@ mod tests {
             &heartbeat_service(&packaged_paths()),
         );
         golden("auto-consul-leave.service", &leave_unit(&packaged_paths()));
+        golden(
+            "auto-consul-snapshot.service",
+            &snapshot_service(&packaged_paths()),
+        );
+        golden("auto-consul-snapshot.timer", &snapshot_timer(3600));
     }
 
     #[test]

@@ -360,6 +360,13 @@ impl std::fmt::Debug for Material {
     }
 }
 
+/// The management token cluster `cluster` made at genesis, if it did;
+/// nothing is made (the cluster may be gone).
+pub async fn management_token(store: &dyn SecretStore, cluster: &str) -> Result<Option<String>> {
+    let name = format!("{cluster}/{}", Secret::ManagementToken.rel());
+    Ok(store.get(&name).await?.map(|v| v.trim().to_string()))
+}
+
 /// Reads (agents) or makes-then-reads (servers) cluster `cluster`'s
 /// secrets. Servers finish whatever an interrupted genesis left undone; an
 /// agent whose secrets the servers have not made yet fails (exit 1: the

@@ -103,6 +103,7 @@ fn the_units_run_and_install_write_meet_their_exposure_goals() {
         ("auto-consul-heartbeat.service", 3.0),
         ("auto-consul-leave.service", 3.0),
         ("auto-consul-gate.service", 3.0),
+        ("auto-consul-snapshot.service", 3.0),
         ("auto-consul.service", 6.0),
         ("consul.service", 5.0),
     ];

@@ -62,6 +62,9 @@ fn units_for_consul_from_a_zip_pass_systemd_analyze_verify() {
         "auto-consul-heartbeat.service",
         "auto-consul-heartbeat.timer",
         "auto-consul-leave.service",
+        // A server (this one bootstraps): the snapshot units.
+        "auto-consul-snapshot.service",
+        "auto-consul-snapshot.timer",
     ] {
         assert!(units.join(f).is_file(), "{f} not written");
     }
@@ -72,6 +75,8 @@ fn units_for_consul_from_a_zip_pass_systemd_analyze_verify() {
             "auto-consul-heartbeat.service",
             "auto-consul-heartbeat.timer",
             "auto-consul-leave.service",
+            "auto-consul-snapshot.service",
+            "auto-consul-snapshot.timer",
         ],
     );
     assert!(

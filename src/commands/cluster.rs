@@ -172,6 +172,7 @@ fn report(opts: &GlobalOpts, record: &ClusterRecord, what: &str) {
                 "expiry": record.expiry,
                 "agent_expiry": record.agent_expiry,
                 "retired": record.retired,
+                "restore": record.restore,
             })
         );
     } else {
@@ -185,5 +186,19 @@ fn report(opts: &GlobalOpts, record: &ClusterRecord, what: &str) {
             ),
             if record.retired { ", retired" } else { "" }
         );
+        if let Some(plan) = &record.restore {
+            println!(
+                "restore of cluster {}'s snapshot: {}{}",
+                plan.from,
+                serde_json::to_value(plan.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                plan.key
+                    .as_deref()
+                    .map(|k| format!(" ({k})"))
+                    .unwrap_or_default()
+            );
+        }
     }
 }

@@ -53,6 +53,14 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
     let view = read_view(opened.store.as_ref(), seed_settings(opts), Agents::All).await?;
     // Servers as the decision counts them: slot holders and heartbeats.
     let servers = live_servers(&view, "", view.settings.expiry);
+    let snapshot = match view.record() {
+        Some(r) => super::snapshot::newest(opened.store.as_ref(), &r.cluster_id).await?,
+        None => None,
+    };
+    let now = opened.store.now().await;
+    let snapshot_age = snapshot
+        .as_ref()
+        .map(|(_, at)| crate::model::age_seconds(*at, now));
     if opts.json {
         let list = |ms: &[Member]| {
             ms.iter()
@@ -70,6 +78,7 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
             "{}",
             json!({
                 "cluster": cluster_json(&view),
+                "snapshot": snapshot.as_ref().map(|(key, _)| json!({"newest": key, "age_seconds": snapshot_age})),
                 "servers": list(&servers),
                 "agents": list(&view.agents),
             })
@@ -77,6 +86,11 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
         return Ok(());
     }
     println!("{}", cluster_line(&view));
+    match (&snapshot, snapshot_age) {
+        (Some((key, _)), Some(age)) => println!("newest snapshot: {key} ({age}s ago)"),
+        _ if view.record().is_some() => println!("newest snapshot: none"),
+        _ => {}
+    }
     for (title, ms) in [("servers", &servers), ("agents", &view.agents)] {
         println!("{title} ({}):", ms.len());
         for m in ms {

@@ -12,6 +12,7 @@ mod recover;
 mod rejoin;
 mod run;
 mod secrets;
+mod snapshot;
 mod status;
 
 use std::path::Path;
@@ -42,6 +43,12 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Secrets { action } => secrets::secrets(&cli.global, &action).await,
         Command::Gate => gate::gate(&cli.global).await,
         Command::Recover { apply, .. } => recover::recover(&cli.global, apply).await,
+        Command::Snapshot => {
+            measured(&cli.global, "snapshot", snapshot::snapshot(&cli.global)).await
+        }
+        Command::Restore { key, cancel } => {
+            snapshot::restore(&cli.global, key.as_deref(), cancel).await
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut text = Vec::new();
@@ -253,6 +260,15 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
     }
     if let Some(url) = &opts.secrets {
         vars.push(("AUTO_CONSUL_SECRETS", url.to_string()));
+    }
+    if let Some(i) = opts.snapshot_interval {
+        vars.push(("AUTO_CONSUL_SNAPSHOT_INTERVAL", i.to_string()));
+    }
+    if let Some(k) = opts.snapshot_keep {
+        vars.push(("AUTO_CONSUL_SNAPSHOT_KEEP", k.to_string()));
+    }
+    if opts.no_restore {
+        vars.push(("AUTO_CONSUL_NO_RESTORE", "true".into()));
     }
     if opts.sandbox_consul {
         vars.push(("AUTO_CONSUL_SANDBOX_CONSUL", "true".into()));

@@ -41,6 +41,7 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
         agent: Value::Null,
         heartbeat_age: None,
         timer: None,
+        snapshot: Value::Null,
     };
     if h.saved.is_none() {
         h.degraded("this node has no state: `auto-consul run` never set it up");
@@ -74,6 +75,8 @@ struct Health {
     agent: Value,
     heartbeat_age: Option<i64>,
     timer: Option<String>,
+    /// A server's view of its cluster's newest snapshot.
+    snapshot: Value,
 }
 
 impl Health {
@@ -96,7 +99,12 @@ impl Health {
         match read_cluster(store).await {
             Err(e) => self.degraded(format!("the registry {url} cannot be read: {e:#}")),
             Ok(None) => self.degraded(format!("the registry {url} has no cluster record")),
-            Ok(Some((record, _))) => self.record(opts, &record),
+            Ok(Some((record, _))) => {
+                self.record(opts, &record);
+                if self.saved.as_ref().is_some_and(|s| s.mode.is_server()) {
+                    self.snapshot(opts, store, &record.cluster_id).await;
+                }
+            }
         }
         if let Some((node, instance, index)) = self
             .saved
@@ -111,6 +119,27 @@ impl Health {
         let now = store.now().await;
         self.heartbeat_age =
             state::recorded_time(root, state::HEARTBEAT_AT).map(|t| (now - t).num_seconds().max(0));
+    }
+
+    /// A server's check of its cluster's newest snapshot (one listing, on
+    /// servers only): degraded when the newest is older than two
+    /// intervals and ten minutes (the leader's timer is not saving).
+    async fn snapshot(&mut self, opts: &GlobalOpts, store: &dyn crate::registry::Store, cluster: &str) {
+        let interval = opts.snapshot_interval();
+        match super::snapshot::newest(store, cluster).await {
+            Err(e) => self.degraded(format!("the snapshots cannot be listed: {e:#}")),
+            Ok(None) => self.snapshot = json!({"newest": null, "interval": interval}),
+            Ok(Some((key, at))) => {
+                let age = crate::model::age_seconds(at, store.now().await);
+                if interval > 0 && age > 2 * interval + 600 {
+                    self.degraded(format!(
+                        "the newest snapshot {key} is {age}s old, past two intervals ({interval}s): \
+                         is auto-consul-snapshot.timer running on the leader?"
+                    ));
+                }
+                self.snapshot = json!({"newest": key, "age_seconds": age, "interval": interval});
+            }
+        }
     }
 
     fn record(&mut self, opts: &GlobalOpts, record: &crate::model::ClusterRecord) {
@@ -231,6 +260,7 @@ impl Health {
             "agent": self.agent,
             "heartbeat_age_seconds": self.heartbeat_age,
             "timer": self.timer,
+            "snapshot": self.snapshot,
         })
     }
 
@@ -283,6 +313,15 @@ impl Health {
         }
         if let Some(t) = &self.timer {
             println!("heartbeat timer: {t}");
+        }
+        if !self.snapshot.is_null() {
+            match self.snapshot["newest"].as_str() {
+                Some(key) => println!(
+                    "newest snapshot: {key} ({}s ago)",
+                    self.snapshot["age_seconds"]
+                ),
+                None => println!("newest snapshot: none yet"),
+            }
         }
         if self.reasons.is_empty() {
             println!("healthy");

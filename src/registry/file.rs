@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use super::{Condition, Listed, Object, PutOutcome, Store};
+use super::{Condition, Fetched, Listed, Object, PutOutcome, Store};
 use crate::error::usage;
 use crate::model::MAX_BODY_BYTES;
 use crate::retry::Backoff;
@@ -100,6 +100,23 @@ impl FileStore {
             body,
             last_modified,
         }))
+    }
+
+    /// Where a large object's metadata (its SHA-256) is kept: a hidden
+    /// file beside it, which listings skip.
+    fn sidecar(&self, key: &str) -> PathBuf {
+        let path = self.path(key);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        path.with_file_name(format!(".{name}.sha256"))
+    }
+
+    fn write_sidecar(&self, key: &str, sha256: &str) -> Result<()> {
+        let path = self.sidecar(key);
+        fs::write(&path, format!("{sha256}\n"))
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     fn write(&self, key: &str, body: &[u8]) -> Result<String> {
@@ -209,14 +226,48 @@ impl Store for FileStore {
 
     async fn delete(&self, keys: &[String]) -> Result<usize> {
         for key in keys {
-            let path = self.path(key);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("deleting {}", path.display())),
+            for path in [self.path(key), self.sidecar(key)] {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("deleting {}", path.display()));
+                    }
+                }
             }
         }
         Ok(keys.len())
+    }
+
+    async fn put_file(&self, key: &str, path: &Path, sha256: &str) -> Result<()> {
+        let dest = self.path(key);
+        let parent = dest.parent().expect("registry keys have a parent");
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        // The metadata first: a key never shows without its hash.
+        self.write_sidecar(key, sha256)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(parent)
+            .with_context(|| format!("creating a temporary file in {}", parent.display()))?
+            .into_temp_path();
+        crate::spool::copy(path, &tmp).await?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("writing {}", dest.display()))?;
+        tmp.persist(&dest)
+            .with_context(|| format!("renaming into {}", dest.display()))?;
+        Ok(())
+    }
+
+    async fn get_file(&self, key: &str, dest: &Path) -> Result<Option<Fetched>> {
+        let src = self.path(key);
+        if !src.is_file() {
+            return Ok(None);
+        }
+        let claimed = fs::read_to_string(self.sidecar(key))
+            .ok()
+            .map(|s| s.trim().to_string());
+        let file = crate::spool::copy(&src, dest).await?;
+        Ok(Some(Fetched { file, claimed }))
     }
 
     async fn now(&self) -> DateTime<Utc> {

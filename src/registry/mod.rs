@@ -8,6 +8,7 @@ mod s3;
 pub mod view;
 
 use std::fmt;
+use std::path::Path;
 
 use anyhow::Result;
 use async_trait::async_trait;
@@ -40,6 +41,33 @@ pub struct Object {
     pub etag: String,
     /// When the store last wrote it.
     pub last_modified: DateTime<Utc>,
+}
+
+/// A large object read into a file.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// What was written, with the hash of its bytes.
+    pub file: crate::spool::Spooled,
+    /// The SHA-256 the object's metadata claims, if any.
+    pub claimed: Option<String>,
+}
+
+impl Fetched {
+    /// Whether the bytes are what was saved: the metadata names a SHA-256
+    /// and the bytes have it.
+    pub fn intact(&self) -> Result<(), String> {
+        match &self.claimed {
+            None => Err("it carries no sha256 metadata".into()),
+            Some(c) if !crate::spool::is_sha256(c) => {
+                Err(format!("its sha256 metadata `{}` is not a SHA-256", c.escape_debug()))
+            }
+            Some(c) if !c.eq_ignore_ascii_case(&self.file.sha256) => Err(format!(
+                "its bytes hash to {}, not the {c} saved with it",
+                self.file.sha256
+            )),
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 /// The precondition of a write.
@@ -102,6 +130,13 @@ pub trait Store: Send + Sync {
     async fn put(&self, key: &str, body: Vec<u8>, condition: Condition) -> Result<PutOutcome>;
     /// Deletes keys; returns the number of requests made.
     async fn delete(&self, keys: &[String]) -> Result<usize>;
+    /// Writes the file at `path` to `key`, streamed (S3: multipart past
+    /// one part), with its SHA-256 (hex) kept as the object's metadata
+    /// `sha256`. For snapshots; never a registry record.
+    async fn put_file(&self, key: &str, path: &Path, sha256: &str) -> Result<()>;
+    /// Reads `key` into the file `dest`, streamed and hashed; `None` when
+    /// the key does not exist.
+    async fn get_file(&self, key: &str, dest: &Path) -> Result<Option<Fetched>>;
     /// The store's current time: what every age is measured against
     /// (DESIGN.md, Day-2 rules: one clock, the store's). For S3, the `Date`
     /// of its latest response, advanced by the time elapsed here since; for

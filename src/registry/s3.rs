@@ -7,7 +7,9 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_sdk_s3::primitives::Length;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use std::path::Path;
 use chrono::{DateTime, Utc};
 
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef
 use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 
 use super::clock::{StoreClock, parse_http_date};
-use super::{Condition, Listed, Object, PutOutcome, Store};
+use super::{Condition, Fetched, Listed, Object, PutOutcome, Store};
 use crate::error::usage_because;
 use crate::model::MAX_BODY_BYTES;
 
@@ -200,7 +202,7 @@ where
 /// heartbeats and the cluster record; both may read the registry and
 /// write agents' heartbeats.
 fn who_may(action: &str, key: &str) -> &'static str {
-    let servers_only = ["slots/", "servers/", "cluster"]
+    let servers_only = ["slots/", "servers/", "cluster", "snapshots/"]
         .iter()
         .any(|p| key.starts_with(p));
     match action {
@@ -431,7 +433,185 @@ impl Store for S3Store {
         Ok(requests)
     }
 
+    async fn put_file(&self, key: &str, path: &Path, sha256: &str) -> Result<()> {
+        let size = tokio::fs::metadata(path)
+            .await
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        if size <= PART_BYTES {
+            let body = file_part(path, 0, size).await?;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .content_type(SNAPSHOT_TYPE)
+                .metadata("sha256", sha256)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| self.upload_error(key, e))?;
+            return Ok(());
+        }
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .content_type(SNAPSHOT_TYPE)
+            .metadata("sha256", sha256)
+            .send()
+            .await
+            .map_err(|e| self.upload_error(key, e))?;
+        let id = upload
+            .upload_id()
+            .context("S3 started a multipart upload without an id")?
+            .to_string();
+        let parts = self.upload_parts(key, &id, path, size).await;
+        let done = match parts {
+            Ok(parts) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(&id)
+                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.upload_error(key, e)),
+            Err(e) => Err(e),
+        };
+        if done.is_err() {
+            // Parts left behind cost storage: dropped now (the module's
+            // lifecycle rule also aborts incomplete uploads).
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(&id)
+                .send()
+                .await;
+        }
+        done
+    }
+
+    async fn get_file(&self, key: &str, dest: &Path) -> Result<Option<Fetched>> {
+        let resp = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(SdkError::ServiceError(ctx))
+                if matches!(ctx.err(), GetObjectError::NoSuchKey(_)) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(explain(
+                    e,
+                    format!("downloading {}", self.url(key)),
+                    ("s3:GetObject", key),
+                ));
+            }
+        };
+        let claimed = resp
+            .metadata()
+            .and_then(|m| m.get("sha256"))
+            .map(|s| s.trim().to_string());
+        let mut spool = crate::spool::Spool::create(dest).await?;
+        let mut body = resp.body;
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .with_context(|| format!("downloading {}", self.url(key)))?
+        {
+            spool.write(&chunk).await?;
+        }
+        Ok(Some(Fetched {
+            file: spool.finish().await?,
+            claimed,
+        }))
+    }
+
     async fn now(&self) -> DateTime<Utc> {
         self.clock.now_or_local(&format!("S3 ({})", self.url("")))
+    }
+}
+
+/// A multipart upload's part size: the file is read a part at a time,
+/// streamed (memory stays far below it); 10 000 parts make 160 GiB.
+const PART_BYTES: u64 = 16 * 1024 * 1024;
+/// What a Consul snapshot is (`GET /v1/snapshot`'s Content-Type).
+const SNAPSHOT_TYPE: &str = "application/x-gzip";
+
+/// `length` bytes of the file at `path` from `offset`, streamed.
+async fn file_part(path: &Path, offset: u64, length: u64) -> Result<ByteStream> {
+    ByteStream::read_from()
+        .path(path)
+        .offset(offset)
+        .length(Length::Exact(length))
+        .build()
+        .await
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+impl S3Store {
+    fn upload_error<E>(&self, key: &str, err: SdkError<E>) -> anyhow::Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        explain(
+            err,
+            format!("uploading {}", self.url(key)),
+            ("s3:PutObject", key),
+        )
+    }
+
+    /// Uploads the parts of `path` one after the other.
+    async fn upload_parts(
+        &self,
+        key: &str,
+        id: &str,
+        path: &Path,
+        size: u64,
+    ) -> Result<Vec<CompletedPart>> {
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        let mut number = 1;
+        while offset < size {
+            let length = PART_BYTES.min(size - offset);
+            let body = file_part(path, offset, length).await?;
+            let resp = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(id)
+                .part_number(number)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| {
+                    explain(
+                        e,
+                        format!("uploading part {number} of {}", self.url(key)),
+                        ("s3:PutObject", key),
+                    )
+                })?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(resp.e_tag().map(str::to_string))
+                    .build(),
+            );
+            offset += length;
+            number += 1;
+        }
+        Ok(parts)
     }
 }

@@ -13,12 +13,19 @@ named by --leave-file; `PUT /v1/agent/join/<address>` (what `consul join`
 sends) appends the address to --join-file and answers 200, or 403 with
 --token when the token differs. With --tls-cert/--tls-key it serves HTTPS,
 and with --tls-client-ca it demands a client certificate signed by that CA
-(an agent whose HTTPS listener has verify_incoming). Prints `PORT=<n>` first; exits when its parent goes
-away.
+(an agent whose HTTPS listener has verify_incoming). `GET /v1/snapshot`
+streams the file named by --snapshot-file (Consul: application/x-gzip, with
+X-Consul-Index), and `PUT /v1/snapshot` reads the body it is sent and, when
+all of Content-Length arrived, appends its SHA-256 and size to
+<--restore-dir>/restores.jsonl (a body cut short goes to aborted.jsonl, as
+Consul drops a restore whose stream breaks); both need the --acl-management
+token when it is set (Consul: a management token). Prints `PORT=<n>` first;
+exits when its parent goes away.
 """
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import ssl
@@ -92,6 +99,14 @@ def main():
         help="serve GET /v1/operator/autopilot/health with this file's JSON (Consul's OperatorHealthReply: "
         "Healthy, FailureTolerance, Servers[{ID, Name, Address, Healthy, Voter, Leader, ...}]), read at each request",
     )
+    parser.add_argument("--snapshot-file", help="GET /v1/snapshot streams this file")
+    parser.add_argument("--restore-dir", help="PUT /v1/snapshot records what it received here")
+    parser.add_argument(
+        "--restore-pace-ms",
+        type=float,
+        default=0,
+        help="sleep this long after each MiB of a restore's body (a restore a test can interrupt)",
+    )
     args = parser.parse_args()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
     own = f"{args.address}:8300"
@@ -148,6 +163,22 @@ def main():
                 # same body (agent/operator_endpoint.go).
                 code = 200 if json.loads(health).get("Healthy") else 429
                 return self.reply(code, health, "application/json")
+            if path == "/v1/snapshot" and args.snapshot_file:
+                if args.acl_management and self.headers.get("X-Consul-Token") != args.acl_management:
+                    return self.reply(403, b"Permission denied", "text/plain")
+                size = os.path.getsize(args.snapshot_file)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-gzip")
+                self.send_header("X-Consul-Index", "42")
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                with open(args.snapshot_file, "rb") as f:
+                    while True:
+                        chunk = f.read(1 << 20)
+                        if not chunk:
+                            break
+                        self.wfile.write(chunk)
+                return
             if path == "/v1/acl/token/self" and args.acl_dir:
                 # Consul: the token the request carries, or 403 "ACL not found".
                 secret = self.headers.get("X-Consul-Token", "")
@@ -192,6 +223,10 @@ def main():
                     return self.reply(500, b"Invalid Token: SecretID is already in use", "text/plain")
             acl_log({"path": path, "by": args.node, "body": req})
             return self.reply(200, json.dumps(made).encode(), "application/json")
+        if path == "/v1/snapshot" and args.restore_dir:
+            if args.acl_management and self.headers.get("X-Consul-Token") != args.acl_management:
+                return self.reply(403, b"Permission denied", "text/plain")
+            return restore(self)
         if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
             return self.reply(403, b"Permission denied", "text/plain")
         if path == "/v1/agent/leave" and args.leave_file:
@@ -203,6 +238,28 @@ def main():
                 f.write(path[len("/v1/agent/join/"):] + "\n")
             return self.reply(200, b"", "text/plain")
         self.reply(404, b"404 page not found", "text/plain")
+
+    def restore(handler):
+        length = int(handler.headers.get("Content-Length") or 0)
+        with open(os.path.join(args.restore_dir, "started.jsonl"), "a") as f:
+            f.write(json.dumps({"by": args.node, "size": length}) + "\n")
+        digest, got = hashlib.sha256(), 0
+        while got < length:
+            chunk = handler.rfile.read(min(1 << 20, length - got))
+            if not chunk:
+                break
+            digest.update(chunk)
+            got += len(chunk)
+            if args.restore_pace_ms:
+                time.sleep(args.restore_pace_ms / 1000)
+        entry = {"by": args.node, "size": got, "sha256": digest.hexdigest()}
+        name = "restores.jsonl" if got == length and length > 0 else "aborted.jsonl"
+        with open(os.path.join(args.restore_dir, name), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if name == "aborted.jsonl":
+            handler.close_connection = True
+            return
+        handler.reply(200, b"", "text/plain")
 
     Handler.do_PUT = do_PUT
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)

@@ -12,7 +12,7 @@ use crate::claims::{Claims, Renewal};
 use crate::cli::RoleWanted;
 use crate::decision::{self, Step};
 use crate::identity::Identity;
-use crate::model::{CLUSTER_KEY, ClusterRecord, Mode, Settings};
+use crate::model::{CLUSTER_KEY, ClusterRecord, Mode, RestorePlan, RestoreState, Settings};
 use crate::registry::{Agents, Condition, RegistryView, Store, read_view};
 use crate::retry::Backoff;
 use crate::state::State;
@@ -76,6 +76,9 @@ pub(super) struct Elector<'a> {
     /// The secrets store (--secrets): a new cluster's secrets are made
     /// before its record is written.
     pub(super) secrets: Option<&'a dyn crate::secrets::SecretStore>,
+    /// A cluster that replaces a gone one restores its snapshot
+    /// (`--no-restore` turns this off).
+    pub(super) restore: bool,
 }
 
 impl Elector<'_> {
@@ -386,8 +389,12 @@ impl Elector<'_> {
                 "every server of cluster {stale} is confirmed gone: bootstrapping a NEW, EMPTY cluster {id} in its place"
             );
         }
-        // A new cluster: this node's flags seed its record.
-        if !self.write_cluster(&id, cluster, self.seed).await? {
+        // A new cluster: this node's flags seed its record, which names
+        // the cluster it replaces for the restore of its snapshot.
+        if !self
+            .write_cluster(&id, cluster, self.seed, cluster_id.as_deref())
+            .await?
+        {
             // Someone changed the record between our read and now: finish
             // under whatever is there.
             let now = read_view(self.store, self.seed, Agents::Recent(0)).await?;
@@ -505,7 +512,24 @@ impl Elector<'_> {
         id: &str,
         condition: Condition,
         settings: Settings,
+        replaces: Option<&str>,
     ) -> Result<bool> {
+        let restore = replaces
+            .filter(|old| *old != id && self.restore)
+            .map(|old| RestorePlan {
+                from: old.to_string(),
+                state: RestoreState::Pending,
+                key: None,
+                sha256: None,
+                node: None,
+                at: Some(Utc::now().to_rfc3339()),
+            });
+        if let Some(plan) = &restore {
+            tracing::warn!(
+                "cluster {id} replaces cluster {}: its newest valid snapshot will be restored once this node's Consul leads                  (auto-consul-snapshot.service; --no-restore opts out)",
+                plan.from
+            );
+        }
         let record = ClusterRecord {
             cluster_id: id.to_string(),
             bootstrap_node: self.me.node.clone(),
@@ -515,6 +539,7 @@ impl Elector<'_> {
             agent_expiry: Some(settings.agent_expiry),
             created: Utc::now().to_rfc3339(),
             retired: false,
+            restore,
         };
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a
@@ -544,7 +569,11 @@ impl Elector<'_> {
             Some(c) => Condition::Matches(c.etag.clone()),
         };
         tracing::warn!("holding slot 0 for cluster {id} with no record of it: writing the record");
-        if !self.write_cluster(id, condition, settings).await? {
+        let replaces = view.record().map(|r| r.cluster_id.clone());
+        if !self
+            .write_cluster(id, condition, settings, replaces.as_deref())
+            .await?
+        {
             bail!(
                 "the cluster record of {} changed while this node finished bootstrapping cluster {id}; run again",
                 self.registry

@@ -27,6 +27,9 @@ pub(super) const HEARTBEAT_SERVICE: &str = "/etc/systemd/system/auto-consul-hear
 /// Leaves at shutdown when the instance is being terminated.
 /// The launch gate's unit, written in an autoscaling group only.
 pub(super) const GATE_UNIT: &str = "/etc/systemd/system/auto-consul-gate.service";
+/// The snapshot service and timer, written on servers only.
+pub(super) const SNAPSHOT_SERVICE: &str = "/etc/systemd/system/auto-consul-snapshot.service";
+pub(super) const SNAPSHOT_TIMER: &str = "/etc/systemd/system/auto-consul-snapshot.timer";
 pub const LEAVE_UNIT: &str = "/etc/systemd/system/auto-consul-leave.service";
 pub const HEARTBEAT_TIMER: &str = "/etc/systemd/system/auto-consul-heartbeat.timer";
 /// The env file shared by `run`, the heartbeat and the boot unit.
@@ -323,7 +326,7 @@ pub fn metrics_dir(opts: &GlobalOpts) -> Result<Option<String>> {
         .transpose()
 }
 
-fn unit(path: &str, contents: String) -> FileSpec {
+pub(super) fn unit(path: &str, contents: String) -> FileSpec {
     FileSpec {
         path: path.into(),
         contents,

@@ -87,6 +87,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         witness_wait: witness_wait(opts, &first_view),
         role: opts.role,
         role_wait: role_wait(opts, &first_view),
+        restore: !opts.no_restore,
     };
     let elected = elect_or_abandon(&elector, opts, previous.as_ref(), raft, first_view).await?;
     let hook = if dry_run {
@@ -178,6 +179,17 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             owner: None,
         });
     }
+    let snapshots = elected.mode.is_server();
+    if snapshots {
+        files.push(unit(
+            SNAPSHOT_SERVICE,
+            render::snapshot_service(&units.paths()),
+        ));
+        files.push(unit(
+            SNAPSHOT_TIMER,
+            render::snapshot_timer(opts.snapshot_interval()),
+        ));
+    }
     files.push(state::file(&State {
         registry: url.to_string(),
         cluster_id: elected.cluster_id.clone(),
@@ -196,7 +208,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     };
     let start = !dry_run && !opts.no_start && root.is_system();
     if start {
-        start_units(hook.is_some())?;
+        start_units(hook.is_some(), snapshots)?;
     }
     let done = Done {
         elected: &elected,
@@ -454,8 +466,9 @@ fn write_files(
 }
 
 /// Step 8: Consul, the heartbeat timer, the leave unit (and the launch
-/// gate in an autoscaling group), enabled and started without waiting.
-fn start_units(gate: bool) -> Result<()> {
+/// gate in an autoscaling group, the snapshot timer on servers), enabled
+/// and started without waiting.
+fn start_units(gate: bool, snapshots: bool) -> Result<()> {
     install::systemctl(&["daemon-reload"])?;
     let mut units = vec![
         "enable",
@@ -467,6 +480,9 @@ fn start_units(gate: bool) -> Result<()> {
     ];
     if gate {
         units.push("auto-consul-gate.service");
+    }
+    if snapshots {
+        units.push("auto-consul-snapshot.timer");
     }
     install::systemctl(&units)
 }

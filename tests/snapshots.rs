@@ -1,0 +1,317 @@
+//! Nothing is lost with a cluster: the leader's snapshots go to the
+//! registry bucket (streamed, multipart past 16 MiB, SHA-256 in the
+//! metadata, the newest --snapshot-keep kept), and a cluster that replaces
+//! a gone one restores the old cluster's newest valid snapshot exactly once,
+//! also when it is stopped mid-way; against moto_server and the fake agent's
+//! `/v1/snapshot`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `size` bytes no compressor or dedup would shorten, different per `seed`.
+fn write_noise(path: &Path, size: usize, seed: u64) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut bytes = Vec::with_capacity(size);
+    while bytes.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    bytes.truncate(size);
+    std::fs::write(path, &bytes).unwrap();
+    format!("{:x}", Sha256::digest(&bytes))
+}
+
+fn snapshot_cmd(moto: &Moto, registry: &str, root: &Path, node: &str, ip: &str, agent: &str) -> Command {
+    let mut cmd = node_cmd(moto, "snapshot", registry, root, node, ip);
+    cmd.env("CONSUL_HTTP_ADDR", agent);
+    cmd
+}
+
+/// The object's bytes' SHA-256 and its `sha256` metadata.
+fn object_hashes(moto: &Moto, bucket: &str, key: &str) -> (String, Option<String>) {
+    let s3 = s3(moto);
+    rt().block_on(async {
+        let obj = s3.get_object().bucket(bucket).key(key).send().await.unwrap();
+        let meta = obj.metadata().and_then(|m| m.get("sha256")).cloned();
+        let body = obj.body.collect().await.unwrap().into_bytes();
+        (format!("{:x}", Sha256::digest(&body)), meta)
+    })
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn only_the_leader_saves_and_the_newest_n_are_kept() {
+    // Its own moto: the follower's request count is exact.
+    let own = Moto::start(&[]);
+    let moto = &own;
+    let bucket = bucket(moto);
+    let prefix = "snap/leader";
+    let registry = format!("s3://{bucket}/{prefix}");
+    let tmp = tempfile::tempdir().unwrap();
+    // 20 MiB: past one 16 MiB part, so the upload is multipart.
+    let snap = tmp.path().join("consul.snap");
+    let sha = write_noise(&snap, 20 << 20, 1);
+    let nodes: Vec<(PathBuf, String, String)> = (0..3)
+        .map(|i| {
+            (
+                tmp.path().join(format!("s{i}")),
+                format!("sn-{i}"),
+                format!("10.96.0.{}", i + 1),
+            )
+        })
+        .collect();
+    let mut agents = Vec::new();
+    for (root, node, ip) in &nodes {
+        assert!(mode(&run_node(moto, &registry, root, node, ip, 3)) != "agent");
+        // Servers get the snapshot units; the timer fires every interval.
+        let timer = std::fs::read_to_string(root.join("etc/systemd/system/auto-consul-snapshot.timer")).unwrap();
+        assert!(timer.contains("OnUnitActiveSec=3600s\n"), "{timer}");
+        assert!(root.join("etc/systemd/system/auto-consul-snapshot.service").is_file());
+        agents.push(FakeAgent::start(
+            node,
+            true,
+            &["--address", ip, "--leader", "10.96.0.1:8300", "--snapshot-file", snap.to_str().unwrap()],
+        ));
+    }
+    // A follower's timer: nothing asked of the registry, nothing saved.
+    let before = moto.requests();
+    let (root, node, ip) = &nodes[1];
+    let out = ok_json(&output(&mut snapshot_cmd(moto, &registry, root, node, ip, &agents[1].addr())));
+    assert_eq!(out["saved"], false, "{out}");
+    assert_eq!(out["reason"], "not the leader", "{out}");
+    assert_eq!(moto.requests(), before, "a follower made registry requests");
+    assert_eq!(count_keys(moto, &bucket, &format!("{prefix}/snapshots/")), 0);
+
+    // The leader, four times, keeping 2.
+    let (root, node, ip) = &nodes[0];
+    let metrics = root.join("metrics.prom");
+    let mut saved = Vec::new();
+    for _ in 0..4 {
+        let out = ok_json(&output(
+            snapshot_cmd(moto, &registry, root, node, ip, &agents[0].addr())
+                .args(["--snapshot-keep", "2", "--metrics-file", "/metrics.prom"]),
+        ));
+        assert_eq!(out["saved"], true, "{out}");
+        assert_eq!(out["sha256"], sha.as_str(), "{out}");
+        assert_eq!(out["size"], 20 << 20, "{out}");
+        saved.push(out["key"].as_str().unwrap().to_string());
+        // Keys name the second they were saved.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let mut kept = keys(moto, &bucket, &format!("{prefix}/snapshots/"));
+    kept.sort();
+    let want: Vec<String> = saved[2..].iter().map(|k| format!("{prefix}/{k}")).collect();
+    assert_eq!(kept, want, "retention keeps exactly the newest 2");
+    let (bytes, meta) = object_hashes(moto, &bucket, &kept[1]);
+    assert_eq!(bytes, sha, "the object is the agent's snapshot, byte for byte");
+    assert_eq!(meta.as_deref(), Some(sha.as_str()));
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        prom.lines().any(|l| l.starts_with("auto_consul_snapshot_last_success_timestamp_seconds{command=\"snapshot\"} ")),
+        "{prom}"
+    );
+    // `members` and `status` show the newest one's age.
+    let members = ok_json(&output(auto_consul(moto).args(["members", "--json", "--registry", &registry])));
+    assert_eq!(members["snapshot"]["newest"], saved[3].as_str(), "{members}");
+    assert!(members["snapshot"]["age_seconds"].as_u64().unwrap() < 60, "{members}");
+    let status = json(&output(
+        node_cmd(moto, "status", &registry, root, node, ip).env("CONSUL_HTTP_ADDR", agents[0].addr()),
+    ));
+    assert_eq!(status["snapshot"]["newest"], saved[3].as_str(), "{status}");
+}
+
+#[test]
+fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let prefix = "snap/restore";
+    let registry = format!("s3://{bucket}/{prefix}");
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = run_instances(moto, 1);
+    let (root_a, ip_a) = (tmp.path().join("a"), "10.97.0.1");
+    ok_json(&output(
+        run_cmd(moto, &registry, &root_a, "old-a", ip_a, 1).args(["--instance-id", &ids[0]]),
+    ));
+    let old: Value = serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let old = old["cluster_id"].as_str().unwrap().to_string();
+    // Two snapshots of the old cluster; the newest is then damaged.
+    let snap = tmp.path().join("old.snap");
+    let agent_a = FakeAgent::start("old-a", true, &["--address", ip_a, "--snapshot-file", snap.to_str().unwrap()]);
+    let mut saved = Vec::new();
+    for seed in [7, 8] {
+        let sha = write_noise(&snap, 3 << 20, seed);
+        let out = ok_json(&output(&mut snapshot_cmd(moto, &registry, &root_a, "old-a", ip_a, &agent_a.addr())));
+        assert_eq!(out["sha256"], sha.as_str());
+        saved.push((out["key"].as_str().unwrap().to_string(), sha));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    drop(agent_a);
+    let (damaged, damaged_sha) = &saved[1];
+    rt().block_on(
+        s3(moto)
+            .put_object()
+            .bucket(&bucket)
+            .key(format!("{prefix}/{damaged}"))
+            .metadata("sha256", damaged_sha)
+            .body(b"not the bytes that were saved".to_vec().into())
+            .send(),
+    )
+    .unwrap();
+
+    // The old cluster's server is gone: EC2 says so, the registry is silent.
+    terminate(moto, &[&ids[0]]);
+    moto.age(&bucket, &format!("{prefix}/"), 3 * 120 + 5);
+    let (root_b, ip_b) = (tmp.path().join("b"), "10.97.0.2");
+    let boot = ok_json(&output(
+        run_cmd(moto, &registry, &root_b, "new-b", ip_b, 1).args(["--witness-wait", "1"]),
+    ));
+    assert_eq!(mode(&boot), "bootstrap");
+    let record: Value = serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    assert_ne!(record["cluster_id"], old.as_str());
+    assert_eq!(record["restore"]["from"], old.as_str(), "{record}");
+    assert_eq!(record["restore"]["state"], "pending", "{record}");
+
+    // The new leader's first run is stopped mid-way through the restore.
+    let restores = tmp.path().join("restores");
+    std::fs::create_dir_all(&restores).unwrap();
+    let new_snap = tmp.path().join("new.snap");
+    write_noise(&new_snap, 1 << 20, 9);
+    let agent_b = FakeAgent::start(
+        "new-b",
+        true,
+        &[
+            "--address",
+            ip_b,
+            "--snapshot-file",
+            new_snap.to_str().unwrap(),
+            "--restore-dir",
+            restores.to_str().unwrap(),
+            "--restore-pace-ms",
+            "400",
+        ],
+    );
+    let mut first = snapshot_cmd(moto, &registry, &root_b, "new-b", ip_b, &agent_b.addr())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !restores.join("started.jsonl").exists() {
+        assert!(Instant::now() < deadline, "the restore never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill().unwrap();
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        stderr(&first).contains(&format!("skipping snapshot {damaged}")),
+        "the damaged newest snapshot is skipped with a warning: {}",
+        stderr(&first)
+    );
+    let record: Value = serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    assert_eq!(record["restore"]["state"], "restoring", "{record}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lines(&restores.join("aborted.jsonl")).is_empty() {
+        assert!(Instant::now() < deadline, "the cut restore was not seen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lines(&restores.join("restores.jsonl")).is_empty());
+
+    // Run again: the same snapshot restored, whole; then never again.
+    let (good, good_sha) = &saved[0];
+    for _ in 0..2 {
+        let out = ok_json(&output(&mut snapshot_cmd(moto, &registry, &root_b, "new-b", ip_b, &agent_b.addr())));
+        assert_eq!(out["saved"], true, "{out}");
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let done = lines(&restores.join("restores.jsonl"));
+    assert_eq!(done.len(), 1, "exactly one restore: {done:?}");
+    assert_eq!(done[0]["sha256"], good_sha.as_str(), "byte-identical to what was saved");
+    assert_eq!(done[0]["size"], 3 << 20);
+    let record: Value = serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    assert_eq!(record["restore"]["state"], "done", "{record}");
+    assert_eq!(record["restore"]["key"], good.as_str(), "{record}");
+    assert_eq!(record["restore"]["node"], "new-b", "{record}");
+    // The new cluster's own snapshots go under its own id.
+    let new_id = record["cluster_id"].as_str().unwrap();
+    assert_eq!(count_keys(moto, &bucket, &format!("{prefix}/snapshots/{new_id}/")), 2);
+}
+
+#[test]
+fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
+    let moto = moto();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = tmp.path().join("registry");
+    std::fs::create_dir_all(&reg).unwrap();
+    let registry = format!("file://{}", reg.display());
+    let root = tmp.path().join("a");
+    assert_eq!(mode(&run_node(moto, &registry, &root, "dir-a", "10.98.0.1", 1)), "bootstrap");
+    let snap = tmp.path().join("a.snap");
+    let sha = write_noise(&snap, 1 << 20, 3);
+    let restores = tmp.path().join("restores");
+    std::fs::create_dir_all(&restores).unwrap();
+    let agent = FakeAgent::start(
+        "dir-a",
+        true,
+        &["--address", "10.98.0.1", "--snapshot-file", snap.to_str().unwrap(), "--restore-dir", restores.to_str().unwrap()],
+    );
+    let out = ok_json(&output(&mut snapshot_cmd(moto, &registry, &root, "dir-a", "10.98.0.1", &agent.addr())));
+    let key = out["key"].as_str().unwrap().to_string();
+    // The directory registry keeps the hash beside the file.
+    assert_eq!(std::fs::read(reg.join(&key)).unwrap(), std::fs::read(&snap).unwrap());
+    let listed = ok_json(&output(
+        node_cmd(moto, "restore", &registry, &root, "dir-a", "10.98.0.1").env("CONSUL_HTTP_ADDR", agent.addr()),
+    ));
+    assert_eq!(listed["snapshots"][0]["key"], key.as_str(), "{listed}");
+
+    let restore = |arg: &str| {
+        output(
+            node_cmd(moto, "restore", &registry, &root, "dir-a", "10.98.0.1")
+                .arg(arg)
+                .env("CONSUL_HTTP_ADDR", agent.addr()),
+        )
+    };
+    let bad = restore("slots/server-0");
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("is not a snapshot key"), "{}", stderr(&bad));
+    let ok = ok_json(&restore(&key));
+    assert_eq!(ok["sha256"], sha.as_str());
+    assert_eq!(lines(&restores.join("restores.jsonl")).len(), 1);
+    // Damaged bytes are refused before Consul sees them.
+    std::fs::write(reg.join(&key), b"junk").unwrap();
+    let damaged = restore(&key);
+    assert_eq!(damaged.status.code(), Some(1), "{}", stderr(&damaged));
+    assert!(stderr(&damaged).contains("is damaged"), "{}", stderr(&damaged));
+    assert_eq!(lines(&restores.join("restores.jsonl")).len(), 1);
+
+    // A replacement with --no-restore owes nothing.
+    let old: Value = serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
+    let old = old["cluster_id"].as_str().unwrap();
+    ok_json(&output(&mut node_cmd(moto, "leave", &registry, &root, "dir-a", "10.98.0.1")));
+    ok_json(&output(auto_consul(moto).args(["cluster", "retire", "--json", "--registry", &registry, old])));
+    let v = ok_json(&output(
+        run_cmd(moto, &registry, &tmp.path().join("b"), "dir-b", "10.98.0.2", 1).args(["--witness-wait", "0", "--no-restore"]),
+    ));
+    assert_eq!(mode(&v), "bootstrap");
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
+    assert!(record.get("restore").is_none(), "{record}");
+}
