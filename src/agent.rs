@@ -421,14 +421,14 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
     api.token = Some(management.to_string());
     let (status, text) = api
         .put_json(
-        "/v1/acl/policy",
-        serde_json::json!({
-            "Name": AGENT_POLICY,
-            "Description": "auto-consul: what the agents' token may do",
-            "Rules": AGENT_RULES,
-        }),
-    )
-    .await?;
+            "/v1/acl/policy",
+            serde_json::json!({
+                "Name": AGENT_POLICY,
+                "Description": "auto-consul: what the agents' token may do",
+                "Rules": AGENT_RULES,
+            }),
+        )
+        .await?;
     if !status.is_success() && !text.contains("already exists") {
         anyhow::bail!(
             "the Consul agent answered {status} to PUT /v1/acl/policy: {}",
@@ -437,14 +437,14 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
     }
     let (status, text) = api
         .put_json(
-        "/v1/acl/token",
-        serde_json::json!({
-            "SecretID": agent_token,
-            "Description": "auto-consul: the token agents run with",
-            "Policies": [{ "Name": AGENT_POLICY }],
-        }),
-    )
-    .await?;
+            "/v1/acl/token",
+            serde_json::json!({
+                "SecretID": agent_token,
+                "Description": "auto-consul: the token agents run with",
+                "Policies": [{ "Name": AGENT_POLICY }],
+            }),
+        )
+        .await?;
     if status.is_success() {
         return Ok(true);
     }
@@ -571,9 +571,7 @@ pub async fn save_snapshot(
         .send()
         .await
         .map_err(|e| {
-            anyhow!(e).context(format!(
-                "asking the Consul agent at {shown} for a snapshot"
-            ))
+            anyhow!(e).context(format!("asking the Consul agent at {shown} for a snapshot"))
         })?;
     let status = resp.status();
     if !status.is_success() {
@@ -627,8 +625,12 @@ async fn snapshot_refused(resp: reqwest::Response, shown: &str, method: &str) ->
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
     let hint = match status.as_u16() {
-        403 => ": it needs a management token (--secrets makes one at genesis, or set CONSUL_HTTP_TOKEN)",
-        500 if body.contains("No cluster leader") => ": there is no leader yet; try again once there is",
+        403 => {
+            ": it needs a management token (--secrets makes one at genesis, or set CONSUL_HTTP_TOKEN)"
+        }
+        500 if body.contains("No cluster leader") => {
+            ": there is no leader yet; try again once there is"
+        }
         _ => "",
     };
     anyhow!(

@@ -310,7 +310,13 @@ pub struct GlobalOpts {
 
     /// A new cluster that replaces a gone one starts empty instead of
     /// restoring the old cluster's newest snapshot.
-    #[arg(hide_short_help = true, help_heading = "Snapshots and recovery", long, env = "AUTO_CONSUL_NO_RESTORE", global = true)]
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Snapshots and recovery",
+        long,
+        env = "AUTO_CONSUL_NO_RESTORE",
+        global = true
+    )]
     pub no_restore: bool,
 
     /// Overall wait, in seconds, for the instance metadata service at boot.

@@ -581,7 +581,10 @@ pub fn snapshot_timer(interval: u64) -> String {
     } else {
         (
             format!("every {interval}s"),
-            format!("OnUnitActiveSec={interval}s\nRandomizedDelaySec={}s\n", (interval / 20).min(300)),
+            format!(
+                "OnUnitActiveSec={interval}s\nRandomizedDelaySec={}s\n",
+                (interval / 20).min(300)
+            ),
         )
     };
     format!(

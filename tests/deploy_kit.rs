@@ -413,6 +413,11 @@ const SDK_CALLS: &[(&str, &[&str])] = &[
     ("delete_object", &["s3:DeleteObject"]),
     ("delete_objects", &["s3:DeleteObject"]),
     ("head_bucket", &["s3:ListBucket"]),
+    // Snapshots past one part (servers only).
+    ("create_multipart_upload", &["s3:PutObject"]),
+    ("upload_part", &["s3:PutObject"]),
+    ("complete_multipart_upload", &["s3:PutObject"]),
+    ("abort_multipart_upload", &["s3:AbortMultipartUpload"]),
     ("describe_instances", &["ec2:DescribeInstances"]),
     ("get_parameter", &["ssm:GetParameter"]),
     ("put_parameter", &["ssm:PutParameter"]),

@@ -34,17 +34,28 @@ fn write_noise(path: &Path, size: usize, seed: u64) -> String {
     format!("{:x}", Sha256::digest(&bytes))
 }
 
-fn snapshot_cmd(moto: &Moto, registry: &str, root: &Path, node: &str, ip: &str, agent: &str) -> Command {
-    let mut cmd = node_cmd(moto, "snapshot", registry, root, node, ip);
-    cmd.env("CONSUL_HTTP_ADDR", agent);
-    cmd
+fn snapshot_cmd(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    agent: &str,
+) -> Command {
+    agent_cmd(moto, "snapshot", registry, root, node, ip, agent)
 }
 
 /// The object's bytes' SHA-256 and its `sha256` metadata.
 fn object_hashes(moto: &Moto, bucket: &str, key: &str) -> (String, Option<String>) {
     let s3 = s3(moto);
     rt().block_on(async {
-        let obj = s3.get_object().bucket(bucket).key(key).send().await.unwrap();
+        let obj = s3
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
         let meta = obj.metadata().and_then(|m| m.get("sha256")).cloned();
         let body = obj.body.collect().await.unwrap().into_bytes();
         (format!("{:x}", Sha256::digest(&body)), meta)
@@ -84,23 +95,45 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
     for (root, node, ip) in &nodes {
         assert!(mode(&run_node(moto, &registry, root, node, ip, 3)) != "agent");
         // Servers get the snapshot units; the timer fires every interval.
-        let timer = std::fs::read_to_string(root.join("etc/systemd/system/auto-consul-snapshot.timer")).unwrap();
+        let timer =
+            std::fs::read_to_string(root.join("etc/systemd/system/auto-consul-snapshot.timer"))
+                .unwrap();
         assert!(timer.contains("OnUnitActiveSec=3600s\n"), "{timer}");
-        assert!(root.join("etc/systemd/system/auto-consul-snapshot.service").is_file());
+        assert!(
+            root.join("etc/systemd/system/auto-consul-snapshot.service")
+                .is_file()
+        );
         agents.push(FakeAgent::start(
             node,
             true,
-            &["--address", ip, "--leader", "10.96.0.1:8300", "--snapshot-file", snap.to_str().unwrap()],
+            &[
+                "--address",
+                ip,
+                "--leader",
+                "10.96.0.1:8300",
+                "--snapshot-file",
+                snap.to_str().unwrap(),
+            ],
         ));
     }
     // A follower's timer: nothing asked of the registry, nothing saved.
     let before = moto.requests();
     let (root, node, ip) = &nodes[1];
-    let out = ok_json(&output(&mut snapshot_cmd(moto, &registry, root, node, ip, &agents[1].addr())));
+    let out = ok_json(&output(&mut snapshot_cmd(
+        moto,
+        &registry,
+        root,
+        node,
+        ip,
+        &agents[1].addr(),
+    )));
     assert_eq!(out["saved"], false, "{out}");
     assert_eq!(out["reason"], "not the leader", "{out}");
     assert_eq!(moto.requests(), before, "a follower made registry requests");
-    assert_eq!(count_keys(moto, &bucket, &format!("{prefix}/snapshots/")), 0);
+    assert_eq!(
+        count_keys(moto, &bucket, &format!("{prefix}/snapshots/")),
+        0
+    );
 
     // The leader, four times, keeping 2.
     let (root, node, ip) = &nodes[0];
@@ -108,8 +141,12 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
     let mut saved = Vec::new();
     for _ in 0..4 {
         let out = ok_json(&output(
-            snapshot_cmd(moto, &registry, root, node, ip, &agents[0].addr())
-                .args(["--snapshot-keep", "2", "--metrics-file", "/metrics.prom"]),
+            snapshot_cmd(moto, &registry, root, node, ip, &agents[0].addr()).args([
+                "--snapshot-keep",
+                "2",
+                "--metrics-file",
+                "/metrics.prom",
+            ]),
         ));
         assert_eq!(out["saved"], true, "{out}");
         assert_eq!(out["sha256"], sha.as_str(), "{out}");
@@ -123,19 +160,37 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
     let want: Vec<String> = saved[2..].iter().map(|k| format!("{prefix}/{k}")).collect();
     assert_eq!(kept, want, "retention keeps exactly the newest 2");
     let (bytes, meta) = object_hashes(moto, &bucket, &kept[1]);
-    assert_eq!(bytes, sha, "the object is the agent's snapshot, byte for byte");
+    assert_eq!(
+        bytes, sha,
+        "the object is the agent's snapshot, byte for byte"
+    );
     assert_eq!(meta.as_deref(), Some(sha.as_str()));
     let prom = std::fs::read_to_string(&metrics).unwrap();
     assert!(
-        prom.lines().any(|l| l.starts_with("auto_consul_snapshot_last_success_timestamp_seconds{command=\"snapshot\"} ")),
+        prom.lines().any(|l| l.starts_with(
+            "auto_consul_snapshot_last_success_timestamp_seconds{command=\"snapshot\"} "
+        )),
         "{prom}"
     );
     // `members` and `status` show the newest one's age.
-    let members = ok_json(&output(auto_consul(moto).args(["members", "--json", "--registry", &registry])));
-    assert_eq!(members["snapshot"]["newest"], saved[3].as_str(), "{members}");
-    assert!(members["snapshot"]["age_seconds"].as_u64().unwrap() < 60, "{members}");
+    let members = ok_json(&output(auto_consul(moto).args([
+        "members",
+        "--json",
+        "--registry",
+        &registry,
+    ])));
+    assert_eq!(
+        members["snapshot"]["newest"],
+        saved[3].as_str(),
+        "{members}"
+    );
+    assert!(
+        members["snapshot"]["age_seconds"].as_u64().unwrap() < 60,
+        "{members}"
+    );
     let status = json(&output(
-        node_cmd(moto, "status", &registry, root, node, ip).env("CONSUL_HTTP_ADDR", agents[0].addr()),
+        node_cmd(moto, "status", &registry, root, node, ip)
+            .env("CONSUL_HTTP_ADDR", agents[0].addr()),
     ));
     assert_eq!(status["snapshot"]["newest"], saved[3].as_str(), "{status}");
 }
@@ -152,15 +207,27 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     ok_json(&output(
         run_cmd(moto, &registry, &root_a, "old-a", ip_a, 1).args(["--instance-id", &ids[0]]),
     ));
-    let old: Value = serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let old: Value =
+        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
     let old = old["cluster_id"].as_str().unwrap().to_string();
     // Two snapshots of the old cluster; the newest is then damaged.
     let snap = tmp.path().join("old.snap");
-    let agent_a = FakeAgent::start("old-a", true, &["--address", ip_a, "--snapshot-file", snap.to_str().unwrap()]);
+    let agent_a = FakeAgent::start(
+        "old-a",
+        true,
+        &["--address", ip_a, "--snapshot-file", snap.to_str().unwrap()],
+    );
     let mut saved = Vec::new();
     for seed in [7, 8] {
         let sha = write_noise(&snap, 3 << 20, seed);
-        let out = ok_json(&output(&mut snapshot_cmd(moto, &registry, &root_a, "old-a", ip_a, &agent_a.addr())));
+        let out = ok_json(&output(&mut snapshot_cmd(
+            moto,
+            &registry,
+            &root_a,
+            "old-a",
+            ip_a,
+            &agent_a.addr(),
+        )));
         assert_eq!(out["sha256"], sha.as_str());
         saved.push((out["key"].as_str().unwrap().to_string(), sha));
         std::thread::sleep(Duration::from_millis(1100));
@@ -186,7 +253,8 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
         run_cmd(moto, &registry, &root_b, "new-b", ip_b, 1).args(["--witness-wait", "1"]),
     ));
     assert_eq!(mode(&boot), "bootstrap");
-    let record: Value = serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let record: Value =
+        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
     assert_ne!(record["cluster_id"], old.as_str());
     assert_eq!(record["restore"]["from"], old.as_str(), "{record}");
     assert_eq!(record["restore"]["state"], "pending", "{record}");
@@ -227,7 +295,8 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
         "the damaged newest snapshot is skipped with a warning: {}",
         stderr(&first)
     );
-    let record: Value = serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let record: Value =
+        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
     assert_eq!(record["restore"]["state"], "restoring", "{record}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while lines(&restores.join("aborted.jsonl")).is_empty() {
@@ -239,21 +308,36 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     // Run again: the same snapshot restored, whole; then never again.
     let (good, good_sha) = &saved[0];
     for _ in 0..2 {
-        let out = ok_json(&output(&mut snapshot_cmd(moto, &registry, &root_b, "new-b", ip_b, &agent_b.addr())));
+        let out = ok_json(&output(&mut snapshot_cmd(
+            moto,
+            &registry,
+            &root_b,
+            "new-b",
+            ip_b,
+            &agent_b.addr(),
+        )));
         assert_eq!(out["saved"], true, "{out}");
         std::thread::sleep(Duration::from_millis(1100));
     }
     let done = lines(&restores.join("restores.jsonl"));
     assert_eq!(done.len(), 1, "exactly one restore: {done:?}");
-    assert_eq!(done[0]["sha256"], good_sha.as_str(), "byte-identical to what was saved");
+    assert_eq!(
+        done[0]["sha256"],
+        good_sha.as_str(),
+        "byte-identical to what was saved"
+    );
     assert_eq!(done[0]["size"], 3 << 20);
-    let record: Value = serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let record: Value =
+        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
     assert_eq!(record["restore"]["state"], "done", "{record}");
     assert_eq!(record["restore"]["key"], good.as_str(), "{record}");
     assert_eq!(record["restore"]["node"], "new-b", "{record}");
     // The new cluster's own snapshots go under its own id.
     let new_id = record["cluster_id"].as_str().unwrap();
-    assert_eq!(count_keys(moto, &bucket, &format!("{prefix}/snapshots/{new_id}/")), 2);
+    assert_eq!(
+        count_keys(moto, &bucket, &format!("{prefix}/snapshots/{new_id}/")),
+        2
+    );
 }
 
 #[test]
@@ -264,7 +348,10 @@ fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
     std::fs::create_dir_all(&reg).unwrap();
     let registry = format!("file://{}", reg.display());
     let root = tmp.path().join("a");
-    assert_eq!(mode(&run_node(moto, &registry, &root, "dir-a", "10.98.0.1", 1)), "bootstrap");
+    assert_eq!(
+        mode(&run_node(moto, &registry, &root, "dir-a", "10.98.0.1", 1)),
+        "bootstrap"
+    );
     let snap = tmp.path().join("a.snap");
     let sha = write_noise(&snap, 1 << 20, 3);
     let restores = tmp.path().join("restores");
@@ -272,14 +359,32 @@ fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
     let agent = FakeAgent::start(
         "dir-a",
         true,
-        &["--address", "10.98.0.1", "--snapshot-file", snap.to_str().unwrap(), "--restore-dir", restores.to_str().unwrap()],
+        &[
+            "--address",
+            "10.98.0.1",
+            "--snapshot-file",
+            snap.to_str().unwrap(),
+            "--restore-dir",
+            restores.to_str().unwrap(),
+        ],
     );
-    let out = ok_json(&output(&mut snapshot_cmd(moto, &registry, &root, "dir-a", "10.98.0.1", &agent.addr())));
+    let out = ok_json(&output(&mut snapshot_cmd(
+        moto,
+        &registry,
+        &root,
+        "dir-a",
+        "10.98.0.1",
+        &agent.addr(),
+    )));
     let key = out["key"].as_str().unwrap().to_string();
     // The directory registry keeps the hash beside the file.
-    assert_eq!(std::fs::read(reg.join(&key)).unwrap(), std::fs::read(&snap).unwrap());
+    assert_eq!(
+        std::fs::read(reg.join(&key)).unwrap(),
+        std::fs::read(&snap).unwrap()
+    );
     let listed = ok_json(&output(
-        node_cmd(moto, "restore", &registry, &root, "dir-a", "10.98.0.1").env("CONSUL_HTTP_ADDR", agent.addr()),
+        node_cmd(moto, "restore", &registry, &root, "dir-a", "10.98.0.1")
+            .env("CONSUL_HTTP_ADDR", agent.addr()),
     ));
     assert_eq!(listed["snapshots"][0]["key"], key.as_str(), "{listed}");
 
@@ -292,7 +397,11 @@ fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
     };
     let bad = restore("slots/server-0");
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    assert!(stderr(&bad).contains("is not a snapshot key"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("is not a snapshot key"),
+        "{}",
+        stderr(&bad)
+    );
     let ok = ok_json(&restore(&key));
     assert_eq!(ok["sha256"], sha.as_str());
     assert_eq!(lines(&restores.join("restores.jsonl")).len(), 1);
@@ -300,18 +409,46 @@ fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
     std::fs::write(reg.join(&key), b"junk").unwrap();
     let damaged = restore(&key);
     assert_eq!(damaged.status.code(), Some(1), "{}", stderr(&damaged));
-    assert!(stderr(&damaged).contains("is damaged"), "{}", stderr(&damaged));
+    assert!(
+        stderr(&damaged).contains("is damaged"),
+        "{}",
+        stderr(&damaged)
+    );
     assert_eq!(lines(&restores.join("restores.jsonl")).len(), 1);
 
     // A replacement with --no-restore owes nothing.
-    let old: Value = serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
+    let old: Value =
+        serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
     let old = old["cluster_id"].as_str().unwrap();
-    ok_json(&output(&mut node_cmd(moto, "leave", &registry, &root, "dir-a", "10.98.0.1")));
-    ok_json(&output(auto_consul(moto).args(["cluster", "retire", "--json", "--registry", &registry, old])));
+    ok_json(&output(&mut node_cmd(
+        moto,
+        "leave",
+        &registry,
+        &root,
+        "dir-a",
+        "10.98.0.1",
+    )));
+    ok_json(&output(auto_consul(moto).args([
+        "cluster",
+        "retire",
+        "--json",
+        "--registry",
+        &registry,
+        old,
+    ])));
     let v = ok_json(&output(
-        run_cmd(moto, &registry, &tmp.path().join("b"), "dir-b", "10.98.0.2", 1).args(["--witness-wait", "0", "--no-restore"]),
+        run_cmd(
+            moto,
+            &registry,
+            &tmp.path().join("b"),
+            "dir-b",
+            "10.98.0.2",
+            1,
+        )
+        .args(["--witness-wait", "0", "--no-restore"]),
     ));
     assert_eq!(mode(&v), "bootstrap");
-    let record: Value = serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
     assert!(record.get("restore").is_none(), "{record}");
 }

@@ -20,8 +20,7 @@ use crate::cli::GlobalOpts;
 use crate::error::usage;
 use crate::install::Root;
 use crate::model::{
-    CLUSTER_KEY, ClusterRecord, HeartbeatKey, RestorePlan, RestoreState, SnapshotKey,
-    snapshots_dir,
+    CLUSTER_KEY, ClusterRecord, HeartbeatKey, RestorePlan, RestoreState, SnapshotKey, snapshots_dir,
 };
 use crate::registry::{Condition, Store, read_cluster};
 use crate::spool::Spooled;
@@ -44,9 +43,11 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
         });
     };
     let Some(cluster) = saved.cluster_id.clone() else {
-        return say(opts, json!({"saved": false, "reason": "no cluster"}), || {
-            "this server's registry has no cluster record: nothing to save".into()
-        });
+        return say(
+            opts,
+            json!({"saved": false, "reason": "no cluster"}),
+            || "this server's registry has no cluster record: nothing to save".into(),
+        );
     };
     // Only the leader: one snapshot per interval for the cluster.
     let status = agent::status(opts.acl_token_file.as_deref()).await?;
@@ -61,7 +62,11 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
         return say(
             opts,
             json!({"saved": false, "reason": "not the leader", "leader": status.leader}),
-            || format!("this server is not the leader (leader: {shown}): the leader saves the snapshots"),
+            || {
+                format!(
+                    "this server is not the leader (leader: {shown}): the leader saves the snapshots"
+                )
+            },
         );
     }
     let opened = open_store(&url).await?;
@@ -148,7 +153,9 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
     };
     if let Err(why) = fetched.intact() {
         let _ = std::fs::remove_file(&spool);
-        bail!("snapshot {key} is damaged: {why}; restore another one (`auto-consul restore` lists them)");
+        bail!(
+            "snapshot {key} is damaged: {why}; restore another one (`auto-consul restore` lists them)"
+        );
     }
     let sent = agent::restore_snapshot(token.as_deref(), &fetched.file).await;
     let _ = std::fs::remove_file(&spool);
@@ -237,7 +244,11 @@ async fn restore_owed(
     }
     let mut keys = snapshots_of(store, &plan.from).await?;
     keys.reverse();
-    if let Some(chosen) = plan.key.as_deref().and_then(|k| SnapshotKey::parse(&plan.from, k)) {
+    if let Some(chosen) = plan
+        .key
+        .as_deref()
+        .and_then(|k| SnapshotKey::parse(&plan.from, k))
+    {
         keys.retain(|k| *k != chosen);
         keys.insert(0, chosen);
     }

@@ -124,7 +124,12 @@ impl Health {
     /// A server's check of its cluster's newest snapshot (one listing, on
     /// servers only): degraded when the newest is older than two
     /// intervals and ten minutes (the leader's timer is not saving).
-    async fn snapshot(&mut self, opts: &GlobalOpts, store: &dyn crate::registry::Store, cluster: &str) {
+    async fn snapshot(
+        &mut self,
+        opts: &GlobalOpts,
+        store: &dyn crate::registry::Store,
+        cluster: &str,
+    ) {
         let interval = opts.snapshot_interval();
         match super::snapshot::newest(store, cluster).await {
             Err(e) => self.degraded(format!("the snapshots cannot be listed: {e:#}")),

@@ -58,9 +58,10 @@ impl Fetched {
     pub fn intact(&self) -> Result<(), String> {
         match &self.claimed {
             None => Err("it carries no sha256 metadata".into()),
-            Some(c) if !crate::spool::is_sha256(c) => {
-                Err(format!("its sha256 metadata `{}` is not a SHA-256", c.escape_debug()))
-            }
+            Some(c) if !crate::spool::is_sha256(c) => Err(format!(
+                "its sha256 metadata `{}` is not a SHA-256",
+                c.escape_debug()
+            )),
             Some(c) if !c.eq_ignore_ascii_case(&self.file.sha256) => Err(format!(
                 "its bytes hash to {}, not the {c} saved with it",
                 self.file.sha256

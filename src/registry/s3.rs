@@ -9,8 +9,8 @@ use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::primitives::Length;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
-use std::path::Path;
 use chrono::{DateTime, Utc};
+use std::path::Path;
 
 use std::sync::Arc;
 
@@ -474,7 +474,11 @@ impl Store for S3Store {
                 .bucket(&self.bucket)
                 .key(self.full_key(key))
                 .upload_id(&id)
-                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
                 .send()
                 .await
                 .map(|_| ())

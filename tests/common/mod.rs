@@ -469,7 +469,21 @@ pub fn heartbeat_cmd(
     ip: &str,
     agent: &str,
 ) -> Command {
-    let mut cmd = node_cmd(moto, "heartbeat", registry, root, node, ip);
+    agent_cmd(moto, "heartbeat", registry, root, node, ip, agent)
+}
+
+/// `auto-consul COMMAND --json` for one node whose (fake) Consul agent is
+/// at `agent` (`host:port`).
+pub fn agent_cmd(
+    moto: &Moto,
+    command: &str,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    agent: &str,
+) -> Command {
+    let mut cmd = node_cmd(moto, command, registry, root, node, ip);
     cmd.env("CONSUL_HTTP_ADDR", agent);
     cmd
 }

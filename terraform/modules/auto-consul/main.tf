@@ -158,6 +158,25 @@ resource "aws_s3_bucket_lifecycle_configuration" "registry" {
       days = var.heartbeat_retention_days
     }
   }
+
+  # The leader keeps the newest --snapshot-keep itself; this removes what a
+  # gone cluster left, and the parts of uploads that never completed.
+  rule {
+    id     = "expire-old-snapshots"
+    status = "Enabled"
+
+    filter {
+      prefix = "${local.key_prefix}snapshots/"
+    }
+
+    expiration {
+      days = var.snapshot_retention_days
+    }
+
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+  }
 }
 
 # ---------------------------------------------------------------------------

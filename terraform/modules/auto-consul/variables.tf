@@ -89,6 +89,17 @@ variable "heartbeat_retention_days" {
   }
 }
 
+variable "snapshot_retention_days" {
+  description = "Lifecycle backstop: snapshots under PREFIX/snapshots/ older than this many days are deleted by S3 (the leader keeps its newest --snapshot-keep itself); long enough to restore a cluster that has been gone a while."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = can(regex("^[1-9][0-9]*$", tostring(var.snapshot_retention_days)))
+    error_message = "snapshot_retention_days must be a whole number of days, 1 or more (S3 lifecycle works in days)."
+  }
+}
+
 # ---------------------------------------------------------------------------
 # Cluster settings (written to /etc/auto-consul/auto-consul.env)
 # ---------------------------------------------------------------------------
