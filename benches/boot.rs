@@ -14,61 +14,15 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::Moto;
 use serde_json::{Value, json};
 
-/// One measured process: wall time, peak RSS in KiB, stdout.
-struct Measured {
-    wall: Duration,
-    max_rss_kib: i64,
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-// The child is reaped by wait4 (for its rusage), not Child::wait.
-#[allow(clippy::zombie_processes)]
-fn measure(cmd: &mut Command) -> Measured {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn auto-consul");
-    let mut err_pipe = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err_pipe.read_to_string(&mut s);
-        s
-    });
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    let mut status = 0;
-    // SAFETY: rusage is plain data, filled by the kernel for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let wall = start.elapsed();
-    assert_eq!(waited, pid, "wait4 failed");
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    let stderr = err_reader.join().unwrap_or_default();
-    Measured {
-        wall,
-        max_rss_kib: usage.ru_maxrss,
-        ok,
-        stdout,
-        stderr,
-    }
-}
+#[path = "support/measure.rs"]
+mod measure;
+use measure::measure;
 
 fn auto_consul(moto: &Moto) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_auto-consul"));
