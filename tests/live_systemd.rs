@@ -36,6 +36,10 @@ const CHECKS: &[&str] = &[
     "c1: auto-consul status healthy",
     "c1: ACLs default deny, gossip key set (secrets from SSM)",
     "c1: its certificate verifies against the cluster's CA",
+    "c1: snapshot timer active (a server)",
+    "c1: snapshot unit succeeded",
+    "c1: the leader's snapshot is in the registry",
+    "c1: the snapshot is the agent's bytes",
     // An agent of that cluster.
     "c2: cloud-init done, no errors",
     "c2: auto-consul.service succeeded",
@@ -45,6 +49,7 @@ const CHECKS: &[&str] = &[
     "c2: heartbeat timer active",
     "c2: leave unit active",
     "c2: runs as agent",
+    "c2: no snapshot units on an agent",
     "c2: consul.service Type=notify, started (READY=1)",
     "c2: heartbeat published (agents/)",
     "c2: the same gossip key as c1",

@@ -169,6 +169,17 @@ cfg=/etc/consul.d/zz-auto-consul.json
 tlsdir=etc/consul.d/auto-consul-tls
 check "c1: ACLs default deny, gossip key set (secrets from SSM)" in_ct "$c1" sh -c "grep -q '\"default_policy\": \"deny\"' $cfg && grep -q '\"encrypt\"' $cfg"
 check "c1: its certificate verifies against the cluster's CA" openssl verify -CAfile "$c1/root/$tlsdir/ca.pem" "$c1/root/$tlsdir/server.pem"
+# The leader's snapshot, by its sandboxed unit (the management token from SSM).
+check "c1: snapshot timer active (a server)" is "$c1" auto-consul-snapshot.timer ActiveState active
+in_ct "$c1" systemctl start auto-consul-snapshot.service || true
+check "c1: snapshot unit succeeded" is "$c1" auto-consul-snapshot.service Result success
+snapshot_saved() { keys consul/live/snapshots/ | grep -q "\.snap$"; }
+check "c1: the leader's snapshot is in the registry" wait_for 20 snapshot_saved
+snapshot_matches() {
+  local key; key=$(keys consul/live/snapshots/ | grep '\.snap$' | tail -n 1)
+  [ -n "$key" ] && [ "$(object "$key" | sha256sum)" = "$(sha256sum < "$c1/root/opt/consul/fake-consul-snapshot")" ]
+}
+check "c1: the snapshot is the agent's bytes" snapshot_matches
 
 # --- c2: packaged Consul, agent ---------------------------------------------
 new_container 2 imds2 consul/live 18502 AUTO_CONSUL_SERVERS=1 AUTO_CONSUL_SECRETS=ssm:///auto-consul/live
@@ -176,6 +187,7 @@ boot "$run/img-packaged" 2
 c2="$run/c2"; id2=$(cat "$c2/instance-id")
 common_checks "$c2"
 check "c2: runs as agent" in_ct "$c2" grep -q '"mode": "agent"' /var/lib/auto-consul/state.json
+check "c2: no snapshot units on an agent" not in_ct "$c2" test -e /etc/systemd/system/auto-consul-snapshot.timer
 check "c2: consul.service Type=notify, started (READY=1)" is "$c2" consul.service Type notify
 check "c2: heartbeat published (agents/)" wait_for 20 heartbeat_seen consul/live/agents/ "$id2"
 gossip() { in_ct "$1" grep '"encrypt"' "$cfg"; }
