@@ -503,6 +503,84 @@ impl Command {
     }
 }
 
+/// Each command's own options: shown first in its help, under "Options:",
+/// even those the short help otherwise hides; every other option stays
+/// under its heading below.
+const OWN_OPTIONS: &[(&str, &[&str])] = &[
+    (
+        "run",
+        &["registry", "servers", "role", "secrets", "address", "node"],
+    ),
+    ("plan", &["registry", "servers", "role", "address", "node"]),
+    ("members", &["registry", "json"]),
+    ("status", &["registry", "json"]),
+    ("heartbeat", &["registry", "acl_token_file"]),
+    ("purge", &["registry", "json"]),
+    ("leave", &["registry"]),
+    (
+        "install",
+        &["registry", "servers", "role", "secrets", "metrics_file"],
+    ),
+    (
+        "gate",
+        &["autoscaling_group", "lifecycle_hook", "gate_wait"],
+    ),
+    ("recover", &["registry", "data_dir"]),
+    (
+        "snapshot",
+        &["registry", "snapshot_interval", "snapshot_keep", "secrets"],
+    ),
+    ("restore", &["registry", "secrets"]),
+    (
+        "cluster",
+        &["registry", "servers", "expiry", "agent_expiry"],
+    ),
+    ("secrets", &["registry", "secrets"]),
+];
+
+/// The help `args` ask for (`COMMAND -h` or `COMMAND --help`), with the
+/// command's own options first; `None` for the top-level help.
+pub fn help_for(args: &[std::ffi::OsString]) -> Option<String> {
+    let mut cmd = help_command();
+    let name = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .find(|a| OWN_OPTIONS.iter().any(|(n, _)| n == a))?;
+    let long = args.iter().any(|a| a == "--help");
+    let sub = cmd.find_subcommand_mut(name)?;
+    Some(
+        if long {
+            sub.render_long_help()
+        } else {
+            sub.render_help()
+        }
+        .to_string(),
+    )
+}
+
+/// [`Cli`]'s command line for its help only (arguments moved after the
+/// build cannot be parsed with): each command's own options first.
+fn help_command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // Global options are copied into every command by the build; each
+    // copy can then be placed for its command.
+    cmd.build();
+    for (name, ids) in OWN_OPTIONS {
+        cmd = cmd.mut_subcommand(*name, |mut sub| {
+            for (order, id) in ids.iter().enumerate() {
+                sub = sub.mut_arg(*id, |a| {
+                    a.help_heading(None::<&str>)
+                        .hide_short_help(false)
+                        .display_order(order)
+                });
+            }
+            sub
+        });
+    }
+    cmd
+}
+
 /// How logs are written (`--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -761,6 +839,35 @@ mod tests {
             "run -h is {} lines",
             run_short.lines().count()
         );
+    }
+
+    #[test]
+    fn each_commands_help_shows_its_own_options_first() {
+        let mut cmd = help_command();
+        for (name, ids) in OWN_OPTIONS {
+            let sub = cmd.find_subcommand_mut(name).unwrap();
+            let help = sub.render_help().to_string();
+            // The first heading after "Options:" is where the others begin.
+            let own = help
+                .split_once("Options:")
+                .map(|(_, rest)| rest.split("\n\n").next().unwrap_or_default())
+                .unwrap_or_default();
+            for id in *ids {
+                let long = format!("--{}", id.replace('_', "-"));
+                assert!(
+                    own.contains(&long),
+                    "`{name} -h` does not show {long} first:\n{help}"
+                );
+            }
+        }
+        // The option stays where it was for the other commands.
+        let run = cmd
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        let (_, tail) = run.split_once("Snapshots and recovery:").unwrap();
+        assert!(tail.contains("--snapshot-keep"), "{run}");
     }
 
     #[test]

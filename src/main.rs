@@ -21,7 +21,20 @@ fn main() -> ExitCode {
             }
         }
     }
-    let cli = auto_consul::cli::Cli::parse_from(args);
+    let cli = match auto_consul::cli::Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        // A command's help shows its own options first.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => {
+            match auto_consul::cli::help_for(&args) {
+                Some(text) => {
+                    print!("{text}");
+                    return ExitCode::SUCCESS;
+                }
+                None => e.exit(),
+            }
+        }
+        Err(e) => e.exit(),
+    };
     let json = cli.global.log_format == auto_consul::cli::LogFormat::Json;
     auto_consul::logging::init(cli.global.verbose, json);
     match auto_consul::run(cli) {

@@ -55,6 +55,29 @@ fn json_logs_are_one_object_a_line_and_so_is_the_error() {
 }
 
 #[test]
+fn a_commands_help_shows_its_own_options_first() {
+    let moto = moto();
+    // `gate -h`: its three options (hidden from the top-level -h) come
+    // first, before the grouped headings; options given before it are no
+    // obstacle.
+    for args in [&["gate", "-h"][..], &["-r", "file:///x", "gate", "--help"]] {
+        let out = output(auto_consul(moto).args(args));
+        assert!(out.status.success(), "{args:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        // From "Options:" to the first heading.
+        let start = help.find("Options:").unwrap();
+        let own = &help[start..start + help[start..].find("\nIdentity:").unwrap()];
+        for opt in ["--autoscaling-group", "--lifecycle-hook", "--gate-wait"] {
+            assert!(own.contains(opt), "{args:?}: {opt} not first:\n{help}");
+        }
+        assert!(help.contains("Registry and cluster:"), "{help}");
+    }
+    // A bad value still fails as before.
+    let bad = output(auto_consul(moto).args(["gate", "--gate-wait", "0"]));
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
 fn the_man_page_and_completions_cover_every_command() {
     let moto = moto();
     let man = output(auto_consul(moto).arg("man"));

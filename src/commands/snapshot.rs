@@ -73,7 +73,14 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     let store = opened.store.as_ref();
     let token = management_token(opts, &cluster).await?;
     let spool = root.path(Path::new(SPOOL));
-    let restored = restore_owed(opts, store, &saved, &cluster, token.as_deref(), &spool).await?;
+    let restored = restore_owed(opts, store, &saved, &cluster, token.as_deref(), &spool)
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "the restore cluster {cluster} owes did not happen; auto-consul-snapshot.service tries again in 30s \
+                 (`auto-consul restore --cancel` drops it, and the cluster keeps its own state)"
+            ))
+        })?;
     if opts.snapshot_interval() == 0 {
         return say(
             opts,
