@@ -755,3 +755,66 @@ fn terraform_groups_gate_launches_and_roll_servers_one_at_a_time() {
         .expect("metadata_options");
     assert!(attr(metadata, "instance_metadata_tags").contains("enabled"));
 }
+
+/// The snapshots' side in the module: a lifecycle rule on `snapshots/`
+/// (expiry and the parts of incomplete uploads) behind the leader's own
+/// retention, and the servers' grant on `snapshots/*` (the agents' has
+/// none). Read with hcl-rs and serde_json.
+#[test]
+fn terraform_keeps_snapshots_with_a_backstop_rule_and_a_servers_grant() {
+    let text = fs::read_to_string(root().join("terraform/modules/auto-consul/main.tf")).unwrap();
+    let body: hcl::Body = hcl::from_str(&text).expect("main.tf parses as HCL");
+    let lifecycle = body
+        .blocks()
+        .find(|b| {
+            b.identifier.as_str() == "resource"
+                && b.labels.first().map(|l| l.as_str())
+                    == Some("aws_s3_bucket_lifecycle_configuration")
+        })
+        .expect("a lifecycle configuration");
+    let rule = lifecycle
+        .body
+        .blocks()
+        .filter(|b| b.identifier.as_str() == "rule")
+        .find(|r| {
+            r.body.blocks().any(|f| {
+                f.identifier.as_str() == "filter"
+                    && f.body
+                        .attributes()
+                        .any(|a| a.expr.to_string().contains("snapshots/"))
+            })
+        })
+        .expect("a rule on snapshots/");
+    for block in ["expiration", "abort_incomplete_multipart_upload"] {
+        assert!(
+            rule.body.blocks().any(|b| b.identifier.as_str() == block),
+            "the snapshots rule lacks {block}"
+        );
+    }
+    let policies = role_policies(&root().join("terraform/modules/auto-consul"));
+    let grants = |role: &str| -> Vec<String> {
+        policies[role]["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|st| st["Resource"].to_string().contains("snapshots/"))
+            .flat_map(|st| allowed_actions(&serde_json::json!({"Statement": [st]})))
+            .collect()
+    };
+    let servers = grants("server");
+    for action in [
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+    ] {
+        assert!(
+            servers.contains(&action.to_string()),
+            "servers lack {action} on snapshots/"
+        );
+    }
+    assert!(
+        grants("agent").is_empty(),
+        "agents may not touch snapshots/"
+    );
+}

@@ -184,13 +184,47 @@ fn each_role_does_its_own_work_and_an_agents_role_cannot_take_a_servers() {
         &keys["server"],
     ));
     assert_eq!(mode(&ok_json(&out)), "bootstrap", "{}", stderr(&out));
-    let agent_s = FakeAgent::start("lp-s", true, &["--address", "10.80.0.1"]);
+    // 17 MiB: the snapshot's upload is multipart.
+    let snap = tmp.path().join("lp.snap");
+    std::fs::write(&snap, vec![7u8; 17 << 20]).unwrap();
+    let agent_s = FakeAgent::start(
+        "lp-s",
+        true,
+        &[
+            "--address",
+            "10.80.0.1",
+            "--snapshot-file",
+            snap.to_str().unwrap(),
+        ],
+    );
     let out = output(&mut as_user(
         heartbeat_cmd(&moto, &registry, &s, "lp-s", "10.80.0.1", &agent_s.addr()),
         &keys["server"],
     ));
     let v = ok_json(&out);
     assert_eq!(v["slot"]["status"], "renewed", "{v}");
+    // The leader's snapshots: a multipart upload, then the retention's
+    // listing and delete.
+    for keep in ["2", "1"] {
+        let out = output(
+            as_user(
+                agent_cmd(
+                    &moto,
+                    "snapshot",
+                    &registry,
+                    &s,
+                    "lp-s",
+                    "10.80.0.1",
+                    &agent_s.addr(),
+                ),
+                &keys["server"],
+            )
+            .args(["--snapshot-keep", keep]),
+        );
+        let v = ok_json(&out);
+        assert_eq!(v["saved"], true, "{v}");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
     let mut set = as_user(auto_consul(&moto), &keys["server"]);
     ok_json(&output(set.args([
         "cluster",
