@@ -172,6 +172,33 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
         )),
         "{prom}"
     );
+    // A leader whose clock is three hours slow: its snapshot is named by
+    // the store's clock, so it is the newest and retention keeps it.
+    let out = ok_json(&output(
+        skewed(
+            &mut agent_cmd(
+                moto,
+                "snapshot",
+                &registry,
+                root,
+                node,
+                ip,
+                &agents[0].addr(),
+            ),
+            "-3h",
+        )
+        .args(["--snapshot-keep", "2"]),
+    ));
+    let skewed_key = out["key"].as_str().unwrap().to_string();
+    assert!(key_skew_seconds(&skewed_key).abs() < 60, "{skewed_key}");
+    let mut kept = keys(moto, &bucket, &format!("{prefix}/snapshots/"));
+    kept.sort();
+    assert_eq!(
+        kept,
+        [&saved[3], &skewed_key].map(|k| format!("{prefix}/{k}")),
+        "the slow clock's snapshot is kept as the newest"
+    );
+    saved.push(skewed_key);
     // `members` and `status` show the newest one's age.
     let members = ok_json(&output(auto_consul(moto).args([
         "members",
@@ -181,7 +208,7 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
     ])));
     assert_eq!(
         members["snapshot"]["newest"],
-        saved[3].as_str(),
+        saved[4].as_str(),
         "{members}"
     );
     assert!(
@@ -192,7 +219,7 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
         node_cmd(moto, "status", &registry, root, node, ip)
             .env("CONSUL_HTTP_ADDR", agents[0].addr()),
     ));
-    assert_eq!(status["snapshot"]["newest"], saved[3].as_str(), "{status}");
+    assert_eq!(status["snapshot"]["newest"], saved[4].as_str(), "{status}");
 }
 
 #[test]
@@ -298,6 +325,19 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     let record: Value =
         serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
     assert_eq!(record["restore"]["state"], "restoring", "{record}");
+    // Until it is done, `status` on the new server says what is owed.
+    let st = output(&mut agent_cmd(
+        moto,
+        "status",
+        &registry,
+        &root_b,
+        "new-b",
+        ip_b,
+        &agent_b.addr(),
+    ));
+    assert_eq!(st.status.code(), Some(1));
+    let reasons = json(&st)["reasons"].to_string();
+    assert!(reasons.contains("still owes the restore"), "{reasons}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while lines(&restores.join("aborted.jsonl")).is_empty() {
         assert!(Instant::now() < deadline, "the cut restore was not seen");

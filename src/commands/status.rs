@@ -152,6 +152,19 @@ impl Health {
         if record.retired {
             self.degraded(format!("cluster {} is retired", record.cluster_id));
         }
+        if let Some(plan) = record.restore.as_ref().filter(|p| p.state.open()) {
+            self.degraded(format!(
+                "cluster {} still owes the restore of cluster {}'s snapshot ({}): the leader's \
+                 auto-consul-snapshot.service does it (`auto-consul restore --cancel` drops it)",
+                record.cluster_id,
+                plan.from,
+                if plan.state == crate::model::RestoreState::Pending {
+                    "pending"
+                } else {
+                    "under way"
+                }
+            ));
+        }
         // A server's Raft data is its cluster's; an agent follows the
         // servers it finds (and decides again at its next boot).
         if let Some(mine) = self
@@ -174,6 +187,7 @@ impl Health {
             "expiry": s.expiry,
             "agent_expiry": s.agent_expiry,
             "retired": record.retired,
+            "restore": record.restore,
         });
     }
 
