@@ -345,6 +345,25 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     }
     assert!(lines(&restores.join("restores.jsonl")).is_empty());
 
+    // Had another server begun it (a leader before a change of leader),
+    // it would be left to that server for half an hour, then taken over.
+    let cluster_key = format!("{prefix}/cluster");
+    let mut other: Value = serde_json::from_str(&get(moto, &bucket, &cluster_key)).unwrap();
+    other["restore"]["node"] = "new-c".into();
+    put(moto, &bucket, &cluster_key, &other.to_string());
+    let out = ok_json(&output(&mut snapshot_cmd(
+        moto,
+        &registry,
+        &root_b,
+        "new-b",
+        ip_b,
+        &agent_b.addr(),
+    )));
+    assert_eq!(out["restored"]["by"], "new-c", "{out}");
+    assert!(lines(&restores.join("restores.jsonl")).is_empty());
+    assert!(moto.age(&bucket, &cluster_key, 1801) >= 1);
+    std::thread::sleep(Duration::from_millis(1100));
+
     // Run again: the same snapshot restored, whole; then never again.
     let (good, good_sha) = &saved[0];
     for _ in 0..2 {
@@ -376,7 +395,7 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     let new_id = record["cluster_id"].as_str().unwrap();
     assert_eq!(
         count_keys(moto, &bucket, &format!("{prefix}/snapshots/{new_id}/")),
-        2
+        3
     );
 }
 

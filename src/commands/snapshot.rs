@@ -28,6 +28,9 @@ use crate::{agent, state};
 
 /// When this node last saved a snapshot (the store's clock).
 pub const SNAPSHOT_AT: &str = "/var/lib/auto-consul/snapshot-at";
+/// How long a restore another server started is left to it (the store's
+/// clock, from the record's last write) before this leader takes it over.
+const RESTORE_TAKEOVER_SECS: u64 = 1800;
 /// Where a snapshot passes through on its way to or from the registry.
 const SPOOL: &str = "/var/lib/auto-consul/snapshot.spool";
 
@@ -240,14 +243,32 @@ async fn restore_owed(
     token: Option<&str>,
     spool: &Path,
 ) -> Result<Value> {
-    let Some((record, etag)) = read_cluster(store).await? else {
+    let Some(obj) = store.get(CLUSTER_KEY).await? else {
         return Ok(Value::Null);
     };
+    let Ok(record) = ClusterRecord::parse(&obj.body) else {
+        return Ok(Value::Null);
+    };
+    let etag = obj.etag;
     let Some(plan) = record.restore.clone().filter(|p| p.state.open()) else {
         return Ok(Value::Null);
     };
     if record.cluster_id != cluster {
         return Ok(Value::Null);
+    }
+    // Another server (the leader before a change of leader) restoring
+    // now is left to it; one silent for long is taken over.
+    if plan.state == RestoreState::Restoring
+        && let Some(other) = plan.node.as_deref().filter(|n| *n != me.node)
+    {
+        let age = crate::model::age_seconds(obj.last_modified, store.now().await);
+        if age < RESTORE_TAKEOVER_SECS {
+            tracing::info!(
+                "{other} has been restoring {} for {age}s: not restoring it again",
+                plan.key.as_deref().unwrap_or("a snapshot")
+            );
+            return Ok(json!({"by": other, "state": "restoring"}));
+        }
     }
     let mut keys = snapshots_of(store, &plan.from).await?;
     keys.reverse();
