@@ -404,6 +404,17 @@ pub enum RestoreState {
 }
 
 impl RestoreState {
+    /// The name the record uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreState::Pending => "pending",
+            RestoreState::Restoring => "restoring",
+            RestoreState::Done => "done",
+            RestoreState::Nothing => "nothing",
+            RestoreState::Cancelled => "cancelled",
+        }
+    }
+
     /// Whether a restore is still to be done.
     pub fn open(self) -> bool {
         matches!(self, RestoreState::Pending | RestoreState::Restoring)
@@ -529,6 +540,36 @@ impl SnapshotKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_states_are_named_as_the_record_names_them() {
+        for st in [
+            RestoreState::Pending,
+            RestoreState::Restoring,
+            RestoreState::Done,
+            RestoreState::Nothing,
+            RestoreState::Cancelled,
+        ] {
+            assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
+        }
+    }
+
+    #[test]
+    fn snapshot_keys_parse_only_inside_their_cluster() {
+        let k = SnapshotKey::parse("c-1", "snapshots/c-1/20261201120000-node-a.snap").unwrap();
+        assert_eq!(k.stamp.node, "node-a");
+        assert_eq!(k.key(), "snapshots/c-1/20261201120000-node-a.snap");
+        for junk in [
+            "snapshots/c-2/20261201120000-node-a.snap",
+            "snapshots/c-1/20261201120000-node-a.snap.tmp",
+            "snapshots/c-1/2026120112000-node-a.snap",
+            "snapshots/c-1/20261201120000-../x.snap",
+            "snapshots/c-1/sub/20261201120000-node-a.snap",
+            "cluster",
+        ] {
+            assert!(SnapshotKey::parse("c-1", junk).is_none(), "{junk}");
+        }
+    }
 
     #[test]
     fn heartbeat_keys_round_trip_and_keep_dashes_in_names() {

@@ -190,10 +190,7 @@ fn report(opts: &GlobalOpts, record: &ClusterRecord, what: &str) {
             println!(
                 "restore of cluster {}'s snapshot: {}{}",
                 plan.from,
-                serde_json::to_value(plan.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                plan.state.as_str(),
                 plan.key
                     .as_deref()
                     .map(|k| format!(" ({k})"))

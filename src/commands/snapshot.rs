@@ -477,7 +477,7 @@ async fn list(opts: &GlobalOpts, store: &dyn Store, record: Option<&ClusterRecor
                 text.push_str(&format!(
                     "restore from cluster {}: {}",
                     p.from,
-                    serde_json::to_value(p.state).unwrap_or_default()
+                    p.state.as_str()
                 ));
             }
             text.trim_end().to_string()
