@@ -542,13 +542,29 @@ const OWN_OPTIONS: &[(&str, &[&str])] = &[
 /// command's own options first; `None` for the top-level help.
 pub fn help_for(args: &[std::ffi::OsString]) -> Option<String> {
     let mut cmd = help_command();
-    let name = args
+    // `help COMMAND` is `COMMAND --help`.
+    let long = args.iter().any(|a| a == "--help") || args.get(1).is_some_and(|a| a == "help");
+    // The deepest command named (`cluster set -h` is `set`'s help).
+    let mut path: Vec<String> = Vec::new();
+    let mut at = &cmd;
+    for arg in args
         .iter()
         .skip(1)
         .filter_map(|a| a.to_str())
-        .find(|a| OWN_OPTIONS.iter().any(|(n, _)| n == a))?;
-    let long = args.iter().any(|a| a == "--help");
-    let sub = cmd.find_subcommand_mut(name)?;
+        .filter(|a| *a != "help")
+    {
+        if let Some(sub) = at.find_subcommand(arg) {
+            path.push(arg.to_string());
+            at = sub;
+        }
+    }
+    if path.is_empty() {
+        return None;
+    }
+    let mut sub = &mut cmd;
+    for name in &path {
+        sub = sub.find_subcommand_mut(name)?;
+    }
     Some(
         if long {
             sub.render_long_help()

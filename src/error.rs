@@ -56,14 +56,41 @@ pub fn messages(err: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// A failure that passes by itself (no leader yet, another server busy):
+/// exit 75 (EX_TEMPFAIL), which the snapshot unit retries after 30 s; its
+/// other failures wait for the next interval.
+#[derive(Debug)]
+pub struct TryAgainSoon(pub String);
+
+impl fmt::Display for TryAgainSoon {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TryAgainSoon {}
+
+/// The exit code of a [`TryAgainSoon`].
+pub const EXIT_TRY_AGAIN_SOON: u8 = 75;
+
+/// A [`TryAgainSoon`] error.
+pub fn soon(msg: impl Into<String>) -> anyhow::Error {
+    TryAgainSoon(msg.into()).into()
+}
+
 /// The process exit code for an error: 2 when a [`UsageError`] is anywhere in
-/// the chain, 1 otherwise.
+/// the chain, 75 for a [`TryAgainSoon`], 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err
         .chain()
         .any(|e| e.downcast_ref::<UsageError>().is_some())
     {
         2
+    } else if err
+        .chain()
+        .any(|e| e.downcast_ref::<TryAgainSoon>().is_some())
+    {
+        EXIT_TRY_AGAIN_SOON
     } else {
         1
     }
@@ -129,5 +156,6 @@ mod tests {
         );
         assert_eq!(exit_code(&because), 2);
         assert_eq!(exit_code(&anyhow::anyhow!("network down")), 1);
+        assert_eq!(exit_code(&soon("no leader").context("saving")), 75);
     }
 }

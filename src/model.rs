@@ -395,6 +395,9 @@ pub enum RestoreState {
     /// A snapshot was chosen and sent to Consul; not known to be done (a
     /// node stopped mid-way sends it again).
     Restoring,
+    /// Consul took the snapshot; this cluster's ACL tokens are still to be
+    /// made again in the restored state.
+    Restored,
     /// Restored.
     Done,
     /// The old cluster left no valid snapshot.
@@ -409,6 +412,7 @@ impl RestoreState {
         match self {
             RestoreState::Pending => "pending",
             RestoreState::Restoring => "restoring",
+            RestoreState::Restored => "restored",
             RestoreState::Done => "done",
             RestoreState::Nothing => "nothing",
             RestoreState::Cancelled => "cancelled",
@@ -417,7 +421,10 @@ impl RestoreState {
 
     /// Whether a restore is still to be done.
     pub fn open(self) -> bool {
-        matches!(self, RestoreState::Pending | RestoreState::Restoring)
+        matches!(
+            self,
+            RestoreState::Pending | RestoreState::Restoring | RestoreState::Restored
+        )
     }
 }
 
@@ -546,6 +553,7 @@ mod tests {
         for st in [
             RestoreState::Pending,
             RestoreState::Restoring,
+            RestoreState::Restored,
             RestoreState::Done,
             RestoreState::Nothing,
             RestoreState::Cancelled,

@@ -544,9 +544,11 @@ pub fn heartbeat_timer(expiry: u64) -> String {
 }
 
 /// The snapshot unit, on servers: `auto-consul snapshot` (the leader
-/// saves; a restore a new cluster owes comes first). A run with no leader
-/// yet fails and is tried again soon, so that restore does not wait an
-/// interval.
+/// saves; a restore a new cluster owes comes first). A run that can pass
+/// soon (no leader yet, a restore to do or under way) exits 75 and is
+/// tried again after 30 s, so that the restore does not wait an interval;
+/// other failures wait for the next interval (a full snapshot every 30 s
+/// would be a load of its own).
 pub fn snapshot_service(paths: &UnitPaths<'_>) -> String {
     let sandbox = small_sandbox(paths, paths.registry_rw().trim_start().to_string(), false);
     format!(
@@ -562,7 +564,10 @@ pub fn snapshot_service(paths: &UnitPaths<'_>) -> String {
          ExecStart={auto_consul} snapshot\n\
          # Snapshots of gigabytes stream through the state directory.\n\
          TimeoutStartSec=6h\n\
+         # Exit 75 (no leader yet, a restore under way elsewhere) is tried\n\
+         # again soon; any other failure waits for the next interval.\n\
          Restart=on-failure\n\
+         RestartPreventExitStatus=1 2\n\
          RestartSec=30s\n\
          Nice=10\n\
          IOSchedulingClass=idle\n\

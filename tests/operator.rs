@@ -72,6 +72,10 @@ fn a_commands_help_shows_its_own_options_first() {
         }
         assert!(help.contains("Registry and cluster:"), "{help}");
     }
+    // A command under a command: its own help.
+    let set = output(auto_consul(moto).args(["cluster", "set", "-h"]));
+    let help = String::from_utf8(set.stdout).unwrap();
+    assert!(help.contains("Usage: auto-consul cluster set"), "{help}");
     // A bad value still fails as before.
     let bad = output(auto_consul(moto).args(["gate", "--gate-wait", "0"]));
     assert_eq!(bad.status.code(), Some(2));

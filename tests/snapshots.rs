@@ -116,6 +116,25 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
             ],
         ));
     }
+    // No snapshot yet: healthy while the cluster is young, degraded once
+    // its record is older than two intervals and ten minutes.
+    let status = |i: usize| {
+        let (root, node, ip) = &nodes[i];
+        json(&output(&mut agent_cmd(
+            moto,
+            "status",
+            &registry,
+            root,
+            node,
+            ip,
+            &agents[i].addr(),
+        )))
+    };
+    assert_eq!(status(0)["snapshot"]["newest"], Value::Null);
+    assert!(!status(0)["reasons"].to_string().contains("no snapshot"));
+    assert!(moto.age(&bucket, &format!("{prefix}/cluster"), 2 * 3600 + 601) >= 1);
+    let late = status(0)["reasons"].to_string();
+    assert!(late.contains("has no snapshot"), "{late}");
     // A follower's timer: nothing asked of the registry, nothing saved.
     let before = moto.requests();
     let (root, node, ip) = &nodes[1];
@@ -215,10 +234,7 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
         members["snapshot"]["age_seconds"].as_u64().unwrap() < 60,
         "{members}"
     );
-    let status = json(&output(
-        node_cmd(moto, "status", &registry, root, node, ip)
-            .env("CONSUL_HTTP_ADDR", agents[0].addr()),
-    ));
+    let status = status(0);
     assert_eq!(status["snapshot"]["newest"], saved[4].as_str(), "{status}");
 }
 
@@ -351,15 +367,21 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     let mut other: Value = serde_json::from_str(&get(moto, &bucket, &cluster_key)).unwrap();
     other["restore"]["node"] = "new-c".into();
     put(moto, &bucket, &cluster_key, &other.to_string());
-    let out = ok_json(&output(&mut snapshot_cmd(
+    let wait = output(&mut snapshot_cmd(
         moto,
         &registry,
         &root_b,
         "new-b",
         ip_b,
         &agent_b.addr(),
-    )));
-    assert_eq!(out["restored"]["by"], "new-c", "{out}");
+    ));
+    // Exit 75: the unit tries again in 30 s; nothing restored or saved.
+    assert_eq!(wait.status.code(), Some(75), "{}", stderr(&wait));
+    assert!(
+        stderr(&wait).contains("new-c is restoring"),
+        "{}",
+        stderr(&wait)
+    );
     assert!(lines(&restores.join("restores.jsonl")).is_empty());
     assert!(moto.age(&bucket, &cluster_key, 1801) >= 1);
     std::thread::sleep(Duration::from_millis(1100));
@@ -395,7 +417,7 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     let new_id = record["cluster_id"].as_str().unwrap();
     assert_eq!(
         count_keys(moto, &bucket, &format!("{prefix}/snapshots/{new_id}/")),
-        3
+        2
     );
 }
 
@@ -436,6 +458,13 @@ fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
         &agent.addr(),
     )));
     let key = out["key"].as_str().unwrap().to_string();
+    // A snapshot holds every ACL token: readable by root only.
+    use std::os::unix::fs::PermissionsExt;
+    let perms = std::fs::metadata(reg.join(&key))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(perms & 0o777, 0o600, "{perms:o}");
     // The directory registry keeps the hash beside the file.
     assert_eq!(
         std::fs::read(reg.join(&key)).unwrap(),
@@ -475,39 +504,56 @@ fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
     );
     assert_eq!(lines(&restores.join("restores.jsonl")).len(), 1);
 
-    // A replacement with --no-restore owes nothing.
-    let old: Value =
-        serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
-    let old = old["cluster_id"].as_str().unwrap();
-    ok_json(&output(&mut node_cmd(
-        moto,
-        "leave",
-        &registry,
-        &root,
-        "dir-a",
-        "10.98.0.1",
-    )));
-    ok_json(&output(auto_consul(moto).args([
-        "cluster",
-        "retire",
-        "--json",
-        "--registry",
-        &registry,
-        old,
-    ])));
-    let v = ok_json(&output(
-        run_cmd(
+    // Each cluster is replaced in turn: the one that left (its slot
+    // released) and was retired, by the next node.
+    let record = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap()
+    };
+    // Nodes are `dir-<x>`, with their root in `<x>`.
+    let replace = |leaving: (&str, &str), next: (&str, &str), extra: &[&str]| {
+        let old = record()["cluster_id"].as_str().unwrap().to_string();
+        let (dir, ip) = leaving;
+        ok_json(&output(&mut node_cmd(
             moto,
+            "leave",
             &registry,
-            &tmp.path().join("b"),
-            "dir-b",
-            "10.98.0.2",
-            1,
-        )
-        .args(["--witness-wait", "0", "--no-restore"]),
-    ));
-    assert_eq!(mode(&v), "bootstrap");
-    let record: Value =
-        serde_json::from_str(&std::fs::read_to_string(reg.join("cluster")).unwrap()).unwrap();
-    assert!(record.get("restore").is_none(), "{record}");
+            &tmp.path().join(dir),
+            &format!("dir-{dir}"),
+            ip,
+        )));
+        ok_json(&output(auto_consul(moto).args([
+            "cluster",
+            "retire",
+            "--json",
+            "--registry",
+            &registry,
+            &old,
+        ])));
+        let (dir, ip) = next;
+        let v = ok_json(&output(
+            run_cmd(
+                moto,
+                &registry,
+                &tmp.path().join(dir),
+                &format!("dir-{dir}"),
+                ip,
+                1,
+            )
+            .args(["--witness-wait", "0"])
+            .args(extra),
+        ));
+        assert_eq!(mode(&v), "bootstrap");
+        old
+    };
+    // With --no-restore the new cluster owes nothing.
+    replace(("a", "10.98.0.1"), ("b", "10.98.0.2"), &["--no-restore"]);
+    assert!(record().get("restore").is_none(), "{}", record());
+    // Without it, it owes the restore of the one it replaced...
+    let b = replace(("b", "10.98.0.2"), ("c", "10.98.0.3"), &[]);
+    assert_eq!(record()["restore"]["from"], b.as_str());
+    assert_eq!(record()["restore"]["state"], "pending");
+    // ...and a cluster that died still owing it passes it on: its own
+    // snapshots (none were saved while it owed one) hold nothing of worth.
+    replace(("c", "10.98.0.3"), ("d", "10.98.0.4"), &[]);
+    assert_eq!(record()["restore"]["from"], b.as_str(), "{}", record());
 }

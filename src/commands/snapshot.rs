@@ -17,12 +17,12 @@ use serde_json::{Value, json};
 use super::{open_store, registry_url};
 use crate::claims::put_settled;
 use crate::cli::GlobalOpts;
-use crate::error::usage;
-use crate::install::Root;
+use crate::error::{soon, usage};
+use crate::install::{self, Root};
 use crate::model::{
     CLUSTER_KEY, ClusterRecord, HeartbeatKey, RestorePlan, RestoreState, SnapshotKey, snapshots_dir,
 };
-use crate::registry::{Condition, Store, read_cluster};
+use crate::registry::{Condition, Object, Store, read_cluster};
 use crate::spool::Spooled;
 use crate::{agent, state};
 
@@ -55,10 +55,10 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     // Only the leader: one snapshot per interval for the cluster.
     let status = agent::status(opts.acl_token_file.as_deref()).await?;
     let Some(leader) = status.leader.as_deref() else {
-        bail!(
+        return Err(soon(
             "the local Consul agent knows no leader yet: no snapshot can be saved or restored now \
-             (auto-consul-snapshot.service tries again in 30s)"
-        );
+             (auto-consul-snapshot.service tries again in 30s)",
+        ));
     };
     if leader_ip(leader) != Some(saved.address) {
         let shown = status.leader.clone().unwrap_or_else(|| "none".into());
@@ -72,18 +72,31 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
             },
         );
     }
+    // One snapshot or restore at a time on this node, through one spool.
+    let _lock = install::lock(&root, "snapshot")?;
+    let spool = SpoolFile(root.path(Path::new(SPOOL)));
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
     let token = management_token(opts, &cluster).await?;
-    let spool = root.path(Path::new(SPOOL));
-    let restored = restore_owed(opts, store, &saved, &cluster, token.as_deref(), &spool)
-        .await
-        .map_err(|e| {
-            e.context(format!(
-                "the restore cluster {cluster} owes did not happen; auto-consul-snapshot.service tries again in 30s \
+    let owed = Owed {
+        opts,
+        store,
+        me: &saved,
+        cluster: &cluster,
+        token: token.as_deref(),
+        spool: &spool.0,
+    };
+    let restored = match owed.settle().await {
+        Ok(Settled::Nothing) => Value::Null,
+        Ok(Settled::Restored(v)) => v,
+        Ok(Settled::Elsewhere(why)) => return Err(soon(why)),
+        Err(e) => {
+            return Err(e.context(soon(format!(
+                "the restore cluster {cluster} owes is not done; auto-consul-snapshot.service tries again in 30s \
                  (`auto-consul restore --cancel` drops it, and the cluster keeps its own state)"
-            ))
-        })?;
+            ))));
+        }
+    };
     if opts.snapshot_interval() == 0 {
         return say(
             opts,
@@ -91,10 +104,7 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
             || "snapshots are off (--snapshot-interval 0)".into(),
         );
     }
-    let file = agent::save_snapshot(token.as_deref(), &spool).await;
-    let file = file.inspect_err(|_| {
-        let _ = std::fs::remove_file(&spool);
-    })?;
+    let file = agent::save_snapshot(token.as_deref(), &spool.0).await?;
     let now = store.now().await;
     let key = SnapshotKey {
         cluster: cluster.clone(),
@@ -104,9 +114,7 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
         },
     }
     .key();
-    let put = store.put_file(&key, &file.path, &file.sha256).await;
-    let _ = std::fs::remove_file(&spool);
-    put?;
+    store.put_file(&key, &file.path, &file.sha256).await?;
     state::record_time(&root, SNAPSHOT_AT, now);
     crate::metrics::snapshot_saved(now);
     let deleted = keep_newest(store, &cluster, opts.snapshot_keep()).await?;
@@ -132,17 +140,27 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     )
 }
 
+/// The spool, removed however the command ends (a partial download or a
+/// snapshot of gigabytes is not left on the root disk).
+struct SpoolFile(std::path::PathBuf);
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// `restore [KEY | --cancel]`.
 pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Result<()> {
     let url = registry_url(opts)?;
     let root = Root::new(&opts.root);
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
-    let record = read_cluster(store).await?;
     let Some(key) = key else {
         if cancel {
-            return cancel_owed(opts, store, record).await;
+            return cancel_owed(opts, store).await;
         }
+        let record = read_cluster(store).await?;
         return list(opts, store, record.as_ref().map(|(r, _)| r)).await;
     };
     let Some(snap) = parse_any(key) else {
@@ -152,35 +170,44 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
             key.escape_debug()
         )));
     };
-    let cluster = record.as_ref().map(|(r, _)| r.cluster_id.clone());
+    let _lock = install::lock(&root, "snapshot")?;
+    let spool = SpoolFile(root.path(Path::new(SPOOL)));
+    let current = read_record(store).await?;
+    let cluster = current.as_ref().map(|(r, _)| r.cluster_id.clone());
     let token = match &cluster {
         Some(c) => management_token(opts, c).await?,
         None => None,
     };
-    let spool = root.path(Path::new(SPOOL));
-    let Some(fetched) = store.get_file(key, &spool).await? else {
+    let Some(fetched) = store.get_file(key, &spool.0).await? else {
         bail!("there is no snapshot {key} in {url}; `auto-consul restore` lists them");
     };
     if let Err(why) = fetched.intact() {
-        let _ = std::fs::remove_file(&spool);
         bail!(
             "snapshot {key} is damaged: {why}; restore another one (`auto-consul restore` lists them)"
         );
     }
-    let sent = agent::restore_snapshot(token.as_deref(), &fetched.file).await;
-    let _ = std::fs::remove_file(&spool);
-    sent?;
-    if let Some(c) = &cluster {
-        tokens_after_restore(opts, &snap.cluster, c).await;
-    }
-    // A restore owed at genesis is settled by the operator's.
-    if let Some((mut rec, etag)) = record
-        && rec.restore.as_ref().is_some_and(|p| p.state.open())
-    {
-        let me = state::load(&root).map(|s| s.node);
-        rec.restore = Some(plan_done(&rec, &snap, &fetched.file, me));
-        write_record(store, &rec, etag).await?;
-    }
+    let me = state::load(&root)
+        .map(|s| s.node)
+        .unwrap_or_else(|| "operator".into());
+    // A restore owed at genesis is settled by the operator's, through
+    // the same steps in the record (unless another server is at it).
+    let owed = match current {
+        Some((rec, obj)) if rec.restore.as_ref().is_some_and(|p| p.state.open()) => {
+            if let Some(why) = busy_elsewhere(store, &rec, &obj, &me).await {
+                bail!("{why}; try again once it is done (`auto-consul cluster show`)");
+            }
+            Some((rec, obj.etag))
+        }
+        _ => None,
+    };
+    let steps = RestoreSteps {
+        opts,
+        store,
+        me: &me,
+        token: token.as_deref(),
+        to: cluster.as_deref(),
+    };
+    steps.run(owed, &snap, &fetched.file).await?;
     say(
         opts,
         json!({"restored": key, "sha256": fetched.file.sha256, "size": fetched.file.size}),
@@ -229,123 +256,258 @@ async fn management_token(opts: &GlobalOpts, cluster: &str) -> Result<Option<Str
     crate::secrets::management_token(store.as_ref(), cluster).await
 }
 
-/// The restore the cluster record says is owed, when there is one: the
-/// old cluster's snapshots newest first (the one an interrupted attempt
-/// chose before them), the first whose bytes match their SHA-256
-/// restored; the record says `restoring` before and `done` after, so a
-/// node stopped mid-way restores again and a finished restore is never
-/// repeated.
-async fn restore_owed(
-    opts: &GlobalOpts,
-    store: &dyn Store,
-    me: &state::State,
-    cluster: &str,
-    token: Option<&str>,
-    spool: &Path,
-) -> Result<Value> {
+/// The cluster record with the object it was read from (its version tag
+/// and its time on the store's clock); junk counts as none.
+pub(super) async fn read_record(store: &dyn Store) -> Result<Option<(ClusterRecord, Object)>> {
     let Some(obj) = store.get(CLUSTER_KEY).await? else {
-        return Ok(Value::Null);
+        return Ok(None);
     };
-    let Ok(record) = ClusterRecord::parse(&obj.body) else {
-        return Ok(Value::Null);
-    };
-    let etag = obj.etag;
-    let Some(plan) = record.restore.clone().filter(|p| p.state.open()) else {
-        return Ok(Value::Null);
-    };
-    if record.cluster_id != cluster {
-        return Ok(Value::Null);
+    Ok(ClusterRecord::parse(&obj.body)
+        .map_err(|why| tracing::warn!("skipping registry key {CLUSTER_KEY}: {why}"))
+        .ok()
+        .map(|r| (r, obj)))
+}
+
+/// Why another server's restore, under way and recent (its record write
+/// younger than [`RESTORE_TAKEOVER_SECS`] on the store's clock), is left
+/// to it; `None` when this node may go on.
+async fn busy_elsewhere(
+    store: &dyn Store,
+    rec: &ClusterRecord,
+    obj: &Object,
+    me: &str,
+) -> Option<String> {
+    let plan = rec.restore.as_ref()?;
+    let other = plan.node.as_deref().filter(|n| *n != me)?;
+    if !matches!(plan.state, RestoreState::Restoring | RestoreState::Restored) {
+        return None;
     }
-    // Another server (the leader before a change of leader) restoring
-    // now is left to it; one silent for long is taken over.
-    if plan.state == RestoreState::Restoring
-        && let Some(other) = plan.node.as_deref().filter(|n| *n != me.node)
-    {
-        let age = crate::model::age_seconds(obj.last_modified, store.now().await);
-        if age < RESTORE_TAKEOVER_SECS {
-            tracing::info!(
-                "{other} has been restoring {} for {age}s: not restoring it again",
-                plan.key.as_deref().unwrap_or("a snapshot")
-            );
-            return Ok(json!({"by": other, "state": "restoring"}));
-        }
-    }
-    let mut keys = snapshots_of(store, &plan.from).await?;
-    keys.reverse();
-    if let Some(chosen) = plan
-        .key
-        .as_deref()
-        .and_then(|k| SnapshotKey::parse(&plan.from, k))
-    {
-        keys.retain(|k| *k != chosen);
-        keys.insert(0, chosen);
-    }
-    let mut etag = etag;
-    for snap in keys {
-        let key = snap.key();
-        let Some(fetched) = store.get_file(&key, spool).await? else {
-            continue;
+    let age = crate::model::age_seconds(obj.last_modified, store.now().await);
+    (age < RESTORE_TAKEOVER_SECS).then(|| {
+        format!(
+            "{other} is restoring {} into cluster {} ({}, {age}s ago)",
+            plan.key.as_deref().unwrap_or("a snapshot"),
+            rec.cluster_id,
+            plan.state.as_str()
+        )
+    })
+}
+
+/// What became of the restore a cluster owes.
+enum Settled {
+    /// None was owed.
+    Nothing,
+    /// This run finished it (or found nothing to restore).
+    Restored(Value),
+    /// Another server is at it: this run saves nothing.
+    Elsewhere(String),
+}
+
+/// The restore a cluster record says is owed, done by the leader.
+struct Owed<'a> {
+    opts: &'a GlobalOpts,
+    store: &'a dyn Store,
+    me: &'a state::State,
+    cluster: &'a str,
+    token: Option<&'a str>,
+    spool: &'a Path,
+}
+
+impl Owed<'_> {
+    /// The old cluster's snapshots newest first (the one an interrupted
+    /// attempt chose before them); the first whose bytes match their
+    /// SHA-256 is restored through [`RestoreSteps`]. While it is owed, no
+    /// snapshot of this cluster is saved (it would be empty, and a later
+    /// replacement could take it for the data).
+    async fn settle(&self) -> Result<Settled> {
+        let Some((record, obj)) = read_record(self.store).await? else {
+            return Ok(Settled::Nothing);
         };
-        if let Err(why) = fetched.intact() {
-            tracing::warn!("skipping snapshot {key} of cluster {}: {why}", plan.from);
-            continue;
+        let Some(plan) = record.restore.clone().filter(|p| p.state.open()) else {
+            return Ok(Settled::Nothing);
+        };
+        if record.cluster_id != self.cluster {
+            return Ok(Settled::Nothing);
         }
-        let mut rec = record.clone();
+        if let Some(why) = busy_elsewhere(self.store, &record, &obj, &self.me.node).await {
+            return Ok(Settled::Elsewhere(format!(
+                "{why}: this server saves no snapshot until it is done, and takes it over after {}s",
+                RESTORE_TAKEOVER_SECS
+            )));
+        }
+        let steps = RestoreSteps {
+            opts: self.opts,
+            store: self.store,
+            me: &self.me.node,
+            token: self.token,
+            to: Some(self.cluster),
+        };
+        let etag = obj.etag.clone();
+        // Restored, its tokens not yet made again: only that is left.
+        if plan.state == RestoreState::Restored {
+            let snap = plan
+                .key
+                .as_deref()
+                .and_then(|k| SnapshotKey::parse(&plan.from, k));
+            if let Some(snap) = snap {
+                steps.finish(record, etag, &snap).await?;
+                return Ok(Settled::Restored(
+                    json!({"key": plan.key, "from": plan.from}),
+                ));
+            }
+        }
+        let mut keys = snapshots_of(self.store, &plan.from).await?;
+        keys.reverse();
+        if let Some(chosen) = plan
+            .key
+            .as_deref()
+            .and_then(|k| SnapshotKey::parse(&plan.from, k))
+        {
+            keys.retain(|k| *k != chosen);
+            keys.insert(0, chosen);
+        }
+        for snap in keys {
+            let key = snap.key();
+            let Some(fetched) = self.store.get_file(&key, self.spool).await? else {
+                continue;
+            };
+            if let Err(why) = fetched.intact() {
+                tracing::warn!("skipping snapshot {key} of cluster {}: {why}", plan.from);
+                continue;
+            }
+            steps
+                .run(Some((record, etag)), &snap, &fetched.file)
+                .await?;
+            return Ok(Settled::Restored(json!({
+                "key": key,
+                "sha256": fetched.file.sha256,
+                "from": plan.from,
+            })));
+        }
+        tracing::warn!(
+            "cluster {} left no valid snapshot under {}: cluster {} starts empty",
+            plan.from,
+            snapshots_dir(&plan.from),
+            self.cluster
+        );
+        let mut rec = record;
         rec.restore = Some(RestorePlan {
-            state: RestoreState::Restoring,
-            key: Some(key.clone()),
-            sha256: Some(fetched.file.sha256.clone()),
-            node: Some(me.node.clone()),
+            state: RestoreState::Nothing,
             at: Some(Utc::now().to_rfc3339()),
             ..plan.clone()
         });
-        etag = write_record(store, &rec, etag).await?;
-        tracing::warn!(
-            "restoring snapshot {key} of cluster {} into cluster {cluster} ({} bytes)",
-            plan.from,
-            fetched.file.size
-        );
-        let sent = agent::restore_snapshot(token, &fetched.file).await;
-        let _ = std::fs::remove_file(spool);
-        sent?;
-        tokens_after_restore(opts, &plan.from, cluster).await;
-        rec.restore = Some(plan_done(&rec, &snap, &fetched.file, Some(me.node.clone())));
-        write_record(store, &rec, etag).await?;
-        return Ok(json!({"key": key, "sha256": fetched.file.sha256, "from": plan.from}));
+        write_record(self.store, &rec, etag).await?;
+        Ok(Settled::Restored(json!({"key": null, "from": plan.from})))
     }
-    let _ = std::fs::remove_file(spool);
-    tracing::warn!(
-        "cluster {} left no valid snapshot under {}: cluster {cluster} starts empty",
-        plan.from,
-        snapshots_dir(&plan.from)
-    );
-    let mut rec = record;
-    rec.restore = Some(RestorePlan {
-        state: RestoreState::Nothing,
-        at: Some(Utc::now().to_rfc3339()),
-        ..plan.clone()
-    });
-    write_record(store, &rec, etag).await?;
-    Ok(json!({"key": null, "from": plan.from}))
 }
 
-fn plan_done(
-    rec: &ClusterRecord,
-    snap: &SnapshotKey,
-    file: &Spooled,
-    node: Option<String>,
-) -> RestorePlan {
-    let from = rec
-        .restore
-        .as_ref()
-        .map_or_else(|| snap.cluster.clone(), |p| p.from.clone());
-    RestorePlan {
-        from,
-        state: RestoreState::Done,
-        key: Some(snap.key()),
-        sha256: Some(file.sha256.clone()),
-        node,
-        at: Some(Utc::now().to_rfc3339()),
+/// A restore's steps, each said in the cluster record when one is owed
+/// (under `If-Match`): `restoring` (this node, this key) before the
+/// snapshot is sent, `restored` once Consul took it, `done` once this
+/// cluster's ACL tokens are in the restored state. A node stopped before
+/// `restored` sends it again; one stopped after it only makes the tokens.
+struct RestoreSteps<'a> {
+    opts: &'a GlobalOpts,
+    store: &'a dyn Store,
+    me: &'a str,
+    token: Option<&'a str>,
+    /// The cluster restored into, when the registry has one.
+    to: Option<&'a str>,
+}
+
+impl RestoreSteps<'_> {
+    async fn run(
+        &self,
+        owed: Option<(ClusterRecord, String)>,
+        snap: &SnapshotKey,
+        file: &Spooled,
+    ) -> Result<()> {
+        let key = snap.key();
+        let mut record = None;
+        if let Some((mut rec, etag)) = owed {
+            rec.restore = Some(self.plan(&rec, snap, file, RestoreState::Restoring));
+            let etag = write_record(self.store, &rec, etag).await?;
+            record = Some((rec, etag));
+        }
+        tracing::warn!(
+            "restoring snapshot {key} ({} bytes) into cluster {}: Consul's state is replaced by it",
+            file.size,
+            self.to.unwrap_or("of this registry")
+        );
+        agent::restore_snapshot(self.token, file).await?;
+        match record {
+            Some((mut rec, etag)) => {
+                rec.restore = Some(self.plan(&rec, snap, file, RestoreState::Restored));
+                let etag = write_record(self.store, &rec, etag).await?;
+                self.finish(rec, etag, snap).await
+            }
+            None => self.tokens(&snap.cluster).await,
+        }
+    }
+
+    /// This cluster's tokens made again, then `done`.
+    async fn finish(&self, mut rec: ClusterRecord, etag: String, snap: &SnapshotKey) -> Result<()> {
+        self.tokens(&snap.cluster).await?;
+        let plan = rec.restore.clone();
+        rec.restore = plan.map(|p| RestorePlan {
+            state: RestoreState::Done,
+            node: Some(self.me.to_string()),
+            at: Some(Utc::now().to_rfc3339()),
+            ..p
+        });
+        write_record(self.store, &rec, etag).await?;
+        Ok(())
+    }
+
+    fn plan(
+        &self,
+        rec: &ClusterRecord,
+        snap: &SnapshotKey,
+        file: &Spooled,
+        state: RestoreState,
+    ) -> RestorePlan {
+        let from = rec
+            .restore
+            .as_ref()
+            .map_or_else(|| snap.cluster.clone(), |p| p.from.clone());
+        RestorePlan {
+            from,
+            state,
+            key: Some(snap.key()),
+            sha256: Some(file.sha256.clone()),
+            node: Some(self.me.to_string()),
+            at: Some(Utc::now().to_rfc3339()),
+        }
+    }
+
+    /// After a restore from another cluster, Consul's ACL state is the
+    /// snapshot's: this cluster's management and agents' tokens (made at
+    /// genesis) are made again in it with the old cluster's management
+    /// token, which the snapshot knows. Without that token (a cluster
+    /// that made none) nothing can be done here: a warning says so.
+    async fn tokens(&self, from: &str) -> Result<()> {
+        let (Some(url), Some(cluster)) = (&self.opts.secrets, self.to) else {
+            return Ok(());
+        };
+        if from == cluster {
+            return Ok(());
+        }
+        let Some(store) = crate::secrets::open(url).await? else {
+            return Ok(());
+        };
+        let Some(old) = crate::secrets::management_token(store.as_ref(), from).await? else {
+            tracing::warn!(
+                "cluster {from} made no management token: the restored ACL state may not know cluster {cluster}'s \
+                 tokens; make them with a management token of the restored state"
+            );
+            return Ok(());
+        };
+        let made = crate::secrets::genesis(store.as_ref(), cluster, true).await?;
+        if let Some(new) = &made.management_token {
+            agent::ensure_management_token(&old, new).await?;
+        }
+        agent::ensure_agent_token(&old, &made.agent_token).await?;
+        Ok(())
     }
 }
 
@@ -357,38 +519,6 @@ async fn write_record(store: &dyn Store, rec: &ClusterRecord, etag: String) -> R
         None => bail!(
             "the cluster record changed while this node was restoring a snapshot into it; the next run looks again"
         ),
-    }
-}
-
-/// After a restore, Consul's ACL state is the snapshot's: this cluster's
-/// management and agents' tokens (made at genesis) are made again in it
-/// with the old cluster's management token, which the snapshot knows.
-async fn tokens_after_restore(opts: &GlobalOpts, from: &str, cluster: &str) {
-    if from == cluster {
-        return;
-    }
-    let Some(url) = &opts.secrets else { return };
-    let done = async {
-        let Some(store) = crate::secrets::open(url).await? else {
-            return Ok(());
-        };
-        let Some(old) = crate::secrets::management_token(store.as_ref(), from).await? else {
-            anyhow::bail!(
-                "cluster {from} made no management token; the restored ACL state may not know this cluster's"
-            );
-        };
-        let made = crate::secrets::genesis(store.as_ref(), cluster, true).await?;
-        if let Some(new) = &made.management_token {
-            agent::ensure_management_token(&old, new).await?;
-        }
-        agent::ensure_agent_token(&old, &made.agent_token).await?;
-        Ok(())
-    };
-    if let Err(e) = done.await {
-        tracing::warn!(
-            "this cluster's ACL tokens are not in the restored state yet: {e:#}; \
-             make them with the old cluster's management token (`auto-consul secrets get management-token`)"
-        );
     }
 }
 
@@ -421,11 +551,15 @@ async fn keep_newest(store: &dyn Store, cluster: &str, keep: u32) -> Result<Vec<
     Ok(old)
 }
 
-/// The newest snapshot of `cluster` and when it was saved (the store's
-/// clock), for `status` and `members`.
+/// The newest snapshot of `cluster` and when the store wrote it, for
+/// `status` and `members`.
 pub async fn newest(store: &dyn Store, cluster: &str) -> Result<Option<(String, DateTime<Utc>)>> {
-    let keys = snapshots_of(store, cluster).await?;
-    Ok(keys.last().map(|k| (k.key(), k.stamp.time)))
+    let listed = store.list(&snapshots_dir(cluster), None).await?;
+    Ok(listed
+        .into_iter()
+        .filter(|l| SnapshotKey::parse(cluster, &l.key).is_some())
+        .max_by(|a, b| a.key.cmp(&b.key))
+        .map(|l| (l.key, l.last_modified)))
 }
 
 /// A snapshot key of any cluster.
@@ -485,13 +619,10 @@ async fn list(opts: &GlobalOpts, store: &dyn Store, record: Option<&ClusterRecor
     )
 }
 
-/// `restore --cancel`: the restore owed at genesis is dropped.
-async fn cancel_owed(
-    opts: &GlobalOpts,
-    store: &dyn Store,
-    record: Option<(ClusterRecord, String)>,
-) -> Result<()> {
-    let Some((mut rec, etag)) = record else {
+/// `restore --cancel`: the restore owed at genesis is dropped, unless a
+/// server is sending it now.
+async fn cancel_owed(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
+    let Some((mut rec, obj)) = read_record(store).await? else {
         bail!("the registry holds no cluster record: no restore is owed");
     };
     let Some(plan) = rec.restore.clone().filter(|p| p.state.open()) else {
@@ -499,12 +630,23 @@ async fn cancel_owed(
             "no restore is owed: nothing to cancel".into()
         });
     };
+    if plan.state == RestoreState::Restored {
+        bail!(
+            "the snapshot {} is already restored; only this cluster's ACL tokens are left to make: nothing to cancel",
+            plan.key.as_deref().unwrap_or("?")
+        );
+    }
+    if let Some(why) = busy_elsewhere(store, &rec, &obj, "").await {
+        bail!(
+            "{why}: it cannot be cancelled half-way; check again with `auto-consul cluster show`"
+        );
+    }
     rec.restore = Some(RestorePlan {
         state: RestoreState::Cancelled,
         at: Some(Utc::now().to_rfc3339()),
         ..plan.clone()
     });
-    write_record(store, &rec, etag).await?;
+    write_record(store, &rec, obj.etag).await?;
     say(opts, json!({"cancelled": true, "from": plan.from}), || {
         format!(
             "cancelled the restore of cluster {}'s snapshot: cluster {} keeps its own state",

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::{open_store, registry_url, seed_settings};
 use crate::cli::GlobalOpts;
 use crate::install::Root;
-use crate::registry::{read_cluster, read_slot};
+use crate::registry::read_slot;
 use crate::{agent, state};
 
 /// The heartbeat timer's state, where systemd runs (`None` elsewhere).
@@ -96,13 +96,16 @@ impl Health {
             Err(e) => return self.degraded(format!("the registry {url} cannot be opened: {e:#}")),
         };
         let store = opened.store.as_ref();
-        match read_cluster(store).await {
+        match super::snapshot::read_record(store).await {
             Err(e) => self.degraded(format!("the registry {url} cannot be read: {e:#}")),
             Ok(None) => self.degraded(format!("the registry {url} has no cluster record")),
-            Ok(Some((record, _))) => {
+            Ok(Some((record, obj))) => {
                 self.record(opts, &record);
                 if self.saved.as_ref().is_some_and(|s| s.mode.is_server()) {
-                    self.snapshot(opts, store, &record.cluster_id).await;
+                    let record_age =
+                        crate::model::age_seconds(obj.last_modified, store.now().await);
+                    self.snapshot(opts, store, &record.cluster_id, record_age)
+                        .await;
                 }
             }
         }
@@ -123,20 +126,32 @@ impl Health {
 
     /// A server's check of its cluster's newest snapshot (one listing, on
     /// servers only): degraded when the newest is older than two
-    /// intervals and ten minutes (the leader's timer is not saving).
+    /// intervals and ten minutes (the leader's timer is not saving), or
+    /// when there is none and the cluster record (`record_age`, on the
+    /// store's clock) is that old.
     async fn snapshot(
         &mut self,
         opts: &GlobalOpts,
         store: &dyn crate::registry::Store,
         cluster: &str,
+        record_age: u64,
     ) {
         let interval = opts.snapshot_interval();
+        let late = |age: u64| interval > 0 && age > 2 * interval + 600;
         match super::snapshot::newest(store, cluster).await {
             Err(e) => self.degraded(format!("the snapshots cannot be listed: {e:#}")),
-            Ok(None) => self.snapshot = json!({"newest": null, "interval": interval}),
+            Ok(None) => {
+                if late(record_age) {
+                    self.degraded(format!(
+                        "cluster {cluster} has no snapshot, and its record is {record_age}s old, past two intervals \
+                         ({interval}s): is auto-consul-snapshot.timer running on the leader? (its journal says why)"
+                    ));
+                }
+                self.snapshot = json!({"newest": null, "interval": interval});
+            }
             Ok(Some((key, at))) => {
                 let age = crate::model::age_seconds(at, store.now().await);
-                if interval > 0 && age > 2 * interval + 600 {
+                if late(age) {
                     self.degraded(format!(
                         "the newest snapshot {key} is {age}s old, past two intervals ({interval}s): \
                          is auto-consul-snapshot.timer running on the leader?"

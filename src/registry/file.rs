@@ -251,7 +251,8 @@ impl Store for FileStore {
             .with_context(|| format!("creating a temporary file in {}", parent.display()))?
             .into_temp_path();
         crate::spool::copy(path, &tmp).await?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))
+        // A snapshot holds every ACL token: the owner (root) only.
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
             .with_context(|| format!("writing {}", dest.display()))?;
         tmp.persist(&dest)
             .with_context(|| format!("renaming into {}", dest.display()))?;

@@ -390,9 +390,10 @@ impl Elector<'_> {
             );
         }
         // A new cluster: this node's flags seed its record, which names
-        // the cluster it replaces for the restore of its snapshot.
+        // the cluster whose snapshot it restores.
+        let from = restore_source(&view).or_else(|| cluster_id.clone());
         if !self
-            .write_cluster(&id, cluster, self.seed, cluster_id.as_deref())
+            .write_cluster(&id, cluster, self.seed, from.as_deref())
             .await?
         {
             // Someone changed the record between our read and now: finish
@@ -569,7 +570,7 @@ impl Elector<'_> {
             Some(c) => Condition::Matches(c.etag.clone()),
         };
         tracing::warn!("holding slot 0 for cluster {id} with no record of it: writing the record");
-        let replaces = view.record().map(|r| r.cluster_id.clone());
+        let replaces = restore_source(view);
         if !self
             .write_cluster(id, condition, settings, replaces.as_deref())
             .await?
@@ -581,6 +582,21 @@ impl Elector<'_> {
         }
         Ok(())
     }
+}
+
+/// The cluster whose snapshot a cluster replacing the record's restores:
+/// the record's own, or, when that one still owed a restore itself (it
+/// died before restoring, so its own snapshots hold nothing of worth), the
+/// cluster it was to restore from.
+fn restore_source(view: &RegistryView) -> Option<String> {
+    let record = view.record()?;
+    Some(
+        record
+            .restore
+            .as_ref()
+            .filter(|p| p.state.open())
+            .map_or_else(|| record.cluster_id.clone(), |p| p.from.clone()),
+    )
 }
 
 /// Whether `me` holds slot 0 for a cluster the registry's record does not
