@@ -194,7 +194,7 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
         let expr = format!(
             "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, secrets = \"{secrets}\", \
              expiry = 120, agent_expiry = 7200, datacenter = \"dc1\", data_dir = \"/opt/consul\", \
-             config_dir = \"/etc/consul.d\", baked_image = {baked}, \
+             config_dir = \"/etc/consul.d\", baked_image = {baked}, snapshot_interval = 1800, snapshot_keep = 48, \
              cloud_join = \"provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod\" }})",
             template.display()
         );
@@ -220,6 +220,13 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
         assert!(
             rendered.contains("AUTO_CONSUL_REGISTRY=s3://example-bucket/consul/prod"),
             "rendered user data lacks the registry:\n{rendered}"
+        );
+        // The snapshot settings go to the servers' group only.
+        assert_eq!(
+            rendered.contains("      AUTO_CONSUL_SNAPSHOT_INTERVAL=1800\n")
+                && rendered.contains("      AUTO_CONSUL_SNAPSHOT_KEEP=48\n"),
+            role == "server",
+            "{role}: snapshot settings:\n{rendered}"
         );
         assert!(
             rendered.contains(

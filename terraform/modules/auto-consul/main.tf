@@ -41,6 +41,9 @@ locals {
     baked_image  = var.baked_image
     cloud_join   = var.cloud_auto_join ? "provider=aws tag_key=auto-consul:cluster tag_value=${var.name}" : ""
     secrets      = local.secrets_url
+    # The leader's snapshots to the registry bucket (servers only).
+    snapshot_interval = var.snapshot_interval
+    snapshot_keep     = var.snapshot_keep
   }) }
 
   # Consul's ports, opened to members of the security group only. 8500 (HTTP

@@ -89,6 +89,28 @@ variable "heartbeat_retention_days" {
   }
 }
 
+variable "snapshot_interval" {
+  description = "Seconds between the Consul leader's snapshots to PREFIX/snapshots/ in the registry bucket (the recovery point of a lost cluster); 0 turns them off. Written to the servers' env file as AUTO_CONSUL_SNAPSHOT_INTERVAL."
+  type        = number
+  default     = 3600
+
+  validation {
+    condition     = alltrue([can(regex("^[0-9]+$", tostring(var.snapshot_interval))), contains([0, min(max(var.snapshot_interval, 60), 604800)], var.snapshot_interval)])
+    error_message = "snapshot_interval must be 0 or a whole number of seconds from 60 to 604800."
+  }
+}
+
+variable "snapshot_keep" {
+  description = "How many snapshots the leader keeps (AUTO_CONSUL_SNAPSHOT_KEEP); older ones are deleted after each save."
+  type        = number
+  default     = 24
+
+  validation {
+    condition     = alltrue([can(regex("^[0-9]+$", tostring(var.snapshot_keep))), contains([var.snapshot_keep], min(max(var.snapshot_keep, 1), 10000))])
+    error_message = "snapshot_keep must be a whole number from 1 to 10000."
+  }
+}
+
 variable "snapshot_retention_days" {
   description = "Lifecycle backstop: snapshots under PREFIX/snapshots/ older than this many days are deleted by S3 (the leader keeps its newest --snapshot-keep itself); long enough to restore a cluster that has been gone a while."
   type        = number
