@@ -114,4 +114,13 @@ fn peers_json_lists_the_surviving_servers_with_their_node_ids() {
         "{err}"
     );
     assert!(!path.exists());
+
+    // Two of the three terminated: the survivor alone, in Consul's format.
+    terminate(moto, &[&ids[1]]);
+    let plan = ok_json(&recover(moto, &registry, root, node, ip, &ids[0], &[]));
+    assert_eq!(
+        plan["peers"],
+        serde_json::json!([{"id": nodes[0].3, "address": format!("{ip}:8300"), "non_voter": false}]),
+        "{plan}"
+    );
 }
