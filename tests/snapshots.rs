@@ -557,3 +557,149 @@ fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
     replace(("c", "10.98.0.3"), ("d", "10.98.0.4"), &[]);
     assert_eq!(record()["restore"]["from"], b.as_str(), "{}", record());
 }
+
+/// With ACLs made at genesis, a restore brings back the old cluster's ACL
+/// state, which knows nothing of the new cluster's tokens: they are made
+/// again in it with the old cluster's management token, then the record
+/// says done. The fake agent's snapshot is its ACL state, and its restore
+/// replaces that state, as Consul's does.
+#[test]
+fn after_a_restore_the_new_clusters_tokens_are_made_in_the_restored_acl_state() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let prefix = "snap/acl";
+    let registry = format!("s3://{bucket}/{prefix}");
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets_dir = tmp.path().join("secrets");
+    std::fs::create_dir_all(&secrets_dir).unwrap();
+    let secrets = format!("file://{}", secrets_dir.display());
+    let secret = |cluster: &str, name: &str| {
+        std::fs::read_to_string(secrets_dir.join(cluster).join(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let cluster = || -> String {
+        let v: Value =
+            serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+        v["cluster_id"].as_str().unwrap().to_string()
+    };
+    let ids = run_instances(moto, 1);
+    let (root_a, ip_a) = (tmp.path().join("a"), "10.99.1.1");
+    ok_json(&output(
+        run_cmd(moto, &registry, &root_a, "acl-a", ip_a, 1).args([
+            "--instance-id",
+            &ids[0],
+            "--secrets",
+            &secrets,
+        ]),
+    ));
+    let a = cluster();
+    let acl_a = tmp.path().join("acl-a");
+    std::fs::create_dir_all(&acl_a).unwrap();
+    let agent_a = FakeAgent::start(
+        "acl-a",
+        true,
+        &[
+            "--address",
+            ip_a,
+            "--acl-dir",
+            acl_a.to_str().unwrap(),
+            "--acl-management",
+            &secret(&a, "server/management-token"),
+        ],
+    );
+    // A's heartbeat makes its agents' token; its snapshot holds it.
+    ok_json(&output(
+        heartbeat_cmd(moto, &registry, &root_a, "acl-a", ip_a, &agent_a.addr()).args([
+            "--instance-id",
+            &ids[0],
+            "--secrets",
+            &secrets,
+        ]),
+    ));
+    ok_json(&output(
+        agent_cmd(
+            moto,
+            "snapshot",
+            &registry,
+            &root_a,
+            "acl-a",
+            ip_a,
+            &agent_a.addr(),
+        )
+        .args(["--secrets", &secrets]),
+    ));
+    drop(agent_a);
+
+    terminate(moto, &[&ids[0]]);
+    moto.age(&bucket, &format!("{prefix}/"), 3 * 120 + 5);
+    let (root_b, ip_b) = (tmp.path().join("b"), "10.99.1.2");
+    ok_json(&output(
+        run_cmd(moto, &registry, &root_b, "acl-b", ip_b, 1).args([
+            "--witness-wait",
+            "1",
+            "--secrets",
+            &secrets,
+        ]),
+    ));
+    let b = cluster();
+    assert_ne!(a, b);
+    let acl_b = tmp.path().join("acl-b");
+    let restores = tmp.path().join("restores");
+    std::fs::create_dir_all(&acl_b).unwrap();
+    std::fs::create_dir_all(&restores).unwrap();
+    let agent_b = FakeAgent::start(
+        "acl-b",
+        true,
+        &[
+            "--address",
+            ip_b,
+            "--acl-dir",
+            acl_b.to_str().unwrap(),
+            "--acl-management",
+            &secret(&b, "server/management-token"),
+            "--restore-dir",
+            restores.to_str().unwrap(),
+        ],
+    );
+    let out = ok_json(&output(
+        agent_cmd(
+            moto,
+            "snapshot",
+            &registry,
+            &root_b,
+            "acl-b",
+            ip_b,
+            &agent_b.addr(),
+        )
+        .args(["--secrets", &secrets]),
+    ));
+    // Restored, tokens made, then B's own first snapshot, taken with B's
+    // management token: only possible once it is in the restored state.
+    assert_eq!(out["restored"]["from"], a.as_str(), "{out}");
+    assert_eq!(out["saved"], true, "{out}");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(acl_b.join("acl-state.json")).unwrap())
+            .unwrap();
+    let tokens = &state["tokens"];
+    for (what, token) in [
+        (
+            "A's management token",
+            secret(&a, "server/management-token"),
+        ),
+        ("A's agents' token", secret(&a, "agent/agent-token")),
+        (
+            "B's management token",
+            secret(&b, "server/management-token"),
+        ),
+        ("B's agents' token", secret(&b, "agent/agent-token")),
+    ] {
+        assert!(tokens.get(&token).is_some(), "{what} missing: {state}");
+    }
+    let b_management = &tokens[secret(&b, "server/management-token")];
+    assert_eq!(b_management["Policies"][0]["Name"], "global-management");
+    let record: Value =
+        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    assert_eq!(record["restore"]["state"], "done", "{record}");
+}

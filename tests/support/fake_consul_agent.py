@@ -19,7 +19,11 @@ X-Consul-Index), and `PUT /v1/snapshot` reads the body it is sent and, when
 all of Content-Length arrived, appends its SHA-256 and size to
 <--restore-dir>/restores.jsonl (a body cut short goes to aborted.jsonl, as
 Consul drops a restore whose stream breaks); both need the --acl-management
-token when it is set (Consul: a management token). Prints `PORT=<n>` first;
+token when it is set (Consul: a management token). With --acl-dir the ACL
+state holds the --acl-management token (linked to global-management, as
+Consul bootstraps it), ACL writes and snapshots need a management token of
+that state, `GET /v1/snapshot` without --snapshot-file is the ACL state as
+JSON, and a restore of such a body replaces the ACL state. Prints `PORT=<n>` first;
 exits when its parent goes away.
 """
 
@@ -135,6 +139,33 @@ def main():
             os.replace(path + ".tmp", path)
             return result
 
+    GLOBAL_MANAGEMENT = "00000000-0000-0000-0000-000000000001"
+
+    def is_management(secret):
+        """Whether `secret` may do what a management token may: with
+        --acl-dir, a token of the ACL state linked to Consul's built-in
+        global-management policy (a restore replaces that state, and with it
+        which tokens those are); else the --acl-management token."""
+        if not args.acl_dir:
+            return secret == args.acl_management
+        token = acl_state(lambda st: st["tokens"].get(secret))
+        return bool(token) and any(
+            p.get("ID") == GLOBAL_MANAGEMENT or p.get("Name") == "global-management"
+            for p in token.get("Policies") or []
+        )
+
+    if args.acl_dir and args.acl_management:
+        # Consul makes the initial management token when a leader is first
+        # established, if the state has none with that SecretID.
+        def bootstrap(st):
+            st["tokens"].setdefault(args.acl_management, {
+                "SecretID": args.acl_management,
+                "AccessorID": str(uuid.uuid4()),
+                "Description": "Initial Management Token",
+                "Policies": [{"ID": GLOBAL_MANAGEMENT, "Name": "global-management"}],
+            })
+        acl_state(bootstrap)
+
     def acl_log(entry):
         with open(os.path.join(args.acl_dir, "acl-log.jsonl"), "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -163,8 +194,14 @@ def main():
                 # same body (agent/operator_endpoint.go).
                 code = 200 if json.loads(health).get("Healthy") else 429
                 return self.reply(code, health, "application/json")
+            if path == "/v1/snapshot" and args.acl_dir and not args.snapshot_file:
+                # With ACL state and no file: the snapshot is that state.
+                if not is_management(self.headers.get("X-Consul-Token", "")):
+                    return self.reply(403, b"Permission denied", "text/plain")
+                state = acl_state(lambda st: json.loads(json.dumps(st)))
+                return self.reply(200, json.dumps(state).encode(), "application/x-gzip")
             if path == "/v1/snapshot" and args.snapshot_file:
-                if args.acl_management and self.headers.get("X-Consul-Token") != args.acl_management:
+                if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
                     return self.reply(403, b"Permission denied", "text/plain")
                 size = os.path.getsize(args.snapshot_file)
                 self.send_response(200)
@@ -195,7 +232,7 @@ def main():
     def do_PUT(self):
         path = self.path.split("?")[0]
         if path in ("/v1/acl/policy", "/v1/acl/token") and args.acl_dir:
-            if self.headers.get("X-Consul-Token") != args.acl_management:
+            if not is_management(self.headers.get("X-Consul-Token", "")):
                 return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
             length = int(self.headers.get("Content-Length") or 0)
             req = json.loads(self.rfile.read(length) or b"{}")
@@ -224,7 +261,7 @@ def main():
             acl_log({"path": path, "by": args.node, "body": req})
             return self.reply(200, json.dumps(made).encode(), "application/json")
         if path == "/v1/snapshot" and args.restore_dir:
-            if args.acl_management and self.headers.get("X-Consul-Token") != args.acl_management:
+            if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
                 return self.reply(403, b"Permission denied", "text/plain")
             return restore(self)
         if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
@@ -244,16 +281,31 @@ def main():
         with open(os.path.join(args.restore_dir, "started.jsonl"), "a") as f:
             f.write(json.dumps({"by": args.node, "size": length}) + "\n")
         digest, got = hashlib.sha256(), 0
+        # A snapshot this fake made of its ACL state is small: kept to load.
+        small = bytearray() if args.acl_dir and length <= (1 << 20) else None
         while got < length:
             chunk = handler.rfile.read(min(1 << 20, length - got))
             if not chunk:
                 break
             digest.update(chunk)
             got += len(chunk)
+            if small is not None:
+                small.extend(chunk)
             if args.restore_pace_ms:
                 time.sleep(args.restore_pace_ms / 1000)
         entry = {"by": args.node, "size": got, "sha256": digest.hexdigest()}
         name = "restores.jsonl" if got == length and length > 0 else "aborted.jsonl"
+        if name == "restores.jsonl" and small is not None:
+            try:
+                restored = json.loads(bytes(small))
+            except ValueError:
+                restored = None
+            if isinstance(restored, dict) and "tokens" in restored:
+                # The restored state replaces the ACL state, as Consul's does.
+                def replace(st):
+                    st.clear()
+                    st.update(restored)
+                acl_state(replace)
         with open(os.path.join(args.restore_dir, name), "a") as f:
             f.write(json.dumps(entry) + "\n")
         if name == "aborted.jsonl":
