@@ -457,36 +457,6 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
     )
 }
 
-/// Makes `new_management` a management token (Consul's built-in
-/// `global-management` policy), with the `management` token that is
-/// valid now: after a restore, the ACL state is the old cluster's, whose
-/// tokens know nothing of this cluster's secrets. Returns whether this
-/// call created it.
-pub async fn ensure_management_token(management: &str, new_management: &str) -> Result<bool> {
-    let mut api = Api::from_env(None)?;
-    api.token = Some(management.to_string());
-    let (status, text) = api
-        .put_json(
-            "/v1/acl/token",
-            serde_json::json!({
-                "SecretID": new_management,
-                "Description": "auto-consul: this cluster's management token (made again after a restore)",
-                "Policies": [{ "Name": "global-management" }],
-            }),
-        )
-        .await?;
-    if status.is_success() {
-        return Ok(true);
-    }
-    if text.contains("already in use") || text.contains("already exists") {
-        return Ok(false);
-    }
-    anyhow::bail!(
-        "the Consul agent answered {status} to PUT /v1/acl/token: {}",
-        text.trim().chars().take(200).collect::<String>()
-    )
-}
-
 /// This server's entry in autopilot's health report (`GET
 /// /v1/operator/autopilot/health`; Consul answers 429 with the same body
 /// while the cluster is unhealthy): whether it is healthy and a voter.

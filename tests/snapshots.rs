@@ -559,10 +559,11 @@ fn restore_on_demand_checks_the_key_and_the_bytes_and_no_restore_opts_out() {
 }
 
 /// With ACLs made at genesis, a restore brings back the old cluster's ACL
-/// state, which knows nothing of the new cluster's tokens: they are made
-/// again in it with the old cluster's management token, then the record
-/// says done. The fake agent's snapshot is its ACL state, and its restore
-/// replaces that state, as Consul's does.
+/// state, which knows nothing of the new cluster's agents' token: Consul
+/// makes its initial management token again (its leader actions re-run
+/// after a restore), and auto-consul makes the agents' token with it, then
+/// the record says done. The fake agent's snapshot is its ACL state, and
+/// its restore replaces that state, as Consul's does.
 #[test]
 fn after_a_restore_the_new_clusters_tokens_are_made_in_the_restored_acl_state() {
     let moto = moto();
@@ -675,8 +676,8 @@ fn after_a_restore_the_new_clusters_tokens_are_made_in_the_restored_acl_state() 
         )
         .args(["--secrets", &secrets]),
     ));
-    // Restored, tokens made, then B's own first snapshot, taken with B's
-    // management token: only possible once it is in the restored state.
+    // Restored, the agents' token made, then B's own first snapshot, taken
+    // with B's management token.
     assert_eq!(out["restored"]["from"], a.as_str(), "{out}");
     assert_eq!(out["saved"], true, "{out}");
     let state: Value =

@@ -481,10 +481,12 @@ impl RestoreSteps<'_> {
     }
 
     /// After a restore from another cluster, Consul's ACL state is the
-    /// snapshot's: this cluster's management and agents' tokens (made at
-    /// genesis) are made again in it with the old cluster's management
-    /// token, which the snapshot knows. Without that token (a cluster
-    /// that made none) nothing can be done here: a warning says so.
+    /// snapshot's. Consul re-runs its leader actions once a restore is in
+    /// (agent/consul/snapshot_endpoint.go), and they make the configured
+    /// initial management token again when the state lacks it
+    /// (leader.go, initializeACLs): this cluster's management token works.
+    /// The agents' token, made through the API, is not in the snapshot:
+    /// it is made again here.
     async fn tokens(&self, from: &str) -> Result<()> {
         let (Some(url), Some(cluster)) = (&self.opts.secrets, self.to) else {
             return Ok(());
@@ -495,18 +497,11 @@ impl RestoreSteps<'_> {
         let Some(store) = crate::secrets::open(url).await? else {
             return Ok(());
         };
-        let Some(old) = crate::secrets::management_token(store.as_ref(), from).await? else {
-            tracing::warn!(
-                "cluster {from} made no management token: the restored ACL state may not know cluster {cluster}'s \
-                 tokens; make them with a management token of the restored state"
-            );
+        let made = crate::secrets::genesis(store.as_ref(), cluster, true).await?;
+        let Some(management) = &made.management_token else {
             return Ok(());
         };
-        let made = crate::secrets::genesis(store.as_ref(), cluster, true).await?;
-        if let Some(new) = &made.management_token {
-            agent::ensure_management_token(&old, new).await?;
-        }
-        agent::ensure_agent_token(&old, &made.agent_token).await?;
+        agent::ensure_agent_token(management, &made.agent_token).await?;
         Ok(())
     }
 }

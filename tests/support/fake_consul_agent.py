@@ -23,7 +23,9 @@ token when it is set (Consul: a management token). With --acl-dir the ACL
 state holds the --acl-management token (linked to global-management, as
 Consul bootstraps it), ACL writes and snapshots need a management token of
 that state, `GET /v1/snapshot` without --snapshot-file is the ACL state as
-JSON, and a restore of such a body replaces the ACL state. Prints `PORT=<n>` first;
+JSON, and a restore of such a body replaces the ACL state (then, as Consul
+re-runs its leader actions, the --acl-management token is made again if the
+restored state lacks it). Prints `PORT=<n>` first;
 exits when its parent goes away.
 """
 
@@ -154,16 +156,19 @@ def main():
             for p in token.get("Policies") or []
         )
 
+    def bootstrap(st):
+        # Consul's leader actions (leader.go, initializeACLs) make the
+        # configured initial management token when the state has none with
+        # that SecretID: when a leader is established, and again after a
+        # restore (snapshot_endpoint.go re-runs them).
+        st["tokens"].setdefault(args.acl_management, {
+            "SecretID": args.acl_management,
+            "AccessorID": str(uuid.uuid4()),
+            "Description": "Initial Management Token",
+            "Policies": [{"ID": GLOBAL_MANAGEMENT, "Name": "global-management"}],
+        })
+
     if args.acl_dir and args.acl_management:
-        # Consul makes the initial management token when a leader is first
-        # established, if the state has none with that SecretID.
-        def bootstrap(st):
-            st["tokens"].setdefault(args.acl_management, {
-                "SecretID": args.acl_management,
-                "AccessorID": str(uuid.uuid4()),
-                "Description": "Initial Management Token",
-                "Policies": [{"ID": GLOBAL_MANAGEMENT, "Name": "global-management"}],
-            })
         acl_state(bootstrap)
 
     def acl_log(entry):
@@ -305,6 +310,8 @@ def main():
                 def replace(st):
                     st.clear()
                     st.update(restored)
+                    if args.acl_management:
+                        bootstrap(st)
                 acl_state(replace)
         with open(os.path.join(args.restore_dir, name), "a") as f:
             f.write(json.dumps(entry) + "\n")
