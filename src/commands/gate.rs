@@ -42,7 +42,12 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
         Some(path) => std::fs::read_to_string(path)
             .ok()
             .map(|t| t.trim().to_string()),
-        None => management_token(opts, saved.as_ref()).await,
+        // A server's token for autopilot's report, when ACLs were made
+        // at genesis.
+        None => match saved.as_ref().and_then(|s| s.cluster_id.as_deref()) {
+            Some(cluster) => super::management_token(opts, cluster).await.ok().flatten(),
+            None => None,
+        },
     };
     let aws = crate::aws::load().await?;
     let deadline = Instant::now() + Duration::from_secs(opts.gate_wait);
@@ -105,16 +110,4 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
         }
         tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
-}
-
-/// A server's token for autopilot's report when ACLs were made at genesis:
-/// the management token from the secrets store.
-async fn management_token(opts: &GlobalOpts, saved: Option<&state::State>) -> Option<String> {
-    let url = opts.secrets.as_ref()?;
-    let cluster = saved?.cluster_id.as_deref()?;
-    let store = crate::secrets::open(url).await.ok()??;
-    crate::secrets::genesis(store.as_ref(), cluster, true)
-        .await
-        .ok()?
-        .management_token
 }

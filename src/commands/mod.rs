@@ -138,6 +138,20 @@ pub fn env_file_mode(root: &Root) -> u32 {
         .unwrap_or(0o644)
 }
 
+/// Cluster `cluster`'s management token when ACLs were made at genesis
+/// (`--secrets`), for the endpoints that need one (snapshots, autopilot's
+/// health); otherwise none (`CONSUL_HTTP_TOKEN`, if set, is sent). Only
+/// read: nothing is made.
+pub async fn management_token(opts: &GlobalOpts, cluster: &str) -> Result<Option<String>> {
+    let Some(url) = &opts.secrets else {
+        return Ok(None);
+    };
+    let Some(store) = crate::secrets::open(url).await? else {
+        return Ok(None);
+    };
+    crate::secrets::management_token(store.as_ref(), cluster).await
+}
+
 /// The settings this node's flags give: they seed a new cluster's record
 /// and rule only where there is none.
 pub fn seed_settings(opts: &GlobalOpts) -> Settings {

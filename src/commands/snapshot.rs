@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use super::{open_store, registry_url};
+use super::{management_token, open_store, registry_url};
 use crate::claims::put_settled;
 use crate::cli::GlobalOpts;
 use crate::error::{soon, usage};
@@ -241,19 +241,6 @@ fn leader_ip(leader: &str) -> Option<std::net::IpAddr> {
         .ok()
         .map(|a| a.ip())
         .or_else(|| leader.parse().ok())
-}
-
-/// The management token the snapshot endpoints need when ACLs were made
-/// at genesis (`--secrets`); otherwise none (CONSUL_HTTP_TOKEN, if set,
-/// is sent).
-async fn management_token(opts: &GlobalOpts, cluster: &str) -> Result<Option<String>> {
-    let Some(url) = &opts.secrets else {
-        return Ok(None);
-    };
-    let Some(store) = crate::secrets::open(url).await? else {
-        return Ok(None);
-    };
-    crate::secrets::management_token(store.as_ref(), cluster).await
 }
 
 /// The cluster record with the object it was read from (its version tag

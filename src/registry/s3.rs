@@ -311,27 +311,8 @@ impl Store for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Object>> {
-        let resp = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .send()
-            .await;
-        let resp = match resp {
-            Ok(resp) => resp,
-            Err(SdkError::ServiceError(ctx))
-                if matches!(ctx.err(), GetObjectError::NoSuchKey(_)) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => {
-                return Err(explain(
-                    e,
-                    format!("reading {}", self.url(key)),
-                    ("s3:GetObject", key),
-                ));
-            }
+        let Some(resp) = self.get_object(key, "reading").await? else {
+            return Ok(None);
         };
         let etag = resp.e_tag().unwrap_or_default().to_string();
         // Without a time, the object counts as written now: fresh, never
@@ -501,27 +482,8 @@ impl Store for S3Store {
     }
 
     async fn get_file(&self, key: &str, dest: &Path) -> Result<Option<Fetched>> {
-        let resp = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .send()
-            .await;
-        let resp = match resp {
-            Ok(resp) => resp,
-            Err(SdkError::ServiceError(ctx))
-                if matches!(ctx.err(), GetObjectError::NoSuchKey(_)) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => {
-                return Err(explain(
-                    e,
-                    format!("downloading {}", self.url(key)),
-                    ("s3:GetObject", key),
-                ));
-            }
+        let Some(resp) = self.get_object(key, "downloading").await? else {
+            return Ok(None);
         };
         let claimed = resp
             .metadata()
@@ -565,6 +527,35 @@ async fn file_part(path: &Path, offset: u64, length: u64) -> Result<ByteStream> 
 }
 
 impl S3Store {
+    /// `GetObject` on `key`: `None` when it does not exist; an error that
+    /// says what was being done (`what`: "reading", "downloading").
+    async fn get_object(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(resp) => Ok(Some(resp)),
+            Err(SdkError::ServiceError(ctx))
+                if matches!(ctx.err(), GetObjectError::NoSuchKey(_)) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(explain(
+                e,
+                format!("{what} {}", self.url(key)),
+                ("s3:GetObject", key),
+            )),
+        }
+    }
+
     fn upload_error<E>(&self, key: &str, err: SdkError<E>) -> anyhow::Error
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
