@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use aws_config::imds;
 
+use crate::lifecycle::GroupTag;
 use crate::model::{instance_id_ok, validate_address, validate_node_name};
 use crate::retry::Backoff;
 
@@ -19,6 +20,9 @@ pub struct Identity {
     pub node: String,
     /// EC2 instance id, when it was read or is the node name.
     pub instance_id: Option<String>,
+    /// The autoscaling group tag, read in the same IMDS session when asked
+    /// for ([`of_with_group`]).
+    pub group_tag: GroupTag,
 }
 
 /// Resolves the identity, asking IMDS only for what was not given, all
@@ -30,9 +34,10 @@ pub async fn resolve(
     node: Option<String>,
     instance_id: Option<String>,
     wait: Duration,
+    group: bool,
 ) -> Result<Identity> {
     let given_id = instance_id.clone();
-    let identity = resolve_inner(address, node.or(instance_id), wait).await?;
+    let identity = resolve_inner(address, node.or(instance_id), wait, group).await?;
     Ok(Identity {
         instance_id: given_id.or(identity.instance_id),
         ..identity
@@ -41,11 +46,23 @@ pub async fn resolve(
 
 /// The identity from the options shared by every command.
 pub async fn of(opts: &crate::cli::GlobalOpts) -> Result<Identity> {
+    from_opts(opts, false).await
+}
+
+/// The identity and, when IMDS is asked and `--autoscaling-group` is not
+/// given, the autoscaling group tag, read at the same time in the same
+/// IMDS session (no round trip of its own).
+pub async fn of_with_group(opts: &crate::cli::GlobalOpts) -> Result<Identity> {
+    from_opts(opts, opts.autoscaling_group.is_none()).await
+}
+
+async fn from_opts(opts: &crate::cli::GlobalOpts, group: bool) -> Result<Identity> {
     resolve(
         opts.address,
         opts.node.clone(),
         opts.instance_id.clone(),
         Duration::from_secs(opts.imds_timeout),
+        group,
     )
     .await
 }
@@ -54,6 +71,7 @@ async fn resolve_inner(
     address: Option<IpAddr>,
     node: Option<String>,
     wait: Duration,
+    group: bool,
 ) -> Result<Identity> {
     if let (Some(address), Some(node)) = (address, node.clone()) {
         let instance_id = instance_id_ok(&node).then(|| node.clone());
@@ -61,6 +79,7 @@ async fn resolve_inner(
             address,
             node,
             instance_id,
+            group_tag: GroupTag::NotAsked,
         });
     }
     let client = imds_client(2);
@@ -68,7 +87,14 @@ async fn resolve_inner(
     // Every IMDS read after the first reuses the client's cached token, so
     // the instance id (worth publishing) costs one more round trip at most.
     let lookup = async {
-        let (address, instance_id) = tokio::try_join!(
+        let tag = async {
+            if group {
+                Ok(crate::lifecycle::read_group_tag(&client).await)
+            } else {
+                Ok(GroupTag::NotAsked)
+            }
+        };
+        let (address, instance_id, group_tag) = tokio::try_join!(
             async {
                 match address {
                     Some(a) => Ok(a),
@@ -93,6 +119,7 @@ async fn resolve_inner(
                     ))
                 }
             },
+            tag,
         )?;
         let node = match node {
             Some(n) => n,
@@ -105,6 +132,7 @@ async fn resolve_inner(
             address,
             node,
             instance_id: Some(instance_id),
+            group_tag,
         })
     };
     tokio::time::timeout(wait, lookup)

@@ -611,7 +611,7 @@ pub fn snapshot_timer(interval: u64) -> String {
 /// launch hook): after Consul starts, `auto-consul gate` waits until the
 /// node is in service, then completes the hook. Written and started by
 /// `run` only in a group.
-pub fn gate_service(paths: &UnitPaths<'_>) -> String {
+pub fn gate_service(paths: &UnitPaths<'_>, gate_wait: u64) -> String {
     let sandbox = small_sandbox(paths, paths.registry_rw().trim_start().to_string(), false);
     format!(
         "{MARKER}.\n\
@@ -625,14 +625,20 @@ pub fn gate_service(paths: &UnitPaths<'_>) -> String {
          RemainAfterExit=yes\n\
          EnvironmentFile={env_file}\n\
          ExecStart={auto_consul} gate\n\
-         # Covers --gate-wait (15 minutes by default).\n\
-         TimeoutStartSec=20min\n\
+         # --gate-wait, and time to complete the hook after it.\n\
+         TimeoutStartSec={timeout}\n\
+         # A failure (the hook's call failed past its retries) is tried\n\
+         # again while the hook waits: the gate's heartbeats come back\n\
+         # within 20 s.\n\
+         Restart=on-failure\n\
+         RestartSec=10s\n\
          {sandbox}\
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n",
         env_file = paths.env_file,
         auto_consul = paths.auto_consul,
+        timeout = gate_wait + 300,
     )
 }
 

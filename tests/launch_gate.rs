@@ -100,9 +100,13 @@ fn a_server_continues_only_once_a_healthy_voter_and_an_agent_once_it_knows_a_lea
         "{said}"
     );
     assert!(
-        lifecycle_calls(&moto).is_empty(),
-        "run itself completes nothing"
+        lifecycle_calls(&moto)
+            .iter()
+            .all(|c| c["action"] == "RecordLifecycleActionHeartbeat"),
+        "run itself completes nothing: {:?}",
+        lifecycle_calls(&moto)
     );
+    let before_gate = lifecycle_calls(&moto).len();
 
     // Consul runs, autopilot does not count this server yet.
     let report = tmp.path().join("autopilot.json");
@@ -125,11 +129,15 @@ fn a_server_continues_only_once_a_healthy_voter_and_an_agent_once_it_knows_a_lea
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    wait_for("a lifecycle heartbeat", Duration::from_secs(15), || {
-        lifecycle_calls(&moto)
-            .iter()
-            .any(|c| c["action"] == "RecordLifecycleActionHeartbeat")
-    });
+    wait_for(
+        "the gate's lifecycle heartbeat",
+        Duration::from_secs(15),
+        || {
+            lifecycle_calls(&moto)[before_gate..]
+                .iter()
+                .any(|c| c["action"] == "RecordLifecycleActionHeartbeat")
+        },
+    );
     // Healthy but not yet a voter: still waiting, a few polls later.
     autopilot(&report, "g-s", "10.90.0.1", true, false);
     std::thread::sleep(Duration::from_secs(5));
@@ -231,9 +239,11 @@ fn a_boot_the_witness_rule_forbids_abandons_its_launch() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let calls = lifecycle_calls(&moto);
+    let calls: Vec<Value> = lifecycle_calls(&moto)
+        .into_iter()
+        .filter(|c| c["action"] == "CompleteLifecycleAction")
+        .collect();
     assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0]["action"], "CompleteLifecycleAction");
     assert_eq!(calls[0]["result"], "ABANDON");
     assert_eq!(calls[0]["instance"], ids[2].as_str());
 }
@@ -262,4 +272,114 @@ fn outside_an_autoscaling_group_nothing_is_called() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("not in an autoscaling group"));
     assert!(lifecycle_calls(&moto).is_empty());
+}
+
+/// The launch hook outlives `run`'s own waits: from its start, `run`
+/// records a lifecycle heartbeat at least every 20 s (a third of the
+/// module's shortest `launch_wait`, 60 s). Here an agent waits 65 s for a
+/// server to join (its role wait, longer than a 60 s hook), and the group
+/// hears from it all along; nothing is abandoned, and its gate then puts
+/// it in service. A gate that then finds no launch action under way (a
+/// reboot before the record was written, a hook that timed out) exits 0
+/// with one line.
+#[test]
+fn runs_waits_keep_the_launch_hook_alive_and_a_hook_no_longer_active_is_not_a_failure() {
+    let moto = Moto::start(&[]);
+    let bucket = bucket(&moto);
+    let registry = format!("s3://{bucket}/gate/wait");
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = run_instances(&moto, 2);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let started = now();
+    let agent = in_group(
+        &mut run_cmd(
+            &moto,
+            &registry,
+            &tmp.path().join("a"),
+            "w-a",
+            "10.93.0.2",
+            1,
+        ),
+        &ids[1],
+    )
+    .args(["--role", "agent", "--role-wait", "120"])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(65));
+    ok_json(&output(&mut run_cmd(
+        &moto,
+        &registry,
+        &tmp.path().join("s"),
+        "w-s",
+        "10.93.0.1",
+        1,
+    )));
+    let out = agent.wait_with_output().unwrap();
+    let ended = now();
+    let v = ok_json(&out);
+    assert_eq!(v["mode"], "agent");
+    let calls: Vec<Value> = lifecycle_calls(&moto)
+        .into_iter()
+        .filter(|c| c["instance"] == ids[1].as_str())
+        .collect();
+    assert!(
+        calls
+            .iter()
+            .all(|c| c["action"] == "RecordLifecycleActionHeartbeat" && c["error"].is_null()),
+        "only heartbeats while run waits: {calls:?}"
+    );
+    let mut times: Vec<f64> = calls.iter().map(|c| c["time"].as_f64().unwrap()).collect();
+    times.insert(0, started);
+    times.push(ended);
+    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        ended - started > 65.0 && gaps.iter().all(|g| *g <= 21.0),
+        "silences of {gaps:?} s over a {:.0} s run (60 s hook: at most 20 s each)",
+        ended - started
+    );
+
+    // Its gate puts it in service.
+    let client = FakeAgent::start(
+        "w-a",
+        false,
+        &["--address", "10.93.0.2", "--leader", "10.93.0.1:8300"],
+    );
+    let gate_of = |root: &Path| {
+        let mut cmd = gate(&moto, &registry, root, "w-a", "10.93.0.2", &client.addr());
+        in_group(&mut cmd, &ids[1]);
+        output(&mut cmd)
+    };
+    assert!(gate_of(&tmp.path().join("a")).status.success());
+    let last = lifecycle_calls(&moto).last().cloned().unwrap();
+    assert_eq!(
+        (last["result"].as_str(), last["error"].is_null()),
+        (Some("CONTINUE"), true)
+    );
+    // The same launch gated again from a root that lost its record: AWS
+    // has no launch action under way for it any more.
+    let copy = tmp.path().join("a-lost");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(tmp.path().join("a/."))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    std::fs::remove_file(copy.join("var/lib/auto-consul/launch-gate")).unwrap();
+    let again = gate_of(&copy);
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && said.contains("no launch lifecycle action under way"),
+        "{said}{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("autoscaling:"));
 }

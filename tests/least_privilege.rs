@@ -42,8 +42,11 @@ fn policy(role: &str, bucket: &str, prefix: &str) -> String {
             "arn:aws:ssm:us-east-1:123456789012:parameter/auto-consul/lp",
         )
         .replace(
-            "${asg_arn_prefix}",
-            "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/lp-",
+            "${asg_arn}",
+            &format!(
+                "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/lp-{role}s-{}",
+                "?".repeat(26)
+            ),
         );
     assert!(!text.contains("${"), "{file}: a variable left");
     serde_json::from_str::<Value>(&text).expect("the rendered policy is JSON");

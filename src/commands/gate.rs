@@ -9,31 +9,26 @@ use anyhow::Result;
 
 use crate::cli::GlobalOpts;
 use crate::install::{self, Root};
-use crate::lifecycle::{self, Outcome};
+use crate::lifecycle::{self, Completed, HEARTBEAT_EVERY, Outcome};
 use crate::{agent, identity, state};
 
-/// Where the gate records that this instance's launch was completed.
-const GATE_DONE: &str = "/var/lib/auto-consul/launch-gate";
 /// How often the node's readiness is asked.
 const POLL: Duration = Duration::from_secs(2);
-/// How often the group hears that the launch is still under way.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
 
 /// `gate`.
 pub async fn gate(opts: &GlobalOpts) -> Result<()> {
     let root = Root::new(&opts.root);
-    let mut me = identity::of(opts).await?;
+    let mut me = identity::of_with_group(opts).await?;
     let registry = super::registry_url(opts)?.to_string();
     let saved = state::load_for(&root, &registry, &me);
     if me.instance_id.is_none() {
         me.instance_id = saved.as_ref().and_then(|s| s.instance_id.clone());
     }
-    let Some(hook) = lifecycle::hook(opts, me.instance_id.as_deref()).await else {
+    let Some(hook) = lifecycle::hook(opts, &me).await else {
         println!("not in an autoscaling group: no launch hook to complete");
         return Ok(());
     };
-    let done = root.path(std::path::Path::new(GATE_DONE));
-    if std::fs::read_to_string(&done).is_ok_and(|d| d.trim() == hook.instance_id) {
+    if lifecycle::launch_completed(&root, &hook) {
         println!("the launch of {} was already completed", hook.instance_id);
         return Ok(());
     }
@@ -42,12 +37,14 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
         Some(path) => std::fs::read_to_string(path)
             .ok()
             .map(|t| t.trim().to_string()),
-        // A server's token for autopilot's report, when ACLs were made
-        // at genesis.
-        None => match saved.as_ref().and_then(|s| s.cluster_id.as_deref()) {
+        // A server's token for autopilot's report, when ACLs were made at
+        // genesis. An agent asks only its own agent's status: it reads
+        // no secret (its role may not).
+        None if server => match saved.as_ref().and_then(|s| s.cluster_id.as_deref()) {
             Some(cluster) => super::management_token(opts, cluster).await.ok().flatten(),
             None => None,
         },
+        None => None,
     };
     let aws = crate::aws::load().await?;
     let deadline = Instant::now() + Duration::from_secs(opts.gate_wait);
@@ -72,20 +69,15 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
             }
         };
         if ready {
-            lifecycle::complete(&aws, &hook, Outcome::Continue).await?;
-            install::write_atomic(
-                &root,
-                &install::FileSpec {
-                    path: GATE_DONE.into(),
-                    contents: format!("{}\n", hook.instance_id),
-                    mode: 0o644,
-                    owner: None,
-                },
-            )?;
-            println!(
-                "in service: completed lifecycle hook {} of {} with CONTINUE",
-                hook.hook, hook.group
-            );
+            let done = lifecycle::complete(&aws, &hook, Outcome::Continue).await?;
+            record_done(&root, &hook)?;
+            match done {
+                Completed::Done => println!(
+                    "in service: completed lifecycle hook {} of {} with CONTINUE",
+                    hook.hook, hook.group
+                ),
+                Completed::NoAction(_) => no_action_line(&hook),
+            }
             return Ok(());
         }
         if why != said {
@@ -93,7 +85,15 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
             said = why.clone();
         }
         if Instant::now() >= deadline {
-            lifecycle::complete(&aws, &hook, Outcome::Abandon).await?;
+            if let Completed::NoAction(_) =
+                lifecycle::complete(&aws, &hook, Outcome::Abandon).await?
+            {
+                record_done(&root, &hook)?;
+                no_action_line(&hook);
+                return Ok(());
+            }
+            // Over either way: a restart of the unit asks nothing.
+            record_done(&root, &hook)?;
             anyhow::bail!(
                 "not in service after {}s ({why}): completed lifecycle hook {} of {} with ABANDON; \
                  the group replaces this instance",
@@ -103,11 +103,40 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
             );
         }
         if last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY) {
-            if let Err(e) = lifecycle::still_waiting(&aws, &hook).await {
-                tracing::warn!("{e:#}");
+            match lifecycle::still_waiting(&aws, &hook).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    record_done(&root, &hook)?;
+                    no_action_line(&hook);
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!("{e:#}"),
             }
             last_heartbeat = Some(Instant::now());
         }
         tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
+}
+
+/// Records that this instance's launch is over, so a reboot asks nothing.
+fn record_done(root: &Root, hook: &lifecycle::Hook) -> Result<()> {
+    install::write_atomic(
+        root,
+        &install::FileSpec {
+            path: lifecycle::GATE_DONE.into(),
+            contents: format!("{}\n", hook.instance_id),
+            mode: 0o644,
+            owner: None,
+        },
+    )
+    .map(|_| ())
+}
+
+/// The one line of a gate that found no launch action under way.
+fn no_action_line(hook: &lifecycle::Hook) {
+    println!(
+        "no launch lifecycle action under way for {} in {} (hook {}): it was completed or \
+         timed out before, or the group has no such hook; nothing to complete",
+        hook.instance_id, hook.group, hook.hook
+    );
 }

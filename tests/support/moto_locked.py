@@ -59,7 +59,11 @@ Autoscaling lifecycle actions, which moto does not implement:
 CompleteLifecycleAction and RecordLifecycleActionHeartbeat are checked
 (group, hook, instance id or token; CONTINUE or ABANDON), recorded and
 answered as AWS answers them; `GET /_lifecycle` lists the calls in order
-([{"action", "group", "hook", "instance", "result", "time"}, ...]).
+([{"action", "group", "hook", "instance", "result", "time", "error"}, ...]).
+An instance's launch action is over once completed: later calls for it are
+answered with AWS's ValidationError "No active Lifecycle Action found with
+instance ID ..." (error "no active action" in the list); `POST /_lifecycle`
+with {"inactive": [INSTANCE_ID, ...]} ends them as a hook's timeout does.
 
 The server exits when its parent process goes away.
 """
@@ -144,6 +148,7 @@ class Serialized:
         self.kinds = {}
         self.ssm_calls = []
         self.lifecycle_calls = []
+        self.lifecycle_over = set()
 
     def lifecycle(self, form, start_response):
         """Autoscaling's lifecycle calls, which moto does not implement:
@@ -159,15 +164,28 @@ class Serialized:
             body = ("<ErrorResponse><Error><Type>Sender</Type><Code>ValidationError</Code><Message>"
                     + "missing or invalid: " + ", ".join(missing) + "</Message></Error></ErrorResponse>")
             return reply(start_response, 400, body.encode(), "text/xml")
+        instance = form.get("InstanceId")
         with self.lock:
+            # A launch action ends when it is completed (or, in AWS, when
+            # its hook times out: POST /_lifecycle {"inactive": [id]}); AWS
+            # then answers every call for it with this ValidationError.
+            over = instance in self.lifecycle_over
+            if action == "CompleteLifecycleAction" and not over:
+                self.lifecycle_over.add(instance)
             self.lifecycle_calls.append({
                 "action": action,
                 "group": form.get("AutoScalingGroupName"),
                 "hook": form.get("LifecycleHookName"),
-                "instance": form.get("InstanceId"),
+                "instance": instance,
                 "result": form.get("LifecycleActionResult"),
                 "time": time.time(),
+                "error": "no active action" if over else None,
             })
+        if over:
+            body = ("<ErrorResponse><Error><Type>Sender</Type><Code>ValidationError</Code><Message>"
+                    f"No active Lifecycle Action found with instance ID {instance}"
+                    "</Message></Error><RequestId>x</RequestId></ErrorResponse>")
+            return reply(start_response, 400, body.encode(), "text/xml")
         ns = "http://autoscaling.amazonaws.com/doc/2011-01-01/"
         body = (f'<{action}Response xmlns="{ns}"><{action}Result/>'
                 f"<ResponseMetadata><RequestId>{len(self.lifecycle_calls)}</RequestId></ResponseMetadata>"
@@ -195,6 +213,11 @@ class Serialized:
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path.startswith("/_lifecycle"):
+            if environ.get("REQUEST_METHOD") == "POST":
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+                body = json.loads(environ["wsgi.input"].read(length) or b"{}")
+                with self.lock:
+                    self.lifecycle_over.update(body.get("inactive", []))
             with self.lock:
                 calls = list(self.lifecycle_calls)
             return reply(start_response, 200, json.dumps(calls).encode(), "application/json")

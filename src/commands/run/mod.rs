@@ -52,7 +52,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let local = local_checks(opts, &root, dry_run)?;
     // 2. Identity (IMDS), the conditional-write probe and the first read
     //    of the registry, at once; no claim before the probe has passed.
-    let (me, opened, racy, first_view) = first_look(opts, &url, dry_run).await?;
+    let (launch, opened, racy, first_view) = first_look(opts, &root, &url, dry_run).await?;
+    let me = &launch.me;
+    let hook = launch.hook.as_ref();
     warn_on_mismatch(opts, &first_view);
     // 3. The files the decision does not change, checked writable before
     //    any claim.
@@ -69,7 +71,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     install::check_writable(&root, &fixed)?;
     // 4. The election: sticky state, claims, the one bootstrap gate.
     let raft = has_raft_state(&root, &opts.data_dir);
-    let previous = sticky_state(opts, &root, &url.to_string(), &me);
+    let previous = sticky_state(opts, &root, &url.to_string(), me);
     let secrets_store = match &opts.secrets {
         Some(url) if !dry_run => crate::secrets::open(url).await?,
         _ => None,
@@ -77,7 +79,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let elector = Elector {
         secrets: secrets_store.as_deref(),
         store: opened.store.as_ref(),
-        me: &me,
+        me,
         registry: url.to_string(),
         seed: seed_settings(opts),
         dry_run,
@@ -89,12 +91,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         role_wait: role_wait(opts, &first_view),
         restore: !opts.no_restore,
     };
-    let elected = elect_or_abandon(&elector, opts, previous.as_ref(), raft, first_view).await?;
-    let hook = if dry_run {
-        None
-    } else {
-        crate::lifecycle::hook(opts, me.instance_id.as_deref()).await
-    };
+    let elected = elect_or_abandon(&elector, hook, previous.as_ref(), raft, first_view).await?;
     let settings = elected.view.settings;
     if !dry_run {
         crate::metrics::node(elected.mode, elected.slot);
@@ -103,7 +100,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         );
     }
     // 5. Whom to join, and the units the decision settles.
-    let retry_join = join_list(&opened, &elected, &me).await;
+    let retry_join = join_list(&opened, &elected, me).await;
     // Consul joins every instance a cloud entry finds: agents only.
     let cloud_join = opts
         .cloud_join
@@ -174,7 +171,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     if hook.is_some() {
         files.push(FileSpec {
             path: GATE_UNIT.into(),
-            contents: render::gate_service(&units.paths()),
+            contents: render::gate_service(&units.paths(), opts.gate_wait),
             mode: 0o644,
             owner: None,
         });
@@ -212,7 +209,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     }
     let done = Done {
         elected: &elected,
-        me: &me,
+        me,
         retry_join: &retry_join,
         files: files.iter().map(|f| root.path(&f.path)).collect(),
         written,
@@ -220,7 +217,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         notify,
         start,
         dry_run,
-        hook: hook.as_ref(),
+        hook,
     };
     if opts.json {
         println!("{}", done.json());
@@ -283,9 +280,29 @@ fn local_checks(opts: &GlobalOpts, root: &Root, dry_run: bool) -> Result<Local> 
 /// which never makes one, nor for `plan`) and the first read, at once.
 async fn first_look(
     opts: &GlobalOpts,
+    root: &Root,
     url: &crate::registry::RegistryUrl,
     dry_run: bool,
-) -> Result<(Identity, super::Opened, bool, crate::registry::RegistryView)> {
+) -> Result<(Launch, super::Opened, bool, crate::registry::RegistryView)> {
+    // Who this node is, then its launch hook (the group tag was read with
+    // the identity), whose heartbeats start at once.
+    let who = async {
+        let me = identity::of_with_group(opts).await?;
+        let hook = if dry_run {
+            None
+        } else {
+            crate::lifecycle::hook(opts, &me).await
+        };
+        let _heartbeats = hook
+            .clone()
+            .filter(|h| !crate::lifecycle::launch_completed(root, h))
+            .map(crate::lifecycle::keep_alive);
+        Ok::<_, anyhow::Error>(Launch {
+            me,
+            hook,
+            _heartbeats,
+        })
+    };
     let registry = async {
         let opened = open_store(url).await?;
         let store = opened.store.as_ref();
@@ -302,8 +319,16 @@ async fn first_look(
         )?;
         Ok::<_, anyhow::Error>((opened, racy, view))
     };
-    let (me, (opened, racy, view)) = tokio::try_join!(identity::of(opts), registry)?;
-    Ok((me, opened, racy, view))
+    let (launch, (opened, racy, view)) = tokio::try_join!(who, registry)?;
+    Ok((launch, opened, racy, view))
+}
+
+/// This node and its launch hook, with the hook's heartbeats running for
+/// as long as the value lives (all of `run`).
+struct Launch {
+    me: Identity,
+    hook: Option<crate::lifecycle::Hook>,
+    _heartbeats: Option<crate::lifecycle::KeepAlive>,
 }
 
 /// The state file's mode, when it is sticky: only server modes are; an
@@ -346,7 +371,7 @@ fn role_wait(opts: &GlobalOpts, view: &crate::registry::RegistryView) -> Duratio
 /// in an autoscaling group (the group replaces the instance at once).
 async fn elect_or_abandon(
     elector: &Elector<'_>,
-    opts: &GlobalOpts,
+    hook: Option<&crate::lifecycle::Hook>,
     previous: Option<&State>,
     raft: bool,
     view: crate::registry::RegistryView,
@@ -355,12 +380,7 @@ async fn elect_or_abandon(
         Ok(elected) => Ok(elected),
         Err(e) => {
             if !elector.dry_run && e.downcast_ref::<elect::Definitive>().is_some() {
-                crate::lifecycle::abandon(
-                    opts,
-                    elector.me.instance_id.as_deref(),
-                    "this boot cannot succeed",
-                )
-                .await;
+                crate::lifecycle::abandon(hook, "this boot cannot succeed").await;
             }
             Err(e)
         }

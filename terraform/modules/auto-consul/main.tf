@@ -17,11 +17,6 @@
 data "aws_partition" "current" {}
 
 locals {
-  # compact() drops an empty prefix, so the bucket root works too:
-  # "consul/prod" -> key prefix "consul/prod/", URL s3://BUCKET/consul/prod;
-  # ""            -> key prefix "",             URL s3://BUCKET.
-  key_prefix = join("", [for p in compact([var.registry_prefix]) : "${p}/"])
-
   bucket_name  = var.create_bucket ? aws_s3_bucket.registry[0].id : var.bucket_name
   bucket_arn   = "arn:${data.aws_partition.current.partition}:s3:::${local.bucket_name}"
   registry_url = join("/", concat(["s3://${local.bucket_name}"], compact([var.registry_prefix])))
@@ -46,28 +41,6 @@ locals {
     snapshot_keep     = var.snapshot_keep
   }) }
 
-  # Consul's ports, opened to members of the security group only. 8500 (HTTP
-  # API) and 8600 (DNS) can additionally be opened to var.client_cidr_blocks.
-  consul_ports = {
-    server-rpc-tcp = { port = 8300, protocol = "tcp", description = "Consul server RPC" }
-    serf-lan-tcp   = { port = 8301, protocol = "tcp", description = "Consul LAN gossip (serf)" }
-    serf-lan-udp   = { port = 8301, protocol = "udp", description = "Consul LAN gossip (serf)" }
-    serf-wan-tcp   = { port = 8302, protocol = "tcp", description = "Consul WAN gossip (serf)" }
-    serf-wan-udp   = { port = 8302, protocol = "udp", description = "Consul WAN gossip (serf)" }
-    http-tcp       = { port = 8500, protocol = "tcp", description = "Consul HTTP API" }
-    dns-tcp        = { port = 8600, protocol = "tcp", description = "Consul DNS" }
-    dns-udp        = { port = 8600, protocol = "udp", description = "Consul DNS" }
-  }
-
-  client_ports = {
-    for key, rule in local.consul_ports : key => rule if contains([8500, 8600], rule.port)
-  }
-
-  client_rules = merge([
-    for cidr in var.client_cidr_blocks : {
-      for key, rule in local.client_ports : "${key}-${cidr}" => merge(rule, { cidr = cidr })
-    }
-  ]...)
 }
 
 # ---------------------------------------------------------------------------
@@ -236,30 +209,18 @@ resource "aws_s3_bucket_lifecycle_configuration" "registry" {
 # is therefore ssm:GetParameter's resource, not the key.
 
 locals {
-  # The IAM role of each autoscaling group (keys of local.groups).
-  group_role = { servers = "server", agents = "agent" }
-
-  # The servers' role and profile keep the name prefix of the single role
-  # of earlier versions (see the moved blocks below).
-  role_name_prefix = { server = "${var.name}-", agent = "${var.name}-agent-" }
-
-  # SSM path of the cluster's secrets: <ssm_path>/<cluster id>/{agent,server}/...
-  # Defaults to one path per module instance, so two clusters in one account
-  # never read each other's secrets.
-  ssm_path    = coalesce(var.ssm_path, "/auto-consul/${var.name}")
-  secrets_url = var.secrets ? "ssm://${local.ssm_path}" : ""
-
   policy_vars = {
     bucket_arn        = local.bucket_arn
     key_prefix        = local.key_prefix
     ssm_parameter_arn = "arn:${data.aws_partition.current.partition}:ssm:${data.aws_arn.security_group.region}:${data.aws_arn.security_group.account}:parameter${local.ssm_path}"
-    # Both groups' names start with "<name>-": the launch gate completes
-    # its own group's hook.
-    asg_arn_prefix = "arn:${data.aws_partition.current.partition}:autoscaling:${data.aws_arn.security_group.region}:${data.aws_arn.security_group.account}:autoScalingGroup:*:autoScalingGroupName/${var.name}-"
   }
 
+  # Each role completes the launch hooks of its own group only (see
+  # local.asg_name_pattern): an agent cannot ABANDON a server's launch.
+  asg_arn = { for group, role in local.group_role : role => "arn:${data.aws_partition.current.partition}:autoscaling:${data.aws_arn.security_group.region}:${data.aws_arn.security_group.account}:autoScalingGroup:*:autoScalingGroupName/${local.asg_name_pattern[group]}" }
+
   # jsondecode() checks each template is JSON when Terraform renders it.
-  policies = { for role in ["server", "agent"] : role => jsonencode(jsondecode(templatefile("${path.module}/policies/${role}.json.tftpl", local.policy_vars))) }
+  policies = { for role in ["server", "agent"] : role => jsonencode(jsondecode(templatefile("${path.module}/policies/${role}.json.tftpl", merge(local.policy_vars, { asg_arn = local.asg_arn[role] })))) }
 
   bucket_policy = jsonencode(jsondecode(templatefile("${path.module}/policies/bucket.json.tftpl", local.policy_vars)))
 }
@@ -424,22 +385,6 @@ resource "aws_vpc_security_group_egress_rule" "all" {
 # Launch templates and autoscaling groups
 # ---------------------------------------------------------------------------
 
-locals {
-  groups = {
-    servers = {
-      instance_type = var.server_instance_type
-      min_size      = var.servers
-      max_size      = var.servers
-      desired       = var.servers
-    }
-    agents = {
-      instance_type = var.agent_instance_type
-      min_size      = var.agents_min_size
-      max_size      = var.agents_max_size
-      desired       = var.agents_desired_capacity
-    }
-  }
-}
 
 resource "aws_launch_template" "this" {
   for_each = local.groups
@@ -499,28 +444,29 @@ resource "aws_autoscaling_group" "servers" {
   }
 
   # In service only when really in service: the instance stays in
-  # Pending:Wait until auto-consul-gate.service completes this hook, with
-  # CONTINUE once Consul is in service (a server: autopilot reports it a
-  # healthy voter; an agent: it knows a leader), with ABANDON when the boot
-  # cannot succeed (the witness rule, no slot in time) so the group
-  # replaces it at once. The gate records a heartbeat every minute while it
-  # waits; silence for heartbeat_timeout abandons the launch.
-  initial_lifecycle_hook {
-    name                 = "auto-consul-launch"
-    lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
-    default_result       = "ABANDON"
-    heartbeat_timeout    = var.launch_wait
-  }
-
-  # A terminating instance waits in Terminating:Wait (var.termination_wait)
-  # long enough for its heartbeat (every expiry/3) to see
-  # target-lifecycle-state = Terminated and leave (Consul leaves, the slot
-  # is released) while Consul still runs; then the termination continues.
-  initial_lifecycle_hook {
-    name                 = "auto-consul-leave"
-    lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
-    default_result       = "CONTINUE"
-    heartbeat_timeout    = var.termination_wait
+  # Pending:Wait until auto-consul-gate.service completes the launch hook,
+  # with CONTINUE once Consul is in service (a server: autopilot reports
+  # it a healthy voter; an agent: it knows a leader), with ABANDON when the
+  # boot cannot succeed (the witness rule, no slot in time) so the group
+  # replaces it at once. auto-consul records a lifecycle heartbeat every
+  # 20 s from the start of its boot; silence for launch_wait abandons the
+  # launch. A terminating instance waits in Terminating:Wait
+  # (termination_wait) so that its heartbeat sees the termination and
+  # leaves while Consul still runs.
+  #
+  # The hooks are here so that the group's first instances already wait;
+  # the provider replaces a group whose initial_lifecycle_hook changes, so
+  # later changes are ignored here and made by
+  # aws_autoscaling_lifecycle_hook.this, in place (see docs/deploy.md,
+  # "Upgrading the module").
+  dynamic "initial_lifecycle_hook" {
+    for_each = { for key, hook in local.lifecycle_hooks : key => hook if contains(["servers"], hook.group) }
+    content {
+      name                 = initial_lifecycle_hook.value.name
+      lifecycle_transition = initial_lifecycle_hook.value.transition
+      default_result       = initial_lifecycle_hook.value.default_result
+      heartbeat_timeout    = initial_lifecycle_hook.value.heartbeat_timeout
+    }
   }
 
   dynamic "tag" {
@@ -534,25 +480,30 @@ resource "aws_autoscaling_group" "servers" {
 
   # One server at a time: a change of the launch template (a new AMI, new
   # user data) starts an instance refresh that keeps all servers but one in
-  # service (a Raft quorum), so it replaces one at a time. The old server
-  # goes first: its auto-consul-leave.service makes Consul leave and
-  # releases its slot, which its replacement takes (the registry has
-  # exactly as many slots as servers, so a replacement launched first would
-  # find none free). A replacement counts as in service only once its
-  # launch gate has completed, i.e. once autopilot reports it a healthy
-  # voter: only then does the refresh take the next server. So no second
-  # voter goes before the first one's replacement is a voter.
-  # See docs/deploy.md, "Rolling out a new AMI".
+  # service (a Raft quorum) and launches none beyond the group's size
+  # (max_healthy_percentage = 100), so it replaces one at a time. AWS
+  # moves the old server to Terminating:Wait and launches its replacement
+  # at the same time: the old server's heartbeat sees the termination,
+  # Consul leaves and the slot is released, while the replacement waits
+  # for that slot (the registry has exactly as many slots as servers; the
+  # role wait covers a termination_wait), recording lifecycle heartbeats.
+  # A replacement counts as in service only once its launch gate has
+  # completed, i.e. once autopilot reports it a healthy voter: only then
+  # does the refresh take the next server. So no second voter goes before
+  # the first one's replacement is a voter. See docs/deploy.md, "Rolling
+  # out a new AMI".
   instance_refresh {
     strategy = "Rolling"
     preferences {
-      # floor(100 * (servers - 1) / servers), as a table: the module avoids
-      # arithmetic operators.
-      min_healthy_percentage = lookup({ "1" = 0, "2" = 50, "3" = 66, "4" = 75, "5" = 80, "6" = 83, "7" = 85, "8" = 87, "9" = 88 }, tostring(var.servers), 66)
+      min_healthy_percentage = local.servers_min_healthy_percentage
       max_healthy_percentage = 100
       instance_warmup        = 30
       skip_matching          = true
     }
+  }
+
+  lifecycle {
+    ignore_changes = [initial_lifecycle_hook]
   }
 
   depends_on = [aws_iam_role_policy.auto_consul]
@@ -571,26 +522,15 @@ resource "aws_autoscaling_group" "agents" {
     version = aws_launch_template.this["agents"].latest_version
   }
 
-  # In service only when really in service: the instance stays in
-  # Pending:Wait until auto-consul-gate.service completes this hook, with
-  # CONTINUE once Consul is in service (a server: autopilot reports it a
-  # healthy voter; an agent: it knows a leader), with ABANDON when the boot
-  # cannot succeed (the witness rule, no slot in time) so the group
-  # replaces it at once. The gate records a heartbeat every minute while it
-  # waits; silence for heartbeat_timeout abandons the launch.
-  initial_lifecycle_hook {
-    name                 = "auto-consul-launch"
-    lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
-    default_result       = "ABANDON"
-    heartbeat_timeout    = var.launch_wait
-  }
-
-  # As for the servers: time for the heartbeat to see the termination.
-  initial_lifecycle_hook {
-    name                 = "auto-consul-leave"
-    lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
-    default_result       = "CONTINUE"
-    heartbeat_timeout    = var.termination_wait
+  # The launch and termination hooks, as for the servers.
+  dynamic "initial_lifecycle_hook" {
+    for_each = { for key, hook in local.lifecycle_hooks : key => hook if contains(["agents"], hook.group) }
+    content {
+      name                 = initial_lifecycle_hook.value.name
+      lifecycle_transition = initial_lifecycle_hook.value.transition
+      default_result       = initial_lifecycle_hook.value.default_result
+      heartbeat_timeout    = initial_lifecycle_hook.value.heartbeat_timeout
+    }
   }
 
   dynamic "tag" {
@@ -602,8 +542,26 @@ resource "aws_autoscaling_group" "agents" {
     }
   }
 
+  lifecycle {
+    ignore_changes = [initial_lifecycle_hook]
+  }
+
   # Agents start after the servers group is in service. With role "agent"
   # they never claim a server slot; one that finds no live server yet waits
   # for one, and its boot unit retries.
   depends_on = [aws_autoscaling_group.servers]
+}
+
+# The hooks after the groups' creation: a changed launch_wait or
+# termination_wait updates the hook in place (PutLifecycleHook), and a
+# group created by a version of this module without hooks gets them here,
+# without being replaced.
+resource "aws_autoscaling_lifecycle_hook" "this" {
+  for_each = local.lifecycle_hooks
+
+  name                   = each.value.name
+  autoscaling_group_name = { servers = aws_autoscaling_group.servers.name, agents = aws_autoscaling_group.agents.name }[each.value.group]
+  lifecycle_transition   = each.value.transition
+  default_result         = each.value.default_result
+  heartbeat_timeout      = each.value.heartbeat_timeout
 }

@@ -35,9 +35,17 @@ variable "client_cidr_blocks" {
 }
 
 variable "tags" {
-  description = "Tags added to every resource that takes tags, and propagated to the instances."
+  description = "Tags added to every resource that takes tags, and propagated to the instances. The instances' tags are in their metadata (IMDS), where EC2 accepts only keys of letters, digits and + - = . , _ : @ (no \"/\", no space), and not \".\", \"..\" or \"_index\": a launch with any other key fails."
   type        = map(string)
   default     = {}
+
+  validation {
+    # EC2 fails every launch whose instance tag keys break the rule for
+    # tags in instance metadata ("Work with instance tags in instance
+    # metadata", EC2 user guide).
+    condition     = contains([0], length([for k in keys(var.tags) : k if anytrue([can(regex("[^A-Za-z0-9+=.,_:@-]", k)), contains([".", "..", "_index"], k)])]))
+    error_message = "Tag keys ${join(", ", [for k in keys(var.tags) : jsonencode(k) if anytrue([can(regex("[^A-Za-z0-9+=.,_:@-]", k)), contains([".", "..", "_index"], k)])])} cannot be instance tags in instance metadata (which the launch gate reads): use only letters, digits and + - = . , _ : @ in tag keys (no \"/\", no space), and not \".\", \"..\" or \"_index\"."
+  }
 }
 
 # ---------------------------------------------------------------------------
@@ -273,13 +281,15 @@ variable "agent_expiry" {
 }
 
 variable "launch_wait" {
-  description = "Seconds a launching instance may stay in Pending:Wait without a word from its launch gate (which records a heartbeat every minute while Consul joins) before the group abandons it; 60 to 7200."
+  description = "Seconds a launching instance may stay in Pending:Wait without a word from it before the group abandons it; 60 to 7200. auto-consul records a lifecycle heartbeat every 20 s (a third of the shortest wait) from the start of its boot until its launch gate completes the hook."
   type        = number
   default     = 300
 
   validation {
-    condition     = contains(range(60, 7201), var.launch_wait)
-    error_message = "launch_wait must be between 60 and 7200 seconds."
+    # Whole number, and unchanged when clamped to [60, 7200]. (range() would
+    # make more than the 1024 values Terraform allows, failing every plan.)
+    condition     = alltrue([can(regex("^[0-9]+$", tostring(var.launch_wait))), contains([var.launch_wait], min(max(var.launch_wait, 60), 7200))])
+    error_message = "launch_wait must be a whole number of seconds from 60 to 7200."
   }
 }
 
@@ -287,6 +297,13 @@ variable "termination_wait" {
   description = "Seconds a terminating instance waits (lifecycle hook, Terminating:Wait) so that its heartbeat, every expiry/3, sees the termination and leaves while Consul still runs: about two heartbeat intervals (90 for the default expiry of 120); 30 to 7200."
   type        = number
   default     = 90
+
+  validation {
+    # Whole number, and unchanged when clamped to [30, 7200] (the heartbeat
+    # timeout AWS accepts for a lifecycle hook).
+    condition     = alltrue([can(regex("^[0-9]+$", tostring(var.termination_wait))), contains([var.termination_wait], min(max(var.termination_wait, 30), 7200))])
+    error_message = "termination_wait must be a whole number of seconds from 30 to 7200."
+  }
 }
 
 variable "cloud_auto_join" {

@@ -6,9 +6,10 @@ terraform {
   required_providers {
     aws = {
       source = "hashicorp/aws"
-      # aws_vpc_security_group_ingress_rule and the S3 bucket sub-resources
-      # (encryption, versioning, lifecycle) as separate resources need 5.x.
-      version = ">= 5.0"
+      # instance_refresh.preferences.max_healthy_percentage of the servers
+      # group needs 5.32 (aws_vpc_security_group_ingress_rule and the S3
+      # bucket sub-resources need 5.0).
+      version = ">= 5.32"
     }
   }
 }
