@@ -394,21 +394,26 @@ pub enum Command {
     ///
     /// Outside a group it does nothing.
     Gate,
-    /// Quorum-loss recovery (Consul's outage guide): print the
-    /// raft/peers.json of the servers that survive (live in the registry,
-    /// running by EC2, each with the node id its heartbeats publish) and
-    /// the steps; with --apply, write it on this node.
+    /// Quorum-loss recovery (Consul's outage guide): the raft/peers.json
+    /// of the servers that survive (running by EC2, holding a slot of this
+    /// cluster, each with the node id its heartbeats publish, at any age)
+    /// and the steps. --plan pins it in the registry; --apply HASH writes
+    /// that pinned file on this node.
     ///
     /// It stops and starts nothing: Consul must be stopped on every
     /// surviving server, the same file written on each, then Consul
-    /// started on all.
+    /// started on all. Without a flag, it prints what a plan would be and
+    /// the plan pinned, if any; it writes nothing.
     Recover {
-        /// Print the file and the steps; write nothing (the default).
+        /// Find the survivors, pin the plan (survivors, peers.json, its
+        /// SHA-256) in the registry under the cluster, and print it.
         #[arg(long, conflicts_with = "apply")]
         plan: bool,
-        /// Write <data-dir>/raft/peers.json on this node.
-        #[arg(long)]
-        apply: bool,
+        /// Write the pinned plan's peers.json to <data-dir>/raft/ on this
+        /// node; with HASH (as --plan printed it), only if the pinned plan
+        /// is still that one.
+        #[arg(long, value_name = "HASH", num_args = 0..=1, default_missing_value = "")]
+        apply: Option<String>,
     },
     /// Save a snapshot of Consul's state to the registry bucket, when this
     /// server's Consul is the leader; keep the newest --snapshot-keep.
@@ -525,7 +530,7 @@ const OWN_OPTIONS: &[(&str, &[&str])] = &[
         "gate",
         &["autoscaling_group", "lifecycle_hook", "gate_wait"],
     ),
-    ("recover", &["registry", "data_dir"]),
+    ("recover", &["registry", "data_dir", "config_dir"]),
     (
         "snapshot",
         &["registry", "snapshot_interval", "snapshot_keep", "secrets"],

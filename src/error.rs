@@ -78,8 +78,16 @@ pub fn soon(msg: impl Into<String>) -> anyhow::Error {
     TryAgainSoon(msg.into()).into()
 }
 
+/// A [`TryAgainSoon`] error saying `msg`, because of `cause` (its message
+/// kept after `msg`). Never `cause.context(soon(..))`: anyhow keeps a
+/// context's own value out of `chain()`, and the exit code would be 1.
+pub fn soon_because(msg: impl Into<String>, cause: &anyhow::Error) -> anyhow::Error {
+    soon(format!("{}: {cause:#}", msg.into()))
+}
+
 /// The process exit code for an error: 2 when a [`UsageError`] is anywhere in
-/// the chain, 75 for a [`TryAgainSoon`], 1 otherwise.
+/// the chain, 75 for a [`TryAgainSoon`] (in the chain, or the context of the
+/// error itself), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err
         .chain()
@@ -89,6 +97,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     } else if err
         .chain()
         .any(|e| e.downcast_ref::<TryAgainSoon>().is_some())
+        || err.downcast_ref::<TryAgainSoon>().is_some()
     {
         EXIT_TRY_AGAIN_SOON
     } else {
@@ -157,5 +166,33 @@ mod tests {
         assert_eq!(exit_code(&because), 2);
         assert_eq!(exit_code(&anyhow::anyhow!("network down")), 1);
         assert_eq!(exit_code(&soon("no leader").context("saving")), 75);
+    }
+
+    /// Exit 75 survives every way the code wraps a [`TryAgainSoon`]: a
+    /// context on it, a context computed lazily, a cause it names, and a
+    /// [`TryAgainSoon`] given as the context of another error.
+    #[test]
+    fn try_again_soon_survives_each_wrapping_used() {
+        use anyhow::Context;
+        let cause =
+            anyhow::anyhow!("Raft error when restoring snapshot: cannot restore snapshot now");
+        assert_eq!(exit_code(&soon("no leader")), 75);
+        assert_eq!(exit_code(&soon("no leader").context("saving")), 75);
+        assert_eq!(exit_code(&soon("no leader").context("a").context("b")), 75);
+        let lazily: Result<(), anyhow::Error> = Err(soon("busy"));
+        assert_eq!(
+            exit_code(&lazily.with_context(|| "restoring".to_string()).unwrap_err()),
+            75
+        );
+        let because = soon_because("the restore is not done", &cause);
+        assert_eq!(exit_code(&because), 75);
+        assert!(because.to_string().contains("cannot restore snapshot now"));
+        assert_eq!(exit_code(&because.context("snapshot")), 75);
+        // The wrapping that hid it: a TryAgainSoon as another error's
+        // context.
+        let as_context = anyhow::anyhow!("PUT failed").context(TryAgainSoon("owed".into()));
+        assert_eq!(exit_code(&as_context), 75);
+        // And never for a plain failure.
+        assert_eq!(exit_code(&cause.context("restoring")), 1);
     }
 }

@@ -73,6 +73,37 @@ pub struct Hook {
     pub instance_id: String,
 }
 
+/// This instance's launch hook, and its heartbeats running for as long as
+/// the value lives.
+pub struct Launch {
+    pub hook: Option<Hook>,
+    _heartbeats: Option<KeepAlive>,
+}
+
+/// Finds this instance's launch hook and starts its heartbeats (unless the
+/// gate already completed it), in the background: `run` goes on with its
+/// claims meanwhile, and a group found through DescribeAutoScalingInstances
+/// (instance tags not in IMDS) delays nothing.
+pub fn watch_launch(
+    opts: &GlobalOpts,
+    me: &Identity,
+    root: &Root,
+) -> tokio::task::JoinHandle<Launch> {
+    let (group, name) = (opts.autoscaling_group.clone(), opts.lifecycle_hook.clone());
+    let (me, root) = (me.clone(), root.clone());
+    tokio::spawn(async move {
+        let hook = hook_of(group, name, &me).await;
+        let heartbeats = hook
+            .clone()
+            .filter(|h| !launch_completed(&root, h))
+            .map(keep_alive);
+        Launch {
+            hook,
+            _heartbeats: heartbeats,
+        }
+    })
+}
+
 /// The hook of this instance: `--autoscaling-group` and `--lifecycle-hook`
 /// (env too), or the group from the instance's metadata tag
 /// `aws:autoscaling:groupName` (read with the identity) with the module's
@@ -80,17 +111,23 @@ pub struct Hook {
 /// for this instance. `None` outside a group, or without an instance id;
 /// when the group cannot be found at all, a warning says no gate runs.
 pub async fn hook(opts: &GlobalOpts, me: &Identity) -> Option<Hook> {
+    hook_of(
+        opts.autoscaling_group.clone(),
+        opts.lifecycle_hook.clone(),
+        me,
+    )
+    .await
+}
+
+async fn hook_of(group: Option<String>, name: Option<String>, me: &Identity) -> Option<Hook> {
     let instance_id = me.instance_id.clone()?;
-    let group = match &opts.autoscaling_group {
-        Some(g) => g.clone(),
+    let group = match group {
+        Some(g) => g,
         None => find_group(me, &instance_id).await?,
     };
     Some(Hook {
         group,
-        hook: opts
-            .lifecycle_hook
-            .clone()
-            .unwrap_or_else(|| DEFAULT_HOOK.to_string()),
+        hook: name.unwrap_or_else(|| DEFAULT_HOOK.to_string()),
         instance_id,
     })
 }

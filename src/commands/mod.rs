@@ -42,7 +42,14 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
         Command::Secrets { action } => secrets::secrets(&cli.global, &action).await,
         Command::Gate => gate::gate(&cli.global).await,
-        Command::Recover { apply, .. } => recover::recover(&cli.global, apply).await,
+        Command::Recover { plan, apply } => {
+            let step = match apply {
+                Some(hash) => recover::Step::Apply((!hash.is_empty()).then_some(hash)),
+                None if plan => recover::Step::Pin,
+                None => recover::Step::Show,
+            };
+            recover::recover(&cli.global, step).await
+        }
         Command::Snapshot => {
             measured(&cli.global, "snapshot", snapshot::snapshot(&cli.global)).await
         }

@@ -91,10 +91,13 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
         Ok(Settled::Restored(v)) => v,
         Ok(Settled::Elsewhere(why)) => return Err(soon(why)),
         Err(e) => {
-            return Err(e.context(soon(format!(
-                "the restore cluster {cluster} owes is not done; auto-consul-snapshot.service tries again in 30s \
-                 (`auto-consul restore --cancel` drops it, and the cluster keeps its own state)"
-            ))));
+            return Err(crate::error::soon_because(
+                format!(
+                    "the restore cluster {cluster} owes is not done; auto-consul-snapshot.service tries again in 30s \
+                     (`auto-consul restore --cancel` drops it, and the cluster keeps its own state)"
+                ),
+                &e,
+            ));
         }
     };
     if opts.snapshot_interval() == 0 {

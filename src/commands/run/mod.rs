@@ -52,9 +52,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let local = local_checks(opts, &root, dry_run)?;
     // 2. Identity (IMDS), the conditional-write probe and the first read
     //    of the registry, at once; no claim before the probe has passed.
-    let (launch, opened, racy, first_view) = first_look(opts, &root, &url, dry_run).await?;
-    let me = &launch.me;
-    let hook = launch.hook.as_ref();
+    let (me, launch, opened, racy, first_view) = first_look(opts, &root, &url, dry_run).await?;
+    let me = &me;
     warn_on_mismatch(opts, &first_view);
     // 3. The files the decision does not change, checked writable before
     //    any claim.
@@ -91,7 +90,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         role_wait: role_wait(opts, &first_view),
         restore: !opts.no_restore,
     };
-    let elected = elect_or_abandon(&elector, hook, previous.as_ref(), raft, first_view).await?;
+    let (elected, launch) =
+        elect_or_abandon(&elector, launch, previous.as_ref(), raft, first_view).await?;
+    let hook = launch.as_ref().and_then(|l| l.hook.as_ref());
     let settings = elected.view.settings;
     if !dry_run {
         crate::metrics::node(elected.mode, elected.slot);
@@ -283,25 +284,19 @@ async fn first_look(
     root: &Root,
     url: &crate::registry::RegistryUrl,
     dry_run: bool,
-) -> Result<(Launch, super::Opened, bool, crate::registry::RegistryView)> {
-    // Who this node is, then its launch hook (the group tag was read with
-    // the identity), whose heartbeats start at once.
+) -> Result<(
+    Identity,
+    Option<tokio::task::JoinHandle<crate::lifecycle::Launch>>,
+    super::Opened,
+    bool,
+    crate::registry::RegistryView,
+)> {
+    // Who this node is; then, in the background, its launch hook (the
+    // group tag was read with the identity), whose heartbeats start at once.
     let who = async {
         let me = identity::of_with_group(opts).await?;
-        let hook = if dry_run {
-            None
-        } else {
-            crate::lifecycle::hook(opts, &me).await
-        };
-        let _heartbeats = hook
-            .clone()
-            .filter(|h| !crate::lifecycle::launch_completed(root, h))
-            .map(crate::lifecycle::keep_alive);
-        Ok::<_, anyhow::Error>(Launch {
-            me,
-            hook,
-            _heartbeats,
-        })
+        let launch = (!dry_run).then(|| crate::lifecycle::watch_launch(opts, &me, root));
+        Ok::<_, anyhow::Error>((me, launch))
     };
     let registry = async {
         let opened = open_store(url).await?;
@@ -319,16 +314,8 @@ async fn first_look(
         )?;
         Ok::<_, anyhow::Error>((opened, racy, view))
     };
-    let (launch, (opened, racy, view)) = tokio::try_join!(who, registry)?;
-    Ok((launch, opened, racy, view))
-}
-
-/// This node and its launch hook, with the hook's heartbeats running for
-/// as long as the value lives (all of `run`).
-struct Launch {
-    me: Identity,
-    hook: Option<crate::lifecycle::Hook>,
-    _heartbeats: Option<crate::lifecycle::KeepAlive>,
+    let ((me, launch), (opened, racy, view)) = tokio::try_join!(who, registry)?;
+    Ok((me, launch, opened, racy, view))
 }
 
 /// The state file's mode, when it is sticky: only server modes are; an
@@ -371,15 +358,21 @@ fn role_wait(opts: &GlobalOpts, view: &crate::registry::RegistryView) -> Duratio
 /// in an autoscaling group (the group replaces the instance at once).
 async fn elect_or_abandon(
     elector: &Elector<'_>,
-    hook: Option<&crate::lifecycle::Hook>,
+    launch: Option<tokio::task::JoinHandle<crate::lifecycle::Launch>>,
     previous: Option<&State>,
     raft: bool,
     view: crate::registry::RegistryView,
-) -> Result<Elected> {
-    match elector.elect(previous, raft, view).await {
-        Ok(elected) => Ok(elected),
+) -> Result<(Elected, Option<crate::lifecycle::Launch>)> {
+    let elected = elector.elect(previous, raft, view).await;
+    let launch = match launch {
+        Some(task) => Some(task.await.context("finding this instance's launch hook")?),
+        None => None,
+    };
+    match elected {
+        Ok(elected) => Ok((elected, launch)),
         Err(e) => {
             if !elector.dry_run && e.downcast_ref::<elect::Definitive>().is_some() {
+                let hook = launch.as_ref().and_then(|l| l.hook.as_ref());
                 crate::lifecycle::abandon(hook, "this boot cannot succeed").await;
             }
             Err(e)
