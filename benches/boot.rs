@@ -9,7 +9,8 @@
 //! happen one after the other.
 //!
 //! Run: `cargo bench --bench boot` (release profile). Options after `--`:
-//! `--runs N` (default 11), `--delay-ms D` (default 20).
+//! `--runs N` (default 11), `--delay-ms D` (default 20), `--boot-only` (the
+//! two empty-registry boots, without the large registries).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -128,11 +129,12 @@ fn report(name: &str, floor: Option<u32>, delay: f64, base: &Stats, delayed: &St
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut runs, mut delay) = (11usize, 20.0f64);
+    let (mut runs, mut delay, mut boot_only) = (11usize, 20.0f64, false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => runs = args.next().unwrap().parse().unwrap(),
             "--delay-ms" => delay = args.next().unwrap().parse().unwrap(),
+            "--boot-only" => boot_only = true,
             _ => {}
         }
     }
@@ -191,6 +193,9 @@ fn main() {
         &base,
         &delayed,
     );
+    if boot_only {
+        return;
+    }
 
     for size in [1_000usize, 10_000] {
         let prefix = format!("live-{size}");
