@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import ssl
 import threading
 import time
@@ -111,7 +112,7 @@ def main():
         "--restore-pace-ms",
         type=float,
         default=0,
-        help="sleep this long after each MiB of a restore's body (a restore a test can interrupt)",
+        help="sleep this long after each 256 KiB of a restore's body, read through a 64 KiB receive buffer (a restore a test can interrupt)",
     )
     args = parser.parse_args()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
@@ -288,8 +289,16 @@ def main():
         digest, got = hashlib.sha256(), 0
         # A snapshot this fake made of its ACL state is small: kept to load.
         small = bytearray() if args.acl_dir and length <= (1 << 20) else None
+        # Paced (a test that cuts a restore mid-body): small reads from a
+        # small receive buffer, so that what the client sent before it was
+        # killed is mostly still in its own send buffer, which the kernel
+        # drops; the server sees a short body, as Consul would.
+        step = 1 << 20
+        if args.restore_pace_ms:
+            step = 256 << 10
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         while got < length:
-            chunk = handler.rfile.read(min(1 << 20, length - got))
+            chunk = handler.rfile.read(min(step, length - got))
             if not chunk:
                 break
             digest.update(chunk)
