@@ -591,9 +591,51 @@ pub async fn restore_snapshot(token: Option<&str>, file: &crate::spool::Spooled)
     Ok(())
 }
 
+/// Consul refused a snapshot sent to it as one it cannot restore (the
+/// archive fails its checks, or its state does not decode): another
+/// snapshot may do, this one never will. The reasons are Consul's:
+/// snapshot/snapshot.go (`failed to decompress snapshot`, `failed to read
+/// snapshot file`, `unread uncompressed bytes remain`) and the FSM's
+/// restore through raft (`failed to restore snapshot`).
+#[derive(Debug)]
+pub struct SnapshotRefused(pub String);
+
+impl std::fmt::Display for SnapshotRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Consul refuses this snapshot: {}", self.0)
+    }
+}
+
+impl std::error::Error for SnapshotRefused {}
+
+/// What Consul answers about the snapshot itself (see [`SnapshotRefused`]).
+const REFUSALS: [&str; 4] = [
+    "failed to decompress snapshot",
+    "failed to read snapshot file",
+    "unread uncompressed bytes remain",
+    "failed to restore snapshot",
+];
+
+/// Raft refuses any restore until the leader's latest configuration entry
+/// is applied (hashicorp/raft raft.go, `restoreUserSnapshot`: "cannot
+/// restore snapshot now, wait until the configuration entry at %v has been
+/// applied"), which is true for a while after a leader is elected.
+const NOT_NOW: &str = "cannot restore snapshot now";
+
 async fn snapshot_refused(resp: reqwest::Response, shown: &str, method: &str) -> anyhow::Error {
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
+    let said = body.trim().chars().take(300).collect::<String>();
+    if method == "PUT" && status.as_u16() == 500 {
+        if said.contains(NOT_NOW) {
+            return crate::error::soon(format!(
+                "the Consul agent at {shown} cannot restore yet (a leader elected moments ago): {said}"
+            ));
+        }
+        if REFUSALS.iter().any(|r| said.contains(r)) {
+            return SnapshotRefused(said).into();
+        }
+    }
     let hint = match status.as_u16() {
         403 => {
             ": it needs a management token (--secrets makes one at genesis, or set CONSUL_HTTP_TOKEN)"
@@ -603,10 +645,61 @@ async fn snapshot_refused(resp: reqwest::Response, shown: &str, method: &str) ->
         }
         _ => "",
     };
-    anyhow!(
-        "the Consul agent at {shown} answered {status} to {method} /v1/snapshot{hint}: {}",
-        body.trim().chars().take(200).collect::<String>()
-    )
+    anyhow!("the Consul agent at {shown} answered {status} to {method} /v1/snapshot{hint}: {said}")
+}
+
+/// Has the local agent reload its configuration (`PUT /v1/agent/reload`,
+/// what `consul reload` sends; agent:write): Consul reads its config and
+/// TLS files again (agent/agent_endpoint.go `AgentReload`).
+pub async fn reload(token: Option<&str>) -> Result<()> {
+    let mut api = Api::from_env(None)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
+    let resp = api
+        .request(reqwest::Method::PUT, "/v1/agent/reload")
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow!(e).context(format!(
+                "asking the Consul agent at {} to reload",
+                api.shown
+            ))
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        anyhow::bail!(
+            "the Consul agent at {} answered {status} to PUT /v1/agent/reload: {}",
+            api.shown,
+            body.trim().chars().take(200).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
+/// Sets autopilot's configuration (`PUT
+/// /v1/operator/autopilot/configuration`, operator:write). Consul decodes
+/// the body onto a zero value, not onto the current settings
+/// (agent/operator_endpoint.go, `OperatorAutopilotConfiguration`): every
+/// field is sent.
+pub async fn set_autopilot(token: Option<&str>, config: &serde_json::Value) -> Result<()> {
+    let mut api = Api::from_env(None)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
+    let (status, text) = api
+        .put_json("/v1/operator/autopilot/configuration", config.clone())
+        .await?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "the Consul agent at {} answered {status} to PUT /v1/operator/autopilot/configuration: {}",
+            api.shown,
+            text.trim().chars().take(200).collect::<String>()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -95,6 +95,14 @@ pub struct GlobalOpts {
           value_parser = seconds_in(0, 86_400))]
     pub role_wait: Option<u64>,
 
+    /// How long `run` on an agent waits, when its cluster owes the restore
+    /// of a snapshot, for the restore to be done before it exits 1 (the boot
+    /// unit retries): an agent joining before would get certificates and
+    /// registrations the restore replaces.
+    #[arg(hide_short_help = true, help_heading = "Roles and waits", long, env = "AUTO_CONSUL_RESTORE_WAIT", value_name = "SECONDS",
+          default_value_t = 400, global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
+    pub restore_wait: u64,
+
     /// Seconds after which an agent's heartbeat expires; agents heartbeat every
     /// AGENT_EXPIRY/3 seconds.
     ///
@@ -152,6 +160,13 @@ pub struct GlobalOpts {
     #[arg(help_heading = "Consul paths", long, env = "AUTO_CONSUL_DATACENTER", value_name = "DC", default_value = "dc1",
           global = true, value_parser = parse_datacenter)]
     pub datacenter: String,
+
+    /// Consul's DNS domain: Consul's `domain`, and the name servers'
+    /// certificates carry (`server.<datacenter>.<domain>`, what
+    /// `verify_server_hostname` checks).
+    #[arg(hide_short_help = true, help_heading = "Consul paths", long, env = "AUTO_CONSUL_DOMAIN", value_name = "DOMAIN",
+          default_value = "consul", global = true, value_parser = parse_domain)]
+    pub domain: String,
 
     /// Take every local path (files written, state, the data dir's Raft check,
     /// the unit path) under DIR; with a root other than /, systemctl is never
@@ -767,6 +782,28 @@ fn parse_node(s: &str) -> Result<String, String> {
 
 fn parse_datacenter(s: &str) -> Result<String, String> {
     validate_datacenter(s).map(|()| s.to_string())
+}
+
+/// A DNS domain as Consul takes one: labels of lower-case letters, digits
+/// and `-` (Consul lower-cases names it compares), a trailing dot dropped.
+fn parse_domain(s: &str) -> Result<String, String> {
+    let d = s.strip_suffix('.').unwrap_or(s);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if d.len() <= 253 && d.split('.').all(label_ok) {
+        Ok(d.to_string())
+    } else {
+        Err(format!(
+            "`{}` is not a DNS domain Consul can serve: use dot-separated labels of lower-case \
+             letters, digits and `-` (e.g. `consul` or `consul.example.com`)",
+            s.escape_debug()
+        ))
+    }
 }
 
 fn parse_cloud_join(s: &str) -> Result<String, String> {

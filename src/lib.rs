@@ -2,6 +2,7 @@
 //! bootstrap Consul server, a joining server or an agent, and set it up.
 
 pub mod agent;
+pub mod archive;
 pub mod aws;
 pub mod claims;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod registry;
 pub mod render;
 pub mod retry;
 pub mod secrets;
+pub mod served;
 pub mod spool;
 pub mod state;
 pub mod termination;

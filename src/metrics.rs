@@ -29,6 +29,10 @@ struct Facts {
     purged: Option<usize>,
     /// When the snapshot this command saved was saved.
     snapshot_saved: Option<DateTime<Utc>>,
+    /// When the save this command tried failed.
+    snapshot_failed: Option<DateTime<Utc>>,
+    /// The expiry (Unix seconds) of the TLS files auto-consul made, by file.
+    tls_expiry: Vec<(&'static str, i64)>,
     /// (kind, errors?) -> count.
     requests: BTreeMap<(&'static str, bool), u64>,
 }
@@ -61,6 +65,16 @@ pub fn purged(n: usize) {
 /// When the snapshot the command saved was saved.
 pub fn snapshot_saved(at: DateTime<Utc>) {
     with(|f| f.snapshot_saved = Some(at));
+}
+
+/// When the snapshot save the command tried failed.
+pub fn snapshot_failed(at: DateTime<Utc>) {
+    with(|f| f.snapshot_failed = Some(at));
+}
+
+/// The expiry of the TLS files auto-consul made (`ca`, `certificate`).
+pub fn tls_expiry(files: Vec<(&'static str, i64)>) {
+    with(|f| f.tls_expiry = files);
 }
 
 fn request(kind: &'static str, failed: bool) {
@@ -186,6 +200,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "gauge",
         "Unix time this node last saved a snapshot of Consul's state to the registry.",
     ),
+    (
+        "auto_consul_snapshot_last_failure_timestamp_seconds",
+        "gauge",
+        "Unix time a snapshot save of this node last failed (nothing uploaded).",
+    ),
+    (
+        "auto_consul_tls_expiry_timestamp_seconds",
+        "gauge",
+        "Unix time the TLS file auto-consul made expires, by file (ca, certificate).",
+    ),
 ];
 
 /// Writes the metrics of `command` (which ended now, `ok` or not) into
@@ -217,7 +241,10 @@ pub fn write(root: &Root, path: &Path, command: &str, ok: bool) -> Result<()> {
         // What only a success says stays until the next success says it.
         let kept_until_said = (!ok && name == "auto_consul_last_success_timestamp_seconds")
             || (facts.snapshot_saved.is_none()
-                && name == "auto_consul_snapshot_last_success_timestamp_seconds");
+                && name == "auto_consul_snapshot_last_success_timestamp_seconds")
+            || (facts.snapshot_failed.is_none()
+                && name == "auto_consul_snapshot_last_failure_timestamp_seconds")
+            || (facts.tls_expiry.is_empty() && name == "auto_consul_tls_expiry_timestamp_seconds");
         let keep = !replaced || kept_until_said;
         if keep {
             samples.entry(fname).or_default().push(line.to_string());
@@ -285,6 +312,20 @@ pub fn write(root: &Root, path: &Path, command: &str, ok: bool) -> Result<()> {
     if let Some(at) = facts.snapshot_saved {
         add(
             "auto_consul_snapshot_last_success_timestamp_seconds",
+            mine.clone(),
+            (at.timestamp_millis() as f64 / 1000.0).to_string(),
+        );
+    }
+    for (file, at) in &facts.tls_expiry {
+        add(
+            "auto_consul_tls_expiry_timestamp_seconds",
+            format!("{mine},file=\"{file}\""),
+            at.to_string(),
+        );
+    }
+    if let Some(at) = facts.snapshot_failed {
+        add(
+            "auto_consul_snapshot_last_failure_timestamp_seconds",
             mine.clone(),
             (at.timestamp_millis() as f64 / 1000.0).to_string(),
         );

@@ -384,6 +384,10 @@ pub struct RestorePlan {
     /// When the state last changed, RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<String>,
+    /// Snapshots Consul refused (or that fail its checks), never tried
+    /// again: the next older one is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
 }
 
 /// The steps of a restore at genesis.
@@ -404,6 +408,10 @@ pub enum RestoreState {
     Nothing,
     /// An operator chose otherwise (`restore KEY` or `restore --cancel`).
     Cancelled,
+    /// Consul refused every snapshot the old cluster left (`refused`
+    /// names them): this cluster runs on its own state until an operator
+    /// restores one by hand or cancels.
+    Refused,
 }
 
 impl RestoreState {
@@ -416,6 +424,7 @@ impl RestoreState {
             RestoreState::Done => "done",
             RestoreState::Nothing => "nothing",
             RestoreState::Cancelled => "cancelled",
+            RestoreState::Refused => "refused",
         }
     }
 
@@ -451,8 +460,9 @@ impl ClusterRecord {
             }
             if plan
                 .key
-                .as_ref()
-                .is_some_and(|k| SnapshotKey::parse(&plan.from, k).is_none())
+                .iter()
+                .chain(&plan.refused)
+                .any(|k| SnapshotKey::parse(&plan.from, k).is_none())
             {
                 return Err("cluster record restores a key outside its snapshots".to_string());
             }
@@ -557,6 +567,7 @@ mod tests {
             RestoreState::Done,
             RestoreState::Nothing,
             RestoreState::Cancelled,
+            RestoreState::Refused,
         ] {
             assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
         }

@@ -23,6 +23,8 @@ pub struct ConsulSettings<'a> {
     pub data_dir: &'a Path,
     /// Datacenter.
     pub datacenter: &'a str,
+    /// Consul's DNS domain (`--domain`).
+    pub domain: &'a str,
     /// The decided mode.
     pub mode: Mode,
     /// Whether to set `bootstrap: true` (bootstrap mode, no Raft state yet).
@@ -74,6 +76,7 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
     c.insert("bind_addr".into(), json!(s.address.to_string()));
     c.insert("data_dir".into(), json!(s.data_dir.to_string_lossy()));
     c.insert("datacenter".into(), json!(s.datacenter));
+    c.insert("domain".into(), json!(s.domain));
     c.insert(
         "retry_join".into(),
         json!(retry_join(s.retry_join, s.cloud_join)),
@@ -91,12 +94,10 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
         // `consul operator autopilot set-config`. Servers do not leave on
         // terminate: a server that leaves shrinks the quorum's size.
         let mut autopilot = Map::new();
-        autopilot.insert("cleanup_dead_servers".into(), json!(true));
-        autopilot.insert("last_contact_threshold".into(), json!("200ms"));
-        autopilot.insert("max_trailing_logs".into(), json!(250));
-        autopilot.insert("server_stabilization_time".into(), json!("10s"));
-        if s.servers >= 3 {
-            autopilot.insert("min_quorum".into(), json!(s.servers));
+        for (file_key, _, value) in autopilot_settings(s.servers) {
+            if file_key != "min_quorum" || value != json!(0) {
+                autopilot.insert(file_key.into(), value);
+            }
         }
         c.insert("autopilot".into(), Value::Object(autopilot));
         c.insert("leave_on_terminate".into(), json!(false));
@@ -577,8 +578,49 @@ pub fn snapshot_service(paths: &UnitPaths<'_>) -> String {
     )
 }
 
-/// The snapshot timer: a first run a minute after boot (a restore owed at
-/// genesis), then every `interval` seconds; with 0 (no snapshots), only
+/// Autopilot's settings for a cluster of `servers`: (config file key, API
+/// field, value). min_quorum only from 3 servers on (0: none).
+fn autopilot_settings(servers: u32) -> [(&'static str, &'static str, Value); 5] {
+    [
+        ("cleanup_dead_servers", "CleanupDeadServers", json!(true)),
+        (
+            "last_contact_threshold",
+            "LastContactThreshold",
+            json!("200ms"),
+        ),
+        ("max_trailing_logs", "MaxTrailingLogs", json!(250)),
+        (
+            "server_stabilization_time",
+            "ServerStabilizationTime",
+            json!("10s"),
+        ),
+        (
+            "min_quorum",
+            "MinQuorum",
+            json!(if servers >= 3 { servers } else { 0 }),
+        ),
+    ]
+}
+
+/// The body of `PUT /v1/operator/autopilot/configuration` setting what
+/// the config file sets (Consul applies the file's `autopilot` only when
+/// its state holds none, e.g. not after a restore): every field, since
+/// Consul decodes the body onto zero values (api/operator_autopilot.go,
+/// `AutopilotConfiguration`).
+pub fn autopilot_api(servers: u32) -> Value {
+    let mut body = Map::new();
+    for (_, field, value) in autopilot_settings(servers) {
+        body.insert(field.into(), value);
+    }
+    body.insert("RedundancyZoneTag".into(), json!(""));
+    body.insert("DisableUpgradeMigration".into(), json!(false));
+    body.insert("UpgradeVersionTag".into(), json!(""));
+    Value::Object(body)
+}
+
+/// The snapshot timer: a first run 15 s after boot (a restore owed at
+/// genesis starts as soon as this server leads: `snapshot` waits for the
+/// election), then every `interval` seconds; with 0 (no snapshots), only
 /// the first.
 pub fn snapshot_timer(interval: u64) -> String {
     let (what, every) = if interval == 0 {
@@ -598,7 +640,7 @@ pub fn snapshot_timer(interval: u64) -> String {
          Description=auto-consul snapshot {what}\n\
          \n\
          [Timer]\n\
-         OnActiveSec=60s\n\
+         OnActiveSec=15s\n\
          {every}\
          AccuracySec=1s\n\
          \n\
@@ -828,6 +870,7 @@ mod tests {
             address: "10.0.0.5".parse().unwrap(),
             data_dir: Path::new("/opt/consul"),
             datacenter: "dc1",
+            domain: "consul",
             mode,
             bootstrap,
             servers: 3,

@@ -522,10 +522,10 @@ fn new_ca(cluster: &str) -> Result<String> {
 
 /// A server's certificate and key (PEM), signed by the CA: valid for
 /// `server.<datacenter>.<domain>` (what `verify_server_hostname` checks),
-/// localhost, 127.0.0.1 and `address`, for a year.
+/// localhost, 127.0.0.1 and `address`, for [`SERVER_CERT_DAYS`].
 pub fn server_certificate(
     material: &Material,
-    datacenter: &str,
+    server_name: &str,
     address: std::net::IpAddr,
 ) -> Result<(String, String)> {
     let ca_key = material
@@ -538,18 +538,15 @@ pub fn server_certificate(
     )
     .context("the CA certificate")?;
     let key = KeyPair::generate().context("making the server key")?;
-    let mut params = CertificateParams::new(vec![
-        format!("server.{datacenter}.consul"),
-        "localhost".to_string(),
-    ])
-    .context("the server certificate's names")?;
+    let mut params = CertificateParams::new(vec![server_name.to_string(), "localhost".to_string()])
+        .context("the server certificate's names")?;
     params
         .subject_alt_names
         .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
     params.subject_alt_names.push(SanType::IpAddress(address));
     params
         .distinguished_name
-        .push(DnType::CommonName, format!("server.{datacenter}.consul"));
+        .push(DnType::CommonName, server_name);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
@@ -560,27 +557,85 @@ pub fn server_certificate(
     ];
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(365);
+    params.not_after = now + time::Duration::days(SERVER_CERT_DAYS);
     let cert = params
         .signed_by(&key, &issuer)
         .context("signing the server certificate")?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Whether the server certificate at `cert_pem` can be kept: issued under
-/// `ca_pem` (the same CA as on disk) and valid for more than 30 days.
-pub fn certificate_still_good(cert_pem: &str, ca_pem_now: &str, ca_pem_on_disk: &str) -> bool {
+/// How long a server certificate is valid.
+pub const SERVER_CERT_DAYS: i64 = 365;
+
+/// What `run`, `heartbeat` and `status` read of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Valid from, Unix seconds.
+    pub not_before: i64,
+    /// Valid until, Unix seconds.
+    pub not_after: i64,
+    /// Its DNS names.
+    pub names: Vec<String>,
+}
+
+/// The validity and DNS names of the first certificate in `pem`.
+pub fn cert_info(pem: &str) -> Option<CertInfo> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(CertInfo {
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        names,
+    })
+}
+
+/// When a server certificate is renewed (Unix seconds): once two thirds of
+/// its life have passed, less up to a twelfth of it chosen by the node's
+/// name, so that servers whose certificates were made together (at
+/// genesis) renew days apart. A 365-day certificate: between day 213 and
+/// day 243.
+pub fn renew_at(info: &CertInfo, node: &str) -> i64 {
+    use sha2::Digest;
+    let life = (info.not_after - info.not_before).max(1);
+    let spread = (life / 12).max(1);
+    let h = sha2::Sha256::digest(node.as_bytes());
+    let jitter = u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % spread as u64;
+    info.not_before + life * 2 / 3 - jitter as i64
+}
+
+/// Whether the server certificate `cert_pem` can be kept by `node`: issued
+/// under `ca_pem_now` (the same CA as on disk), named `server_name`, and
+/// not yet due for renewal by this node's clock ([`renew_at`]).
+pub fn certificate_still_good(
+    cert_pem: &str,
+    ca_pem_now: &str,
+    ca_pem_on_disk: &str,
+    server_name: &str,
+    node: &str,
+) -> bool {
     if ca_pem_now != ca_pem_on_disk {
         return false;
     }
-    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else {
+    let Some(info) = cert_info(cert_pem) else {
         return false;
     };
-    let Ok(cert) = pem.parse_x509() else {
-        return false;
-    };
-    let left = cert.validity().not_after.timestamp() - chrono::Utc::now().timestamp();
-    left > 30 * 86_400
+    info.names.iter().any(|n| n == server_name)
+        && chrono::Utc::now().timestamp() < renew_at(&info, node)
 }
 
 /// The files of `dir` for a name: where `run` writes a node's TLS material.
@@ -642,10 +697,51 @@ mod tests {
             management_token: None,
         };
         let (server, _) =
-            server_certificate(&material, "dc1", "10.0.0.5".parse().unwrap()).unwrap();
-        assert!(certificate_still_good(&server, &cert, &cert));
-        assert!(!certificate_still_good(&server, &cert, "another CA"));
-        assert!(!certificate_still_good("junk", &cert, &cert));
+            server_certificate(&material, "server.dc1.consul", "10.0.0.5".parse().unwrap())
+                .unwrap();
+        let name = "server.dc1.consul";
+        assert!(certificate_still_good(&server, &cert, &cert, name, "n"));
+        assert!(!certificate_still_good(
+            &server,
+            &cert,
+            "another CA",
+            name,
+            "n"
+        ));
+        assert!(!certificate_still_good("junk", &cert, &cert, name, "n"));
+        // Another domain, another name: made again.
+        assert!(!certificate_still_good(
+            &server,
+            &cert,
+            &cert,
+            "server.dc1.example",
+            "n"
+        ));
+        let info = cert_info(&server).unwrap();
+        assert!(info.names.iter().any(|n| n == name), "{info:?}");
+        assert_eq!(
+            info.not_after - info.not_before,
+            SERVER_CERT_DAYS * 86_400 + 3600
+        );
+    }
+
+    /// Renewal falls between two thirds of the life less a twelfth and two
+    /// thirds, spread by node name.
+    #[test]
+    fn renewal_is_due_at_two_thirds_of_the_life_spread_by_node() {
+        let info = CertInfo {
+            not_before: 0,
+            not_after: 360 * 86_400,
+            names: Vec::new(),
+        };
+        let days: Vec<i64> = (0..50)
+            .map(|i| renew_at(&info, &format!("server-{i}")) / 86_400)
+            .collect();
+        assert!(days.iter().all(|d| (210..=240).contains(d)), "{days:?}");
+        let mut distinct = days.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert!(distinct.len() > 10, "{days:?}");
     }
 
     #[tokio::test]

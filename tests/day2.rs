@@ -347,9 +347,10 @@ fn a_silent_registry_gets_no_new_cluster_until_ec2_says_its_servers_are_gone() {
 
     // Both gone: six nodes race; exactly one new cluster, with the warning.
     terminate(moto, &[&ids[1]]);
+    // (The new cluster restores nothing: its agents need not wait.)
     let racers: Vec<_> = (10..16)
         .map(|i| {
-            fresh(i, &[])
+            fresh(i, &["--no-restore"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -461,7 +462,8 @@ fn a_released_slot_or_an_operator_retire_lets_a_new_cluster_form_on_a_directory(
         &registry,
         &old,
     ])));
-    let v = ok_json(&boot("dir-b", &[]));
+    // (Restoring nothing: its agents need not wait.)
+    let v = ok_json(&boot("dir-b", &["--no-restore"]));
     assert_eq!(mode(&v), "bootstrap");
     assert_ne!(v["cluster_id"], old.as_str());
     let second = v["cluster_id"].as_str().unwrap().to_string();

@@ -189,7 +189,9 @@ fn each_role_does_its_own_work_and_an_agents_role_cannot_take_a_servers() {
     assert_eq!(mode(&ok_json(&out)), "bootstrap", "{}", stderr(&out));
     // 17 MiB: the snapshot's upload is multipart.
     let snap = tmp.path().join("lp.snap");
-    std::fs::write(&snap, vec![7u8; 17 << 20]).unwrap();
+    let mut state = FAKE_FSM_HEADER.to_vec();
+    state.resize(17 << 20, 7);
+    write_snapshot(&snap, &state);
     let agent_s = FakeAgent::start(
         "lp-s",
         true,

@@ -19,10 +19,11 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `size` bytes no compressor or dedup would shorten, different per `seed`.
+/// A snapshot in Consul's archive format whose state is `size` bytes no
+/// compressor or dedup would shorten, different per `seed`; its SHA-256.
 fn write_noise(path: &Path, size: usize, seed: u64) -> String {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut bytes = Vec::with_capacity(size);
+    let mut bytes = FAKE_FSM_HEADER.to_vec();
     while bytes.len() < size {
         x ^= x << 13;
         x ^= x >> 7;
@@ -30,8 +31,7 @@ fn write_noise(path: &Path, size: usize, seed: u64) -> String {
         bytes.extend_from_slice(&x.to_le_bytes());
     }
     bytes.truncate(size);
-    std::fs::write(path, &bytes).unwrap();
-    format!("{:x}", Sha256::digest(&bytes))
+    write_snapshot(path, &bytes)
 }
 
 fn snapshot_cmd(
@@ -60,6 +60,31 @@ fn object_hashes(moto: &Moto, bucket: &str, key: &str) -> (String, Option<String
         let body = obj.body.collect().await.unwrap().into_bytes();
         (format!("{:x}", Sha256::digest(&body)), meta)
     })
+}
+
+/// The registry's cluster record under `prefix`.
+fn record_of(moto: &Moto, bucket: &str, prefix: &str) -> Value {
+    serde_json::from_str(&get(moto, bucket, &format!("{prefix}/cluster"))).unwrap()
+}
+
+/// `status` on a node.
+fn status_of(
+    moto: &Moto,
+    registry: &str,
+    root: &Path,
+    node: &str,
+    ip: &str,
+    agent: &FakeAgent,
+) -> std::process::Output {
+    output(&mut agent_cmd(
+        moto,
+        "status",
+        registry,
+        root,
+        node,
+        ip,
+        &agent.addr(),
+    ))
 }
 
 fn lines(path: &Path) -> Vec<Value> {
@@ -169,7 +194,11 @@ fn only_the_leader_saves_and_the_newest_n_are_kept() {
         ));
         assert_eq!(out["saved"], true, "{out}");
         assert_eq!(out["sha256"], sha.as_str(), "{out}");
-        assert_eq!(out["size"], 20 << 20, "{out}");
+        assert_eq!(
+            out["size"],
+            std::fs::metadata(&snap).unwrap().len(),
+            "{out}"
+        );
         saved.push(out["key"].as_str().unwrap().to_string());
         // Keys name the second they were saved.
         std::thread::sleep(Duration::from_millis(1100));
@@ -250,8 +279,7 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     ok_json(&output(
         run_cmd(moto, &registry, &root_a, "old-a", ip_a, 1).args(["--instance-id", &ids[0]]),
     ));
-    let old: Value =
-        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let old: Value = record_of(moto, &bucket, prefix);
     let old = old["cluster_id"].as_str().unwrap().to_string();
     // Two snapshots of the old cluster; the newest is then damaged.
     let snap = tmp.path().join("old.snap");
@@ -296,8 +324,7 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
         run_cmd(moto, &registry, &root_b, "new-b", ip_b, 1).args(["--witness-wait", "1"]),
     ));
     assert_eq!(mode(&boot), "bootstrap");
-    let record: Value =
-        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let record: Value = record_of(moto, &bucket, prefix);
     assert_ne!(record["cluster_id"], old.as_str());
     assert_eq!(record["restore"]["from"], old.as_str(), "{record}");
     assert_eq!(record["restore"]["state"], "pending", "{record}");
@@ -333,24 +360,17 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
     }
     first.kill().unwrap();
     let first = first.wait_with_output().unwrap();
+    // What the killed client had buffered no longer reaches Consul.
+    std::fs::write(restores.join("cut"), "").unwrap();
     assert!(
         stderr(&first).contains(&format!("skipping snapshot {damaged}")),
         "the damaged newest snapshot is skipped with a warning: {}",
         stderr(&first)
     );
-    let record: Value =
-        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let record: Value = record_of(moto, &bucket, prefix);
     assert_eq!(record["restore"]["state"], "restoring", "{record}");
     // Until it is done, `status` on the new server says what is owed.
-    let st = output(&mut agent_cmd(
-        moto,
-        "status",
-        &registry,
-        &root_b,
-        "new-b",
-        ip_b,
-        &agent_b.addr(),
-    ));
+    let st = status_of(moto, &registry, &root_b, "new-b", ip_b, &agent_b);
     assert_eq!(st.status.code(), Some(1));
     let reasons = json(&st)["reasons"].to_string();
     assert!(reasons.contains("still owes the restore"), "{reasons}");
@@ -360,6 +380,7 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(lines(&restores.join("restores.jsonl")).is_empty());
+    std::fs::remove_file(restores.join("cut")).unwrap();
 
     // Had another server begun it (a leader before a change of leader),
     // it would be left to that server for half an hour, then taken over.
@@ -407,9 +428,8 @@ fn a_replacing_cluster_restores_the_newest_valid_snapshot_exactly_once() {
         good_sha.as_str(),
         "byte-identical to what was saved"
     );
-    assert_eq!(done[0]["size"], 3 << 20);
-    let record: Value =
-        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    assert_eq!(done[0]["size"], std::fs::metadata(&snap).unwrap().len());
+    let record: Value = record_of(moto, &bucket, prefix);
     assert_eq!(record["restore"]["state"], "done", "{record}");
     assert_eq!(record["restore"]["key"], good.as_str(), "{record}");
     assert_eq!(record["restore"]["node"], "new-b", "{record}");
@@ -581,8 +601,7 @@ fn after_a_restore_the_new_clusters_tokens_are_made_in_the_restored_acl_state() 
             .to_string()
     };
     let cluster = || -> String {
-        let v: Value =
-            serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+        let v: Value = record_of(moto, &bucket, prefix);
         v["cluster_id"].as_str().unwrap().to_string()
     };
     let ids = run_instances(moto, 1);
@@ -610,6 +629,16 @@ fn after_a_restore_the_new_clusters_tokens_are_made_in_the_restored_acl_state() 
             &secret(&a, "server/management-token"),
         ],
     );
+    // A's autopilot settings, set by an operator, and its Connect CA are
+    // in A's state, and so in its snapshot.
+    let state_a = acl_a.join("acl-state.json");
+    let mut st: Value = serde_json::from_str(&std::fs::read_to_string(&state_a).unwrap()).unwrap();
+    st["autopilot"] = serde_json::json!({"CleanupDeadServers": false, "MinQuorum": 5});
+    std::fs::write(&state_a, st.to_string()).unwrap();
+    let ca_a = st["connect_ca"]["ActiveRootID"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // A's heartbeat makes its agents' token; its snapshot holds it.
     ok_json(&output(
         heartbeat_cmd(moto, &registry, &root_a, "acl-a", ip_a, &agent_a.addr()).args([
@@ -650,6 +679,23 @@ fn after_a_restore_the_new_clusters_tokens_are_made_in_the_restored_acl_state() 
     let restores = tmp.path().join("restores");
     std::fs::create_dir_all(&acl_b).unwrap();
     std::fs::create_dir_all(&restores).unwrap();
+    // An agent boots while B owes the restore: it waits.
+    let root_c = tmp.path().join("c");
+    let mut booting = run_cmd(moto, &registry, &root_c, "acl-c", "10.99.1.3", 1)
+        .args([
+            "--role",
+            "agent",
+            "--restore-wait",
+            "120",
+            "--secrets",
+            &secrets,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // B's Consul was elected a moment ago: raft refuses restores for a
+    // while (4 s here).
     let agent_b = FakeAgent::start(
         "acl-b",
         true,
@@ -662,8 +708,52 @@ fn after_a_restore_the_new_clusters_tokens_are_made_in_the_restored_acl_state() 
             &secret(&b, "server/management-token"),
             "--restore-dir",
             restores.to_str().unwrap(),
+            "--restore-refuse-s",
+            "4",
         ],
     );
+    let ca_b = {
+        let st: Value =
+            serde_json::from_str(&std::fs::read_to_string(acl_b.join("acl-state.json")).unwrap())
+                .unwrap();
+        st["connect_ca"]["ActiveRootID"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(ca_a, ca_b);
+    let early = output(
+        agent_cmd(
+            moto,
+            "snapshot",
+            &registry,
+            &root_b,
+            "acl-b",
+            ip_b,
+            &agent_b.addr(),
+        )
+        .args(["--secrets", &secrets]),
+    );
+    // Exit 75: auto-consul-snapshot.service tries again in 30 s (not at
+    // the next interval); the snapshot is not taken for a refused one.
+    assert_eq!(early.status.code(), Some(75), "{}", stderr(&early));
+    assert!(
+        stderr(&early).contains("cannot restore snapshot now"),
+        "{}",
+        stderr(&early)
+    );
+    let record: Value = record_of(moto, &bucket, prefix);
+    assert!(record["restore"]["state"] == "restoring", "{record}");
+    assert!(record["restore"].get("refused").is_none(), "{record}");
+    if booting.try_wait().unwrap().is_some() {
+        let out = booting.wait_with_output().unwrap();
+        panic!(
+            "the agent's run ended while its cluster owes a restore: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        );
+    }
+    std::thread::sleep(Duration::from_secs(4));
     let out = ok_json(&output(
         agent_cmd(
             moto,
@@ -700,7 +790,296 @@ fn after_a_restore_the_new_clusters_tokens_are_made_in_the_restored_acl_state() 
     }
     let b_management = &tokens[secret(&b, "server/management-token")];
     assert_eq!(b_management["Policies"][0]["Name"], "global-management");
-    let record: Value =
-        serde_json::from_str(&get(moto, &bucket, &format!("{prefix}/cluster"))).unwrap();
+    let record: Value = record_of(moto, &bucket, prefix);
     assert_eq!(record["restore"]["state"], "done", "{record}");
+    // The restored state's Connect CA is A's; autopilot's settings are B's
+    // again, every field set (Consul decodes the body onto zero values).
+    assert_eq!(
+        state["connect_ca"]["ActiveRootID"],
+        ca_a.as_str(),
+        "{state}"
+    );
+    assert_eq!(
+        state["autopilot"],
+        serde_json::json!({
+            "CleanupDeadServers": true,
+            "LastContactThreshold": "200ms",
+            "MaxTrailingLogs": 250,
+            "MinQuorum": 0,
+            "ServerStabilizationTime": "10s",
+            "RedundancyZoneTag": "",
+            "DisableUpgradeMigration": false,
+            "UpgradeVersionTag": "",
+        })
+    );
+    // The agent went on once the restore was done: its Consul joins a
+    // cluster whose CA (A's, restored) signs its certificate.
+    let booted = booting.wait_with_output().unwrap();
+    assert!(booted.status.success(), "{}", stderr(&booted));
+    assert_eq!(mode(&json(&booted)), "agent");
+    assert!(
+        stderr(&booted).contains(&format!(
+            "cluster {b} owes the restore of cluster {a}'s snapshot"
+        )),
+        "one line says why it waits: {}",
+        stderr(&booted)
+    );
+}
+
+#[test]
+fn a_leader_whose_stream_breaks_uploads_nothing_and_says_so() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let prefix = "snap/cut";
+    let registry = format!("s3://{bucket}/{prefix}");
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = run_instances(moto, 1);
+    let (root, ip) = (tmp.path().join("a"), "10.97.2.1");
+    ok_json(&output(
+        run_cmd(moto, &registry, &root, "cut-a", ip, 1).args(["--instance-id", &ids[0]]),
+    ));
+    let snap = tmp.path().join("cut.snap");
+    write_noise(&snap, 2 << 20, 4);
+    let half = (std::fs::metadata(&snap).unwrap().len() / 2).to_string();
+    // A change of leader mid-stream: Consul has sent its 200 and half the
+    // archive, then writes its error and closes.
+    let agent = FakeAgent::start(
+        "cut-a",
+        true,
+        &[
+            "--address",
+            ip,
+            "--snapshot-file",
+            snap.to_str().unwrap(),
+            "--snapshot-cut-at",
+            &half,
+        ],
+    );
+    let out = output(
+        snapshot_cmd(moto, &registry, &root, "cut-a", ip, &agent.addr())
+            .args(["--metrics-file", "/metrics.prom"]),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not one Consul would restore")
+            && stderr(&out).contains("nothing was uploaded"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        count_keys(moto, &bucket, &format!("{prefix}/snapshots/")),
+        0
+    );
+    let metrics = std::fs::read_to_string(root.join("metrics.prom")).unwrap();
+    assert!(
+        metrics
+            .contains("auto_consul_snapshot_last_failure_timestamp_seconds{command=\"snapshot\"}")
+            && metrics.contains("auto_consul_last_run_success{command=\"snapshot\"} 0"),
+        "{metrics}"
+    );
+    let status = |agent: &FakeAgent| status_of(moto, &registry, &root, "cut-a", ip, agent);
+    let st = status(&agent);
+    assert_eq!(st.status.code(), Some(1));
+    let said = json(&st);
+    assert!(
+        said["reasons"]
+            .to_string()
+            .contains("last snapshot save failed"),
+        "{said}"
+    );
+    assert!(
+        said["snapshot"]["last_failure"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed to read snapshot file")
+    );
+    drop(agent);
+
+    // The next save is whole: uploaded, and the failure is behind.
+    let agent = FakeAgent::start(
+        "cut-a",
+        true,
+        &["--address", ip, "--snapshot-file", snap.to_str().unwrap()],
+    );
+    let out = ok_json(&output(&mut snapshot_cmd(
+        moto,
+        &registry,
+        &root,
+        "cut-a",
+        ip,
+        &agent.addr(),
+    )));
+    assert_eq!(out["saved"], true, "{out}");
+    let said = json(&status(&agent));
+    assert!(
+        !said["reasons"]
+            .to_string()
+            .contains("last snapshot save failed"),
+        "{said}"
+    );
+}
+
+/// Writes a snapshot of cluster `cluster` straight into the registry, as
+/// its leader would have saved it (the object's SHA-256 in its metadata).
+fn put_snapshot(
+    moto: &Moto,
+    bucket: &str,
+    prefix: &str,
+    cluster: &str,
+    stamp: &str,
+    file: &Path,
+) -> String {
+    let key = format!("snapshots/{cluster}/{stamp}-old-a.snap");
+    let bytes = std::fs::read(file).unwrap();
+    let sha = format!("{:x}", Sha256::digest(&bytes));
+    rt().block_on(
+        s3(moto)
+            .put_object()
+            .bucket(bucket)
+            .key(format!("{prefix}/{key}"))
+            .metadata("sha256", &sha)
+            .body(bytes.into())
+            .send(),
+    )
+    .unwrap();
+    key
+}
+
+#[test]
+fn a_snapshot_consul_refuses_gives_way_to_the_next_older_one() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let tmp = tempfile::tempdir().unwrap();
+    // Two replaced clusters: one whose newest snapshots Consul refuses but
+    // whose oldest it takes, one whose every snapshot it refuses.
+    for (prefix, oldest_ok) in [("snap/refused", true), ("snap/refused-all", false)] {
+        let registry = format!("s3://{bucket}/{prefix}");
+        let ids = run_instances(moto, 1);
+        let (root_a, ip_a) = (tmp.path().join(format!("{oldest_ok}-a")), "10.97.3.1");
+        ok_json(&output(
+            run_cmd(moto, &registry, &root_a, "old-a", ip_a, 1).args(["--instance-id", &ids[0]]),
+        ));
+        let old: Value = record_of(moto, &bucket, prefix);
+        let old = old["cluster_id"].as_str().unwrap().to_string();
+        // Oldest: whole (or, for the second cluster, a state Consul's FSM
+        // cannot decode). Middle: a whole archive of such a state. Newest: an
+        // archive whose state.bin no longer matches its SHA256SUMS.
+        let good = tmp.path().join("good.snap");
+        let good_sha = if oldest_ok {
+            write_noise(&good, 1 << 20, 11)
+        } else {
+            write_snapshot(&good, b"not a state Consul's FSM wrote")
+        };
+        let undecodable = tmp.path().join("undecodable.snap");
+        write_snapshot(&undecodable, &vec![9u8; 4096]);
+        let tampered = tmp.path().join("tampered.snap");
+        write_noise(&tampered, 1 << 20, 12);
+        let mut bytes = std::fs::read(&tampered).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0xff;
+        std::fs::write(&tampered, &bytes).unwrap();
+        let oldest = put_snapshot(moto, &bucket, prefix, &old, "20261201000000", &good);
+        let middle = put_snapshot(moto, &bucket, prefix, &old, "20261202000000", &undecodable);
+        let newest = put_snapshot(moto, &bucket, prefix, &old, "20261203000000", &tampered);
+
+        terminate(moto, &[&ids[0]]);
+        moto.age(&bucket, &format!("{prefix}/"), 3 * 120 + 5);
+        let (root_b, ip_b) = (tmp.path().join(format!("{oldest_ok}-b")), "10.97.3.2");
+        ok_json(&output(
+            run_cmd(moto, &registry, &root_b, "new-b", ip_b, 1).args(["--witness-wait", "1"]),
+        ));
+        let restores = tmp.path().join(format!("restores-{oldest_ok}"));
+        std::fs::create_dir_all(&restores).unwrap();
+        let new_snap = tmp.path().join("new.snap");
+        write_noise(&new_snap, 4096, 13);
+        let agent_b = FakeAgent::start(
+            "new-b",
+            true,
+            &[
+                "--address",
+                ip_b,
+                "--snapshot-file",
+                new_snap.to_str().unwrap(),
+                "--restore-dir",
+                restores.to_str().unwrap(),
+            ],
+        );
+        let out = output(&mut snapshot_cmd(
+            moto,
+            &registry,
+            &root_b,
+            "new-b",
+            ip_b,
+            &agent_b.addr(),
+        ));
+        let v = ok_json(&out);
+        let record: Value = record_of(moto, &bucket, prefix);
+        let plan = &record["restore"];
+        // The tampered one never reached Consul (it fails Consul's own
+        // checks here); the undecodable one was sent and refused.
+        let refused = lines(&restores.join("refused.jsonl"));
+        assert!(
+            stderr(&out).contains(&format!("Consul refuses snapshot {newest}"))
+                && stderr(&out).contains("hash check failed for \"state.bin\""),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            refused[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("failed to restore snapshot")
+        );
+        if oldest_ok {
+            assert_eq!(refused.len(), 1, "{refused:?}");
+            let done = lines(&restores.join("restores.jsonl"));
+            assert_eq!(done.len(), 1, "{done:?}");
+            assert_eq!(done[0]["sha256"], good_sha.as_str());
+            assert_eq!(plan["state"], "done", "{record}");
+            assert_eq!(plan["key"], oldest.as_str(), "{record}");
+            assert_eq!(
+                plan["refused"],
+                serde_json::json!([newest, middle]),
+                "{record}"
+            );
+            assert_eq!(v["saved"], true, "{v}");
+        } else {
+            assert_eq!(refused.len(), 2, "{refused:?}");
+            assert!(lines(&restores.join("restores.jsonl")).is_empty());
+            assert_eq!(plan["state"], "refused", "{record}");
+            assert_eq!(
+                plan["refused"],
+                serde_json::json!([newest, middle, oldest]),
+                "{record}"
+            );
+            // `status` names the way out.
+            let st = status_of(moto, &registry, &root_b, "new-b", ip_b, &agent_b);
+            assert_eq!(st.status.code(), Some(1));
+            let reasons = json(&st)["reasons"].to_string();
+            assert!(
+                reasons.contains("Consul refused every snapshot")
+                    && reasons.contains("auto-consul restore KEY")
+                    && reasons.contains("auto-consul restore --cancel"),
+                "{reasons}"
+            );
+            // Cancelled, the cluster keeps its own state and is healthy again.
+            ok_json(&output(
+                agent_cmd(
+                    moto,
+                    "restore",
+                    &registry,
+                    &root_b,
+                    "new-b",
+                    ip_b,
+                    &agent_b.addr(),
+                )
+                .arg("--cancel"),
+            ));
+            let reasons = json(&status_of(
+                moto, &registry, &root_b, "new-b", ip_b, &agent_b,
+            ))["reasons"]
+                .to_string();
+            assert!(!reasons.contains("refused every snapshot"), "{reasons}");
+        }
+    }
 }

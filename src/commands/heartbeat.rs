@@ -71,7 +71,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         &status,
         &me,
         seed_settings(opts),
-        saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
+        saved.as_ref(),
     )
     .await;
     crate::metrics::live_servers(rejoined.servers.len());
@@ -86,6 +86,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         .ok()
         .map(|t| t.trim().to_string());
     let keys = Beat::new(&me, server, node_id)?;
+    crate::metrics::tls_expiry(
+        super::renew::expiries(opts, &root)
+            .into_iter()
+            .map(|(what, i)| (what, i.not_after))
+            .collect(),
+    );
     if !server {
         keys.write(store, deadline).await?;
         state::record_time(&root, state::HEARTBEAT_AT, store.now().await);
@@ -103,6 +109,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             None,
             false,
             &rejoined,
+            Value::Null,
         );
         return Ok(());
     }
@@ -141,6 +148,27 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     {
         agent_token_in_consul(&root, url, cluster).await;
     }
+    // A certificate auto-consul made, renewed before it expires.
+    let tls = match &saved {
+        Some(s) => match super::renew::renew_if_due(opts, &root, &me, s).await {
+            Ok(v) => v.unwrap_or(Value::Null),
+            Err(e) => {
+                tracing::warn!(
+                    "renewing this server's certificate failed: {e:#} (the next heartbeat tries again)"
+                );
+                json!({"renewed": false, "error": format!("{e:#}")})
+            }
+        },
+        None => Value::Null,
+    };
+    if tls["renewed"] == json!(true) {
+        crate::metrics::tls_expiry(
+            super::renew::expiries(opts, &root)
+                .into_iter()
+                .map(|(what, i)| (what, i.not_after))
+                .collect(),
+        );
+    }
     let saved_mode = saved.as_ref().map(|s| s.mode).filter(|m| m.is_server());
     crate::metrics::node(saved_mode.unwrap_or(crate::model::Mode::Server), my_slot);
     let timer_changed = follow_expiry(&root, settings.expiry)?;
@@ -159,6 +187,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         Some(settings),
         timer_changed,
         &rejoined,
+        tls,
     );
     Ok(())
 }
@@ -409,6 +438,7 @@ fn report(
     settings: Option<crate::model::Settings>,
     timer_changed: bool,
     rejoined: &super::rejoin::Rejoin,
+    tls: Value,
 ) {
     if opts.json {
         println!(
@@ -429,6 +459,7 @@ fn report(
                 "live_servers_from": rejoined.source,
                 "retry_join": rejoined.rewritten,
                 "joined": rejoined.joined.map(|a| a.to_string()),
+                "tls": tls,
             })
         );
     } else {
@@ -446,6 +477,13 @@ fn report(
         }
         if let Some(a) = rejoined.joined {
             println!("the Consul agent knew no leader: it joined {a}");
+        }
+        if tls["renewed"] == json!(true) {
+            println!(
+                "renewed this server's certificate: valid until {} (Consul presents {})",
+                tls["not_after"].as_str().unwrap_or("?"),
+                tls["served"].as_str().unwrap_or("?")
+            );
         }
         if purged.requests > 0 {
             println!(

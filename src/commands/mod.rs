@@ -10,6 +10,7 @@ mod members;
 mod purge;
 mod recover;
 mod rejoin;
+mod renew;
 mod run;
 mod secrets;
 mod snapshot;
@@ -256,6 +257,9 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
         ("AUTO_CONSUL_CONFIG_DIR", path(&opts.config_dir)),
         ("AUTO_CONSUL_DATACENTER", opts.datacenter.clone()),
     ]);
+    if opts.domain != "consul" {
+        vars.push(("AUTO_CONSUL_DOMAIN", opts.domain.clone()));
+    }
     if let Some(file) = &opts.metrics_file {
         vars.push(("AUTO_CONSUL_METRICS_FILE", path(file)));
     }

@@ -296,7 +296,7 @@ fn node_id_here(root: &Root, opts: &GlobalOpts) -> Option<String> {
 /// The server RPC port of this node's Consul configuration (`ports.server`
 /// in the files of the config dir, the last one read winning as in Consul:
 /// files in lexical order), or Consul's default.
-fn rpc_port(root: &Root, opts: &GlobalOpts) -> u16 {
+pub(super) fn rpc_port(root: &Root, opts: &GlobalOpts) -> u16 {
     let dir = root.path(&opts.config_dir);
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
         .map(|d| {

@@ -44,8 +44,10 @@ pub async fn rejoin(
     status: &AgentStatus,
     me: &Identity,
     seed: Settings,
-    my_cluster: Option<&str>,
+    saved: Option<&crate::state::State>,
 ) -> Rejoin {
+    let my_cluster = saved.and_then(|s| s.cluster_id.as_deref());
+    let server = saved.is_some_and(|s| s.mode.is_server());
     let mut out = Rejoin::default();
     let config = opts.config_dir.join(CONFIG_FILE);
     let on_disk = root.path(&config);
@@ -67,6 +69,24 @@ pub async fn rejoin(
                     "the local Consul agent knows no leader, but the registry now holds another cluster than this node's ({}): \
                      not joining its servers; `run` at the next boot decides afresh",
                     my_cluster.unwrap_or_default()
+                );
+                Vec::new()
+            }
+            // A cluster that owes a restore: an agent joining now would
+            // get certificates and registrations the restore replaces.
+            Ok(view)
+                if !server
+                    && view
+                        .record()
+                        .and_then(|r| r.restore.as_ref())
+                        .is_some_and(|p| p.state.open()) =>
+            {
+                tracing::warn!(
+                    "the local Consul agent knows no leader, and cluster {} owes the restore of a snapshot: \
+                     not joining until it is done (the next heartbeat looks again)",
+                    view.record()
+                        .map(|r| r.cluster_id.as_str())
+                        .unwrap_or_default()
                 );
                 Vec::new()
             }

@@ -28,6 +28,9 @@ use crate::{agent, state};
 
 /// When this node last saved a snapshot (the store's clock).
 pub const SNAPSHOT_AT: &str = "/var/lib/auto-consul/snapshot-at";
+/// Why this node's last snapshot save failed (JSON: at, reason); removed
+/// by the next save.
+pub const SNAPSHOT_FAILED: &str = "/var/lib/auto-consul/snapshot-failed";
 /// How long a restore another server started is left to it (the store's
 /// clock, from the record's last write) before this leader takes it over.
 const RESTORE_TAKEOVER_SECS: u64 = 1800;
@@ -53,12 +56,13 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
         );
     };
     // Only the leader: one snapshot per interval for the cluster.
-    let status = agent::status(opts.acl_token_file.as_deref()).await?;
+    let status = leader_known(opts).await?;
     let Some(leader) = status.leader.as_deref() else {
-        return Err(soon(
-            "the local Consul agent knows no leader yet: no snapshot can be saved or restored now \
+        return Err(soon(format!(
+            "the local Consul agent knew no leader for {}s: no snapshot can be saved or restored now \
              (auto-consul-snapshot.service tries again in 30s)",
-        ));
+            LEADER_WAIT.as_secs()
+        )));
     };
     if leader_ip(leader) != Some(saved.address) {
         let shown = status.leader.clone().unwrap_or_else(|| "none".into());
@@ -107,18 +111,18 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
             || "snapshots are off (--snapshot-interval 0)".into(),
         );
     }
-    let file = agent::save_snapshot(token.as_deref(), &spool.0).await?;
+    let saved_at = store.now().await;
+    let (key, file) = match save(store, &cluster, &saved.node, token.as_deref(), &spool.0).await {
+        Ok(done) => done,
+        Err(e) => {
+            record_failure(&root, saved_at, &e);
+            crate::metrics::snapshot_failed(saved_at);
+            return Err(e);
+        }
+    };
     let now = store.now().await;
-    let key = SnapshotKey {
-        cluster: cluster.clone(),
-        stamp: HeartbeatKey {
-            time: now,
-            node: saved.node.clone(),
-        },
-    }
-    .key();
-    store.put_file(&key, &file.path, &file.sha256).await?;
     state::record_time(&root, SNAPSHOT_AT, now);
+    let _ = std::fs::remove_file(root.path(Path::new(SNAPSHOT_FAILED)));
     crate::metrics::snapshot_saved(now);
     let deleted = keep_newest(store, &cluster, opts.snapshot_keep()).await?;
     say(
@@ -141,6 +145,85 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
             )
         },
     )
+}
+
+/// Saves a snapshot through the spool, checks it as Consul would before a
+/// restore, and uploads it: the key and the file. A snapshot Consul would
+/// refuse (a stream cut mid-way, where Consul writes its error after the
+/// 200 it had sent) is not uploaded.
+async fn save(
+    store: &dyn Store,
+    cluster: &str,
+    node: &str,
+    token: Option<&str>,
+    spool: &Path,
+) -> Result<(String, Spooled)> {
+    let file = agent::save_snapshot(token, spool).await?;
+    if let Err(why) = checked(&file).await? {
+        bail!(
+            "the snapshot Consul sent ({} bytes) is not one Consul would restore: {why}; nothing \
+             was uploaded (the next interval saves again; a leader change while saving cuts the stream)",
+            file.size
+        );
+    }
+    let key = SnapshotKey {
+        cluster: cluster.to_string(),
+        stamp: HeartbeatKey {
+            time: store.now().await,
+            node: node.to_string(),
+        },
+    }
+    .key();
+    store.put_file(&key, &file.path, &file.sha256).await?;
+    Ok((key, file))
+}
+
+/// Why this node's last save failed, for `status` (removed by a save).
+fn record_failure(root: &Root, at: DateTime<Utc>, e: &anyhow::Error) {
+    let spec = install::FileSpec {
+        path: SNAPSHOT_FAILED.into(),
+        contents: format!(
+            "{}\n",
+            json!({"at": at.to_rfc3339(), "reason": format!("{e:#}")})
+        ),
+        mode: 0o644,
+        owner: None,
+    };
+    if let Err(e) = install::write_atomic(root, &spec) {
+        tracing::warn!("could not record the failed save in {SNAPSHOT_FAILED}: {e:#}");
+    }
+}
+
+/// This node's last failed save, when no save came after it: when, why.
+pub fn last_failure(root: &Root) -> Option<(DateTime<Utc>, String)> {
+    let text = std::fs::read_to_string(root.path(Path::new(SNAPSHOT_FAILED))).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    let at = DateTime::parse_from_rfc3339(v["at"].as_str()?)
+        .ok()?
+        .with_timezone(&Utc);
+    let saved = state::recorded_time(root, SNAPSHOT_AT);
+    if saved.is_some_and(|s| s >= at) {
+        return None;
+    }
+    Some((at, v["reason"].as_str()?.to_string()))
+}
+
+/// How long `snapshot` waits for a leader to be known (the timer's first
+/// run comes moments after boot, while the servers elect one): a restore
+/// owed starts within a second of the election.
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The local agent's status once it knows a leader, or after
+/// [`LEADER_WAIT`] without one.
+async fn leader_known(opts: &GlobalOpts) -> Result<agent::AgentStatus> {
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        let status = agent::status(opts.acl_token_file.as_deref()).await?;
+        if status.leader.is_some() || tokio::time::Instant::now() >= deadline {
+            return Ok(status);
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// The spool, removed however the command ends (a partial download or a
@@ -177,6 +260,7 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
     let spool = SpoolFile(root.path(Path::new(SPOOL)));
     let current = read_record(store).await?;
     let cluster = current.as_ref().map(|(r, _)| r.cluster_id.clone());
+    let servers = current.as_ref().map(|(r, _)| r.servers);
     let token = match &cluster {
         Some(c) => management_token(opts, c).await?,
         None => None,
@@ -195,7 +279,12 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
     // A restore owed at genesis is settled by the operator's, through
     // the same steps in the record (unless another server is at it).
     let owed = match current {
-        Some((rec, obj)) if rec.restore.as_ref().is_some_and(|p| p.state.open()) => {
+        Some((rec, obj))
+            if rec
+                .restore
+                .as_ref()
+                .is_some_and(|p| p.state.open() || p.state == RestoreState::Refused) =>
+        {
             if let Some(why) = busy_elsewhere(store, &rec, &obj, &me).await {
                 bail!("{why}; try again once it is done (`auto-consul cluster show`)");
             }
@@ -209,6 +298,7 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
         me: &me,
         token: token.as_deref(),
         to: cluster.as_deref(),
+        servers,
     };
     steps.run(owed, &snap, &fetched.file).await?;
     say(
@@ -331,6 +421,7 @@ impl Owed<'_> {
             me: &self.me.node,
             token: self.token,
             to: Some(self.cluster),
+            servers: Some(record.servers),
         };
         let etag = obj.etag.clone();
         // Restored, its tokens not yet made again: only that is left.
@@ -356,8 +447,13 @@ impl Owed<'_> {
             keys.retain(|k| *k != chosen);
             keys.insert(0, chosen);
         }
+        let mut refused = plan.refused.clone();
+        let (mut record, mut etag) = (record, etag);
         for snap in keys {
             let key = snap.key();
+            if refused.contains(&key) {
+                continue;
+            }
             let Some(fetched) = self.store.get_file(&key, self.spool).await? else {
                 continue;
             };
@@ -365,30 +461,103 @@ impl Owed<'_> {
                 tracing::warn!("skipping snapshot {key} of cluster {}: {why}", plan.from);
                 continue;
             }
-            steps
-                .run(Some((record, etag)), &snap, &fetched.file)
-                .await?;
-            return Ok(Settled::Restored(json!({
-                "key": key,
-                "sha256": fetched.file.sha256,
-                "from": plan.from,
-            })));
+            let why = match checked(&fetched.file).await? {
+                Err(why) => why,
+                Ok(()) => {
+                    let sent = steps
+                        .run(Some((record.clone(), etag.clone())), &snap, &fetched.file)
+                        .await;
+                    match sent {
+                        Ok(()) => {
+                            return Ok(Settled::Restored(json!({
+                                "key": key,
+                                "sha256": fetched.file.sha256,
+                                "from": plan.from,
+                                "refused": refused,
+                            })));
+                        }
+                        Err(e) => match e.downcast::<agent::SnapshotRefused>() {
+                            Ok(r) => r.0,
+                            Err(e) => return Err(e),
+                        },
+                    }
+                }
+            };
+            tracing::warn!(
+                "Consul refuses snapshot {key} of cluster {}: {why}; trying the next older one",
+                plan.from
+            );
+            refused.push(key);
+            (record, etag) = self.note_refused(&refused).await?;
         }
+        let (state, said) = if refused.is_empty() {
+            (RestoreState::Nothing, "left no valid snapshot")
+        } else {
+            (RestoreState::Refused, "left no snapshot Consul takes")
+        };
         tracing::warn!(
-            "cluster {} left no valid snapshot under {}: cluster {} starts empty",
+            "cluster {} {said} under {}: cluster {} runs on its own state{}",
             plan.from,
             snapshots_dir(&plan.from),
-            self.cluster
+            self.cluster,
+            if refused.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (refused: {}; `auto-consul restore KEY` restores one by hand)",
+                    refused.join(", ")
+                )
+            }
         );
         let mut rec = record;
+        let open = rec.restore.clone().unwrap_or(plan);
         rec.restore = Some(RestorePlan {
-            state: RestoreState::Nothing,
+            state,
             at: Some(Utc::now().to_rfc3339()),
-            ..plan.clone()
+            refused: refused.clone(),
+            ..open.clone()
         });
         write_record(self.store, &rec, etag).await?;
-        Ok(Settled::Restored(json!({"key": null, "from": plan.from})))
+        Ok(Settled::Restored(
+            json!({"key": null, "from": open.from, "refused": refused}),
+        ))
     }
+
+    /// Notes in the record that the snapshots `refused` are not to be
+    /// tried again (the record read again: the refused attempt rewrote
+    /// it); the record and its new version tag.
+    async fn note_refused(&self, refused: &[String]) -> Result<(ClusterRecord, String)> {
+        let Some((mut rec, obj)) = read_record(self.store).await? else {
+            bail!("the cluster record is gone while this node was restoring a snapshot into it");
+        };
+        let Some(plan) = rec
+            .restore
+            .clone()
+            .filter(|p| p.state.open() && rec.cluster_id == self.cluster)
+        else {
+            bail!(
+                "the cluster record changed while this node was restoring a snapshot into it; the next run looks again"
+            );
+        };
+        rec.restore = Some(RestorePlan {
+            state: RestoreState::Pending,
+            key: None,
+            sha256: None,
+            node: Some(self.me.node.clone()),
+            at: Some(Utc::now().to_rfc3339()),
+            refused: refused.to_vec(),
+            ..plan
+        });
+        let etag = write_record(self.store, &rec, obj.etag).await?;
+        Ok((rec, etag))
+    }
+}
+
+/// The snapshot at `file` checked as Consul checks one (off the async
+/// threads: it reads the whole file); the reason Consul would refuse it.
+async fn checked(file: &Spooled) -> Result<Result<(), String>> {
+    let path = file.path.clone();
+    Ok(tokio::task::spawn_blocking(move || crate::archive::check(&path)).await?)
 }
 
 /// A restore's steps, each said in the cluster record when one is owed
@@ -403,6 +572,8 @@ struct RestoreSteps<'a> {
     token: Option<&'a str>,
     /// The cluster restored into, when the registry has one.
     to: Option<&'a str>,
+    /// Its number of servers (the record's): its autopilot settings.
+    servers: Option<u32>,
 }
 
 impl RestoreSteps<'_> {
@@ -431,13 +602,31 @@ impl RestoreSteps<'_> {
                 let etag = write_record(self.store, &rec, etag).await?;
                 self.finish(rec, etag, snap).await
             }
-            None => self.tokens(&snap.cluster).await,
+            None => {
+                self.tokens(&snap.cluster).await?;
+                self.autopilot().await
+            }
         }
+    }
+
+    /// The restored state holds the old cluster's autopilot settings, and
+    /// Consul takes the config file's only into a state that has none:
+    /// this cluster's are set again through the API.
+    async fn autopilot(&self) -> Result<()> {
+        let Some(servers) = self.servers else {
+            return Ok(());
+        };
+        agent::set_autopilot(self.token, &crate::render::autopilot_api(servers))
+            .await
+            .map_err(|e| {
+                e.context("setting this cluster's autopilot configuration again after the restore")
+            })
     }
 
     /// This cluster's tokens made again, then `done`.
     async fn finish(&self, mut rec: ClusterRecord, etag: String, snap: &SnapshotKey) -> Result<()> {
         self.tokens(&snap.cluster).await?;
+        self.autopilot().await?;
         let plan = rec.restore.clone();
         rec.restore = plan.map(|p| RestorePlan {
             state: RestoreState::Done,
@@ -456,12 +645,17 @@ impl RestoreSteps<'_> {
         file: &Spooled,
         state: RestoreState,
     ) -> RestorePlan {
-        let from = rec
+        // The record names only keys of the cluster it restores from: an
+        // operator's choice of another cluster's snapshot says so.
+        let refused = rec
             .restore
             .as_ref()
-            .map_or_else(|| snap.cluster.clone(), |p| p.from.clone());
+            .filter(|p| p.from == snap.cluster)
+            .map(|p| p.refused.clone())
+            .unwrap_or_default();
         RestorePlan {
-            from,
+            refused,
+            from: snap.cluster.clone(),
             state,
             key: Some(snap.key()),
             sha256: Some(file.sha256.clone()),
@@ -610,7 +804,11 @@ async fn cancel_owed(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
     let Some((mut rec, obj)) = read_record(store).await? else {
         bail!("the registry holds no cluster record: no restore is owed");
     };
-    let Some(plan) = rec.restore.clone().filter(|p| p.state.open()) else {
+    let Some(plan) = rec
+        .restore
+        .clone()
+        .filter(|p| p.state.open() || p.state == RestoreState::Refused)
+    else {
         return say(opts, json!({"cancelled": false}), || {
             "no restore is owed: nothing to cancel".into()
         });

@@ -28,6 +28,9 @@ fn timer_state(root: &Root) -> Option<String> {
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
 }
 
+/// How many days before a TLS file expires `status` is degraded.
+const TLS_WARN_DAYS: i64 = 14;
+
 /// `status`: what the node left, the registry, the heartbeat's age, the
 /// local agent and the timer, each adding the reasons it is degraded.
 pub async fn status(opts: &GlobalOpts) -> Result<()> {
@@ -42,6 +45,7 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
         heartbeat_age: None,
         timer: None,
         snapshot: Value::Null,
+        tls: Value::Null,
     };
     if h.saved.is_none() {
         h.degraded("this node has no state: `auto-consul run` never set it up");
@@ -49,6 +53,7 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
     h.registry(opts, &root).await;
     h.heartbeat_age();
     h.agent(opts).await;
+    h.tls(opts, &root);
     h.timer = timer_state(&root);
     if let Some(t) = h.timer.clone().filter(|t| *t != "active") {
         h.degraded(format!("auto-consul-heartbeat.timer is {t}"));
@@ -77,11 +82,43 @@ struct Health {
     timer: Option<String>,
     /// A server's view of its cluster's newest snapshot.
     snapshot: Value,
+    /// The expiry of the TLS files auto-consul made.
+    tls: Value,
 }
 
 impl Health {
     fn degraded(&mut self, why: impl Into<String>) {
         self.reasons.push(why.into());
+    }
+
+    /// The CA and (servers) the certificate auto-consul made: degraded 14
+    /// days before either expires, by this node's clock.
+    fn tls(&mut self, opts: &GlobalOpts, root: &Root) {
+        let now = chrono::Utc::now().timestamp();
+        let mut out = serde_json::Map::new();
+        for (what, info) in super::renew::expiries(opts, root) {
+            let left = info.not_after - now;
+            let until = super::renew::stamp(info.not_after);
+            if left < TLS_WARN_DAYS * 86_400 {
+                let fix = if what == "ca" {
+                    "rotate the CA (`auto-consul secrets rotate ca`)"
+                } else {
+                    "the server's heartbeat renews it: is auto-consul-heartbeat.timer running, and does \
+                     its journal say why it did not?"
+                };
+                self.degraded(format!(
+                    "this node's TLS {what} expires at {until} ({} days left): {fix}",
+                    left.div_euclid(86_400)
+                ));
+            }
+            out.insert(
+                what.into(),
+                json!({"not_after": until, "days_left": left.div_euclid(86_400)}),
+            );
+        }
+        if !out.is_empty() {
+            self.tls = Value::Object(out);
+        }
     }
 
     /// The cluster record and this node's slot (two GETs; never a
@@ -106,6 +143,14 @@ impl Health {
                         crate::model::age_seconds(obj.last_modified, store.now().await);
                     self.snapshot(opts, store, &record.cluster_id, record_age)
                         .await;
+                    if let Some((at, why)) = super::snapshot::last_failure(root) {
+                        self.degraded(format!(
+                            "this server's last snapshot save failed at {}: {why}",
+                            at.to_rfc3339()
+                        ));
+                        self.snapshot["last_failure"] =
+                            json!({"at": at.to_rfc3339(), "reason": why});
+                    }
                 }
             }
         }
@@ -178,6 +223,20 @@ impl Health {
                 } else {
                     "under way"
                 }
+            ));
+        }
+        if let Some(plan) = record
+            .restore
+            .as_ref()
+            .filter(|p| p.state == crate::model::RestoreState::Refused)
+        {
+            self.degraded(format!(
+                "Consul refused every snapshot cluster {} left ({}): cluster {} runs on its own \
+                 state; restore one by hand (`auto-consul restore` lists them, `auto-consul restore \
+                 KEY` restores one), or keep this state with `auto-consul restore --cancel`",
+                plan.from,
+                plan.refused.join(", "),
+                record.cluster_id
             ));
         }
         // A server's Raft data is its cluster's; an agent follows the
@@ -295,6 +354,7 @@ impl Health {
             "heartbeat_age_seconds": self.heartbeat_age,
             "timer": self.timer,
             "snapshot": self.snapshot,
+            "tls": self.tls,
         })
     }
 

@@ -45,12 +45,17 @@ pub fn python() -> String {
 
 /// Starts a Python helper from tests/support that prints `PORT=<n>` first.
 fn start_helper(script: &str, args: &[&str]) -> (u16, Child) {
+    start_helper_env(script, args, &[])
+}
+
+fn start_helper_env(script: &str, args: &[&str], env: &[(&str, String)]) -> (u16, Child) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/support")
         .join(script);
     let mut child = Command::new(python())
         .arg(&script)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -104,6 +109,23 @@ impl FakeAgent {
         }
         args.extend_from_slice(extra);
         let (port, child) = start_helper("fake_consul_agent.py", &args);
+        FakeAgent { port, child }
+    }
+
+    /// [`FakeAgent::start`] with its wall clock shifted by `offset`
+    /// (libfaketime syntax, as [`skewed`]).
+    pub fn start_skewed(node: &str, server: bool, extra: &[&str], offset: &str) -> FakeAgent {
+        let mut args = vec!["--node", node];
+        if server {
+            args.push("--server");
+        }
+        args.extend_from_slice(extra);
+        let env = [
+            ("LD_PRELOAD", libfaketime().display().to_string()),
+            ("FAKETIME", offset.to_string()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+        ];
+        let (port, child) = start_helper_env("fake_consul_agent.py", &args, &env);
         FakeAgent { port, child }
     }
 
@@ -678,4 +700,46 @@ pub fn build_deb(out_dir: &Path) -> PathBuf {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .expect("a .deb was written")
+}
+
+/// The line the fake agent's state machine writes first in `state.bin`
+/// (tests/support/fake_consul_agent.py, `FSM_HEADER`): a snapshot without
+/// it is one the fake's Consul cannot restore.
+pub const FAKE_FSM_HEADER: &[u8] = b"fake-consul-fsm 1\n";
+
+/// Writes at `path` a snapshot in Consul's archive format
+/// (hashicorp/consul snapshot/archive.go: a gzipped tar of `meta.json`,
+/// `state.bin` and `SHA256SUMS`, the tar ended by its two zero blocks),
+/// holding `state` as `state.bin`; stored, not compressed, so that its
+/// size is about `state`'s. Returns the file's SHA-256 (hex).
+pub fn write_snapshot(path: &Path, state: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let meta = format!(
+        "{{\"Version\":1,\"ID\":\"2-42-1700000000000\",\"Index\":42,\"Term\":2,\"Size\":{}}}\n",
+        state.len()
+    );
+    let sums = format!(
+        "{:x}  meta.json\n{:x}  state.bin\n",
+        Sha256::digest(meta.as_bytes()),
+        Sha256::digest(state)
+    );
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, body) in [
+        ("meta.json", meta.as_bytes()),
+        ("state.bin", state),
+        ("SHA256SUMS", sums.as_bytes()),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o600);
+        h.set_cksum();
+        tar.append_data(&mut h, name, body).unwrap();
+    }
+    let raw = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+    gz.write_all(&raw).unwrap();
+    let bytes = gz.finish().unwrap();
+    std::fs::write(path, &bytes).unwrap();
+    format!("{:x}", Sha256::digest(&bytes))
 }

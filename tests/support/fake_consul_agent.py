@@ -15,15 +15,24 @@ sends) appends the address to --join-file and answers 200, or 403 with
 and with --tls-client-ca it demands a client certificate signed by that CA
 (an agent whose HTTPS listener has verify_incoming). `GET /v1/snapshot`
 streams the file named by --snapshot-file (Consul: application/x-gzip, with
-X-Consul-Index), and `PUT /v1/snapshot` reads the body it is sent and, when
-all of Content-Length arrived, appends its SHA-256 and size to
-<--restore-dir>/restores.jsonl (a body cut short goes to aborted.jsonl, as
-Consul drops a restore whose stream breaks); both need the --acl-management
-token when it is set (Consul: a management token). With --acl-dir the ACL
+X-Consul-Index; the file is a snapshot in Consul's archive format, which
+tests write; --snapshot-cut-at breaks the stream after the 200, as a leader
+change does), and `PUT /v1/snapshot` reads the body it is sent and, when all
+of Content-Length arrived, checks it as Consul does (snapshot/archive.go:
+gzip, tar of meta.json, state.bin, SHA256SUMS, sums matching, nothing
+after; then the fake FSM's header in state.bin, see FSM_HEADER), refusing
+with Consul's 500 and words (logged to refused.jsonl) or appending its
+SHA-256 and size to <--restore-dir>/restores.jsonl (a body cut short goes to
+aborted.jsonl, as Consul drops a restore whose stream breaks); for
+--restore-refuse-s after start it answers raft's "cannot restore snapshot
+now". Both need the --acl-management token when it is set (Consul: a
+management token). The cluster state (with --acl-dir, shared on disk; else
+this agent's own) holds the Connect CA's active root (`GET
+/v1/agent/connect/ca/roots`) and autopilot's configuration (`GET`/`PUT
+/v1/operator/autopilot/configuration`); a restore replaces both. With --acl-dir the ACL
 state holds the --acl-management token (linked to global-management, as
 Consul bootstraps it), ACL writes and snapshots need a management token of
-that state, `GET /v1/snapshot` without --snapshot-file is the ACL state as
-JSON, and a restore of such a body replaces the ACL state (then, as Consul
+that state, `GET /v1/snapshot` without --snapshot-file is a Consul archive of the ACL state, and a restore of such a body replaces the ACL state (then, as Consul
 re-runs its leader actions, the --acl-management token is made again if the
 restored state lacks it). Prints `PORT=<n>` first;
 exits when its parent goes away.
@@ -31,15 +40,126 @@ exits when its parent goes away.
 
 import argparse
 import fcntl
+import gzip
 import hashlib
+import io
 import json
 import os
 import socket
 import ssl
+import tarfile
 import threading
 import time
 import uuid
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+# The fake's state machine writes this line first in state.bin, as Consul's
+# FSM writes a msgpack header first (agent/consul/fsm/snapshot.go,
+# `persist`): a state.bin without it is one the FSM cannot restore.
+FSM_HEADER = b"fake-consul-fsm 1\n"
+ZERO_BLOCK = b"\0" * 512
+
+
+class Refusal(Exception):
+    """What Consul answers (500) to a snapshot it will not restore."""
+
+
+def consul_archive(state_bin):
+    """A snapshot as Consul's snapshot.Write makes one (snapshot/archive.go):
+    a tar of meta.json, state.bin and SHA256SUMS ("%x  %s" lines), ended by
+    Go's two zero blocks and nothing more (Python's tarfile pads to 10 KiB:
+    cut), gzipped."""
+    meta = (json.dumps({
+        "Version": 1, "ID": "2-42-1700000000000", "Index": 42, "Term": 2,
+        "Peers": None, "ConfigurationIndex": 1, "Size": len(state_bin),
+    }) + "\n").encode()
+    sums = (f"{hashlib.sha256(meta).hexdigest()}  meta.json\n"
+            f"{hashlib.sha256(state_bin).hexdigest()}  state.bin\n").encode()
+    buf = io.BytesIO()
+    tf = tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT)
+    for name, data in (("meta.json", meta), ("state.bin", state_bin), ("SHA256SUMS", sums)):
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), 0o600
+        tf.addfile(info, io.BytesIO(data))
+    end = tf.offset
+    tf.close()
+    return gzip.compress(buf.getvalue()[:end + 1024], mtime=0)
+
+
+def gunzip(body):
+    """Go's gzip reader: members read one after another as one stream."""
+    if body[:2] != b"\x1f\x8b":
+        raise Refusal("failed to decompress snapshot: gzip: invalid header")
+    out, rest = bytearray(), bytes(body)
+    while rest:
+        d = zlib.decompressobj(31)
+        try:
+            out += d.decompress(rest)
+        except zlib.error as e:
+            raise Refusal(f"failed to read snapshot file: failed reading snapshot: flate: {e}")
+        if not d.eof:
+            raise Refusal("failed to read snapshot file: failed reading snapshot: unexpected EOF")
+        rest = d.unused_data
+        if rest and rest[:2] != b"\x1f\x8b":
+            raise Refusal("failed to read snapshot file: gzip: invalid header")
+    return bytes(out)
+
+
+def read_archive(body):
+    """state.bin of a snapshot, checked as Consul checks one before it
+    restores it (snapshot/snapshot.go `Read` and `concludeGzipRead`,
+    snapshot/archive.go `read` and `hashList.DecodeAndVerify`), or a
+    Refusal with Consul's words."""
+    raw = gunzip(body)
+    pos, files = 0, {}
+    eof = "failed to read snapshot file: failed reading snapshot: unexpected EOF"
+    while True:
+        block = raw[pos:pos + 512]
+        if len(block) < 512:
+            raise Refusal(eof)
+        if block == ZERO_BLOCK:
+            after = raw[pos + 512:pos + 1024]
+            if after and len(after) < 512:
+                raise Refusal(eof)
+            if after and after != ZERO_BLOCK:
+                raise Refusal("failed to read snapshot file: failed reading snapshot: archive/tar: invalid tar header")
+            end = pos + 512 + len(after)
+            break
+        chk = sum(block[:148]) + 8 * 32 + sum(block[156:])
+        try:
+            size = int(block[124:136].rstrip(b"\0 ") or b"0", 8)
+            ok = int(block[148:156].rstrip(b"\0 ") or b"0", 8) == chk
+        except ValueError:
+            ok = False
+        if not ok:
+            raise Refusal("failed to read snapshot file: failed reading snapshot: archive/tar: invalid tar header")
+        name = block[:100].rstrip(b"\0").decode(errors="replace")
+        data = raw[pos + 512:pos + 512 + size]
+        if len(data) < size:
+            raise Refusal(eof)
+        if name not in ("meta.json", "state.bin", "SHA256SUMS"):
+            raise Refusal(f'failed to read snapshot file: unexpected file "{name}" in snapshot')
+        if name == "meta.json":
+            try:
+                json.loads(data)
+            except ValueError as e:
+                raise Refusal(f"failed to read snapshot file: failed to decode snapshot metadata: {e}")
+        files[name] = data
+        pos += 512 + (size + 511) // 512 * 512
+    seen = {}
+    for line in files.get("SHA256SUMS", b"").decode(errors="replace").splitlines():
+        digest, _, fname = line.partition("  ")
+        seen[fname] = digest
+    for fname in ("meta.json", "state.bin"):
+        if fname not in seen:
+            raise Refusal(f'failed to read snapshot file: failed checking integrity of snapshot: file missing for "{fname}"')
+        if hashlib.sha256(files.get(fname, b"")).hexdigest() != seen[fname]:
+            raise Refusal(f'failed to read snapshot file: failed checking integrity of snapshot: hash check failed for "{fname}"')
+    if len(raw) - end:
+        raise Refusal(f"{len(raw) - end} unread uncompressed bytes remain")
+    return files["state.bin"]
 
 
 def agent_self(node, server, address):
@@ -114,7 +234,40 @@ def main():
         default=0,
         help="sleep this long after each 256 KiB of a restore's body, read through a 64 KiB receive buffer (a restore a test can interrupt)",
     )
+    parser.add_argument(
+        "--snapshot-cut-at",
+        type=int,
+        help="GET /v1/snapshot sends only this many bytes of the file, then the error Consul's leader appends "
+        "when its stream breaks (agent/consul/snapshot_endpoint.go: a msgpack reply with \"failed to stream "
+        "snapshot: ...\" after the bytes already sent), and closes: the 200 was committed",
+    )
+    parser.add_argument(
+        "--restore-refuse-s",
+        type=float,
+        default=0,
+        help="for this long after start (a leader just elected), PUT /v1/snapshot answers raft's "
+        "\"cannot restore snapshot now\" (hashicorp/raft raft.go, restoreUserSnapshot)",
+    )
+    parser.add_argument(
+        "--rpc-port",
+        type=int,
+        help="serve Consul's server RPC TLS on --address:PORT: a connection's first byte 3 (RPCTLS, "
+        "agent/pool/conn.go) then a TLS handshake with --rpc-cert/--rpc-key, demanding a client certificate "
+        "signed by --rpc-ca (verify_incoming); the files are read at start and again at each "
+        "PUT /v1/agent/reload (Consul reloads its TLS files then: agent/agent.go reloadConfigInternal)",
+    )
+    parser.add_argument(
+        "--keyring-data-dir",
+        help="serve GET /v1/operator/keyring with the gossip keys this agent uses, as Consul picks them "
+        "(agent/keyring.go, setupBaseKeyrings): <dir>/serf/local.keyring when it exists (and then the config's "
+        "encrypt is ignored), else `encrypt` of --keyring-config",
+    )
+    parser.add_argument("--keyring-config", help="the Consul config file whose `encrypt` this agent starts with")
+    parser.add_argument("--rpc-cert")
+    parser.add_argument("--rpc-key")
+    parser.add_argument("--rpc-ca")
     args = parser.parse_args()
+    started = time.monotonic()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
     own = f"{args.address}:8300"
     leader = args.leader if args.leader is not None else (own if args.server else "")
@@ -123,6 +276,16 @@ def main():
         "/v1/status/leader": json.dumps(leader).encode(),
         "/v1/status/peers": json.dumps([p for p in peers if p]).encode(),
     }
+
+    memory = {"lock": threading.Lock(), "state": {"tokens": {}, "policies": {}}}
+
+    def cluster_state(update):
+        """update(state) on the cluster's state: the shared ACL state with
+        --acl-dir, else this agent's own, in memory."""
+        if args.acl_dir:
+            return acl_state(update)
+        with memory["lock"]:
+            return update(memory["state"])
 
     def acl_state(update):
         """Runs update(state) on the shared ACL state under its lock;
@@ -158,6 +321,12 @@ def main():
         )
 
     def bootstrap(st):
+        # A new leader sets up the Connect CA when the state has none
+        # (agent/consul/leader_connect_ca.go, initializeRootCA); a restore
+        # brings the snapshot's roots, which stay.
+        st.setdefault("connect_ca", {"ActiveRootID": str(uuid.uuid4())})
+        if not args.acl_management:
+            return
         # Consul's leader actions (leader.go, initializeACLs) make the
         # configured initial management token when the state has none with
         # that SecretID: when a leader is established, and again after a
@@ -169,8 +338,7 @@ def main():
             "Policies": [{"ID": GLOBAL_MANAGEMENT, "Name": "global-management"}],
         })
 
-    if args.acl_dir and args.acl_management:
-        acl_state(bootstrap)
+    cluster_state(bootstrap)
 
     def acl_log(entry):
         with open(os.path.join(args.acl_dir, "acl-log.jsonl"), "a") as f:
@@ -205,7 +373,32 @@ def main():
                 if not is_management(self.headers.get("X-Consul-Token", "")):
                     return self.reply(403, b"Permission denied", "text/plain")
                 state = acl_state(lambda st: json.loads(json.dumps(st)))
-                return self.reply(200, json.dumps(state).encode(), "application/x-gzip")
+                archive = consul_archive(FSM_HEADER + json.dumps(state).encode())
+                return self.reply(200, archive, "application/x-gzip")
+            if path == "/v1/operator/keyring" and args.keyring_data_dir:
+                # Read when asked: what a Consul started now would use.
+                ring = os.path.join(args.keyring_data_dir, "serf", "local.keyring")
+                if os.path.exists(ring):
+                    with open(ring) as f:
+                        keys = json.load(f)
+                else:
+                    with open(args.keyring_config) as f:
+                        key = json.load(f).get("encrypt")
+                    keys = [key] if key else []
+                reply = [{"WAN": False, "Datacenter": "dc1", "Segment": "", "Partition": "",
+                          "Keys": {k: 1 for k in keys}, "PrimaryKeys": {keys[0]: 1} if keys else {},
+                          "NumNodes": 1}]
+                return self.reply(200, json.dumps(reply).encode(), "application/json")
+            if path == "/v1/agent/connect/ca/roots":
+                ca = cluster_state(lambda st: st["connect_ca"])
+                roots = {"ActiveRootID": ca["ActiveRootID"], "TrustDomain": "11111111-2222-3333-4444-555555555555.consul",
+                         "Roots": [{"ID": ca["ActiveRootID"], "Name": "Consul CA Primary Cert", "Active": True}]}
+                return self.reply(200, json.dumps(roots).encode(), "application/json")
+            if path == "/v1/operator/autopilot/configuration":
+                conf = cluster_state(lambda st: st.get("autopilot"))
+                if conf is None:
+                    return self.reply(404, b"autopilot configuration not set", "text/plain")
+                return self.reply(200, json.dumps(conf).encode(), "application/json")
             if path == "/v1/snapshot" and args.snapshot_file:
                 if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
                     return self.reply(403, b"Permission denied", "text/plain")
@@ -213,14 +406,21 @@ def main():
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-gzip")
                 self.send_header("X-Consul-Index", "42")
-                self.send_header("Content-Length", str(size))
+                if args.snapshot_cut_at is None:
+                    self.send_header("Content-Length", str(size))
                 self.end_headers()
+                left = size if args.snapshot_cut_at is None else min(size, args.snapshot_cut_at)
                 with open(args.snapshot_file, "rb") as f:
-                    while True:
-                        chunk = f.read(1 << 20)
+                    while left > 0:
+                        chunk = f.read(min(1 << 20, left))
                         if not chunk:
                             break
                         self.wfile.write(chunk)
+                        left -= len(chunk)
+                if args.snapshot_cut_at is not None:
+                    msg = b"failed to stream snapshot: leadership lost while committing log"
+                    self.wfile.write(b"\x82\xa9ErrorCode\xcd\x01\xf4\xa8ErrorMsg\xd9" + bytes([len(msg)]) + msg)
+                    self.close_connection = True
                 return
             if path == "/v1/acl/token/self" and args.acl_dir:
                 # Consul: the token the request carries, or 403 "ACL not found".
@@ -266,12 +466,36 @@ def main():
                     return self.reply(500, b"Invalid Token: SecretID is already in use", "text/plain")
             acl_log({"path": path, "by": args.node, "body": req})
             return self.reply(200, json.dumps(made).encode(), "application/json")
+        if path == "/v1/operator/autopilot/configuration":
+            # operator:write (agent/operator_endpoint.go); the body decoded
+            # onto zero values, stored whole.
+            if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
+                return self.reply(403, b"Permission denied", "text/plain")
+            length = int(self.headers.get("Content-Length") or 0)
+            conf = json.loads(self.rfile.read(length) or b"{}")
+
+            def put_conf(st):
+                st["autopilot"] = conf
+            cluster_state(put_conf)
+            if args.acl_dir:
+                acl_log({"path": path, "by": args.node, "body": conf})
+            return self.reply(200, b"true", "application/json")
         if path == "/v1/snapshot" and args.restore_dir:
             if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
                 return self.reply(403, b"Permission denied", "text/plain")
             return restore(self)
         if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
             return self.reply(403, b"Permission denied", "text/plain")
+        if path == "/v1/agent/reload":
+            # agent:write (agent_endpoint.go AgentReload); with ACLs, a
+            # management token here.
+            if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
+                return self.reply(403, b"Permission denied", "text/plain")
+            try:
+                rpc["load"]()
+            except (OSError, ssl.SSLError) as e:
+                return self.reply(500, f"Failed reloading: {e}".encode(), "text/plain")
+            return self.reply(200, b"", "text/plain")
         if path == "/v1/agent/leave" and args.leave_file:
             with open(args.leave_file, "w") as f:
                 f.write("left\n")
@@ -286,9 +510,7 @@ def main():
         length = int(handler.headers.get("Content-Length") or 0)
         with open(os.path.join(args.restore_dir, "started.jsonl"), "a") as f:
             f.write(json.dumps({"by": args.node, "size": length}) + "\n")
-        digest, got = hashlib.sha256(), 0
-        # A snapshot this fake made of its ACL state is small: kept to load.
-        small = bytearray() if args.acl_dir and length <= (1 << 20) else None
+        digest, body = hashlib.sha256(), bytearray()
         # Paced (a test that cuts a restore mid-body): small reads from a
         # small receive buffer, so that what the client sent before it was
         # killed is mostly still in its own send buffer, which the kernel
@@ -297,37 +519,103 @@ def main():
         if args.restore_pace_ms:
             step = 256 << 10
             handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        while got < length:
-            chunk = handler.rfile.read(min(step, length - got))
+        cut = os.path.join(args.restore_dir, "cut")
+        while len(body) < length:
+            # A killed client's socket lives on in the kernel and may still
+            # deliver all it had buffered: a test that means the stream to
+            # break says so with <restore-dir>/cut.
+            if args.restore_pace_ms and os.path.exists(cut):
+                break
+            try:
+                chunk = handler.rfile.read(min(step, length - len(body)))
+            except OSError:
+                break
             if not chunk:
                 break
             digest.update(chunk)
-            got += len(chunk)
-            if small is not None:
-                small.extend(chunk)
+            body.extend(chunk)
             if args.restore_pace_ms:
                 time.sleep(args.restore_pace_ms / 1000)
-        entry = {"by": args.node, "size": got, "sha256": digest.hexdigest()}
-        name = "restores.jsonl" if got == length and length > 0 else "aborted.jsonl"
-        if name == "restores.jsonl" and small is not None:
-            try:
-                restored = json.loads(bytes(small))
-            except ValueError:
-                restored = None
-            if isinstance(restored, dict) and "tokens" in restored:
-                # The restored state replaces the ACL state, as Consul's does.
-                def replace(st):
-                    st.clear()
-                    st.update(restored)
-                    if args.acl_management:
-                        bootstrap(st)
-                acl_state(replace)
-        with open(os.path.join(args.restore_dir, name), "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        if name == "aborted.jsonl":
+        entry = {"by": args.node, "size": len(body), "sha256": digest.hexdigest()}
+
+        def record(name, **more):
+            with open(os.path.join(args.restore_dir, name), "a") as f:
+                f.write(json.dumps(dict(entry, **more)) + "\n")
+
+        if len(body) != length or length == 0:
+            # Consul drops a restore whose stream breaks.
+            record("aborted.jsonl")
             handler.close_connection = True
             return
+        try:
+            state_bin = read_archive(body)
+            if time.monotonic() - started < args.restore_refuse_s:
+                raise Refusal(
+                    "Raft error when restoring snapshot: cannot restore snapshot now, wait until the "
+                    "configuration entry at 7 has been applied (have applied 5)")
+            if not state_bin.startswith(FSM_HEADER):
+                # Consul's FSM cannot decode it (fsm.go, Restore).
+                raise Refusal(
+                    "Raft error when restoring snapshot: failed to restore snapshot 2-42-1700000000000: "
+                    "failed to decode snapshot header: msgpack decode error")
+        except Refusal as why:
+            record("refused.jsonl", reason=str(why))
+            return handler.reply(500, str(why).encode(), "text/plain")
+        try:
+            restored = json.loads(state_bin[len(FSM_HEADER):])
+        except ValueError:
+            restored = None
+        if not isinstance(restored, dict) or "tokens" not in restored:
+            # Opaque state (a test's bytes): a cluster state of its own.
+            restored = {"tokens": {}, "policies": {}, "opaque_sha256": hashlib.sha256(state_bin).hexdigest()}
+
+        # The restored state replaces the cluster's state (the Connect CA's
+        # roots and autopilot's settings with it), as Consul's does; then
+        # Consul re-runs its leader actions.
+        def replace(st):
+            st.clear()
+            st.update(restored)
+            bootstrap(st)
+        cluster_state(replace)
+        record("restores.jsonl")
         handler.reply(200, b"", "text/plain")
+
+    rpc = {"ctx": None}
+
+    def load_rpc_tls():
+        if not args.rpc_port:
+            return
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.rpc_cert, args.rpc_key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(args.rpc_ca)
+        rpc["ctx"] = ctx
+
+    rpc["load"] = load_rpc_tls
+
+    def serve_rpc():
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((args.address, args.rpc_port))
+        listener.listen(16)
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=rpc_conn, args=(conn,), daemon=True).start()
+
+    def rpc_conn(conn):
+        try:
+            conn.settimeout(10)
+            if conn.recv(1) != b"\x03":
+                return conn.close()
+            tls = rpc["ctx"].wrap_socket(conn, server_side=True)
+            tls.recv(1)
+            tls.close()
+        except (OSError, ssl.SSLError):
+            conn.close()
+
+    if args.rpc_port:
+        load_rpc_tls()
+        threading.Thread(target=serve_rpc, daemon=True).start()
 
     Handler.do_PUT = do_PUT
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)

@@ -524,10 +524,11 @@ impl Elector<'_> {
                 sha256: None,
                 node: None,
                 at: Some(Utc::now().to_rfc3339()),
+                refused: Vec::new(),
             });
         if let Some(plan) = &restore {
             tracing::warn!(
-                "cluster {id} replaces cluster {}: its newest valid snapshot will be restored once this node's Consul leads                  (auto-consul-snapshot.service; --no-restore opts out)",
+                "cluster {id} replaces cluster {}: its newest valid snapshot will be restored once this node's Consul leads (auto-consul-snapshot.service; --no-restore opts out)",
                 plan.from
             );
         }

@@ -94,20 +94,74 @@ pub(super) fn clear_stale_server_metadata(root: &Root, data_dir: &Path) -> Resul
     Ok(Some(aside))
 }
 
-/// The TLS files of a node whose secrets were made at genesis: the CA's
-/// certificate, and for a server its own certificate and key, signed by
-/// the CA. A server's certificate on disk is kept while it was issued
-/// under the same CA and has more than 30 days left; otherwise a new one
-/// is made (at each `run`, so at each boot).
-/// Where a node whose secrets were made at genesis keeps its TLS files.
-pub(super) struct TlsPaths {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+/// Consul's gossip keyrings in the data dir: the LAN one, and a server's
+/// WAN one.
+const KEYRINGS: [&str; 2] = ["serf/local.keyring", "serf/remote.keyring"];
+
+/// Consul loads `serf/local.keyring` whenever it exists and then ignores
+/// `encrypt`, logging only "keyring doesn't include key provided with
+/// -encrypt, using keyring" (agent/keyring.go, `setupBaseKeyrings`). A node
+/// whose cluster changed (a new cluster, a new gossip key) would gossip
+/// with the old key and never join. So before Consul starts, a keyring
+/// that does not hold `key`, or any keyring when this node's cluster
+/// changed, is moved aside (kept as `<file>.stale-<unix time>`, logged);
+/// one that holds the key of the same cluster is kept (a rotation under
+/// way adds keys to it). Returns the files moved aside.
+pub(super) fn stale_keyrings(
+    root: &Root,
+    data_dir: &Path,
+    key: &str,
+    cluster_changed: Option<(&str, &str)>,
+) -> Result<Vec<PathBuf>> {
+    let mut moved = Vec::new();
+    for rel in KEYRINGS {
+        let path = root.path(&data_dir.join(rel));
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let keys: Option<Vec<String>> = serde_json::from_str(&text).ok();
+        let why = match (cluster_changed, &keys) {
+            (Some((was, now)), _) => format!("this node was in cluster {was} and is now in {now}"),
+            (None, None) => "it is not the JSON list of keys Consul writes".to_string(),
+            (None, Some(k)) if !k.iter().any(|k| k.trim() == key) => {
+                "it does not hold the cluster's gossip key".to_string()
+            }
+            (None, Some(_)) => continue,
+        };
+        let aside = path.with_file_name(format!(
+            "{}.stale-{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("keyring"),
+            chrono::Utc::now().timestamp()
+        ));
+        std::fs::rename(&path, &aside)
+            .with_context(|| format!("moving the stale gossip keyring {} aside", path.display()))?;
+        tracing::warn!(
+            "moved Consul's gossip keyring {} to {}: {why}; Consul would use it and ignore the key \
+             in its config",
+            path.display(),
+            aside.display()
+        );
+        moved.push(aside);
+    }
+    Ok(moved)
+}
+
+/// Where a node whose secrets were made at genesis keeps its TLS files:
+/// the CA's certificate, and for a server its own certificate and key,
+/// signed by the CA. A server's certificate on disk is kept while it was
+/// issued under the same CA for this server name and is not yet due for
+/// renewal (`secrets::renew_at`); otherwise `run` makes a new one (and a
+/// running server's heartbeat renews it).
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl TlsPaths {
-    pub(super) fn new(config_dir: &Path) -> TlsPaths {
+    pub fn new(config_dir: &Path) -> TlsPaths {
         let p = |f: &str| crate::secrets::tls_path(config_dir, f);
         TlsPaths {
             ca: p("ca.pem"),
@@ -144,7 +198,8 @@ pub(super) fn tls_material(
     paths: &TlsPaths,
     made: &crate::secrets::Material,
     mode: crate::model::Mode,
-    datacenter: &str,
+    server_name: &str,
+    node: &str,
     address: std::net::IpAddr,
 ) -> Result<Vec<FileSpec>> {
     use crate::secrets::{certificate_still_good, server_certificate};
@@ -158,14 +213,16 @@ pub(super) fn tls_material(
     if mode.is_server() {
         let read = |path: &Path| std::fs::read_to_string(root.path(path));
         let kept = match (read(&paths.cert), read(&paths.key), read(&paths.ca)) {
-            (Ok(cert), Ok(key), Ok(ca)) if certificate_still_good(&cert, &made.ca_cert, &ca) => {
+            (Ok(cert), Ok(key), Ok(ca))
+                if certificate_still_good(&cert, &made.ca_cert, &ca, server_name, node) =>
+            {
                 Some((cert, key))
             }
             _ => None,
         };
         let (cert, key) = match kept {
             Some(pair) => pair,
-            None => server_certificate(made, datacenter, address)?,
+            None => server_certificate(made, server_name, address)?,
         };
         out.push(file(&paths.cert, cert, 0o644));
         out.push(file(&paths.key, key, 0o600));

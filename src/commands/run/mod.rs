@@ -32,7 +32,7 @@ mod witness;
 use elect::{Elected, Elector};
 use files::*;
 pub use files::{
-    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, UnitStrings, ensure_consul_user,
+    CONFIG_FILE, ENV_FILE, HEARTBEAT_TIMER, LEAVE_UNIT, TlsPaths, UnitStrings, ensure_consul_user,
     has_raft_state, own_binary,
 };
 use probe::check_conditional_writes;
@@ -92,6 +92,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     };
     let (elected, launch) =
         elect_or_abandon(&elector, launch, previous.as_ref(), raft, first_view).await?;
+    if !dry_run && elected.mode == Mode::Agent {
+        wait_for_restore(opts, opened.store.as_ref(), &elected).await?;
+    }
     let hook = launch.as_ref().and_then(|l| l.hook.as_ref());
     let settings = elected.view.settings;
     if !dry_run {
@@ -125,7 +128,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             &tls_paths,
             m,
             elected.mode,
-            &opts.datacenter,
+            &format!("server.{}.{}", opts.datacenter, opts.domain),
+            &me.node,
             me.address,
         )?,
         _ => Vec::new(),
@@ -136,6 +140,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         address: me.address,
         data_dir: &opts.data_dir,
         datacenter: &opts.datacenter,
+        domain: &opts.domain,
         mode: elected.mode,
         // Settled by the election's one gate (`Elector::may_bootstrap`).
         bootstrap: elected.mode == Mode::Bootstrap,
@@ -156,6 +161,14 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     };
     if !dry_run && raft && elected.mode.is_server() {
         clear_stale_server_metadata(&root, &opts.data_dir)?;
+    }
+    if !dry_run && let Some(key) = config.encrypt {
+        let was = state::load(&root).and_then(|s| s.cluster_id);
+        let changed = match (&was, &elected.cluster_id) {
+            (Some(was), Some(now)) if was != now => Some((was.as_str(), now.as_str())),
+            _ => None,
+        };
+        stale_keyrings(&root, &opts.data_dir, key, changed)?;
     }
     if !dry_run && !root.is_system() && local.manages_consul {
         ensure_consul_user(&root)?;
@@ -376,6 +389,57 @@ async fn elect_or_abandon(
                 crate::lifecycle::abandon(hook, "this boot cannot succeed").await;
             }
             Err(e)
+        }
+    }
+}
+
+/// Step 4: an agent does not join a cluster that owes the restore of a
+/// snapshot (the restore would replace the registrations and the Connect
+/// CA that signed its certificates): it waits, bounded by
+/// `--restore-wait`, while its launch stays pending.
+async fn wait_for_restore(
+    opts: &GlobalOpts,
+    store: &dyn crate::registry::Store,
+    elected: &Elected,
+) -> Result<()> {
+    let owed = |r: &crate::model::ClusterRecord| {
+        r.restore
+            .as_ref()
+            .filter(|p| p.state.open())
+            .map(|p| p.from.clone())
+    };
+    let Some((cluster, from)) = elected
+        .view
+        .record()
+        .and_then(|r| Some((r.cluster_id.clone(), owed(r)?)))
+    else {
+        return Ok(());
+    };
+    tracing::warn!(
+        "cluster {cluster} owes the restore of cluster {from}'s snapshot: this agent joins once it is done \
+         (waiting up to {}s, --restore-wait)",
+        opts.restore_wait
+    );
+    let poll = Duration::from_secs((opts.restore_wait / 40).clamp(1, 10));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(opts.restore_wait);
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(anyhow::anyhow!(
+                "cluster {cluster} still owes the restore of cluster {from}'s snapshot after {}s: this \
+                 agent does not join it yet (auto-consul.service tries again; `auto-consul status` on a \
+                 server says why, `auto-consul restore --cancel` drops the restore)",
+                opts.restore_wait
+            ));
+        }
+        tokio::time::sleep(poll.min(deadline - now)).await;
+        match crate::commands::snapshot::read_record(store).await {
+            Ok(Some((r, _))) if r.cluster_id == cluster && owed(&r).is_some() => {}
+            Ok(_) => {
+                tracing::info!("cluster {cluster} owes no restore now: this agent joins");
+                return Ok(());
+            }
+            Err(e) => tracing::warn!("reading the cluster record again: {e:#}"),
         }
     }
 }
