@@ -679,6 +679,83 @@ pub async fn reload(token: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// One keyring pool of `GET /v1/operator/keyring` (Consul's
+/// `KeyringResponse`: the LAN pool, and the servers' WAN pool): how many
+/// of its live members hold each key, and have each as primary.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct KeyringPool {
+    /// The WAN pool (servers of every datacenter).
+    #[serde(rename = "WAN", default)]
+    pub wan: bool,
+    /// Key -> members holding it.
+    #[serde(rename = "Keys", default)]
+    pub keys: std::collections::HashMap<String, u64>,
+    /// Key -> members using it as their primary key.
+    #[serde(rename = "PrimaryKeys", default)]
+    pub primary_keys: std::collections::HashMap<String, u64>,
+    /// Live members of the pool.
+    #[serde(rename = "NumNodes", default)]
+    pub num_nodes: u64,
+}
+
+/// The cluster's gossip keyrings (`GET /v1/operator/keyring`, keyring
+/// read: operator:read).
+pub async fn keyring(token: Option<&str>) -> Result<Vec<KeyringPool>> {
+    let mut api = Api::from_env(None)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
+    let resp = api
+        .request(reqwest::Method::GET, "/v1/operator/keyring")
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow!(e).context(format!(
+                "asking the Consul agent at {} for its keyring",
+                api.shown
+            ))
+        })?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "the Consul agent at {} answered {status} to GET /v1/operator/keyring: {}",
+            api.shown,
+            text.trim().chars().take(200).collect::<String>()
+        );
+    }
+    serde_json::from_str(&text).context("the keyring list is not Consul's JSON")
+}
+
+/// A keyring operation on every member (`POST` install, `PUT` use,
+/// `DELETE` remove on `/v1/operator/keyring` with `{"Key": key}`;
+/// operator:write). Consul answers 500 when a member refuses it.
+pub async fn keyring_op(token: Option<&str>, method: reqwest::Method, key: &str) -> Result<()> {
+    let mut api = Api::from_env(None)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
+    let what = method.to_string();
+    let resp = api
+        .request(method, "/v1/operator/keyring")
+        .timeout(Duration::from_secs(60))
+        .json(&serde_json::json!({ "Key": key }))
+        .send()
+        .await
+        .map_err(|e| anyhow!(e).context(format!("{what} /v1/operator/keyring to {}", api.shown)))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        anyhow::bail!(
+            "the Consul agent at {} answered {status} to {what} /v1/operator/keyring: {}",
+            api.shown,
+            body.trim().chars().take(300).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
 /// Sets autopilot's configuration (`PUT
 /// /v1/operator/autopilot/configuration`, operator:write). Consul decodes
 /// the body onto a zero value, not onto the current settings

@@ -483,6 +483,23 @@ pub enum SecretsAction {
         /// The secret's name.
         name: String,
     },
+    /// Start rotating a secret, on a server: its next generation is made
+    /// (nothing is overwritten) and the servers' heartbeats finish the
+    /// rotation; `secrets list` shows where it stands. Run again after a
+    /// crash: it goes on from where it stopped.
+    Rotate {
+        /// The secret to rotate.
+        #[arg(value_enum)]
+        secret: Rotatable,
+    },
+}
+
+/// The secrets `secrets rotate` rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Rotatable {
+    /// Consul's gossip key: installed in every member's keyring, made
+    /// primary, the old one removed.
+    GossipKey,
 }
 
 impl Command {

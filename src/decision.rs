@@ -318,6 +318,7 @@ mod tests {
                 created: String::new(),
                 retired: false,
                 restore: None,
+                gossip_key: None,
             }),
         });
     }

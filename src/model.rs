@@ -332,6 +332,9 @@ impl Settings {
     }
 }
 
+/// The highest generation of a secret a record may name.
+pub const MAX_GENERATION: u32 = 100_000;
+
 /// The `cluster` record, created by the bootstrap node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterRecord {
@@ -363,6 +366,65 @@ pub struct ClusterRecord {
     /// cluster's newest valid snapshot is restored into this one, once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestorePlan>,
+    /// The gossip key's generation in use, and a rotation under way
+    /// (`secrets rotate gossip-key`); absent: generation 1, the one made
+    /// at genesis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip_key: Option<Generation>,
+}
+
+/// Which generation of a secret a cluster uses (1: the one made at
+/// genesis; n: the one a rotation made, named `<secret>.<n>`), and the
+/// rotation to the next one, when one is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    /// The generation in use.
+    pub generation: u32,
+    /// A rotation under way: where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationStep>,
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Generation {
+            generation: 1,
+            rotation: None,
+        }
+    }
+}
+
+impl Generation {
+    /// The generation a rotation under way moves to.
+    pub fn next(&self) -> Option<u32> {
+        self.rotation.map(|_| self.generation + 1)
+    }
+}
+
+/// The steps of a gossip key's rotation, each finished by the leader's
+/// heartbeat once every live member has done it (Consul's keyring
+/// operations reach every member: agent/keyring.go).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotationStep {
+    /// The new key is being installed in every member's keyring.
+    Install,
+    /// Every member has it; it is being made every member's primary key.
+    Use,
+    /// The new key is everyone's primary (and the generation in use); the
+    /// old one is being removed from every keyring.
+    Remove,
+}
+
+impl RotationStep {
+    /// The name the record uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationStep::Install => "install",
+            RotationStep::Use => "use",
+            RotationStep::Remove => "remove",
+        }
+    }
 }
 
 /// Where a replacing cluster's restore stands (`ClusterRecord::restore`).
@@ -466,6 +528,14 @@ impl ClusterRecord {
             {
                 return Err("cluster record restores a key outside its snapshots".to_string());
             }
+        }
+        if let Some(g) = &rec.gossip_key
+            && !(1..=MAX_GENERATION).contains(&g.generation)
+        {
+            return Err(format!(
+                "cluster record uses gossip key generation {}, outside 1..={MAX_GENERATION}",
+                g.generation
+            ));
         }
         validate_address(&rec.bootstrap_address.to_string())?;
         if !(1..=MAX_SERVERS).contains(&rec.servers) {

@@ -27,6 +27,7 @@ use rcgen::{
 };
 
 use crate::error::usage;
+use crate::model::{Generation, RotationStep};
 
 /// `--secrets`: where the cluster's secrets live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,7 +346,10 @@ impl SecretStore for DirStore {
 /// token.
 #[derive(Clone)]
 pub struct Material {
+    /// The primary gossip key (`encrypt`).
     pub gossip_key: String,
+    /// During a rotation, the other gossip key the node's keyring holds.
+    pub gossip_other: Option<String>,
     pub ca_cert: String,
     pub agent_token: String,
     /// Servers only: the CA's key, to sign their certificates.
@@ -372,18 +376,96 @@ pub async fn management_token(store: &dyn SecretStore, cluster: &str) -> Result<
 /// agent whose secrets the servers have not made yet fails (exit 1: the
 /// boot unit tries again).
 pub async fn genesis(store: &dyn SecretStore, cluster: &str, server: bool) -> Result<Material> {
-    let name = |s: Secret| format!("{cluster}/{}", s.rel());
+    genesis_with(store, cluster, server, Generation::default()).await
+}
+
+/// The name of generation `generation` of `secret`: 1 is the one made at
+/// genesis, `<name>.<n>` the one the n-th rotation made.
+pub fn generation_name(cluster: &str, secret: Secret, generation: u32) -> String {
+    if generation <= 1 {
+        format!("{cluster}/{}", secret.rel())
+    } else {
+        format!("{cluster}/{}.{generation}", secret.rel())
+    }
+}
+
+/// The generations of the gossip key a node writes under `gossip` (the
+/// cluster record's): the primary one (`encrypt`), and during a rotation
+/// the other, which its keyring holds too: the new one while it is being
+/// installed, the old one once the new one is in use.
+pub fn gossip_generations(gossip: Generation) -> (u32, Option<u32>) {
+    let g = gossip.generation;
+    match gossip.rotation {
+        None => (g, None),
+        Some(RotationStep::Install) => (g, Some(g + 1)),
+        Some(RotationStep::Use) => (g + 1, Some(g)),
+        Some(RotationStep::Remove) => (g, Some(g.saturating_sub(1).max(1))),
+    }
+}
+
+/// [`genesis`], reading the gossip key of the generations `gossip` (the
+/// cluster record's) says, in the same round of reads.
+pub async fn genesis_with(
+    store: &dyn SecretStore,
+    cluster: &str,
+    server: bool,
+    gossip: Generation,
+) -> Result<Material> {
+    let (primary, other) = gossip_generations(gossip);
+    let name = |s: Secret| match s {
+        Secret::GossipKey => generation_name(cluster, s, primary),
+        _ => format!("{cluster}/{}", s.rel()),
+    };
+    let other_name = other.map(|g| generation_name(cluster, Secret::GossipKey, g));
+    let other_read = async {
+        match &other_name {
+            Some(n) => store.get(n).await,
+            None => Ok(None),
+        }
+    };
     let wanted: Vec<Secret> = Secret::ALL
         .into_iter()
         .filter(|s| server || s.for_agents())
         .collect();
     // Every read at once: one round trip when the secrets exist (every
     // boot but the first).
-    let read = futures::future::try_join_all(wanted.iter().map(|s| {
-        let n = name(*s);
-        async move { store.get(&n).await }
-    }))
+    let (read, other_value) = futures::future::try_join(
+        futures::future::try_join_all(wanted.iter().map(|s| {
+            let n = name(*s);
+            async move { store.get(&n).await }
+        })),
+        other_read,
+    )
     .await?;
+    let gossip_other = match (&other_name, other_value) {
+        (None, _) => None,
+        (Some(n), Some(v)) => {
+            let v = v.trim().to_string();
+            check_gossip_key(&v).map_err(|why| {
+                usage(format!(
+                    "secret {} {why}: a rotation made it; write a valid one",
+                    store.shown(n)
+                ))
+            })?;
+            Some(v)
+        }
+        (Some(n), None) => bail!(
+            "secret {} is missing, and the cluster record says a rotation uses it: \
+             `auto-consul secrets rotate gossip-key` makes it again",
+            store.shown(n)
+        ),
+    };
+    if primary > 1
+        && !read
+            .iter()
+            .zip(&wanted)
+            .any(|(v, s)| *s == Secret::GossipKey && v.is_some())
+    {
+        bail!(
+            "secret {} is missing, and the cluster record says the cluster uses it",
+            store.shown(&name(Secret::GossipKey))
+        );
+    }
     let mut values: std::collections::HashMap<Secret, String> = wanted
         .iter()
         .zip(read)
@@ -477,6 +559,7 @@ pub async fn genesis(store: &dyn SecretStore, cluster: &str, server: bool) -> Re
     let mut take = |s: Secret| values.remove(&s);
     let ca_key = take(Secret::Ca).and_then(|ca: String| split_ca(&ca).and_then(|c| c.1));
     Ok(Material {
+        gossip_other,
         gossip_key: take(Secret::GossipKey).expect("read"),
         ca_cert: take(Secret::CaCert).expect("read"),
         agent_token: take(Secret::AgentToken).expect("read"),
@@ -485,7 +568,8 @@ pub async fn genesis(store: &dyn SecretStore, cluster: &str, server: bool) -> Re
     })
 }
 
-fn new_gossip_key() -> String {
+/// A new gossip key: 32 random bytes, base64.
+pub fn new_gossip_key() -> String {
     use base64::Engine;
     let bytes: [u8; 32] = rand_bytes();
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -691,6 +775,7 @@ mod tests {
         assert!(Secret::Ca.check("garbage").is_err());
         let material = Material {
             gossip_key: new_gossip_key(),
+            gossip_other: None,
             ca_cert: cert.clone(),
             agent_token: String::new(),
             ca_key: key,

@@ -109,7 +109,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             None,
             false,
             &rejoined,
-            Value::Null,
+            json!({}),
         );
         return Ok(());
     }
@@ -161,6 +161,8 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         },
         None => Value::Null,
     };
+    // A gossip key rotation under way: the leader takes it on.
+    let rotation = rotate_if_leader(opts, store, &status, &me, record.as_ref()).await;
     if tls["renewed"] == json!(true) {
         crate::metrics::tls_expiry(
             super::renew::expiries(opts, &root)
@@ -187,9 +189,58 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         Some(settings),
         timer_changed,
         &rejoined,
-        tls,
+        json!({"tls": tls, "gossip_key_rotation": rotation}),
     );
     Ok(())
+}
+
+/// One pass of a gossip key rotation under way, when this server's
+/// Consul leads (one driver for the cluster); failures are warnings (the
+/// next heartbeat goes on from the recorded step).
+async fn rotate_if_leader(
+    opts: &GlobalOpts,
+    store: &dyn Store,
+    status: &agent::AgentStatus,
+    me: &identity::Identity,
+    record: Option<&(crate::model::ClusterRecord, String)>,
+) -> Value {
+    let Some((record, etag)) =
+        record.filter(|(r, _)| r.gossip_key.is_some_and(|g| g.rotation.is_some()))
+    else {
+        return Value::Null;
+    };
+    let leads = status
+        .leader
+        .as_deref()
+        .and_then(super::snapshot::leader_ip)
+        == Some(me.address);
+    let Some(url) = opts.secrets.as_ref().filter(|_| leads) else {
+        return Value::Null;
+    };
+    let pass = async {
+        let secrets_store = crate::secrets::open(url)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no secrets store"))?;
+        let token =
+            crate::secrets::management_token(secrets_store.as_ref(), &record.cluster_id).await?;
+        super::rotate::drive_gossip_key(
+            store,
+            secrets_store.as_ref(),
+            token.as_deref(),
+            record.clone(),
+            etag.clone(),
+        )
+        .await
+    };
+    match pass.await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(
+                "the gossip key rotation did not go on: {e:#} (the next heartbeat tries again)"
+            );
+            json!({"error": format!("{e:#}")})
+        }
+    }
 }
 
 /// The error for a node `run` never set up.
@@ -438,8 +489,9 @@ fn report(
     settings: Option<crate::model::Settings>,
     timer_changed: bool,
     rejoined: &super::rejoin::Rejoin,
-    tls: Value,
+    extra: Value,
 ) {
+    let tls = &extra["tls"];
     if opts.json {
         println!(
             "{}",
@@ -460,6 +512,7 @@ fn report(
                 "retry_join": rejoined.rewritten,
                 "joined": rejoined.joined.map(|a| a.to_string()),
                 "tls": tls,
+                "gossip_key_rotation": extra["gossip_key_rotation"],
             })
         );
     } else {

@@ -11,6 +11,7 @@ mod purge;
 mod recover;
 mod rejoin;
 mod renew;
+mod rotate;
 mod run;
 mod secrets;
 mod snapshot;

@@ -6,10 +6,10 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::{open_store, registry_url};
-use crate::cli::{GlobalOpts, SecretsAction};
+use crate::cli::{GlobalOpts, Rotatable, SecretsAction};
 use crate::error::usage;
 use crate::registry::read_cluster;
-use crate::secrets::{Secret, SecretsUrl};
+use crate::secrets::{Secret, SecretsUrl, generation_name};
 
 /// `secrets ...`.
 pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
@@ -23,17 +23,47 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
     };
     let registry = registry_url(opts)?;
     let opened = open_store(&registry).await?;
-    let Some((record, _)) = read_cluster(opened.store.as_ref()).await? else {
+    let Some((record, etag)) = read_cluster(opened.store.as_ref()).await? else {
         return Err(usage(format!(
             "the registry {registry} has no cluster record: no secrets were made"
         )));
     };
-    let cluster = record.cluster_id;
+    let cluster = record.cluster_id.clone();
+    let gossip = record.gossip_key.unwrap_or_default();
     let store = crate::secrets::open(url)
         .await?
         .expect("a store for a URL that is not none");
     let name = |s: Secret| format!("{cluster}/{}", s.rel());
     match action {
+        SecretsAction::Rotate {
+            secret: Rotatable::GossipKey,
+        } => {
+            let v = super::rotate::start_gossip_key(
+                opened.store.as_ref(),
+                store.as_ref(),
+                record,
+                etag,
+            )
+            .await?;
+            if opts.json {
+                println!("{v}");
+            } else if v["started"] == true {
+                println!(
+                    "rotating the gossip key of cluster {cluster} to generation {} ({}): the leader's \
+                     heartbeat installs it on every member, makes it primary, then removes the old one; \
+                     `auto-consul secrets list` shows where it stands",
+                    v["next"],
+                    v["secret"].as_str().unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "a rotation of the gossip key of cluster {cluster} to generation {} is under way \
+                     (step {}): the leader's heartbeat finishes it",
+                    v["next"],
+                    v["step"].as_str().unwrap_or_default()
+                );
+            }
+        }
         SecretsAction::Get { name: wanted } => {
             let Some(secret) = Secret::ALL.into_iter().find(|s| s.short() == wanted) else {
                 let names: Vec<&str> = Secret::ALL.iter().map(|s| s.short()).collect();
@@ -41,6 +71,10 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                     "no secret `{wanted}`: use one of {}",
                     names.join(", ")
                 )));
+            };
+            let name = |s: Secret| match s {
+                Secret::GossipKey => generation_name(&cluster, s, gossip.generation),
+                _ => name(s),
             };
             match store.get(&name(secret)).await? {
                 Some(v) => println!("{}", v.trim_end()),
@@ -53,7 +87,12 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
         SecretsAction::List => {
             let mut rows = Vec::new();
             for s in Secret::ALL {
-                let n = name(s);
+                let generation = if s == Secret::GossipKey {
+                    gossip.generation
+                } else {
+                    1
+                };
+                let n = generation_name(&cluster, s, generation);
                 // Existence only; a denial (an agent's role, say) is shown.
                 let exists = match store.get(&n).await {
                     Ok(v) => json!(v.is_some()),
@@ -64,6 +103,11 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                     "where": store.shown(&n),
                     "exists": exists,
                     "readers": if s.for_agents() { "servers, agents" } else { "servers" },
+                    "generation": generation,
+                    "rotation": (s == Secret::GossipKey)
+                        .then_some(gossip.rotation)
+                        .flatten()
+                        .map(|step| json!({"to": generation + 1, "step": step.as_str()})),
                 }));
             }
             if opts.json {
@@ -76,10 +120,19 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                         serde_json::Value::Bool(false) => "not made yet".to_string(),
                         other => other.as_str().unwrap_or_default().to_string(),
                     };
+                    let rotation = match &r["rotation"] {
+                        serde_json::Value::Null => String::new(),
+                        v => format!(
+                            "; rotating to generation {}, step {}",
+                            v["to"],
+                            v["step"].as_str().unwrap_or_default()
+                        ),
+                    };
                     println!(
-                        "  {:<17} {} ({state}; read by {})",
+                        "  {:<17} {} ({state}; generation {}{rotation}; read by {})",
                         r["name"].as_str().unwrap_or_default(),
                         r["where"].as_str().unwrap_or_default(),
+                        r["generation"],
                         r["readers"].as_str().unwrap_or_default()
                     );
                 }

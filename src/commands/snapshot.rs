@@ -328,7 +328,7 @@ fn this_server(root: &Root, registry: &str) -> Result<Option<state::State>> {
 }
 
 /// The IP of a leader as `/v1/status/leader` names it (`ip:port`).
-fn leader_ip(leader: &str) -> Option<std::net::IpAddr> {
+pub(super) fn leader_ip(leader: &str) -> Option<std::net::IpAddr> {
     leader
         .parse::<std::net::SocketAddr>()
         .ok()

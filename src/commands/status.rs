@@ -99,7 +99,7 @@ impl Health {
         for (what, info) in super::renew::expiries(opts, root) {
             let left = info.not_after - now;
             let until = super::renew::stamp(info.not_after);
-            if left < TLS_WARN_DAYS * 86_400 {
+            if left <= TLS_WARN_DAYS * 86_400 {
                 let fix = if what == "ca" {
                     "rotate the CA (`auto-consul secrets rotate ca`)"
                 } else {

@@ -376,19 +376,24 @@ def main():
                 archive = consul_archive(FSM_HEADER + json.dumps(state).encode())
                 return self.reply(200, archive, "application/x-gzip")
             if path == "/v1/operator/keyring" and args.keyring_data_dir:
-                # Read when asked: what a Consul started now would use.
-                ring = os.path.join(args.keyring_data_dir, "serf", "local.keyring")
-                if os.path.exists(ring):
-                    with open(ring) as f:
-                        keys = json.load(f)
-                else:
-                    with open(args.keyring_config) as f:
-                        key = json.load(f).get("encrypt")
-                    keys = [key] if key else []
-                reply = [{"WAN": False, "Datacenter": "dc1", "Segment": "", "Partition": "",
-                          "Keys": {k: 1 for k in keys}, "PrimaryKeys": {keys[0]: 1} if keys else {},
-                          "NumNodes": 1}]
+                # Consul answers for every live member: the LAN pool, and
+                # the servers' WAN pool (agent/operator_endpoint.go).
+                members = live_members()
+                pools = [(False, members), (True, [m for m in members if m["server"]])]
+                reply = []
+                for wan, pool in pools:
+                    if wan and not pool:
+                        continue
+                    keys, primary = {}, {}
+                    for m in pool:
+                        for k in m["keys"]:
+                            keys[k] = keys.get(k, 0) + 1
+                        primary[m["primary"]] = primary.get(m["primary"], 0) + 1
+                    reply.append({"WAN": wan, "Datacenter": "dc1", "Segment": "", "Partition": "",
+                                  "Keys": keys, "PrimaryKeys": primary, "NumNodes": len(pool)})
                 return self.reply(200, json.dumps(reply).encode(), "application/json")
+            if path == "/_members" and args.keyring_data_dir:
+                return self.reply(200, json.dumps(live_members()).encode(), "application/json")
             if path == "/v1/agent/connect/ca/roots":
                 ca = cluster_state(lambda st: st["connect_ca"])
                 roots = {"ActiveRootID": ca["ActiveRootID"], "TrustDomain": "11111111-2222-3333-4444-555555555555.consul",
@@ -486,6 +491,8 @@ def main():
             return restore(self)
         if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
             return self.reply(403, b"Permission denied", "text/plain")
+        if path == "/v1/operator/keyring" and args.keyring_data_dir:
+            return keyring_op(self, "PUT")
         if path == "/v1/agent/reload":
             # agent:write (agent_endpoint.go AgentReload); with ACLs, a
             # management token here.
@@ -617,7 +624,92 @@ def main():
         load_rpc_tls()
         threading.Thread(target=serve_rpc, daemon=True).start()
 
+    def read_ring():
+        """The keys a Consul started now uses (agent/keyring.go,
+        setupBaseKeyrings): serf/local.keyring when it exists (then
+        `encrypt` is ignored), else the config's `encrypt`."""
+        ring = os.path.join(args.keyring_data_dir, "serf", "local.keyring")
+        if os.path.exists(ring):
+            with open(ring) as f:
+                return json.load(f)
+        with open(args.keyring_config) as f:
+            key = json.load(f).get("encrypt")
+        return [key] if key else []
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+    def live_members():
+        return cluster_state(lambda st: [
+            dict(m, node=n) for n, m in sorted(st.get("members", {}).items()) if alive(m["pid"])])
+
+    def keyring_op(handler, method):
+        """Install (POST), use (PUT), remove (DELETE) on every live member,
+        each member's keyring file rewritten as serf rewrites it; refused
+        as memberlist refuses (keyring.go: UseKey "Requested key is not in
+        the keyring", RemoveKey "Removing the primary key is not allowed")."""
+        if args.acl_management and not is_management(handler.headers.get("X-Consul-Token", "")):
+            return handler.reply(403, b"Permission denied", "text/plain")
+        length = int(handler.headers.get("Content-Length") or 0)
+        key = json.loads(handler.rfile.read(length) or b"{}").get("Key", "")
+
+        def op(st):
+            errors = []
+            for node, m in st.get("members", {}).items():
+                if not alive(m["pid"]):
+                    continue
+                if method == "POST" and key not in m["keys"]:
+                    m["keys"].append(key)
+                elif method == "PUT":
+                    if key not in m["keys"]:
+                        errors.append(f"{node}: Requested key is not in the keyring")
+                        continue
+                    m["primary"] = key
+                elif method == "DELETE":
+                    if m["primary"] == key:
+                        errors.append(f"{node}: Removing the primary key is not allowed")
+                        continue
+                    m["keys"] = [k for k in m["keys"] if k != key]
+                ordered = [m["primary"]] + [k for k in m["keys"] if k != m["primary"]]
+                ring = os.path.join(m["data_dir"], "serf", "local.keyring")
+                os.makedirs(os.path.dirname(ring), exist_ok=True)
+                with open(ring, "w") as f:
+                    json.dump(ordered, f)
+            return errors
+
+        errors = cluster_state(op)
+        if errors:
+            msg = f"{len(errors)} error(s) occurred:\n" + "\n".join(f"\t* {e}" for e in errors)
+            return handler.reply(500, msg.encode(), "text/plain")
+        return handler.reply(200, b"", "text/plain")
+
+    if args.keyring_data_dir:
+        ring = read_ring()
+
+        def join(st):
+            st.setdefault("members", {})[args.node] = {
+                "keys": list(ring), "primary": ring[0] if ring else "", "pid": os.getpid(),
+                "server": args.server, "data_dir": args.keyring_data_dir}
+        cluster_state(join)
+
     Handler.do_PUT = do_PUT
+
+    def do_POST(self):
+        if self.path.split("?")[0] == "/v1/operator/keyring" and args.keyring_data_dir:
+            return keyring_op(self, "POST")
+        self.reply(404, b"404 page not found", "text/plain")
+
+    def do_DELETE(self):
+        if self.path.split("?")[0] == "/v1/operator/keyring" and args.keyring_data_dir:
+            return keyring_op(self, "DELETE")
+        self.reply(404, b"404 page not found", "text/plain")
+
+    Handler.do_POST = do_POST
+    Handler.do_DELETE = do_DELETE
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     if args.tls_cert:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -542,6 +542,7 @@ impl Elector<'_> {
             created: Utc::now().to_rfc3339(),
             retired: false,
             restore,
+            gossip_key: None,
         };
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a

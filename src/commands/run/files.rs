@@ -148,6 +148,38 @@ pub(super) fn stale_keyrings(
     Ok(moved)
 }
 
+/// Writes Consul's LAN keyring with `primary` then `other` (what Consul
+/// itself writes there: a JSON list of base64 keys, the first its primary,
+/// agent/keyring.go `loadKeyringFile`), owned by consul, 0600.
+pub(super) fn write_rotation_keyring(
+    root: &Root,
+    data_dir: &Path,
+    primary: &str,
+    other: &str,
+) -> Result<()> {
+    // Consul writes in its serf directory: one made here is consul's.
+    let dir = root.path(&data_dir.join("serf"));
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some((uid, gid)) = root.user("consul") {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .with_context(|| format!("changing the owner of {}", dir.display()))?;
+        }
+    }
+    let spec = FileSpec {
+        path: data_dir.join(KEYRINGS[0]),
+        contents: serde_json::to_string(&[primary, other])?,
+        mode: 0o600,
+        owner: root.user("consul"),
+    };
+    crate::install::write_atomic(root, &spec)?;
+    tracing::info!(
+        "a gossip key rotation is under way: {} holds both keys",
+        data_dir.join(KEYRINGS[0]).display()
+    );
+    Ok(())
+}
+
 /// Where a node whose secrets were made at genesis keeps its TLS files:
 /// the CA's certificate, and for a server its own certificate and key,
 /// signed by the CA. A server's certificate on disk is kept while it was

@@ -169,6 +169,14 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             _ => None,
         };
         stale_keyrings(&root, &opts.data_dir, key, changed)?;
+        // A gossip key rotation under way: the keyring holds both keys
+        // (the primary first, as Consul's keyring file lists it), so this
+        // node reads every member whichever key it sends with.
+        if let Some(other) = made.as_ref().and_then(|m| m.gossip_other.as_deref())
+            && local.secrets.encrypt.is_none()
+        {
+            write_rotation_keyring(&root, &opts.data_dir, key, other)?;
+        }
     }
     if !dry_run && !root.is_system() && local.manages_consul {
         ensure_consul_user(&root)?;
@@ -477,9 +485,16 @@ async fn genesis_material(
     store: Option<&dyn crate::secrets::SecretStore>,
     elected: &Elected,
 ) -> Result<Option<crate::secrets::Material>> {
+    // The gossip key's generation is the record's (a rotation moves it).
+    let gossip = elected
+        .view
+        .record()
+        .filter(|r| Some(r.cluster_id.as_str()) == elected.cluster_id.as_deref())
+        .and_then(|r| r.gossip_key)
+        .unwrap_or_default();
     match (store, elected.cluster_id.as_deref()) {
         (Some(store), Some(cluster)) => Ok(Some(
-            crate::secrets::genesis(store, cluster, elected.mode.is_server()).await?,
+            crate::secrets::genesis_with(store, cluster, elected.mode.is_server(), gossip).await?,
         )),
         (Some(_), None) => Err(usage(
             "--secrets needs a cluster id to keep secrets under, and this registry has no \
