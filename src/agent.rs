@@ -457,6 +457,56 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
     )
 }
 
+/// Deletes the ACL token whose SecretID is `secret` (its AccessorID found
+/// with the token itself: `GET /v1/acl/token/self`; then `DELETE
+/// /v1/acl/token/<accessor>` with the management token). A token already
+/// gone counts as deleted.
+pub async fn delete_token(management: &str, secret: &str) -> Result<()> {
+    let mut api = Api::from_env(None)?;
+    let shown = api.shown.clone();
+    api.token = Some(secret.to_string());
+    let me = api
+        .request(reqwest::Method::GET, "/v1/acl/token/self")
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow!(e).context(format!("asking the Consul agent at {shown} for a token"))
+        })?;
+    let status = me.status();
+    let text = me.text().await.unwrap_or_default();
+    if status.as_u16() == 403 && text.contains("ACL not found") {
+        return Ok(());
+    }
+    if !status.is_success() {
+        anyhow::bail!(
+            "the Consul agent at {shown} answered {status} to GET /v1/acl/token/self: {}",
+            text.trim().chars().take(200).collect::<String>()
+        );
+    }
+    let accessor = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["AccessorID"].as_str().map(str::to_string))
+        .context("the token has no AccessorID")?;
+    api.token = Some(management.to_string());
+    let resp = api
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/acl/token/{accessor}"),
+        )
+        .send()
+        .await
+        .map_err(|e| anyhow!(e).context(format!("deleting a token at {shown}")))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        anyhow::bail!(
+            "the Consul agent at {shown} answered {status} to DELETE /v1/acl/token/{accessor}: {}",
+            body.trim().chars().take(200).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
 /// This server's entry in autopilot's health report (`GET
 /// /v1/operator/autopilot/health`; Consul answers 429 with the same body
 /// while the cluster is unhealthy): whether it is healthy and a voter.

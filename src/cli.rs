@@ -500,6 +500,9 @@ pub enum Rotatable {
     /// Consul's gossip key: installed in every member's keyring, made
     /// primary, the old one removed.
     GossipKey,
+    /// The agents' token: made in Consul, every node moves to it by its
+    /// heartbeat, the old one deleted once no live node uses it.
+    AgentToken,
 }
 
 impl Command {

@@ -319,6 +319,7 @@ mod tests {
                 retired: false,
                 restore: None,
                 gossip_key: None,
+                agent_token: None,
             }),
         });
     }

@@ -195,6 +195,10 @@ pub struct HeartbeatBody {
     /// `peers.json` of a quorum-loss recovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// The generation of the agents' token this node's Consul runs with
+    /// (clusters with secrets made at genesis), for a rotation's leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_token_generation: Option<u32>,
 }
 
 /// What a heartbeat body tells, whichever tool wrote it.
@@ -371,6 +375,67 @@ pub struct ClusterRecord {
     /// at genesis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gossip_key: Option<Generation>,
+    /// The agents' token's generation in use, and a rotation under way
+    /// (`secrets rotate agent-token`); absent: generation 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_token: Option<TokenGeneration>,
+}
+
+/// Which generation of a token a cluster uses, and the rotation to the
+/// next one, when one is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGeneration {
+    /// The generation every node used before the rotation (after it: the
+    /// new one).
+    pub generation: u32,
+    /// A rotation under way: where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<TokenStep>,
+}
+
+impl Default for TokenGeneration {
+    fn default() -> Self {
+        TokenGeneration {
+            generation: 1,
+            rotation: None,
+        }
+    }
+}
+
+impl TokenGeneration {
+    /// The generation a node runs with now: the new one once the token
+    /// exists in Consul (from `switch` on), else the one in use.
+    pub fn for_nodes(&self) -> u32 {
+        match self.rotation {
+            Some(TokenStep::Switch) => self.generation + 1,
+            _ => self.generation,
+        }
+    }
+}
+
+/// The steps of a token's rotation, each finished by the leader's
+/// heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenStep {
+    /// The new token is being made in Consul (no node uses it yet).
+    Create,
+    /// It exists; every node moves to it by its own heartbeat.
+    Switch,
+    /// Every live node uses it (the generation in use moved on); the old
+    /// token is being deleted from Consul.
+    Delete,
+}
+
+impl TokenStep {
+    /// The name the record uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenStep::Create => "create",
+            TokenStep::Switch => "switch",
+            TokenStep::Delete => "delete",
+        }
+    }
 }
 
 /// Which generation of a secret a cluster uses (1: the one made at

@@ -376,7 +376,7 @@ pub async fn management_token(store: &dyn SecretStore, cluster: &str) -> Result<
 /// agent whose secrets the servers have not made yet fails (exit 1: the
 /// boot unit tries again).
 pub async fn genesis(store: &dyn SecretStore, cluster: &str, server: bool) -> Result<Material> {
-    genesis_with(store, cluster, server, Generation::default()).await
+    genesis_with(store, cluster, server, Generation::default(), 1).await
 }
 
 /// The name of generation `generation` of `secret`: 1 is the one made at
@@ -404,16 +404,19 @@ pub fn gossip_generations(gossip: Generation) -> (u32, Option<u32>) {
 }
 
 /// [`genesis`], reading the gossip key of the generations `gossip` (the
-/// cluster record's) says, in the same round of reads.
+/// cluster record's) says and generation `agent_token` of the agents'
+/// token, in the same round of reads.
 pub async fn genesis_with(
     store: &dyn SecretStore,
     cluster: &str,
     server: bool,
     gossip: Generation,
+    agent_token: u32,
 ) -> Result<Material> {
     let (primary, other) = gossip_generations(gossip);
     let name = |s: Secret| match s {
         Secret::GossipKey => generation_name(cluster, s, primary),
+        Secret::AgentToken => generation_name(cluster, s, agent_token),
         _ => format!("{cluster}/{}", s.rel()),
     };
     let other_name = other.map(|g| generation_name(cluster, Secret::GossipKey, g));
@@ -455,16 +458,22 @@ pub async fn genesis_with(
             store.shown(n)
         ),
     };
-    if primary > 1
-        && !read
-            .iter()
-            .zip(&wanted)
-            .any(|(v, s)| *s == Secret::GossipKey && v.is_some())
-    {
-        bail!(
-            "secret {} is missing, and the cluster record says the cluster uses it",
-            store.shown(&name(Secret::GossipKey))
-        );
+    // Only genesis makes generation 1; a later one is a rotation's.
+    for (secret, generation) in [
+        (Secret::GossipKey, primary),
+        (Secret::AgentToken, agent_token),
+    ] {
+        if generation > 1
+            && !read
+                .iter()
+                .zip(&wanted)
+                .any(|(v, s)| *s == secret && v.is_some())
+        {
+            bail!(
+                "secret {} is missing, and the cluster record says the cluster uses it",
+                store.shown(&name(secret))
+            );
+        }
     }
     let mut values: std::collections::HashMap<Secret, String> = wanted
         .iter()

@@ -40,6 +40,28 @@ pub fn recorded_time(root: &Root, path: &str) -> Option<chrono::DateTime<chrono:
         .map(|t| t.with_timezone(&chrono::Utc))
 }
 
+/// Records a number in `path`; a failure is a warning.
+pub fn record_number(root: &Root, path: &str, n: u32) {
+    let spec = FileSpec {
+        path: path.into(),
+        contents: format!("{n}\n"),
+        mode: 0o644,
+        owner: None,
+    };
+    if let Err(e) = crate::install::write_atomic(root, &spec) {
+        tracing::warn!("could not record {n} in {path}: {e:#}");
+    }
+}
+
+/// The number recorded in `path`, if any.
+pub fn recorded_number(root: &Root, path: &str) -> Option<u32> {
+    std::fs::read_to_string(root.path(Path::new(path)))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// What this node decided, for which registry and cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {

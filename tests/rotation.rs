@@ -203,7 +203,10 @@ fn a_gossip_key_rotation_killed_anywhere_ends_with_one_key_and_no_outage() {
             std::thread::sleep(Duration::from_millis(rng.below(250)));
             let _ = child.kill();
             let _ = child.wait();
-            eprintln!("pass {round}: killed; the record says {}", record()["gossip_key"]);
+            eprintln!(
+                "pass {round}: killed; the record says {}",
+                record()["gossip_key"]
+            );
         } else {
             let out = child.wait_with_output().unwrap();
             let v = ok_json(&out);
@@ -256,4 +259,166 @@ fn a_gossip_key_rotation_killed_anywhere_ends_with_one_key_and_no_outage() {
     assert!(gossip["rotation"].is_null(), "{list}");
     assert!(gossip["where"].as_str().unwrap().ends_with("gossip-key.2"));
     eprintln!("steps seen between passes: {steps_seen:?}");
+}
+
+/// The ACL state the fake agents of one cluster share.
+fn acl_tokens(dir: &Path) -> Value {
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("acl-state.json")).unwrap())
+            .unwrap();
+    st["tokens"].clone()
+}
+
+#[test]
+fn an_agents_token_rotation_killed_anywhere_moves_every_node_and_deletes_the_old_token() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let p = "rot/token";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets_dir = tmp.path().join("secrets");
+    std::fs::create_dir_all(&secrets_dir).unwrap();
+    let secrets = format!("file://{}", secrets_dir.display());
+    let acl = tmp.path().join("acl");
+    std::fs::create_dir_all(&acl).unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill schedule seed: {seed}");
+    let mut rng = Lcg(seed);
+    let node = |i: usize| -> (PathBuf, String, String) {
+        (
+            tmp.path().join(format!("n{i}")),
+            format!("tok-{i}"),
+            format!("10.75.0.{}", i + 1),
+        )
+    };
+    for i in 0..9 {
+        let (root, name, ip) = node(i);
+        let role = if i < 3 { "server" } else { "agent" };
+        ok_json(&output(
+            run_cmd(moto, &registry, &root, &name, &ip, 3).args([
+                "--role",
+                role,
+                "--secrets",
+                &secrets,
+            ]),
+        ));
+    }
+    let record =
+        || -> Value { serde_json::from_str(&get(moto, &bucket, &format!("{p}/cluster"))).unwrap() };
+    let cluster = record()["cluster_id"].as_str().unwrap().to_string();
+    let management =
+        std::fs::read_to_string(secrets_dir.join(&cluster).join("server/management-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+    let agents: Vec<FakeAgent> = (0..9)
+        .map(|i| {
+            let (_, name, ip) = node(i);
+            FakeAgent::start(
+                &name,
+                i < 3,
+                &[
+                    "--address",
+                    &ip,
+                    "--leader",
+                    "10.75.0.1:8300",
+                    "--acl-dir",
+                    acl.to_str().unwrap(),
+                    "--acl-management",
+                    &management,
+                ],
+            )
+        })
+        .collect();
+    let beat = |i: usize| {
+        let (root, name, ip) = node(i);
+        heartbeat_cmd(moto, &registry, &root, &name, &ip, &agents[i].addr())
+            .args(["--secrets", &secrets])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let token_of = |i: usize| config(&node(i).0)["acl"]["tokens"]["agent"].clone();
+    // Every node's Consul runs with a token that exists.
+    let all_have_tokens = || -> Result<(), String> {
+        let tokens = acl_tokens(&acl);
+        for i in 0..9 {
+            let t = token_of(i);
+            if tokens.get(t.as_str().unwrap()).is_none() {
+                return Err(format!(
+                    "{} runs with a token Consul does not have",
+                    node(i).1
+                ));
+            }
+        }
+        Ok(())
+    };
+    // The servers' first heartbeats make generation 1 in Consul.
+    for i in 0..9 {
+        ok_json(&beat(i).wait_with_output().unwrap());
+    }
+    all_have_tokens().unwrap();
+    let old = token_of(3).as_str().unwrap().to_string();
+
+    let rotate = ok_json(&output(auto_consul(moto).args([
+        "secrets",
+        "rotate",
+        "agent-token",
+        "--json",
+        "--registry",
+        &registry,
+        "--secrets",
+        &secrets,
+    ])));
+    assert_eq!(rotate["started"], true, "{rotate}");
+    assert_eq!(record()["agent_token"]["rotation"], "create");
+    for round in 0..12 {
+        if record()["agent_token"]["rotation"].is_null() {
+            break;
+        }
+        // The leader first, then every node; some killed at random.
+        for i in 0..9 {
+            let mut child = beat(i);
+            if rng.below(4) == 0 {
+                std::thread::sleep(Duration::from_millis(rng.below(200)));
+                let _ = child.kill();
+                let _ = child.wait();
+            } else {
+                ok_json(&child.wait_with_output().unwrap());
+            }
+        }
+        all_have_tokens().unwrap_or_else(|e| panic!("after round {round}: {e}"));
+        eprintln!("after round {round}: {}", record()["agent_token"]);
+    }
+    let rec = record();
+    assert!(rec["agent_token"]["rotation"].is_null(), "{rec}");
+    assert_eq!(rec["agent_token"]["generation"], 2, "{rec}");
+    let new = std::fs::read_to_string(secrets_dir.join(&cluster).join("agent/agent-token.2"))
+        .unwrap()
+        .trim()
+        .to_string();
+    for i in 0..9 {
+        assert_eq!(token_of(i), new.as_str(), "{}", node(i).1);
+    }
+    let tokens = acl_tokens(&acl);
+    assert!(
+        tokens.get(&old).is_none(),
+        "the old token is deleted: {tokens}"
+    );
+    assert!(tokens.get(&new).is_some());
+    // A node booting now gets the new one.
+    let (root, name, ip) = node(9);
+    ok_json(&output(
+        run_cmd(moto, &registry, &root, &name, &ip, 3).args([
+            "--role",
+            "agent",
+            "--secrets",
+            &secrets,
+        ]),
+    ));
+    assert_eq!(config(&root)["acl"]["tokens"]["agent"], new.as_str());
 }

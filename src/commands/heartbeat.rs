@@ -85,7 +85,10 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let node_id = std::fs::read_to_string(root.path(&opts.data_dir.join("node-id")))
         .ok()
         .map(|t| t.trim().to_string());
-    let keys = Beat::new(&me, server, node_id)?;
+    // A rotation of the agents' token followed (secrets made at genesis).
+    let token_generation =
+        super::rotate::follow_agent_token(opts, &root, store, saved.as_ref()).await;
+    let keys = Beat::new(&me, server, node_id, token_generation)?;
     crate::metrics::tls_expiry(
         super::renew::expiries(opts, &root)
             .into_iter()
@@ -145,6 +148,9 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         &opts.secrets,
         saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
     ) && status.leader.is_some()
+        // Once a rotation moved the agents' token on, its steps make the
+        // tokens: generation 1 is never made again.
+        && record.as_ref().is_none_or(|(r, _)| r.agent_token.is_none())
     {
         agent_token_in_consul(&root, url, cluster).await;
     }
@@ -189,12 +195,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         Some(settings),
         timer_changed,
         &rejoined,
-        json!({"tls": tls, "gossip_key_rotation": rotation}),
+        json!({"tls": tls, "rotations": rotation}),
     );
     Ok(())
 }
 
-/// One pass of a gossip key rotation under way, when this server's
+/// One pass of the rotations under way (gossip key, agents' token), when this server's
 /// Consul leads (one driver for the cluster); failures are warnings (the
 /// next heartbeat goes on from the recorded step).
 async fn rotate_if_leader(
@@ -204,9 +210,10 @@ async fn rotate_if_leader(
     me: &identity::Identity,
     record: Option<&(crate::model::ClusterRecord, String)>,
 ) -> Value {
-    let Some((record, etag)) =
-        record.filter(|(r, _)| r.gossip_key.is_some_and(|g| g.rotation.is_some()))
-    else {
+    let Some((record, etag)) = record.filter(|(r, _)| {
+        r.gossip_key.is_some_and(|g| g.rotation.is_some())
+            || r.agent_token.is_some_and(|g| g.rotation.is_some())
+    }) else {
         return Value::Null;
     };
     let leads = status
@@ -223,14 +230,36 @@ async fn rotate_if_leader(
             .ok_or_else(|| anyhow::anyhow!("no secrets store"))?;
         let token =
             crate::secrets::management_token(secrets_store.as_ref(), &record.cluster_id).await?;
-        super::rotate::drive_gossip_key(
-            store,
-            secrets_store.as_ref(),
-            token.as_deref(),
-            record.clone(),
-            etag.clone(),
-        )
-        .await
+        let mut out = json!({});
+        let (mut record, mut etag) = (record.clone(), etag.clone());
+        if record.gossip_key.is_some_and(|g| g.rotation.is_some()) {
+            out["gossip_key"] = super::rotate::drive_gossip_key(
+                store,
+                secrets_store.as_ref(),
+                token.as_deref(),
+                record.clone(),
+                etag.clone(),
+            )
+            .await?;
+            // The pass rewrote the record: read it again.
+            if let Some((r, e)) = crate::registry::read_cluster(store).await? {
+                (record, etag) = (r, e);
+            }
+        }
+        if record.agent_token.is_some_and(|g| g.rotation.is_some()) {
+            let management = token.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("no management token: the agents' token cannot be rotated")
+            })?;
+            out["agent_token"] = super::rotate::drive_agent_token(
+                store,
+                secrets_store.as_ref(),
+                management,
+                record,
+                etag,
+            )
+            .await?;
+        }
+        Ok::<_, anyhow::Error>(out)
     };
     match pass.await {
         Ok(v) => v,
@@ -271,7 +300,12 @@ struct Beat {
 }
 
 impl Beat {
-    fn new(me: &identity::Identity, server: bool, node_id: Option<String>) -> Result<Beat> {
+    fn new(
+        me: &identity::Identity,
+        server: bool,
+        node_id: Option<String>,
+        agent_token_generation: Option<u32>,
+    ) -> Result<Beat> {
         let body = serde_json::to_vec(&HeartbeatBody {
             node: me.node.clone(),
             address: me.address,
@@ -279,6 +313,7 @@ impl Beat {
             mode: if server { "server" } else { "agent" }.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             node_id: node_id.filter(|_| server),
+            agent_token_generation,
         })?;
         let name = HeartbeatKey {
             time: Utc::now(),
@@ -512,7 +547,7 @@ fn report(
                 "retry_join": rejoined.rewritten,
                 "joined": rejoined.joined.map(|a| a.to_string()),
                 "tls": tls,
-                "gossip_key_rotation": extra["gossip_key_rotation"],
+                "rotations": extra["rotations"],
             })
         );
     } else {

@@ -11,7 +11,7 @@ mod purge;
 mod recover;
 mod rejoin;
 mod renew;
-mod rotate;
+pub(crate) mod rotate;
 mod run;
 mod secrets;
 mod snapshot;

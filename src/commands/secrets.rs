@@ -30,35 +30,65 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
     };
     let cluster = record.cluster_id.clone();
     let gossip = record.gossip_key.unwrap_or_default();
+    let agent_token = record.agent_token.unwrap_or_default();
+    // Each secret's generation in use, and a rotation under way: (to, step).
+    let generation_of = |s: Secret| -> (u32, Option<(u32, &'static str)>) {
+        match s {
+            Secret::GossipKey => (
+                gossip.generation,
+                gossip.next().zip(gossip.rotation.map(|r| r.as_str())),
+            ),
+            Secret::AgentToken => (
+                agent_token.generation,
+                agent_token
+                    .rotation
+                    .map(|r| (agent_token.generation + 1, r.as_str())),
+            ),
+            _ => (1, None),
+        }
+    };
     let store = crate::secrets::open(url)
         .await?
         .expect("a store for a URL that is not none");
-    let name = |s: Secret| format!("{cluster}/{}", s.rel());
     match action {
-        SecretsAction::Rotate {
-            secret: Rotatable::GossipKey,
-        } => {
-            let v = super::rotate::start_gossip_key(
-                opened.store.as_ref(),
-                store.as_ref(),
-                record,
-                etag,
-            )
-            .await?;
+        SecretsAction::Rotate { secret } => {
+            let v = match secret {
+                Rotatable::GossipKey => {
+                    super::rotate::start_gossip_key(
+                        opened.store.as_ref(),
+                        store.as_ref(),
+                        record,
+                        etag,
+                    )
+                    .await?
+                }
+                Rotatable::AgentToken => {
+                    super::rotate::start_agent_token(
+                        opened.store.as_ref(),
+                        store.as_ref(),
+                        record,
+                        etag,
+                    )
+                    .await?
+                }
+            };
+            let what = match secret {
+                Rotatable::GossipKey => "the gossip key",
+                Rotatable::AgentToken => "the agents' token",
+            };
             if opts.json {
                 println!("{v}");
             } else if v["started"] == true {
                 println!(
-                    "rotating the gossip key of cluster {cluster} to generation {} ({}): the leader's \
-                     heartbeat installs it on every member, makes it primary, then removes the old one; \
-                     `auto-consul secrets list` shows where it stands",
+                    "rotating {what} of cluster {cluster} to generation {} ({}): the servers' and nodes' \
+                     heartbeats finish it; `auto-consul secrets list` shows where it stands",
                     v["next"],
                     v["secret"].as_str().unwrap_or_default()
                 );
             } else {
                 println!(
-                    "a rotation of the gossip key of cluster {cluster} to generation {} is under way \
-                     (step {}): the leader's heartbeat finishes it",
+                    "a rotation of {what} of cluster {cluster} to generation {} is under way \
+                     (step {}): the heartbeats finish it",
                     v["next"],
                     v["step"].as_str().unwrap_or_default()
                 );
@@ -72,10 +102,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                     names.join(", ")
                 )));
             };
-            let name = |s: Secret| match s {
-                Secret::GossipKey => generation_name(&cluster, s, gossip.generation),
-                _ => name(s),
-            };
+            let name = |s: Secret| generation_name(&cluster, s, generation_of(s).0);
             match store.get(&name(secret)).await? {
                 Some(v) => println!("{}", v.trim_end()),
                 None => anyhow::bail!(
@@ -87,11 +114,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
         SecretsAction::List => {
             let mut rows = Vec::new();
             for s in Secret::ALL {
-                let generation = if s == Secret::GossipKey {
-                    gossip.generation
-                } else {
-                    1
-                };
+                let (generation, rotation) = generation_of(s);
                 let n = generation_name(&cluster, s, generation);
                 // Existence only; a denial (an agent's role, say) is shown.
                 let exists = match store.get(&n).await {
@@ -104,10 +127,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                     "exists": exists,
                     "readers": if s.for_agents() { "servers, agents" } else { "servers" },
                     "generation": generation,
-                    "rotation": (s == Secret::GossipKey)
-                        .then_some(gossip.rotation)
-                        .flatten()
-                        .map(|step| json!({"to": generation + 1, "step": step.as_str()})),
+                    "rotation": rotation.map(|(to, step)| json!({"to": to, "step": step})),
                 }));
             }
             if opts.json {

@@ -704,8 +704,23 @@ def main():
         self.reply(404, b"404 page not found", "text/plain")
 
     def do_DELETE(self):
-        if self.path.split("?")[0] == "/v1/operator/keyring" and args.keyring_data_dir:
+        path = self.path.split("?")[0]
+        if path == "/v1/operator/keyring" and args.keyring_data_dir:
             return keyring_op(self, "DELETE")
+        if path.startswith("/v1/acl/token/") and args.acl_dir:
+            # acl:write (agent/acl_endpoint.go ACLTokenDelete); 200 "true".
+            if not is_management(self.headers.get("X-Consul-Token", "")):
+                return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
+            accessor = path[len("/v1/acl/token/"):]
+
+            def delete(st):
+                gone = [k for k, t in st["tokens"].items() if t.get("AccessorID") == accessor]
+                for k in gone:
+                    del st["tokens"][k]
+                return gone
+            gone = acl_state(delete)
+            acl_log({"path": path, "by": args.node, "method": "DELETE", "deleted": len(gone)})
+            return self.reply(200, b"true", "application/json")
         self.reply(404, b"404 page not found", "text/plain")
 
     Handler.do_POST = do_POST

@@ -543,6 +543,7 @@ impl Elector<'_> {
             retired: false,
             restore,
             gossip_key: None,
+            agent_token: None,
         };
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a

@@ -225,6 +225,13 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     } else {
         write_files(&root, &opts.config_dir, &files)?
     };
+    if !dry_run && made.is_some() && local.secrets.acl_token.is_none() {
+        state::record_number(
+            &root,
+            crate::commands::rotate::AGENT_TOKEN_GENERATION,
+            token_generation(&elected),
+        );
+    }
     let start = !dry_run && !opts.no_start && root.is_system();
     if start {
         start_units(hook.is_some(), snapshots)?;
@@ -485,16 +492,24 @@ async fn genesis_material(
     store: Option<&dyn crate::secrets::SecretStore>,
     elected: &Elected,
 ) -> Result<Option<crate::secrets::Material>> {
-    // The gossip key's generation is the record's (a rotation moves it).
+    // The generations are the record's (a rotation moves them).
     let gossip = elected
         .view
         .record()
         .filter(|r| Some(r.cluster_id.as_str()) == elected.cluster_id.as_deref())
         .and_then(|r| r.gossip_key)
         .unwrap_or_default();
+    let agent_token = token_generation(elected);
     match (store, elected.cluster_id.as_deref()) {
         (Some(store), Some(cluster)) => Ok(Some(
-            crate::secrets::genesis_with(store, cluster, elected.mode.is_server(), gossip).await?,
+            crate::secrets::genesis_with(
+                store,
+                cluster,
+                elected.mode.is_server(),
+                gossip,
+                agent_token,
+            )
+            .await?,
         )),
         (Some(_), None) => Err(usage(
             "--secrets needs a cluster id to keep secrets under, and this registry has no \
@@ -502,6 +517,17 @@ async fn genesis_material(
         )),
         (None, _) => Ok(None),
     }
+}
+
+/// The generation of the agents' token nodes run with, by the record.
+fn token_generation(elected: &Elected) -> u32 {
+    elected
+        .view
+        .record()
+        .filter(|r| Some(r.cluster_id.as_str()) == elected.cluster_id.as_deref())
+        .and_then(|r| r.agent_token)
+        .unwrap_or_default()
+        .for_nodes()
 }
 
 /// Step 7: Consul's config file (0600 when it holds a secret), and the
