@@ -503,6 +503,9 @@ pub enum Rotatable {
     /// The agents' token: made in Consul, every node moves to it by its
     /// heartbeat, the old one deleted once no live node uses it.
     AgentToken,
+    /// The TLS CA: every node trusts the old and the new one, servers are
+    /// signed by the new one, then the old one is dropped.
+    Ca,
 }
 
 impl Command {

@@ -320,6 +320,7 @@ mod tests {
                 restore: None,
                 gossip_key: None,
                 agent_token: None,
+                ca: None,
             }),
         });
     }

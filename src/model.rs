@@ -199,6 +199,13 @@ pub struct HeartbeatBody {
     /// (clusters with secrets made at genesis), for a rotation's leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_token_generation: Option<u32>,
+    /// The CA generations this node's CA file trusts (clusters with
+    /// secrets made at genesis), for a CA rotation's leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_trusted: Option<Vec<u32>>,
+    /// A server's: the CA generation that signed its certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_signed_by: Option<u32>,
 }
 
 /// What a heartbeat body tells, whichever tool wrote it.
@@ -379,6 +386,74 @@ pub struct ClusterRecord {
     /// (`secrets rotate agent-token`); absent: generation 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_token: Option<TokenGeneration>,
+    /// The CA's generation in use, and a rotation under way (`secrets
+    /// rotate ca`); absent: generation 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaGeneration>,
+}
+
+/// Which generation of the CA a cluster uses, and the rotation to the next
+/// one, when one is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaGeneration {
+    /// The generation in use (from `drop` on: the new one).
+    pub generation: u32,
+    /// A rotation under way: where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<CaStep>,
+}
+
+impl Default for CaGeneration {
+    fn default() -> Self {
+        CaGeneration {
+            generation: 1,
+            rotation: None,
+        }
+    }
+}
+
+impl CaGeneration {
+    /// The CA generations every node's CA file trusts now.
+    pub fn trusted(&self) -> Vec<u32> {
+        let g = self.generation;
+        match self.rotation {
+            Some(CaStep::Trust | CaStep::Reissue) => vec![g, g + 1],
+            _ => vec![g],
+        }
+    }
+
+    /// The CA generation servers' certificates are signed with now.
+    pub fn signing(&self) -> u32 {
+        match self.rotation {
+            Some(CaStep::Reissue) => self.generation + 1,
+            _ => self.generation,
+        }
+    }
+}
+
+/// The steps of a CA's rotation, each finished by the leader's heartbeat
+/// once every live node (or server) has done it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaStep {
+    /// Every node's CA file is to trust the old and the new CA.
+    Trust,
+    /// Every node trusts both: servers are to be signed by the new one.
+    Reissue,
+    /// Every server is signed by the new CA (the generation in use moved
+    /// on): every node's CA file is to trust the new one alone.
+    Drop,
+}
+
+impl CaStep {
+    /// The name the record uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaStep::Trust => "trust",
+            CaStep::Reissue => "reissue",
+            CaStep::Drop => "drop",
+        }
+    }
 }
 
 /// Which generation of a token a cluster uses, and the rotation to the

@@ -27,7 +27,7 @@ use rcgen::{
 };
 
 use crate::error::usage;
-use crate::model::{Generation, RotationStep};
+use crate::model::{CaGeneration, Generation, RotationStep};
 
 /// `--secrets`: where the cluster's secrets live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +171,13 @@ pub fn check_gossip_key(key: &str) -> Result<(), String> {
         16 | 24 | 32 => Ok(()),
         n => Err(format!("decodes to {n} bytes, not 16, 24 or 32")),
     }
+}
+
+/// The certificate (PEM) of a CA value (certificate and key).
+pub fn ca_certificate_of(ca: &str) -> Option<String> {
+    split_ca(ca)
+        .filter(|(_, key)| key.is_some())
+        .map(|(cert, _)| cert)
 }
 
 /// A value's PEM certificate and, if any, its PEM private key.
@@ -350,7 +357,11 @@ pub struct Material {
     pub gossip_key: String,
     /// During a rotation, the other gossip key the node's keyring holds.
     pub gossip_other: Option<String>,
+    /// The CA certificates this node trusts (PEM, one or, during a
+    /// rotation of the CA, two): its CA file.
     pub ca_cert: String,
+    /// The certificate of the CA servers are signed with now (`ca_key`'s).
+    pub signing_ca_cert: String,
     pub agent_token: String,
     /// Servers only: the CA's key, to sign their certificates.
     pub ca_key: Option<String>,
@@ -376,7 +387,7 @@ pub async fn management_token(store: &dyn SecretStore, cluster: &str) -> Result<
 /// agent whose secrets the servers have not made yet fails (exit 1: the
 /// boot unit tries again).
 pub async fn genesis(store: &dyn SecretStore, cluster: &str, server: bool) -> Result<Material> {
-    genesis_with(store, cluster, server, Generation::default(), 1).await
+    genesis_with(store, cluster, server, Generations::default()).await
 }
 
 /// The name of generation `generation` of `secret`: 1 is the one made at
@@ -403,21 +414,60 @@ pub fn gossip_generations(gossip: Generation) -> (u32, Option<u32>) {
     }
 }
 
-/// [`genesis`], reading the gossip key of the generations `gossip` (the
-/// cluster record's) says and generation `agent_token` of the agents'
-/// token, in the same round of reads.
+/// The generations of a cluster's secrets a node runs with, by the
+/// cluster record (rotations move them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Generations {
+    /// The gossip key's.
+    pub gossip: Generation,
+    /// The agents' token's generation nodes run with.
+    pub agent_token: u32,
+    /// The CA's.
+    pub ca: CaGeneration,
+}
+
+impl Generations {
+    /// What `record` says (the defaults for another cluster's record or
+    /// none).
+    pub fn of(record: Option<&crate::model::ClusterRecord>) -> Generations {
+        let Some(r) = record else {
+            return Generations::default();
+        };
+        Generations {
+            gossip: r.gossip_key.unwrap_or_default(),
+            agent_token: r.agent_token.unwrap_or_default().for_nodes(),
+            ca: r.ca.unwrap_or_default(),
+        }
+    }
+}
+
+/// [`genesis`], reading the generations `gens` says (the gossip key's two
+/// during its rotation, the CA certificates a node trusts during the CA's),
+/// in the same round of reads.
 pub async fn genesis_with(
     store: &dyn SecretStore,
     cluster: &str,
     server: bool,
-    gossip: Generation,
-    agent_token: u32,
+    gens: Generations,
 ) -> Result<Material> {
-    let (primary, other) = gossip_generations(gossip);
+    let (primary, other) = gossip_generations(gens.gossip);
+    let agent_token = gens.agent_token.max(1);
+    let signing = gens.ca.signing();
+    let trusted = gens.ca.trusted();
     let name = |s: Secret| match s {
         Secret::GossipKey => generation_name(cluster, s, primary),
         Secret::AgentToken => generation_name(cluster, s, agent_token),
+        Secret::Ca | Secret::CaCert => generation_name(cluster, s, signing),
         _ => format!("{cluster}/{}", s.rel()),
+    };
+    // The other CA a node trusts during a rotation of the CA.
+    let extra_ca = trusted.iter().copied().find(|t| *t != signing);
+    let extra_ca_name = extra_ca.map(|g| generation_name(cluster, Secret::CaCert, g));
+    let extra_ca_read = async {
+        match &extra_ca_name {
+            Some(n) => store.get(n).await,
+            None => Ok(None),
+        }
     };
     let other_name = other.map(|g| generation_name(cluster, Secret::GossipKey, g));
     let other_read = async {
@@ -432,14 +482,32 @@ pub async fn genesis_with(
         .collect();
     // Every read at once: one round trip when the secrets exist (every
     // boot but the first).
-    let (read, other_value) = futures::future::try_join(
+    let (read, other_value, extra_ca_value) = futures::future::try_join3(
         futures::future::try_join_all(wanted.iter().map(|s| {
             let n = name(*s);
             async move { store.get(&n).await }
         })),
         other_read,
+        extra_ca_read,
     )
     .await?;
+    let extra_ca_cert = match (&extra_ca_name, extra_ca_value) {
+        (None, _) => None,
+        (Some(n), Some(v)) => {
+            let v = v.trim().to_string() + "\n";
+            Secret::CaCert.check(&v).map_err(|why| {
+                usage(format!(
+                    "secret {} {why}: a rotation made it",
+                    store.shown(n)
+                ))
+            })?;
+            Some(v)
+        }
+        (Some(n), None) => bail!(
+            "secret {} is missing, and the cluster record says a rotation of the CA uses it",
+            store.shown(n)
+        ),
+    };
     let gossip_other = match (&other_name, other_value) {
         (None, _) => None,
         (Some(n), Some(v)) => {
@@ -462,8 +530,11 @@ pub async fn genesis_with(
     for (secret, generation) in [
         (Secret::GossipKey, primary),
         (Secret::AgentToken, agent_token),
+        (Secret::CaCert, signing),
+        (Secret::Ca, signing),
     ] {
         if generation > 1
+            && wanted.contains(&secret)
             && !read
                 .iter()
                 .zip(&wanted)
@@ -567,10 +638,23 @@ pub async fn genesis_with(
     }
     let mut take = |s: Secret| values.remove(&s);
     let ca_key = take(Secret::Ca).and_then(|ca: String| split_ca(&ca).and_then(|c| c.1));
+    let signing_ca_cert = take(Secret::CaCert).expect("read");
+    // The CA file: every CA trusted now, in generation order.
+    let ca_cert = trusted
+        .iter()
+        .map(|g| {
+            if *g == signing {
+                signing_ca_cert.clone()
+            } else {
+                extra_ca_cert.clone().unwrap_or_default()
+            }
+        })
+        .collect::<String>();
     Ok(Material {
         gossip_other,
         gossip_key: take(Secret::GossipKey).expect("read"),
-        ca_cert: take(Secret::CaCert).expect("read"),
+        ca_cert,
+        signing_ca_cert,
         agent_token: take(Secret::AgentToken).expect("read"),
         ca_key,
         management_token: take(Secret::ManagementToken),
@@ -595,6 +679,12 @@ fn rand_bytes() -> [u8; 32] {
 /// A new CA for cluster `cluster`: ECDSA P-256, ten years, PEM certificate
 /// then PEM key.
 fn new_ca(cluster: &str) -> Result<String> {
+    new_ca_generation(cluster, 1)
+}
+
+/// A new CA of generation `generation` (a rotation's: its name says it, so
+/// that two CAs trusted together are told apart).
+pub fn new_ca_generation(cluster: &str, generation: u32) -> Result<String> {
     let key = KeyPair::generate().context("making the CA key")?;
     let mut params = CertificateParams::default();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -603,9 +693,14 @@ fn new_ca(cluster: &str) -> Result<String> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("auto-consul CA {cluster}"));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        if generation > 1 {
+            format!("auto-consul CA {cluster} generation {generation}")
+        } else {
+            format!("auto-consul CA {cluster}")
+        },
+    );
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(3650);
@@ -626,7 +721,7 @@ pub fn server_certificate(
         .as_deref()
         .context("only servers sign certificates")?;
     let issuer = Issuer::from_ca_cert_pem(
-        &material.ca_cert,
+        &material.signing_ca_cert,
         KeyPair::from_pem(ca_key).context("the CA key")?,
     )
     .context("the CA certificate")?;
@@ -711,17 +806,18 @@ pub fn renew_at(info: &CertInfo, node: &str) -> i64 {
     info.not_before + life * 2 / 3 - jitter as i64
 }
 
-/// Whether the server certificate `cert_pem` can be kept by `node`: issued
-/// under `ca_pem_now` (the same CA as on disk), named `server_name`, and
-/// not yet due for renewal by this node's clock ([`renew_at`]).
+/// Whether the server certificate `cert_pem` can be kept by `node`: the CA
+/// file on disk is `made`'s, the certificate was issued by the CA servers
+/// are signed with now, it is named `server_name`, and it is not yet due
+/// for renewal by this node's clock ([`renew_at`]).
 pub fn certificate_still_good(
     cert_pem: &str,
-    ca_pem_now: &str,
+    made: &Material,
     ca_pem_on_disk: &str,
     server_name: &str,
     node: &str,
 ) -> bool {
-    if ca_pem_now != ca_pem_on_disk {
+    if made.ca_cert != ca_pem_on_disk || !issued_by(cert_pem, &made.signing_ca_cert) {
         return false;
     }
     let Some(info) = cert_info(cert_pem) else {
@@ -729,6 +825,23 @@ pub fn certificate_still_good(
     };
     info.names.iter().any(|n| n == server_name)
         && chrono::Utc::now().timestamp() < renew_at(&info, node)
+}
+
+/// Whether the certificate `cert_pem` names the CA `ca_pem` as its issuer
+/// (each CA generation has its own name).
+pub fn issued_by(cert_pem: &str, ca_pem: &str) -> bool {
+    let parse = |pem: &str| -> Option<(Vec<u8>, Vec<u8>)> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        Some((
+            cert.issuer().as_raw().to_vec(),
+            cert.subject().as_raw().to_vec(),
+        ))
+    };
+    match (parse(cert_pem), parse(ca_pem)) {
+        (Some((issuer, _)), Some((_, subject))) => issuer == subject,
+        _ => false,
+    }
 }
 
 /// The files of `dir` for a name: where `run` writes a node's TLS material.
@@ -786,6 +899,7 @@ mod tests {
             gossip_key: new_gossip_key(),
             gossip_other: None,
             ca_cert: cert.clone(),
+            signing_ca_cert: cert.clone(),
             agent_token: String::new(),
             ca_key: key,
             management_token: None,
@@ -794,23 +908,33 @@ mod tests {
             server_certificate(&material, "server.dc1.consul", "10.0.0.5".parse().unwrap())
                 .unwrap();
         let name = "server.dc1.consul";
-        assert!(certificate_still_good(&server, &cert, &cert, name, "n"));
+        assert!(certificate_still_good(&server, &material, &cert, name, "n"));
         assert!(!certificate_still_good(
             &server,
-            &cert,
+            &material,
             "another CA",
             name,
             "n"
         ));
-        assert!(!certificate_still_good("junk", &cert, &cert, name, "n"));
+        assert!(!certificate_still_good("junk", &material, &cert, name, "n"));
         // Another domain, another name: made again.
         assert!(!certificate_still_good(
             &server,
-            &cert,
+            &material,
             &cert,
             "server.dc1.example",
             "n"
         ));
+        // Signed by another CA (a rotation's next): made again.
+        let next = new_ca_generation("c", 2).unwrap();
+        let (next_cert, _) = split_ca(&next).unwrap();
+        assert!(issued_by(&server, &cert));
+        assert!(!issued_by(&server, &next_cert));
+        let rotated = Material {
+            signing_ca_cert: next_cert,
+            ..material.clone()
+        };
+        assert!(!certificate_still_good(&server, &rotated, &cert, name, "n"));
         let info = cert_info(&server).unwrap();
         assert!(info.names.iter().any(|n| n == name), "{info:?}");
         assert_eq!(

@@ -422,3 +422,168 @@ fn an_agents_token_rotation_killed_anywhere_moves_every_node_and_deletes_the_old
     ));
     assert_eq!(config(&root)["acl"]["tokens"]["agent"], new.as_str());
 }
+
+/// `openssl verify` of `cert` against the CA file `ca`.
+fn verifies(ca: &Path, cert: &Path) -> bool {
+    Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(ca)
+        .arg(cert)
+        .output()
+        .expect("openssl")
+        .status
+        .success()
+}
+
+#[test]
+fn a_ca_rotation_killed_anywhere_never_has_a_node_reject_a_server() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let p = "rot/ca";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets_dir = tmp.path().join("secrets");
+    std::fs::create_dir_all(&secrets_dir).unwrap();
+    let secrets = format!("file://{}", secrets_dir.display());
+    let acl = tmp.path().join("acl");
+    std::fs::create_dir_all(&acl).unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill schedule seed: {seed}");
+    let mut rng = Lcg(seed);
+    let node = |i: usize| -> (PathBuf, String, String) {
+        (
+            tmp.path().join(format!("n{i}")),
+            format!("ca-{i}"),
+            format!("10.76.0.{}", i + 1),
+        )
+    };
+    for i in 0..9 {
+        let (root, name, ip) = node(i);
+        let role = if i < 3 { "server" } else { "agent" };
+        ok_json(&output(
+            run_cmd(moto, &registry, &root, &name, &ip, 3).args([
+                "--role",
+                role,
+                "--secrets",
+                &secrets,
+            ]),
+        ));
+    }
+    let record =
+        || -> Value { serde_json::from_str(&get(moto, &bucket, &format!("{p}/cluster"))).unwrap() };
+    let cluster = record()["cluster_id"].as_str().unwrap().to_string();
+    let management =
+        std::fs::read_to_string(secrets_dir.join(&cluster).join("server/management-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+    let agents: Vec<FakeAgent> = (0..9)
+        .map(|i| {
+            let (_, name, ip) = node(i);
+            FakeAgent::start(
+                &name,
+                i < 3,
+                &[
+                    "--address",
+                    &ip,
+                    "--leader",
+                    "10.76.0.1:8300",
+                    "--acl-dir",
+                    acl.to_str().unwrap(),
+                    "--acl-management",
+                    &management,
+                ],
+            )
+        })
+        .collect();
+    let tls = |i: usize, f: &str| node(i).0.join("etc/consul.d/auto-consul-tls").join(f);
+    // No live node rejects a live server's certificate.
+    let all_trust_the_servers = || -> Result<(), String> {
+        for i in 0..9 {
+            for s in 0..3 {
+                if !verifies(&tls(i, "ca.pem"), &tls(s, "server.pem")) {
+                    return Err(format!("{} rejects server {}", node(i).1, node(s).1));
+                }
+            }
+        }
+        Ok(())
+    };
+    all_trust_the_servers().unwrap();
+    let old_server_cert = tmp.path().join("old-server.pem");
+    std::fs::copy(tls(0, "server.pem"), &old_server_cert).unwrap();
+    let beat = |i: usize| {
+        let (root, name, ip) = node(i);
+        heartbeat_cmd(moto, &registry, &root, &name, &ip, &agents[i].addr())
+            .args(["--secrets", &secrets])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The cluster has been running: every node has heartbeated.
+    for i in 0..9 {
+        ok_json(&beat(i).wait_with_output().unwrap());
+    }
+    let rotate = ok_json(&output(auto_consul(moto).args([
+        "secrets",
+        "rotate",
+        "ca",
+        "--json",
+        "--registry",
+        &registry,
+        "--secrets",
+        &secrets,
+    ])));
+    assert_eq!(rotate["started"], true, "{rotate}");
+    let mut steps = Vec::new();
+    for round in 0..15 {
+        let step = record()["ca"]["rotation"].clone();
+        if step.is_null() {
+            break;
+        }
+        steps.push(step.as_str().unwrap().to_string());
+        for i in 0..9 {
+            let mut child = beat(i);
+            if rng.below(4) == 0 {
+                std::thread::sleep(Duration::from_millis(rng.below(200)));
+                let _ = child.kill();
+                let _ = child.wait();
+            } else {
+                let v = ok_json(&child.wait_with_output().unwrap());
+                if i == 0 {
+                    eprintln!("leader, round {round}: {}", v["rotations"]);
+                }
+            }
+            all_trust_the_servers()
+                .unwrap_or_else(|e| panic!("round {round}, after {}: {e}", node(i).1));
+        }
+    }
+    eprintln!("steps at the start of each round: {steps:?}");
+    let rec = record();
+    assert!(rec["ca"]["rotation"].is_null(), "{rec}");
+    assert_eq!(rec["ca"]["generation"], 2, "{rec}");
+    let new_ca =
+        std::fs::read_to_string(secrets_dir.join(&cluster).join("agent/ca-cert.2")).unwrap();
+    for i in 0..9 {
+        assert_eq!(
+            std::fs::read_to_string(tls(i, "ca.pem")).unwrap().trim(),
+            new_ca.trim(),
+            "{}",
+            node(i).1
+        );
+        // The old CA is no longer trusted.
+        assert!(!verifies(&tls(i, "ca.pem"), &old_server_cert));
+    }
+    all_trust_the_servers().unwrap();
+    // A server booting now is signed by the new CA.
+    let (root, name, ip) = node(9);
+    ok_json(&output(
+        run_cmd(moto, &registry, &root, &name, &ip, 3).args(["--secrets", &secrets]),
+    ));
+    let ca9 = root.join("etc/consul.d/auto-consul-tls/ca.pem");
+    assert_eq!(std::fs::read_to_string(&ca9).unwrap().trim(), new_ca.trim());
+}

@@ -85,10 +85,10 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let node_id = std::fs::read_to_string(root.path(&opts.data_dir.join("node-id")))
         .ok()
         .map(|t| t.trim().to_string());
-    // A rotation of the agents' token followed (secrets made at genesis).
-    let token_generation =
-        super::rotate::follow_agent_token(opts, &root, store, saved.as_ref()).await;
-    let keys = Beat::new(&me, server, node_id, token_generation)?;
+    // Rotations of the agents' token or the CA followed (secrets made at
+    // genesis).
+    let following = super::rotate::follow_rotations(opts, &root, store, saved.as_ref()).await;
+    let keys = Beat::new(&me, server, node_id, &following)?;
     crate::metrics::tls_expiry(
         super::renew::expiries(opts, &root)
             .into_iter()
@@ -156,15 +156,17 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     }
     // A certificate auto-consul made, renewed before it expires.
     let tls = match &saved {
-        Some(s) => match super::renew::renew_if_due(opts, &root, &me, s).await {
-            Ok(v) => v.unwrap_or(Value::Null),
-            Err(e) => {
-                tracing::warn!(
-                    "renewing this server's certificate failed: {e:#} (the next heartbeat tries again)"
-                );
-                json!({"renewed": false, "error": format!("{e:#}")})
+        Some(s) => {
+            match super::renew::renew_if_due(opts, &root, &me, s, following.generations).await {
+                Ok(v) => v.unwrap_or(Value::Null),
+                Err(e) => {
+                    tracing::warn!(
+                        "renewing this server's certificate failed: {e:#} (the next heartbeat tries again)"
+                    );
+                    json!({"renewed": false, "error": format!("{e:#}")})
+                }
             }
-        },
+        }
         None => Value::Null,
     };
     // A gossip key rotation under way: the leader takes it on.
@@ -200,7 +202,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     Ok(())
 }
 
-/// One pass of the rotations under way (gossip key, agents' token), when this server's
+/// One pass of the rotations under way (gossip key, agents' token, CA), when this server's
 /// Consul leads (one driver for the cluster); failures are warnings (the
 /// next heartbeat goes on from the recorded step).
 async fn rotate_if_leader(
@@ -213,6 +215,7 @@ async fn rotate_if_leader(
     let Some((record, etag)) = record.filter(|(r, _)| {
         r.gossip_key.is_some_and(|g| g.rotation.is_some())
             || r.agent_token.is_some_and(|g| g.rotation.is_some())
+            || r.ca.is_some_and(|g| g.rotation.is_some())
     }) else {
         return Value::Null;
     };
@@ -254,10 +257,16 @@ async fn rotate_if_leader(
                 store,
                 secrets_store.as_ref(),
                 management,
-                record,
-                etag,
+                record.clone(),
+                etag.clone(),
             )
             .await?;
+            if let Some((r, e)) = crate::registry::read_cluster(store).await? {
+                (record, etag) = (r, e);
+            }
+        }
+        if record.ca.is_some_and(|g| g.rotation.is_some()) {
+            out["ca"] = super::rotate::drive_ca(store, record, etag).await?;
         }
         Ok::<_, anyhow::Error>(out)
     };
@@ -304,7 +313,7 @@ impl Beat {
         me: &identity::Identity,
         server: bool,
         node_id: Option<String>,
-        agent_token_generation: Option<u32>,
+        following: &super::rotate::Following,
     ) -> Result<Beat> {
         let body = serde_json::to_vec(&HeartbeatBody {
             node: me.node.clone(),
@@ -313,7 +322,9 @@ impl Beat {
             mode: if server { "server" } else { "agent" }.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             node_id: node_id.filter(|_| server),
-            agent_token_generation,
+            agent_token_generation: following.agent_token,
+            ca_trusted: following.ca_trusted.clone(),
+            ca_signed_by: following.ca_signed_by.filter(|_| server),
         })?;
         let name = HeartbeatKey {
             time: Utc::now(),

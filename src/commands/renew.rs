@@ -27,6 +27,7 @@ pub async fn renew_if_due(
     root: &Root,
     me: &Identity,
     saved: &State,
+    gens: secrets::Generations,
 ) -> Result<Option<Value>> {
     let (Some(url), None, true) = (&opts.secrets, &opts.ca_file, saved.mode.is_server()) else {
         return Ok(None);
@@ -39,8 +40,14 @@ pub async fn renew_if_due(
     let name = server_name(opts);
     let now = chrono::Utc::now().timestamp();
     let info = secrets::cert_info(&cert);
+    // A CA rotation's `reissue`: signed by the new CA now.
+    let signed_by = crate::state::recorded_number(root, super::rotate::CA_SIGNED_BY).unwrap_or(1);
     let due = match &info {
-        Some(i) => now >= secrets::renew_at(i, &me.node) || !i.names.contains(&name),
+        Some(i) => {
+            now >= secrets::renew_at(i, &me.node)
+                || !i.names.contains(&name)
+                || signed_by != gens.ca.signing()
+        }
         None => true,
     };
     if !due {
@@ -57,7 +64,7 @@ pub async fn renew_if_due(
     let Some(store) = secrets::open(url).await? else {
         return Ok(None);
     };
-    let made = secrets::genesis(store.as_ref(), cluster, true).await?;
+    let made = secrets::genesis_with(store.as_ref(), cluster, true, gens).await?;
     let (new_cert, new_key) = secrets::server_certificate(&made, &name, me.address)?;
     let consul = root.user("consul");
     let files = [
@@ -79,6 +86,8 @@ pub async fn renew_if_due(
             )?;
         }
     }
+    crate::state::record_number(root, super::rotate::CA_SIGNED_BY, gens.ca.signing());
+    super::rotate::record_list(root, super::rotate::CA_TRUSTED, &gens.ca.trusted());
     let was = info.map(|i| stamp(i.not_after));
     let new = secrets::cert_info(&new_cert).context("the new certificate")?;
     tracing::warn!(

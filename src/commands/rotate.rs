@@ -22,7 +22,8 @@ use serde_json::{Value, json};
 use crate::agent::{self, KeyringPool};
 use crate::claims::put_settled;
 use crate::model::{
-    CLUSTER_KEY, ClusterRecord, Generation, RotationStep, TokenGeneration, TokenStep,
+    CLUSTER_KEY, CaGeneration, CaStep, ClusterRecord, Generation, RotationStep, TokenGeneration,
+    TokenStep,
 };
 use crate::registry::{Condition, Store};
 use crate::secrets::{self, Secret, SecretStore};
@@ -301,7 +302,10 @@ pub async fn drive_agent_token(
                 }
             }
             TokenStep::Switch => {
-                let behind = nodes_behind(store, &record, g + 1).await?;
+                let behind = nodes_behind(store, &record, false, |b| {
+                    b.agent_token_generation.unwrap_or(1) > g
+                })
+                .await?;
                 if !behind.is_empty() {
                     let why = format!(
                         "{} live node(s) still run with generation {g}: {}",
@@ -338,9 +342,14 @@ pub async fn drive_agent_token(
 }
 
 /// The live nodes (their newest `agents/` heartbeat younger than the
-/// agents' expiry, which every node writes) whose heartbeat does not yet
-/// say they run with generation `want` of the agents' token.
-async fn nodes_behind(store: &dyn Store, record: &ClusterRecord, want: u32) -> Result<Vec<String>> {
+/// agents' expiry, which every node writes; servers only with
+/// `servers_only`) whose heartbeat body does not pass `done`.
+async fn nodes_behind(
+    store: &dyn Store,
+    record: &ClusterRecord,
+    servers_only: bool,
+    done: impl Fn(&crate::model::HeartbeatBody) -> bool,
+) -> Result<Vec<String>> {
     use crate::model::{HeartbeatBody, HeartbeatKey, Role, age_seconds};
     let now = store.now().await;
     let expiry = record.agent_expiry.unwrap_or(7200);
@@ -364,83 +373,330 @@ async fn nodes_behind(store: &dyn Store, record: &ClusterRecord, want: u32) -> R
     let bodies = futures::future::join_all(newest.values().map(|(_, key)| store.get(key))).await;
     let mut behind = Vec::new();
     for ((node, _), body) in newest.iter().zip(bodies) {
-        let generation = body
+        let body = body
             .ok()
             .flatten()
-            .and_then(|o| serde_json::from_slice::<HeartbeatBody>(&o.body).ok())
-            .and_then(|b| b.agent_token_generation)
-            .unwrap_or(1);
-        if generation < want {
-            behind.push(node.clone());
+            .and_then(|o| serde_json::from_slice::<HeartbeatBody>(&o.body).ok());
+        match body {
+            Some(b) if servers_only && b.mode != "server" => {}
+            Some(b) if done(&b) => {}
+            _ => behind.push(node.clone()),
         }
     }
     Ok(behind)
 }
 
-/// A node's heartbeat follows an agents' token rotation: when the record
-/// says nodes run with another generation than this node's Consul does,
-/// the token is read from the secrets store, written into Consul's config
-/// (`acl.tokens.agent`) and Consul reloads it (ACL tokens are reloadable
-/// configuration). The generation this node runs with now, for its
-/// heartbeat; `None` when auto-consul does not manage its token.
-pub async fn follow_agent_token(
+/// `secrets rotate ca`: a new CA generation (`server/ca.<n>` and its
+/// certificate `agent/ca-cert.<n>`, create-only), then the record says
+/// `trust`: every node's CA file trusts both, servers are signed by the
+/// new one, then every node's CA file drops the old one; at no step does a
+/// live node reject a live server's certificate.
+pub async fn start_ca(
+    store: &dyn Store,
+    secrets_store: &dyn SecretStore,
+    mut record: ClusterRecord,
+    etag: String,
+) -> Result<Value> {
+    let cluster = record.cluster_id.clone();
+    let cur = record.ca.unwrap_or_default();
+    if let Some(step) = cur.rotation {
+        return Ok(json!({
+            "started": false,
+            "generation": cur.generation,
+            "next": cur.generation + 1,
+            "step": step.as_str(),
+        }));
+    }
+    let next = cur.generation + 1;
+    let ca_name = secrets::generation_name(&cluster, Secret::Ca, next);
+    let cert_name = secrets::generation_name(&cluster, Secret::CaCert, next);
+    if !secrets_store
+        .create(&ca_name, &secrets::new_ca_generation(&cluster, next)?)
+        .await?
+    {
+        tracing::info!(
+            "{} exists: a start stopped after it made the CA",
+            secrets_store.shown(&ca_name)
+        );
+    }
+    let ca = secrets_store.get(&ca_name).await?.unwrap_or_default();
+    let Some(cert) = secrets::ca_certificate_of(&ca) else {
+        bail!(
+            "{} is not a PEM certificate and key: delete it and run `auto-consul secrets rotate ca` again",
+            secrets_store.shown(&ca_name)
+        );
+    };
+    if !secrets_store.create(&cert_name, &cert).await? {
+        let there = secrets_store.get(&cert_name).await?.unwrap_or_default();
+        if there.trim() != cert.trim() {
+            bail!(
+                "{} is not the certificate of {}: delete it and run `auto-consul secrets rotate ca` again",
+                secrets_store.shown(&cert_name),
+                secrets_store.shown(&ca_name)
+            );
+        }
+    }
+    record.ca = Some(CaGeneration {
+        generation: cur.generation,
+        rotation: Some(CaStep::Trust),
+    });
+    write(store, &record, etag).await?;
+    Ok(json!({
+        "started": true,
+        "generation": cur.generation,
+        "next": next,
+        "step": CaStep::Trust.as_str(),
+        "secret": secrets_store.shown(&ca_name),
+    }))
+}
+
+/// One pass of the leader's heartbeat over a CA rotation: each step ends
+/// once every live node's (or server's) newest heartbeat says it is done.
+pub async fn drive_ca(
+    store: &dyn Store,
+    mut record: ClusterRecord,
+    mut etag: String,
+) -> Result<Value> {
+    let mut done = Vec::new();
+    loop {
+        let cur = record.ca.unwrap_or_default();
+        let Some(step) = cur.rotation else {
+            return Ok(json!({"steps": done, "generation": cur.generation, "step": null}));
+        };
+        let g = cur.generation;
+        let (behind, next) = match step {
+            CaStep::Trust => (
+                nodes_behind(store, &record, false, |b| {
+                    b.ca_trusted.as_ref().is_none_or(|t| t.contains(&(g + 1)))
+                })
+                .await?,
+                CaGeneration {
+                    generation: g,
+                    rotation: Some(CaStep::Reissue),
+                },
+            ),
+            CaStep::Reissue => (
+                nodes_behind(store, &record, true, |b| {
+                    b.ca_signed_by.is_none_or(|s| s == g + 1)
+                })
+                .await?,
+                CaGeneration {
+                    generation: g + 1,
+                    rotation: Some(CaStep::Drop),
+                },
+            ),
+            CaStep::Drop => (
+                nodes_behind(store, &record, false, |b| {
+                    b.ca_trusted.as_ref().is_none_or(|t| t.as_slice() == [g])
+                })
+                .await?,
+                CaGeneration {
+                    generation: g,
+                    rotation: None,
+                },
+            ),
+        };
+        if !behind.is_empty() {
+            let why = format!(
+                "{} live node(s) not there yet: {}",
+                behind.len(),
+                behind.join(", ")
+            );
+            tracing::info!(
+                "CA rotation, step {}: {why}; the next heartbeat looks again",
+                step.as_str()
+            );
+            return Ok(
+                json!({"steps": done, "generation": g, "step": step.as_str(), "waiting": why}),
+            );
+        }
+        record.ca = Some(next).filter(|n| *n != CaGeneration::default());
+        etag = write(store, &record, etag).await?;
+        tracing::warn!(
+            "CA rotation: {} done on every live node (generation in use: {})",
+            step.as_str(),
+            next.generation
+        );
+        done.push(step.as_str());
+    }
+}
+
+/// Where a node keeps the CA generations its CA file trusts (absent: 1).
+pub const CA_TRUSTED: &str = "/var/lib/auto-consul/ca-trusted";
+/// Where a server keeps the CA generation that signed its certificate
+/// (absent: 1).
+pub const CA_SIGNED_BY: &str = "/var/lib/auto-consul/ca-signed-by";
+
+/// What a node runs with of the secrets rotations move, for its heartbeat
+/// body (`None`: auto-consul does not manage it).
+#[derive(Debug, Default, Clone)]
+pub struct Following {
+    /// The agents' token's generation.
+    pub agent_token: Option<u32>,
+    /// The CA generations its CA file trusts.
+    pub ca_trusted: Option<Vec<u32>>,
+    /// A server's: the CA generation that signed its certificate.
+    pub ca_signed_by: Option<u32>,
+    /// The generations the cluster record says (for the server's
+    /// certificate renewal).
+    pub generations: secrets::Generations,
+}
+
+/// A node's heartbeat follows the rotations under way (clusters whose
+/// secrets auto-consul made): one read of the cluster record, then, when
+/// it says nodes run with another agents' token, or trust other CAs, than
+/// this node does, the new values are read from the secrets store, written
+/// into Consul's config or CA file, and Consul reloads them (ACL tokens
+/// and TLS files are reloadable configuration).
+pub async fn follow_rotations(
     opts: &crate::cli::GlobalOpts,
     root: &crate::install::Root,
     store: &dyn Store,
     saved: Option<&crate::state::State>,
-) -> Option<u32> {
-    let (Some(url), None, Some(cluster)) = (
-        &opts.secrets,
-        &opts.acl_token_file,
-        saved.and_then(|s| s.cluster_id.clone()),
-    ) else {
-        return None;
+) -> Following {
+    let mut out = Following::default();
+    let (Some(url), Some(saved)) = (&opts.secrets, saved) else {
+        return out;
     };
-    let have = crate::state::recorded_number(root, AGENT_TOKEN_GENERATION).unwrap_or(1);
+    let Some(cluster) = saved.cluster_id.clone() else {
+        return out;
+    };
+    let token_managed = opts.acl_token_file.is_none();
+    let ca_managed = opts.ca_file.is_none();
+    let token_have = crate::state::recorded_number(root, AGENT_TOKEN_GENERATION).unwrap_or(1);
+    let trusted_have = recorded_list(root, CA_TRUSTED).unwrap_or_else(|| vec![1]);
+    out.agent_token = token_managed.then_some(token_have);
+    out.ca_trusted = ca_managed.then(|| trusted_have.clone());
+    if saved.mode.is_server() && ca_managed {
+        out.ca_signed_by = Some(crate::state::recorded_number(root, CA_SIGNED_BY).unwrap_or(1));
+    }
     let record = match crate::registry::read_cluster(store).await {
         Ok(Some((r, _))) if r.cluster_id == cluster => r,
-        Ok(_) => return Some(have),
+        Ok(_) => return out,
         Err(e) => {
-            tracing::warn!("reading the cluster record for the agents' token: {e:#}");
-            return Some(have);
+            tracing::warn!("reading the cluster record for the secrets' generations: {e:#}");
+            return out;
         }
     };
-    let want = record.agent_token.unwrap_or_default().for_nodes();
-    if want == have {
-        return Some(have);
+    let gens = secrets::Generations::of(Some(&record));
+    out.generations = gens;
+    let token_want = gens.agent_token;
+    let trusted_want = gens.ca.trusted();
+    if (!token_managed || token_want == token_have) && (!ca_managed || trusted_want == trusted_have)
+    {
+        return out;
     }
     let switched = async {
         let secrets_store = secrets::open(url)
             .await?
             .ok_or_else(|| anyhow::anyhow!("no secrets store"))?;
-        let name = secrets::generation_name(&cluster, Secret::AgentToken, want);
-        let token = secrets_store
-            .get(&name)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("{} is missing", secrets_store.shown(&name)))?;
-        set_agent_token(opts, root, token.trim())?;
-        crate::state::record_number(root, AGENT_TOKEN_GENERATION, want);
+        let made = secrets::genesis_with(
+            secrets_store.as_ref(),
+            &cluster,
+            saved.mode.is_server(),
+            gens,
+        )
+        .await?;
+        let mut changed = false;
+        if token_managed && token_want != token_have {
+            set_agent_token(opts, root, &made.agent_token)?;
+            crate::state::record_number(root, AGENT_TOKEN_GENERATION, token_want);
+            tracing::warn!(
+                "this node's Consul now runs with generation {token_want} of the agents' token"
+            );
+            changed = true;
+        }
+        if ca_managed && trusted_want != trusted_have {
+            set_ca_file(opts, root, &made.ca_cert)?;
+            record_list(root, CA_TRUSTED, &trusted_want);
+            tracing::warn!("this node's CA file now trusts CA generation(s) {trusted_want:?}");
+            changed = true;
+        }
+        if changed {
+            reload_consul(root, made.management_token.as_deref()).await;
+        }
         Ok::<_, anyhow::Error>(())
     };
     match switched.await {
         Ok(()) => {
-            tracing::warn!(
-                "this node's Consul now runs with generation {want} of the agents' token"
-            );
-            Some(want)
+            out.agent_token = token_managed.then_some(token_want);
+            out.ca_trusted = ca_managed.then(|| trusted_want.clone());
         }
-        Err(e) => {
-            tracing::warn!(
-                "could not move to generation {want} of the agents' token: {e:#} (the next heartbeat tries again)"
-            );
-            Some(have)
-        }
+        Err(e) => tracing::warn!(
+            "could not follow the secrets' rotation: {e:#} (the next heartbeat tries again)"
+        ),
+    }
+    out
+}
+
+/// Has Consul reload its config and TLS files: `systemctl reload
+/// consul.service` (SIGHUP: no ACL needed) on the running system; else
+/// (another root) the agent's reload endpoint with the management token
+/// a server holds. Failures are warnings.
+pub async fn reload_consul(root: &crate::install::Root, management: Option<&str>) {
+    let done = if root.is_system() {
+        crate::install::systemctl(&["reload", "consul.service"])
+    } else if management.is_some() {
+        agent::reload(management).await
+    } else {
+        Ok(())
+    };
+    if let Err(e) = done {
+        tracing::warn!("Consul did not reload: {e:#} (it reads the new files when it restarts)");
+    }
+}
+
+/// Writes the CA file auto-consul keeps (its mode and owner kept).
+fn set_ca_file(
+    opts: &crate::cli::GlobalOpts,
+    root: &crate::install::Root,
+    pem: &str,
+) -> Result<()> {
+    let path = super::run::TlsPaths::new(&opts.config_dir).ca;
+    let owner = std::fs::metadata(root.path(&path)).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.uid(), m.gid())
+    });
+    let _lock = crate::install::lock(root, "consul-config")?;
+    crate::install::write_atomic(
+        root,
+        &crate::install::FileSpec {
+            path,
+            contents: pem.to_string(),
+            mode: 0o644,
+            owner,
+        },
+    )?;
+    Ok(())
+}
+
+/// A list of numbers recorded in `path` (space-separated).
+pub fn recorded_list(root: &crate::install::Root, path: &str) -> Option<Vec<u32>> {
+    let text = std::fs::read_to_string(root.path(std::path::Path::new(path))).ok()?;
+    text.split_whitespace().map(|n| n.parse().ok()).collect()
+}
+
+/// Records a list of numbers in `path`; a failure is a warning.
+pub fn record_list(root: &crate::install::Root, path: &str, list: &[u32]) {
+    let spec = crate::install::FileSpec {
+        path: path.into(),
+        contents: format!(
+            "{}\n",
+            list.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        mode: 0o644,
+        owner: None,
+    };
+    if let Err(e) = crate::install::write_atomic(root, &spec) {
+        tracing::warn!("could not record {list:?} in {path}: {e:#}");
     }
 }
 
 /// Writes `token` as `acl.tokens.agent` in Consul's config (its mode and
-/// owner kept, under the lock `run` takes) and has Consul reload it
-/// (`systemctl reload consul.service`: SIGHUP, no ACL needed).
+/// owner kept, under the lock `run` takes).
 fn set_agent_token(
     opts: &crate::cli::GlobalOpts,
     root: &crate::install::Root,
@@ -466,9 +722,6 @@ fn set_agent_token(
                 owner: Some((meta.uid(), meta.gid())),
             },
         )?;
-    }
-    if root.is_system() {
-        crate::install::systemctl(&["reload", "consul.service"])?;
     }
     Ok(())
 }

@@ -31,6 +31,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
     let cluster = record.cluster_id.clone();
     let gossip = record.gossip_key.unwrap_or_default();
     let agent_token = record.agent_token.unwrap_or_default();
+    let ca = record.ca.unwrap_or_default();
     // Each secret's generation in use, and a rotation under way: (to, step).
     let generation_of = |s: Secret| -> (u32, Option<(u32, &'static str)>) {
         match s {
@@ -43,6 +44,10 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                 agent_token
                     .rotation
                     .map(|r| (agent_token.generation + 1, r.as_str())),
+            ),
+            Secret::Ca | Secret::CaCert => (
+                ca.generation,
+                ca.rotation.map(|r| (ca.generation + 1, r.as_str())),
             ),
             _ => (1, None),
         }
@@ -71,10 +76,15 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                     )
                     .await?
                 }
+                Rotatable::Ca => {
+                    super::rotate::start_ca(opened.store.as_ref(), store.as_ref(), record, etag)
+                        .await?
+                }
             };
             let what = match secret {
                 Rotatable::GossipKey => "the gossip key",
                 Rotatable::AgentToken => "the agents' token",
+                Rotatable::Ca => "the CA",
             };
             if opts.json {
                 println!("{v}");

@@ -544,6 +544,7 @@ impl Elector<'_> {
             restore,
             gossip_key: None,
             agent_token: None,
+            ca: None,
         };
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a

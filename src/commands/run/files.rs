@@ -246,7 +246,7 @@ pub(super) fn tls_material(
         let read = |path: &Path| std::fs::read_to_string(root.path(path));
         let kept = match (read(&paths.cert), read(&paths.key), read(&paths.ca)) {
             (Ok(cert), Ok(key), Ok(ca))
-                if certificate_still_good(&cert, &made.ca_cert, &ca, server_name, node) =>
+                if certificate_still_good(&cert, made, &ca, server_name, node) =>
             {
                 Some((cert, key))
             }

@@ -225,12 +225,21 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     } else {
         write_files(&root, &opts.config_dir, &files)?
     };
-    if !dry_run && made.is_some() && local.secrets.acl_token.is_none() {
-        state::record_number(
-            &root,
-            crate::commands::rotate::AGENT_TOKEN_GENERATION,
-            token_generation(&elected),
-        );
+    // The generations this node now runs with, for its heartbeat.
+    if !dry_run && made.is_some() {
+        use crate::commands::rotate::{
+            AGENT_TOKEN_GENERATION, CA_SIGNED_BY, CA_TRUSTED, record_list,
+        };
+        let gens = generations(&elected);
+        if local.secrets.acl_token.is_none() {
+            state::record_number(&root, AGENT_TOKEN_GENERATION, gens.agent_token);
+        }
+        if opts.ca_file.is_none() {
+            record_list(&root, CA_TRUSTED, &gens.ca.trusted());
+            if elected.mode.is_server() {
+                state::record_number(&root, CA_SIGNED_BY, gens.ca.signing());
+            }
+        }
     }
     let start = !dry_run && !opts.no_start && root.is_system();
     if start {
@@ -493,23 +502,10 @@ async fn genesis_material(
     elected: &Elected,
 ) -> Result<Option<crate::secrets::Material>> {
     // The generations are the record's (a rotation moves them).
-    let gossip = elected
-        .view
-        .record()
-        .filter(|r| Some(r.cluster_id.as_str()) == elected.cluster_id.as_deref())
-        .and_then(|r| r.gossip_key)
-        .unwrap_or_default();
-    let agent_token = token_generation(elected);
+    let gens = generations(elected);
     match (store, elected.cluster_id.as_deref()) {
         (Some(store), Some(cluster)) => Ok(Some(
-            crate::secrets::genesis_with(
-                store,
-                cluster,
-                elected.mode.is_server(),
-                gossip,
-                agent_token,
-            )
-            .await?,
+            crate::secrets::genesis_with(store, cluster, elected.mode.is_server(), gens).await?,
         )),
         (Some(_), None) => Err(usage(
             "--secrets needs a cluster id to keep secrets under, and this registry has no \
@@ -519,15 +515,15 @@ async fn genesis_material(
     }
 }
 
-/// The generation of the agents' token nodes run with, by the record.
-fn token_generation(elected: &Elected) -> u32 {
-    elected
-        .view
-        .record()
-        .filter(|r| Some(r.cluster_id.as_str()) == elected.cluster_id.as_deref())
-        .and_then(|r| r.agent_token)
-        .unwrap_or_default()
-        .for_nodes()
+/// The generations of the secrets nodes run with, by the record of the
+/// cluster this node is in (rotations move them).
+fn generations(elected: &Elected) -> crate::secrets::Generations {
+    crate::secrets::Generations::of(
+        elected
+            .view
+            .record()
+            .filter(|r| Some(r.cluster_id.as_str()) == elected.cluster_id.as_deref()),
+    )
 }
 
 /// Step 7: Consul's config file (0600 when it holds a secret), and the
