@@ -195,7 +195,7 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
     ] {
         let expr = format!(
             "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, secrets = \"{secrets}\", \
-             expiry = 120, agent_expiry = 7200, datacenter = \"dc1\", data_dir = \"/opt/consul\", \
+             expiry = 120, agent_expiry = 7200, datacenter = \"dc1\", domain = \"consul\", data_dir = \"/opt/consul\", \
              config_dir = \"/etc/consul.d\", baked_image = {baked}, snapshot_interval = 1800, snapshot_keep = 48, \
              cloud_join = \"provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod\" }})",
             template.display()
@@ -469,6 +469,9 @@ const VARIABLE_CASES: &[(&str, &str, bool)] = &[
     ("expiry", "120.5", false),
     ("datacenter", r#""eu_west-1""#, true),
     ("datacenter", r#""DC1""#, false),
+    ("domain", r#""consul.example.com""#, true),
+    ("domain", r#""Example""#, false),
+    ("domain", r#""-bad.example""#, false),
     ("ami_id", r#""ami-0123456789abcdef0""#, true),
     ("ami_id", r#""ami-XYZ""#, false),
     ("agents_min_size", "0", true),

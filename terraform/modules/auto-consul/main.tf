@@ -31,6 +31,7 @@ locals {
     expiry       = var.expiry
     agent_expiry = var.agent_expiry
     datacenter   = var.datacenter
+    domain       = var.domain
     data_dir     = var.consul_data_dir
     config_dir   = var.consul_config_dir
     baked_image  = var.baked_image

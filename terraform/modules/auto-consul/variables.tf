@@ -168,6 +168,17 @@ variable "datacenter" {
   }
 }
 
+variable "domain" {
+  description = "Consul's DNS domain, and the name in servers' certificates: server.<datacenter>.<domain> (AUTO_CONSUL_DOMAIN)."
+  type        = string
+  default     = "consul"
+
+  validation {
+    condition     = can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?[.])*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", var.domain))
+    error_message = "The domain must be dot-separated labels of lower case letters, digits and \"-\" (e.g. consul or consul.example.com)."
+  }
+}
+
 variable "consul_data_dir" {
   description = "Consul data directory on the instances (AUTO_CONSUL_DATA_DIR)."
   type        = string
