@@ -241,7 +241,18 @@ impl Api {
 /// /v1/agent/leave`, what `consul leave` does): its peers see it leave
 /// instead of fail, and a server's Raft peer is removed at once.
 pub async fn leave(token_file: Option<&std::path::Path>) -> Result<()> {
-    let api = Api::from_env(token_file)?;
+    leave_with(token_file, None).await
+}
+
+/// [`leave`], with `token` (when given) instead of the environment's:
+/// Consul lets a token leave that has agent:write on this node
+/// (agent/agent_endpoint.go, `AgentLeave`: `AgentWriteAllowed` on the
+/// agent's node name), which a management token has.
+pub async fn leave_with(token_file: Option<&std::path::Path>, token: Option<&str>) -> Result<()> {
+    let mut api = Api::from_env(token_file)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
     let shown = api.shown.clone();
     let resp = api
         .request(reqwest::Method::PUT, "/v1/agent/leave")
@@ -280,9 +291,13 @@ pub enum Joined {
 /// /v1/agent/join/<address>`, what `consul join` does).
 pub async fn join(
     token_file: Option<&std::path::Path>,
+    token: Option<&str>,
     address: std::net::IpAddr,
 ) -> Result<Joined> {
-    let api = Api::from_env(token_file)?;
+    let mut api = Api::from_env(token_file)?;
+    if let Some(t) = token {
+        api.token = Some(t.to_string());
+    }
     let resp = api
         .request(reqwest::Method::PUT, &format!("/v1/agent/join/{address}"))
         .timeout(Duration::from_secs(15))

@@ -471,3 +471,79 @@ fn a_garbage_or_denied_parameter_stops_run_with_one_line_naming_it() {
     );
     assert!(!root.join("etc/consul.d/zz-auto-consul.json").exists());
 }
+
+#[test]
+fn a_terminating_server_leaves_under_default_deny_with_the_management_token() {
+    // A moto of its own: it serves this test's instance metadata.
+    let moto = Moto::start(&[]);
+    let bucket = bucket(&moto);
+    let p = "sec/leave";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets_dir = tmp.path().join("secrets");
+    std::fs::create_dir_all(&secrets_dir).unwrap();
+    let secrets = format!("file://{}", secrets_dir.display());
+    let root = tmp.path().join("s");
+    ok_json(&output(
+        run_cmd(&moto, &registry, &root, "lv-s", "10.77.0.1", 1).args(["--secrets", &secrets]),
+    ));
+    let id = cluster_id(&moto, &bucket, p);
+    let management = std::fs::read_to_string(secrets_dir.join(&id).join("server/management-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let acl = tmp.path().join("acl");
+    std::fs::create_dir_all(&acl).unwrap();
+    let left = tmp.path().join("left");
+    // Default deny: Consul's ACL state, where leaving takes agent:write.
+    let agent = FakeAgent::start(
+        "lv-s",
+        true,
+        &[
+            "--address",
+            "10.77.0.1",
+            "--acl-dir",
+            acl.to_str().unwrap(),
+            "--acl-management",
+            &management,
+            "--leave-file",
+            left.to_str().unwrap(),
+        ],
+    );
+    moto.imds(
+        "/latest/meta-data/autoscaling/target-lifecycle-state",
+        Some("Terminated"),
+    );
+    let leave = |extra: &[&str]| {
+        let mut cmd = auto_consul(&moto);
+        cmd.args([
+            "leave",
+            "--json",
+            "--if-terminating",
+            "--registry",
+            &registry,
+            "--address",
+            "10.77.0.1",
+            "--node",
+            "lv-s",
+        ])
+        .args(extra)
+        .arg("--root")
+        .arg(&root)
+        .env("CONSUL_HTTP_ADDR", agent.addr())
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", moto.url());
+        output(&mut cmd)
+    };
+    // Without a token that may, Consul refuses the leave (as it did before
+    // the server read its management token).
+    let refused = leave(&[]);
+    assert!(!left.exists());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("agent:write"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // With the secrets store, the server leaves with the management token.
+    ok_json(&leave(&["--secrets", &secrets]));
+    assert!(left.exists(), "the server left Consul's Raft");
+}

@@ -42,10 +42,28 @@ pub async fn leave(opts: &GlobalOpts, if_terminating: bool) -> Result<()> {
 /// Makes the local Consul agent leave gracefully; a failure is logged (the
 /// registry is left anyway: the slot must be freed for a replacement).
 pub async fn consul_leaves(opts: &GlobalOpts) {
-    match agent::leave(opts.acl_token_file.as_deref()).await {
+    // Under default deny, leaving takes agent:write on this node: a
+    // server whose secrets auto-consul made has the management token.
+    let token = match (&opts.acl_token_file, server_cluster(opts)) {
+        (None, Some(cluster)) => super::management_token(opts, &cluster)
+            .await
+            .map_err(|e| tracing::warn!("reading the management token to leave with: {e:#}"))
+            .ok()
+            .flatten(),
+        _ => None,
+    };
+    match agent::leave_with(opts.acl_token_file.as_deref(), token.as_deref()).await {
         Ok(()) => tracing::info!("the local Consul agent left the cluster"),
         Err(e) => tracing::error!("the local Consul agent did not leave: {e:#}"),
     }
+}
+
+/// The cluster of this node when `run` made it a server (its state file).
+fn server_cluster(opts: &GlobalOpts) -> Option<String> {
+    let root = Root::new(&opts.root);
+    state::load(&root)
+        .filter(|s| s.mode.is_server())
+        .and_then(|s| s.cluster_id)
 }
 
 /// Deletes this node's heartbeats and releases its slot.

@@ -136,9 +136,20 @@ pub async fn rejoin(
             on_disk.display()
         ),
     }
-    if leaderless {
+    if leaderless && !out.servers.is_empty() {
+        // Joining takes agent:write on this node (agent_endpoint.go,
+        // AgentJoin): a server whose secrets auto-consul made has the
+        // management token.
+        let token = match (&opts.acl_token_file, my_cluster.filter(|_| server)) {
+            (None, Some(cluster)) => super::management_token(opts, cluster)
+                .await
+                .map_err(|e| tracing::warn!("reading the management token to join with: {e:#}"))
+                .ok()
+                .flatten(),
+            _ => None,
+        };
         for address in &out.servers {
-            match agent::join(opts.acl_token_file.as_deref(), *address).await {
+            match agent::join(opts.acl_token_file.as_deref(), token.as_deref(), *address).await {
                 Ok(Joined::Yes) => {
                     tracing::warn!(
                         "the local Consul agent knew no leader: it joined {address}, a live server"

@@ -45,6 +45,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import ssl
 import tarfile
@@ -320,6 +321,26 @@ def main():
             for p in token.get("Policies") or []
         )
 
+    def agent_write(secret):
+        """Whether `secret` may write this agent: a management token, or a
+        token whose policies grant `agent "<node>"` or `agent_prefix` write
+        on it (Consul's ACL rules language)."""
+        if is_management(secret):
+            return True
+        token = acl_state(lambda st: st["tokens"].get(secret))
+        if not token:
+            return False
+        policies = acl_state(lambda st: st["policies"])
+        names = {p.get("Name") for p in token.get("Policies") or []}
+        for p in policies.values():
+            if p.get("Name") not in names:
+                continue
+            for kind, name, policy in re.findall(r'(agent|agent_prefix)\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(\w+)"', p.get("Rules", "")):
+                hit = name == args.node if kind == "agent" else args.node.startswith(name)
+                if hit and policy == "write":
+                    return True
+        return False
+
     def bootstrap(st):
         # A new leader sets up the Connect CA when the state has none
         # (agent/consul/leader_connect_ca.go, initializeRootCA); a restore
@@ -503,6 +524,12 @@ def main():
             except (OSError, ssl.SSLError) as e:
                 return self.reply(500, f"Failed reloading: {e}".encode(), "text/plain")
             return self.reply(200, b"", "text/plain")
+        if path in ("/v1/agent/leave",) or path.startswith("/v1/agent/join/"):
+            # agent:write on this agent's node name (agent_endpoint.go,
+            # AgentLeave and AgentJoin: AgentWriteAllowed(NodeName)).
+            if args.acl_dir and not agent_write(self.headers.get("X-Consul-Token", "")):
+                msg = f'Permission denied: token lacks permission \'agent:write\' on "{args.node}"'
+                return self.reply(403, msg.encode(), "text/plain")
         if path == "/v1/agent/leave" and args.leave_file:
             with open(args.leave_file, "w") as f:
                 f.write("left\n")
