@@ -411,6 +411,13 @@ pub const AGENT_POLICY: &str = "auto-consul-agent";
 const AGENT_RULES: &str =
     "node_prefix \"\" {\n  policy = \"write\"\n}\nservice_prefix \"\" {\n  policy = \"read\"\n}\n";
 
+/// The policy of the DNS token (`acl.tokens.default`): read on nodes,
+/// services and prepared queries, what Consul's DNS answers need
+/// (agent/dns.go looks up catalog nodes, services and prepared queries
+/// with it) and what anonymous discovery reads need.
+pub const DNS_POLICY: &str = "auto-consul-dns";
+const DNS_RULES: &str = "node_prefix \"\" {\n  policy = \"read\"\n}\nservice_prefix \"\" {\n  policy = \"read\"\n}\nquery_prefix \"\" {\n  policy = \"read\"\n}\n";
+
 /// Makes sure the agents' token (SecretID `agent_token`, made at genesis)
 /// exists in Consul, creating its policy and the token with the initial
 /// management token when it does not. Idempotent across servers: Consul
@@ -418,16 +425,50 @@ const AGENT_RULES: &str =
 /// the same name, and those answers count as done. Returns whether this
 /// call created the token.
 pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<bool> {
+    ensure_token(
+        management,
+        agent_token,
+        AGENT_POLICY,
+        AGENT_RULES,
+        "auto-consul: what the agents' token may do",
+        "auto-consul: the token agents run with",
+    )
+    .await
+}
+
+/// [`ensure_agent_token`] for the DNS token.
+pub async fn ensure_dns_token(management: &str, dns_token: &str) -> Result<bool> {
+    ensure_token(
+        management,
+        dns_token,
+        DNS_POLICY,
+        DNS_RULES,
+        "auto-consul: what DNS and requests without a token may read",
+        "auto-consul: the DNS (default) token",
+    )
+    .await
+}
+
+/// A token with SecretID `secret` linked to policy `policy` (`rules`),
+/// made with the management token unless it exists.
+async fn ensure_token(
+    management: &str,
+    secret: &str,
+    policy: &str,
+    rules: &str,
+    policy_description: &str,
+    token_description: &str,
+) -> Result<bool> {
     let mut api = Api::from_env(None)?;
     let shown = api.shown.clone();
-    api.token = Some(agent_token.to_string());
+    api.token = Some(secret.to_string());
     let me = api
         .request(reqwest::Method::GET, "/v1/acl/token/self")
         .send()
         .await
         .map_err(|e| {
             anyhow!(e).context(format!(
-                "asking the Consul agent at {shown} for the agents' token"
+                "asking the Consul agent at {shown} for the token of policy {policy}"
             ))
         })?;
     if me.status().is_success() {
@@ -438,9 +479,9 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
         .put_json(
             "/v1/acl/policy",
             serde_json::json!({
-                "Name": AGENT_POLICY,
-                "Description": "auto-consul: what the agents' token may do",
-                "Rules": AGENT_RULES,
+                "Name": policy,
+                "Description": policy_description,
+                "Rules": rules,
             }),
         )
         .await?;
@@ -454,9 +495,9 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
         .put_json(
             "/v1/acl/token",
             serde_json::json!({
-                "SecretID": agent_token,
-                "Description": "auto-consul: the token agents run with",
-                "Policies": [{ "Name": AGENT_POLICY }],
+                "SecretID": secret,
+                "Description": token_description,
+                "Policies": [{ "Name": policy }],
             }),
         )
         .await?;

@@ -477,7 +477,7 @@ pub enum SecretsAction {
     /// exists and who may read it. Never a value.
     List,
     /// Print one secret's value on stdout (the only way a value reaches a
-    /// terminal): gossip-key, ca-cert, agent-token, ca or
+    /// terminal): gossip-key, ca-cert, agent-token, dns-token, ca or
     /// management-token.
     Get {
         /// The secret's name.

@@ -55,6 +55,9 @@ pub struct GenesisAcl<'a> {
     pub management: Option<&'a str>,
     /// `acl.tokens.agent`.
     pub agent: &'a str,
+    /// `acl.tokens.default`: what DNS and requests without a token run
+    /// with (read on nodes, services and prepared queries); empty: none.
+    pub dns: &'a str,
 }
 
 /// TLS file paths for Consul.
@@ -121,6 +124,13 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
             tokens.insert("initial_management".into(), json!(m));
         }
         tokens.insert("agent".into(), json!(s.acl_token.unwrap_or(acl.agent)));
+        // DNS answers with the default token when no `dns` token is set
+        // (Consul's ACL docs on `acl.tokens.dns`, which only newer Consul
+        // has: agent/token/store.go `DNSToken`), and so do requests that
+        // carry no token: one config for every version.
+        if !acl.dns.is_empty() {
+            tokens.insert("default".into(), json!(acl.dns));
+        }
         c.insert(
             "acl".into(),
             json!({

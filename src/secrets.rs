@@ -101,17 +101,21 @@ pub enum Secret {
     Ca,
     /// `acl.tokens.initial_management`.
     ManagementToken,
+    /// The SecretID of the token DNS and anonymous discovery run with
+    /// (`acl.tokens.default`: read on nodes, services, prepared queries).
+    DnsToken,
 }
 
 impl Secret {
     /// Every secret, in the order a server makes them (the CA before its
     /// certificate).
-    pub const ALL: [Secret; 5] = [
+    pub const ALL: [Secret; 6] = [
         Secret::GossipKey,
         Secret::Ca,
         Secret::CaCert,
         Secret::ManagementToken,
         Secret::AgentToken,
+        Secret::DnsToken,
     ];
 
     /// The name under the cluster's path.
@@ -122,6 +126,7 @@ impl Secret {
             Secret::AgentToken => "agent/agent-token",
             Secret::Ca => "server/ca",
             Secret::ManagementToken => "server/management-token",
+            Secret::DnsToken => "agent/dns-token",
         }
     }
 
@@ -139,9 +144,11 @@ impl Secret {
     fn check(self, value: &str) -> Result<(), String> {
         match self {
             Secret::GossipKey => check_gossip_key(value),
-            Secret::AgentToken | Secret::ManagementToken => uuid::Uuid::parse_str(value)
-                .map(|_| ())
-                .map_err(|_| "is not a token (a UUID)".to_string()),
+            Secret::AgentToken | Secret::ManagementToken | Secret::DnsToken => {
+                uuid::Uuid::parse_str(value)
+                    .map(|_| ())
+                    .map_err(|_| "is not a token (a UUID)".to_string())
+            }
             Secret::CaCert => split_ca(value)
                 .filter(|(_, key)| key.is_none())
                 .map(|_| ())
@@ -363,6 +370,8 @@ pub struct Material {
     /// The certificate of the CA servers are signed with now (`ca_key`'s).
     pub signing_ca_cert: String,
     pub agent_token: String,
+    /// The DNS (default) token's SecretID.
+    pub dns_token: String,
     /// Servers only: the CA's key, to sign their certificates.
     pub ca_key: Option<String>,
     /// Servers only.
@@ -586,6 +595,7 @@ pub async fn genesis_with(
             Secret::Ca,
             Secret::ManagementToken,
             Secret::AgentToken,
+            Secret::DnsToken,
         ] {
             if !values.contains_key(&secret) {
                 let fresh = match secret {
@@ -656,6 +666,7 @@ pub async fn genesis_with(
         ca_cert,
         signing_ca_cert,
         agent_token: take(Secret::AgentToken).expect("read"),
+        dns_token: take(Secret::DnsToken).expect("read"),
         ca_key,
         management_token: take(Secret::ManagementToken),
     })
@@ -901,6 +912,7 @@ mod tests {
             ca_cert: cert.clone(),
             signing_ca_cert: cert.clone(),
             agent_token: String::new(),
+            dns_token: String::new(),
             ca_key: key,
             management_token: None,
         };

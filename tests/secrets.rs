@@ -165,6 +165,7 @@ fn racing_nodes_share_one_set_of_secrets_and_agents_read_only_theirs() {
         "agent/gossip-key",
         "agent/ca-cert",
         "agent/agent-token",
+        "agent/dns-token",
         "server/ca",
         "server/management-token",
     ] {
@@ -180,6 +181,10 @@ fn racing_nodes_share_one_set_of_secrets_and_agents_read_only_theirs() {
         assert_eq!(
             c["acl"]["tokens"]["agent"],
             values["agent/agent-token"].trim()
+        );
+        assert_eq!(
+            c["acl"]["tokens"]["default"],
+            values["agent/dns-token"].trim()
         );
         let tls = root(i).join("etc/consul.d/auto-consul-tls");
         assert_eq!(
@@ -359,16 +364,29 @@ fn the_agents_token_is_made_in_consul_once_by_the_servers_heartbeats() {
             .collect()
     };
     let writes = log();
-    let tokens: Vec<&Value> = writes
-        .iter()
-        .filter(|w| w["path"] == "/v1/acl/token")
-        .collect();
-    let policies: Vec<&Value> = writes
-        .iter()
-        .filter(|w| w["path"] == "/v1/acl/policy")
-        .collect();
+    // Each token made once: the agents' and the DNS one.
+    let made = |path: &str, policy: &str| -> Vec<&Value> {
+        writes
+            .iter()
+            .filter(|w| w["path"] == path)
+            .filter(|w| w["body"]["Name"] == policy || w["body"]["Policies"][0]["Name"] == policy)
+            .collect()
+    };
+    let tokens = made("/v1/acl/token", "auto-consul-agent");
+    let policies = made("/v1/acl/policy", "auto-consul-agent");
     assert_eq!(tokens.len(), 1, "{writes:?}");
     assert_eq!(policies.len(), 1, "{writes:?}");
+    assert_eq!(
+        made("/v1/acl/token", "auto-consul-dns").len(),
+        1,
+        "{writes:?}"
+    );
+    assert_eq!(
+        made("/v1/acl/policy", "auto-consul-dns").len(),
+        1,
+        "{writes:?}"
+    );
+    assert_eq!(writes.len(), 4, "{writes:?}");
     assert_eq!(tokens[0]["body"]["SecretID"], agent_token.trim());
     assert_eq!(
         tokens[0]["body"]["Policies"][0]["Name"],
@@ -546,4 +564,137 @@ fn a_terminating_server_leaves_under_default_deny_with_the_management_token() {
     // With the secrets store, the server leaves with the management token.
     ok_json(&leave(&["--secrets", &secrets]));
     assert!(left.exists(), "the server left Consul's Raft");
+}
+
+/// `curl` against a fake agent: the status code and the body.
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn dns_and_discovery_answer_under_default_deny_with_the_dns_token() {
+    let moto = moto();
+    let bucket = bucket(moto);
+    let p = "sec/dns";
+    let registry = format!("s3://{bucket}/{p}");
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets_dir = tmp.path().join("secrets");
+    std::fs::create_dir_all(&secrets_dir).unwrap();
+    let secrets = format!("file://{}", secrets_dir.display());
+    let (s, a) = (tmp.path().join("s"), tmp.path().join("a"));
+    ok_json(&output(
+        run_cmd(moto, &registry, &s, "dns-s", "10.78.0.1", 1).args(["--secrets", &secrets]),
+    ));
+    ok_json(&output(
+        run_cmd(moto, &registry, &a, "dns-a", "10.78.0.2", 1).args([
+            "--role",
+            "agent",
+            "--secrets",
+            &secrets,
+        ]),
+    ));
+    let id = cluster_id(moto, &bucket, p);
+    let secret = |rel: &str| {
+        std::fs::read_to_string(secrets_dir.join(&id).join(rel))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (management, dns) = (secret("server/management-token"), secret("agent/dns-token"));
+    // Every node runs with the DNS token as its default token.
+    for root in [&s, &a] {
+        assert_eq!(config(root)["acl"]["tokens"]["default"], dns.as_str());
+    }
+    let acl = tmp.path().join("acl");
+    std::fs::create_dir_all(&acl).unwrap();
+    let fake = |node: &str, ip: &str, server: bool, config: Option<&Path>| {
+        let mut args = vec![
+            "--address".to_string(),
+            ip.to_string(),
+            "--leader".into(),
+            "10.78.0.1:8300".into(),
+            "--acl-dir".into(),
+            acl.display().to_string(),
+            "--acl-management".into(),
+            management.clone(),
+        ];
+        if let Some(c) = config {
+            args.push("--config-file".into());
+            args.push(c.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        FakeAgent::start(node, server, &args)
+    };
+    let agent_s = fake(
+        "dns-s",
+        "10.78.0.1",
+        true,
+        Some(&s.join("etc/consul.d/zz-auto-consul.json")),
+    );
+    let agent_a = fake(
+        "dns-a",
+        "10.78.0.2",
+        false,
+        Some(&a.join("etc/consul.d/zz-auto-consul.json")),
+    );
+    // The server's heartbeat makes the DNS token (and its policy) in Consul.
+    ok_json(&output(
+        heartbeat_cmd(moto, &registry, &s, "dns-s", "10.78.0.1", &agent_s.addr())
+            .args(["--secrets", &secrets]),
+    ));
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(acl.join("acl-state.json")).unwrap())
+            .unwrap();
+    let rules = state["policies"]["auto-consul-dns"]["Rules"]
+        .as_str()
+        .unwrap();
+    for rule in [
+        "node_prefix \"\"",
+        "service_prefix \"\"",
+        "query_prefix \"\"",
+    ] {
+        assert!(rules.contains(rule), "{rules}");
+    }
+    assert!(!rules.contains("write"), "{rules}");
+    assert!(state["tokens"].get(&dns).is_some());
+
+    // A local service registers with a token that may write it; the
+    // default (DNS) token may not.
+    let register = |token: Option<&str>| {
+        let mut args = vec![
+            "-X".to_string(),
+            "PUT".into(),
+            "-d".into(),
+            r#"{"Name": "web", "Port": 8080}"#.into(),
+        ];
+        if let Some(t) = token {
+            args.push("-H".into());
+            args.push(format!("X-Consul-Token: {t}"));
+        }
+        args.push(format!(
+            "http://{}/v1/agent/service/register",
+            agent_a.addr()
+        ));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&args).0
+    };
+    assert_eq!(register(None), 403);
+    assert_eq!(register(Some(&management)), 200);
+    // Discovery without a token answers under default deny (the DNS token)...
+    let (code, body) = curl(&[&format!("http://{}/v1/catalog/service/web", agent_a.addr())]);
+    assert_eq!(code, 200);
+    let found: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(found.as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(found[0]["ServicePort"], 8080);
+    // ...and an agent without it answers nothing, as Consul's default deny.
+    let bare = fake("dns-b", "10.78.0.3", false, None);
+    let (_, body) = curl(&[&format!("http://{}/v1/catalog/service/web", bare.addr())]);
+    assert_eq!(body.trim(), "[]");
 }

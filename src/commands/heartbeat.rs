@@ -148,11 +148,11 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         &opts.secrets,
         saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
     ) && status.leader.is_some()
+    {
         // Once a rotation moved the agents' token on, its steps make the
         // tokens: generation 1 is never made again.
-        && record.as_ref().is_none_or(|(r, _)| r.agent_token.is_none())
-    {
-        agent_token_in_consul(&root, url, cluster).await;
+        let agent_token = record.as_ref().is_none_or(|(r, _)| r.agent_token.is_none());
+        tokens_in_consul(&root, url, cluster, agent_token).await;
     }
     // A certificate auto-consul made, renewed before it expires.
     let tls = match &saved {
@@ -453,14 +453,26 @@ async fn purge_if_due(
 /// Where a server records that the agents' token exists in Consul (the
 /// cluster id), so later heartbeats ask nothing.
 const AGENT_TOKEN_MADE: &str = "/var/lib/auto-consul/agent-token-made";
+/// Where a server records that the DNS token exists in Consul.
+const DNS_TOKEN_MADE: &str = "/var/lib/auto-consul/dns-token-made";
 
 /// A server of a cluster whose secrets were made at genesis makes the
-/// agents' token exist in Consul once a leader is up (with the initial
-/// management token), then records it. Failures are warnings: the next
-/// heartbeat tries again.
-async fn agent_token_in_consul(root: &Root, url: &crate::secrets::SecretsUrl, cluster: &str) {
-    let marker = root.path(std::path::Path::new(AGENT_TOKEN_MADE));
-    if std::fs::read_to_string(&marker).is_ok_and(|c| c.trim() == cluster) {
+/// agents' token (unless a rotation moved it on) and the DNS token exist
+/// in Consul once a leader is up (with the initial management token), then
+/// records each. Failures are warnings: the next heartbeat tries again.
+async fn tokens_in_consul(
+    root: &Root,
+    url: &crate::secrets::SecretsUrl,
+    cluster: &str,
+    agent_token: bool,
+) {
+    let made_for = |marker: &str| {
+        std::fs::read_to_string(root.path(std::path::Path::new(marker)))
+            .is_ok_and(|c| c.trim() == cluster)
+    };
+    let want_agent = agent_token && !made_for(AGENT_TOKEN_MADE);
+    let want_dns = !made_for(DNS_TOKEN_MADE);
+    if !want_agent && !want_dns {
         return;
     }
     let made = async {
@@ -470,33 +482,62 @@ async fn agent_token_in_consul(root: &Root, url: &crate::secrets::SecretsUrl, cl
         let m = crate::secrets::genesis(store.as_ref(), cluster, true).await?;
         let management = m
             .management_token
+            .clone()
             .ok_or_else(|| anyhow::anyhow!("no management token"))?;
-        agent::ensure_agent_token(&management, &m.agent_token)
-            .await
-            .map(Some)
+        Ok::<_, anyhow::Error>(Some((m, management)))
     };
-    match made.await {
-        Ok(Some(created)) => {
-            if created {
-                tracing::info!(
-                    "made the agents' ACL token in Consul (policy {})",
-                    agent::AGENT_POLICY
-                );
-            }
-            if let Err(e) = install::write_atomic(
-                root,
-                &install::FileSpec {
-                    path: AGENT_TOKEN_MADE.into(),
-                    contents: format!("{cluster}\n"),
-                    mode: 0o644,
-                    owner: None,
-                },
-            ) {
-                tracing::warn!("could not record that the agents' token exists: {e:#}");
-            }
+    let (m, management) = match made.await {
+        Ok(Some(x)) => x,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("the ACL tokens made at genesis are not in Consul yet: {e:#}");
+            return;
         }
-        Ok(None) => {}
-        Err(e) => tracing::warn!("the agents' ACL token is not in Consul yet: {e:#}"),
+    };
+    let jobs = [
+        (
+            want_agent,
+            AGENT_TOKEN_MADE,
+            agent::AGENT_POLICY,
+            m.agent_token.as_str(),
+        ),
+        (
+            want_dns,
+            DNS_TOKEN_MADE,
+            agent::DNS_POLICY,
+            m.dns_token.as_str(),
+        ),
+    ];
+    for (wanted, marker, policy, secret) in jobs {
+        if !wanted {
+            continue;
+        }
+        let ensured = if policy == agent::DNS_POLICY {
+            agent::ensure_dns_token(&management, secret).await
+        } else {
+            agent::ensure_agent_token(&management, secret).await
+        };
+        match ensured {
+            Ok(created) => {
+                if created {
+                    tracing::info!("made the ACL token of policy {policy} in Consul");
+                }
+                if let Err(e) = install::write_atomic(
+                    root,
+                    &install::FileSpec {
+                        path: marker.into(),
+                        contents: format!("{cluster}\n"),
+                        mode: 0o644,
+                        owner: None,
+                    },
+                ) {
+                    tracing::warn!(
+                        "could not record that the token of policy {policy} exists: {e:#}"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("the token of policy {policy} is not in Consul yet: {e:#}"),
+        }
     }
 }
 

@@ -686,6 +686,7 @@ impl RestoreSteps<'_> {
             return Ok(());
         };
         agent::ensure_agent_token(management, &made.agent_token).await?;
+        agent::ensure_dns_token(management, &made.dns_token).await?;
         Ok(())
     }
 }

@@ -264,6 +264,11 @@ def main():
         "encrypt is ignored), else `encrypt` of --keyring-config",
     )
     parser.add_argument("--keyring-config", help="the Consul config file whose `encrypt` this agent starts with")
+    parser.add_argument(
+        "--config-file",
+        help="this agent's Consul config file: requests without X-Consul-Token run with its acl.tokens.default "
+        "(with --acl-dir: the catalog endpoints filter by the ACL rules Consul applies)",
+    )
     parser.add_argument("--rpc-cert")
     parser.add_argument("--rpc-key")
     parser.add_argument("--rpc-ca")
@@ -321,10 +326,12 @@ def main():
             for p in token.get("Policies") or []
         )
 
-    def agent_write(secret):
-        """Whether `secret` may write this agent: a management token, or a
-        token whose policies grant `agent "<node>"` or `agent_prefix` write
-        on it (Consul's ACL rules language)."""
+    def allowed(secret, resource, name, access):
+        """Whether `secret` grants `access` ("read" or "write") on
+        `resource` `name` (agent, node, service, query): a management
+        token, or a token whose policies' rules name it exactly
+        (`service "web"`) or by prefix (`service_prefix ""`), write
+        implying read (Consul's ACL rules language, acl/policy.go)."""
         if is_management(secret):
             return True
         token = acl_state(lambda st: st["tokens"].get(secret))
@@ -332,14 +339,27 @@ def main():
             return False
         policies = acl_state(lambda st: st["policies"])
         names = {p.get("Name") for p in token.get("Policies") or []}
+        pattern = r'(' + resource + r'|' + resource + r'_prefix)\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(\w+)"'
         for p in policies.values():
             if p.get("Name") not in names:
                 continue
-            for kind, name, policy in re.findall(r'(agent|agent_prefix)\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(\w+)"', p.get("Rules", "")):
-                hit = name == args.node if kind == "agent" else args.node.startswith(name)
-                if hit and policy == "write":
+            for kind, rule_name, policy in re.findall(pattern, p.get("Rules", "")):
+                hit = rule_name == name if kind == resource else name.startswith(rule_name)
+                if hit and (policy == "write" or (policy == "read" and access == "read")):
                     return True
         return False
+
+    def agent_write(secret):
+        return allowed(secret, "agent", args.node, "write")
+
+    def request_token(handler):
+        """The request's token, or the agent's default token
+        (`acl.tokens.default` of its config) when it carries none."""
+        token = handler.headers.get("X-Consul-Token", "")
+        if token or not args.config_file:
+            return token
+        with open(args.config_file) as f:
+            return ((json.load(f).get("acl") or {}).get("tokens") or {}).get("default", "")
 
     def bootstrap(st):
         # A new leader sets up the Connect CA when the state has none
@@ -415,6 +435,16 @@ def main():
                 return self.reply(200, json.dumps(reply).encode(), "application/json")
             if path == "/_members" and args.keyring_data_dir:
                 return self.reply(200, json.dumps(live_members()).encode(), "application/json")
+            if path.startswith("/v1/catalog/service/") and args.acl_dir:
+                # ACL filtering (agent/consul/acl.go, filterServiceNodes):
+                # an entry is shown only with service:read on it and
+                # node:read on its node; default deny shows nothing.
+                name = path[len("/v1/catalog/service/"):]
+                token = request_token(self)
+                entries = cluster_state(lambda st: list((st.get("catalog") or {}).get(name, [])))
+                shown = [e for e in entries
+                         if allowed(token, "service", name, "read") and allowed(token, "node", e["Node"], "read")]
+                return self.reply(200, json.dumps(shown).encode(), "application/json")
             if path == "/v1/agent/connect/ca/roots":
                 ca = cluster_state(lambda st: st["connect_ca"])
                 roots = {"ActiveRootID": ca["ActiveRootID"], "TrustDomain": "11111111-2222-3333-4444-555555555555.consul",
@@ -514,6 +544,23 @@ def main():
             return self.reply(403, b"Permission denied", "text/plain")
         if path == "/v1/operator/keyring" and args.keyring_data_dir:
             return keyring_op(self, "PUT")
+        if path == "/v1/agent/service/register" and args.acl_dir:
+            # service:write on the service's name (agent_endpoint.go,
+            # AgentRegisterService: vetServiceRegister).
+            length = int(self.headers.get("Content-Length") or 0)
+            svc = json.loads(self.rfile.read(length) or b"{}")
+            name = svc.get("Name", "")
+            if not allowed(request_token(self), "service", name, "write"):
+                msg = f'Permission denied: token lacks permission \'service:write\' on "{name}"'
+                return self.reply(403, msg.encode(), "text/plain")
+
+            def register(st):
+                entries = st.setdefault("catalog", {}).setdefault(name, [])
+                entries[:] = [e for e in entries if e["Node"] != args.node]
+                entries.append({"Node": args.node, "Address": args.address, "ServiceName": name,
+                                "ServiceID": svc.get("ID", name), "ServicePort": svc.get("Port", 0)})
+            cluster_state(register)
+            return self.reply(200, b"", "text/plain")
         if path == "/v1/agent/reload":
             # agent:write (agent_endpoint.go AgentReload); with ACLs, a
             # management token here.

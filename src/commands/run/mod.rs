@@ -156,6 +156,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         acl: made.as_ref().map(|m| render::GenesisAcl {
             management: m.management_token.as_deref(),
             agent: &m.agent_token,
+            dns: &m.dns_token,
         }),
         tls: tls_paths.tls(opts, elected.mode, !tls_files.is_empty()),
     };
