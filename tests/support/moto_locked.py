@@ -47,6 +47,8 @@ it, whatever the writers' clocks say).
 Instance metadata the stock moto does not serve, for termination tests:
 `POST /_imds` with {PATH: BODY, ...} answers GET PATH with BODY (200), or 404
 where BODY is null; e.g. "/latest/meta-data/autoscaling/target-lifecycle-state".
+Instance tags (`/latest/meta-data/tags/instance...`) answer 404 unless a rule
+says otherwise, as EC2 does while tags are not allowed in the metadata.
 
 SSM, for the secrets tests: `GET /_ssm` answers every SSM call so far as
 [{"action": "GetParameter", "name": NAME, "key": ACCESS_KEY_ID}, ...] (who
@@ -259,6 +261,12 @@ class Serialized:
             if body is None:
                 return reply(start_response, 404, b"Not Found")
             return reply(start_response, 200, body.encode())
+        if path.startswith("/latest/meta-data/tags/instance") and environ.get("REQUEST_METHOD") == "GET":
+            # EC2 answers 404 while instance tags are not allowed in the
+            # metadata (the default; AWS's "Work with instance tags in
+            # instance metadata"); moto answers 500, which an IMDS client
+            # retries after a backoff of about a second.
+            return reply(start_response, 404, b"Not Found")
         if path == "/_age":
             length = int(environ.get("CONTENT_LENGTH") or 0)
             age = json.loads(environ["wsgi.input"].read(length))
