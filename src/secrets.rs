@@ -399,6 +399,22 @@ pub async fn genesis(store: &dyn SecretStore, cluster: &str, server: bool) -> Re
     genesis_with(store, cluster, server, Generations::default()).await
 }
 
+/// [`genesis`] by a server at the genesis of cluster `cluster`; with
+/// `fresh` (a cluster id this node has just drawn, which no secret can
+/// name yet) nothing is read first: every secret is made at once
+/// (create-only, a loser reading the winner's value all the same).
+pub async fn genesis_fresh(
+    store: &dyn SecretStore,
+    cluster: &str,
+    fresh: bool,
+) -> Result<Material> {
+    if fresh {
+        genesis_inner(store, cluster, true, Generations::default(), false).await
+    } else {
+        genesis(store, cluster, true).await
+    }
+}
+
 /// The name of generation `generation` of `secret`: 1 is the one made at
 /// genesis, `<name>.<n>` the one the n-th rotation made.
 pub fn generation_name(cluster: &str, secret: Secret, generation: u32) -> String {
@@ -459,6 +475,16 @@ pub async fn genesis_with(
     server: bool,
     gens: Generations,
 ) -> Result<Material> {
+    genesis_inner(store, cluster, server, gens, true).await
+}
+
+async fn genesis_inner(
+    store: &dyn SecretStore,
+    cluster: &str,
+    server: bool,
+    gens: Generations,
+    read_first: bool,
+) -> Result<Material> {
     let (primary, other) = gossip_generations(gens.gossip);
     let agent_token = gens.agent_token.max(1);
     let signing = gens.ca.signing();
@@ -494,7 +520,13 @@ pub async fn genesis_with(
     let (read, other_value, extra_ca_value) = futures::future::try_join3(
         futures::future::try_join_all(wanted.iter().map(|s| {
             let n = name(*s);
-            async move { store.get(&n).await }
+            async move {
+                if read_first {
+                    store.get(&n).await
+                } else {
+                    Ok(None)
+                }
+            }
         })),
         other_read,
         extra_ca_read,
@@ -603,6 +635,14 @@ pub async fn genesis_with(
                     Secret::Ca => new_ca(cluster)?,
                     _ => uuid::Uuid::new_v4().to_string(),
                 };
+                // A cluster id no one else knows: the CA this node makes is
+                // the one, and its certificate is made in the same round.
+                if secret == Secret::Ca && !read_first {
+                    let cert = split_ca(&fresh)
+                        .map(|c| c.0)
+                        .expect("a CA made here parses");
+                    first.push(make(Secret::CaCert, cert));
+                }
                 first.push(make(secret, fresh));
             }
         }

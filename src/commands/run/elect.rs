@@ -79,6 +79,9 @@ pub(super) struct Elector<'a> {
     /// A cluster that replaces a gone one restores its snapshot
     /// (`--no-restore` turns this off).
     pub(super) restore: bool,
+    /// The secrets this node made at a genesis (cluster id, material): `run`
+    /// uses them rather than reading them again.
+    pub(super) made: std::sync::Mutex<Option<(String, crate::secrets::Material)>>,
 }
 
 impl Elector<'_> {
@@ -393,7 +396,7 @@ impl Elector<'_> {
         // the cluster whose snapshot it restores.
         let from = restore_source(&view).or_else(|| cluster_id.clone());
         if !self
-            .write_cluster(&id, cluster, self.seed, from.as_deref())
+            .write_cluster(&id, cluster, self.seed, from.as_deref(), true)
             .await?
         {
             // Someone changed the record between our read and now: finish
@@ -514,6 +517,7 @@ impl Elector<'_> {
         condition: Condition,
         settings: Settings,
         replaces: Option<&str>,
+        fresh: bool,
     ) -> Result<bool> {
         let restore = replaces
             .filter(|old| *old != id && self.restore)
@@ -549,8 +553,11 @@ impl Elector<'_> {
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a
         // node stopped while making them bootstraps when it runs again.
+        // A cluster id this node has just drawn names no secret yet: they
+        // are made without reading first (create-only all the same).
         if let Some(store) = self.secrets {
-            crate::secrets::genesis(store, id, true).await?;
+            let made = crate::secrets::genesis_fresh(store, id, fresh).await?;
+            *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some((id.to_string(), made));
         }
         let body = serde_json::to_vec(&record)?;
         let won = self
@@ -576,7 +583,7 @@ impl Elector<'_> {
         tracing::warn!("holding slot 0 for cluster {id} with no record of it: writing the record");
         let replaces = restore_source(view);
         if !self
-            .write_cluster(id, condition, settings, replaces.as_deref())
+            .write_cluster(id, condition, settings, replaces.as_deref(), false)
             .await?
         {
             bail!(

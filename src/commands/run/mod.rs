@@ -89,6 +89,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         role: opts.role,
         role_wait: role_wait(opts, &first_view),
         restore: !opts.no_restore,
+        made: Default::default(),
     };
     let (elected, launch) =
         elect_or_abandon(&elector, launch, previous.as_ref(), raft, first_view).await?;
@@ -120,7 +121,17 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     };
     decided_units(&mut fixed, &units, &consul, &root, timer_expiry, notify);
     // 6. The secrets made at genesis, and the TLS files from them.
-    let made = genesis_material(secrets_store.as_deref(), &elected).await?;
+    let made_at_genesis = elector
+        .made
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .filter(|(id, _)| Some(id) == elected.cluster_id.as_ref() && elected.mode.is_server())
+        .map(|(_, m)| m);
+    let made = match made_at_genesis {
+        Some(m) => Some(m),
+        None => genesis_material(secrets_store.as_deref(), &elected).await?,
+    };
     let tls_paths = TlsPaths::new(&opts.config_dir);
     let tls_files = match &made {
         Some(m) if opts.ca_file.is_none() => tls_material(
