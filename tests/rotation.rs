@@ -210,7 +210,7 @@ fn a_gossip_key_rotation_killed_anywhere_ends_with_one_key_and_no_outage() {
         } else {
             let out = child.wait_with_output().unwrap();
             let v = ok_json(&out);
-            eprintln!("pass {round}: {}", v["gossip_key_rotation"]);
+            eprintln!("pass {round}: {}", v["rotations"]);
         }
         all_reach_the_servers(&agents[0]).unwrap_or_else(|e| panic!("after pass {round}: {e}"));
     }
