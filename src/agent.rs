@@ -106,6 +106,46 @@ struct Api {
 }
 
 impl Api {
+    /// [`Api::from_env`] without a token file, with `token` (when given)
+    /// instead of the environment's.
+    fn with_token(token: Option<&str>) -> Result<Api> {
+        let mut api = Api::from_env(None)?;
+        if let Some(t) = token {
+            api.token = Some(t.to_string());
+        }
+        Ok(api)
+    }
+
+    /// `method path` (with `body` as JSON when given), within `timeout`:
+    /// the answer's text on success, else an error naming the agent, the
+    /// request and what Consul said.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<String> {
+        let what = format!("{method} {path}");
+        let mut req = self.request(method, path).timeout(timeout);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            anyhow!(e).context(format!("{what} to the Consul agent at {}", self.shown))
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!(
+                "the Consul agent at {} answered {status} to {what}: {}",
+                self.shown,
+                text.trim().chars().take(300).collect::<String>()
+            );
+        }
+        Ok(text)
+    }
+
     /// From `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, and the
     /// token from `CONSUL_HTTP_TOKEN`, else `CONSUL_HTTP_TOKEN_FILE`, else
     /// `token_file` (the agent's own ACL token file, `--acl-token-file`).
@@ -544,23 +584,14 @@ pub async fn delete_token(management: &str, secret: &str) -> Result<()> {
         .and_then(|v| v["AccessorID"].as_str().map(str::to_string))
         .context("the token has no AccessorID")?;
     api.token = Some(management.to_string());
-    let resp = api
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1/acl/token/{accessor}"),
-        )
-        .send()
-        .await
-        .map_err(|e| anyhow!(e).context(format!("deleting a token at {shown}")))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        anyhow::bail!(
-            "the Consul agent at {shown} answered {status} to DELETE /v1/acl/token/{accessor}: {}",
-            body.trim().chars().take(200).collect::<String>()
-        );
-    }
-    Ok(())
+    api.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/acl/token/{accessor}"),
+        None,
+        Duration::from_secs(30),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// This server's entry in autopilot's health report (`GET
@@ -573,10 +604,7 @@ pub async fn autopilot_self(
     node: &str,
     address: std::net::IpAddr,
 ) -> Result<Option<(bool, bool)>> {
-    let mut api = Api::from_env(None)?;
-    if let Some(t) = token {
-        api.token = Some(t.to_string());
-    }
+    let api = Api::with_token(token)?;
     let shown = api.shown.clone();
     let resp = api
         .request(reqwest::Method::GET, "/v1/operator/autopilot/health")
@@ -636,10 +664,7 @@ pub async fn save_snapshot(
     token: Option<&str>,
     dest: &std::path::Path,
 ) -> Result<crate::spool::Spooled> {
-    let mut api = Api::from_env(None)?;
-    if let Some(t) = token {
-        api.token = Some(t.to_string());
-    }
+    let api = Api::with_token(token)?;
     let shown = api.shown.clone();
     let mut resp = api
         .request(reqwest::Method::GET, "/v1/snapshot")
@@ -671,10 +696,7 @@ pub async fn save_snapshot(
 /// Restores `file` into the servers (`PUT /v1/snapshot`, what `consul
 /// snapshot restore` does): Consul's whole state is replaced by it.
 pub async fn restore_snapshot(token: Option<&str>, file: &crate::spool::Spooled) -> Result<()> {
-    let mut api = Api::from_env(None)?;
-    if let Some(t) = token {
-        api.token = Some(t.to_string());
-    }
+    let api = Api::with_token(token)?;
     let shown = api.shown.clone();
     let body = tokio::fs::File::open(&file.path)
         .await
@@ -758,31 +780,15 @@ async fn snapshot_refused(resp: reqwest::Response, shown: &str, method: &str) ->
 /// what `consul reload` sends; agent:write): Consul reads its config and
 /// TLS files again (agent/agent_endpoint.go `AgentReload`).
 pub async fn reload(token: Option<&str>) -> Result<()> {
-    let mut api = Api::from_env(None)?;
-    if let Some(t) = token {
-        api.token = Some(t.to_string());
-    }
-    let resp = api
-        .request(reqwest::Method::PUT, "/v1/agent/reload")
-        .timeout(Duration::from_secs(30))
-        .send()
+    Api::with_token(token)?
+        .call(
+            reqwest::Method::PUT,
+            "/v1/agent/reload",
+            None,
+            Duration::from_secs(30),
+        )
         .await
-        .map_err(|e| {
-            anyhow!(e).context(format!(
-                "asking the Consul agent at {} to reload",
-                api.shown
-            ))
-        })?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        anyhow::bail!(
-            "the Consul agent at {} answered {status} to PUT /v1/agent/reload: {}",
-            api.shown,
-            body.trim().chars().take(200).collect::<String>()
-        );
-    }
-    Ok(())
+        .map(|_| ())
 }
 
 /// One keyring pool of `GET /v1/operator/keyring` (Consul's
@@ -807,30 +813,14 @@ pub struct KeyringPool {
 /// The cluster's gossip keyrings (`GET /v1/operator/keyring`, keyring
 /// read: operator:read).
 pub async fn keyring(token: Option<&str>) -> Result<Vec<KeyringPool>> {
-    let mut api = Api::from_env(None)?;
-    if let Some(t) = token {
-        api.token = Some(t.to_string());
-    }
-    let resp = api
-        .request(reqwest::Method::GET, "/v1/operator/keyring")
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .map_err(|e| {
-            anyhow!(e).context(format!(
-                "asking the Consul agent at {} for its keyring",
-                api.shown
-            ))
-        })?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!(
-            "the Consul agent at {} answered {status} to GET /v1/operator/keyring: {}",
-            api.shown,
-            text.trim().chars().take(200).collect::<String>()
-        );
-    }
+    let text = Api::with_token(token)?
+        .call(
+            reqwest::Method::GET,
+            "/v1/operator/keyring",
+            None,
+            Duration::from_secs(30),
+        )
+        .await?;
     serde_json::from_str(&text).context("the keyring list is not Consul's JSON")
 }
 
@@ -838,28 +828,16 @@ pub async fn keyring(token: Option<&str>) -> Result<Vec<KeyringPool>> {
 /// `DELETE` remove on `/v1/operator/keyring` with `{"Key": key}`;
 /// operator:write). Consul answers 500 when a member refuses it.
 pub async fn keyring_op(token: Option<&str>, method: reqwest::Method, key: &str) -> Result<()> {
-    let mut api = Api::from_env(None)?;
-    if let Some(t) = token {
-        api.token = Some(t.to_string());
-    }
-    let what = method.to_string();
-    let resp = api
-        .request(method, "/v1/operator/keyring")
-        .timeout(Duration::from_secs(60))
-        .json(&serde_json::json!({ "Key": key }))
-        .send()
+    let body = serde_json::json!({ "Key": key });
+    Api::with_token(token)?
+        .call(
+            method,
+            "/v1/operator/keyring",
+            Some(&body),
+            Duration::from_secs(60),
+        )
         .await
-        .map_err(|e| anyhow!(e).context(format!("{what} /v1/operator/keyring to {}", api.shown)))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        anyhow::bail!(
-            "the Consul agent at {} answered {status} to {what} /v1/operator/keyring: {}",
-            api.shown,
-            body.trim().chars().take(300).collect::<String>()
-        );
-    }
-    Ok(())
+        .map(|_| ())
 }
 
 /// Sets autopilot's configuration (`PUT
@@ -868,21 +846,15 @@ pub async fn keyring_op(token: Option<&str>, method: reqwest::Method, key: &str)
 /// (agent/operator_endpoint.go, `OperatorAutopilotConfiguration`): every
 /// field is sent.
 pub async fn set_autopilot(token: Option<&str>, config: &serde_json::Value) -> Result<()> {
-    let mut api = Api::from_env(None)?;
-    if let Some(t) = token {
-        api.token = Some(t.to_string());
-    }
-    let (status, text) = api
-        .put_json("/v1/operator/autopilot/configuration", config.clone())
-        .await?;
-    if !status.is_success() {
-        anyhow::bail!(
-            "the Consul agent at {} answered {status} to PUT /v1/operator/autopilot/configuration: {}",
-            api.shown,
-            text.trim().chars().take(200).collect::<String>()
-        );
-    }
-    Ok(())
+    Api::with_token(token)?
+        .call(
+            reqwest::Method::PUT,
+            "/v1/operator/autopilot/configuration",
+            Some(config),
+            Duration::from_secs(30),
+        )
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]

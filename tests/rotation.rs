@@ -63,66 +63,178 @@ impl Lcg {
     }
 }
 
-#[test]
-fn a_gossip_key_rotation_killed_anywhere_ends_with_one_key_and_no_outage() {
-    let moto = moto();
-    let bucket = bucket(moto);
-    let p = "rot/gossip";
-    let registry = format!("s3://{bucket}/{p}");
-    let tmp = tempfile::tempdir().unwrap();
-    let secrets_dir = tmp.path().join("secrets");
-    std::fs::create_dir_all(&secrets_dir).unwrap();
-    let secrets = format!("file://{}", secrets_dir.display());
-    let state = tmp.path().join("cluster");
-    std::fs::create_dir_all(&state).unwrap();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("kill schedule seed: {seed}");
-    let mut rng = Lcg(seed);
+/// A cluster of 3 servers and 6 agents made with `--secrets` in a
+/// directory store, whose fake agents share one cluster state (ACLs,
+/// keyrings) and name server 0 their leader; and the random schedule of
+/// the kills (its seed printed).
+struct Rig {
+    moto: &'static Moto,
+    bucket: String,
+    prefix: &'static str,
+    registry: String,
+    tmp: tempfile::TempDir,
+    secrets_dir: PathBuf,
+    secrets: String,
+    acl: PathBuf,
+    name: &'static str,
+    net: &'static str,
+    cluster: String,
+    management: String,
+    rng: Lcg,
+}
 
-    let node = |i: usize| -> (PathBuf, String, String) {
+impl Rig {
+    /// Boots the 9 nodes (`<name>-<i>` at `<net>.<i + 1>`) in `prefix`.
+    fn new(prefix: &'static str, name: &'static str, net: &'static str) -> Rig {
+        let moto = moto();
+        let bucket = bucket(moto);
+        let tmp = tempfile::tempdir().unwrap();
+        let secrets_dir = tmp.path().join("secrets");
+        let acl = tmp.path().join("acl");
+        std::fs::create_dir_all(&secrets_dir).unwrap();
+        std::fs::create_dir_all(&acl).unwrap();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("kill schedule seed: {seed}");
+        let mut rig = Rig {
+            moto,
+            registry: format!("s3://{bucket}/{prefix}"),
+            secrets: format!("file://{}", secrets_dir.display()),
+            bucket,
+            prefix,
+            tmp,
+            secrets_dir,
+            acl,
+            name,
+            net,
+            cluster: String::new(),
+            management: String::new(),
+            rng: Lcg(seed),
+        };
+        // 3 servers, then 6 agents.
+        for i in 0..9 {
+            ok_json(&rig.boot(i, if i < 3 { "server" } else { "agent" }));
+        }
+        rig.cluster = rig.record()["cluster_id"].as_str().unwrap().to_string();
+        rig.management = rig.secret("server/management-token");
+        rig
+    }
+
+    /// Node `i`: its root, name and address.
+    fn node(&self, i: usize) -> (PathBuf, String, String) {
         (
-            tmp.path().join(format!("n{i}")),
-            format!("rot-{i}"),
-            format!("10.74.0.{}", i + 1),
+            self.tmp.path().join(format!("n{i}")),
+            format!("{}-{i}", self.name),
+            format!("{}.{}", self.net, i + 1),
         )
-    };
-    // 3 servers, then 6 agents.
-    for i in 0..9 {
-        let (root, name, ip) = node(i);
-        let role = if i < 3 { "server" } else { "agent" };
-        ok_json(&output(
-            run_cmd(moto, &registry, &root, &name, &ip, 3).args([
+    }
+
+    /// `run` of node `i` with `--role role`.
+    fn boot(&self, i: usize, role: &str) -> std::process::Output {
+        let (root, name, ip) = self.node(i);
+        output(
+            run_cmd(self.moto, &self.registry, &root, &name, &ip, 3).args([
                 "--role",
                 role,
                 "--secrets",
-                &secrets,
+                &self.secrets,
             ]),
-        ));
+        )
     }
-    let record =
-        || -> Value { serde_json::from_str(&get(moto, &bucket, &format!("{p}/cluster"))).unwrap() };
-    let cluster = record()["cluster_id"].as_str().unwrap().to_string();
-    let management =
-        std::fs::read_to_string(secrets_dir.join(&cluster).join("server/management-token"))
+
+    /// The cluster record.
+    fn record(&self) -> Value {
+        serde_json::from_str(&get(
+            self.moto,
+            &self.bucket,
+            &format!("{}/cluster", self.prefix),
+        ))
+        .unwrap()
+    }
+
+    /// A secret of the cluster, by its name under the cluster's path.
+    fn secret(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.secrets_dir.join(&self.cluster).join(rel))
             .unwrap()
             .trim()
-            .to_string();
-    let old_key = config(&node(0).0)["encrypt"].as_str().unwrap().to_string();
-    let start_agent = |i: usize| {
-        let (root, name, ip) = node(i);
+            .to_string()
+    }
+
+    /// Node `i`'s fake agent, with `extra` arguments.
+    fn agent(&self, i: usize, extra: &[String]) -> FakeAgent {
+        let (_, name, ip) = self.node(i);
         let mut args = vec![
             "--address".to_string(),
             ip,
             "--leader".into(),
-            "10.74.0.1:8300".into(),
+            format!("{}.1:8300", self.net),
             "--acl-dir".into(),
-            state.display().to_string(),
+            self.acl.display().to_string(),
             "--acl-management".into(),
-            management.clone(),
-            "--keyring-data-dir".into(),
+            self.management.clone(),
+        ];
+        args.extend_from_slice(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        FakeAgent::start(&name, i < 3, &args)
+    }
+
+    /// Node `i`'s heartbeat against `agent`, started.
+    fn beat(&self, i: usize, agent: &FakeAgent) -> std::process::Child {
+        let (root, name, ip) = self.node(i);
+        heartbeat_cmd(self.moto, &self.registry, &root, &name, &ip, &agent.addr())
+            .args(["--secrets", &self.secrets])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// `secrets rotate <what> --json`.
+    fn rotate(&self, what: &str) -> std::process::Output {
+        output(auto_consul(self.moto).args([
+            "secrets",
+            "rotate",
+            what,
+            "--json",
+            "--registry",
+            &self.registry,
+            "--secrets",
+            &self.secrets,
+        ]))
+    }
+
+    /// Waits for `child` and gives its output, or (with `kill`) kills it
+    /// at a random moment within `ms` and gives none.
+    fn maybe_kill(
+        &mut self,
+        mut child: std::process::Child,
+        kill: bool,
+        ms: u64,
+    ) -> Option<std::process::Output> {
+        if kill {
+            std::thread::sleep(Duration::from_millis(self.rng.below(ms)));
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        } else {
+            Some(child.wait_with_output().unwrap())
+        }
+    }
+}
+
+#[test]
+fn a_gossip_key_rotation_killed_anywhere_ends_with_one_key_and_no_outage() {
+    let mut rig = Rig::new("rot/gossip", "rot", "10.74.0");
+    let old_key = config(&rig.node(0).0)["encrypt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let start_agent = |rig: &Rig, i: usize| {
+        let root = rig.node(i).0;
+        let mut extra = vec![
+            "--keyring-data-dir".to_string(),
             root.join("opt/consul").display().to_string(),
             "--keyring-config".into(),
             root.join("etc/consul.d/zz-auto-consul.json")
@@ -130,92 +242,57 @@ fn a_gossip_key_rotation_killed_anywhere_ends_with_one_key_and_no_outage() {
                 .to_string(),
         ];
         if i < 3 {
-            args.push("--peers".into());
-            args.push("10.74.0.1:8300,10.74.0.2:8300,10.74.0.3:8300".into());
+            extra.push("--peers".into());
+            extra.push("10.74.0.1:8300,10.74.0.2:8300,10.74.0.3:8300".into());
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        FakeAgent::start(&name, i < 3, &args)
+        rig.agent(i, &extra)
     };
-    let mut agents: Vec<FakeAgent> = (0..9).map(start_agent).collect();
+    let mut agents: Vec<FakeAgent> = (0..9).map(|i| start_agent(&rig, i)).collect();
     all_reach_the_servers(&agents[0]).unwrap();
 
     // A start stopped after it made the new key: the key is there, the
     // record says nothing yet. Starting again takes that key.
     let made = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    std::fs::create_dir_all(secrets_dir.join(&cluster).join("agent")).unwrap();
-    std::fs::write(secrets_dir.join(&cluster).join("agent/gossip-key.2"), made).unwrap();
-    let rotate = || {
-        output(auto_consul(moto).args([
-            "secrets",
-            "rotate",
-            "gossip-key",
-            "--json",
-            "--registry",
-            &registry,
-            "--secrets",
-            &secrets,
-        ]))
-    };
-    let started = ok_json(&rotate());
+    let dir = rig.secrets_dir.join(&rig.cluster);
+    std::fs::create_dir_all(dir.join("agent")).unwrap();
+    std::fs::write(dir.join("agent/gossip-key.2"), made).unwrap();
+    let started = ok_json(&rig.rotate("gossip-key"));
     assert_eq!(started["started"], true, "{started}");
     assert_eq!(started["next"], 2);
-    assert_eq!(record()["gossip_key"]["rotation"], "install");
+    assert_eq!(rig.record()["gossip_key"]["rotation"], "install");
     // Asked again, it says where the one under way stands.
-    let again = ok_json(&rotate());
+    let again = ok_json(&rig.rotate("gossip-key"));
     assert_eq!(again["started"], false, "{again}");
     assert_eq!(again["step"], "install");
 
     // The leader's heartbeat, killed at random moments, then let run; a
     // node boots mid-rotation.
-    let (root0, name0, ip0) = node(0);
-    let beat = |agent: &FakeAgent| {
-        heartbeat_cmd(moto, &registry, &root0, &name0, &ip0, &agent.addr())
-            .args(["--secrets", &secrets])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
     let mut steps_seen = HashSet::new();
     let mut booted_mid_rotation = false;
     for round in 0..20 {
-        let rotation = record()["gossip_key"]["rotation"].clone();
+        let rotation = rig.record()["gossip_key"]["rotation"].clone();
         if rotation.is_null() {
             break;
         }
         steps_seen.insert(rotation.as_str().unwrap().to_string());
         if round == 0 {
             // A new agent boots now: its keyring holds both keys.
-            let (root, name, ip) = node(9);
-            ok_json(&output(
-                run_cmd(moto, &registry, &root, &name, &ip, 3).args([
-                    "--role",
-                    "agent",
-                    "--secrets",
-                    &secrets,
-                ]),
-            ));
-            agents.push(start_agent(9));
+            ok_json(&rig.boot(9, "agent"));
+            agents.push(start_agent(&rig, 9));
             booted_mid_rotation = true;
         }
-        let mut child = beat(&agents[0]);
-        if round % 3 != 2 {
-            std::thread::sleep(Duration::from_millis(rng.below(250)));
-            let _ = child.kill();
-            let _ = child.wait();
-            eprintln!(
+        let child = rig.beat(0, &agents[0]);
+        match rig.maybe_kill(child, round % 3 != 2, 250) {
+            None => eprintln!(
                 "pass {round}: killed; the record says {}",
-                record()["gossip_key"]
-            );
-        } else {
-            let out = child.wait_with_output().unwrap();
-            let v = ok_json(&out);
-            eprintln!("pass {round}: {}", v["rotations"]);
+                rig.record()["gossip_key"]
+            ),
+            Some(out) => eprintln!("pass {round}: {}", ok_json(&out)["rotations"]),
         }
         all_reach_the_servers(&agents[0]).unwrap_or_else(|e| panic!("after pass {round}: {e}"));
     }
     assert!(booted_mid_rotation);
-    let rec = record();
+    let rec = rig.record();
     assert!(rec["gossip_key"]["rotation"].is_null(), "{rec}");
     assert_eq!(rec["gossip_key"]["generation"], 2, "{rec}");
     // One key in use everywhere, the old one gone from every keyring.
@@ -229,24 +306,16 @@ fn a_gossip_key_rotation_killed_anywhere_ends_with_one_key_and_no_outage() {
             .any(|m| m.to_string().contains(&old_key))
     );
     // Nodes booting now write the new key.
-    let (root, name, ip) = node(3);
-    ok_json(&output(
-        run_cmd(moto, &registry, &root, &name, &ip, 3).args([
-            "--role",
-            "agent",
-            "--secrets",
-            &secrets,
-        ]),
-    ));
-    assert_eq!(config(&root)["encrypt"], made);
-    let list = ok_json(&output(auto_consul(moto).args([
+    ok_json(&rig.boot(3, "agent"));
+    assert_eq!(config(&rig.node(3).0)["encrypt"], made);
+    let list = ok_json(&output(auto_consul(rig.moto).args([
         "secrets",
         "list",
         "--json",
         "--registry",
-        &registry,
+        &rig.registry,
         "--secrets",
-        &secrets,
+        &rig.secrets,
     ])));
     let gossip = list["secrets"]
         .as_array()
@@ -271,156 +340,67 @@ fn acl_tokens(dir: &Path) -> Value {
 
 #[test]
 fn an_agents_token_rotation_killed_anywhere_moves_every_node_and_deletes_the_old_token() {
-    let moto = moto();
-    let bucket = bucket(moto);
-    let p = "rot/token";
-    let registry = format!("s3://{bucket}/{p}");
-    let tmp = tempfile::tempdir().unwrap();
-    let secrets_dir = tmp.path().join("secrets");
-    std::fs::create_dir_all(&secrets_dir).unwrap();
-    let secrets = format!("file://{}", secrets_dir.display());
-    let acl = tmp.path().join("acl");
-    std::fs::create_dir_all(&acl).unwrap();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("kill schedule seed: {seed}");
-    let mut rng = Lcg(seed);
-    let node = |i: usize| -> (PathBuf, String, String) {
-        (
-            tmp.path().join(format!("n{i}")),
-            format!("tok-{i}"),
-            format!("10.75.0.{}", i + 1),
-        )
-    };
-    for i in 0..9 {
-        let (root, name, ip) = node(i);
-        let role = if i < 3 { "server" } else { "agent" };
-        ok_json(&output(
-            run_cmd(moto, &registry, &root, &name, &ip, 3).args([
-                "--role",
-                role,
-                "--secrets",
-                &secrets,
-            ]),
-        ));
-    }
-    let record =
-        || -> Value { serde_json::from_str(&get(moto, &bucket, &format!("{p}/cluster"))).unwrap() };
-    let cluster = record()["cluster_id"].as_str().unwrap().to_string();
-    let management =
-        std::fs::read_to_string(secrets_dir.join(&cluster).join("server/management-token"))
-            .unwrap()
-            .trim()
-            .to_string();
-    let agents: Vec<FakeAgent> = (0..9)
-        .map(|i| {
-            let (_, name, ip) = node(i);
-            FakeAgent::start(
-                &name,
-                i < 3,
-                &[
-                    "--address",
-                    &ip,
-                    "--leader",
-                    "10.75.0.1:8300",
-                    "--acl-dir",
-                    acl.to_str().unwrap(),
-                    "--acl-management",
-                    &management,
-                ],
-            )
-        })
-        .collect();
-    let beat = |i: usize| {
-        let (root, name, ip) = node(i);
-        heartbeat_cmd(moto, &registry, &root, &name, &ip, &agents[i].addr())
-            .args(["--secrets", &secrets])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let token_of = |i: usize| config(&node(i).0)["acl"]["tokens"]["agent"].clone();
+    let mut rig = Rig::new("rot/token", "tok", "10.75.0");
+    let agents: Vec<FakeAgent> = (0..9).map(|i| rig.agent(i, &[])).collect();
+    let token_of = |rig: &Rig, i: usize| config(&rig.node(i).0)["acl"]["tokens"]["agent"].clone();
     // Every node's Consul runs with a token that exists.
-    let all_have_tokens = || -> Result<(), String> {
-        let tokens = acl_tokens(&acl);
+    let all_have_tokens = |rig: &Rig| -> Result<(), String> {
+        let tokens = acl_tokens(&rig.acl);
         for i in 0..9 {
-            let t = token_of(i);
+            let t = token_of(rig, i);
             if tokens.get(t.as_str().unwrap()).is_none() {
                 return Err(format!(
                     "{} runs with a token Consul does not have",
-                    node(i).1
+                    rig.node(i).1
                 ));
             }
         }
         Ok(())
     };
     // The servers' first heartbeats make generation 1 in Consul.
-    for i in 0..9 {
-        ok_json(&beat(i).wait_with_output().unwrap());
+    for (i, agent) in agents.iter().enumerate() {
+        ok_json(&rig.beat(i, agent).wait_with_output().unwrap());
     }
-    all_have_tokens().unwrap();
-    let old = token_of(3).as_str().unwrap().to_string();
+    all_have_tokens(&rig).unwrap();
+    let old = token_of(&rig, 3).as_str().unwrap().to_string();
 
-    let rotate = ok_json(&output(auto_consul(moto).args([
-        "secrets",
-        "rotate",
-        "agent-token",
-        "--json",
-        "--registry",
-        &registry,
-        "--secrets",
-        &secrets,
-    ])));
+    let rotate = ok_json(&rig.rotate("agent-token"));
     assert_eq!(rotate["started"], true, "{rotate}");
-    assert_eq!(record()["agent_token"]["rotation"], "create");
+    assert_eq!(rig.record()["agent_token"]["rotation"], "create");
     for round in 0..12 {
-        if record()["agent_token"]["rotation"].is_null() {
+        if rig.record()["agent_token"]["rotation"].is_null() {
             break;
         }
         // The leader first, then every node; some killed at random.
-        for i in 0..9 {
-            let mut child = beat(i);
-            if rng.below(4) == 0 {
-                std::thread::sleep(Duration::from_millis(rng.below(200)));
-                let _ = child.kill();
-                let _ = child.wait();
-            } else {
-                ok_json(&child.wait_with_output().unwrap());
+        for (i, agent) in agents.iter().enumerate() {
+            let child = rig.beat(i, agent);
+            let kill = rig.rng.below(4) == 0;
+            if let Some(out) = rig.maybe_kill(child, kill, 200) {
+                ok_json(&out);
             }
         }
-        all_have_tokens().unwrap_or_else(|e| panic!("after round {round}: {e}"));
-        eprintln!("after round {round}: {}", record()["agent_token"]);
+        all_have_tokens(&rig).unwrap_or_else(|e| panic!("after round {round}: {e}"));
+        eprintln!("after round {round}: {}", rig.record()["agent_token"]);
     }
-    let rec = record();
+    let rec = rig.record();
     assert!(rec["agent_token"]["rotation"].is_null(), "{rec}");
     assert_eq!(rec["agent_token"]["generation"], 2, "{rec}");
-    let new = std::fs::read_to_string(secrets_dir.join(&cluster).join("agent/agent-token.2"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let new = rig.secret("agent/agent-token.2");
     for i in 0..9 {
-        assert_eq!(token_of(i), new.as_str(), "{}", node(i).1);
+        assert_eq!(token_of(&rig, i), new.as_str(), "{}", rig.node(i).1);
     }
-    let tokens = acl_tokens(&acl);
+    let tokens = acl_tokens(&rig.acl);
     assert!(
         tokens.get(&old).is_none(),
         "the old token is deleted: {tokens}"
     );
     assert!(tokens.get(&new).is_some());
     // A node booting now gets the new one.
-    let (root, name, ip) = node(9);
-    ok_json(&output(
-        run_cmd(moto, &registry, &root, &name, &ip, 3).args([
-            "--role",
-            "agent",
-            "--secrets",
-            &secrets,
-        ]),
-    ));
-    assert_eq!(config(&root)["acl"]["tokens"]["agent"], new.as_str());
+    ok_json(&rig.boot(9, "agent"));
+    assert_eq!(
+        config(&rig.node(9).0)["acl"]["tokens"]["agent"],
+        new.as_str()
+    );
 }
 
 /// `openssl verify` of `cert` against the CA file `ca`.
@@ -438,152 +418,78 @@ fn verifies(ca: &Path, cert: &Path) -> bool {
 
 #[test]
 fn a_ca_rotation_killed_anywhere_never_has_a_node_reject_a_server() {
-    let moto = moto();
-    let bucket = bucket(moto);
-    let p = "rot/ca";
-    let registry = format!("s3://{bucket}/{p}");
-    let tmp = tempfile::tempdir().unwrap();
-    let secrets_dir = tmp.path().join("secrets");
-    std::fs::create_dir_all(&secrets_dir).unwrap();
-    let secrets = format!("file://{}", secrets_dir.display());
-    let acl = tmp.path().join("acl");
-    std::fs::create_dir_all(&acl).unwrap();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("kill schedule seed: {seed}");
-    let mut rng = Lcg(seed);
-    let node = |i: usize| -> (PathBuf, String, String) {
-        (
-            tmp.path().join(format!("n{i}")),
-            format!("ca-{i}"),
-            format!("10.76.0.{}", i + 1),
-        )
-    };
-    for i in 0..9 {
-        let (root, name, ip) = node(i);
-        let role = if i < 3 { "server" } else { "agent" };
-        ok_json(&output(
-            run_cmd(moto, &registry, &root, &name, &ip, 3).args([
-                "--role",
-                role,
-                "--secrets",
-                &secrets,
-            ]),
-        ));
-    }
-    let record =
-        || -> Value { serde_json::from_str(&get(moto, &bucket, &format!("{p}/cluster"))).unwrap() };
-    let cluster = record()["cluster_id"].as_str().unwrap().to_string();
-    let management =
-        std::fs::read_to_string(secrets_dir.join(&cluster).join("server/management-token"))
-            .unwrap()
-            .trim()
-            .to_string();
-    let agents: Vec<FakeAgent> = (0..9)
-        .map(|i| {
-            let (_, name, ip) = node(i);
-            FakeAgent::start(
-                &name,
-                i < 3,
-                &[
-                    "--address",
-                    &ip,
-                    "--leader",
-                    "10.76.0.1:8300",
-                    "--acl-dir",
-                    acl.to_str().unwrap(),
-                    "--acl-management",
-                    &management,
-                ],
-            )
-        })
-        .collect();
-    let tls = |i: usize, f: &str| node(i).0.join("etc/consul.d/auto-consul-tls").join(f);
+    let mut rig = Rig::new("rot/ca", "ca", "10.76.0");
+    let agents: Vec<FakeAgent> = (0..9).map(|i| rig.agent(i, &[])).collect();
+    let tls =
+        |rig: &Rig, i: usize, f: &str| rig.node(i).0.join("etc/consul.d/auto-consul-tls").join(f);
     // No live node rejects a live server's certificate.
-    let all_trust_the_servers = || -> Result<(), String> {
+    let all_trust_the_servers = |rig: &Rig| -> Result<(), String> {
         for i in 0..9 {
             for s in 0..3 {
-                if !verifies(&tls(i, "ca.pem"), &tls(s, "server.pem")) {
-                    return Err(format!("{} rejects server {}", node(i).1, node(s).1));
+                if !verifies(&tls(rig, i, "ca.pem"), &tls(rig, s, "server.pem")) {
+                    return Err(format!(
+                        "{} rejects server {}",
+                        rig.node(i).1,
+                        rig.node(s).1
+                    ));
                 }
             }
         }
         Ok(())
     };
-    all_trust_the_servers().unwrap();
-    let old_server_cert = tmp.path().join("old-server.pem");
-    std::fs::copy(tls(0, "server.pem"), &old_server_cert).unwrap();
-    let beat = |i: usize| {
-        let (root, name, ip) = node(i);
-        heartbeat_cmd(moto, &registry, &root, &name, &ip, &agents[i].addr())
-            .args(["--secrets", &secrets])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    all_trust_the_servers(&rig).unwrap();
+    let old_server_cert = rig.tmp.path().join("old-server.pem");
+    std::fs::copy(tls(&rig, 0, "server.pem"), &old_server_cert).unwrap();
     // The cluster has been running: every node has heartbeated.
-    for i in 0..9 {
-        ok_json(&beat(i).wait_with_output().unwrap());
+    for (i, agent) in agents.iter().enumerate() {
+        ok_json(&rig.beat(i, agent).wait_with_output().unwrap());
     }
-    let rotate = ok_json(&output(auto_consul(moto).args([
-        "secrets",
-        "rotate",
-        "ca",
-        "--json",
-        "--registry",
-        &registry,
-        "--secrets",
-        &secrets,
-    ])));
+    let rotate = ok_json(&rig.rotate("ca"));
     assert_eq!(rotate["started"], true, "{rotate}");
     let mut steps = Vec::new();
     for round in 0..15 {
-        let step = record()["ca"]["rotation"].clone();
+        let step = rig.record()["ca"]["rotation"].clone();
         if step.is_null() {
             break;
         }
         steps.push(step.as_str().unwrap().to_string());
-        for i in 0..9 {
-            let mut child = beat(i);
-            if rng.below(4) == 0 {
-                std::thread::sleep(Duration::from_millis(rng.below(200)));
-                let _ = child.kill();
-                let _ = child.wait();
-            } else {
-                let v = ok_json(&child.wait_with_output().unwrap());
+        for (i, agent) in agents.iter().enumerate() {
+            let child = rig.beat(i, agent);
+            let kill = rig.rng.below(4) == 0;
+            if let Some(out) = rig.maybe_kill(child, kill, 200) {
+                let v = ok_json(&out);
                 if i == 0 {
                     eprintln!("leader, round {round}: {}", v["rotations"]);
                 }
             }
-            all_trust_the_servers()
-                .unwrap_or_else(|e| panic!("round {round}, after {}: {e}", node(i).1));
+            all_trust_the_servers(&rig)
+                .unwrap_or_else(|e| panic!("round {round}, after {}: {e}", rig.node(i).1));
         }
     }
     eprintln!("steps at the start of each round: {steps:?}");
-    let rec = record();
+    let rec = rig.record();
     assert!(rec["ca"]["rotation"].is_null(), "{rec}");
     assert_eq!(rec["ca"]["generation"], 2, "{rec}");
-    let new_ca =
-        std::fs::read_to_string(secrets_dir.join(&cluster).join("agent/ca-cert.2")).unwrap();
+    let new_ca = rig.secret("agent/ca-cert.2");
     for i in 0..9 {
         assert_eq!(
-            std::fs::read_to_string(tls(i, "ca.pem")).unwrap().trim(),
+            std::fs::read_to_string(tls(&rig, i, "ca.pem"))
+                .unwrap()
+                .trim(),
             new_ca.trim(),
             "{}",
-            node(i).1
+            rig.node(i).1
         );
         // The old CA is no longer trusted.
-        assert!(!verifies(&tls(i, "ca.pem"), &old_server_cert));
+        assert!(!verifies(&tls(&rig, i, "ca.pem"), &old_server_cert));
     }
-    all_trust_the_servers().unwrap();
+    all_trust_the_servers(&rig).unwrap();
     // A server booting now is signed by the new CA.
-    let (root, name, ip) = node(9);
-    ok_json(&output(
-        run_cmd(moto, &registry, &root, &name, &ip, 3).args(["--secrets", &secrets]),
-    ));
-    let ca9 = root.join("etc/consul.d/auto-consul-tls/ca.pem");
-    assert_eq!(std::fs::read_to_string(&ca9).unwrap().trim(), new_ca.trim());
+    ok_json(&rig.boot(9, "auto"));
+    assert_eq!(
+        std::fs::read_to_string(tls(&rig, 9, "ca.pem"))
+            .unwrap()
+            .trim(),
+        new_ca.trim()
+    );
 }

@@ -127,12 +127,19 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             ),
         ));
     }
-    let (written, record) = tokio::join!(
-        keys.write(store, deadline),
-        retry::until(deadline, "reading the cluster record", || read_cluster(
-            store
-        ))
-    );
+    // The record `follow_rotations` read is current: not read again.
+    let read_again = async {
+        match following.record.clone() {
+            Some(r) => Ok(Some(r)),
+            None => {
+                retry::until(deadline, "reading the cluster record", || {
+                    read_cluster(store)
+                })
+                .await
+            }
+        }
+    };
+    let (written, record) = tokio::join!(keys.write(store, deadline), read_again);
     written?;
     state::record_time(&root, state::HEARTBEAT_AT, store.now().await);
     let record = record?;

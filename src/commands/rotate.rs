@@ -39,12 +39,7 @@ pub async fn start_gossip_key(
     let cluster = record.cluster_id.clone();
     let cur = record.gossip_key.unwrap_or_default();
     if let Some(step) = cur.rotation {
-        return Ok(json!({
-            "started": false,
-            "generation": cur.generation,
-            "next": cur.generation + 1,
-            "step": step.as_str(),
-        }));
+        return Ok(under_way(cur.generation, step.as_str()));
     }
     let next = cur.generation + 1;
     let name = secrets::generation_name(&cluster, Secret::GossipKey, next);
@@ -88,18 +83,7 @@ pub async fn drive_gossip_key(
     mut etag: String,
 ) -> Result<Value> {
     let cluster = record.cluster_id.clone();
-    let key = |g: u32| {
-        let name = secrets::generation_name(&cluster, Secret::GossipKey, g);
-        async move {
-            let v = secrets_store.get(&name).await?.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{} is missing: the rotation cannot go on (`auto-consul secrets rotate gossip-key` makes it again)",
-                    secrets_store.shown(&name)
-                )
-            })?;
-            Ok::<_, anyhow::Error>(v.trim().to_string())
-        }
-    };
+    let key = |g: u32| generation_value(secrets_store, &cluster, Secret::GossipKey, g);
     let mut done = Vec::new();
     loop {
         let cur = record.gossip_key.unwrap_or_default();
@@ -172,6 +156,34 @@ pub async fn drive_gossip_key(
     }
 }
 
+/// What `secrets rotate` says of a rotation already under way.
+fn under_way(generation: u32, step: &str) -> Value {
+    json!({
+        "started": false,
+        "generation": generation,
+        "next": generation + 1,
+        "step": step,
+    })
+}
+
+/// Generation `generation` of `secret`, which a rotation under way needs.
+async fn generation_value(
+    secrets_store: &dyn SecretStore,
+    cluster: &str,
+    secret: Secret,
+    generation: u32,
+) -> Result<String> {
+    let name = secrets::generation_name(cluster, secret, generation);
+    let v = secrets_store.get(&name).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} is missing: the rotation cannot go on (`auto-consul secrets rotate {}` makes it again)",
+            secrets_store.shown(&name),
+            secret.short()
+        )
+    })?;
+    Ok(v.trim().to_string())
+}
+
 /// Whether every live member of every pool counts for the key (`count`
 /// of a pool); else how many do not.
 fn every_member(
@@ -228,12 +240,7 @@ pub async fn start_agent_token(
     let cluster = record.cluster_id.clone();
     let cur = record.agent_token.unwrap_or_default();
     if let Some(step) = cur.rotation {
-        return Ok(json!({
-            "started": false,
-            "generation": cur.generation,
-            "next": cur.generation + 1,
-            "step": step.as_str(),
-        }));
+        return Ok(under_way(cur.generation, step.as_str()));
     }
     let next = cur.generation + 1;
     let name = secrets::generation_name(&cluster, Secret::AgentToken, next);
@@ -274,18 +281,7 @@ pub async fn drive_agent_token(
     mut etag: String,
 ) -> Result<Value> {
     let cluster = record.cluster_id.clone();
-    let token = |g: u32| {
-        let name = secrets::generation_name(&cluster, Secret::AgentToken, g);
-        async move {
-            let v = secrets_store.get(&name).await?.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{} is missing: the rotation cannot go on",
-                    secrets_store.shown(&name)
-                )
-            })?;
-            Ok::<_, anyhow::Error>(v.trim().to_string())
-        }
-    };
+    let token = |g: u32| generation_value(secrets_store, &cluster, Secret::AgentToken, g);
     let mut done = Vec::new();
     loop {
         let cur = record.agent_token.unwrap_or_default();
@@ -400,12 +396,7 @@ pub async fn start_ca(
     let cluster = record.cluster_id.clone();
     let cur = record.ca.unwrap_or_default();
     if let Some(step) = cur.rotation {
-        return Ok(json!({
-            "started": false,
-            "generation": cur.generation,
-            "next": cur.generation + 1,
-            "step": step.as_str(),
-        }));
+        return Ok(under_way(cur.generation, step.as_str()));
     }
     let next = cur.generation + 1;
     let ca_name = secrets::generation_name(&cluster, Secret::Ca, next);
@@ -540,6 +531,8 @@ pub struct Following {
     /// The generations the cluster record says (for the server's
     /// certificate renewal).
     pub generations: secrets::Generations,
+    /// The cluster record as read (and its version tag), when it was.
+    pub record: Option<(ClusterRecord, String)>,
 }
 
 /// A node's heartbeat follows the rotations under way (clusters whose
@@ -571,8 +564,14 @@ pub async fn follow_rotations(
         out.ca_signed_by = Some(crate::state::recorded_number(root, CA_SIGNED_BY).unwrap_or(1));
     }
     let record = match crate::registry::read_cluster(store).await {
-        Ok(Some((r, _))) if r.cluster_id == cluster => r,
-        Ok(_) => return out,
+        Ok(Some((r, etag))) => {
+            out.record = Some((r.clone(), etag));
+            if r.cluster_id != cluster {
+                return out;
+            }
+            r
+        }
+        Ok(None) => return out,
         Err(e) => {
             tracing::warn!("reading the cluster record for the secrets' generations: {e:#}");
             return out;
