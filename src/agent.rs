@@ -469,8 +469,7 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
         management,
         agent_token,
         AGENT_POLICY,
-        AGENT_RULES,
-        "auto-consul: what the agents' token may do",
+        Some((AGENT_RULES, "auto-consul: what the agents' token may do")),
         "auto-consul: the token agents run with",
     )
     .await
@@ -482,21 +481,38 @@ pub async fn ensure_dns_token(management: &str, dns_token: &str) -> Result<bool>
         management,
         dns_token,
         DNS_POLICY,
-        DNS_RULES,
-        "auto-consul: what DNS and requests without a token may read",
+        Some((
+            DNS_RULES,
+            "auto-consul: what DNS and requests without a token may read",
+        )),
         "auto-consul: the DNS (default) token",
     )
     .await
 }
 
-/// A token with SecretID `secret` linked to policy `policy` (`rules`),
-/// made with the management token unless it exists.
+/// Makes sure a management token with SecretID `secret` (a rotation's new
+/// generation) exists in Consul: linked to the built-in
+/// `global-management` policy, as the initial management token is
+/// (agent/consul/leader.go, `initializeACLs`).
+pub async fn ensure_management_token(management: &str, secret: &str) -> Result<bool> {
+    ensure_token(
+        management,
+        secret,
+        "global-management",
+        None,
+        "auto-consul: the management token (a rotation's new generation)",
+    )
+    .await
+}
+
+/// A token with SecretID `secret` linked to policy `policy` (made first
+/// from `rules` and its description, when given), made with the management
+/// token unless it exists.
 async fn ensure_token(
     management: &str,
     secret: &str,
     policy: &str,
-    rules: &str,
-    policy_description: &str,
+    rules: Option<(&str, &str)>,
     token_description: &str,
 ) -> Result<bool> {
     let mut api = Api::from_env(None)?;
@@ -515,21 +531,23 @@ async fn ensure_token(
         return Ok(false);
     }
     api.token = Some(management.to_string());
-    let (status, text) = api
-        .put_json(
-            "/v1/acl/policy",
-            serde_json::json!({
-                "Name": policy,
-                "Description": policy_description,
-                "Rules": rules,
-            }),
-        )
-        .await?;
-    if !status.is_success() && !text.contains("already exists") {
-        anyhow::bail!(
-            "the Consul agent answered {status} to PUT /v1/acl/policy: {}",
-            text.trim().chars().take(200).collect::<String>()
-        );
+    if let Some((rules, policy_description)) = rules {
+        let (status, text) = api
+            .put_json(
+                "/v1/acl/policy",
+                serde_json::json!({
+                    "Name": policy,
+                    "Description": policy_description,
+                    "Rules": rules,
+                }),
+            )
+            .await?;
+        if !status.is_success() && !text.contains("already exists") {
+            anyhow::bail!(
+                "the Consul agent answered {status} to PUT /v1/acl/policy: {}",
+                text.trim().chars().take(200).collect::<String>()
+            );
+        }
     }
     let (status, text) = api
         .put_json(
@@ -594,16 +612,17 @@ pub async fn delete_token(management: &str, secret: &str) -> Result<()> {
     .map(|_| ())
 }
 
-/// This server's entry in autopilot's health report (`GET
-/// /v1/operator/autopilot/health`; Consul answers 429 with the same body
-/// while the cluster is unhealthy): whether it is healthy and a voter.
-/// `None` when the report does not list it yet. Needs operator:read with
-/// ACLs on.
-pub async fn autopilot_self(
-    token: Option<&str>,
-    node: &str,
-    address: std::net::IpAddr,
-) -> Result<Option<(bool, bool)>> {
+/// Whether autopilot reports the whole cluster healthy (`GET
+/// /v1/operator/autopilot/health`, `Healthy`: every server healthy and,
+/// with Consul's defaults, stable for `server_stabilization_time`; Consul
+/// answers 429 with the same body when it is not:
+/// agent/operator_endpoint.go). Needs operator:read with ACLs on.
+pub async fn autopilot_healthy(token: Option<&str>) -> Result<bool> {
+    Ok(autopilot_report(token).await?["Healthy"].as_bool() == Some(true))
+}
+
+/// Autopilot's health report, 200 or 429 alike.
+async fn autopilot_report(token: Option<&str>) -> Result<serde_json::Value> {
     let api = Api::with_token(token)?;
     let shown = api.shown.clone();
     let resp = api
@@ -629,10 +648,22 @@ pub async fn autopilot_self(
             body.trim().chars().take(200).collect::<String>()
         );
     }
-    let report: serde_json::Value = resp
-        .json()
+    resp.json()
         .await
-        .context("autopilot's health report is not JSON")?;
+        .context("autopilot's health report is not JSON")
+}
+
+/// This server's entry in autopilot's health report (`GET
+/// /v1/operator/autopilot/health`; Consul answers 429 with the same body
+/// while the cluster is unhealthy): whether it is healthy and a voter.
+/// `None` when the report does not list it yet. Needs operator:read with
+/// ACLs on.
+pub async fn autopilot_self(
+    token: Option<&str>,
+    node: &str,
+    address: std::net::IpAddr,
+) -> Result<Option<(bool, bool)>> {
+    let report = autopilot_report(token).await?;
     let me = report["Servers"]
         .as_array()
         .into_iter()

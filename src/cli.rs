@@ -506,6 +506,10 @@ pub enum Rotatable {
     /// The TLS CA: every node trusts the old and the new one, servers are
     /// signed by the new one, then the old one is dropped.
     Ca,
+    /// The management token: made in Consul, the servers restart with it
+    /// one at a time (only while autopilot reports the cluster healthy),
+    /// then the old one is deleted.
+    ManagementToken,
 }
 
 impl Command {

@@ -321,6 +321,7 @@ mod tests {
                 gossip_key: None,
                 agent_token: None,
                 ca: None,
+                management_token: None,
             }),
         });
     }

@@ -206,6 +206,10 @@ pub struct HeartbeatBody {
     /// A server's: the CA generation that signed its certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_signed_by: Option<u32>,
+    /// A server's: the generation of the management token its Consul
+    /// holds as `initial_management` (loaded at its last start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_token_generation: Option<u32>,
 }
 
 /// What a heartbeat body tells, whichever tool wrote it.
@@ -390,6 +394,50 @@ pub struct ClusterRecord {
     /// rotate ca`); absent: generation 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<CaGeneration>,
+    /// The management token's generation in use, and a rotation under way
+    /// (`secrets rotate management-token`); absent: generation 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_token: Option<ManagementGeneration>,
+}
+
+/// Which generation of the management token a cluster uses, and the
+/// rotation to the next one. Consul makes the configured
+/// `initial_management` token again at every leadership it establishes
+/// (agent/consul/leader.go, `initializeACLs`) and reads that setting only
+/// when it starts; so the servers move to a new one by a restart each, one
+/// at a time, the one named in `restart`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagementGeneration {
+    /// The generation in use before the rotation (from `delete` on: the
+    /// new one).
+    pub generation: u32,
+    /// A rotation under way: where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<TokenStep>,
+    /// During `switch`: the one server the leader lets restart now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
+}
+
+impl Default for ManagementGeneration {
+    fn default() -> Self {
+        ManagementGeneration {
+            generation: 1,
+            rotation: None,
+            restart: None,
+        }
+    }
+}
+
+impl ManagementGeneration {
+    /// The generation a server starting now writes: the new one once it
+    /// exists in Consul (from `switch` on), else the one in use.
+    pub fn for_boot(&self) -> u32 {
+        match self.rotation {
+            Some(TokenStep::Switch) => self.generation + 1,
+            _ => self.generation,
+        }
+    }
 }
 
 /// Which generation of the CA a cluster uses, and the rotation to the next
@@ -669,13 +717,28 @@ impl ClusterRecord {
                 return Err("cluster record restores a key outside its snapshots".to_string());
             }
         }
-        if let Some(g) = &rec.gossip_key
-            && !(1..=MAX_GENERATION).contains(&g.generation)
+        for (what, g) in [
+            ("gossip key", rec.gossip_key.map(|g| g.generation)),
+            ("agents' token", rec.agent_token.map(|g| g.generation)),
+            ("CA", rec.ca.map(|g| g.generation)),
+            (
+                "management token",
+                rec.management_token.as_ref().map(|g| g.generation),
+            ),
+        ] {
+            if let Some(g) = g.filter(|g| !(1..=MAX_GENERATION).contains(g)) {
+                return Err(format!(
+                    "cluster record uses {what} generation {g}, outside 1..={MAX_GENERATION}"
+                ));
+            }
+        }
+        if let Some(n) = rec
+            .management_token
+            .as_ref()
+            .and_then(|m| m.restart.as_deref())
+            && !registry_node_name_ok(n)
         {
-            return Err(format!(
-                "cluster record uses gossip key generation {}, outside 1..={MAX_GENERATION}",
-                g.generation
-            ));
+            return Err("cluster record names an invalid server to restart".to_string());
         }
         validate_address(&rec.bootstrap_address.to_string())?;
         if !(1..=MAX_SERVERS).contains(&rec.servers) {
@@ -780,6 +843,50 @@ mod tests {
             RestoreState::Refused,
         ] {
             assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
+        }
+    }
+
+    #[test]
+    fn a_record_naming_junk_for_a_rotation_is_refused() {
+        let base = serde_json::json!({
+            "cluster_id": "c-1", "bootstrap_node": "n1", "bootstrap_address": "10.0.0.1",
+            "servers": 3, "created": "",
+        });
+        let with = |field: &str, v: serde_json::Value| {
+            let mut r = base.clone();
+            r[field] = v;
+            ClusterRecord::parse(r.to_string().as_bytes())
+        };
+        let ok = with(
+            "management_token",
+            serde_json::json!({"generation": 2, "rotation": "switch", "restart": "i-0abc"}),
+        )
+        .unwrap();
+        assert_eq!(ok.management_token.as_ref().unwrap().for_boot(), 3);
+        for (field, v, why) in [
+            (
+                "management_token",
+                serde_json::json!({"generation": 0}),
+                "management token generation 0",
+            ),
+            (
+                "agent_token",
+                serde_json::json!({"generation": 100_001}),
+                "agents' token generation",
+            ),
+            (
+                "ca",
+                serde_json::json!({"generation": 0}),
+                "CA generation 0",
+            ),
+            (
+                "management_token",
+                serde_json::json!({"generation": 1, "rotation": "switch", "restart": "../etc"}),
+                "invalid server to restart",
+            ),
+        ] {
+            let e = with(field, v).unwrap_err();
+            assert!(e.contains(why), "{e}");
         }
     }
 

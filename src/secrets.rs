@@ -384,10 +384,15 @@ impl std::fmt::Debug for Material {
     }
 }
 
-/// The management token cluster `cluster` made at genesis, if it did;
-/// nothing is made (the cluster may be gone).
-pub async fn management_token(store: &dyn SecretStore, cluster: &str) -> Result<Option<String>> {
-    let name = format!("{cluster}/{}", Secret::ManagementToken.rel());
+/// Generation `generation` of cluster `cluster`'s management token (1:
+/// the one made at genesis), if it exists; nothing is made (the cluster
+/// may be gone).
+pub async fn management_token(
+    store: &dyn SecretStore,
+    cluster: &str,
+    generation: u32,
+) -> Result<Option<String>> {
+    let name = generation_name(cluster, Secret::ManagementToken, generation);
     Ok(store.get(&name).await?.map(|v| v.trim().to_string()))
 }
 
@@ -449,6 +454,8 @@ pub struct Generations {
     pub agent_token: u32,
     /// The CA's.
     pub ca: CaGeneration,
+    /// The management token's a server runs with (0 or 1: generation 1).
+    pub management_token: u32,
 }
 
 impl Generations {
@@ -462,6 +469,7 @@ impl Generations {
             gossip: r.gossip_key.unwrap_or_default(),
             agent_token: r.agent_token.unwrap_or_default().for_nodes(),
             ca: r.ca.unwrap_or_default(),
+            management_token: r.management_token.clone().unwrap_or_default().for_boot(),
         }
     }
 }
@@ -493,6 +501,7 @@ async fn genesis_inner(
         Secret::GossipKey => generation_name(cluster, s, primary),
         Secret::AgentToken => generation_name(cluster, s, agent_token),
         Secret::Ca | Secret::CaCert => generation_name(cluster, s, signing),
+        Secret::ManagementToken => generation_name(cluster, s, gens.management_token),
         _ => format!("{cluster}/{}", s.rel()),
     };
     // The other CA a node trusts during a rotation of the CA.
@@ -573,6 +582,7 @@ async fn genesis_inner(
         (Secret::AgentToken, agent_token),
         (Secret::CaCert, signing),
         (Secret::Ca, signing),
+        (Secret::ManagementToken, gens.management_token),
     ] {
         if generation > 1
             && wanted.contains(&secret)

@@ -66,6 +66,14 @@ const CHECKS: &[&str] = &[
     "c1 after reboot: slot 0 still c1's, not released",
     "c1 after reboot: the expiry hint names the env file, not undoing cluster set",
     "c1 after reboot: runcmd not run again",
+    // A management token rotation restarts Consul from the heartbeat.
+    "c1: secrets rotate management-token",
+    "c1: its heartbeats finish the rotation",
+    "c1: consul.service restarted by the heartbeat",
+    "c1: consul.service running after the restart",
+    "c1: its config holds generation 2 of the management token",
+    "c1: the old management token is deleted",
+    "c1: the new one is in the ACL state",
     // Terminations: a spot notice, the autoscaling lifecycle state.
     "c2: left at shutdown (spot notice)",
     "c2: the agent got the leave",

@@ -164,7 +164,16 @@ impl Rig {
 
     /// Node `i`'s fake agent, with `extra` arguments.
     fn agent(&self, i: usize, extra: &[String]) -> FakeAgent {
-        let (_, name, ip) = self.node(i);
+        let mut args = vec!["--acl-management".to_string(), self.management.clone()];
+        args.extend_from_slice(extra);
+        self.agent_of_config(i, &args)
+    }
+
+    /// Node `i`'s fake agent, which takes its initial management token
+    /// from its config file, as Consul does when it starts (unless `extra`
+    /// names one).
+    fn agent_of_config(&self, i: usize, extra: &[String]) -> FakeAgent {
+        let (root, name, ip) = self.node(i);
         let mut args = vec![
             "--address".to_string(),
             ip,
@@ -172,8 +181,10 @@ impl Rig {
             format!("{}.1:8300", self.net),
             "--acl-dir".into(),
             self.acl.display().to_string(),
-            "--acl-management".into(),
-            self.management.clone(),
+            "--config-file".into(),
+            root.join("etc/consul.d/zz-auto-consul.json")
+                .display()
+                .to_string(),
         ];
         args.extend_from_slice(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -203,6 +214,27 @@ impl Rig {
             "--secrets",
             &self.secrets,
         ]))
+    }
+
+    /// `secrets list --json`: the row of secret `name`, and the whole.
+    fn listed(&self, name: &str) -> (Value, Value) {
+        let list = ok_json(&output(auto_consul(self.moto).args([
+            "secrets",
+            "list",
+            "--json",
+            "--registry",
+            &self.registry,
+            "--secrets",
+            &self.secrets,
+        ])));
+        let row = list["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {list}"))
+            .clone();
+        (row, list)
     }
 
     /// Waits for `child` and gives its output, or (with `kill`) kills it
@@ -308,22 +340,7 @@ fn a_gossip_key_rotation_killed_anywhere_ends_with_one_key_and_no_outage() {
     // Nodes booting now write the new key.
     ok_json(&rig.boot(3, "agent"));
     assert_eq!(config(&rig.node(3).0)["encrypt"], made);
-    let list = ok_json(&output(auto_consul(rig.moto).args([
-        "secrets",
-        "list",
-        "--json",
-        "--registry",
-        &rig.registry,
-        "--secrets",
-        &rig.secrets,
-    ])));
-    let gossip = list["secrets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "gossip-key")
-        .unwrap()
-        .clone();
+    let (gossip, list) = rig.listed("gossip-key");
     assert_eq!(gossip["generation"], 2, "{list}");
     assert!(gossip["rotation"].is_null(), "{list}");
     assert!(gossip["where"].as_str().unwrap().ends_with("gossip-key.2"));
@@ -491,5 +508,172 @@ fn a_ca_rotation_killed_anywhere_never_has_a_node_reject_a_server() {
             .unwrap()
             .trim(),
         new_ca.trim()
+    );
+}
+
+/// A management token rotation, with the servers' fake agents reading
+/// `initial_management` from their config at start (as Consul does) and
+/// restarted whenever their config's changes (as `systemctl restart` does
+/// on the running system); the servers' heartbeats killed at random.
+#[test]
+fn a_management_token_rotation_restarts_one_server_at_a_time_and_the_old_token_stays_deleted() {
+    let mut rig = Rig::new("rot/mgmt", "mgt", "10.77.0");
+    let health = rig.tmp.path().join("autopilot.json");
+    let set_health = |healthy: bool| {
+        std::fs::write(
+            &health,
+            format!(r#"{{"Healthy": {healthy}, "FailureTolerance": 1, "Servers": []}}"#),
+        )
+        .unwrap()
+    };
+    set_health(true);
+    let held = |rig: &Rig, i: usize| -> String {
+        config(&rig.node(i).0)["acl"]["tokens"]["initial_management"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let start = |rig: &Rig, i: usize| -> (FakeAgent, String) {
+        let extra = vec!["--autopilot-file".to_string(), health.display().to_string()];
+        (rig.agent_of_config(i, &extra), held(rig, i))
+    };
+    let mut servers: Vec<(FakeAgent, String)> = (0..3).map(|i| start(&rig, i)).collect();
+    let old = rig.management.clone();
+    for (i, (agent, held_now)) in servers.iter().enumerate() {
+        assert_eq!(*held_now, old, "server {i} starts with the genesis token");
+        ok_json(&rig.beat(i, agent).wait_with_output().unwrap());
+    }
+    assert!(acl_tokens(&rig.acl).get(&old).is_some());
+
+    let started = ok_json(&rig.rotate("management-token"));
+    assert_eq!(started["started"], true, "{started}");
+    assert_eq!(rig.record()["management_token"]["rotation"], "create");
+    let new = rig.secret("server/management-token.2");
+    assert_ne!(new, old);
+
+    // Which server restarted, in order, and what the record named then.
+    let mut restarts: Vec<usize> = Vec::new();
+    let mut gate_checked = false;
+    for round in 0..25 {
+        let m = rig.record()["management_token"].clone();
+        if m.is_null() || m["rotation"].is_null() {
+            break;
+        }
+        for i in 0..3 {
+            let named_before = rig.record()["management_token"]["restart"].clone();
+            // Right after a restart, autopilot says unhealthy for one pass
+            // of the leader: it must not let another server go.
+            let gate = i == 0 && restarts.last().is_some_and(|r| *r != 0) && !gate_checked;
+            if gate {
+                set_health(false);
+            }
+            let child = rig.beat(i, &servers[i].0);
+            let kill = rig.rng.below(4) == 0;
+            let out = rig.maybe_kill(child, kill, 200);
+            if let Some(out) = &out {
+                let v = ok_json(out);
+                if i == 0 {
+                    eprintln!("round {round}, leader: {}", v["rotations"]);
+                }
+            }
+            if gate {
+                let named_after = rig.record()["management_token"]["restart"].clone();
+                assert!(
+                    named_after == named_before || named_after.is_null(),
+                    "with autopilot unhealthy the leader named {named_after} after {named_before}"
+                );
+                set_health(true);
+                gate_checked = out.is_some();
+            }
+            // systemd's part: a config whose initial_management changed
+            // means `systemctl restart consul` ran.
+            if held(&rig, i) != servers[i].1 {
+                let rec = rig.record()["management_token"].clone();
+                let me = rig.node(i).1;
+                assert!(
+                    rec["restart"] == me.as_str()
+                        || rec["rotation"] == "delete"
+                        || rec["rotation"].is_null(),
+                    "{me} restarted while the record said {rec}"
+                );
+                let (agent, _) = std::mem::replace(&mut servers[i], start(&rig, i));
+                drop(agent);
+                restarts.push(i);
+                // Every live server holds a token Consul has.
+                let tokens = acl_tokens(&rig.acl);
+                for (j, (_, h)) in servers.iter().enumerate() {
+                    assert!(
+                        tokens.get(h).is_some(),
+                        "server {j} holds a token Consul lacks"
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("restarts, in order: {restarts:?}");
+    let rec = rig.record();
+    assert!(
+        rec["management_token"].is_null() || rec["management_token"]["rotation"].is_null(),
+        "{rec}"
+    );
+    assert_eq!(rec["management_token"]["generation"], 2, "{rec}");
+    // Each server restarted once (a kill between its config and its
+    // record may make it twice), the leader last.
+    let mut once: Vec<usize> = restarts.clone();
+    once.dedup();
+    assert_eq!(once.len(), 3, "{restarts:?}");
+    assert_eq!(
+        *once.last().unwrap(),
+        0,
+        "the leader restarts last: {restarts:?}"
+    );
+    assert!(gate_checked, "the autopilot gate was exercised");
+    for (i, (_, h)) in servers.iter().enumerate() {
+        assert_eq!(*h, new, "server {i}");
+    }
+    let tokens = acl_tokens(&rig.acl);
+    assert!(tokens.get(&old).is_none(), "the old token is deleted");
+    assert!(tokens.get(&new).is_some());
+    // Any server that wins an election now makes no old token again.
+    for (agent, _) in &servers {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "PUT",
+                &format!("http://{}/_fake/leadership", agent.addr()),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    assert!(
+        acl_tokens(&rig.acl).get(&old).is_none(),
+        "no election brings it back"
+    );
+    // What the restarts prevent: a server still holding the old one in
+    // memory makes it again as leader.
+    let stale = rig.agent(1, &[]);
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "PUT",
+            &format!("http://{}/_fake/leadership", stale.addr()),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        acl_tokens(&rig.acl).get(&old).is_some(),
+        "the fake does bring a held token back"
+    );
+    let (row, list) = rig.listed("management-token");
+    assert_eq!(row["generation"], 2, "{list}");
+    assert!(
+        row["where"]
+            .as_str()
+            .unwrap()
+            .ends_with("management-token.2")
     );
 }

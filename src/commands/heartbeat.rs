@@ -112,7 +112,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             None,
             false,
             &rejoined,
-            json!({}),
+            json!({"consul_restart": following.consul_restart}),
         );
         return Ok(());
     }
@@ -159,7 +159,8 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         // Once a rotation moved the agents' token on, its steps make the
         // tokens: generation 1 is never made again.
         let agent_token = record.as_ref().is_none_or(|(r, _)| r.agent_token.is_none());
-        tokens_in_consul(&root, url, cluster, agent_token).await;
+        let management = following.management_token.unwrap_or(1);
+        tokens_in_consul(&root, url, cluster, agent_token, management).await;
     }
     // A certificate auto-consul made, renewed before it expires.
     let tls = match &saved {
@@ -177,7 +178,15 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         None => Value::Null,
     };
     // A gossip key rotation under way: the leader takes it on.
-    let rotation = rotate_if_leader(opts, store, &status, &me, record.as_ref()).await;
+    let rotation = rotate_if_leader(
+        opts,
+        store,
+        &status,
+        &me,
+        record.as_ref(),
+        following.management_token.unwrap_or(1),
+    )
+    .await;
     if tls["renewed"] == json!(true) {
         crate::metrics::tls_expiry(
             super::renew::expiries(opts, &root)
@@ -204,25 +213,31 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         Some(settings),
         timer_changed,
         &rejoined,
-        json!({"tls": tls, "rotations": rotation}),
+        json!({"tls": tls, "rotations": rotation, "consul_restart": following.consul_restart}),
     );
     Ok(())
 }
 
-/// One pass of the rotations under way (gossip key, agents' token, CA), when this server's
-/// Consul leads (one driver for the cluster); failures are warnings (the
-/// next heartbeat goes on from the recorded step).
+/// One pass of the rotations under way (gossip key, agents' token, CA,
+/// management token), when this server's Consul leads (one driver for the
+/// cluster); failures are warnings (the next heartbeat goes on from the
+/// recorded step). `management`: the generation of the management token
+/// this server's Consul holds.
 async fn rotate_if_leader(
     opts: &GlobalOpts,
     store: &dyn Store,
     status: &agent::AgentStatus,
     me: &identity::Identity,
     record: Option<&(crate::model::ClusterRecord, String)>,
+    management: u32,
 ) -> Value {
     let Some((record, etag)) = record.filter(|(r, _)| {
         r.gossip_key.is_some_and(|g| g.rotation.is_some())
             || r.agent_token.is_some_and(|g| g.rotation.is_some())
             || r.ca.is_some_and(|g| g.rotation.is_some())
+            || r.management_token
+                .as_ref()
+                .is_some_and(|g| g.rotation.is_some())
     }) else {
         return Value::Null;
     };
@@ -238,8 +253,12 @@ async fn rotate_if_leader(
         let secrets_store = crate::secrets::open(url)
             .await?
             .ok_or_else(|| anyhow::anyhow!("no secrets store"))?;
-        let token =
-            crate::secrets::management_token(secrets_store.as_ref(), &record.cluster_id).await?;
+        let token = crate::secrets::management_token(
+            secrets_store.as_ref(),
+            &record.cluster_id,
+            management,
+        )
+        .await?;
         let mut out = json!({});
         let (mut record, mut etag) = (record.clone(), etag.clone());
         if record.gossip_key.is_some_and(|g| g.rotation.is_some()) {
@@ -273,16 +292,35 @@ async fn rotate_if_leader(
             }
         }
         if record.ca.is_some_and(|g| g.rotation.is_some()) {
-            out["ca"] = super::rotate::drive_ca(store, record, etag).await?;
+            out["ca"] = super::rotate::drive_ca(store, record.clone(), etag.clone()).await?;
+            if let Some((r, e)) = crate::registry::read_cluster(store).await? {
+                (record, etag) = (r, e);
+            }
+        }
+        if record
+            .management_token
+            .as_ref()
+            .is_some_and(|g| g.rotation.is_some())
+        {
+            let management = token
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("no management token: it cannot be rotated"))?;
+            out["management_token"] = super::rotate::drive_management_token(
+                store,
+                secrets_store.as_ref(),
+                management,
+                &me.node,
+                record,
+                etag,
+            )
+            .await?;
         }
         Ok::<_, anyhow::Error>(out)
     };
     match pass.await {
         Ok(v) => v,
         Err(e) => {
-            tracing::warn!(
-                "the gossip key rotation did not go on: {e:#} (the next heartbeat tries again)"
-            );
+            tracing::warn!("a rotation did not go on: {e:#} (the next heartbeat tries again)");
             json!({"error": format!("{e:#}")})
         }
     }
@@ -332,6 +370,7 @@ impl Beat {
             agent_token_generation: following.agent_token,
             ca_trusted: following.ca_trusted.clone(),
             ca_signed_by: following.ca_signed_by.filter(|_| server),
+            management_token_generation: following.management_token.filter(|_| server),
         })?;
         let name = HeartbeatKey {
             time: Utc::now(),
@@ -472,6 +511,7 @@ async fn tokens_in_consul(
     url: &crate::secrets::SecretsUrl,
     cluster: &str,
     agent_token: bool,
+    management: u32,
 ) {
     let made_for = |marker: &str| {
         std::fs::read_to_string(root.path(std::path::Path::new(marker)))
@@ -486,7 +526,11 @@ async fn tokens_in_consul(
         let Some(store) = crate::secrets::open(url).await? else {
             return Ok(None);
         };
-        let m = crate::secrets::genesis(store.as_ref(), cluster, true).await?;
+        let gens = crate::secrets::Generations {
+            management_token: management,
+            ..Default::default()
+        };
+        let m = crate::secrets::genesis_with(store.as_ref(), cluster, true, gens).await?;
         let management = m
             .management_token
             .clone()
@@ -607,6 +651,7 @@ fn report(
                 "joined": rejoined.joined.map(|a| a.to_string()),
                 "tls": tls,
                 "rotations": extra["rotations"],
+                "consul_restart": extra["consul_restart"].as_bool().unwrap_or(false),
             })
         );
     } else {

@@ -158,7 +158,35 @@ pub async fn management_token(opts: &GlobalOpts, cluster: &str) -> Result<Option
     let Some(store) = crate::secrets::open(url).await? else {
         return Ok(None);
     };
-    crate::secrets::management_token(store.as_ref(), cluster).await
+    let generation = management_generation(opts, cluster).await;
+    crate::secrets::management_token(store.as_ref(), cluster, generation).await
+}
+
+/// The generation of cluster `cluster`'s management token to use here: on
+/// one of its servers, the one its Consul holds (recorded at its last
+/// start: valid until every server moved on); elsewhere, the one the
+/// cluster record says is in use; else 1, the one made at genesis.
+async fn management_generation(opts: &GlobalOpts, cluster: &str) -> u32 {
+    let root = Root::new(&opts.root);
+    let local = crate::state::load(&root)
+        .filter(|s| s.mode.is_server() && s.cluster_id.as_deref() == Some(cluster));
+    if local.is_some() {
+        return crate::state::recorded_number(&root, rotate::MANAGEMENT_TOKEN_GENERATION)
+            .unwrap_or(1);
+    }
+    let Ok(registry) = registry_url(opts) else {
+        return 1;
+    };
+    let read = async {
+        let opened = open_store(&registry).await?;
+        crate::registry::read_cluster(opened.store.as_ref()).await
+    };
+    match read.await {
+        Ok(Some((r, _))) if r.cluster_id == cluster => {
+            r.management_token.unwrap_or_default().generation
+        }
+        _ => 1,
+    }
 }
 
 /// The settings this node's flags give: they seed a new cluster's record

@@ -22,8 +22,8 @@ use serde_json::{Value, json};
 use crate::agent::{self, KeyringPool};
 use crate::claims::put_settled;
 use crate::model::{
-    CLUSTER_KEY, CaGeneration, CaStep, ClusterRecord, Generation, RotationStep, TokenGeneration,
-    TokenStep,
+    CLUSTER_KEY, CaGeneration, CaStep, ClusterRecord, Generation, ManagementGeneration,
+    RotationStep, TokenGeneration, TokenStep,
 };
 use crate::registry::{Condition, Store};
 use crate::secrets::{self, Secret, SecretStore};
@@ -237,13 +237,34 @@ pub async fn start_agent_token(
     mut record: ClusterRecord,
     etag: String,
 ) -> Result<Value> {
-    let cluster = record.cluster_id.clone();
     let cur = record.agent_token.unwrap_or_default();
     if let Some(step) = cur.rotation {
         return Ok(under_way(cur.generation, step.as_str()));
     }
-    let next = cur.generation + 1;
-    let name = secrets::generation_name(&cluster, Secret::AgentToken, next);
+    let name = new_token_generation(
+        secrets_store,
+        &record.cluster_id,
+        Secret::AgentToken,
+        cur.generation + 1,
+    )
+    .await?;
+    record.agent_token = Some(TokenGeneration {
+        generation: cur.generation,
+        rotation: Some(TokenStep::Create),
+    });
+    write(store, &record, etag).await?;
+    Ok(token_started(cur.generation, &name))
+}
+
+/// Makes generation `next` of token `secret` (a UUID), create-only: a start
+/// stopped after this finds it and goes on. Its name, as shown.
+async fn new_token_generation(
+    secrets_store: &dyn SecretStore,
+    cluster: &str,
+    secret: Secret,
+    next: u32,
+) -> Result<String> {
+    let name = secrets::generation_name(cluster, secret, next);
     if secrets_store
         .create(&name, &uuid::Uuid::new_v4().to_string())
         .await?
@@ -253,23 +274,167 @@ pub async fn start_agent_token(
         let made = secrets_store.get(&name).await?.unwrap_or_default();
         if uuid::Uuid::parse_str(made.trim()).is_err() {
             bail!(
-                "{} exists but is not a token (a UUID): delete it and run `auto-consul secrets rotate agent-token` again",
-                secrets_store.shown(&name)
+                "{} exists but is not a token (a UUID): delete it and run `auto-consul secrets rotate {}` again",
+                secrets_store.shown(&name),
+                secret.short()
             );
         }
     }
-    record.agent_token = Some(TokenGeneration {
+    Ok(secrets_store.shown(&name))
+}
+
+/// What `secrets rotate` says of a token rotation it started.
+fn token_started(generation: u32, shown: &str) -> Value {
+    json!({
+        "started": true,
+        "generation": generation,
+        "next": generation + 1,
+        "step": TokenStep::Create.as_str(),
+        "secret": shown,
+    })
+}
+
+/// Where a server keeps the generation of the management token its Consul
+/// holds as `initial_management`, read when it last started (absent: 1).
+pub const MANAGEMENT_TOKEN_GENERATION: &str = "/var/lib/auto-consul/management-token-generation";
+
+/// `secrets rotate management-token`: a new generation (a UUID, made
+/// create-only as `<cluster>/server/management-token.<n>`), then the
+/// record says `create`. The leader makes it in Consul with the old one;
+/// then (`switch`) it lets the servers restart with it as
+/// `initial_management` one at a time, each only while autopilot reports
+/// the cluster healthy; once every live server has, the old token is
+/// deleted. Consul reads `initial_management` only at start and makes
+/// that token again at every leadership it establishes
+/// (agent/consul/leader.go, `initializeACLs`): deleted any earlier, the
+/// old token would come back with the next election.
+pub async fn start_management_token(
+    store: &dyn Store,
+    secrets_store: &dyn SecretStore,
+    mut record: ClusterRecord,
+    etag: String,
+) -> Result<Value> {
+    let cur = record.management_token.clone().unwrap_or_default();
+    if let Some(step) = cur.rotation {
+        return Ok(under_way(cur.generation, step.as_str()));
+    }
+    let name = new_token_generation(
+        secrets_store,
+        &record.cluster_id,
+        Secret::ManagementToken,
+        cur.generation + 1,
+    )
+    .await?;
+    record.management_token = Some(ManagementGeneration {
         generation: cur.generation,
         rotation: Some(TokenStep::Create),
+        restart: None,
     });
     write(store, &record, etag).await?;
-    Ok(json!({
-        "started": true,
-        "generation": cur.generation,
-        "next": next,
-        "step": TokenStep::Create.as_str(),
-        "secret": secrets_store.shown(&name),
-    }))
+    Ok(token_started(cur.generation, &name))
+}
+
+/// One pass of the leader's heartbeat over a management token rotation.
+/// `management`: the token this server's Consul holds (either generation
+/// works until `delete`); `me`: this server's node name (it restarts
+/// last, so leadership moves once).
+pub async fn drive_management_token(
+    store: &dyn Store,
+    secrets_store: &dyn SecretStore,
+    management: &str,
+    me: &str,
+    mut record: ClusterRecord,
+    mut etag: String,
+) -> Result<Value> {
+    let cluster = record.cluster_id.clone();
+    let token = |g: u32| generation_value(secrets_store, &cluster, Secret::ManagementToken, g);
+    let mut done = Vec::new();
+    loop {
+        let cur = record.management_token.clone().unwrap_or_default();
+        let Some(step) = cur.rotation else {
+            return Ok(json!({"steps": done, "generation": cur.generation, "step": null}));
+        };
+        let g = cur.generation;
+        let waiting = |why: String| {
+            tracing::info!("management token rotation: {why}; the next heartbeat looks again");
+            json!({"steps": done, "generation": g, "step": step.as_str(), "restart": cur.restart, "waiting": why})
+        };
+        let next = match step {
+            TokenStep::Create => {
+                agent::ensure_management_token(management, &token(g + 1).await?).await?;
+                ManagementGeneration {
+                    generation: g,
+                    rotation: Some(TokenStep::Switch),
+                    restart: None,
+                }
+            }
+            TokenStep::Switch => {
+                let mut behind = nodes_behind(store, &record, true, |b| {
+                    b.management_token_generation.unwrap_or(1) > g
+                })
+                .await?;
+                if let Some(n) = cur.restart.as_ref().filter(|n| behind.contains(n)) {
+                    return Ok(waiting(format!(
+                        "{n} restarts its Consul with generation {}",
+                        g + 1
+                    )));
+                }
+                if behind.is_empty() {
+                    ManagementGeneration {
+                        generation: g + 1,
+                        rotation: Some(TokenStep::Delete),
+                        restart: None,
+                    }
+                } else {
+                    // One server at a time, and only into a healthy
+                    // cluster: the one before is back, a voter, stable.
+                    match agent::autopilot_healthy(Some(management)).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return Ok(waiting(
+                                "autopilot reports the cluster unhealthy: no server restarts now"
+                                    .into(),
+                            ));
+                        }
+                        Err(e) => return Ok(waiting(format!("{e:#}"))),
+                    }
+                    // This server (the leader) last.
+                    behind.sort_by_key(|n| (n == me, n.clone()));
+                    let n = behind[0].clone();
+                    record.management_token = Some(ManagementGeneration {
+                        restart: Some(n.clone()),
+                        ..cur.clone()
+                    });
+                    write(store, &record, etag).await?;
+                    tracing::warn!(
+                        "management token rotation: {n} may now restart its Consul with generation {}                          ({} server(s) still to go)",
+                        g + 1,
+                        behind.len()
+                    );
+                    return Ok(
+                        json!({"steps": done, "generation": g, "step": step.as_str(), "restart": n}),
+                    );
+                }
+            }
+            TokenStep::Delete => {
+                agent::delete_token(management, &token(g - 1).await?).await?;
+                ManagementGeneration {
+                    generation: g,
+                    rotation: None,
+                    restart: None,
+                }
+            }
+        };
+        record.management_token =
+            Some(next.clone()).filter(|n| *n != ManagementGeneration::default());
+        etag = write(store, &record, etag).await?;
+        tracing::warn!(
+            "management token rotation: {} done (generation in use: {})",
+            step.as_str(),
+            next.generation
+        );
+        done.push(step.as_str());
+    }
 }
 
 /// One pass of the leader's heartbeat over an agents' token rotation.
@@ -528,6 +693,12 @@ pub struct Following {
     pub ca_trusted: Option<Vec<u32>>,
     /// A server's: the CA generation that signed its certificate.
     pub ca_signed_by: Option<u32>,
+    /// A server's: the management token's generation its Consul holds.
+    pub management_token: Option<u32>,
+    /// Whether Consul had to restart to load a new management token (on
+    /// the running system this heartbeat restarted it; under another
+    /// root, whoever runs that Consul must).
+    pub consul_restart: bool,
     /// The generations the cluster record says (for the server's
     /// certificate renewal).
     pub generations: secrets::Generations,
@@ -563,6 +734,10 @@ pub async fn follow_rotations(
     if saved.mode.is_server() && ca_managed {
         out.ca_signed_by = Some(crate::state::recorded_number(root, CA_SIGNED_BY).unwrap_or(1));
     }
+    let management_managed = saved.mode.is_server();
+    let management_have =
+        crate::state::recorded_number(root, MANAGEMENT_TOKEN_GENERATION).unwrap_or(1);
+    out.management_token = management_managed.then_some(management_have);
     let record = match crate::registry::read_cluster(store).await {
         Ok(Some((r, etag))) => {
             out.record = Some((r.clone(), etag));
@@ -577,11 +752,15 @@ pub async fn follow_rotations(
             return out;
         }
     };
-    let gens = secrets::Generations::of(Some(&record));
+    let mut gens = secrets::Generations::of(Some(&record));
     out.generations = gens;
     let token_want = gens.agent_token;
     let trusted_want = gens.ca.trusted();
-    if (!token_managed || token_want == token_have) && (!ca_managed || trusted_want == trusted_have)
+    let management_want = management_generation(&record, &saved.node, management_have);
+    gens.management_token = management_want;
+    if (!token_managed || token_want == token_have)
+        && (!ca_managed || trusted_want == trusted_have)
+        && (!management_managed || management_want == management_have)
     {
         return out;
     }
@@ -598,7 +777,7 @@ pub async fn follow_rotations(
         .await?;
         let mut changed = false;
         if token_managed && token_want != token_have {
-            set_agent_token(opts, root, &made.agent_token)?;
+            set_config_token(opts, root, "agent", &made.agent_token)?;
             crate::state::record_number(root, AGENT_TOKEN_GENERATION, token_want);
             tracing::warn!(
                 "this node's Consul now runs with generation {token_want} of the agents' token"
@@ -611,21 +790,66 @@ pub async fn follow_rotations(
             tracing::warn!("this node's CA file now trusts CA generation(s) {trusted_want:?}");
             changed = true;
         }
-        if changed {
+        let restart = management_managed && management_want != management_have;
+        if restart {
+            let token = made
+                .management_token
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("no management token read"))?;
+            set_config_token(opts, root, "initial_management", token)?;
+            restart_consul(root)?;
+            crate::state::record_number(root, MANAGEMENT_TOKEN_GENERATION, management_want);
+            tracing::warn!(
+                "this server's Consul now holds generation {management_want} of the management token"
+            );
+        } else if changed {
             reload_consul(root, made.management_token.as_deref()).await;
         }
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>(restart)
     };
     match switched.await {
-        Ok(()) => {
+        Ok(restarted) => {
             out.agent_token = token_managed.then_some(token_want);
             out.ca_trusted = ca_managed.then(|| trusted_want.clone());
+            out.management_token = management_managed.then_some(management_want);
+            out.consul_restart = restarted;
         }
         Err(e) => tracing::warn!(
             "could not follow the secrets' rotation: {e:#} (the next heartbeat tries again)"
         ),
     }
     out
+}
+
+/// The management token generation server `node` should hold, by the
+/// cluster record, having `have`: the new one when the leader lets it
+/// restart now (`switch`, `restart` naming it); never an older one; the one
+/// in use when it is behind it (a server that missed a whole rotation:
+/// the token it holds may be deleted already, and it would make it again
+/// as leader).
+fn management_generation(record: &ClusterRecord, node: &str, have: u32) -> u32 {
+    let m = record.management_token.clone().unwrap_or_default();
+    match m.rotation {
+        Some(TokenStep::Switch) if m.restart.as_deref() == Some(node) => m.generation + 1,
+        _ => have.max(m.generation),
+    }
+}
+
+/// Restarts Consul so it reads what only its start reads
+/// (`initial_management`): `systemctl restart consul.service` on the
+/// running system (it returns once the unit is started again); under
+/// another root, nothing here runs that Consul: says so.
+fn restart_consul(root: &crate::install::Root) -> Result<()> {
+    if root.is_system() {
+        crate::install::systemctl(&["restart", "consul.service"])
+    } else {
+        tracing::warn!(
+            "Consul must restart to read its new initial management token: under --root {} \
+             auto-consul restarts nothing",
+            root.path(std::path::Path::new("/")).display()
+        );
+        Ok(())
+    }
 }
 
 /// Has Consul reload its config and TLS files: `systemctl reload
@@ -694,11 +918,12 @@ pub fn record_list(root: &crate::install::Root, path: &str, list: &[u32]) {
     }
 }
 
-/// Writes `token` as `acl.tokens.agent` in Consul's config (its mode and
-/// owner kept, under the lock `run` takes).
-fn set_agent_token(
+/// Writes `token` as `acl.tokens.<which>` in Consul's config (its mode
+/// and owner kept, under the lock `run` takes).
+fn set_config_token(
     opts: &crate::cli::GlobalOpts,
     root: &crate::install::Root,
+    which: &str,
     token: &str,
 ) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
@@ -708,7 +933,7 @@ fn set_agent_token(
         let _lock = crate::install::lock(root, "consul-config")?;
         let text = std::fs::read_to_string(&on_disk)?;
         let mut value: Value = serde_json::from_str(&text)?;
-        value["acl"]["tokens"]["agent"] = json!(token);
+        value["acl"]["tokens"][which] = json!(token);
         let meta = std::fs::metadata(&on_disk)?;
         let mut contents = serde_json::to_string_pretty(&value)?;
         contents.push('\n');

@@ -32,6 +32,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
     let gossip = record.gossip_key.unwrap_or_default();
     let agent_token = record.agent_token.unwrap_or_default();
     let ca = record.ca.unwrap_or_default();
+    let management = record.management_token.clone().unwrap_or_default();
     // Each secret's generation in use, and a rotation under way: (to, step).
     let generation_of = |s: Secret| -> (u32, Option<(u32, &'static str)>) {
         match s {
@@ -49,7 +50,13 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                 ca.generation,
                 ca.rotation.map(|r| (ca.generation + 1, r.as_str())),
             ),
-            _ => (1, None),
+            Secret::ManagementToken => (
+                management.generation,
+                management
+                    .rotation
+                    .map(|r| (management.generation + 1, r.as_str())),
+            ),
+            Secret::DnsToken => (1, None),
         }
     };
     let store = crate::secrets::open(url)
@@ -80,11 +87,21 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                     super::rotate::start_ca(opened.store.as_ref(), store.as_ref(), record, etag)
                         .await?
                 }
+                Rotatable::ManagementToken => {
+                    super::rotate::start_management_token(
+                        opened.store.as_ref(),
+                        store.as_ref(),
+                        record,
+                        etag,
+                    )
+                    .await?
+                }
             };
             let what = match secret {
                 Rotatable::GossipKey => "the gossip key",
                 Rotatable::AgentToken => "the agents' token",
                 Rotatable::Ca => "the CA",
+                Rotatable::ManagementToken => "the management token",
             };
             if opts.json {
                 println!("{v}");

@@ -212,6 +212,21 @@ check "c1 after reboot: slot 0 still c1's, not released" has consul/live/slots/s
 check "c1 after reboot: the expiry hint names the env file, not undoing cluster set" in_ct "$c1" sh -c 'journalctl -b 0 -u auto-consul.service --no-pager | grep -q "set AUTO_CONSUL_EXPIRY=45 in /etc/auto-consul/auto-consul.env"'
 check "c1 after reboot: runcmd not run again" not in_ct "$c1" sh -c 'journalctl -b 0 --no-pager | grep "cloud-init.*auto-consul.service"'
 
+# --- c1: management token rotation: its heartbeat restarts Consul ----------
+# A lone server, the leader: it names itself, restarts consul.service with
+# the new initial_management, then deletes the old token.
+mgmt() { in_ct "$c1" python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["acl"]["tokens"]["initial_management"])' "$cfg"; }
+old_mgmt=$(mgmt)
+inv=$(show "$c1" consul.service InvocationID)
+check "c1: secrets rotate management-token" ac "$c1" secrets rotate management-token
+rotated() { in_ct "$c1" systemctl start auto-consul-heartbeat.service; has consul/live/cluster '"management_token":{"generation":2}'; }
+check "c1: its heartbeats finish the rotation" wait_for 60 rotated
+check "c1: consul.service restarted by the heartbeat" test "$(show "$c1" consul.service InvocationID)" != "$inv"
+check "c1: consul.service running after the restart" is "$c1" consul.service SubState running
+check "c1: its config holds generation 2 of the management token" test "$(mgmt)" = "$(ac "$c1" secrets get management-token)"
+check "c1: the old management token is deleted" not grep -qF "$old_mgmt" "$c1/root/opt/consul/fake-consul-acl/acl-state.json"
+check "c1: the new one is in the ACL state" grep -qF "$(mgmt)" "$c1/root/opt/consul/fake-consul-acl/acl-state.json"
+
 # --- c2: spot interruption, then shutdown -----------------------------------
 imds_set imds2 '{"/latest/meta-data/spot/instance-action": "{\"action\": \"terminate\", \"time\": \"2030-01-01T00:00:00Z\"}"}'
 t=$(now)

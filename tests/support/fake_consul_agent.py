@@ -34,7 +34,10 @@ state holds the --acl-management token (linked to global-management, as
 Consul bootstraps it), ACL writes and snapshots need a management token of
 that state, `GET /v1/snapshot` without --snapshot-file is a Consul archive of the ACL state, and a restore of such a body replaces the ACL state (then, as Consul
 re-runs its leader actions, the --acl-management token is made again if the
-restored state lacks it). Prints `PORT=<n>` first;
+restored state lacks it). Without --acl-management, the initial management
+token is `acl.tokens.initial_management` of --config-file, read once at
+start (Consul does not reload it); `PUT /_fake/leadership` runs the leader
+actions again, as a server winning an election does. Prints `PORT=<n>` first;
 exits when its parent goes away.
 """
 
@@ -273,6 +276,17 @@ def main():
     parser.add_argument("--rpc-key")
     parser.add_argument("--rpc-ca")
     args = parser.parse_args()
+    if not args.acl_management and args.config_file:
+        # Consul reads `acl.tokens.initial_management` from its config when
+        # it starts, and not on reload (it is not among the reloadable
+        # settings: agent/agent.go reloadConfigInternal), so neither does
+        # the fake.
+        try:
+            with open(args.config_file) as f:
+                tokens = (json.load(f).get("acl") or {}).get("tokens") or {}
+            args.acl_management = tokens.get("initial_management")
+        except (OSError, ValueError):
+            pass
     started = time.monotonic()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
     own = f"{args.address}:8300"
@@ -493,6 +507,12 @@ def main():
 
     def do_PUT(self):
         path = self.path.split("?")[0]
+        if path == "/_fake/leadership":
+            # This server wins an election: Consul's leader actions run
+            # (leader.go, establishLeadership -> initializeACLs), with the
+            # initial management token it read at its start.
+            cluster_state(bootstrap)
+            return self.reply(200, b"true", "application/json")
         if path in ("/v1/acl/policy", "/v1/acl/token") and args.acl_dir:
             if not is_management(self.headers.get("X-Consul-Token", "")):
                 return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")

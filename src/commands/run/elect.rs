@@ -549,6 +549,7 @@ impl Elector<'_> {
             gossip_key: None,
             agent_token: None,
             ca: None,
+            management_token: None,
         };
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a

@@ -240,7 +240,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     // The generations this node now runs with, for its heartbeat.
     if !dry_run && made.is_some() {
         use crate::commands::rotate::{
-            AGENT_TOKEN_GENERATION, CA_SIGNED_BY, CA_TRUSTED, record_list,
+            AGENT_TOKEN_GENERATION, CA_SIGNED_BY, CA_TRUSTED, MANAGEMENT_TOKEN_GENERATION,
+            record_list,
         };
         let gens = generations(&elected);
         if local.secrets.acl_token.is_none() {
@@ -251,6 +252,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             if elected.mode.is_server() {
                 state::record_number(&root, CA_SIGNED_BY, gens.ca.signing());
             }
+        }
+        if elected.mode.is_server() {
+            state::record_number(&root, MANAGEMENT_TOKEN_GENERATION, gens.management_token);
         }
     }
     let start = !dry_run && !opts.no_start && root.is_system();
