@@ -505,6 +505,72 @@ pub async fn ensure_management_token(management: &str, secret: &str) -> Result<b
     .await
 }
 
+/// The name of node `node`'s own policy.
+pub fn node_policy(node: &str) -> String {
+    format!("auto-consul-node-{node}")
+}
+
+/// What node `node`'s own token may do: what Consul's node identity grants
+/// (`node "<node>"` write, `service_prefix ""` read: acl/policy_templates
+/// and structs.ACLNodeIdentity's synthetic policy) and `agent "<node>"`
+/// write, which its agent's leave and join endpoints check
+/// (agent/agent_endpoint.go, `AgentLeave`, `AgentJoin`:
+/// `AgentWriteAllowed(NodeName)`). Nothing about any other node.
+pub fn node_rules(node: &str) -> String {
+    format!(
+        "node \"{node}\" {{\n  policy = \"write\"\n}}\nagent \"{node}\" {{\n  policy = \"write\"\n}}\nservice_prefix \"\" {{\n  policy = \"read\"\n}}\n"
+    )
+}
+
+/// Makes sure node `node`'s own token (SecretID `secret`) exists in Consul,
+/// with its own policy ([`node_rules`]); made with the management token.
+/// Returns whether this call created the token.
+pub async fn ensure_node_token(management: &str, node: &str, secret: &str) -> Result<bool> {
+    ensure_token(
+        management,
+        secret,
+        &node_policy(node),
+        Some((
+            &node_rules(node),
+            "auto-consul: what one node's own token may do",
+        )),
+        &format!("auto-consul: the token of node {node}"),
+    )
+    .await
+}
+
+/// Deletes node `node`'s own token (SecretID `secret`) and its policy; each
+/// already gone counts as deleted.
+pub async fn delete_node_token(management: &str, node: &str, secret: &str) -> Result<()> {
+    delete_token(management, secret).await?;
+    let api = Api::with_token(Some(management))?;
+    let name = node_policy(node);
+    let resp = api
+        .request(reqwest::Method::GET, &format!("/v1/acl/policy/name/{name}"))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| anyhow!(e).context(format!("asking Consul for policy {name}")))?;
+    if resp.status().as_u16() == 404 || resp.status().as_u16() == 403 {
+        return Ok(());
+    }
+    let text = resp.text().await.unwrap_or_default();
+    let Some(id) = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["ID"].as_str().map(str::to_string))
+    else {
+        return Ok(());
+    };
+    api.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/acl/policy/{id}"),
+        None,
+        Duration::from_secs(30),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// A token with SecretID `secret` linked to policy `policy` (made first
 /// from `rules` and its description, when given), made with the management
 /// token unless it exists.

@@ -103,6 +103,14 @@ pub struct GlobalOpts {
           default_value_t = 400, global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
     pub restore_wait: u64,
 
+    /// How long `run` waits for this node's own token (`--instance-tag`,
+    /// once the cluster's shared agents' token is deleted) before it exits
+    /// 1 (the boot unit retries): the leader's heartbeat makes one for each
+    /// running instance with the tag.
+    #[arg(hide_short_help = true, help_heading = "Roles and waits", long, env = "AUTO_CONSUL_TOKEN_WAIT", value_name = "SECONDS",
+          default_value_t = 120, global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
+    pub token_wait: u64,
+
     /// Seconds after which an agent's heartbeat expires; agents heartbeat every
     /// AGENT_EXPIRY/3 seconds.
     ///
@@ -198,6 +206,16 @@ pub struct GlobalOpts {
     #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_SECRETS", value_name = "URL", global = true,
           value_parser = parse_secrets)]
     pub secrets: Option<crate::secrets::SecretsUrl>,
+
+    /// The EC2 tag every instance of this cluster carries, `KEY=VALUE`
+    /// (the Terraform module sets `auto-consul:cluster=<name>`). With
+    /// `--secrets`, every node then runs with a token of its own (node and
+    /// agent write on itself only), which the leader's heartbeat makes
+    /// ahead for each running instance with this tag, readable by that
+    /// instance alone.
+    #[arg(hide_short_help = true, help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_INSTANCE_TAG",
+          value_name = "KEY=VALUE", global = true, value_parser = parse_instance_tag)]
+    pub instance_tag: Option<(String, String)>,
 
     /// File holding the gossip encryption key (Consul's `encrypt`).
     #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_ENCRYPT_FILE", value_name = "FILE", global = true,
@@ -482,6 +500,14 @@ pub enum SecretsAction {
     Get {
         /// The secret's name.
         name: String,
+    },
+    /// Revoke one node's own token (`--instance-tag`), on a server: it is
+    /// deleted from Consul and the secrets store, so that node's Consul is
+    /// refused; a new one is made at once for the instance if EC2 still
+    /// runs it, which it reads when it boots again.
+    Revoke {
+        /// The node: its instance id.
+        node: String,
     },
     /// Start rotating a secret, on a server: its next generation is made
     /// (nothing is overwritten) and the servers' heartbeats finish the
@@ -809,6 +835,26 @@ fn parse_node(s: &str) -> Result<String, String> {
 
 fn parse_datacenter(s: &str) -> Result<String, String> {
     validate_datacenter(s).map(|()| s.to_string())
+}
+
+/// An EC2 tag, `KEY=VALUE`, as EC2 allows one (key 1-128 characters, not
+/// starting with `aws:`; value up to 256).
+fn parse_instance_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v))
+            if (1..=128).contains(&k.len())
+                && v.len() <= 256
+                && !k.starts_with("aws:")
+                && !k.chars().chain(v.chars()).any(char::is_control) =>
+        {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!(
+            "`{}` is not an EC2 tag: give KEY=VALUE, e.g. auto-consul:cluster=prod \
+             (the tag the cluster's instances carry)",
+            s.escape_debug()
+        )),
+    }
 }
 
 /// A DNS domain as Consul takes one: labels of lower-case letters, digits

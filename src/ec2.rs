@@ -122,3 +122,107 @@ pub async fn witness(
     }
     Ok(out)
 }
+
+/// The running instances carrying tag `key` = `value`: each one's id and
+/// ARN (`arn:<partition>:ec2:<region>:<owner>:instance/<id>`, what IAM
+/// calls the caller's `ec2:SourceInstanceARN` when that instance signs a
+/// request with its role's credentials).
+pub async fn tagged_running(
+    config: &aws_config::SdkConfig,
+    key: &str,
+    value: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let client = aws_sdk_ec2::Client::new(config);
+    let region = config
+        .region()
+        .map(|r| r.as_ref().to_string())
+        .unwrap_or_default();
+    let partition = partition(&region);
+    let mut pages = client
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{key}"))
+                .values(value)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    let mut out = Vec::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| {
+            anyhow::anyhow!(
+                "listing the instances tagged {key}={value}: {}",
+                crate::error::messages(&e)
+            )
+        })?;
+        for r in page.reservations() {
+            let owner = r.owner_id().unwrap_or_default();
+            for i in r.instances() {
+                if let Some(id) = i
+                    .instance_id()
+                    .filter(|id| crate::model::instance_id_ok(id))
+                {
+                    out.push((
+                        id.to_string(),
+                        format!("arn:{partition}:ec2:{region}:{owner}:instance/{id}"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The ARN of instance `id` when EC2 reports it pending or running (as
+/// [`tagged_running`] makes it); `None` when it is not.
+pub async fn running_arn(
+    config: &aws_config::SdkConfig,
+    id: &str,
+) -> anyhow::Result<Option<String>> {
+    let client = aws_sdk_ec2::Client::new(config);
+    let region = config
+        .region()
+        .map(|r| r.as_ref().to_string())
+        .unwrap_or_default();
+    let out = client
+        .describe_instances()
+        .filters(Filter::builder().name("instance-id").values(id).build())
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("asking EC2 about {id}: {}", crate::error::messages(&e)))?;
+    for r in out.reservations() {
+        for i in r.instances() {
+            let live = matches!(
+                i.state().and_then(|s| s.name()),
+                Some(InstanceStateName::Pending | InstanceStateName::Running)
+            );
+            if i.instance_id() == Some(id) && live {
+                return Ok(Some(format!(
+                    "arn:{}:ec2:{region}:{}:instance/{id}",
+                    partition(&region),
+                    r.owner_id().unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The AWS partition of `region`.
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
+    }
+}

@@ -210,6 +210,11 @@ pub struct HeartbeatBody {
     /// holds as `initial_management` (loaded at its last start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management_token_generation: Option<u32>,
+    /// Whether this node's Consul runs with its own token (`--instance-tag`),
+    /// for the leader, which deletes the shared one once every live node
+    /// does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_token: Option<bool>,
 }
 
 /// What a heartbeat body tells, whichever tool wrote it.
@@ -514,6 +519,11 @@ pub struct TokenGeneration {
     /// A rotation under way: where it stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<TokenStep>,
+    /// Every node runs with a token of its own (`--instance-tag`), and the
+    /// shared agents' token is deleted from Consul: nodes never fall back
+    /// to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_node: bool,
 }
 
 impl Default for TokenGeneration {
@@ -521,6 +531,7 @@ impl Default for TokenGeneration {
         TokenGeneration {
             generation: 1,
             rotation: None,
+            per_node: false,
         }
     }
 }

@@ -209,6 +209,16 @@ pub trait SecretStore: Send + Sync {
     async fn get(&self, name: &str) -> Result<Option<String>>;
     /// Writes `name` only if it does not exist; whether this call wrote it.
     async fn create(&self, name: &str, value: &str) -> Result<bool>;
+    /// [`SecretStore::create`], for one EC2 instance only: in SSM the
+    /// parameter is tagged `auto-consul:instance` = `owner` (the instance's
+    /// ARN), which the module's agent policy matches against the caller's
+    /// `ec2:SourceInstanceARN`; a directory has no such rule.
+    async fn create_owned(&self, name: &str, value: &str, owner: &str) -> Result<bool> {
+        let _ = owner;
+        self.create(name, value).await
+    }
+    /// Deletes `name`; whether it existed.
+    async fn delete(&self, name: &str) -> Result<bool>;
     /// What an operator looks for: the full parameter name or file path.
     fn shown(&self, name: &str) -> String;
 }
@@ -277,7 +287,44 @@ impl SecretStore for SsmStore {
     }
 
     async fn create(&self, name: &str, value: &str) -> Result<bool> {
+        self.put(name, value, None).await
+    }
+
+    async fn create_owned(&self, name: &str, value: &str, owner: &str) -> Result<bool> {
+        self.put(name, value, Some(owner)).await
+    }
+
+    async fn delete(&self, name: &str) -> Result<bool> {
         let full = self.shown(name);
+        match self.client.delete_parameter().name(&full).send().await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_parameter_not_found()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(ssm_error(e, "DeleteParameter", &full)),
+        }
+    }
+
+    fn shown(&self, name: &str) -> String {
+        format!("{}/{name}", self.path)
+    }
+}
+
+impl SsmStore {
+    /// PutParameter without overwrite (create-only), tagged with `owner`.
+    async fn put(&self, name: &str, value: &str, owner: Option<&str>) -> Result<bool> {
+        let full = self.shown(name);
+        let tags = owner
+            .map(|o| {
+                aws_sdk_ssm::types::Tag::builder()
+                    .key(OWNER_TAG)
+                    .value(o)
+                    .build()
+            })
+            .transpose()?;
         match self
             .client
             .put_parameter()
@@ -285,7 +332,8 @@ impl SecretStore for SsmStore {
             .value(value)
             .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
             .overwrite(false)
-            .description("Made by auto-consul at the cluster's genesis; do not edit")
+            .description("Made by auto-consul; do not edit")
+            .set_tags(tags.map(|t| vec![t]))
             .send()
             .await
         {
@@ -299,11 +347,11 @@ impl SecretStore for SsmStore {
             Err(e) => Err(ssm_error(e, "PutParameter", &full)),
         }
     }
-
-    fn shown(&self, name: &str) -> String {
-        format!("{}/{name}", self.path)
-    }
 }
+
+/// The tag naming the one EC2 instance (its ARN) that may read a node's
+/// token parameter.
+pub const OWNER_TAG: &str = "auto-consul:instance";
 
 struct DirStore {
     dir: PathBuf,
@@ -351,9 +399,24 @@ impl SecretStore for DirStore {
         }
     }
 
+    async fn delete(&self, name: &str) -> Result<bool> {
+        let path = self.dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(anyhow!(e).context(format!("deleting secret {}", path.display()))),
+        }
+    }
+
     fn shown(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
     }
+}
+
+/// The name of node `instance_id`'s own token (a UUID: its Consul runs with
+/// it as `acl.tokens.agent`), which only that instance may read.
+pub fn node_token_name(cluster: &str, instance_id: &str) -> String {
+    format!("{cluster}/node/{instance_id}")
 }
 
 /// The secrets a node runs with; agents get no CA key and no management
@@ -376,6 +439,16 @@ pub struct Material {
     pub ca_key: Option<String>,
     /// Servers only.
     pub management_token: Option<String>,
+    /// This node's own token (`--instance-tag`), once the leader made it:
+    /// its Consul runs with it instead of `agent_token`.
+    pub node_token: Option<String>,
+}
+
+impl Material {
+    /// The token this node's Consul runs with as `acl.tokens.agent`.
+    pub fn agent_token_in_use(&self) -> &str {
+        self.node_token.as_deref().unwrap_or(&self.agent_token)
+    }
 }
 
 impl std::fmt::Debug for Material {
@@ -456,6 +529,8 @@ pub struct Generations {
     pub ca: CaGeneration,
     /// The management token's a server runs with (0 or 1: generation 1).
     pub management_token: u32,
+    /// Every node runs with its own token; the shared one is deleted.
+    pub per_node: bool,
 }
 
 impl Generations {
@@ -470,6 +545,7 @@ impl Generations {
             agent_token: r.agent_token.unwrap_or_default().for_nodes(),
             ca: r.ca.unwrap_or_default(),
             management_token: r.management_token.clone().unwrap_or_default().for_boot(),
+            per_node: r.agent_token.is_some_and(|t| t.per_node),
         }
     }
 }
@@ -719,6 +795,7 @@ async fn genesis_inner(
         dns_token: take(Secret::DnsToken).expect("read"),
         ca_key,
         management_token: take(Secret::ManagementToken),
+        node_token: None,
     })
 }
 
@@ -965,6 +1042,7 @@ mod tests {
             dns_token: String::new(),
             ca_key: key,
             management_token: None,
+            node_token: None,
         };
         let (server, _) =
             server_certificate(&material, "server.dc1.consul", "10.0.0.5".parse().unwrap())

@@ -197,7 +197,8 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
             "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, secrets = \"{secrets}\", \
              expiry = 120, agent_expiry = 7200, datacenter = \"dc1\", domain = \"consul\", data_dir = \"/opt/consul\", \
              config_dir = \"/etc/consul.d\", baked_image = {baked}, snapshot_interval = 1800, snapshot_keep = 48, \
-             cloud_join = \"provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod\" }})",
+             cloud_join = \"provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod\", \
+             instance_tag = \"auto-consul:cluster=prod\" }})",
             template.display()
         );
         // A provider-less root whose one output is the rendering: applied
@@ -226,6 +227,13 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
         assert!(
             rendered.contains("AUTO_CONSUL_REGISTRY=s3://example-bucket/consul/prod"),
             "rendered user data lacks the registry:\n{rendered}"
+        );
+        // With secrets, every node gets its own token: the tag the leader
+        // finds the cluster's instances by.
+        assert_eq!(
+            rendered.contains("      AUTO_CONSUL_INSTANCE_TAG=auto-consul:cluster=prod\n"),
+            !secrets.is_empty(),
+            "{role}: the instance tag:\n{rendered}"
         );
         // The snapshot settings go to the servers' group only.
         assert_eq!(
@@ -810,7 +818,14 @@ const SDK_CALLS: &[(&str, &[&str])] = &[
     ("abort_multipart_upload", &["s3:AbortMultipartUpload"]),
     ("describe_instances", &["ec2:DescribeInstances"]),
     ("get_parameter", &["ssm:GetParameter"]),
-    ("put_parameter", &["ssm:PutParameter"]),
+    // Node tokens are made tagged with their instance's ARN: tags on
+    // PutParameter need ssm:AddTagsToResource.
+    (
+        "put_parameter",
+        &["ssm:PutParameter", "ssm:AddTagsToResource"],
+    ),
+    // `secrets revoke NODE` (servers only).
+    ("delete_parameter", &["ssm:DeleteParameter"]),
     (
         "complete_lifecycle_action",
         &["autoscaling:CompleteLifecycleAction"],
@@ -978,12 +993,16 @@ fn role_policies(dir: &Path) -> BTreeMap<String, serde_json::Value> {
                 "${ssm_parameter_arn}",
                 "arn:aws:ssm:us-east-1:123456789012:parameter/auto-consul/prod",
             )
-            .replace("${asg_arn}", &asg_arn(role));
+            .replace("${asg_arn}", &asg_arn(role))
+            // templatefile's escape: `$${` is a literal `${` (an IAM
+            // policy variable).
+            .replace("$${", "\u{0}");
         assert!(
             !text.contains("${") && !text.contains("%{"),
             "{}: a template variable the test does not fill",
             file.display()
         );
+        let text = text.replace('\u{0}', "${");
         let policy = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{} is not JSON once rendered: {e}", file.display()));
         out.insert(role.to_string(), policy);

@@ -88,7 +88,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // Rotations of the agents' token or the CA followed (secrets made at
     // genesis).
     let following = super::rotate::follow_rotations(opts, &root, store, saved.as_ref()).await;
-    let keys = Beat::new(&me, server, node_id, &following)?;
+    // A node's own token (--instance-tag), moved to once the leader made it.
+    let node_token = match &saved {
+        Some(s) => super::node_tokens::follow(opts, &root, s).await,
+        None => None,
+    };
+    let keys = Beat::new(&me, server, node_id, &following, node_token)?;
     crate::metrics::tls_expiry(
         super::renew::expiries(opts, &root)
             .into_iter()
@@ -187,6 +192,21 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         following.management_token.unwrap_or(1),
     )
     .await;
+    // Tokens per node: the leader makes them ahead, then retires the
+    // shared one.
+    let node_tokens = match (&record, leads(&status, &me), &saved) {
+        (Some(rec), true, Some(s)) if opts.instance_tag.is_some() => {
+            match s.cluster_id.as_deref().filter(|c| *c == rec.0.cluster_id) {
+                Some(cluster) => match super::management_token(opts, cluster).await {
+                    Ok(Some(m)) => super::node_tokens::lead(opts, &root, store, rec, &m).await,
+                    Ok(None) => Value::Null,
+                    Err(e) => json!({"error": format!("{e:#}")}),
+                },
+                None => Value::Null,
+            }
+        }
+        _ => Value::Null,
+    };
     if tls["renewed"] == json!(true) {
         crate::metrics::tls_expiry(
             super::renew::expiries(opts, &root)
@@ -213,7 +233,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         Some(settings),
         timer_changed,
         &rejoined,
-        json!({"tls": tls, "rotations": rotation, "consul_restart": following.consul_restart}),
+        json!({
+            "tls": tls,
+            "rotations": rotation,
+            "consul_restart": following.consul_restart,
+            "node_tokens": node_tokens,
+        }),
     );
     Ok(())
 }
@@ -241,12 +266,7 @@ async fn rotate_if_leader(
     }) else {
         return Value::Null;
     };
-    let leads = status
-        .leader
-        .as_deref()
-        .and_then(super::snapshot::leader_ip)
-        == Some(me.address);
-    let Some(url) = opts.secrets.as_ref().filter(|_| leads) else {
+    let Some(url) = opts.secrets.as_ref().filter(|_| leads(status, me)) else {
         return Value::Null;
     };
     let pass = async {
@@ -326,6 +346,15 @@ async fn rotate_if_leader(
     }
 }
 
+/// Whether this node's Consul leads (one driver for the cluster's chores).
+fn leads(status: &agent::AgentStatus, me: &identity::Identity) -> bool {
+    status
+        .leader
+        .as_deref()
+        .and_then(super::snapshot::leader_ip)
+        == Some(me.address)
+}
+
 /// The error for a node `run` never set up.
 fn not_run(state_file: &std::path::Path, what: &str) -> anyhow::Error {
     crate::error::usage(format!(
@@ -359,6 +388,7 @@ impl Beat {
         server: bool,
         node_id: Option<String>,
         following: &super::rotate::Following,
+        node_token: Option<bool>,
     ) -> Result<Beat> {
         let body = serde_json::to_vec(&HeartbeatBody {
             node: me.node.clone(),
@@ -371,6 +401,7 @@ impl Beat {
             ca_trusted: following.ca_trusted.clone(),
             ca_signed_by: following.ca_signed_by.filter(|_| server),
             management_token_generation: following.management_token.filter(|_| server),
+            node_token,
         })?;
         let name = HeartbeatKey {
             time: Utc::now(),
@@ -652,6 +683,7 @@ fn report(
                 "tls": tls,
                 "rotations": extra["rotations"],
                 "consul_restart": extra["consul_restart"].as_bool().unwrap_or(false),
+                "node_tokens": extra["node_tokens"],
             })
         );
     } else {

@@ -7,6 +7,7 @@ mod heartbeat;
 mod install;
 mod leave;
 mod members;
+mod node_tokens;
 mod purge;
 mod recover;
 mod rejoin;

@@ -213,7 +213,11 @@ fn every_member(
 }
 
 /// Rewrites the cluster record under `If-Match`; its new version tag.
-async fn write(store: &dyn Store, record: &ClusterRecord, etag: String) -> Result<String> {
+pub(super) async fn write(
+    store: &dyn Store,
+    record: &ClusterRecord,
+    etag: String,
+) -> Result<String> {
     let body = serde_json::to_vec(record)?;
     match put_settled(store, CLUSTER_KEY, body, Condition::Matches(etag)).await? {
         Some(tag) => Ok(tag),
@@ -238,6 +242,12 @@ pub async fn start_agent_token(
     etag: String,
 ) -> Result<Value> {
     let cur = record.agent_token.unwrap_or_default();
+    if cur.per_node {
+        return Err(crate::error::usage(
+            "every node of this cluster runs with a token of its own and the shared agents' token is \
+             deleted: there is nothing to rotate (`auto-consul secrets revoke NODE` replaces one node's token)",
+        ));
+    }
     if let Some(step) = cur.rotation {
         return Ok(under_way(cur.generation, step.as_str()));
     }
@@ -251,6 +261,7 @@ pub async fn start_agent_token(
     record.agent_token = Some(TokenGeneration {
         generation: cur.generation,
         rotation: Some(TokenStep::Create),
+        per_node: false,
     });
     write(store, &record, etag).await?;
     Ok(token_started(cur.generation, &name))
@@ -460,6 +471,7 @@ pub async fn drive_agent_token(
                 TokenGeneration {
                     generation: g,
                     rotation: Some(TokenStep::Switch),
+                    per_node: false,
                 }
             }
             TokenStep::Switch => {
@@ -481,6 +493,7 @@ pub async fn drive_agent_token(
                 TokenGeneration {
                     generation: g + 1,
                     rotation: Some(TokenStep::Delete),
+                    per_node: false,
                 }
             }
             TokenStep::Delete => {
@@ -488,6 +501,7 @@ pub async fn drive_agent_token(
                 TokenGeneration {
                     generation: g,
                     rotation: None,
+                    per_node: false,
                 }
             }
         };
@@ -505,12 +519,29 @@ pub async fn drive_agent_token(
 /// The live nodes (their newest `agents/` heartbeat younger than the
 /// agents' expiry, which every node writes; servers only with
 /// `servers_only`) whose heartbeat body does not pass `done`.
-async fn nodes_behind(
+pub(super) async fn nodes_behind(
     store: &dyn Store,
     record: &ClusterRecord,
     servers_only: bool,
     done: impl Fn(&crate::model::HeartbeatBody) -> bool,
 ) -> Result<Vec<String>> {
+    let mut behind = Vec::new();
+    for (node, body) in live_bodies(store, record).await? {
+        match body {
+            Some(b) if servers_only && b.mode != "server" => {}
+            Some(b) if done(&b) => {}
+            _ => behind.push(node),
+        }
+    }
+    Ok(behind)
+}
+
+/// Every live node (its newest `agents/` heartbeat younger than the
+/// agents' expiry) and that heartbeat's body (`None`: unreadable).
+pub(super) async fn live_bodies(
+    store: &dyn Store,
+    record: &ClusterRecord,
+) -> Result<std::collections::BTreeMap<String, Option<crate::model::HeartbeatBody>>> {
     use crate::model::{HeartbeatBody, HeartbeatKey, Role, age_seconds};
     let now = store.now().await;
     let expiry = record.agent_expiry.unwrap_or(7200);
@@ -532,19 +563,17 @@ async fn nodes_behind(
         }
     }
     let bodies = futures::future::join_all(newest.values().map(|(_, key)| store.get(key))).await;
-    let mut behind = Vec::new();
-    for ((node, _), body) in newest.iter().zip(bodies) {
-        let body = body
-            .ok()
-            .flatten()
-            .and_then(|o| serde_json::from_slice::<HeartbeatBody>(&o.body).ok());
-        match body {
-            Some(b) if servers_only && b.mode != "server" => {}
-            Some(b) if done(&b) => {}
-            _ => behind.push(node.clone()),
-        }
-    }
-    Ok(behind)
+    Ok(newest
+        .into_keys()
+        .zip(bodies)
+        .map(|(node, body)| {
+            let body = body
+                .ok()
+                .flatten()
+                .and_then(|o| serde_json::from_slice::<HeartbeatBody>(&o.body).ok());
+            (node, body)
+        })
+        .collect())
 }
 
 /// `secrets rotate ca`: a new CA generation (`server/ca.<n>` and its
@@ -725,7 +754,9 @@ pub async fn follow_rotations(
     let Some(cluster) = saved.cluster_id.clone() else {
         return out;
     };
-    let token_managed = opts.acl_token_file.is_none();
+    // A node on its own token (--instance-tag) follows no shared one.
+    let token_managed =
+        opts.acl_token_file.is_none() && super::node_tokens::kind(root).as_deref() != Some("node");
     let ca_managed = opts.ca_file.is_none();
     let token_have = crate::state::recorded_number(root, AGENT_TOKEN_GENERATION).unwrap_or(1);
     let trusted_have = recorded_list(root, CA_TRUSTED).unwrap_or_else(|| vec![1]);
@@ -735,8 +766,9 @@ pub async fn follow_rotations(
         out.ca_signed_by = Some(crate::state::recorded_number(root, CA_SIGNED_BY).unwrap_or(1));
     }
     let management_managed = saved.mode.is_server();
-    let management_have =
-        crate::state::recorded_number(root, MANAGEMENT_TOKEN_GENERATION).unwrap_or(1);
+    let management_have = crate::state::recorded_number(root, MANAGEMENT_TOKEN_GENERATION)
+        .unwrap_or(1)
+        .max(1);
     out.management_token = management_managed.then_some(management_have);
     let record = match crate::registry::read_cluster(store).await {
         Ok(Some((r, etag))) => {
@@ -920,7 +952,7 @@ pub fn record_list(root: &crate::install::Root, path: &str, list: &[u32]) {
 
 /// Writes `token` as `acl.tokens.<which>` in Consul's config (its mode
 /// and owner kept, under the lock `run` takes).
-fn set_config_token(
+pub(super) fn set_config_token(
     opts: &crate::cli::GlobalOpts,
     root: &crate::install::Root,
     which: &str,

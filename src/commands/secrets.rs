@@ -121,6 +121,35 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                 );
             }
         }
+        SecretsAction::Revoke { node } => {
+            if !crate::model::instance_id_ok(node) {
+                return Err(usage(format!(
+                    "`{}` is not an instance id: name the node by its instance id (i-...), as its token is kept",
+                    node.escape_debug()
+                )));
+            }
+            let management = super::management_token(opts, &cluster).await?.ok_or_else(|| {
+                usage("revoking a node's token needs the cluster's management token: run it on one of its servers")
+            })?;
+            let v = super::node_tokens::revoke(store.as_ref(), &management, &cluster, node).await?;
+            if opts.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "node {node}: {}; {}",
+                    if v["revoked"] == true {
+                        "its token is deleted from Consul and the secrets store: its Consul is refused"
+                    } else {
+                        "it had no token of its own"
+                    },
+                    if v["new_token_made"] == true {
+                        "a new one is made, which it reads when it boots again"
+                    } else {
+                        "EC2 does not run it: no new one is made"
+                    }
+                );
+            }
+        }
         SecretsAction::Get { name: wanted } => {
             let Some(secret) = Secret::ALL.into_iter().find(|s| s.short() == wanted) else {
                 let names: Vec<&str> = Secret::ALL.iter().map(|s| s.short()).collect();

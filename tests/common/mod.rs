@@ -572,15 +572,38 @@ pub fn ec2(moto: &Moto) -> aws_sdk_ec2::Client {
 
 /// Starts `n` instances in moto's EC2; their ids.
 pub fn run_instances(moto: &Moto, n: i32) -> Vec<String> {
+    launch(moto, n, None)
+}
+
+/// `n` instances in moto's EC2 carrying tag `key` = `value` (as the
+/// module's launch templates tag them); their ids.
+pub fn run_tagged_instances(moto: &Moto, n: i32, key: &str, value: &str) -> Vec<String> {
+    launch(moto, n, Some((key, value)))
+}
+
+/// `n` instances in moto's EC2, with one tag when given; their ids.
+fn launch(moto: &Moto, n: i32, tag: Option<(&str, &str)>) -> Vec<String> {
     let ec2 = ec2(moto);
     rt().block_on(async {
         let images = ec2.describe_images().send().await.unwrap();
         let ami = images.images()[0].image_id().unwrap().to_string();
+        let tags = tag.map(|(key, value)| {
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key(key)
+                        .value(value)
+                        .build(),
+                )
+                .build()
+        });
         let out = ec2
             .run_instances()
             .image_id(ami)
             .min_count(n)
             .max_count(n)
+            .set_tag_specifications(tags.map(|t| vec![t]))
             .send()
             .await
             .unwrap();

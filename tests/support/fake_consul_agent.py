@@ -492,6 +492,16 @@ def main():
                     self.wfile.write(b"\x82\xa9ErrorCode\xcd\x01\xf4\xa8ErrorMsg\xd9" + bytes([len(msg)]) + msg)
                     self.close_connection = True
                 return
+            if path.startswith("/v1/acl/policy/name/") and args.acl_dir:
+                # acl:read (agent/acl_endpoint.go ACLPolicyReadByName); a
+                # policy the state lacks: 404 "ACL policy not found".
+                if not is_management(self.headers.get("X-Consul-Token", "")):
+                    return self.reply(403, b"Permission denied: token lacks acl:read", "text/plain")
+                name = path[len("/v1/acl/policy/name/"):]
+                policy = acl_state(lambda st: st["policies"].get(name))
+                if policy is None:
+                    return self.reply(404, b"ACL policy not found", "text/plain")
+                return self.reply(200, json.dumps(policy).encode(), "application/json")
             if path == "/v1/acl/token/self" and args.acl_dir:
                 # Consul: the token the request carries, or 403 "ACL not found".
                 secret = self.headers.get("X-Consul-Token", "")
@@ -564,6 +574,26 @@ def main():
             return self.reply(403, b"Permission denied", "text/plain")
         if path == "/v1/operator/keyring" and args.keyring_data_dir:
             return keyring_op(self, "PUT")
+        if path in ("/v1/catalog/register", "/v1/catalog/deregister") and args.acl_dir:
+            # node:write on the node named (agent/consul/catalog_endpoint.go:
+            # vetRegisterWithACL for a register that sets the node's
+            # address or meta, vetDeregisterWithACL for a node's
+            # deregistration); Consul's words on a denial.
+            length = int(self.headers.get("Content-Length") or 0)
+            req = json.loads(self.rfile.read(length) or b"{}")
+            node = req.get("Node", "")
+            if not allowed(request_token(self), "node", node, "write"):
+                msg = f'Permission denied: token lacks permission \'node:write\' on "{node}"'
+                return self.reply(403, msg.encode(), "text/plain")
+
+            def catalog(st):
+                nodes = st.setdefault("nodes", {})
+                if path.endswith("/deregister"):
+                    nodes.pop(node, None)
+                else:
+                    nodes[node] = {"Node": node, "Address": req.get("Address", "")}
+            cluster_state(catalog)
+            return self.reply(200, b"true", "application/json")
         if path == "/v1/agent/service/register" and args.acl_dir:
             # service:write on the service's name (agent_endpoint.go,
             # AgentRegisterService: vetServiceRegister).
@@ -801,6 +831,20 @@ def main():
         path = self.path.split("?")[0]
         if path == "/v1/operator/keyring" and args.keyring_data_dir:
             return keyring_op(self, "DELETE")
+        if path.startswith("/v1/acl/policy/") and args.acl_dir:
+            # acl:write (agent/acl_endpoint.go ACLPolicyDelete); 200 "true".
+            if not is_management(self.headers.get("X-Consul-Token", "")):
+                return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
+            pid = path[len("/v1/acl/policy/"):]
+
+            def delete_policy(st):
+                gone = [k for k, p in st["policies"].items() if p.get("ID") == pid]
+                for k in gone:
+                    del st["policies"][k]
+                return gone
+            gone = acl_state(delete_policy)
+            acl_log({"path": path, "by": args.node, "method": "DELETE", "deleted": len(gone)})
+            return self.reply(200, b"true", "application/json")
         if path.startswith("/v1/acl/token/") and args.acl_dir:
             # acl:write (agent/acl_endpoint.go ACLTokenDelete); 200 "true".
             if not is_management(self.headers.get("X-Consul-Token", "")):

@@ -128,9 +128,29 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         .take()
         .filter(|(id, _)| Some(id) == elected.cluster_id.as_ref() && elected.mode.is_server())
         .map(|(_, m)| m);
+    let own = super::node_tokens::own_instance(opts, &me.node, me.instance_id.as_deref());
     let made = match made_at_genesis {
         Some(m) => Some(m),
-        None => genesis_material(secrets_store.as_deref(), &elected).await?,
+        None => genesis_material(secrets_store.as_deref(), &elected, own, dry_run).await?,
+    };
+    let made = match (
+        made,
+        secrets_store.as_deref(),
+        elected.cluster_id.as_deref(),
+    ) {
+        (Some(m), Some(store), Some(cluster)) if own.is_some() && !dry_run => Some(
+            super::node_tokens::at_run(
+                opts,
+                store,
+                elected.mode.is_server(),
+                generations(&elected).per_node,
+                cluster,
+                own.unwrap_or_default(),
+                m,
+            )
+            .await?,
+        ),
+        (made, ..) => made,
     };
     let tls_paths = TlsPaths::new(&opts.config_dir);
     let tls_files = match &made {
@@ -166,7 +186,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         acl_token: local.secrets.acl_token.as_deref(),
         acl: made.as_ref().map(|m| render::GenesisAcl {
             management: m.management_token.as_deref(),
-            agent: &m.agent_token,
+            agent: m.agent_token_in_use(),
             dns: &m.dns_token,
         }),
         tls: tls_paths.tls(opts, elected.mode, !tls_files.is_empty()),
@@ -254,7 +274,19 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             }
         }
         if elected.mode.is_server() {
-            state::record_number(&root, MANAGEMENT_TOKEN_GENERATION, gens.management_token);
+            state::record_number(
+                &root,
+                MANAGEMENT_TOKEN_GENERATION,
+                gens.management_token.max(1),
+            );
+        }
+        if let Some(m) = made.as_ref().filter(|_| own.is_some()) {
+            let kind = if m.node_token.is_some() {
+                "node"
+            } else {
+                "shared"
+            };
+            super::node_tokens::record_kind(&root, kind);
         }
     }
     let start = !dry_run && !opts.no_start && root.is_system();
@@ -516,13 +548,27 @@ async fn join_list(
 async fn genesis_material(
     store: Option<&dyn crate::secrets::SecretStore>,
     elected: &Elected,
+    own: Option<&str>,
+    dry_run: bool,
 ) -> Result<Option<crate::secrets::Material>> {
     // The generations are the record's (a rotation moves them).
     let gens = generations(elected);
     match (store, elected.cluster_id.as_deref()) {
-        (Some(store), Some(cluster)) => Ok(Some(
-            crate::secrets::genesis_with(store, cluster, elected.mode.is_server(), gens).await?,
-        )),
+        (Some(store), Some(cluster)) => {
+            // This node's own token, in the same round of reads.
+            let node = async {
+                match own.filter(|_| !dry_run) {
+                    Some(id) => super::node_tokens::read(store, cluster, id).await,
+                    None => Ok(None),
+                }
+            };
+            let (mut m, node) = tokio::try_join!(
+                crate::secrets::genesis_with(store, cluster, elected.mode.is_server(), gens),
+                node
+            )?;
+            m.node_token = node;
+            Ok(Some(m))
+        }
         (Some(_), None) => Err(usage(
             "--secrets needs a cluster id to keep secrets under, and this registry has no \
              cluster record (the original tool's): run `auto-consul cluster set` or drop --secrets",

@@ -37,6 +37,9 @@ locals {
     baked_image  = var.baked_image
     cloud_join   = var.cloud_auto_join ? "provider=aws tag_key=auto-consul:cluster tag_value=${var.name}" : ""
     secrets      = local.secrets_url
+    # Every instance carries it (the launch templates' tags): the leader
+    # makes each one's own ACL token ahead.
+    instance_tag = "auto-consul:cluster=${var.name}"
     # The leader's snapshots to the registry bucket (servers only).
     snapshot_interval = var.snapshot_interval
     snapshot_keep     = var.snapshot_keep
