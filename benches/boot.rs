@@ -45,6 +45,31 @@ fn auto_consul(moto: &Moto) -> Command {
     cmd
 }
 
+/// Writes SSM parameter `name` in moto (outside any timing: the delay is
+/// not applied to it when the caller set none).
+fn put_parameter(moto: &Moto, name: &str, value: &str) {
+    let client = aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::new()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new("us-east-1"))
+            .endpoint_url(format!("http://127.0.0.1:{}", moto.port))
+            .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+                "testing", "testing", None, None, "bench",
+            ))
+            .build(),
+    );
+    common::rt().block_on(async {
+        client
+            .put_parameter()
+            .name(name)
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .send()
+            .await
+            .expect("put_parameter")
+    });
+}
+
 fn stamp(seconds_ago: i64) -> String {
     (chrono::Utc::now() - chrono::Duration::seconds(seconds_ago))
         .format("%Y%m%d%H%M%S")
@@ -193,6 +218,91 @@ fn main() {
         &base,
         &delayed,
     );
+    // And with its own token (--instance-tag): its parameter made in the
+    // same round as the cluster's secrets.
+    let with_tag = |i: usize| {
+        let mut c = with_secrets(i);
+        c.args(["--instance-tag", "auto-consul:cluster=bench"]);
+        c
+    };
+    let base = bench_case(&moto, runs, 0.0, &with_tag);
+    let delayed = bench_case(&moto, runs, delay, &with_tag);
+    report(
+        "run, genesis, secrets, own token",
+        None,
+        delay,
+        &base,
+        &delayed,
+    );
+    // An agent joining a cluster with secrets in SSM: the secrets read in
+    // one round; with --instance-tag its own token (made ahead, as the
+    // leader's heartbeat makes it) is read in that same round.
+    let seed = |prefix: &str| {
+        let mut c = auto_consul(&moto);
+        c.args([
+            "run",
+            "--json",
+            "--registry",
+            &format!("s3://{bucket}/{prefix}"),
+        ])
+        .args(["--secrets", &format!("ssm:///bench/{prefix}")])
+        .args(["--node", "seed-boot", "--address", "10.251.0.1"])
+        .arg("--root")
+        .arg(tmp.path().join(format!("{prefix}-seed")));
+        let m = measure(&mut c);
+        assert!(m.ok, "seeding {prefix}: {}", m.stderr);
+        let v: Value = serde_json::from_str(&m.stdout).unwrap();
+        v["cluster_id"].as_str().unwrap().to_string()
+    };
+    moto.delay(0.0);
+    let cluster = seed("agent-secrets");
+    let next = std::cell::Cell::new(0x0be0_0000u64);
+    let (next, moto_ref, tmp_ref, bucket_ref) = (&next, &moto, &tmp, bucket);
+    let agent_case = |tag: bool| {
+        move |i: usize| {
+            let (moto, tmp, bucket) = (moto_ref, tmp_ref, bucket_ref);
+            next.set(next.get() + 1);
+            let id = format!("i-{:017x}", next.get());
+            let mut c = auto_consul(moto);
+            c.args(["run", "--json", "--role", "agent"])
+                .args(["--registry", &format!("s3://{bucket}/agent-secrets")])
+                .args(["--secrets", "ssm:///bench/agent-secrets"])
+                .args([
+                    "--node",
+                    &id,
+                    "--address",
+                    &format!("10.251.1.{}", i % 250 + 2),
+                ])
+                .arg("--root")
+                .arg(tmp.path().join(format!("agent-{id}")));
+            if tag {
+                c.args(["--instance-tag", "auto-consul:cluster=bench"]);
+            }
+            c
+        }
+    };
+    for (name, tag) in [
+        ("run, agent, --secrets ssm", false),
+        ("run, agent, own token (tag)", true),
+    ] {
+        if tag {
+            // Each run's own token made ahead, as the leader's heartbeat
+            // makes it, before any is timed or counted.
+            moto.delay(0.0);
+            for k in 1..=2 * runs as u64 {
+                let id = format!("i-{:017x}", next.get() + k);
+                put_parameter(
+                    &moto,
+                    &format!("/bench/agent-secrets/{cluster}/node/{id}"),
+                    "00000000-0000-4000-8000-000000000001",
+                );
+            }
+        }
+        let case = agent_case(tag);
+        let base = bench_case(&moto, runs, 0.0, &case);
+        let delayed = bench_case(&moto, runs, delay, &case);
+        report(name, None, delay, &base, &delayed);
+    }
     if boot_only {
         return;
     }

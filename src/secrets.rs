@@ -243,6 +243,21 @@ struct SsmStore {
     path: String,
 }
 
+/// The store refused access (IAM). Where a policy grants a read under a
+/// condition on the parameter's tags, AWS refuses a parameter that does not
+/// exist too (it has no tag to match), so for a node's own token this is
+/// also what "not made yet" looks like.
+#[derive(Debug)]
+pub struct Denied(String);
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Denied {}
+
 /// An SSM error as one line: the parameter, the action, and for a denial
 /// the IAM permission it needs.
 fn ssm_error<E>(err: aws_sdk_ssm::error::SdkError<E>, action: &str, name: &str) -> anyhow::Error
@@ -252,10 +267,10 @@ where
     use aws_sdk_ssm::error::ProvideErrorMetadata;
     let code = err.code().unwrap_or_default().to_string();
     if code.contains("AccessDenied") {
-        return anyhow!(
+        return anyhow::Error::new(Denied(format!(
             "access to SSM parameter {name} denied: this instance's role needs ssm:{action} on it \
              (and kms:Decrypt with the key that encrypts it); see docs/deploy.md"
-        );
+        )));
     }
     anyhow!(
         "SSM {action} of parameter {name} failed: {}",

@@ -17,7 +17,9 @@
 //!   denied (auto-consul warns about each); AWS checks each key.
 //! - SSM parameters are checked with resource "*": path-scoped grants
 //!   never match, so the secrets split is proven in tests/secrets.rs from
-//!   moto's SSM call log instead.
+//!   moto's SSM call log instead, and a node's own token (readable only by
+//!   its instance, a tag condition) in tests/node_tokens.rs, through
+//!   moto_locked's IAM stand-in (tests/support/iam_standin.py).
 
 mod common;
 
@@ -29,30 +31,7 @@ use serde_json::Value;
 /// The module's role policy for `role`, rendered for `bucket` and prefix
 /// `prefix` (without a trailing `/`).
 fn policy(role: &str, bucket: &str, prefix: &str) -> String {
-    let file = format!(
-        "{}/terraform/modules/auto-consul/policies/{role}.json.tftpl",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("${bucket_arn}", &format!("arn:aws:s3:::{bucket}"))
-        .replace("${key_prefix}", &format!("{prefix}/"))
-        .replace(
-            "${ssm_parameter_arn}",
-            "arn:aws:ssm:us-east-1:123456789012:parameter/auto-consul/lp",
-        )
-        .replace(
-            "${asg_arn}",
-            &format!(
-                "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/lp-{role}s-{}",
-                "?".repeat(26)
-            ),
-        )
-        .replace("$${", "\u{0}");
-    assert!(!text.contains("${"), "{file}: a variable left");
-    let text = text.replace('\u{0}', "${");
-    serde_json::from_str::<Value>(&text).expect("the rendered policy is JSON");
-    text
+    module_policy(role, bucket, prefix, "/auto-consul/lp")
 }
 
 /// IAM users with these inline policies, made through moto's IAM API

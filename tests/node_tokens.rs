@@ -28,10 +28,18 @@ struct Cluster {
     acl: PathBuf,
     tag: String,
     ids: Vec<String>,
+    /// Each node's AWS access key id (moto's IAM stand-in evaluates the
+    /// registered ones).
+    keys: Vec<String>,
 }
 
 impl Cluster {
     fn new(prefix: &str, instances: i32) -> Cluster {
+        Cluster::with_secrets(prefix, instances, None)
+    }
+
+    /// [`Cluster::new`] with another secrets store than a directory.
+    fn with_secrets(prefix: &str, instances: i32, secrets: Option<String>) -> Cluster {
         let moto = moto();
         let bucket = bucket(moto);
         let tmp = tempfile::tempdir().unwrap();
@@ -44,7 +52,8 @@ impl Cluster {
         Cluster {
             moto,
             registry: format!("s3://{bucket}/{prefix}"),
-            secrets: format!("file://{}", secrets_dir.display()),
+            secrets: secrets.unwrap_or_else(|| format!("file://{}", secrets_dir.display())),
+            keys: vec!["testing".to_string(); instances as usize],
             bucket,
             tmp,
             secrets_dir,
@@ -67,6 +76,7 @@ impl Cluster {
         let (root, name, ip) = self.node(i);
         output(
             run_cmd(self.moto, &self.registry, &root, &name, &ip, 3)
+                .env("AWS_ACCESS_KEY_ID", &self.keys[i])
                 .args(["--role", role, "--secrets", &self.secrets])
                 .args(["--instance-tag", &self.tag])
                 .args(extra),
@@ -105,6 +115,11 @@ impl Cluster {
     }
 
     fn agent(&self, i: usize, server: bool) -> FakeAgent {
+        self.agent_with(i, server, &[])
+    }
+
+    /// Node `i`'s fake agent, with `extra` arguments last.
+    fn agent_with(&self, i: usize, server: bool, extra: &[&str]) -> FakeAgent {
         let (root, name, ip) = self.node(i);
         let args = [
             "--address".to_string(),
@@ -120,13 +135,15 @@ impl Cluster {
             "--join-file".into(),
             root.join("joins").display().to_string(),
         ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
         FakeAgent::start(&name, server, &args)
     }
 
     fn beat(&self, i: usize, agent: &FakeAgent) -> Value {
         let (root, name, ip) = self.node(i);
         let out = heartbeat_cmd(self.moto, &self.registry, &root, &name, &ip, &agent.addr())
+            .env("AWS_ACCESS_KEY_ID", &self.keys[i])
             .args(["--secrets", &self.secrets, "--instance-tag", &self.tag])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -314,6 +331,14 @@ fn a_fresh_instance_boots_with_its_own_token_and_a_revoked_one_is_refused_until_
     ok_json(&c.boot(4, "agent", &[]));
     assert_eq!(c.runs_with(4), new, "it boots again with the new one");
 
+    // An agent that lost its leader joins a live server with its own token
+    // (agent:write on itself).
+    let leaderless = c.agent_with(3, false, &["--leader", ""]);
+    let v = c.beat(3, &leaderless);
+    assert_eq!(v["joined"], "10.79.0.1", "{v}");
+    let joins = std::fs::read_to_string(c.node(3).0.join("joins")).unwrap();
+    assert!(joins.contains("10.79.0.1"), "{joins}");
+
     // Now that the shared token is gone, a node whose token is not made
     // waits for it, then exits 1 naming the tag.
     let store = c.secrets_dir.join(c.cluster_id()).join("node");
@@ -323,4 +348,113 @@ fn a_fresh_instance_boots_with_its_own_token_and_a_revoked_one_is_refused_until_
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("waits for its own token"), "{err}");
     assert!(err.contains(&c.tag), "{err}");
+}
+
+/// moto's SSM, signed with access key `key`.
+fn ssm(moto: &Moto, key: &str) -> aws_sdk_ssm::Client {
+    aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::new()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new("us-east-1"))
+            .endpoint_url(moto.url())
+            .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+                key, "testing", None, None, "tests",
+            ))
+            .build(),
+    )
+}
+
+/// `GetParameter` of `name` with key `key`: the value, or the error code.
+fn read_as(moto: &Moto, key: &str, name: &str) -> Result<String, String> {
+    use aws_sdk_ssm::error::ProvideErrorMetadata;
+    rt().block_on(async {
+        match ssm(moto, key)
+            .get_parameter()
+            .name(name)
+            .with_decryption(true)
+            .send()
+            .await
+        {
+            Ok(o) => Ok(o.parameter().unwrap().value().unwrap().to_string()),
+            Err(e) => Err(e.code().unwrap_or("?").to_string()),
+        }
+    })
+}
+
+#[test]
+fn one_instances_role_cannot_read_another_instances_token() {
+    // The module's policies, evaluated by moto_locked's IAM stand-in for
+    // every SSM request signed with these keys; each agent key carries its
+    // instance's ARN as `ec2:SourceInstanceARN`, as AWS sets it for an
+    // instance profile's credentials.
+    let path = format!("/auto-consul/nt-iam-{}", std::process::id());
+    let mut c = Cluster::with_secrets("nt/iam", 4, Some(format!("ssm://{path}")));
+    let arn = |id: &str| format!("arn:aws:ec2:us-east-1:123456789012:instance/{id}");
+    let mut principals = serde_json::Map::new();
+    for i in 0..4 {
+        let role = if i == 0 { "server" } else { "agent" };
+        c.keys[i] = format!("AKIANT{i}{}", std::process::id());
+        let policy: Value =
+            serde_json::from_str(&module_policy(role, &c.bucket, "nt/iam", &path)).unwrap();
+        principals.insert(
+            c.keys[i].clone(),
+            json!({"policy": policy, "context": {"ec2:SourceInstanceARN": arn(&c.ids[i])},
+                   "arn": format!("arn:aws:sts::123456789012:assumed-role/{role}/{}", c.ids[i])}),
+        );
+    }
+    let out = Command::new("curl")
+        .args(["-sf", "-X", "POST", "--data"])
+        .arg(Value::Object(principals).to_string())
+        .arg(format!("{}/_iam", c.moto.url()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    ok_json(&c.boot(0, "server", &[]));
+    let server = c.agent(0, true);
+    let lead = c.beat(0, &server);
+    assert_eq!(lead["node_tokens"]["errors"], json!([]), "{lead}");
+    let cluster = c.cluster_id();
+    let token = |i: usize| format!("{path}/{cluster}/node/{}", c.ids[i]);
+    let own = |i: usize| read_as(c.moto, "testing", &token(i)).unwrap();
+    // Made tagged with its instance's ARN.
+    // An agent reads its own, and no other node's, nor a server secret.
+    assert_eq!(read_as(c.moto, &c.keys[1], &token(1)), Ok(own(1)));
+    assert_eq!(
+        read_as(c.moto, &c.keys[1], &token(2)),
+        Err("AccessDeniedException".into()),
+        "node A's role reads node B's token"
+    );
+    assert_eq!(
+        read_as(c.moto, &c.keys[2], &token(1)),
+        Err("AccessDeniedException".into())
+    );
+    assert_eq!(
+        read_as(
+            c.moto,
+            &c.keys[1],
+            &format!("{path}/{cluster}/server/management-token")
+        ),
+        Err("AccessDeniedException".into())
+    );
+    // The binary under A's role boots with A's token.
+    ok_json(&c.boot(1, "agent", &[]));
+    assert_eq!(c.runs_with(1), own(1));
+    // A token not made yet is refused to its own instance too (no tag to
+    // match): the agent takes it as not made and starts on the shared one.
+    rt().block_on(async {
+        ssm(c.moto, "testing")
+            .delete_parameter()
+            .name(token(3))
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        read_as(c.moto, &c.keys[3], &token(3)),
+        Err("AccessDeniedException".into())
+    );
+    let booted = c.boot(3, "agent", &[]);
+    ok_json(&booted);
+    assert_eq!(kind(&c.node(3).0), "shared");
 }

@@ -7,7 +7,7 @@ mod heartbeat;
 mod install;
 mod leave;
 mod members;
-mod node_tokens;
+pub(crate) mod node_tokens;
 mod purge;
 mod recover;
 mod rejoin;

@@ -81,14 +81,23 @@ pub fn record_kind(root: &Root, kind: &str) {
 }
 
 /// Reads node `instance_id`'s own token, checked: `None` when it is not
-/// made yet.
+/// made yet. An agent's role may read it only when its tag names the
+/// instance, so AWS answers AccessDenied for one not made yet (no tag to
+/// match): taken as not made (and named in the wait's final error).
 pub async fn read(
     store: &dyn SecretStore,
     cluster: &str,
     instance_id: &str,
 ) -> Result<Option<String>> {
     let name = node_token_name(cluster, instance_id);
-    match store.get(&name).await? {
+    let got = match store.get(&name).await {
+        Err(e) if e.downcast_ref::<crate::secrets::Denied>().is_some() => {
+            tracing::debug!("{e:#}: taken as not made yet");
+            return Ok(None);
+        }
+        got => got?,
+    };
+    match got {
         None => Ok(None),
         Some(v) if uuid::Uuid::parse_str(v.trim()).is_ok() => Ok(Some(v.trim().to_string())),
         Some(_) => bail!(
@@ -202,6 +211,21 @@ pub fn own_instance<'a>(
     instance_id.filter(|id| *id == node)
 }
 
+/// A server's own token's parameter, made by itself (create-only; the
+/// leader's heartbeat makes the token in Consul), or the one that exists.
+pub async fn make_own(store: &dyn SecretStore, cluster: &str, id: &str) -> Result<Option<String>> {
+    let name = node_token_name(cluster, id);
+    let fresh = uuid::Uuid::new_v4().to_string();
+    if store.create(&name, &fresh).await? {
+        tracing::info!(
+            "made {}: the leader's heartbeat makes it in Consul",
+            store.shown(&name)
+        );
+        return Ok(Some(fresh));
+    }
+    read(store, cluster, id).await
+}
+
 /// At `run`, a node whose own token was not read: a server makes its
 /// parameter itself (servers may; the leader's heartbeat then makes the
 /// token in Consul: a server never waits for a leader, which may be the
@@ -223,16 +247,7 @@ pub async fn at_run(
     }
     let name = node_token_name(cluster, id);
     if server {
-        let fresh = uuid::Uuid::new_v4().to_string();
-        m.node_token = if store.create(&name, &fresh).await? {
-            tracing::info!(
-                "made {}: the leader's heartbeat makes it in Consul",
-                store.shown(&name)
-            );
-            Some(fresh)
-        } else {
-            read(store, cluster, id).await?
-        };
+        m.node_token = make_own(store, cluster, id).await?;
         return Ok(m);
     }
     if !shared_gone {
@@ -252,9 +267,10 @@ pub async fn at_run(
         }
         if std::time::Instant::now() >= deadline {
             bail!(
-                "node {id} has no token of its own after {}s ({} does not exist): the cluster's leader \
-                 makes one for each running instance tagged {k}={v}; check the instance's tags and that \
-                 the cluster has a leader (the boot unit tries again)",
+                "node {id} has no token of its own after {}s ({} does not exist, or this instance's role \
+                 may not read it): the cluster's leader makes one for each running instance tagged {k}={v}; \
+                 check the instance's tags, that the cluster has a leader, and the role's grant on \
+                 */node/* (docs/deploy.md); the boot unit tries again",
                 opts.token_wait,
                 store.shown(&name)
             );

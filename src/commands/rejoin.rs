@@ -139,13 +139,23 @@ pub async fn rejoin(
     if leaderless && !out.servers.is_empty() {
         // Joining takes agent:write on this node (agent_endpoint.go,
         // AgentJoin): a server whose secrets auto-consul made has the
-        // management token.
+        // management token; a node on its own token (--instance-tag) has
+        // agent:write on itself, and its Consul config holds it.
+        let own = (super::node_tokens::kind(root).as_deref() == Some("node"))
+            .then(|| {
+                std::fs::read_to_string(&on_disk)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v["acl"]["tokens"]["agent"].as_str().map(str::to_string))
+            })
+            .flatten();
         let token = match (&opts.acl_token_file, my_cluster.filter(|_| server)) {
             (None, Some(cluster)) => super::management_token(opts, cluster)
                 .await
                 .map_err(|e| tracing::warn!("reading the management token to join with: {e:#}"))
                 .ok()
                 .flatten(),
+            (None, None) => own,
             _ => None,
         };
         for address in &out.servers {

@@ -766,3 +766,34 @@ pub fn write_snapshot(path: &Path, state: &[u8]) -> String {
     std::fs::write(path, &bytes).unwrap();
     format!("{:x}", Sha256::digest(&bytes))
 }
+
+/// The Terraform module's IAM policy for `role` (`server` or `agent`),
+/// rendered as its `templatefile()` renders it for `bucket`, registry
+/// prefix `prefix` (without a trailing `/`) and SSM path `ssm_path`.
+pub fn module_policy(role: &str, bucket: &str, prefix: &str, ssm_path: &str) -> String {
+    let file = format!(
+        "{}/terraform/modules/auto-consul/policies/{role}.json.tftpl",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("${bucket_arn}", &format!("arn:aws:s3:::{bucket}"))
+        .replace("${key_prefix}", &format!("{prefix}/"))
+        .replace(
+            "${ssm_parameter_arn}",
+            &format!("arn:aws:ssm:us-east-1:123456789012:parameter{ssm_path}"),
+        )
+        .replace(
+            "${asg_arn}",
+            &format!(
+                "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/lp-{role}s-{}",
+                "?".repeat(26)
+            ),
+        )
+        // templatefile's escape: `$${` is a literal `${` (a policy variable).
+        .replace("$${", "\u{0}");
+    assert!(!text.contains("${"), "{file}: a variable left");
+    let text = text.replace('\u{0}', "${");
+    serde_json::from_str::<serde_json::Value>(&text).expect("the rendered policy is JSON");
+    text
+}

@@ -50,6 +50,12 @@ where BODY is null; e.g. "/latest/meta-data/autoscaling/target-lifecycle-state".
 Instance tags (`/latest/meta-data/tags/instance...`) answer 404 unless a rule
 says otherwise, as EC2 does while tags are not allowed in the metadata.
 
+IAM for SSM, which moto does not evaluate past the action: `POST /_iam`
+with {ACCESS_KEY_ID: {"policy": POLICY, "context": {"ec2:SourceInstanceARN":
+ARN, ...}}} has every later SSM request signed with that key evaluated by
+tests/support/iam_standin.py (the parameter's ARN, its tags, the context)
+and refused as AWS refuses one (400 AccessDeniedException) when denied.
+
 SSM, for the secrets tests: `GET /_ssm` answers every SSM call so far as
 [{"action": "GetParameter", "name": NAME, "key": ACCESS_KEY_ID}, ...] (who
 read or wrote which parameter). Fault rules also match the `X-Amz-Target`
@@ -151,6 +157,38 @@ class Serialized:
         self.ssm_calls = []
         self.lifecycle_calls = []
         self.lifecycle_over = set()
+        self.principals = {}
+
+    def iam_denies(self, principal, operation, raw, auth):
+        """The IAM stand-in (iam_standin.py) on one SSM request of a
+        registered principal: None when allowed, else AWS's message."""
+        import iam_standin
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.ssm.models import ssm_backends
+
+        try:
+            req = json.loads(raw or b"{}")
+        except ValueError:
+            req = {}
+        name = req.get("Name") or ""
+        scope = auth.split("Credential=", 1)[1].split(",", 1)[0].split("/") if "Credential=" in auth else []
+        region = scope[2] if len(scope) > 2 else "us-east-1"
+        arn = f"arn:aws:ssm:{region}:{DEFAULT_ACCOUNT_ID}:parameter{name if name.startswith('/') else '/' + name}"
+        context = dict(principal.get("context") or {})
+        with self.lock:
+            try:
+                tags = dict(ssm_backends[DEFAULT_ACCOUNT_ID][region].list_tags_for_resource("Parameter", name))
+            except Exception:
+                tags = {}
+        for k, v in tags.items():
+            context[f"ssm:resourceTag/{k}"] = v
+            context[f"aws:ResourceTag/{k}"] = v
+        for t in req.get("Tags") or []:
+            context[f"aws:RequestTag/{t.get('Key')}"] = t.get("Value")
+        action = f"ssm:{operation}"
+        if iam_standin.decide(principal["policy"], action, arn, context) == "allow":
+            return None
+        return f"User: {principal.get('arn', 'the caller')} is not authorized to perform: {action} on resource: {arn}"
 
     def lifecycle(self, form, start_response):
         """Autoscaling's lifecycle calls, which moto does not implement:
@@ -223,6 +261,13 @@ class Serialized:
             with self.lock:
                 calls = list(self.lifecycle_calls)
             return reply(start_response, 200, json.dumps(calls).encode(), "application/json")
+        if path == "/_iam":
+            # Principals whose SSM requests the IAM stand-in evaluates:
+            # {ACCESS_KEY_ID: {"policy": {...}, "context": {...}}}.
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            with self.lock:
+                self.principals.update(json.loads(environ["wsgi.input"].read(length) or b"{}"))
+            return reply(start_response, 200, b"ok")
         if path.startswith("/_ssm"):
             with self.lock:
                 calls = list(self.ssm_calls)
@@ -329,6 +374,12 @@ class Serialized:
             key = auth.split("Credential=", 1)[1].split("/", 1)[0] if "Credential=" in auth else None
             with self.lock:
                 self.ssm_calls.append({"action": amz_target.split(".", 1)[1], "name": name, "key": key})
+                principal = self.principals.get(key)
+            if principal is not None:
+                denied = self.iam_denies(principal, amz_target.split(".", 1)[1], raw, auth)
+                if denied:
+                    body = json.dumps({"__type": "AccessDeniedException", "message": denied}).encode()
+                    return reply(start_response, 400, body, "application/x-amz-json-1.1")
         if method == "GET" and "list-type=2" in query:
             kind = "LIST"
         elif method == "POST" and "delete" in query:

@@ -82,6 +82,10 @@ pub(super) struct Elector<'a> {
     /// The secrets this node made at a genesis (cluster id, material): `run`
     /// uses them rather than reading them again.
     pub(super) made: std::sync::Mutex<Option<(String, crate::secrets::Material)>>,
+    /// This node's instance when it runs with its own token
+    /// (`--instance-tag`): a genesis makes its token's parameter in the
+    /// same round as the cluster's secrets.
+    pub(super) own_token: Option<String>,
 }
 
 impl Elector<'_> {
@@ -557,7 +561,17 @@ impl Elector<'_> {
         // A cluster id this node has just drawn names no secret yet: they
         // are made without reading first (create-only all the same).
         if let Some(store) = self.secrets {
-            let made = crate::secrets::genesis_fresh(store, id, fresh).await?;
+            let own = async {
+                match &self.own_token {
+                    Some(instance) => {
+                        crate::commands::node_tokens::make_own(store, id, instance).await
+                    }
+                    None => Ok(None),
+                }
+            };
+            let (mut made, own) =
+                tokio::try_join!(crate::secrets::genesis_fresh(store, id, fresh), own)?;
+            made.node_token = own;
             *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some((id.to_string(), made));
         }
         let body = serde_json::to_vec(&record)?;

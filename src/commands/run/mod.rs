@@ -90,6 +90,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         role_wait: role_wait(opts, &first_view),
         restore: !opts.no_restore,
         made: Default::default(),
+        own_token: super::node_tokens::own_instance(opts, &me.node, me.instance_id.as_deref())
+            .map(str::to_string),
     };
     let (elected, launch) =
         elect_or_abandon(&elector, launch, previous.as_ref(), raft, first_view).await?;
