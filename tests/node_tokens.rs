@@ -339,6 +339,38 @@ fn a_fresh_instance_boots_with_its_own_token_and_a_revoked_one_is_refused_until_
     let joins = std::fs::read_to_string(c.node(3).0.join("joins")).unwrap();
     assert!(joins.contains("10.79.0.1"), "{joins}");
 
+    // Terminated, it leaves Consul with its own token: a metadata service
+    // of its own says so (the shared moto serves the other tests).
+    let imds = Moto::start(&[]);
+    imds.imds(
+        "/latest/meta-data/autoscaling/target-lifecycle-state",
+        Some("Terminated"),
+    );
+    let left = c.node(3).0.join("left");
+    let leaving = c.agent_with(3, false, &["--leave-file", left.to_str().unwrap()]);
+    let (root, name, ip) = c.node(3);
+    let out = output(
+        auto_consul(c.moto)
+            .args([
+                "leave",
+                "--json",
+                "--if-terminating",
+                "--registry",
+                &c.registry,
+            ])
+            .args(["--address", &ip, "--node", &name, "--secrets", &c.secrets])
+            .args(["--instance-tag", &c.tag, "--root"])
+            .arg(&root)
+            .env("CONSUL_HTTP_ADDR", leaving.addr())
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url()),
+    );
+    ok_json(&out);
+    assert!(
+        left.exists(),
+        "the agent left with its own token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Now that the shared token is gone, a node whose token is not made
     // waits for it, then exits 1 naming the tag.
     let store = c.secrets_dir.join(c.cluster_id()).join("node");

@@ -43,13 +43,15 @@ pub async fn leave(opts: &GlobalOpts, if_terminating: bool) -> Result<()> {
 /// registry is left anyway: the slot must be freed for a replacement).
 pub async fn consul_leaves(opts: &GlobalOpts) {
     // Under default deny, leaving takes agent:write on this node: a
-    // server whose secrets auto-consul made has the management token.
+    // server whose secrets auto-consul made has the management token; a
+    // node on its own token (--instance-tag) has agent:write on itself.
     let token = match (&opts.acl_token_file, server_cluster(opts)) {
         (None, Some(cluster)) => super::management_token(opts, &cluster)
             .await
             .map_err(|e| tracing::warn!("reading the management token to leave with: {e:#}"))
             .ok()
             .flatten(),
+        (None, None) => super::node_tokens::own_from_config(opts, &Root::new(&opts.root)),
         _ => None,
     };
     match agent::leave_with(opts.acl_token_file.as_deref(), token.as_deref()).await {

@@ -430,3 +430,16 @@ pub async fn revoke(
         json!({"node": id, "revoked": old.is_some(), "new_token_made": remade, "secret": store.shown(&name)}),
     )
 }
+
+/// This node's own token as its Consul config holds it (`acl.tokens.agent`),
+/// when it runs with one: what its agent's leave and join are made with
+/// (agent:write on itself).
+pub fn own_from_config(opts: &crate::cli::GlobalOpts, root: &Root) -> Option<String> {
+    if kind(root).as_deref() != Some("node") {
+        return None;
+    }
+    let config = root.path(&opts.config_dir.join(super::run::CONFIG_FILE));
+    let text = std::fs::read_to_string(config).ok()?;
+    let value: Value = serde_json::from_str(&text).ok()?;
+    value["acl"]["tokens"]["agent"].as_str().map(str::to_string)
+}

@@ -141,14 +141,7 @@ pub async fn rejoin(
         // AgentJoin): a server whose secrets auto-consul made has the
         // management token; a node on its own token (--instance-tag) has
         // agent:write on itself, and its Consul config holds it.
-        let own = (super::node_tokens::kind(root).as_deref() == Some("node"))
-            .then(|| {
-                std::fs::read_to_string(&on_disk)
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                    .and_then(|v| v["acl"]["tokens"]["agent"].as_str().map(str::to_string))
-            })
-            .flatten();
+        let own = super::node_tokens::own_from_config(opts, root);
         let token = match (&opts.acl_token_file, my_cluster.filter(|_| server)) {
             (None, Some(cluster)) => super::management_token(opts, cluster)
                 .await
