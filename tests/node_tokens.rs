@@ -243,6 +243,27 @@ fn every_node_moves_to_its_own_token_then_the_shared_one_is_deleted() {
         "the shared token is deleted"
     );
     assert_eq!(c.record()["agent_token"]["per_node"], true);
+    // A terminated instance's token goes with it (Consul, its policy, the
+    // store); a stopped one would keep it.
+    let gone_token = c.own(5).unwrap();
+    terminate(c.moto, &[c.ids[5].as_str()]);
+    let lead = c.beat(0, &agents[0]);
+    assert_eq!(lead["node_tokens"]["deleted"], json!([c.ids[5]]), "{lead}");
+    assert!(c.tokens().get(&gone_token).is_none());
+    assert_eq!(c.own(5), None);
+    let policies: Value =
+        serde_json::from_str(&std::fs::read_to_string(c.acl.join("acl-state.json")).unwrap())
+            .unwrap();
+    assert!(
+        policies["policies"]
+            .get(format!("auto-consul-node-{}", c.ids[5]))
+            .is_none()
+    );
+    assert!(
+        policies["policies"]
+            .get(format!("auto-consul-node-{}", c.ids[4]))
+            .is_some()
+    );
     // Rotating it is refused now, with the way out.
     let out = output(auto_consul(c.moto).args([
         "secrets",

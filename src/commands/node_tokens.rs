@@ -125,8 +125,27 @@ pub async fn make_ahead(
         .filter(|(id, _)| !made.contains(id))
         .collect();
     let ids: Vec<String> = instances.iter().map(|(id, _)| id.clone()).collect();
+    // Tokens of instances that left the running list: deleted once EC2
+    // says they are terminated (or knows them no more); a stopped one keeps
+    // its token for when it starts again.
+    let gone: Vec<String> = made
+        .iter()
+        .filter(|id| !ids.contains(id))
+        .cloned()
+        .collect();
+    let deleted = if gone.is_empty() {
+        Vec::new()
+    } else {
+        retire(&aws, store, management, cluster, &gone, &mut made).await
+    };
     if todo.is_empty() {
-        return Ok((json!({"instances": instances.len(), "made": []}), ids));
+        if !deleted.is_empty() {
+            record_made(root, cluster, &made);
+        }
+        return Ok((
+            json!({"instances": instances.len(), "made": [], "deleted": deleted}),
+            ids,
+        ));
     }
     let mut created = Vec::new();
     let mut errors = Vec::new();
@@ -161,9 +180,64 @@ pub async fn make_ahead(
         );
     }
     Ok((
-        json!({"instances": instances.len(), "made": created, "errors": errors}),
+        json!({"instances": instances.len(), "made": created, "errors": errors, "deleted": deleted}),
         ids,
     ))
+}
+
+/// Deletes the tokens (Consul, with their policies, and the store) of those
+/// `gone` instances EC2 reports terminated or shutting down, or no longer
+/// knows, and drops them from `made`; the ids deleted. Any failure leaves
+/// the rest for the next heartbeat.
+async fn retire(
+    aws: &aws_config::SdkConfig,
+    store: &dyn SecretStore,
+    management: &str,
+    cluster: &str,
+    gone: &[String],
+    made: &mut BTreeSet<String>,
+) -> Vec<String> {
+    use crate::ec2::Witness;
+    let words = match crate::ec2::witness(aws, gone).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("not retiring the tokens of gone nodes now: {e:#}");
+            return Vec::new();
+        }
+    };
+    let mut deleted = Vec::new();
+    for id in gone {
+        let over = match words.get(id) {
+            Some(Witness::Unknown) => true,
+            Some(Witness::Gone(state)) => state == "terminated" || state == "shutting-down",
+            _ => false,
+        };
+        if !over {
+            continue;
+        }
+        let done = async {
+            if let Some(secret) = read(store, cluster, id).await? {
+                agent::delete_node_token(management, id, &secret).await?;
+                store.delete(&node_token_name(cluster, id)).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        match done.await {
+            Ok(()) => {
+                made.remove(id);
+                deleted.push(id.clone());
+            }
+            Err(e) => tracing::warn!("the token of gone node {id} is not deleted yet: {e:#}"),
+        }
+    }
+    if !deleted.is_empty() {
+        tracing::info!(
+            "deleted the tokens of {} terminated node(s): {}",
+            deleted.len(),
+            deleted.join(", ")
+        );
+    }
+    deleted
 }
 
 /// Makes sure instance `id`'s token exists in Consul and in the store;
