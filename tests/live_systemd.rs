@@ -54,6 +54,10 @@ const CHECKS: &[&str] = &[
     "c2: heartbeat published (agents/)",
     "c2: the same gossip key as c1",
     "c2: no CA key or management token on the agent",
+    // A token per node (AUTO_CONSUL_INSTANCE_TAG).
+    "c2: runs with a token of its own",
+    "c2: its token is not the shared agents' token",
+    "c2: its token's policy names it alone",
     // The heartbeat timer follows `cluster set`.
     "cluster set --expiry 45",
     "c1: heartbeat timer rewritten to 15s",

@@ -105,7 +105,8 @@ curl -sf -X PUT "http://127.0.0.1:$(port s3)/$bucket" >/dev/null
 import sys, boto3
 ec2 = boto3.client("ec2", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1",
                    aws_access_key_id="testing", aws_secret_access_key="testing")
-for i in ec2.run_instances(ImageId="ami-12c6146b", MinCount=3, MaxCount=3)["Instances"]:
+tags = [{"ResourceType": "instance", "Tags": [{"Key": "auto-consul:cluster", "Value": "live"}]}]
+for i in ec2.run_instances(ImageId="ami-12c6146b", MinCount=3, MaxCount=3, TagSpecifications=tags)["Instances"]:
     print(i["InstanceId"], i["PrivateIpAddress"])
 PY
 echo "phase moto: $(since "$t")"
@@ -154,7 +155,7 @@ has() {
 }
 
 # --- c1: packaged Consul, bootstrap server --------------------------------
-new_container 1 imds1 consul/live 18501 AUTO_CONSUL_SERVERS=1 AUTO_CONSUL_SECRETS=ssm:///auto-consul/live
+new_container 1 imds1 consul/live 18501 AUTO_CONSUL_SERVERS=1 AUTO_CONSUL_SECRETS=ssm:///auto-consul/live AUTO_CONSUL_INSTANCE_TAG=auto-consul:cluster=live
 boot "$run/img-packaged" 1
 c1="$run/c1"; id1=$(cat "$c1/instance-id")
 common_checks "$c1"
@@ -182,7 +183,7 @@ snapshot_matches() {
 check "c1: the snapshot is the agent's bytes" snapshot_matches
 
 # --- c2: packaged Consul, agent ---------------------------------------------
-new_container 2 imds2 consul/live 18502 AUTO_CONSUL_SERVERS=1 AUTO_CONSUL_SECRETS=ssm:///auto-consul/live
+new_container 2 imds2 consul/live 18502 AUTO_CONSUL_SERVERS=1 AUTO_CONSUL_SECRETS=ssm:///auto-consul/live AUTO_CONSUL_INSTANCE_TAG=auto-consul:cluster=live
 boot "$run/img-packaged" 2
 c2="$run/c2"; id2=$(cat "$c2/instance-id")
 common_checks "$c2"
@@ -193,6 +194,13 @@ check "c2: heartbeat published (agents/)" wait_for 20 heartbeat_seen consul/live
 gossip() { in_ct "$1" grep '"encrypt"' "$cfg"; }
 check "c2: the same gossip key as c1" test "$(gossip "$c1")" = "$(gossip "$c2")"
 check "c2: no CA key or management token on the agent" not grep -rq -e 'PRIVATE KEY' -e initial_management "$c2/root/etc/consul.d"
+# A token of its own (AUTO_CONSUL_INSTANCE_TAG): made ahead by c1's
+# heartbeat, or moved to by c2's own heartbeat (config, then a reload).
+own_token() { in_ct "$c2" systemctl start auto-consul-heartbeat.service; in_ct "$c2" grep -qx node /var/lib/auto-consul/agent-token-kind; }
+check "c2: runs with a token of its own" wait_for 60 own_token
+agent_token() { in_ct "$1" python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["acl"]["tokens"]["agent"])' "$cfg"; }
+check "c2: its token is not the shared agents' token" test "$(agent_token "$c2")" != "$(ac "$c1" secrets get agent-token)"
+check "c2: its token's policy names it alone" grep -qF "auto-consul-node-$id2" "$c1/root/opt/consul/fake-consul-acl/acl-state.json"
 
 # --- cluster set --expiry 45: c1's heartbeat follows it ----------------------
 check "cluster set --expiry 45" ac "$c1" cluster set --expiry 45
