@@ -334,12 +334,27 @@ pub async fn join(
     token: Option<&str>,
     address: std::net::IpAddr,
 ) -> Result<Joined> {
+    join_pool(token_file, token, address, false).await
+}
+
+/// [`join`] of the LAN pool, or with `wan` of the WAN pool (`?wan=1`, what
+/// `consul join -wan` sends: servers of another datacenter).
+pub async fn join_pool(
+    token_file: Option<&std::path::Path>,
+    token: Option<&str>,
+    address: std::net::IpAddr,
+    wan: bool,
+) -> Result<Joined> {
     let mut api = Api::from_env(token_file)?;
     if let Some(t) = token {
         api.token = Some(t.to_string());
     }
+    let query = if wan { "?wan=1" } else { "" };
     let resp = api
-        .request(reqwest::Method::PUT, &format!("/v1/agent/join/{address}"))
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/agent/join/{address}{query}"),
+        )
         .timeout(Duration::from_secs(15))
         .send()
         .await;

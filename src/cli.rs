@@ -51,6 +51,21 @@ pub struct GlobalOpts {
     )]
     pub registry: Option<String>,
 
+    /// A secondary datacenter's primary: the primary cluster's registry
+    /// (s3://BUCKET/PREFIX). Recorded at this cluster's genesis, after its
+    /// datacenter is checked against the primary's; every node of the
+    /// cluster then follows the record. The servers join the primary's
+    /// live servers over the WAN.
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Registry and cluster",
+        long,
+        env = "AUTO_CONSUL_PRIMARY_REGISTRY",
+        value_name = "URL",
+        global = true
+    )]
+    pub primary_registry: Option<String>,
+
     /// Address this node advertises and binds [default: IMDS local-ipv4].
     #[arg(help_heading = "Identity", short = 'a', long, env = "AUTO_CONSUL_ADDRESS", value_name = "IP", global = true,
           value_parser = parse_address)]

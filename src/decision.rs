@@ -322,6 +322,8 @@ mod tests {
                 agent_token: None,
                 ca: None,
                 management_token: None,
+                datacenter: None,
+                primary: None,
             }),
         });
     }

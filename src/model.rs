@@ -403,6 +403,24 @@ pub struct ClusterRecord {
     /// (`secrets rotate management-token`); absent: generation 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management_token: Option<ManagementGeneration>,
+    /// This cluster's Consul datacenter, recorded at genesis (a server's
+    /// heartbeat writes it into an older record): what a secondary checks
+    /// its own name against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacenter: Option<String>,
+    /// A secondary datacenter's primary (`--primary-registry`), recorded at
+    /// genesis; every node follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<Primary>,
+}
+
+/// The primary datacenter a secondary federates with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Primary {
+    /// The primary cluster's registry (s3://BUCKET/PREFIX or file:///DIR).
+    pub registry: String,
+    /// The primary's datacenter: `primary_datacenter` everywhere.
+    pub datacenter: String,
 }
 
 /// Which generation of the management token a cluster uses, and the
@@ -740,6 +758,21 @@ impl ClusterRecord {
             if let Some(g) = g.filter(|g| !(1..=MAX_GENERATION).contains(g)) {
                 return Err(format!(
                     "cluster record uses {what} generation {g}, outside 1..={MAX_GENERATION}"
+                ));
+            }
+        }
+        if let Some(dc) = &rec.datacenter {
+            validate_datacenter(dc).map_err(|e| format!("cluster record datacenter: {e}"))?;
+        }
+        if let Some(p) = &rec.primary {
+            validate_datacenter(&p.datacenter)
+                .map_err(|e| format!("cluster record's primary datacenter: {e}"))?;
+            crate::registry::RegistryUrl::parse(&p.registry)
+                .map_err(|e| format!("cluster record's primary registry: {e:#}"))?;
+            if rec.datacenter.as_deref() == Some(p.datacenter.as_str()) {
+                return Err(format!(
+                    "cluster record names its own datacenter {} as its primary's",
+                    p.datacenter
                 ));
             }
         }

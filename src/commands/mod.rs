@@ -2,6 +2,7 @@
 //! line and the registry they open.
 
 mod cluster;
+pub(crate) mod federation;
 mod gate;
 mod heartbeat;
 mod install;

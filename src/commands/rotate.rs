@@ -958,6 +958,18 @@ pub(super) fn set_config_token(
     which: &str,
     token: &str,
 ) -> Result<()> {
+    edit_config(opts, root, |value| {
+        value["acl"]["tokens"][which] = json!(token);
+    })
+}
+
+/// Rewrites Consul's config file through `edit` (its mode and owner kept,
+/// under the lock `run` takes, from the file as it is now).
+pub(super) fn edit_config(
+    opts: &crate::cli::GlobalOpts,
+    root: &crate::install::Root,
+    edit: impl FnOnce(&mut Value),
+) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let config = opts.config_dir.join(super::run::CONFIG_FILE);
     let on_disk = root.path(&config);
@@ -965,7 +977,7 @@ pub(super) fn set_config_token(
         let _lock = crate::install::lock(root, "consul-config")?;
         let text = std::fs::read_to_string(&on_disk)?;
         let mut value: Value = serde_json::from_str(&text)?;
-        value["acl"]["tokens"][which] = json!(token);
+        edit(&mut value);
         let meta = std::fs::metadata(&on_disk)?;
         let mut contents = serde_json::to_string_pretty(&value)?;
         contents.push('\n');

@@ -632,8 +632,11 @@ def main():
                 f.write("left\n")
             return self.reply(200, b"", "text/plain")
         if path.startswith("/v1/agent/join/") and args.join_file:
+            # `?wan=1` (what `consul join -wan` sends; agent_endpoint.go
+            # AgentJoin): a join of the WAN pool, logged as "wan <addr>".
+            wan = "wan=1" in (self.path.split("?", 1)[1] if "?" in self.path else "")
             with open(args.join_file, "a") as f:
-                f.write(path[len("/v1/agent/join/"):] + "\n")
+                f.write(("wan " if wan else "") + path[len("/v1/agent/join/"):] + "\n")
             return self.reply(200, b"", "text/plain")
         self.reply(404, b"404 page not found", "text/plain")
 

@@ -86,6 +86,11 @@ pub(super) struct Elector<'a> {
     /// (`--instance-tag`): a genesis makes its token's parameter in the
     /// same round as the cluster's secrets.
     pub(super) own_token: Option<String>,
+    /// This node's flags: a genesis records the datacenter, and the
+    /// primary a secondary names (`--primary-registry`), checked then.
+    pub(super) opts: &'a crate::cli::GlobalOpts,
+    /// The primary this node's genesis recorded (cluster id, primary).
+    pub(super) recorded_primary: std::sync::Mutex<Option<(String, crate::model::Primary)>>,
 }
 
 impl Elector<'_> {
@@ -540,6 +545,14 @@ impl Elector<'_> {
                 plan.from
             );
         }
+        // A secondary datacenter: its primary, checked against the
+        // primary's record (only at genesis: a secondary's boots never
+        // depend on the primary being reachable).
+        let primary = crate::commands::federation::primary_for_genesis(self.opts).await?;
+        *self
+            .recorded_primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = primary.clone().map(|p| (id.to_string(), p));
         let record = ClusterRecord {
             cluster_id: id.to_string(),
             bootstrap_node: self.me.node.clone(),
@@ -554,6 +567,8 @@ impl Elector<'_> {
             agent_token: None,
             ca: None,
             management_token: None,
+            datacenter: Some(self.opts.datacenter.clone()),
+            primary,
         };
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a

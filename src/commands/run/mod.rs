@@ -92,6 +92,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         made: Default::default(),
         own_token: super::node_tokens::own_instance(opts, &me.node, me.instance_id.as_deref())
             .map(str::to_string),
+        opts,
+        recorded_primary: Default::default(),
     };
     let (elected, launch) =
         elect_or_abandon(&elector, launch, previous.as_ref(), raft, first_view).await?;
@@ -106,8 +108,32 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             decision::live_servers(&elected.view, &me.node, settings.expiry).len(),
         );
     }
-    // 5. Whom to join, and the units the decision settles.
-    let retry_join = join_list(&opened, &elected, me).await;
+    // 5. Whom to join, and the units the decision settles; a secondary
+    //    datacenter's servers also join the primary's over the WAN.
+    let recorded = elector
+        .recorded_primary
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .filter(|(id, _)| Some(id) == elected.cluster_id.as_ref())
+        .map(|(_, p)| p);
+    let primary = recorded.or_else(|| {
+        elected
+            .view
+            .record()
+            .filter(|r| Some(&r.cluster_id) == elected.cluster_id.as_ref())
+            .and_then(|r| r.primary.clone())
+    });
+    let config_on_disk = root.path(&opts.config_dir.join(CONFIG_FILE));
+    let (retry_join, retry_join_wan) = tokio::join!(
+        join_list(&opened, &elected, me),
+        super::federation::wan_join_list(
+            primary.as_ref(),
+            elected.mode,
+            seed_settings(opts),
+            &config_on_disk
+        )
+    );
     // Consul joins every instance a cloud entry finds: agents only.
     let cloud_join = opts
         .cloud_join
@@ -192,6 +218,8 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             dns: &m.dns_token,
         }),
         tls: tls_paths.tls(opts, elected.mode, !tls_files.is_empty()),
+        primary_datacenter: primary.as_ref().map(|p| p.datacenter.as_str()),
+        retry_join_wan: &retry_join_wan,
     };
     if !dry_run && raft && elected.mode.is_server() {
         clear_stale_server_metadata(&root, &opts.data_dir)?;

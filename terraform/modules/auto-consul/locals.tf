@@ -11,6 +11,12 @@ locals {
   # ""            -> key prefix "",             URL s3://BUCKET.
   key_prefix = join("", [for p in compact([var.registry_prefix]) : "${p}/"])
 
+  # A secondary's primary registry, split as the servers' read grant needs
+  # it: "s3://b/consul/dc1" -> bucket "b", key prefix "consul/dc1/".
+  primary_parts  = regex("^(?:s3://([^/]+)/?(.*))?$", var.primary_registry)
+  primary_bucket = join("", compact([local.primary_parts[0]]))
+  primary_prefix = join("", [for p in compact([local.primary_parts[1]]) : "${p}/"])
+
   # Consul's ports, opened to members of the security group only. 8500 (HTTP
   # API) and 8600 (DNS) can additionally be opened to var.client_cidr_blocks.
   consul_ports = {

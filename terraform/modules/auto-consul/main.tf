@@ -40,6 +40,8 @@ locals {
     # Every instance carries it (the launch templates' tags): the leader
     # makes each one's own ACL token ahead.
     instance_tag = "auto-consul:cluster=${var.name}"
+    # A secondary datacenter's primary (servers only).
+    primary_registry = var.primary_registry
     # The leader's snapshots to the registry bucket (servers only).
     snapshot_interval = var.snapshot_interval
     snapshot_keep     = var.snapshot_keep
@@ -271,6 +273,42 @@ resource "aws_iam_role_policy" "auto_consul" {
   name   = "auto-consul-registry"
   role   = each.value.id
   policy = local.policies[each.key]
+}
+
+# A secondary datacenter's servers read the primary's registry (its
+# cluster record, slots and server heartbeats: whom to join over the WAN),
+# nothing else of it; its agents read nothing of the primary.
+resource "aws_iam_role_policy" "primary_registry" {
+  count = length(compact([var.primary_registry]))
+
+  name = "auto-consul-primary-registry"
+  role = aws_iam_role.this["server"].id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid      = "ListPrimaryRegistry"
+        Effect   = "Allow"
+        Action   = "s3:ListBucket"
+        Resource = "arn:aws:s3:::${local.primary_bucket}"
+        Condition = {
+          StringLike = {
+            "s3:prefix" = ["${local.primary_prefix}servers/*", "${local.primary_prefix}slots/*", "${local.primary_prefix}cluster"]
+          }
+        }
+      },
+      {
+        Sid    = "ReadPrimaryRegistry"
+        Effect = "Allow"
+        Action = "s3:GetObject"
+        Resource = [
+          "arn:aws:s3:::${local.primary_bucket}/${local.primary_prefix}cluster",
+          "arn:aws:s3:::${local.primary_bucket}/${local.primary_prefix}slots/*",
+          "arn:aws:s3:::${local.primary_bucket}/${local.primary_prefix}servers/*",
+        ]
+      },
+    ]
+  })
 }
 
 resource "aws_iam_role_policy_attachment" "additional" {

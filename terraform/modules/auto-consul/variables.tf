@@ -179,6 +179,17 @@ variable "domain" {
   }
 }
 
+variable "primary_registry" {
+  description = "A secondary datacenter's primary: the primary cluster's registry, s3://BUCKET/PREFIX (AUTO_CONSUL_PRIMARY_REGISTRY, servers only). Recorded at this cluster's genesis; its servers join the primary's live servers over the WAN. Empty: this cluster is a primary."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^/]+)*)?$", var.primary_registry))
+    error_message = "primary_registry must be empty or s3://BUCKET/PREFIX, the primary cluster's registry."
+  }
+}
+
 variable "consul_data_dir" {
   description = "Consul data directory on the instances (AUTO_CONSUL_DATA_DIR)."
   type        = string
