@@ -23,6 +23,14 @@ pub(super) const PENDING_WAIT: Duration = Duration::from_secs(5);
 /// The name of a cluster that neither a record nor a slot names
 /// (`--replace-cluster unnamed` replaces it).
 pub(super) const UNNAMED: &str = "unnamed";
+
+/// A server of an old cluster that is not confirmed gone (the witness
+/// rule, `witness.rs`, finds them; this module waits on them).
+pub(super) struct Unconfirmed {
+    pub(super) slot: u32,
+    pub(super) holder: crate::model::SlotRecord,
+    pub(super) why: String,
+}
 /// Rounds of read-decide-claim before giving up under contention.
 pub(super) const MAX_ROUNDS: u32 = 12;
 /// An election that cannot succeed on this boot: the witness rule forbids
@@ -732,7 +740,7 @@ impl Waits {
         &mut self,
         e: &Elector<'_>,
         view: &RegistryView,
-        unconfirmed: &[super::witness::Unconfirmed],
+        unconfirmed: &[Unconfirmed],
     ) -> Result<()> {
         let message = e.witness_message(view, unconfirmed);
         let now = std::time::Instant::now();

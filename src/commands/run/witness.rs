@@ -7,14 +7,7 @@ use crate::ec2::{self, Witness};
 use crate::model::SlotRecord;
 use crate::registry::{RegistryView, read_slots_from};
 
-use super::elect::{Elector, UNNAMED, old_cluster_id};
-
-/// A server of an old cluster that is not confirmed gone.
-pub(super) struct Unconfirmed {
-    pub(super) slot: u32,
-    pub(super) holder: SlotRecord,
-    pub(super) why: String,
-}
+use super::elect::{Elector, UNNAMED, Unconfirmed, old_cluster_id};
 
 impl Elector<'_> {
     /// The witness rule: the servers of the registry's old cluster (the
