@@ -761,6 +761,53 @@ impl ClusterRecord {
                 ));
             }
         }
+        // A rotation's step names the generation next to the one in use:
+        // the next one (forward steps) must stay within the bound, the
+        // previous one (the last step, which deletes it) must exist
+        // (generation 0 would name the genesis one: the one in use).
+        for (what, g, back) in [
+            (
+                "gossip key",
+                rec.gossip_key.map(|g| g.generation),
+                rec.gossip_key
+                    .and_then(|g| g.rotation)
+                    .map(|r| r == RotationStep::Remove),
+            ),
+            (
+                "agents' token",
+                rec.agent_token.map(|g| g.generation),
+                rec.agent_token
+                    .and_then(|g| g.rotation)
+                    .map(|r| r == TokenStep::Delete),
+            ),
+            (
+                "CA",
+                rec.ca.map(|g| g.generation),
+                rec.ca.and_then(|g| g.rotation).map(|r| r == CaStep::Drop),
+            ),
+            (
+                "management token",
+                rec.management_token.as_ref().map(|g| g.generation),
+                rec.management_token
+                    .as_ref()
+                    .and_then(|g| g.rotation)
+                    .map(|r| r == TokenStep::Delete),
+            ),
+        ] {
+            match (g, back) {
+                (Some(g), Some(true)) if g < 2 => {
+                    return Err(format!(
+                        "cluster record ends a {what} rotation at generation {g}: there is no older one"
+                    ));
+                }
+                (Some(g), Some(false)) if g >= MAX_GENERATION => {
+                    return Err(format!(
+                        "cluster record rotates the {what} past generation {MAX_GENERATION}"
+                    ));
+                }
+                _ => {}
+            }
+        }
         if let Some(dc) = &rec.datacenter {
             validate_datacenter(dc).map_err(|e| format!("cluster record datacenter: {e}"))?;
         }
@@ -927,6 +974,26 @@ mod tests {
                 "management_token",
                 serde_json::json!({"generation": 1, "rotation": "switch", "restart": "../etc"}),
                 "invalid server to restart",
+            ),
+            (
+                "management_token",
+                serde_json::json!({"generation": 1, "rotation": "delete"}),
+                "there is no older one",
+            ),
+            (
+                "agent_token",
+                serde_json::json!({"generation": 1, "rotation": "delete"}),
+                "there is no older one",
+            ),
+            (
+                "gossip_key",
+                serde_json::json!({"generation": 1, "rotation": "remove"}),
+                "there is no older one",
+            ),
+            (
+                "management_token",
+                serde_json::json!({"generation": 100_000, "rotation": "create"}),
+                "past generation",
             ),
         ] {
             let e = with(field, v).unwrap_err();

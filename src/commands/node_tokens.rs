@@ -33,21 +33,55 @@ pub const KIND: &str = "/var/lib/auto-consul/agent-token-kind";
 /// How many instances the leader makes tokens for at once.
 const AT_ONCE: usize = 8;
 
-/// The instances of `cluster` the leader has made tokens for.
-fn made(root: &Root, cluster: &str) -> BTreeSet<String> {
+/// How long the leader trusts its record that an instance's token exists
+/// before it looks again (one read and one Consul request per instance):
+/// a token revoked while its instance was stopped, or a parameter deleted
+/// by hand, is made again within this.
+const RECHECK_SECONDS: i64 = 3600;
+
+/// The instances of `cluster` the leader has made tokens for (lines
+/// `<cluster> <id> <unix time of the last check>`): each with whether that
+/// check is recent (within [`RECHECK_SECONDS`]).
+fn made_checked(root: &Root, cluster: &str) -> std::collections::BTreeMap<String, bool> {
+    let now = chrono::Utc::now().timestamp();
     std::fs::read_to_string(root.path(std::path::Path::new(MADE)))
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.split_once(' '))
-        .filter(|(c, _)| *c == cluster)
-        .map(|(_, id)| id.to_string())
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let (c, id, at) = (f.next()?, f.next()?, f.next()?.parse::<i64>().ok()?);
+            (c == cluster).then(|| (id.to_string(), (0..RECHECK_SECONDS).contains(&(now - at))))
+        })
         .collect()
 }
 
 /// Records that the tokens of `ids` exist (this cluster's lines only: an
-/// older cluster's are dropped).
+/// older cluster's are dropped); those checked before keep their time.
 fn record_made(root: &Root, cluster: &str, ids: &BTreeSet<String>) {
-    let contents: String = ids.iter().map(|id| format!("{cluster} {id}\n")).collect();
+    let before: std::collections::BTreeMap<String, String> =
+        std::fs::read_to_string(root.path(std::path::Path::new(MADE)))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                let (c, id, at) = (f.next()?, f.next()?, f.next()?);
+                (c == cluster).then(|| (id.to_string(), at.to_string()))
+            })
+            .collect();
+    // An id checked before keeps that time while it is recent; one whose
+    // check was due has just been checked again.
+    let recent = made_checked(root, cluster);
+    let now = chrono::Utc::now().timestamp().to_string();
+    let contents: String = ids
+        .iter()
+        .map(|id| {
+            let at = before
+                .get(id)
+                .filter(|_| recent.get(id) == Some(&true))
+                .unwrap_or(&now);
+            format!("{cluster} {id} {at}\n")
+        })
+        .collect();
     let spec = FileSpec {
         path: MADE.into(),
         contents,
@@ -56,6 +90,27 @@ fn record_made(root: &Root, cluster: &str, ids: &BTreeSet<String>) {
     };
     if let Err(e) = crate::install::write_atomic(root, &spec) {
         tracing::warn!("could not record the node tokens made: {e:#}");
+    }
+}
+
+/// Where the leader records that the shared agents' token of a cluster is
+/// deleted from Consul (the cluster id).
+const SHARED_GONE: &str = "/var/lib/auto-consul/shared-agent-token-deleted";
+
+fn shared_gone(root: &Root, cluster: &str) -> bool {
+    std::fs::read_to_string(root.path(std::path::Path::new(SHARED_GONE)))
+        .is_ok_and(|c| c.trim() == cluster)
+}
+
+fn record_shared_gone(root: &Root, cluster: &str) {
+    let spec = FileSpec {
+        path: SHARED_GONE.into(),
+        contents: format!("{cluster}\n"),
+        mode: 0o644,
+        owner: None,
+    };
+    if let Err(e) = crate::install::write_atomic(root, &spec) {
+        tracing::warn!("could not record that the shared token is deleted: {e:#}");
     }
 }
 
@@ -119,10 +174,13 @@ pub async fn make_ahead(
 ) -> Result<(Value, Vec<String>)> {
     let aws = crate::aws::load().await?;
     let instances = crate::ec2::tagged_running(&aws, &tag.0, &tag.1).await?;
-    let mut made = made(root, cluster);
+    let checked = made_checked(root, cluster);
+    // Every instance recorded stays recorded (and may be retired below);
+    // those not checked recently are made sure of again.
+    let mut made: BTreeSet<String> = checked.keys().cloned().collect();
     let todo: Vec<&(String, String)> = instances
         .iter()
-        .filter(|(id, _)| !made.contains(id))
+        .filter(|(id, _)| checked.get(id) != Some(&true))
         .collect();
     let ids: Vec<String> = instances.iter().map(|(id, _)| id.clone()).collect();
     // Tokens of instances that left the running list: deleted once EC2
@@ -209,7 +267,9 @@ async fn retire(
     for id in gone {
         let over = match words.get(id) {
             Some(Witness::Unknown) => true,
-            Some(Witness::Gone(state)) => state == "terminated" || state == "shutting-down",
+            // Not while shutting down: its leave unit still leaves Consul
+            // with the token.
+            Some(Witness::Gone(state)) => state == "terminated",
             _ => false,
         };
         if !over {
@@ -420,7 +480,23 @@ pub async fn lead(
         let (mut out, instances) =
             make_ahead(root, store.as_ref(), management, &record.cluster_id, tag).await?;
         let shared = record.agent_token.unwrap_or_default();
-        if shared.per_node || shared.rotation.is_some() {
+        let shared_name = crate::secrets::generation_name(
+            &record.cluster_id,
+            crate::secrets::Secret::AgentToken,
+            shared.generation,
+        );
+        if shared.per_node {
+            // Marked before it was deleted: a pass stopped in between is
+            // finished here, once per cluster.
+            if !shared_gone(root, &record.cluster_id) {
+                if let Some(secret) = store.get(&shared_name).await? {
+                    agent::delete_token(management, secret.trim()).await?;
+                }
+                record_shared_gone(root, &record.cluster_id);
+            }
+            return Ok(out);
+        }
+        if shared.rotation.is_some() {
             return Ok(out);
         }
         // Behind: a live node not on its own token, or a running instance
@@ -442,20 +518,22 @@ pub async fn lead(
             ));
             return Ok(out);
         }
-        let name = crate::secrets::generation_name(
-            &record.cluster_id,
-            crate::secrets::Secret::AgentToken,
-            shared.generation,
-        );
-        if let Some(secret) = store.get(&name).await? {
-            agent::delete_token(management, secret.trim()).await?;
-        }
-        let mut next = record.clone();
+        // The record first (from a fresh read: a rotation may have written
+        // it in this heartbeat), so no server makes the shared token again
+        // once it is deleted; then the token.
+        let (mut next, fresh_etag) = crate::registry::read_cluster(registry)
+            .await?
+            .filter(|(r, _)| r.cluster_id == record.cluster_id)
+            .unwrap_or((record.clone(), etag.clone()));
         next.agent_token = Some(crate::model::TokenGeneration {
             per_node: true,
-            ..shared
+            ..next.agent_token.unwrap_or(shared)
         });
-        super::rotate::write(registry, &next, etag.clone()).await?;
+        super::rotate::write(registry, &next, fresh_etag).await?;
+        if let Some(secret) = store.get(&shared_name).await? {
+            agent::delete_token(management, secret.trim()).await?;
+        }
+        record_shared_gone(root, &record.cluster_id);
         tracing::warn!(
             "every live node runs with its own token: the shared agents' token is deleted from Consul"
         );
@@ -516,4 +594,41 @@ pub fn own_from_config(opts: &crate::cli::GlobalOpts, root: &Root) -> Option<Str
     let text = std::fs::read_to_string(config).ok()?;
     let value: Value = serde_json::from_str(&text).ok()?;
     value["acl"]["tokens"]["agent"].as_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_of_made_tokens_is_rechecked_after_an_hour_and_keeps_its_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        let now = chrono::Utc::now().timestamp();
+        let file = root.path(std::path::Path::new(MADE));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(
+            &file,
+            format!(
+                "c1 i-1 {}\nc1 i-2 {}\nc0 i-3 {now}\njunk\n",
+                now - 10,
+                now - RECHECK_SECONDS - 1
+            ),
+        )
+        .unwrap();
+        let checked = made_checked(&root, "c1");
+        assert_eq!(checked.get("i-1"), Some(&true));
+        assert_eq!(checked.get("i-2"), Some(&false), "due for a check");
+        assert_eq!(checked.get("i-3"), None, "another cluster's");
+        // Recorded again: i-1 keeps its time, i-2 (checked now) and i-4
+        // (new) get now; the other cluster's line goes.
+        let ids: BTreeSet<String> = ["i-1", "i-2", "i-4"].map(String::from).into();
+        record_made(&root, "c1", &ids);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains(&format!("c1 i-1 {}\n", now - 10)), "{text}");
+        assert!(!text.contains("c0 "), "{text}");
+        let checked = made_checked(&root, "c1");
+        assert!(checked.values().all(|recent| *recent), "{checked:?}");
+        assert_eq!(checked.len(), 3);
+    }
 }

@@ -475,8 +475,10 @@ pub async fn drive_agent_token(
                 }
             }
             TokenStep::Switch => {
+                // A node on its own token (--instance-tag) runs with no
+                // shared one: nothing to wait for.
                 let behind = nodes_behind(store, &record, false, |b| {
-                    b.agent_token_generation.unwrap_or(1) > g
+                    b.agent_token_generation.unwrap_or(1) > g || b.node_token == Some(true)
                 })
                 .await?;
                 if !behind.is_empty() {
@@ -530,6 +532,9 @@ pub(super) async fn nodes_behind(
         match body {
             Some(b) if servers_only && b.mode != "server" => {}
             Some(b) if done(&b) => {}
+            // An unreadable body (junk, or the original tool's bare
+            // address: an agent) names no server.
+            None if servers_only => {}
             _ => behind.push(node),
         }
     }
@@ -567,10 +572,12 @@ pub(super) async fn live_bodies(
         .into_keys()
         .zip(bodies)
         .map(|(node, body)| {
+            // A body that names another node than its key does is junk.
             let body = body
                 .ok()
                 .flatten()
-                .and_then(|o| serde_json::from_slice::<HeartbeatBody>(&o.body).ok());
+                .and_then(|o| serde_json::from_slice::<HeartbeatBody>(&o.body).ok())
+                .filter(|b| b.node == node);
             (node, body)
         })
         .collect())
@@ -834,6 +841,28 @@ pub async fn follow_rotations(
             tracing::warn!(
                 "this server's Consul now holds generation {management_want} of the management token"
             );
+            // Out of a generation the cluster already left (it booted, or
+            // was down, while a rotation ended): as a leader it may have
+            // made that token again (leader.go, initializeACLs). Delete it.
+            let stale = record
+                .management_token
+                .as_ref()
+                .is_none_or(|m| m.rotation.is_none() || m.rotation == Some(TokenStep::Delete));
+            if stale && management_have < management_want {
+                let old = generation_value(
+                    secrets_store.as_ref(),
+                    &cluster,
+                    Secret::ManagementToken,
+                    management_have,
+                )
+                .await?;
+                if let Err(e) = agent::delete_token(token, &old).await {
+                    tracing::warn!(
+                        "deleting generation {management_have} of the management token, which this \
+                         server held: {e:#} (it restarts with the new one; delete it by hand)"
+                    );
+                }
+            }
         } else if changed {
             reload_consul(root, made.management_token.as_deref()).await;
         }

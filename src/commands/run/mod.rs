@@ -310,8 +310,10 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
                 gens.management_token.max(1),
             );
         }
-        if let Some(m) = made.as_ref().filter(|_| own.is_some()) {
-            let kind = if m.node_token.is_some() {
+        // Which token Consul runs with now: a node that ran with its own
+        // and no longer does (no --instance-tag) follows the shared one.
+        if let Some(m) = made.as_ref() {
+            let kind = if own.is_some() && m.node_token.is_some() {
                 "node"
             } else {
                 "shared"
