@@ -82,15 +82,7 @@ fn record_made(root: &Root, cluster: &str, ids: &BTreeSet<String>) {
             format!("{cluster} {id} {at}\n")
         })
         .collect();
-    let spec = FileSpec {
-        path: MADE.into(),
-        contents,
-        mode: 0o644,
-        owner: None,
-    };
-    if let Err(e) = crate::install::write_atomic(root, &spec) {
-        tracing::warn!("could not record the node tokens made: {e:#}");
-    }
+    note(root, MADE, &contents, "the node tokens made");
 }
 
 /// Where the leader records that the shared agents' token of a cluster is
@@ -103,14 +95,25 @@ fn shared_gone(root: &Root, cluster: &str) -> bool {
 }
 
 fn record_shared_gone(root: &Root, cluster: &str) {
+    note(
+        root,
+        SHARED_GONE,
+        &format!("{cluster}\n"),
+        "that the shared token is deleted",
+    );
+}
+
+/// Writes one of this module's small state files; a failure is a warning
+/// (`what` says what could not be recorded).
+fn note(root: &Root, path: &str, contents: &str, what: &str) {
     let spec = FileSpec {
-        path: SHARED_GONE.into(),
-        contents: format!("{cluster}\n"),
+        path: path.into(),
+        contents: contents.to_string(),
         mode: 0o644,
         owner: None,
     };
     if let Err(e) = crate::install::write_atomic(root, &spec) {
-        tracing::warn!("could not record that the shared token is deleted: {e:#}");
+        tracing::warn!("could not record {what}: {e:#}");
     }
 }
 
@@ -124,15 +127,12 @@ pub fn kind(root: &Root) -> Option<String> {
 /// Records which token this node's Consul runs with; a failure is a
 /// warning.
 pub fn record_kind(root: &Root, kind: &str) {
-    let spec = FileSpec {
-        path: KIND.into(),
-        contents: format!("{kind}\n"),
-        mode: 0o644,
-        owner: None,
-    };
-    if let Err(e) = crate::install::write_atomic(root, &spec) {
-        tracing::warn!("could not record the kind of token Consul runs with: {e:#}");
-    }
+    note(
+        root,
+        KIND,
+        &format!("{kind}\n"),
+        "the kind of token Consul runs with",
+    );
 }
 
 /// Reads node `instance_id`'s own token, checked: `None` when it is not
