@@ -36,9 +36,29 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Options shared by every command; accepted before or after the command name.
+/// Options shared by every command; accepted before or after the command name,
+/// grouped by concern as the help's headings group them.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalOpts {
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+    #[command(flatten)]
+    pub identity: IdentityOpts,
+    #[command(flatten)]
+    pub waits: WaitOpts,
+    #[command(flatten)]
+    pub consul: ConsulOpts,
+    #[command(flatten)]
+    pub tls: SecretOpts,
+    #[command(flatten)]
+    pub snapshots: SnapshotOpts,
+    #[command(flatten)]
+    pub output: OutputOpts,
+}
+
+/// The registry and the cluster's settings a node's flags seed. (Registry and cluster)
+#[derive(Debug, Clone, Args)]
+pub struct ClusterOpts {
     /// Registry: s3://BUCKET/PREFIX, or file:///DIR for a directory on this
     /// host or a shared mount.
     #[arg(
@@ -66,16 +86,6 @@ pub struct GlobalOpts {
     )]
     pub primary_registry: Option<String>,
 
-    /// Address this node advertises and binds [default: IMDS local-ipv4].
-    #[arg(help_heading = "Identity", short = 'a', long, env = "AUTO_CONSUL_ADDRESS", value_name = "IP", global = true,
-          value_parser = parse_address)]
-    pub address: Option<IpAddr>,
-
-    /// Consul node name [default: IMDS instance-id].
-    #[arg(help_heading = "Identity", short = 'n', long, env = "AUTO_CONSUL_NODE", value_name = "NAME", global = true,
-          value_parser = parse_node)]
-    pub node: Option<String>,
-
     /// Desired number of Consul servers (3 or 5 in production).
     ///
     /// Seeds a new cluster's record; once a cluster exists its record rules
@@ -93,6 +103,80 @@ pub struct GlobalOpts {
           value_parser = seconds_in(2, 86_400))]
     pub expiry: Option<u64>,
 
+    /// Seconds after which an agent's heartbeat expires; agents heartbeat every
+    /// AGENT_EXPIRY/3 seconds.
+    ///
+    /// Long by default: agents' heartbeats are most of a fleet's registry
+    /// requests, and only join lists use them. Seeds a new cluster's record,
+    /// which then rules [default: 7200].
+    #[arg(hide_short_help = true, help_heading = "Registry and cluster", long, env = "AUTO_CONSUL_AGENT_EXPIRY", value_name = "SECONDS", global = true,
+          allow_negative_numbers = true,
+          value_parser = seconds_in(2, 86_400))]
+    pub agent_expiry: Option<u64>,
+
+    /// Allow `run` to replace the cluster with this id by a new, empty one
+    /// although its servers are not confirmed gone (the witness rule's way out,
+    /// for one boot; `auto-consul cluster retire ID` is the lasting one).
+    ///
+    /// Only the id named is replaced.
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Registry and cluster",
+        long,
+        env = "AUTO_CONSUL_REPLACE_CLUSTER",
+        value_name = "CLUSTER_ID",
+        global = true
+    )]
+    pub replace_cluster: Option<String>,
+
+    /// Accept a registry that ignores conditional writes, falling back to the
+    /// original tool's racy decision (two nodes booting at once may both
+    /// bootstrap).
+    ///
+    /// Never use this with S3 itself.
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Registry and cluster",
+        long,
+        env = "AUTO_CONSUL_ALLOW_RACY",
+        global = true
+    )]
+    pub allow_racy: bool,
+}
+
+/// Who this node is. (Identity)
+#[derive(Debug, Clone, Args)]
+pub struct IdentityOpts {
+    /// Address this node advertises and binds [default: IMDS local-ipv4].
+    #[arg(help_heading = "Identity", short = 'a', long, env = "AUTO_CONSUL_ADDRESS", value_name = "IP", global = true,
+          value_parser = parse_address)]
+    pub address: Option<IpAddr>,
+
+    /// Consul node name [default: IMDS instance-id].
+    #[arg(help_heading = "Identity", short = 'n', long, env = "AUTO_CONSUL_NODE", value_name = "NAME", global = true,
+          value_parser = parse_node)]
+    pub node: Option<String>,
+
+    /// The EC2 instance id published in slots and heartbeats [default: IMDS
+    /// instance-id, or the node name when it is one].
+    ///
+    /// For hosts without IMDS and for tests; the witness rule asks EC2 about
+    /// these ids.
+    #[arg(hide_short_help = true, help_heading = "Identity", long, env = "AUTO_CONSUL_INSTANCE_ID", value_name = "ID", global = true,
+          value_parser = parse_instance_id)]
+    pub instance_id: Option<String>,
+
+    /// Overall wait, in seconds, for the instance metadata service at boot.
+    #[arg(hide_short_help = true, help_heading = "Identity", long, env = "AUTO_CONSUL_IMDS_TIMEOUT", value_name = "SECONDS",
+          default_value_t = 30, global = true,
+          allow_negative_numbers = true,
+          value_parser = seconds_in(1, 600))]
+    pub imds_timeout: u64,
+}
+
+/// The role a node may take, and how long it waits for what. (Roles and waits)
+#[derive(Debug, Clone, Args)]
+pub struct WaitOpts {
     /// What this node may become: `server` (never an agent: waits for a
     /// free or expired slot), `agent` (never claims a slot or bootstraps:
     /// waits for a live server), or `auto` (the decision: servers until
@@ -126,41 +210,6 @@ pub struct GlobalOpts {
           default_value_t = 120, global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
     pub token_wait: u64,
 
-    /// Seconds after which an agent's heartbeat expires; agents heartbeat every
-    /// AGENT_EXPIRY/3 seconds.
-    ///
-    /// Long by default: agents' heartbeats are most of a fleet's registry
-    /// requests, and only join lists use them. Seeds a new cluster's record,
-    /// which then rules [default: 7200].
-    #[arg(hide_short_help = true, help_heading = "Registry and cluster", long, env = "AUTO_CONSUL_AGENT_EXPIRY", value_name = "SECONDS", global = true,
-          allow_negative_numbers = true,
-          value_parser = seconds_in(2, 86_400))]
-    pub agent_expiry: Option<u64>,
-
-    /// The EC2 instance id published in slots and heartbeats [default: IMDS
-    /// instance-id, or the node name when it is one].
-    ///
-    /// For hosts without IMDS and for tests; the witness rule asks EC2 about
-    /// these ids.
-    #[arg(hide_short_help = true, help_heading = "Identity", long, env = "AUTO_CONSUL_INSTANCE_ID", value_name = "ID", global = true,
-          value_parser = parse_instance_id)]
-    pub instance_id: Option<String>,
-
-    /// Allow `run` to replace the cluster with this id by a new, empty one
-    /// although its servers are not confirmed gone (the witness rule's way out,
-    /// for one boot; `auto-consul cluster retire ID` is the lasting one).
-    ///
-    /// Only the id named is replaced.
-    #[arg(
-        hide_short_help = true,
-        help_heading = "Registry and cluster",
-        long,
-        env = "AUTO_CONSUL_REPLACE_CLUSTER",
-        value_name = "CLUSTER_ID",
-        global = true
-    )]
-    pub replace_cluster: Option<String>,
-
     /// How long `run` waits, in seconds, for an old cluster's servers to
     /// come back or be confirmed gone before it fails (exit 1; the boot
     /// unit retries) [default: the expiry].
@@ -169,6 +218,42 @@ pub struct GlobalOpts {
           value_parser = seconds_in(0, 86_400))]
     pub witness_wait: Option<u64>,
 
+    /// The autoscaling group whose launch lifecycle hook this instance
+    /// completes once in service [default: the instance's metadata tag
+    /// aws:autoscaling:groupName, when tags are in IMDS; none: no hook].
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Roles and waits",
+        long,
+        env = "AUTO_CONSUL_AUTOSCALING_GROUP",
+        value_name = "NAME",
+        global = true
+    )]
+    pub autoscaling_group: Option<String>,
+
+    /// The launch lifecycle hook's name [default: auto-consul-launch, the
+    /// Terraform module's].
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Roles and waits",
+        long,
+        env = "AUTO_CONSUL_LIFECYCLE_HOOK",
+        value_name = "NAME",
+        global = true
+    )]
+    pub lifecycle_hook: Option<String>,
+
+    /// How long `gate` waits for the node to be in service (an agent: a
+    /// leader known; a server: a healthy voter by autopilot) before it
+    /// abandons the launch.
+    #[arg(hide_short_help = true, help_heading = "Roles and waits", long, env = "AUTO_CONSUL_GATE_WAIT", value_name = "SECONDS", default_value_t = 900,
+          global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
+    pub gate_wait: u64,
+}
+
+/// Where Consul and its files are, and the settings written into its config. (Consul paths)
+#[derive(Debug, Clone, Args)]
+pub struct ConsulOpts {
     /// Consul data directory.
     #[arg(help_heading = "Consul paths", short = 'd', long, env = "AUTO_CONSUL_DATA_DIR", value_name = "DIR",
           default_value = "/opt/consul", global = true, value_parser = parse_abs_path)]
@@ -209,10 +294,37 @@ pub struct GlobalOpts {
     )]
     pub no_start: bool,
 
-    /// Print one JSON object instead of text.
-    #[arg(help_heading = "Output and logging", long, global = true)]
-    pub json: bool,
+    /// A cloud auto-join entry added after the registry's addresses in an
+    /// agent's `retry_join` (servers never get it): agents find the cluster
+    /// even when the registry is out of reach.
+    ///
+    /// Consul joins every instance it finds, so the tag must name this cluster
+    /// only, e.g. `provider=aws tag_key=auto-consul:cluster tag_value=prod`.
+    /// Consul resolves it with ec2:DescribeInstances.
+    #[arg(hide_short_help = true, help_heading = "Consul paths", long, env = "AUTO_CONSUL_CLOUD_JOIN", value_name = "SPEC", global = true,
+          value_parser = parse_cloud_join)]
+    pub cloud_join: Option<String>,
 
+    /// Also sandbox a packaged consul.service (HashiCorp's package, or any unit
+    /// auto-consul did not write) as auto-consul's own is: no capabilities, a
+    /// read-only system but the data dir.
+    ///
+    /// Opt-in: script checks, log files or DNS on port 53 need more. The
+    /// consul.service auto-consul writes (Consul from a zip) is always
+    /// sandboxed.
+    #[arg(
+        hide_short_help = true,
+        help_heading = "Consul paths",
+        long,
+        env = "AUTO_CONSUL_SANDBOX_CONSUL",
+        global = true
+    )]
+    pub sandbox_consul: bool,
+}
+
+/// The cluster's secrets, made or given. (TLS and secrets)
+#[derive(Debug, Clone, Args)]
+pub struct SecretOpts {
     /// Where the cluster makes and keeps its secrets at genesis (gossip key,
     /// CA, ACL tokens): `ssm:///PATH` (SSM Parameter Store, SecureString, under
     /// PATH/<cluster id>/), `file:///DIR` (files 0600), or `none`.
@@ -256,90 +368,11 @@ pub struct GlobalOpts {
     #[arg(help_heading = "TLS and secrets", long, env = "AUTO_CONSUL_KEY_FILE", value_name = "FILE", global = true,
           value_parser = parse_abs_path, requires = "cert_file")]
     pub key_file: Option<PathBuf>,
+}
 
-    /// Write metrics for Prometheus' node_exporter textfile collector to FILE
-    /// (atomically) when `run` or `heartbeat` ends: last success per command,
-    /// mode, slot, live servers, registry requests and errors by kind, keys
-    /// purged.
-    ///
-    /// The units may write the file's directory.
-    #[arg(hide_short_help = true, help_heading = "Output and logging", long, env = "AUTO_CONSUL_METRICS_FILE", value_name = "FILE", global = true,
-          value_parser = parse_abs_path)]
-    pub metrics_file: Option<PathBuf>,
-
-    /// A cloud auto-join entry added after the registry's addresses in an
-    /// agent's `retry_join` (servers never get it): agents find the cluster
-    /// even when the registry is out of reach.
-    ///
-    /// Consul joins every instance it finds, so the tag must name this cluster
-    /// only, e.g. `provider=aws tag_key=auto-consul:cluster tag_value=prod`.
-    /// Consul resolves it with ec2:DescribeInstances.
-    #[arg(hide_short_help = true, help_heading = "Consul paths", long, env = "AUTO_CONSUL_CLOUD_JOIN", value_name = "SPEC", global = true,
-          value_parser = parse_cloud_join)]
-    pub cloud_join: Option<String>,
-
-    /// Also sandbox a packaged consul.service (HashiCorp's package, or any unit
-    /// auto-consul did not write) as auto-consul's own is: no capabilities, a
-    /// read-only system but the data dir.
-    ///
-    /// Opt-in: script checks, log files or DNS on port 53 need more. The
-    /// consul.service auto-consul writes (Consul from a zip) is always
-    /// sandboxed.
-    #[arg(
-        hide_short_help = true,
-        help_heading = "Consul paths",
-        long,
-        env = "AUTO_CONSUL_SANDBOX_CONSUL",
-        global = true
-    )]
-    pub sandbox_consul: bool,
-
-    /// Accept a registry that ignores conditional writes, falling back to the
-    /// original tool's racy decision (two nodes booting at once may both
-    /// bootstrap).
-    ///
-    /// Never use this with S3 itself.
-    #[arg(
-        hide_short_help = true,
-        help_heading = "Registry and cluster",
-        long,
-        env = "AUTO_CONSUL_ALLOW_RACY",
-        global = true
-    )]
-    pub allow_racy: bool,
-
-    /// The autoscaling group whose launch lifecycle hook this instance
-    /// completes once in service [default: the instance's metadata tag
-    /// aws:autoscaling:groupName, when tags are in IMDS; none: no hook].
-    #[arg(
-        hide_short_help = true,
-        help_heading = "Roles and waits",
-        long,
-        env = "AUTO_CONSUL_AUTOSCALING_GROUP",
-        value_name = "NAME",
-        global = true
-    )]
-    pub autoscaling_group: Option<String>,
-
-    /// The launch lifecycle hook's name [default: auto-consul-launch, the
-    /// Terraform module's].
-    #[arg(
-        hide_short_help = true,
-        help_heading = "Roles and waits",
-        long,
-        env = "AUTO_CONSUL_LIFECYCLE_HOOK",
-        value_name = "NAME",
-        global = true
-    )]
-    pub lifecycle_hook: Option<String>,
-
-    /// How long `gate` waits for the node to be in service (an agent: a
-    /// leader known; a server: a healthy voter by autopilot) before it
-    /// abandons the launch.
-    #[arg(hide_short_help = true, help_heading = "Roles and waits", long, env = "AUTO_CONSUL_GATE_WAIT", value_name = "SECONDS", default_value_t = 900,
-          global = true, allow_negative_numbers = true, value_parser = seconds_in(1, 86_400))]
-    pub gate_wait: u64,
-
+/// Snapshots of the servers' state. (Snapshots and recovery)
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotOpts {
     /// Seconds between the leader's snapshots of Consul's state to the
     /// registry bucket (`snapshots/<cluster id>/`); 0 turns them off. The
     /// interval is the recovery point: what a lost cluster can lose.
@@ -366,13 +399,24 @@ pub struct GlobalOpts {
         global = true
     )]
     pub no_restore: bool,
+}
 
-    /// Overall wait, in seconds, for the instance metadata service at boot.
-    #[arg(hide_short_help = true, help_heading = "Identity", long, env = "AUTO_CONSUL_IMDS_TIMEOUT", value_name = "SECONDS",
-          default_value_t = 30, global = true,
-          allow_negative_numbers = true,
-          value_parser = seconds_in(1, 600))]
-    pub imds_timeout: u64,
+/// What a command prints and logs. (Output and logging)
+#[derive(Debug, Clone, Args)]
+pub struct OutputOpts {
+    /// Print one JSON object instead of text.
+    #[arg(help_heading = "Output and logging", long, global = true)]
+    pub json: bool,
+
+    /// Write metrics for Prometheus' node_exporter textfile collector to FILE
+    /// (atomically) when `run` or `heartbeat` ends: last success per command,
+    /// mode, slot, live servers, registry requests and errors by kind, keys
+    /// purged.
+    ///
+    /// The units may write the file's directory.
+    #[arg(hide_short_help = true, help_heading = "Output and logging", long, env = "AUTO_CONSUL_METRICS_FILE", value_name = "FILE", global = true,
+          value_parser = parse_abs_path)]
+    pub metrics_file: Option<PathBuf>,
 
     /// Log format on stderr: `text` (for people) or `json` (one JSON object
     /// a line, for journald shipped to CloudWatch or Loki).
@@ -743,27 +787,31 @@ pub enum ClusterAction {
 impl GlobalOpts {
     /// `--servers`, or its default.
     pub fn servers(&self) -> u32 {
-        self.servers.unwrap_or(DEFAULT_SERVERS)
+        self.cluster.servers.unwrap_or(DEFAULT_SERVERS)
     }
 
     /// `--expiry`, or its default.
     pub fn expiry(&self) -> u64 {
-        self.expiry.unwrap_or(DEFAULT_EXPIRY)
+        self.cluster.expiry.unwrap_or(DEFAULT_EXPIRY)
     }
 
     /// `--agent-expiry`, or its default.
     pub fn agent_expiry(&self) -> u64 {
-        self.agent_expiry.unwrap_or(DEFAULT_AGENT_EXPIRY)
+        self.cluster.agent_expiry.unwrap_or(DEFAULT_AGENT_EXPIRY)
     }
 
     /// `--snapshot-interval`, or its default; 0: no snapshots.
     pub fn snapshot_interval(&self) -> u64 {
-        self.snapshot_interval.unwrap_or(SNAPSHOT_INTERVAL_DEFAULT)
+        self.snapshots
+            .snapshot_interval
+            .unwrap_or(SNAPSHOT_INTERVAL_DEFAULT)
     }
 
     /// `--snapshot-keep`, or its default.
     pub fn snapshot_keep(&self) -> u32 {
-        self.snapshot_keep.unwrap_or(SNAPSHOT_KEEP_DEFAULT)
+        self.snapshots
+            .snapshot_keep
+            .unwrap_or(SNAPSHOT_KEEP_DEFAULT)
     }
 }
 
@@ -934,8 +982,8 @@ mod tests {
             Cli::try_parse_from(["auto-consul", "-r", "file:///x", "-s", "3", "run"]).unwrap();
         let after =
             Cli::try_parse_from(["auto-consul", "run", "-r", "file:///x", "-s", "3"]).unwrap();
-        assert_eq!(before.global.registry.as_deref(), Some("file:///x"));
-        assert_eq!(after.global.registry.as_deref(), Some("file:///x"));
+        assert_eq!(before.global.cluster.registry.as_deref(), Some("file:///x"));
+        assert_eq!(after.global.cluster.registry.as_deref(), Some("file:///x"));
         assert_eq!(before.global.servers(), 3);
         assert_eq!(after.global.servers(), 3);
     }

@@ -53,15 +53,15 @@ pub async fn of(opts: &crate::cli::GlobalOpts) -> Result<Identity> {
 /// given, the autoscaling group tag, read at the same time in the same
 /// IMDS session (no round trip of its own).
 pub async fn of_with_group(opts: &crate::cli::GlobalOpts) -> Result<Identity> {
-    from_opts(opts, opts.autoscaling_group.is_none()).await
+    from_opts(opts, opts.waits.autoscaling_group.is_none()).await
 }
 
 async fn from_opts(opts: &crate::cli::GlobalOpts, group: bool) -> Result<Identity> {
     resolve(
-        opts.address,
-        opts.node.clone(),
-        opts.instance_id.clone(),
-        Duration::from_secs(opts.imds_timeout),
+        opts.identity.address,
+        opts.identity.node.clone(),
+        opts.identity.instance_id.clone(),
+        Duration::from_secs(opts.identity.imds_timeout),
         group,
     )
     .await

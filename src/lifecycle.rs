@@ -89,7 +89,10 @@ pub fn watch_launch(
     me: &Identity,
     root: &Root,
 ) -> tokio::task::JoinHandle<Launch> {
-    let (group, name) = (opts.autoscaling_group.clone(), opts.lifecycle_hook.clone());
+    let (group, name) = (
+        opts.waits.autoscaling_group.clone(),
+        opts.waits.lifecycle_hook.clone(),
+    );
     let (me, root) = (me.clone(), root.clone());
     tokio::spawn(async move {
         let hook = hook_of(group, name, &me).await;
@@ -112,8 +115,8 @@ pub fn watch_launch(
 /// when the group cannot be found at all, a warning says no gate runs.
 pub async fn hook(opts: &GlobalOpts, me: &Identity) -> Option<Hook> {
     hook_of(
-        opts.autoscaling_group.clone(),
-        opts.lifecycle_hook.clone(),
+        opts.waits.autoscaling_group.clone(),
+        opts.waits.lifecycle_hook.clone(),
         me,
     )
     .await

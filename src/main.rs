@@ -13,7 +13,7 @@ fn main() -> ExitCode {
         && first.command.reads_env_file()
     {
         let skips = first.command.env_file_skips();
-        for (key, value) in auto_consul::commands::node_env_file(&first.global.root) {
+        for (key, value) in auto_consul::commands::node_env_file(&first.global.consul.root) {
             if std::env::var_os(&key).is_none() && !skips.contains(&key.as_str()) {
                 // SAFETY: still single-threaded: no runtime, no logging
                 // thread, nothing else reads the environment yet.
@@ -35,8 +35,8 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    let json = cli.global.log_format == auto_consul::cli::LogFormat::Json;
-    auto_consul::logging::init(cli.global.verbose, json);
+    let json = cli.global.output.log_format == auto_consul::cli::LogFormat::Json;
+    auto_consul::logging::init(cli.global.output.verbose, json);
     match auto_consul::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

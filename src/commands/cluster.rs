@@ -26,19 +26,22 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
     match action {
         ClusterAction::Show => show(opts, store).await,
         ClusterAction::Set => {
-            if opts.servers.is_none() && opts.expiry.is_none() && opts.agent_expiry.is_none() {
+            if opts.cluster.servers.is_none()
+                && opts.cluster.expiry.is_none()
+                && opts.cluster.agent_expiry.is_none()
+            {
                 return Err(usage(
                     "`cluster set` changes nothing without --servers N, --expiry SECONDS or --agent-expiry SECONDS",
                 ));
             }
             let changed = change(store, &url.to_string(), |r| {
-                if let Some(s) = opts.servers {
+                if let Some(s) = opts.cluster.servers {
                     r.servers = s;
                 }
-                if let Some(e) = opts.expiry {
+                if let Some(e) = opts.cluster.expiry {
                     r.expiry = Some(e);
                 }
-                if let Some(e) = opts.agent_expiry {
+                if let Some(e) = opts.cluster.agent_expiry {
                     r.agent_expiry = Some(e);
                 }
                 Ok(())
@@ -73,7 +76,7 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
             })
             .await?;
             report(opts, &changed, "retired");
-            if !opts.json {
+            if !opts.output.json {
                 println!(
                     "once none of its servers is live, the next node to boot starts a NEW, EMPTY cluster in its place"
                 );
@@ -99,7 +102,7 @@ async fn show(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
             })
         })
         .collect();
-    if opts.json {
+    if opts.output.json {
         println!(
             "{}",
             json!({ "cluster": cluster_json(&view), "slots": slots })
@@ -163,7 +166,7 @@ async fn change(
 }
 
 fn report(opts: &GlobalOpts, record: &ClusterRecord, what: &str) {
-    if opts.json {
+    if opts.output.json {
         println!(
             "{}",
             json!({

@@ -20,11 +20,17 @@ use crate::registry::{Agents, RegistryUrl, read_cluster, read_view};
 /// against the primary's own record. A primary never names a primary, the
 /// datacenter names differ; the primary must exist (its servers made it).
 pub async fn primary_for_genesis(opts: &GlobalOpts) -> Result<Option<Primary>> {
-    let Some(raw) = opts.primary_registry.as_deref().filter(|s| !s.is_empty()) else {
+    let Some(raw) = opts
+        .cluster
+        .primary_registry
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    else {
         return Ok(None);
     };
     let url = RegistryUrl::parse(raw)?;
     if opts
+        .cluster
         .registry
         .as_deref()
         .map(RegistryUrl::parse)
@@ -36,7 +42,7 @@ pub async fn primary_for_genesis(opts: &GlobalOpts) -> Result<Option<Primary>> {
             "--primary-registry {url} is this cluster's own registry: name the primary datacenter's"
         )));
     }
-    if opts.secrets.is_some() {
+    if opts.tls.secrets.is_some() {
         return Err(usage(
             "a secondary datacenter with --secrets would make its own gossip key, CA and ACLs, which \
              must be the primary's: not supported yet; give the primary's gossip key and CA with \
@@ -63,7 +69,7 @@ pub async fn primary_for_genesis(opts: &GlobalOpts) -> Result<Option<Primary>> {
              servers' next heartbeat writes it (the boot unit tries again)"
         );
     };
-    if dc == opts.datacenter {
+    if dc == opts.consul.datacenter {
         return Err(usage(format!(
             "datacenter `{dc}` is the primary's ({url}): a secondary needs a name of its own (--datacenter)"
         )));
@@ -157,9 +163,9 @@ pub async fn follow(
     let mut out = json!({});
     if rec.datacenter.is_none() {
         let mut next = rec.clone();
-        next.datacenter = Some(opts.datacenter.clone());
+        next.datacenter = Some(opts.consul.datacenter.clone());
         match super::rotate::write(store, &next, etag.clone()).await {
-            Ok(_) => out["datacenter_recorded"] = json!(opts.datacenter),
+            Ok(_) => out["datacenter_recorded"] = json!(opts.consul.datacenter),
             Err(e) => tracing::warn!("recording the datacenter in the cluster record: {e:#}"),
         }
     }
@@ -178,7 +184,7 @@ pub async fn follow(
         }
     };
     let wanted: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
-    let had = configured_wan(&root.path(&opts.config_dir.join(super::run::CONFIG_FILE)));
+    let had = configured_wan(&root.path(&opts.consul.config_dir.join(super::run::CONFIG_FILE)));
     out["retry_join_wan"] = json!(wanted);
     if wanted == had || wanted.is_empty() {
         return out;
@@ -193,7 +199,7 @@ pub async fn follow(
     // Joining takes agent:write on this node: the management token a
     // server whose secrets auto-consul made holds, else the token file's.
     let token = match &saved.and_then(|s| s.cluster_id.clone()) {
-        Some(cluster) if opts.acl_token_file.is_none() => {
+        Some(cluster) if opts.tls.acl_token_file.is_none() => {
             super::management_token(opts, cluster).await.ok().flatten()
         }
         _ => None,
@@ -201,7 +207,7 @@ pub async fn follow(
     let mut joined = Vec::new();
     for address in servers.iter().filter(|a| !had.contains(&a.to_string())) {
         match crate::agent::join_pool(
-            opts.acl_token_file.as_deref(),
+            opts.tls.acl_token_file.as_deref(),
             token.as_deref(),
             *address,
             true,

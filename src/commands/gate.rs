@@ -17,7 +17,7 @@ const POLL: Duration = Duration::from_secs(2);
 
 /// `gate`.
 pub async fn gate(opts: &GlobalOpts) -> Result<()> {
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     let mut me = identity::of_with_group(opts).await?;
     let registry = super::registry_url(opts)?.to_string();
     let saved = state::load_for(&root, &registry, &me);
@@ -33,7 +33,7 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
         return Ok(());
     }
     let server = saved.as_ref().is_some_and(|s| s.mode.is_server());
-    let token = match opts.acl_token_file.as_deref() {
+    let token = match opts.tls.acl_token_file.as_deref() {
         Some(path) => std::fs::read_to_string(path)
             .ok()
             .map(|t| t.trim().to_string()),
@@ -47,7 +47,7 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
         None => None,
     };
     let aws = crate::aws::load().await?;
-    let deadline = Instant::now() + Duration::from_secs(opts.gate_wait);
+    let deadline = Instant::now() + Duration::from_secs(opts.waits.gate_wait);
     let mut last_heartbeat: Option<Instant> = None;
     let mut said = String::new();
     loop {
@@ -62,7 +62,7 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
                 Err(e) => (false, format!("{e:#}")),
             }
         } else {
-            match agent::status(opts.acl_token_file.as_deref()).await {
+            match agent::status(opts.tls.acl_token_file.as_deref()).await {
                 Ok(s) if s.leader.is_some() => (true, String::new()),
                 Ok(_) => (false, "the local Consul agent knows no leader yet".into()),
                 Err(e) => (false, format!("{e:#}")),
@@ -97,7 +97,7 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
             anyhow::bail!(
                 "not in service after {}s ({why}): completed lifecycle hook {} of {} with ABANDON; \
                  the group replaces this instance",
-                opts.gate_wait,
+                opts.waits.gate_wait,
                 hook.hook,
                 hook.group
             );

@@ -22,7 +22,7 @@ use crate::{agent, identity, install, render, retry, state, termination};
 /// `heartbeat`.
 pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     // A node `run` never set up (no state file): no minute of retries
     // against an agent that was never started, and no server heartbeat
     // into a registry that has no cluster; what is missing is said at once.
@@ -40,12 +40,12 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // 2. The agent first: a node whose agent is down publishes nothing.
     let deadline = retry_deadline(opts, &root);
     let status = if never_ran {
-        agent::status(opts.acl_token_file.as_deref())
+        agent::status(opts.tls.acl_token_file.as_deref())
             .await
             .map_err(|e| not_run(&state_file, &format!("{e:#}")))?
     } else {
         retry::until(deadline, "asking the local Consul agent", || {
-            agent::status(opts.acl_token_file.as_deref())
+            agent::status(opts.tls.acl_token_file.as_deref())
         })
         .await?
     };
@@ -82,7 +82,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let mode = if server { "server" } else { "agent" };
     // A server's Consul node id (its data dir's `node-id`), published for
     // a quorum-loss recovery's peers.json (`auto-consul recover`).
-    let node_id = std::fs::read_to_string(root.path(&opts.data_dir.join("node-id")))
+    let node_id = std::fs::read_to_string(root.path(&opts.consul.data_dir.join("node-id")))
         .ok()
         .map(|t| t.trim().to_string());
     // Rotations of the agents' token or the CA followed (secrets made at
@@ -157,7 +157,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     let (slot_report, my_slot) =
         renew_slot(store, &me, saved.as_ref(), record.as_ref(), settings).await?;
     if let (Some(url), Some(cluster)) = (
-        &opts.secrets,
+        &opts.tls.secrets,
         saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
     ) && status.leader.is_some()
     {
@@ -195,7 +195,7 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
     // Tokens per node: the leader makes them ahead, then retires the
     // shared one.
     let node_tokens = match (&record, leads(&status, &me), &saved) {
-        (Some(rec), true, Some(s)) if opts.instance_tag.is_some() => {
+        (Some(rec), true, Some(s)) if opts.tls.instance_tag.is_some() => {
             match s.cluster_id.as_deref().filter(|c| *c == rec.0.cluster_id) {
                 Some(cluster) => match super::management_token(opts, cluster).await {
                     Ok(Some(m)) => super::node_tokens::lead(opts, &root, store, rec, &m).await,
@@ -270,7 +270,7 @@ async fn rotate_if_leader(
     }) else {
         return Value::Null;
     };
-    let Some(url) = opts.secrets.as_ref().filter(|_| leads(status, me)) else {
+    let Some(url) = opts.tls.secrets.as_ref().filter(|_| leads(status, me)) else {
         return Value::Null;
     };
     let pass = async {
@@ -665,7 +665,7 @@ fn report(
     extra: Value,
 ) {
     let tls = &extra["tls"];
-    if opts.json {
+    if opts.output.json {
         println!(
             "{}",
             json!({

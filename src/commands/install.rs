@@ -18,10 +18,10 @@ pub const BOOT_UNIT: &str = "/etc/systemd/system/auto-consul.service";
 
 /// `install`.
 pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     // The registry may be left for user data to give at boot; if given, it
     // must be right.
-    let registry = match opts.registry.as_deref().filter(|s| !s.is_empty()) {
+    let registry = match opts.cluster.registry.as_deref().filter(|s| !s.is_empty()) {
         Some(raw) => Some(RegistryUrl::parse(raw)?),
         None => None,
     };
@@ -67,7 +67,7 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
             changed.push(root.path(&f.path));
         }
     }
-    let enable = root.is_system() && !opts.no_start;
+    let enable = root.is_system() && !opts.consul.no_start;
     let start = enable && now;
     if enable {
         install::systemctl(&["daemon-reload"])?;
@@ -79,7 +79,7 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
         install::systemctl(&["start", "--no-block", "auto-consul.service"])?;
     }
     let paths: Vec<_> = files.iter().map(|f| root.path(&f.path)).collect();
-    if opts.json {
+    if opts.output.json {
         println!(
             "{}",
             json!({ "files": paths, "changed": changed, "enabled": enable, "started": start })

@@ -23,7 +23,7 @@ pub async fn leave(opts: &GlobalOpts, if_terminating: bool) -> Result<()> {
         match termination::notice(NOTICE_WAIT).await {
             None => {
                 let line = "this instance is not being terminated (a reboot or a stop): keeping its slot and heartbeats";
-                if opts.json {
+                if opts.output.json {
                     println!("{}", json!({ "terminating": false, "left": false }));
                 } else {
                     println!("{line}");
@@ -45,16 +45,16 @@ pub async fn consul_leaves(opts: &GlobalOpts) {
     // Under default deny, leaving takes agent:write on this node: a
     // server whose secrets auto-consul made has the management token; a
     // node on its own token (--instance-tag) has agent:write on itself.
-    let token = match (&opts.acl_token_file, server_cluster(opts)) {
+    let token = match (&opts.tls.acl_token_file, server_cluster(opts)) {
         (None, Some(cluster)) => super::management_token(opts, &cluster)
             .await
             .map_err(|e| tracing::warn!("reading the management token to leave with: {e:#}"))
             .ok()
             .flatten(),
-        (None, None) => super::node_tokens::own_from_config(opts, &Root::new(&opts.root)),
+        (None, None) => super::node_tokens::own_from_config(opts, &Root::new(&opts.consul.root)),
         _ => None,
     };
-    match agent::leave_with(opts.acl_token_file.as_deref(), token.as_deref()).await {
+    match agent::leave_with(opts.tls.acl_token_file.as_deref(), token.as_deref()).await {
         Ok(()) => tracing::info!("the local Consul agent left the cluster"),
         Err(e) => tracing::error!("the local Consul agent did not leave: {e:#}"),
     }
@@ -62,7 +62,7 @@ pub async fn consul_leaves(opts: &GlobalOpts) {
 
 /// The cluster of this node when `run` made it a server (its state file).
 fn server_cluster(opts: &GlobalOpts) -> Option<String> {
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     state::load(&root)
         .filter(|s| s.mode.is_server())
         .and_then(|s| s.cluster_id)
@@ -71,7 +71,7 @@ fn server_cluster(opts: &GlobalOpts) -> Option<String> {
 /// Deletes this node's heartbeats and releases its slot.
 pub async fn registry_leave(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     let me = identity::of(opts).await?;
     let saved = state::load_for(&root, &url.to_string(), &me);
     let opened = open_store(&url).await?;
@@ -108,7 +108,7 @@ pub async fn registry_leave(opts: &GlobalOpts) -> Result<()> {
             released.push(slot.index);
         }
     }
-    if opts.json {
+    if opts.output.json {
         println!(
             "{}",
             json!({ "node": me.node, "deleted": mine, "delete_requests": requests, "slots_released": released })

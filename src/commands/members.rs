@@ -67,7 +67,7 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
     let snapshot_age = snapshot
         .as_ref()
         .map(|(_, at)| crate::model::age_seconds(*at, now));
-    if opts.json {
+    if opts.output.json {
         let list = |ms: &[Member]| {
             ms.iter()
                 .map(|m| {

@@ -83,8 +83,8 @@ async fn measured(
     command: impl std::future::Future<Output = Result<()>>,
 ) -> Result<()> {
     let result = command.await;
-    if let Some(path) = &opts.metrics_file {
-        let root = Root::new(&opts.root);
+    if let Some(path) = &opts.output.metrics_file {
+        let root = Root::new(&opts.consul.root);
         if let Err(e) = crate::metrics::write(&root, path, name, result.is_ok()) {
             tracing::warn!("could not write the metrics file {}: {e:#}", path.display());
         }
@@ -107,6 +107,7 @@ fn print_all(text: &[u8]) -> Result<()> {
 /// The registry URL, required by every command that talks to the registry.
 pub fn registry_url(opts: &GlobalOpts) -> Result<RegistryUrl> {
     let raw = opts
+        .cluster
         .registry
         .as_deref()
         .filter(|s| !s.is_empty())
@@ -154,7 +155,7 @@ pub fn env_file_mode(root: &Root) -> u32 {
 /// health); otherwise none (`CONSUL_HTTP_TOKEN`, if set, is sent). Only
 /// read: nothing is made.
 pub async fn management_token(opts: &GlobalOpts, cluster: &str) -> Result<Option<String>> {
-    let Some(url) = &opts.secrets else {
+    let Some(url) = &opts.tls.secrets else {
         return Ok(None);
     };
     let Some(store) = crate::secrets::open(url).await? else {
@@ -169,7 +170,7 @@ pub async fn management_token(opts: &GlobalOpts, cluster: &str) -> Result<Option
 /// start: valid until every server moved on); elsewhere, the one the
 /// cluster record says is in use; else 1, the one made at genesis.
 async fn management_generation(opts: &GlobalOpts, cluster: &str) -> u32 {
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     let local = crate::state::load(&root)
         .filter(|s| s.mode.is_server() && s.cluster_id.as_deref() == Some(cluster));
     if local.is_some() {
@@ -210,15 +211,21 @@ pub fn warn_on_mismatch(opts: &GlobalOpts, view: &crate::registry::RegistryView)
         (
             "--servers",
             "AUTO_CONSUL_SERVERS",
-            opts.servers.map(u64::from),
+            opts.cluster.servers.map(u64::from),
             u64::from(s.servers),
             "",
         ),
-        ("--expiry", "AUTO_CONSUL_EXPIRY", opts.expiry, s.expiry, "s"),
+        (
+            "--expiry",
+            "AUTO_CONSUL_EXPIRY",
+            opts.cluster.expiry,
+            s.expiry,
+            "s",
+        ),
         (
             "--agent-expiry",
             "AUTO_CONSUL_AGENT_EXPIRY",
-            opts.agent_expiry,
+            opts.cluster.agent_expiry,
             s.agent_expiry,
             "s",
         ),
@@ -264,72 +271,72 @@ pub fn env_file(opts: &GlobalOpts, root: &Root, registry: Option<&str>) -> Resul
     // IMDS is learned again by every command on this instance, so an image
     // made from this node does not carry it (the copy would take this
     // node's name, address and slot).
-    if let Some(address) = opts.address {
+    if let Some(address) = opts.identity.address {
         vars.push(("AUTO_CONSUL_ADDRESS", address.to_string()));
     }
-    if let Some(node) = &opts.node {
+    if let Some(node) = &opts.identity.node {
         vars.push(("AUTO_CONSUL_NODE", node.clone()));
     }
-    if let Some(id) = &opts.instance_id {
+    if let Some(id) = &opts.identity.instance_id {
         vars.push(("AUTO_CONSUL_INSTANCE_ID", id.clone()));
     }
-    vars.push(("AUTO_CONSUL_ROLE", opts.role.as_str().to_string()));
-    if let Some(s) = opts.servers {
+    vars.push(("AUTO_CONSUL_ROLE", opts.waits.role.as_str().to_string()));
+    if let Some(s) = opts.cluster.servers {
         vars.push(("AUTO_CONSUL_SERVERS", s.to_string()));
     }
-    if let Some(e) = opts.expiry {
+    if let Some(e) = opts.cluster.expiry {
         vars.push(("AUTO_CONSUL_EXPIRY", e.to_string()));
     }
-    if let Some(e) = opts.agent_expiry {
+    if let Some(e) = opts.cluster.agent_expiry {
         vars.push(("AUTO_CONSUL_AGENT_EXPIRY", e.to_string()));
     }
     vars.extend([
-        ("AUTO_CONSUL_DATA_DIR", path(&opts.data_dir)),
-        ("AUTO_CONSUL_CONFIG_DIR", path(&opts.config_dir)),
-        ("AUTO_CONSUL_DATACENTER", opts.datacenter.clone()),
+        ("AUTO_CONSUL_DATA_DIR", path(&opts.consul.data_dir)),
+        ("AUTO_CONSUL_CONFIG_DIR", path(&opts.consul.config_dir)),
+        ("AUTO_CONSUL_DATACENTER", opts.consul.datacenter.clone()),
     ]);
-    if opts.domain != "consul" {
-        vars.push(("AUTO_CONSUL_DOMAIN", opts.domain.clone()));
+    if opts.consul.domain != "consul" {
+        vars.push(("AUTO_CONSUL_DOMAIN", opts.consul.domain.clone()));
     }
-    if let Some(file) = &opts.metrics_file {
+    if let Some(file) = &opts.output.metrics_file {
         vars.push(("AUTO_CONSUL_METRICS_FILE", path(file)));
     }
-    if let Some(spec) = &opts.cloud_join {
+    if let Some(spec) = &opts.consul.cloud_join {
         vars.push(("AUTO_CONSUL_CLOUD_JOIN", spec.clone()));
     }
     for (key, value) in [
-        ("AUTO_CONSUL_ENCRYPT_FILE", &opts.encrypt_file),
-        ("AUTO_CONSUL_ACL_TOKEN_FILE", &opts.acl_token_file),
-        ("AUTO_CONSUL_CA_FILE", &opts.ca_file),
-        ("AUTO_CONSUL_CERT_FILE", &opts.cert_file),
-        ("AUTO_CONSUL_KEY_FILE", &opts.key_file),
+        ("AUTO_CONSUL_ENCRYPT_FILE", &opts.tls.encrypt_file),
+        ("AUTO_CONSUL_ACL_TOKEN_FILE", &opts.tls.acl_token_file),
+        ("AUTO_CONSUL_CA_FILE", &opts.tls.ca_file),
+        ("AUTO_CONSUL_CERT_FILE", &opts.tls.cert_file),
+        ("AUTO_CONSUL_KEY_FILE", &opts.tls.key_file),
     ] {
         if let Some(p) = value {
             vars.push((key, path(p)));
         }
     }
-    if let Some(g) = &opts.autoscaling_group {
+    if let Some(g) = &opts.waits.autoscaling_group {
         vars.push(("AUTO_CONSUL_AUTOSCALING_GROUP", g.clone()));
     }
-    if let Some(h) = &opts.lifecycle_hook {
+    if let Some(h) = &opts.waits.lifecycle_hook {
         vars.push(("AUTO_CONSUL_LIFECYCLE_HOOK", h.clone()));
     }
-    if let Some(url) = &opts.secrets {
+    if let Some(url) = &opts.tls.secrets {
         vars.push(("AUTO_CONSUL_SECRETS", url.to_string()));
     }
-    if let Some(i) = opts.snapshot_interval {
+    if let Some(i) = opts.snapshots.snapshot_interval {
         vars.push(("AUTO_CONSUL_SNAPSHOT_INTERVAL", i.to_string()));
     }
-    if let Some(k) = opts.snapshot_keep {
+    if let Some(k) = opts.snapshots.snapshot_keep {
         vars.push(("AUTO_CONSUL_SNAPSHOT_KEEP", k.to_string()));
     }
-    if opts.no_restore {
+    if opts.snapshots.no_restore {
         vars.push(("AUTO_CONSUL_NO_RESTORE", "true".into()));
     }
-    if opts.sandbox_consul {
+    if opts.consul.sandbox_consul {
         vars.push(("AUTO_CONSUL_SANDBOX_CONSUL", "true".into()));
     }
-    if opts.allow_racy {
+    if opts.cluster.allow_racy {
         vars.push(("AUTO_CONSUL_ALLOW_RACY", "true".into()));
     }
     let file = root.path(Path::new(run::ENV_FILE));

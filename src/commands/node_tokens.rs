@@ -339,7 +339,10 @@ pub fn own_instance<'a>(
     node: &str,
     instance_id: Option<&'a str>,
 ) -> Option<&'a str> {
-    if opts.secrets.is_none() || opts.instance_tag.is_none() || opts.acl_token_file.is_some() {
+    if opts.tls.secrets.is_none()
+        || opts.tls.instance_tag.is_none()
+        || opts.tls.acl_token_file.is_some()
+    {
         return None;
     }
     instance_id.filter(|id| *id == node)
@@ -387,13 +390,14 @@ pub async fn at_run(
     if !shared_gone {
         return Ok(m);
     }
-    let (k, v) = opts.instance_tag.clone().unwrap_or_default();
+    let (k, v) = opts.tls.instance_tag.clone().unwrap_or_default();
     tracing::info!(
         "node {id} waits for its own token, which the leader's heartbeat makes for each running \
          instance tagged {k}={v} (up to {}s, --token-wait)",
-        opts.token_wait
+        opts.waits.token_wait
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(opts.token_wait);
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(opts.waits.token_wait);
     loop {
         if let Some(t) = read(store, cluster, id).await? {
             m.node_token = Some(t);
@@ -405,7 +409,7 @@ pub async fn at_run(
                  may not read it): the cluster's leader makes one for each running instance tagged {k}={v}; \
                  check the instance's tags, that the cluster has a leader, and the role's grant on \
                  */node/* (docs/deploy.md); the boot unit tries again",
-                opts.token_wait,
+                opts.waits.token_wait,
                 store.shown(&name)
             );
         }
@@ -427,7 +431,7 @@ pub async fn follow(
     if kind(root).as_deref() == Some("node") {
         return Some(true);
     }
-    let (url, cluster) = (opts.secrets.as_ref()?, saved.cluster_id.as_deref()?);
+    let (url, cluster) = (opts.tls.secrets.as_ref()?, saved.cluster_id.as_deref()?);
     let switched = async {
         let store = crate::secrets::open(url)
             .await?
@@ -469,7 +473,7 @@ pub async fn lead(
     record: &(crate::model::ClusterRecord, String),
     management: &str,
 ) -> Value {
-    let (Some(url), Some(tag)) = (&opts.secrets, &opts.instance_tag) else {
+    let (Some(url), Some(tag)) = (&opts.tls.secrets, &opts.tls.instance_tag) else {
         return Value::Null;
     };
     let (record, etag) = record;
@@ -590,7 +594,7 @@ pub fn own_from_config(opts: &crate::cli::GlobalOpts, root: &Root) -> Option<Str
     if kind(root).as_deref() != Some("node") {
         return None;
     }
-    let config = root.path(&opts.config_dir.join(super::run::CONFIG_FILE));
+    let config = root.path(&opts.consul.config_dir.join(super::run::CONFIG_FILE));
     let text = std::fs::read_to_string(config).ok()?;
     let value: Value = serde_json::from_str(&text).ok()?;
     value["acl"]["tokens"]["agent"].as_str().map(str::to_string)

@@ -94,7 +94,7 @@ pub async fn purge(opts: &GlobalOpts) -> Result<()> {
         .filter(|s| !slot_is_live(s, settings.expiry))
         .map(|s| s.index)
         .collect();
-    if opts.json {
+    if opts.output.json {
         println!(
             "{}",
             json!({

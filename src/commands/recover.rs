@@ -88,7 +88,7 @@ fn sha256_hex(text: &str) -> String {
 /// `recover [--plan | --apply [HASH]]`.
 pub async fn recover(opts: &GlobalOpts, step: Step) -> Result<()> {
     let url = registry_url(opts)?;
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
     let view = read_view(store, seed_settings(opts), Agents::Recent(0)).await?;
@@ -97,7 +97,7 @@ pub async fn recover(opts: &GlobalOpts, step: Step) -> Result<()> {
     };
     let me = identity::of(opts).await?;
     let pinned = pinned_plan(store, &cluster).await?;
-    let path = opts.data_dir.join("raft/peers.json");
+    let path = opts.consul.data_dir.join("raft/peers.json");
 
     if let Step::Apply(hash) = &step {
         let Some(plan) = pinned else {
@@ -287,7 +287,7 @@ fn check_applicable(
 
 /// This node's Consul node id, from its data dir.
 fn node_id_here(root: &Root, opts: &GlobalOpts) -> Option<String> {
-    std::fs::read_to_string(root.path(&opts.data_dir.join("node-id")))
+    std::fs::read_to_string(root.path(&opts.consul.data_dir.join("node-id")))
         .ok()
         .map(|id| id.trim().to_string())
         .filter(|id| !id.is_empty())
@@ -297,7 +297,7 @@ fn node_id_here(root: &Root, opts: &GlobalOpts) -> Option<String> {
 /// in the files of the config dir, the last one read winning as in Consul:
 /// files in lexical order), or Consul's default.
 pub(super) fn rpc_port(root: &Root, opts: &GlobalOpts) -> u16 {
-    let dir = root.path(&opts.config_dir);
+    let dir = root.path(&opts.consul.config_dir);
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
         .map(|d| {
             d.filter_map(|e| e.ok().map(|e| e.path()))
@@ -351,7 +351,7 @@ fn report(
         "5. check: consul operator raft list-peers".to_string(),
     ];
     let unknown = plan.unknown();
-    if opts.json {
+    if opts.output.json {
         println!(
             "{}",
             json!({

@@ -49,7 +49,7 @@ pub async fn rejoin(
     let my_cluster = saved.and_then(|s| s.cluster_id.as_deref());
     let server = saved.is_some_and(|s| s.mode.is_server());
     let mut out = Rejoin::default();
-    let config = opts.config_dir.join(CONFIG_FILE);
+    let config = opts.consul.config_dir.join(CONFIG_FILE);
     let on_disk = root.path(&config);
     // A node `run` never set up (a heartbeat by hand) has nothing to keep.
     if !on_disk.is_file() {
@@ -119,7 +119,7 @@ pub async fn rejoin(
     // once Raft data exists, or another server lives, the file no longer
     // says `bootstrap: true` (Consul would bootstrap alone again should its
     // Raft data go and only consul.service restart).
-    let past_bootstrap = !out.servers.is_empty() || has_raft_state(root, &opts.data_dir);
+    let past_bootstrap = !out.servers.is_empty() || has_raft_state(root, &opts.consul.data_dir);
     if out.servers.is_empty() && !past_bootstrap {
         return out;
     }
@@ -142,7 +142,7 @@ pub async fn rejoin(
         // management token; a node on its own token (--instance-tag) has
         // agent:write on itself, and its Consul config holds it.
         let own = super::node_tokens::own_from_config(opts, root);
-        let token = match (&opts.acl_token_file, my_cluster.filter(|_| server)) {
+        let token = match (&opts.tls.acl_token_file, my_cluster.filter(|_| server)) {
             (None, Some(cluster)) => super::management_token(opts, cluster)
                 .await
                 .map_err(|e| tracing::warn!("reading the management token to join with: {e:#}"))
@@ -152,7 +152,13 @@ pub async fn rejoin(
             _ => None,
         };
         for address in &out.servers {
-            match agent::join(opts.acl_token_file.as_deref(), token.as_deref(), *address).await {
+            match agent::join(
+                opts.tls.acl_token_file.as_deref(),
+                token.as_deref(),
+                *address,
+            )
+            .await
+            {
                 Ok(Joined::Yes) => {
                     tracing::warn!(
                         "the local Consul agent knew no leader: it joined {address}, a live server"

@@ -29,10 +29,11 @@ pub async fn renew_if_due(
     saved: &State,
     gens: secrets::Generations,
 ) -> Result<Option<Value>> {
-    let (Some(url), None, true) = (&opts.secrets, &opts.ca_file, saved.mode.is_server()) else {
+    let (Some(url), None, true) = (&opts.tls.secrets, &opts.tls.ca_file, saved.mode.is_server())
+    else {
         return Ok(None);
     };
-    let paths = TlsPaths::new(&opts.config_dir);
+    let paths = TlsPaths::new(&opts.consul.config_dir);
     let read = |p: &Path| std::fs::read_to_string(root.path(p)).ok();
     let Some(cert) = read(&paths.cert) else {
         return Ok(None);
@@ -113,7 +114,7 @@ pub async fn renew_if_due(
 
 /// `server.<datacenter>.<domain>`: the name servers' certificates carry.
 pub fn server_name(opts: &GlobalOpts) -> String {
-    format!("server.{}.{}", opts.datacenter, opts.domain)
+    format!("server.{}.{}", opts.consul.datacenter, opts.consul.domain)
 }
 
 /// Whether Consul's RPC port presents `cert`: `new`, `old` (another), or
@@ -165,10 +166,10 @@ pub fn stamp(t: i64) -> String {
 /// The expiry of this node's TLS files auto-consul made (the CA; a
 /// server's certificate too), for `status` and the metrics file.
 pub fn expiries(opts: &GlobalOpts, root: &Root) -> Vec<(&'static str, CertInfo)> {
-    if opts.ca_file.is_some() {
+    if opts.tls.ca_file.is_some() {
         return Vec::new();
     }
-    let paths = TlsPaths::new(&opts.config_dir);
+    let paths = TlsPaths::new(&opts.consul.config_dir);
     [("ca", &paths.ca), ("certificate", &paths.cert)]
         .into_iter()
         .filter_map(|(what, p)| {

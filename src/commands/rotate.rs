@@ -755,16 +755,16 @@ pub async fn follow_rotations(
     saved: Option<&crate::state::State>,
 ) -> Following {
     let mut out = Following::default();
-    let (Some(url), Some(saved)) = (&opts.secrets, saved) else {
+    let (Some(url), Some(saved)) = (&opts.tls.secrets, saved) else {
         return out;
     };
     let Some(cluster) = saved.cluster_id.clone() else {
         return out;
     };
     // A node on its own token (--instance-tag) follows no shared one.
-    let token_managed =
-        opts.acl_token_file.is_none() && super::node_tokens::kind(root).as_deref() != Some("node");
-    let ca_managed = opts.ca_file.is_none();
+    let token_managed = opts.tls.acl_token_file.is_none()
+        && super::node_tokens::kind(root).as_deref() != Some("node");
+    let ca_managed = opts.tls.ca_file.is_none();
     let token_have = crate::state::recorded_number(root, AGENT_TOKEN_GENERATION).unwrap_or(1);
     let trusted_have = recorded_list(root, CA_TRUSTED).unwrap_or_else(|| vec![1]);
     out.agent_token = token_managed.then_some(token_have);
@@ -936,7 +936,7 @@ fn set_ca_file(
     root: &crate::install::Root,
     pem: &str,
 ) -> Result<()> {
-    let path = super::run::TlsPaths::new(&opts.config_dir).ca;
+    let path = super::run::TlsPaths::new(&opts.consul.config_dir).ca;
     let owner = std::fs::metadata(root.path(&path)).ok().map(|m| {
         use std::os::unix::fs::MetadataExt;
         (m.uid(), m.gid())
@@ -1000,7 +1000,7 @@ pub(super) fn edit_config(
     edit: impl FnOnce(&mut Value),
 ) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let config = opts.config_dir.join(super::run::CONFIG_FILE);
+    let config = opts.consul.config_dir.join(super::run::CONFIG_FILE);
     let on_disk = root.path(&config);
     {
         let _lock = crate::install::lock(root, "consul-config")?;

@@ -13,7 +13,7 @@ use crate::secrets::{Secret, SecretsUrl, generation_name};
 
 /// `secrets ...`.
 pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
-    let url = match &opts.secrets {
+    let url = match &opts.tls.secrets {
         None | Some(SecretsUrl::None) => {
             return Err(usage(
                 "no secrets store: give --secrets ssm:///PATH or file:///DIR (AUTO_CONSUL_SECRETS), as the cluster's nodes have it",
@@ -103,7 +103,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                 Rotatable::Ca => "the CA",
                 Rotatable::ManagementToken => "the management token",
             };
-            if opts.json {
+            if opts.output.json {
                 println!("{v}");
             } else if v["started"] == true {
                 println!(
@@ -132,7 +132,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                 usage("revoking a node's token needs the cluster's management token: run it on one of its servers")
             })?;
             let v = super::node_tokens::revoke(store.as_ref(), &management, &cluster, node).await?;
-            if opts.json {
+            if opts.output.json {
                 println!("{v}");
             } else {
                 println!(
@@ -186,7 +186,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                     "rotation": rotation.map(|(to, step)| json!({"to": to, "step": step})),
                 }));
             }
-            if opts.json {
+            if opts.output.json {
                 println!("{}", json!({ "cluster_id": cluster, "secrets": rows }));
             } else {
                 println!("cluster {cluster}: secrets in {url}");

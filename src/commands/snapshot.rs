@@ -41,7 +41,7 @@ const SPOOL: &str = "/var/lib/auto-consul/snapshot.spool";
 /// retention.
 pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     let url = registry_url(opts)?;
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     let saved = this_server(&root, &url.to_string())?;
     let Some(saved) = saved else {
         return say(opts, json!({"saved": false, "reason": "agent"}), || {
@@ -218,7 +218,7 @@ const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 async fn leader_known(opts: &GlobalOpts) -> Result<agent::AgentStatus> {
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     loop {
-        let status = agent::status(opts.acl_token_file.as_deref()).await?;
+        let status = agent::status(opts.tls.acl_token_file.as_deref()).await?;
         if status.leader.is_some() || tokio::time::Instant::now() >= deadline {
             return Ok(status);
         }
@@ -239,7 +239,7 @@ impl Drop for SpoolFile {
 /// `restore [KEY | --cancel]`.
 pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Result<()> {
     let url = registry_url(opts)?;
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
     let Some(key) = key else {
@@ -672,7 +672,7 @@ impl RestoreSteps<'_> {
     /// The agents' token, made through the API, is not in the snapshot:
     /// it is made again here.
     async fn tokens(&self, from: &str) -> Result<()> {
-        let (Some(url), Some(cluster)) = (&self.opts.secrets, self.to) else {
+        let (Some(url), Some(cluster)) = (&self.opts.tls.secrets, self.to) else {
             return Ok(());
         };
         if from == cluster {
@@ -841,7 +841,7 @@ async fn cancel_owed(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
 
 /// Prints `json` with `--json`, else the text.
 fn say(opts: &GlobalOpts, json: Value, text: impl FnOnce() -> String) -> Result<()> {
-    if opts.json {
+    if opts.output.json {
         println!("{json}");
     } else {
         println!("{}", text());

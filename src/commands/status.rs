@@ -34,7 +34,7 @@ const TLS_WARN_DAYS: i64 = 14;
 /// `status`: what the node left, the registry, the heartbeat's age, the
 /// local agent and the timer, each adding the reasons it is degraded.
 pub async fn status(opts: &GlobalOpts) -> Result<()> {
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     let mut h = Health {
         saved: state::load(&root),
         settings: seed_settings(opts),
@@ -58,7 +58,7 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
     if let Some(t) = h.timer.clone().filter(|t| *t != "active") {
         h.degraded(format!("auto-consul-heartbeat.timer is {t}"));
     }
-    if opts.json {
+    if opts.output.json {
         println!("{}", h.json(opts));
     } else {
         h.print(opts);
@@ -313,7 +313,7 @@ impl Health {
     /// The local agent: answering, knowing a leader, running in the mode
     /// `run` decided (another config file can make a server a client).
     async fn agent(&mut self, opts: &GlobalOpts) {
-        self.agent = match agent::status(opts.acl_token_file.as_deref()).await {
+        self.agent = match agent::status(opts.tls.acl_token_file.as_deref()).await {
             Ok(a) => {
                 if a.leader.is_none() {
                     self.degraded("the local Consul agent knows no leader");
@@ -344,7 +344,7 @@ impl Health {
             "reasons": self.reasons,
             "node": saved.map(|s| s.node.clone()),
             "address": saved.map(|s| s.address.to_string()),
-            "role": opts.role.as_str(),
+            "role": opts.waits.role.as_str(),
             "mode": saved.map(|s| s.mode.as_str()),
             "cluster_id": saved.and_then(|s| s.cluster_id.clone()),
             "claim_id": saved.and_then(|s| s.claim_id.clone()),
@@ -368,7 +368,7 @@ impl Health {
                 s.slot
                     .map(|i| format!(" in server slot {i}"))
                     .unwrap_or_default(),
-                opts.role.as_str()
+                opts.waits.role.as_str()
             ),
             None => println!("node: not set up"),
         }

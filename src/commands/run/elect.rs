@@ -575,7 +575,7 @@ impl Elector<'_> {
             agent_token: None,
             ca: None,
             management_token: None,
-            datacenter: Some(self.opts.datacenter.clone()),
+            datacenter: Some(self.opts.consul.datacenter.clone()),
             primary,
         };
         // The secrets first: until the record names the cluster, its

@@ -212,9 +212,9 @@ impl TlsPaths {
     ) -> render::Tls<'a> {
         if !made {
             return render::Tls {
-                ca_file: opts.ca_file.as_deref(),
-                cert_file: opts.cert_file.as_deref(),
-                key_file: opts.key_file.as_deref(),
+                ca_file: opts.tls.ca_file.as_deref(),
+                cert_file: opts.tls.cert_file.as_deref(),
+                key_file: opts.tls.key_file.as_deref(),
             };
         }
         render::Tls {
@@ -343,13 +343,13 @@ impl UnitStrings {
         };
         Ok(UnitStrings {
             auto_consul: render::unit_path(auto_consul).context("the auto-consul binary's path")?,
-            config_dir: render::unit_path(&opts.config_dir)
+            config_dir: render::unit_path(&opts.consul.config_dir)
                 .map_err(|e| usage(format!("--config-dir: {e}")))?,
-            data_dir: render::unit_path(&opts.data_dir)
+            data_dir: render::unit_path(&opts.consul.data_dir)
                 .map_err(|e| usage(format!("--data-dir: {e}")))?,
             registry_dir,
             metrics_dir: metrics_dir(opts)?,
-            secrets_dir: match &opts.secrets {
+            secrets_dir: match &opts.tls.secrets {
                 Some(crate::secrets::SecretsUrl::Dir { dir }) => {
                     Some(render::unit_path(dir).map_err(|e| usage(format!("--secrets: {e}")))?)
                 }
@@ -390,16 +390,16 @@ impl UnitStrings {
 /// would hide it.
 pub fn reads_home(opts: &GlobalOpts) -> bool {
     [
-        &opts.encrypt_file,
-        &opts.acl_token_file,
-        &opts.ca_file,
-        &opts.cert_file,
-        &opts.key_file,
-        &opts.metrics_file,
+        &opts.tls.encrypt_file,
+        &opts.tls.acl_token_file,
+        &opts.tls.ca_file,
+        &opts.tls.cert_file,
+        &opts.tls.key_file,
+        &opts.output.metrics_file,
     ]
     .iter()
     .filter_map(|p| p.as_deref())
-    .chain(match &opts.secrets {
+    .chain(match &opts.tls.secrets {
         Some(crate::secrets::SecretsUrl::Dir { dir }) => Some(dir.as_path()),
         _ => None,
     })
@@ -408,7 +408,8 @@ pub fn reads_home(opts: &GlobalOpts) -> bool {
 
 /// The directory of `--metrics-file`, for the units' writable paths.
 pub fn metrics_dir(opts: &GlobalOpts) -> Result<Option<String>> {
-    opts.metrics_file
+    opts.output
+        .metrics_file
         .as_deref()
         .and_then(Path::parent)
         .map(|d| render::unit_path(d).map_err(|e| usage(format!("--metrics-file: {e}"))))
@@ -460,7 +461,7 @@ pub(super) fn fixed_files(
             CONSUL_UNIT,
             render::consul_unit(consul, &units.config_dir, &units.data_dir),
         ));
-    } else if opts.sandbox_consul {
+    } else if opts.consul.sandbox_consul {
         files.push(unit(
             SANDBOX_DROPIN,
             render::consul_sandbox_dropin(&units.data_dir),

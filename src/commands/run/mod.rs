@@ -47,7 +47,7 @@ pub(super) const VIEW_AGENTS: usize = 2 * MAX_JOIN;
 /// `run` (or `plan` with `dry_run`): DESIGN.md's steps, one call each.
 pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let url = registry_url(opts)?;
-    let root = Root::new(&opts.root);
+    let root = Root::new(&opts.consul.root);
     // 1. What can fail on local input fails before anything is asked.
     let local = local_checks(opts, &root, dry_run)?;
     // 2. Identity (IMDS), the conditional-write probe and the first read
@@ -69,9 +69,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     )?;
     install::check_writable(&root, &fixed)?;
     // 4. The election: sticky state, claims, the one bootstrap gate.
-    let raft = has_raft_state(&root, &opts.data_dir);
+    let raft = has_raft_state(&root, &opts.consul.data_dir);
     let previous = sticky_state(opts, &root, &url.to_string(), me);
-    let secrets_store = match &opts.secrets {
+    let secrets_store = match &opts.tls.secrets {
         Some(url) if !dry_run => crate::secrets::open(url).await?,
         _ => None,
     };
@@ -84,11 +84,11 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         dry_run,
         racy,
         aws: opened.aws.as_ref(),
-        replace: opts.replace_cluster.clone(),
+        replace: opts.cluster.replace_cluster.clone(),
         witness_wait: witness_wait(opts, &first_view),
-        role: opts.role,
+        role: opts.waits.role,
         role_wait: role_wait(opts, &first_view),
-        restore: !opts.no_restore,
+        restore: !opts.snapshots.no_restore,
         made: Default::default(),
         own_token: super::node_tokens::own_instance(opts, &me.node, me.instance_id.as_deref())
             .map(str::to_string),
@@ -124,7 +124,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             .filter(|r| Some(&r.cluster_id) == elected.cluster_id.as_ref())
             .and_then(|r| r.primary.clone())
     });
-    let config_on_disk = root.path(&opts.config_dir.join(CONFIG_FILE));
+    let config_on_disk = root.path(&opts.consul.config_dir.join(CONFIG_FILE));
     let (retry_join, retry_join_wan) = tokio::join!(
         join_list(&opened, &elected, me),
         super::federation::wan_join_list(
@@ -136,6 +136,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     );
     // Consul joins every instance a cloud entry finds: agents only.
     let cloud_join = opts
+        .consul
         .cloud_join
         .as_deref()
         .filter(|_| elected.mode == Mode::Agent);
@@ -180,14 +181,14 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         ),
         (made, ..) => made,
     };
-    let tls_paths = TlsPaths::new(&opts.config_dir);
+    let tls_paths = TlsPaths::new(&opts.consul.config_dir);
     let tls_files = match &made {
-        Some(m) if opts.ca_file.is_none() => tls_material(
+        Some(m) if opts.tls.ca_file.is_none() => tls_material(
             &root,
             &tls_paths,
             m,
             elected.mode,
-            &format!("server.{}.{}", opts.datacenter, opts.domain),
+            &format!("server.{}.{}", opts.consul.datacenter, opts.consul.domain),
             &me.node,
             me.address,
         )?,
@@ -197,9 +198,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let config = ConsulSettings {
         node: &me.node,
         address: me.address,
-        data_dir: &opts.data_dir,
-        datacenter: &opts.datacenter,
-        domain: &opts.domain,
+        data_dir: &opts.consul.data_dir,
+        datacenter: &opts.consul.datacenter,
+        domain: &opts.consul.domain,
         mode: elected.mode,
         // Settled by the election's one gate (`Elector::may_bootstrap`).
         bootstrap: elected.mode == Mode::Bootstrap,
@@ -222,7 +223,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         retry_join_wan: &retry_join_wan,
     };
     if !dry_run && raft && elected.mode.is_server() {
-        clear_stale_server_metadata(&root, &opts.data_dir)?;
+        clear_stale_server_metadata(&root, &opts.consul.data_dir)?;
     }
     if !dry_run && let Some(key) = config.encrypt {
         let was = state::load(&root).and_then(|s| s.cluster_id);
@@ -230,14 +231,14 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             (Some(was), Some(now)) if was != now => Some((was.as_str(), now.as_str())),
             _ => None,
         };
-        stale_keyrings(&root, &opts.data_dir, key, changed)?;
+        stale_keyrings(&root, &opts.consul.data_dir, key, changed)?;
         // A gossip key rotation under way: the keyring holds both keys
         // (the primary first, as Consul's keyring file lists it), so this
         // node reads every member whichever key it sends with.
         if let Some(other) = made.as_ref().and_then(|m| m.gossip_other.as_deref())
             && local.secrets.encrypt.is_none()
         {
-            write_rotation_keyring(&root, &opts.data_dir, key, other)?;
+            write_rotation_keyring(&root, &opts.consul.data_dir, key, other)?;
         }
     }
     if !dry_run && !root.is_system() && local.manages_consul {
@@ -255,7 +256,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     if hook.is_some() {
         files.push(FileSpec {
             path: GATE_UNIT.into(),
-            contents: render::gate_service(&units.paths(), opts.gate_wait),
+            contents: render::gate_service(&units.paths(), opts.waits.gate_wait),
             mode: 0o644,
             owner: None,
         });
@@ -285,7 +286,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let written = if dry_run {
         Vec::new()
     } else {
-        write_files(&root, &opts.config_dir, &files)?
+        write_files(&root, &opts.consul.config_dir, &files)?
     };
     // The generations this node now runs with, for its heartbeat.
     if !dry_run && made.is_some() {
@@ -297,7 +298,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         if local.secrets.acl_token.is_none() {
             state::record_number(&root, AGENT_TOKEN_GENERATION, gens.agent_token);
         }
-        if opts.ca_file.is_none() {
+        if opts.tls.ca_file.is_none() {
             record_list(&root, CA_TRUSTED, &gens.ca.trusted());
             if elected.mode.is_server() {
                 state::record_number(&root, CA_SIGNED_BY, gens.ca.signing());
@@ -321,7 +322,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             super::node_tokens::record_kind(&root, kind);
         }
     }
-    let start = !dry_run && !opts.no_start && root.is_system();
+    let start = !dry_run && !opts.consul.no_start && root.is_system();
     if start {
         start_units(hook.is_some(), snapshots)?;
     }
@@ -337,7 +338,7 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
         dry_run,
         hook,
     };
-    if opts.json {
+    if opts.output.json {
         println!("{}", done.json());
     } else {
         done.print();
@@ -360,7 +361,10 @@ fn local_checks(opts: &GlobalOpts, root: &Root, dry_run: bool) -> Result<Local> 
     let consul = find_consul(root)?;
     let auto_consul = own_binary(root)?;
     let secrets = Secrets::read(opts)?;
-    if opts.ca_file.is_some() && opts.cert_file.is_none() && opts.role != RoleWanted::Agent {
+    if opts.tls.ca_file.is_some()
+        && opts.tls.cert_file.is_none()
+        && opts.waits.role != RoleWanted::Agent
+    {
         return Err(usage(
             "--ca-file without --cert-file: a server needs its own certificate (--cert-file and \
              --key-file); only a node run with --role agent does without one (it gets one from \
@@ -368,8 +372,8 @@ fn local_checks(opts: &GlobalOpts, root: &Root, dry_run: bool) -> Result<Local> 
         ));
     }
     if let Some(c) = precedence::bootstrapping(
-        &root.path(&opts.config_dir),
-        &opts.config_dir,
+        &root.path(&opts.consul.config_dir),
+        &opts.consul.config_dir,
         CONFIG_FILE,
         &[LEGACY_CONFIG_FILE],
     )
@@ -419,10 +423,10 @@ async fn first_look(
         let opened = open_store(url).await?;
         let store = opened.store.as_ref();
         let probe = async {
-            if dry_run || opts.role == RoleWanted::Agent {
+            if dry_run || opts.waits.role == RoleWanted::Agent {
                 Ok(false)
             } else {
-                check_conditional_writes(store, opts.allow_racy).await
+                check_conditional_writes(store, opts.cluster.allow_racy).await
             }
         };
         let (racy, view) = tokio::try_join!(
@@ -442,7 +446,7 @@ fn sticky_state(opts: &GlobalOpts, root: &Root, registry: &str, me: &Identity) -
     state::load_for(root, registry, me)
         .filter(|s| s.mode.is_server())
         .filter(|s| {
-            let keep = opts.role != RoleWanted::Agent;
+            let keep = opts.waits.role != RoleWanted::Agent;
             if !keep {
                 tracing::warn!(
                     "this node ran as {} but is now given --role agent: it runs as an agent; \
@@ -458,14 +462,15 @@ fn sticky_state(opts: &GlobalOpts, root: &Root, registry: &str, me: &Identity) -
 /// unit's start timeout (15 min).
 fn witness_wait(opts: &GlobalOpts, view: &crate::registry::RegistryView) -> Duration {
     Duration::from_secs(
-        opts.witness_wait
+        opts.waits
+            .witness_wait
             .unwrap_or(view.settings.expiry.min(DEFAULT_WAIT_CAP)),
     )
 }
 
 /// `--role-wait`, or one expiry and one heartbeat interval, capped alike.
 fn role_wait(opts: &GlobalOpts, view: &crate::registry::RegistryView) -> Duration {
-    Duration::from_secs(opts.role_wait.unwrap_or_else(|| {
+    Duration::from_secs(opts.waits.role_wait.unwrap_or_else(|| {
         let e = view.settings.expiry;
         (e + e / 3 + 10).min(DEFAULT_WAIT_CAP)
     }))
@@ -522,10 +527,10 @@ async fn wait_for_restore(
     tracing::warn!(
         "cluster {cluster} owes the restore of cluster {from}'s snapshot: this agent joins once it is done \
          (waiting up to {}s, --restore-wait)",
-        opts.restore_wait
+        opts.waits.restore_wait
     );
-    let poll = Duration::from_secs((opts.restore_wait / 40).clamp(1, 10));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(opts.restore_wait);
+    let poll = Duration::from_secs((opts.waits.restore_wait / 40).clamp(1, 10));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(opts.waits.restore_wait);
     loop {
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -533,7 +538,7 @@ async fn wait_for_restore(
                 "cluster {cluster} still owes the restore of cluster {from}'s snapshot after {}s: this \
                  agent does not join it yet (auto-consul.service tries again; `auto-consul status` on a \
                  server says why, `auto-consul restore --cancel` drops the restore)",
-                opts.restore_wait
+                opts.waits.restore_wait
             ));
         }
         tokio::time::sleep(poll.min(deadline - now)).await;
@@ -630,8 +635,8 @@ fn consul_config_file(
 ) -> (FileSpec, Vec<precedence::Conflict>) {
     let contents = render::consul_config(config);
     let conflicts = precedence::conflicts(
-        &root.path(&opts.config_dir),
-        &opts.config_dir,
+        &root.path(&opts.consul.config_dir),
+        &opts.consul.config_dir,
         CONFIG_FILE,
         &[LEGACY_CONFIG_FILE],
         &serde_json::from_str(&contents).expect("rendered JSON parses"),
@@ -640,7 +645,7 @@ fn consul_config_file(
         tracing::warn!("{c}");
     }
     let file = FileSpec {
-        path: opts.config_dir.join(CONFIG_FILE),
+        path: opts.consul.config_dir.join(CONFIG_FILE),
         contents,
         mode: if holds_secret { 0o600 } else { 0o640 },
         owner: root.user("consul"),

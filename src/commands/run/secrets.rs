@@ -32,8 +32,8 @@ impl Secrets {
             }
             Ok(Some(value))
         };
-        let encrypt = read(&opts.encrypt_file, "gossip encryption key")?;
-        if let (Some(key), Some(path)) = (&encrypt, &opts.encrypt_file) {
+        let encrypt = read(&opts.tls.encrypt_file, "gossip encryption key")?;
+        if let (Some(key), Some(path)) = (&encrypt, &opts.tls.encrypt_file) {
             crate::secrets::check_gossip_key(key).map_err(|why| {
                 usage(format!(
                     "the gossip encryption key in {} {why}: Consul would refuse to start with it; \
@@ -44,7 +44,7 @@ impl Secrets {
         }
         Ok(Secrets {
             encrypt,
-            acl_token: read(&opts.acl_token_file, "ACL token")?,
+            acl_token: read(&opts.tls.acl_token_file, "ACL token")?,
         })
     }
 
