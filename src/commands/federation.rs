@@ -129,9 +129,7 @@ pub async fn wan_join_list(
 
 /// The `retry_join_wan` of the config file at `config` (none when absent).
 fn configured_wan(config: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(config)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    super::rotate::config_json(config)
         .and_then(|v| {
             v["retry_join_wan"].as_array().map(|a| {
                 a.iter()

@@ -595,9 +595,9 @@ pub fn own_from_config(opts: &crate::cli::GlobalOpts, root: &Root) -> Option<Str
         return None;
     }
     let config = root.path(&opts.consul.config_dir.join(super::run::CONFIG_FILE));
-    let text = std::fs::read_to_string(config).ok()?;
-    let value: Value = serde_json::from_str(&text).ok()?;
-    value["acl"]["tokens"]["agent"].as_str().map(str::to_string)
+    super::rotate::config_json(&config)?["acl"]["tokens"]["agent"]
+        .as_str()
+        .map(str::to_string)
 }
 
 #[cfg(test)]

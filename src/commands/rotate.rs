@@ -992,6 +992,11 @@ pub(super) fn set_config_token(
     })
 }
 
+/// Consul's config file at `path` (on disk), as JSON, when it reads as such.
+pub(super) fn config_json(path: &std::path::Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
 /// Rewrites Consul's config file through `edit` (its mode and owner kept,
 /// under the lock `run` takes, from the file as it is now).
 pub(super) fn edit_config(

@@ -576,13 +576,20 @@ def main():
             return keyring_op(self, "PUT")
         if path in ("/v1/catalog/register", "/v1/catalog/deregister") and args.acl_dir:
             # node:write on the node named (agent/consul/catalog_endpoint.go:
-            # vetRegisterWithACL for a register that sets the node's
-            # address or meta, vetDeregisterWithACL for a node's
-            # deregistration); Consul's words on a denial.
+            # vetRegisterWithACL asks it when the register changes the node
+            # itself, a node new to the catalog or another address;
+            # vetDeregisterWithACL for a node's deregistration, no ServiceID
+            # or CheckID); Consul's words on a denial. Service and check
+            # entries (service:write) are not served here.
             length = int(self.headers.get("Content-Length") or 0)
             req = json.loads(self.rfile.read(length) or b"{}")
             node = req.get("Node", "")
-            if not allowed(request_token(self), "node", node, "write"):
+            if req.get("ServiceID") or req.get("CheckID") or req.get("Service") or req.get("Check"):
+                return self.reply(400, b"the fake serves node entries only", "text/plain")
+            known = cluster_state(lambda st: (st.get("nodes") or {}).get(node))
+            changes = path.endswith("/deregister") or known is None \
+                or known.get("Address") != req.get("Address", "")
+            if changes and not allowed(request_token(self), "node", node, "write"):
                 msg = f'Permission denied: token lacks permission \'node:write\' on "{node}"'
                 return self.reply(403, msg.encode(), "text/plain")
 
