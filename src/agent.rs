@@ -486,6 +486,7 @@ pub async fn ensure_agent_token(management: &str, agent_token: &str) -> Result<b
         AGENT_POLICY,
         Some((AGENT_RULES, "auto-consul: what the agents' token may do")),
         "auto-consul: the token agents run with",
+        true,
     )
     .await
 }
@@ -501,6 +502,7 @@ pub async fn ensure_dns_token(management: &str, dns_token: &str) -> Result<bool>
             "auto-consul: what DNS and requests without a token may read",
         )),
         "auto-consul: the DNS (default) token",
+        true,
     )
     .await
 }
@@ -516,6 +518,48 @@ pub async fn ensure_management_token(management: &str, secret: &str) -> Result<b
         "global-management",
         None,
         "auto-consul: the management token (a rotation's new generation)",
+        false,
+    )
+    .await
+}
+
+/// A secondary datacenter's management token (SecretID `secret`, made at
+/// its genesis), made with the primary's replication token (acl:write):
+/// linked to `global-management`, local to the datacenter that makes it
+/// (a secondary's Consul makes no initial management token).
+pub async fn ensure_local_management_token(replication: &str, secret: &str) -> Result<bool> {
+    ensure_token(
+        replication,
+        secret,
+        "global-management",
+        None,
+        "auto-consul: this secondary datacenter's management token",
+        true,
+    )
+    .await
+}
+
+/// The policy of the ACL replication token a primary's servers make.
+pub const REPLICATION_POLICY: &str = "auto-consul-replication";
+/// What a secondary's servers replicate with, as Consul's federation guide
+/// gives it (docs: secure/acl/token/replication): acl:write (tokens and
+/// policies), operator:write (proxy-defaults, and the secondary's Connect
+/// CA signing), service and intention read (service-defaults, intentions).
+pub const REPLICATION_RULES: &str = "acl = \"write\"\noperator = \"write\"\nservice_prefix \"\" {\n  policy = \"read\"\n  intentions = \"read\"\n}\n";
+
+/// Makes sure the ACL replication token (SecretID `secret`) exists in
+/// Consul, global (every datacenter resolves it), with its policy.
+pub async fn ensure_replication_token(management: &str, secret: &str) -> Result<bool> {
+    ensure_token(
+        management,
+        secret,
+        REPLICATION_POLICY,
+        Some((
+            REPLICATION_RULES,
+            "auto-consul: what secondary datacenters' servers replicate ACLs with",
+        )),
+        "auto-consul: the ACL replication token of secondary datacenters",
+        false,
     )
     .await
 }
@@ -550,6 +594,7 @@ pub async fn ensure_node_token(management: &str, node: &str, secret: &str) -> Re
             "auto-consul: what one node's own token may do",
         )),
         &format!("auto-consul: the token of node {node}"),
+        true,
     )
     .await
 }
@@ -595,6 +640,7 @@ async fn ensure_token(
     policy: &str,
     rules: Option<(&str, &str)>,
     token_description: &str,
+    local: bool,
 ) -> Result<bool> {
     let mut api = Api::from_env(None)?;
     let shown = api.shown.clone();
@@ -637,6 +683,7 @@ async fn ensure_token(
                 "SecretID": secret,
                 "Description": token_description,
                 "Policies": [{ "Name": policy }],
+                "Local": local,
             }),
         )
         .await?;

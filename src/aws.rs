@@ -11,7 +11,17 @@ use aws_config::{BehaviorVersion, SdkConfig};
 /// Loads the shared AWS configuration. Endpoints come from the standard
 /// variables (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, ...).
 pub async fn load() -> Result<SdkConfig> {
-    let config = aws_config::defaults(BehaviorVersion::latest())
+    load_in(None).await
+}
+
+/// [`load`], in `region` when given (a federated primary's registry or
+/// secrets store lives in another region than this node).
+pub async fn load_in(region: Option<&str>) -> Result<SdkConfig> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r.to_string()));
+    }
+    let config = loader
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(3))

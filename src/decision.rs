@@ -324,6 +324,7 @@ mod tests {
                 management_token: None,
                 datacenter: None,
                 primary: None,
+                secrets: None,
             }),
         });
     }

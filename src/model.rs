@@ -412,6 +412,20 @@ pub struct ClusterRecord {
     /// genesis; every node follows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<Primary>,
+    /// Where this cluster's secrets live (`--secrets`), recorded by its
+    /// servers: what a secondary's servers read the shared ones from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SecretsAt>,
+}
+
+/// A cluster's secrets store and its AWS region (SSM is regional).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretsAt {
+    /// `ssm:///PATH` or `file:///DIR`.
+    pub url: String,
+    /// The store's region (SSM); absent for a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// The primary datacenter a secondary federates with.
@@ -421,6 +435,10 @@ pub struct Primary {
     pub registry: String,
     /// The primary's datacenter: `primary_datacenter` everywhere.
     pub datacenter: String,
+    /// The region of the primary registry's bucket (found at genesis), in
+    /// which it is read; absent for a directory, or in this node's region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Which generation of the management token a cluster uses, and the

@@ -62,6 +62,9 @@ pub struct GenesisAcl<'a> {
     /// `acl.tokens.default`: what DNS and requests without a token run
     /// with (read on nodes, services and prepared queries); empty: none.
     pub dns: &'a str,
+    /// `acl.tokens.replication`: a secondary datacenter's servers, the
+    /// primary's replication token (once its servers made it).
+    pub replication: Option<&'a str>,
 }
 
 /// TLS file paths for Consul.
@@ -141,15 +144,23 @@ pub fn consul_config(s: &ConsulSettings<'_>) -> String {
         if !acl.dns.is_empty() {
             tokens.insert("default".into(), json!(acl.dns));
         }
-        c.insert(
-            "acl".into(),
-            json!({
-                "enabled": true,
-                "default_policy": "deny",
-                "enable_token_persistence": true,
-                "tokens": Value::Object(tokens),
-            }),
-        );
+        if let Some(r) = acl.replication {
+            tokens.insert("replication".into(), json!(r));
+        }
+        let mut block = json!({
+            "enabled": true,
+            "default_policy": "deny",
+            "enable_token_persistence": true,
+            "tokens": Value::Object(tokens),
+        });
+        // A secondary datacenter's nodes replicate the primary's global
+        // tokens, so they resolve locally (Consul's federation guide:
+        // `enable_token_replication` on the secondary's servers and
+        // clients).
+        if s.primary_datacenter.is_some() {
+            block["enable_token_replication"] = json!(true);
+        }
+        c.insert("acl".into(), block);
         c.insert(
             "primary_datacenter".into(),
             json!(s.primary_datacenter.unwrap_or(s.datacenter)),

@@ -225,11 +225,20 @@ pub trait SecretStore: Send + Sync {
 
 /// Opens the store `url` names (`None` for `none`).
 pub async fn open(url: &SecretsUrl) -> Result<Option<Box<dyn SecretStore>>> {
+    open_in(url, None).await
+}
+
+/// [`open`], an SSM store in `region` when given (another cluster's: a
+/// federated primary's).
+pub async fn open_in(
+    url: &SecretsUrl,
+    region: Option<&str>,
+) -> Result<Option<Box<dyn SecretStore>>> {
     Ok(match url {
         SecretsUrl::None => None,
         SecretsUrl::Dir { dir } => Some(Box::new(DirStore { dir: dir.clone() })),
         SecretsUrl::Ssm { path } => {
-            let config = crate::aws::load().await?;
+            let config = crate::aws::load_in(region).await?;
             Some(Box::new(SsmStore {
                 client: aws_sdk_ssm::Client::new(&config),
                 path: path.clone(),

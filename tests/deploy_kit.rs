@@ -376,6 +376,13 @@ checks = {
         ],
     },
     "terraform/examples/basic": {"ModuleCalls": ["consul"]},
+    "terraform/examples/two-regions": {
+        "ModuleCalls": ["dc1", "dc2"],
+        "ManagedResources": [
+            "aws_vpc_security_group_ingress_rule.dc1_from_dc2",
+            "aws_vpc_security_group_ingress_rule.dc2_from_dc1",
+        ],
+    },
 }
 failed = False
 for path, wanted in checks.items():
@@ -449,6 +456,10 @@ const VARIABLE_CASES: &[(&str, &str, bool)] = &[
     ("primary_registry", r#""s3://primary-bucket""#, true),
     ("primary_registry", r#""file:///tmp/dc1""#, false),
     ("primary_registry", r#""s3://Bad_Bucket/x""#, false),
+    ("primary_ssm_path", r#""""#, true),
+    ("primary_ssm_path", r#""/auto-consul/dc1""#, true),
+    ("primary_ssm_path", r#""auto-consul/dc1""#, false),
+    ("primary_ssm_path", r#""/auto-consul/dc1/""#, false),
     ("name", r#""a""#, true),
     ("name", r#""consul-prod-1""#, true),
     ("name", r#""Consul""#, false),
@@ -858,6 +869,8 @@ const SDK_CALLS: &[(&str, &[&str])] = &[
     ("delete_object", &["s3:DeleteObject"]),
     ("delete_objects", &["s3:DeleteObject"]),
     ("head_bucket", &["s3:ListBucket"]),
+    // A secondary's genesis finds its primary's bucket's region.
+    ("get_bucket_location", &["s3:GetBucketLocation"]),
     // Snapshots past one part (servers only).
     ("create_multipart_upload", &["s3:PutObject"]),
     ("upload_part", &["s3:PutObject"]),
@@ -1032,7 +1045,26 @@ fn role_policies(dir: &Path) -> BTreeMap<String, serde_json::Value> {
     let mut out = BTreeMap::new();
     for role in ["server", "agent"] {
         let file = dir.join(format!("policies/{role}.json.tftpl"));
-        let text = fs::read_to_string(&file)
+        let mut policy = render_policy(&file, role);
+        // A secondary datacenter's servers hold the primary's two policies
+        // too (main.tf, `primary_registry` and `primary_secrets`).
+        if role == "server" {
+            for extra in ["primary-registry", "primary-secrets"] {
+                let more = render_policy(&dir.join(format!("policies/{extra}.json.tftpl")), role);
+                let list = policy["Statement"].as_array_mut().expect("statements");
+                list.extend(more["Statement"].as_array().expect("statements").clone());
+            }
+        }
+        out.insert(role.to_string(), policy);
+    }
+    out
+}
+
+/// One policy template rendered as Terraform renders it (for `role`'s
+/// group), parsed.
+fn render_policy(file: &Path, role: &str) -> serde_json::Value {
+    {
+        let text = fs::read_to_string(file)
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
             .replace("${bucket_arn}", "arn:aws:s3:::bucket")
             .replace("${key_prefix}", "consul/prod/")
@@ -1041,6 +1073,12 @@ fn role_policies(dir: &Path) -> BTreeMap<String, serde_json::Value> {
                 "arn:aws:ssm:us-east-1:123456789012:parameter/auto-consul/prod",
             )
             .replace("${asg_arn}", &asg_arn(role))
+            .replace("${primary_bucket_arn}", "arn:aws:s3:::primary-bucket")
+            .replace("${primary_key_prefix}", "consul/dc1/")
+            .replace(
+                "${primary_ssm_parameter_arn}",
+                "arn:aws:ssm:*:123456789012:parameter/auto-consul/dc1",
+            )
             // templatefile's escape: `$${` is a literal `${` (an IAM
             // policy variable).
             .replace("$${", "\u{0}");
@@ -1050,11 +1088,9 @@ fn role_policies(dir: &Path) -> BTreeMap<String, serde_json::Value> {
             file.display()
         );
         let text = text.replace('\u{0}', "${");
-        let policy = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{} is not JSON once rendered: {e}", file.display()));
-        out.insert(role.to_string(), policy);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON once rendered: {e}", file.display()))
     }
-    out
 }
 
 /// The actions a policy document allows (`Action`, a string or a list, of

@@ -206,3 +206,469 @@ fn a_secondary_names_its_primary_once_and_its_servers_follow_the_primarys_over_t
         assert_eq!(logged.trim(), format!("wan {}", dc1.node(5).2));
     }
 }
+
+/// A datacenter with its secrets in SSM, in its own region: its bucket
+/// made there, its commands run there.
+struct Secure {
+    moto: &'static Moto,
+    region: &'static str,
+    bucket: String,
+    prefix: String,
+    ssm: String,
+    tmp: PathBuf,
+    acl: PathBuf,
+    name: &'static str,
+    net: String,
+}
+
+impl Secure {
+    fn registry(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    fn secrets(&self) -> String {
+        format!("ssm://{}", self.ssm)
+    }
+
+    fn node(&self, i: usize) -> (PathBuf, String, String) {
+        (
+            self.tmp.join(format!("{}-{i}", self.name)),
+            format!("{}-{i}", self.name),
+            format!("{}.{}", self.net, i + 1),
+        )
+    }
+
+    fn boot(&self, i: usize, role: &str, extra: &[&str]) -> std::process::Output {
+        self.boot_as(i, role, extra, "testing")
+    }
+
+    /// [`Secure::boot`] signed with access key `key` (a role's, which the
+    /// IAM stand-in evaluates).
+    fn boot_as(&self, i: usize, role: &str, extra: &[&str], key: &str) -> std::process::Output {
+        let (root, name, ip) = self.node(i);
+        output(
+            run_cmd(self.moto, &self.registry(), &root, &name, &ip, 3)
+                .env("AWS_ACCESS_KEY_ID", key)
+                .env("AWS_REGION", self.region)
+                .args(["--role", role, "--datacenter", self.name])
+                .args(["--secrets", &self.secrets()])
+                .args(extra),
+        )
+    }
+
+    /// One heartbeat of node `i`, against a fake agent reading its config
+    /// (its datacenter, and so whether it is a secondary's) and sharing
+    /// the ACL state with every datacenter: global tokens are replicated,
+    /// local ones stay where they were made.
+    fn beat(&self, i: usize) -> Value {
+        self.beat_as(i, "testing")
+    }
+
+    fn beat_as(&self, i: usize, key: &str) -> Value {
+        let (root, name, ip) = self.node(i);
+        let config = root.join("etc/consul.d/zz-auto-consul.json");
+        let agent = FakeAgent::start(
+            &name,
+            i < 3,
+            &[
+                "--address",
+                &ip,
+                "--acl-dir",
+                self.acl.to_str().unwrap(),
+                "--config-file",
+                config.to_str().unwrap(),
+            ],
+        );
+        let out = heartbeat_cmd(
+            self.moto,
+            &self.registry(),
+            &root,
+            &name,
+            &ip,
+            &agent.addr(),
+        )
+        .env("AWS_ACCESS_KEY_ID", key)
+        .env("AWS_REGION", self.region)
+        .args(["--secrets", &self.secrets()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+        ok_json(&out)
+    }
+
+    fn rotate(&self, what: &str) -> Value {
+        ok_json(&output(
+            auto_consul(self.moto)
+                .env("AWS_REGION", self.region)
+                .args(["secrets", "rotate", what, "--json", "--registry"])
+                .arg(self.registry())
+                .args(["--secrets", &self.secrets()]),
+        ))
+    }
+
+    fn config(&self, i: usize) -> Value {
+        config_of(&self.node(i).0)
+    }
+
+    fn record(&self) -> Value {
+        serde_json::from_str(&get(
+            self.moto,
+            &self.bucket,
+            &format!("{}/cluster", self.prefix),
+        ))
+        .unwrap()
+    }
+
+    /// A secret of this cluster (`agent/gossip-key`...), from SSM in its
+    /// region.
+    fn secret(&self, rel: &str) -> Option<String> {
+        let cluster = self.record()["cluster_id"].as_str().unwrap().to_string();
+        ssm_value(
+            self.moto,
+            self.region,
+            &format!("{}/{cluster}/{rel}", self.ssm),
+        )
+    }
+
+    fn tls_file(&self, i: usize, key: &str) -> PathBuf {
+        let c = self.config(i);
+        let path = c["tls"]["defaults"][key].as_str().unwrap().to_string();
+        self.node(i).0.join(path.trim_start_matches('/'))
+    }
+}
+
+/// dc1 in us-west-2 (its bucket made there) and dc2 in us-east-1, their
+/// registries and SSM paths named from `label`, their nodes in
+/// `<net>.1.*` and `<net>.2.*`, their fake agents sharing one ACL state
+/// (in the directory returned, under `acl/`).
+fn two_regions(label: &str, net: &str) -> (tempfile::TempDir, Secure, Secure) {
+    let moto = moto();
+    let tmp = tempfile::tempdir().unwrap();
+    let acl = tmp.path().join("acl");
+    std::fs::create_dir_all(&acl).unwrap();
+    let run = unique(label).to_lowercase();
+    let dc = |name: &'static str, region: &'static str, bucket: String| Secure {
+        moto,
+        region,
+        bucket,
+        prefix: format!("{run}/{name}"),
+        ssm: format!("/{run}/{name}"),
+        tmp: tmp.path().to_path_buf(),
+        acl: acl.clone(),
+        name,
+        net: format!("{net}.{}", &name[2..]),
+    };
+    let dc1 = dc("dc1", "us-west-2", bucket_in(moto, "us-west-2"));
+    let dc2 = dc("dc2", "us-east-1", bucket(moto));
+    (tmp, dc1, dc2)
+}
+
+/// The ACL state every fake agent shares: the token whose SecretID is
+/// `secret`, and the policy named `policy`.
+fn acl_token(acl: &Path, secret: &str) -> Value {
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(acl.join("acl-state.json")).unwrap())
+            .unwrap();
+    state["tokens"][secret].clone()
+}
+
+fn acl_policy(acl: &Path, name: &str) -> Value {
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(acl.join("acl-state.json")).unwrap())
+            .unwrap();
+    state["policies"][name].clone()
+}
+
+/// `openssl verify` of `cert` against `ca` for host name `host`: whether
+/// it verified.
+fn verifies(ca: &Path, cert: &Path, host: &str) -> bool {
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(ca)
+        .args(["-verify_hostname", host])
+        .arg(cert)
+        .output()
+        .expect("openssl is not installed: apt-get install openssl");
+    out.status.success()
+}
+
+#[test]
+fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_follows_its_rotations()
+ {
+    // Two regions: moto keeps SSM per region, so a read in the wrong one
+    // finds nothing.
+    let (tmp, dc1, dc2) = two_regions("sfed", "10.82");
+    let (moto, acl) = (dc1.moto, tmp.path().join("acl"));
+    let primary = format!("--primary-registry={}", dc1.registry());
+
+    for i in 0..3 {
+        ok_json(&dc1.boot(i, "server", &[]));
+    }
+    let rec1 = dc1.record();
+    assert_eq!(rec1["secrets"]["url"], dc1.secrets(), "{rec1}");
+    assert_eq!(rec1["secrets"]["region"], "us-west-2", "{rec1}");
+    // The primary's servers make the replication token once, in their
+    // store and in Consul (global, with the federation guide's rules).
+    let made: Vec<Value> = (0..3).map(|i| dc1.beat(i)).collect();
+    let replication = dc1.secret("server/replication-token").expect("made");
+    let creators = made
+        .iter()
+        .filter(|v| v["federation"]["replication_token"]["created"] == json!(true))
+        .count();
+    assert_eq!(creators, 1, "{made:?}");
+    let token = acl_token(&acl, &replication);
+    assert_eq!(token["Local"], json!(false), "{token}");
+    assert_eq!(token["Policies"][0]["Name"], "auto-consul-replication");
+    let rules = acl_policy(&acl, "auto-consul-replication")["Rules"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for rule in [
+        "acl = \"write\"",
+        "operator = \"write\"",
+        "service_prefix \"\"",
+        "intentions = \"read\"",
+    ] {
+        assert!(rules.contains(rule), "{rule} not in {rules}");
+    }
+    // Made once: a later heartbeat asks nothing more.
+    assert!(dc1.beat(0)["federation"]["replication_token"].is_null());
+
+    // A secondary without a store of its own would have nowhere to copy
+    // the primary's gossip key and CA to: refused, saying so.
+    let (root, name, ip) = dc2.node(0);
+    let bare = output(run_cmd(moto, &dc2.registry(), &root, &name, &ip, 3).args([
+        "--role",
+        "server",
+        "--datacenter",
+        "dc2",
+        &primary,
+    ]));
+    assert_eq!(bare.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bare.stderr);
+    assert!(err.contains("needs a secrets store of its own"), "{err}");
+
+    for i in 0..3 {
+        ok_json(&dc2.boot(i, "server", &[&primary]));
+    }
+    let rec2 = dc2.record();
+    assert_eq!(rec2["primary"]["region"], "us-west-2", "{rec2}");
+    let key1 = dc1.config(0)["encrypt"].as_str().unwrap().to_string();
+    // The primary's gossip key and CA, copied into the secondary's own
+    // store (its region) for its agents.
+    assert_eq!(
+        dc2.secret("agent/gossip-key").as_deref(),
+        Some(key1.as_str())
+    );
+    assert_eq!(dc2.secret("agent/ca-cert"), dc1.secret("agent/ca-cert"));
+    for i in 0..3 {
+        let c = dc2.config(i);
+        assert_eq!(c["encrypt"], json!(key1), "dc2-{i}");
+        assert_eq!(c["primary_datacenter"], "dc1");
+        assert_eq!(c["acl"]["tokens"]["replication"], json!(replication), "{c}");
+        assert_eq!(c["acl"]["enable_token_replication"], json!(true));
+        // A secondary's Consul bootstraps no ACLs: no initial management.
+        assert!(c["acl"]["tokens"]["initial_management"].is_null(), "{c}");
+        let cert = dc2.tls_file(i, "cert_file");
+        let ca1 = dc1.tls_file(0, "ca_file");
+        assert!(
+            verifies(&ca1, &cert, "server.dc2.consul"),
+            "dc2-{i}'s certificate and dc1's CA"
+        );
+        // The control: the name is checked.
+        assert!(!verifies(&ca1, &cert, "server.dc1.consul"));
+    }
+
+    // dc2's servers make their datacenter's management token with the
+    // replication token (local to dc2), then their agents' token with it.
+    let first: Vec<Value> = (0..3).map(|i| dc2.beat(i)).collect();
+    let management2 = dc2.secret("server/management-token").unwrap();
+    let m = acl_token(&acl, &management2);
+    assert_eq!(m["Local"], json!(true), "{m} / {first:?}");
+    assert_eq!(m["Datacenter"], "dc2");
+    assert_eq!(m["Policies"][0]["Name"], "global-management");
+    for i in 0..3 {
+        dc2.beat(i);
+    }
+    let agent2 = dc2.secret("agent/agent-token").unwrap();
+    let a = acl_token(&acl, &agent2);
+    assert_eq!(a["Datacenter"], "dc2", "{a}");
+    assert_ne!(
+        agent2,
+        dc1.secret("agent/agent-token").unwrap(),
+        "each datacenter has its own agents' token"
+    );
+
+    // An agent of dc2 boots with dc1's registry refusing everything: it
+    // reads only its own datacenter's store and registry.
+    moto.faults(json!([{"match": dc1.prefix.clone(), "status": 403, "code": "AccessDenied", "count": 1000}]));
+    ok_json(&dc2.boot(3, "agent", &[]));
+    assert_eq!(
+        moto.fired(),
+        vec![0],
+        "the agent read the primary's registry"
+    );
+    // The control: a server's reboot reads it (and keeps what its config
+    // holds, replication token included).
+    let again = dc2.boot(1, "server", &[]);
+    ok_json(&again);
+    assert!(moto.fired()[0] > 0);
+    assert_eq!(
+        dc2.config(1)["acl"]["tokens"]["replication"],
+        json!(replication)
+    );
+    moto.faults(json!([]));
+    let a = dc2.config(3);
+    assert_eq!(a["encrypt"], json!(key1));
+    assert_eq!(
+        std::fs::read_to_string(dc2.tls_file(3, "ca_file"))
+            .unwrap()
+            .trim(),
+        dc1.secret("agent/ca-cert").unwrap().trim()
+    );
+
+    // The primary rotates its gossip key and its CA: dc2's servers copy
+    // the new generations and take the primary's steps into their record;
+    // dc2's leader drives neither (the primary's does, for every
+    // datacenter).
+    dc1.rotate("gossip-key");
+    dc1.rotate("ca");
+    let v = dc2.beat(0);
+    assert!(v["federation"]["rotations"]["error"].is_null(), "{v}");
+    let (rec1, rec2) = (dc1.record(), dc2.record());
+    assert_eq!(rec2["gossip_key"], rec1["gossip_key"], "{rec2}");
+    assert_eq!(rec2["ca"], rec1["ca"], "{rec2}");
+    assert_eq!(rec2["gossip_key"]["rotation"], "install");
+    assert_eq!(
+        dc2.secret("agent/gossip-key.2"),
+        dc1.secret("agent/gossip-key.2")
+    );
+    assert_eq!(dc2.secret("agent/ca-cert.2"), dc1.secret("agent/ca-cert.2"));
+    let v = dc2.beat(1);
+    assert!(v["rotations"].is_null(), "dc2 drove a rotation: {v}");
+    // A secondary's own `secrets rotate gossip-key` is refused, naming
+    // where it rotates.
+    let refused = output(
+        auto_consul(moto)
+            .env("AWS_REGION", dc2.region)
+            .args(["secrets", "rotate", "gossip-key", "--json", "--registry"])
+            .arg(dc2.registry())
+            .args(["--secrets", &dc2.secrets()]),
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("rotate there") && err.contains(&dc1.registry()),
+        "{err}"
+    );
+    // dc2-1's heartbeat followed the CA's first step: its CA file trusts
+    // both of the primary's CAs.
+    let ca_file = std::fs::read_to_string(dc2.tls_file(1, "ca_file")).unwrap();
+    assert_eq!(ca_file.matches("BEGIN CERTIFICATE").count(), 2, "{ca_file}");
+    assert!(ca_file.contains(dc1.secret("agent/ca-cert.2").unwrap().trim()));
+}
+
+/// Reads SSM parameter `name` in `region` signed with access key `key`:
+/// its value, or the error code.
+fn read_as(moto: &Moto, key: &str, region: &str, name: &str) -> Result<String, String> {
+    use aws_sdk_ssm::error::ProvideErrorMetadata;
+    let client = aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::new()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new(region.to_string()))
+            .endpoint_url(moto.url())
+            .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+                key, "testing", None, None, "tests",
+            ))
+            .build(),
+    );
+    rt().block_on(
+        client
+            .get_parameter()
+            .name(name)
+            .with_decryption(true)
+            .send(),
+    )
+    .map(|o| o.parameter().unwrap().value().unwrap().to_string())
+    .map_err(|e| e.code().unwrap_or("?").to_string())
+}
+
+#[test]
+fn a_secondarys_roles_read_of_the_primary_exactly_what_the_module_grants() {
+    // The module's policies, evaluated by moto_locked's IAM stand-in for
+    // every SSM request signed with these keys: dc2's server role holds
+    // the server policy and the primary_secrets policy, its agent role
+    // the agent policy.
+    let (_tmp, dc1, dc2) = two_regions("ifed", "10.83");
+    let moto = dc1.moto;
+    ok_json(&dc1.boot(0, "server", &[]));
+    dc1.beat(0);
+    let server_key = format!("AKIAFS{}", std::process::id());
+    let agent_key = format!("AKIAFA{}", std::process::id());
+    let agent_policy: Value =
+        serde_json::from_str(&module_policy("agent", &dc2.bucket, &dc2.prefix, &dc2.ssm)).unwrap();
+    let principals = json!({
+        &server_key: {
+            "policy": secondary_server_policy(&dc2.bucket, &dc2.prefix, &dc2.ssm, &dc1.ssm),
+            "context": {},
+            "arn": "arn:aws:sts::123456789012:assumed-role/server/i-dc2server",
+        },
+        &agent_key: {
+            "policy": agent_policy,
+            "context": {},
+            "arn": "arn:aws:sts::123456789012:assumed-role/agent/i-dc2agent",
+        },
+    });
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "-X", "POST", "--data"])
+        .arg(principals.to_string())
+        .arg(format!("{}/_iam", moto.url()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    // The server's role is enough for a secondary's genesis and its
+    // heartbeat, the agent's for an agent's boot.
+    let primary = format!("--primary-registry={}", dc1.registry());
+    ok_json(&dc2.boot_as(0, "server", &[&primary], &server_key));
+    let v = dc2.beat_as(0, &server_key);
+    assert!(v["federation"]["error"].is_null(), "{v}");
+    assert_eq!(
+        v["federation"]["management_token"]["in_consul"],
+        json!(true),
+        "{v}"
+    );
+    ok_json(&dc2.boot_as(3, "agent", &[], &agent_key));
+    assert_eq!(dc2.config(3)["encrypt"], dc1.config(0)["encrypt"]);
+
+    let cluster1 = dc1.record()["cluster_id"].as_str().unwrap().to_string();
+    let of_dc1 = |rel: &str| format!("{}/{cluster1}/{rel}", dc1.ssm);
+    // The server's role reads the shared ones and nothing else of dc1.
+    for rel in ["agent/gossip-key", "server/ca", "server/replication-token"] {
+        assert_eq!(
+            read_as(moto, &server_key, "us-west-2", &of_dc1(rel)),
+            dc1.secret(rel).ok_or_else(|| "absent".to_string()),
+            "{rel}"
+        );
+    }
+    for rel in [
+        "server/management-token",
+        "agent/agent-token",
+        "agent/dns-token",
+    ] {
+        assert_eq!(
+            read_as(moto, &server_key, "us-west-2", &of_dc1(rel)),
+            Err("AccessDeniedException".to_string()),
+            "dc2's servers read dc1's {rel}"
+        );
+    }
+    // The agent's role reads nothing of dc1.
+    for rel in ["agent/gossip-key", "agent/ca-cert", "agent/agent-token"] {
+        assert_eq!(
+            read_as(moto, &agent_key, "us-west-2", &of_dc1(rel)),
+            Err("AccessDeniedException".to_string()),
+            "dc2's agents read dc1's {rel}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn ssm(moto: &Moto) -> aws_sdk_ssm::Client {
     let config = aws_sdk_ssm::config::Builder::new()
@@ -386,7 +386,22 @@ fn the_agents_token_is_made_in_consul_once_by_the_servers_heartbeats() {
         1,
         "{writes:?}"
     );
-    assert_eq!(writes.len(), 4, "{writes:?}");
+    // And the ACL replication token a secondary datacenter would need,
+    // made once too (global: Local false).
+    let replication = made("/v1/acl/token", "auto-consul-replication");
+    assert_eq!(replication.len(), 1, "{writes:?}");
+    assert_eq!(replication[0]["body"]["Local"], json!(false));
+    assert_eq!(
+        made("/v1/acl/policy", "auto-consul-replication").len(),
+        1,
+        "{writes:?}"
+    );
+    assert_eq!(writes.len(), 6, "{writes:?}");
+    assert_eq!(
+        tokens[0]["body"]["Local"],
+        json!(true),
+        "a datacenter's own"
+    );
     assert_eq!(tokens[0]["body"]["SecretID"], agent_token.trim());
     assert_eq!(
         tokens[0]["body"]["Policies"][0]["Name"],

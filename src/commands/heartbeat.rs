@@ -260,10 +260,13 @@ async fn rotate_if_leader(
     record: Option<&(crate::model::ClusterRecord, String)>,
     management: u32,
 ) -> Value {
+    // A secondary datacenter's gossip key and CA rotate with its
+    // primary's, whose leader drives them (federation::follow copies them).
+    let own = |r: &crate::model::ClusterRecord| r.primary.is_none();
     let Some((record, etag)) = record.filter(|(r, _)| {
-        r.gossip_key.is_some_and(|g| g.rotation.is_some())
+        (own(r) && r.gossip_key.is_some_and(|g| g.rotation.is_some()))
             || r.agent_token.is_some_and(|g| g.rotation.is_some())
-            || r.ca.is_some_and(|g| g.rotation.is_some())
+            || (own(r) && r.ca.is_some_and(|g| g.rotation.is_some()))
             || r.management_token
                 .as_ref()
                 .is_some_and(|g| g.rotation.is_some())
@@ -285,7 +288,7 @@ async fn rotate_if_leader(
         .await?;
         let mut out = json!({});
         let (mut record, mut etag) = (record.clone(), etag.clone());
-        if record.gossip_key.is_some_and(|g| g.rotation.is_some()) {
+        if own(&record) && record.gossip_key.is_some_and(|g| g.rotation.is_some()) {
             out["gossip_key"] = super::rotate::drive_gossip_key(
                 store,
                 secrets_store.as_ref(),
@@ -315,7 +318,7 @@ async fn rotate_if_leader(
                 (record, etag) = (r, e);
             }
         }
-        if record.ca.is_some_and(|g| g.rotation.is_some()) {
+        if own(&record) && record.ca.is_some_and(|g| g.rotation.is_some()) {
             out["ca"] = super::rotate::drive_ca(store, record.clone(), etag.clone()).await?;
             if let Some((r, e)) = crate::registry::read_cluster(store).await? {
                 (record, etag) = (r, e);

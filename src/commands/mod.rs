@@ -129,8 +129,14 @@ pub struct Opened {
 
 /// Opens the registry's store, loading the AWS configuration only for S3.
 pub async fn open_store(url: &RegistryUrl) -> Result<Opened> {
+    open_store_in(url, None).await
+}
+
+/// [`open_store`], an S3 bucket read in `region` when given (a federated
+/// primary's, in another region).
+pub async fn open_store_in(url: &RegistryUrl, region: Option<&str>) -> Result<Opened> {
     let aws = match url {
-        RegistryUrl::S3 { .. } => Some(crate::aws::load().await?),
+        RegistryUrl::S3 { .. } => Some(crate::aws::load_in(region).await?),
         RegistryUrl::File { .. } => None,
     };
     let store = registry::open(url, aws.as_ref()).await?;

@@ -64,6 +64,16 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
         .expect("a store for a URL that is not none");
     match action {
         SecretsAction::Rotate { secret } => {
+            // A secondary's gossip key and CA are its primary's: they
+            // rotate there, and its servers copy the rotation.
+            if let (Some(p), Rotatable::GossipKey | Rotatable::Ca) = (&record.primary, secret) {
+                return Err(crate::error::usage(format!(
+                    "this cluster is a secondary datacenter of {} ({}): its gossip key and CA are the \
+                     primary's and rotate there (run `auto-consul secrets rotate` with --registry {} and \
+                     the primary's --secrets); its servers' heartbeats copy the rotation",
+                    p.datacenter, p.registry, p.registry
+                )));
+            }
             let v = match secret {
                 Rotatable::GossipKey => {
                     super::rotate::start_gossip_key(

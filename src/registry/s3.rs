@@ -83,6 +83,28 @@ impl S3Store {
         }
     }
 
+    /// The region of the bucket (`GetBucketLocation`, answered in any
+    /// region; S3's empty answer is `us-east-1`, its legacy `EU`
+    /// `eu-west-1`).
+    pub async fn bucket_region(config: &aws_config::SdkConfig, bucket: &str) -> Result<String> {
+        let store = S3Store::new(config, bucket.to_string(), String::new());
+        let out = store
+            .client
+            .get_bucket_location()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(aws_sdk_s3::error::DisplayErrorContext(e))
+                    .context(format!("GetBucketLocation of bucket {bucket}"))
+            })?;
+        Ok(match out.location_constraint().map(|c| c.as_str()) {
+            None | Some("") => "us-east-1".to_string(),
+            Some("EU") => "eu-west-1".to_string(),
+            Some(r) => r.to_string(),
+        })
+    }
+
     fn full_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_string()

@@ -771,12 +771,60 @@ pub fn write_snapshot(path: &Path, state: &[u8]) -> String {
 /// rendered as its `templatefile()` renders it for `bucket`, registry
 /// prefix `prefix` (without a trailing `/`) and SSM path `ssm_path`.
 pub fn module_policy(role: &str, bucket: &str, prefix: &str, ssm_path: &str) -> String {
+    render_module_policy(role, role, bucket, prefix, ssm_path, None)
+}
+
+/// A secondary's server role: the module's server policy for its own
+/// bucket, prefix and SSM path, with the statements of its
+/// `primary_secrets` policy for the primary's SSM path (any region), as
+/// one document.
+pub fn secondary_server_policy(
+    bucket: &str,
+    prefix: &str,
+    ssm_path: &str,
+    primary_ssm_path: &str,
+) -> serde_json::Value {
+    let mut policy: serde_json::Value =
+        serde_json::from_str(&module_policy("server", bucket, prefix, ssm_path)).unwrap();
+    let more: serde_json::Value = serde_json::from_str(&render_module_policy(
+        "primary-secrets",
+        "server",
+        bucket,
+        prefix,
+        ssm_path,
+        Some(primary_ssm_path),
+    ))
+    .unwrap();
+    policy["Statement"]
+        .as_array_mut()
+        .unwrap()
+        .extend(more["Statement"].as_array().unwrap().clone());
+    policy
+}
+
+/// The module's policy template `policies/<stem>.json.tftpl` rendered as
+/// `templatefile()` renders it for `role`'s group.
+fn render_module_policy(
+    stem: &str,
+    role: &str,
+    bucket: &str,
+    prefix: &str,
+    ssm_path: &str,
+    primary_ssm_path: Option<&str>,
+) -> String {
     let file = format!(
-        "{}/terraform/modules/auto-consul/policies/{role}.json.tftpl",
+        "{}/terraform/modules/auto-consul/policies/{stem}.json.tftpl",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = std::fs::read_to_string(&file)
         .unwrap()
+        .replace(
+            "${primary_ssm_parameter_arn}",
+            &format!(
+                "arn:aws:ssm:*:123456789012:parameter{}",
+                primary_ssm_path.unwrap_or_default()
+            ),
+        )
         .replace("${bucket_arn}", &format!("arn:aws:s3:::{bucket}"))
         .replace("${key_prefix}", &format!("{prefix}/"))
         .replace(
@@ -796,4 +844,51 @@ pub fn module_policy(role: &str, bucket: &str, prefix: &str, ssm_path: &str) -> 
     let text = text.replace('\u{0}', "${");
     serde_json::from_str::<serde_json::Value>(&text).expect("the rendered policy is JSON");
     text
+}
+
+/// An SSM client for moto in `region` (SSM is regional: a parameter made
+/// in one region is not found in another).
+pub fn ssm_in(moto: &Moto, region: &str) -> aws_sdk_ssm::Client {
+    aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::new()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new(region.to_string()))
+            .endpoint_url(moto.url())
+            .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+                "testing", "testing", None, None, "tests",
+            ))
+            .build(),
+    )
+}
+
+/// The value of SSM parameter `name` in `region`, if it exists there.
+pub fn ssm_value(moto: &Moto, region: &str, name: &str) -> Option<String> {
+    rt().block_on(
+        ssm_in(moto, region)
+            .get_parameter()
+            .name(name)
+            .with_decryption(true)
+            .send(),
+    )
+    .ok()
+    .and_then(|o| o.parameter().and_then(|p| p.value().map(str::to_string)))
+}
+
+/// A bucket made in `region` (its LocationConstraint).
+pub fn bucket_in(moto: &Moto, region: &str) -> String {
+    use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+    let name = unique("reg").to_lowercase();
+    rt().block_on(
+        s3(moto)
+            .create_bucket()
+            .bucket(&name)
+            .create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(BucketLocationConstraint::from(region))
+                    .build(),
+            )
+            .send(),
+    )
+    .expect("create bucket");
+    name
 }

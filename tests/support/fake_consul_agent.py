@@ -287,6 +287,20 @@ def main():
             args.acl_management = tokens.get("initial_management")
         except (OSError, ValueError):
             pass
+    # Which datacenter this agent is in, and whether it is a secondary's
+    # (`primary_datacenter` names another): Consul bootstraps ACLs, its
+    # initial management token, in the primary only (agent/consul/leader.go,
+    # initializeACLs: `if s.InPrimaryDatacenter()`; a secondary starts ACL
+    # replication instead), yet enforces them all the same.
+    conf = {}
+    if args.config_file:
+        try:
+            with open(args.config_file) as f:
+                conf = json.load(f)
+        except (OSError, ValueError):
+            pass
+    my_dc = conf.get("datacenter") or "dc1"
+    secondary = (conf.get("primary_datacenter") or my_dc) != my_dc
     started = time.monotonic()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
     own = f"{args.address}:8300"
@@ -327,6 +341,18 @@ def main():
 
     GLOBAL_MANAGEMENT = "00000000-0000-0000-0000-000000000001"
 
+    def visible(st, secret):
+        """The token `secret` as this datacenter resolves it. One --acl-dir
+        may serve a primary and a secondary: global tokens and policies
+        (written in, or forwarded to, the primary) are what a secondary
+        replicates (`enable_token_replication`), while a token made with
+        `Local: true` exists in the datacenter that made it only (Consul:
+        ACLToken.Local; structs.ACLToken)."""
+        token = st["tokens"].get(secret)
+        if token and token.get("Local") and token.get("Datacenter", "dc1") != my_dc:
+            return None
+        return token
+
     def is_management(secret):
         """Whether `secret` may do what a management token may: with
         --acl-dir, a token of the ACL state linked to Consul's built-in
@@ -334,7 +360,7 @@ def main():
         which tokens those are); else the --acl-management token."""
         if not args.acl_dir:
             return secret == args.acl_management
-        token = acl_state(lambda st: st["tokens"].get(secret))
+        token = acl_state(lambda st: visible(st, secret))
         return bool(token) and any(
             p.get("ID") == GLOBAL_MANAGEMENT or p.get("Name") == "global-management"
             for p in token.get("Policies") or []
@@ -348,20 +374,38 @@ def main():
         implying read (Consul's ACL rules language, acl/policy.go)."""
         if is_management(secret):
             return True
-        token = acl_state(lambda st: st["tokens"].get(secret))
-        if not token:
-            return False
-        policies = acl_state(lambda st: st["policies"])
-        names = {p.get("Name") for p in token.get("Policies") or []}
         pattern = r'(' + resource + r'|' + resource + r'_prefix)\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(\w+)"'
-        for p in policies.values():
-            if p.get("Name") not in names:
-                continue
-            for kind, rule_name, policy in re.findall(pattern, p.get("Rules", "")):
+        for rules in rules_of(secret):
+            for kind, rule_name, policy in re.findall(pattern, rules):
                 hit = rule_name == name if kind == resource else name.startswith(rule_name)
                 if hit and (policy == "write" or (policy == "read" and access == "read")):
                     return True
         return False
+
+    def acl_write(secret):
+        """acl:write: a management token, or a token whose policies say
+        `acl = "write"` (acl/policy_authorizer.go, ACLWrite), as the
+        replication token's do; Consul lets it write any token or policy."""
+        if is_management(secret):
+            return True
+        return any(re.search(r'(^|\n)\s*acl\s*=\s*"write"', rules) for rules in rules_of(secret))
+
+    def rules_of(secret):
+        """The rules of each policy of the token `secret` (none when this
+        datacenter resolves no such token)."""
+        def read(st):
+            token = visible(st, secret)
+            if not token:
+                return []
+            names = {p.get("Name") for p in token.get("Policies") or []}
+            return [p.get("Rules", "") for p in st["policies"].values() if p.get("Name") in names]
+        return acl_state(read)
+
+    def enforced():
+        """Whether endpoints needing management refuse other tokens: with
+        an initial management token, or in a secondary (ACLs on, made by
+        the primary)."""
+        return bool(args.acl_management) or secondary
 
     def agent_write(secret):
         return allowed(secret, "agent", args.node, "write")
@@ -380,7 +424,7 @@ def main():
         # (agent/consul/leader_connect_ca.go, initializeRootCA); a restore
         # brings the snapshot's roots, which stay.
         st.setdefault("connect_ca", {"ActiveRootID": str(uuid.uuid4())})
-        if not args.acl_management:
+        if not args.acl_management or secondary:
             return
         # Consul's leader actions (leader.go, initializeACLs) make the
         # configured initial management token when the state has none with
@@ -470,7 +514,7 @@ def main():
                     return self.reply(404, b"autopilot configuration not set", "text/plain")
                 return self.reply(200, json.dumps(conf).encode(), "application/json")
             if path == "/v1/snapshot" and args.snapshot_file:
-                if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
+                if enforced() and not is_management(self.headers.get("X-Consul-Token", "")):
                     return self.reply(403, b"Permission denied", "text/plain")
                 size = os.path.getsize(args.snapshot_file)
                 self.send_response(200)
@@ -505,7 +549,7 @@ def main():
             if path == "/v1/acl/token/self" and args.acl_dir:
                 # Consul: the token the request carries, or 403 "ACL not found".
                 secret = self.headers.get("X-Consul-Token", "")
-                token = acl_state(lambda st: st["tokens"].get(secret))
+                token = acl_state(lambda st: visible(st, secret))
                 if token is None:
                     return self.reply(403, b"ACL not found", "text/plain")
                 return self.reply(200, json.dumps(token).encode(), "application/json")
@@ -524,7 +568,7 @@ def main():
             cluster_state(bootstrap)
             return self.reply(200, b"true", "application/json")
         if path in ("/v1/acl/policy", "/v1/acl/token") and args.acl_dir:
-            if not is_management(self.headers.get("X-Consul-Token", "")):
+            if not acl_write(self.headers.get("X-Consul-Token", "")):
                 return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
             length = int(self.headers.get("Content-Length") or 0)
             req = json.loads(self.rfile.read(length) or b"{}")
@@ -545,6 +589,8 @@ def main():
                     if secret in st["tokens"]:
                         return None
                     token = dict(req, SecretID=secret, AccessorID=str(uuid.uuid4()))
+                    if req.get("Local"):
+                        token["Datacenter"] = my_dc
                     st["tokens"][secret] = token
                     return token
                 made = acl_state(put_token)
@@ -555,7 +601,7 @@ def main():
         if path == "/v1/operator/autopilot/configuration":
             # operator:write (agent/operator_endpoint.go); the body decoded
             # onto zero values, stored whole.
-            if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
+            if enforced() and not is_management(self.headers.get("X-Consul-Token", "")):
                 return self.reply(403, b"Permission denied", "text/plain")
             length = int(self.headers.get("Content-Length") or 0)
             conf = json.loads(self.rfile.read(length) or b"{}")
@@ -567,7 +613,7 @@ def main():
                 acl_log({"path": path, "by": args.node, "body": conf})
             return self.reply(200, b"true", "application/json")
         if path == "/v1/snapshot" and args.restore_dir:
-            if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
+            if enforced() and not is_management(self.headers.get("X-Consul-Token", "")):
                 return self.reply(403, b"Permission denied", "text/plain")
             return restore(self)
         if args.token is not None and self.headers.get("X-Consul-Token") != args.token:
@@ -621,7 +667,7 @@ def main():
         if path == "/v1/agent/reload":
             # agent:write (agent_endpoint.go AgentReload); with ACLs, a
             # management token here.
-            if args.acl_management and not is_management(self.headers.get("X-Consul-Token", "")):
+            if enforced() and not is_management(self.headers.get("X-Consul-Token", "")):
                 return self.reply(403, b"Permission denied", "text/plain")
             try:
                 rpc["load"]()
@@ -786,7 +832,7 @@ def main():
         each member's keyring file rewritten as serf rewrites it; refused
         as memberlist refuses (keyring.go: UseKey "Requested key is not in
         the keyring", RemoveKey "Removing the primary key is not allowed")."""
-        if args.acl_management and not is_management(handler.headers.get("X-Consul-Token", "")):
+        if enforced() and not is_management(handler.headers.get("X-Consul-Token", "")):
             return handler.reply(403, b"Permission denied", "text/plain")
         length = int(handler.headers.get("Content-Length") or 0)
         key = json.loads(handler.rfile.read(length) or b"{}").get("Key", "")

@@ -556,12 +556,16 @@ impl Elector<'_> {
         // A secondary datacenter: its primary, checked against the
         // primary's record (only at genesis: a secondary's boots never
         // depend on the primary being reachable).
-        let primary = crate::commands::federation::primary_for_genesis(self.opts).await?;
+        let (primary, primary_record) =
+            match crate::commands::federation::primary_for_genesis(self.opts).await? {
+                Some((p, r)) => (Some(p), Some(r)),
+                None => (None, None),
+            };
         *self
             .recorded_primary
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = primary.clone().map(|p| (id.to_string(), p));
-        let record = ClusterRecord {
+        let mut record = ClusterRecord {
             cluster_id: id.to_string(),
             bootstrap_node: self.me.node.clone(),
             bootstrap_address: self.me.address,
@@ -577,6 +581,10 @@ impl Elector<'_> {
             management_token: None,
             datacenter: Some(self.opts.consul.datacenter.clone()),
             primary,
+            secrets: match self.secrets {
+                Some(_) => crate::commands::federation::secrets_at(self.opts).await?,
+                None => None,
+            },
         };
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a
@@ -592,8 +600,20 @@ impl Elector<'_> {
                     None => Ok(None),
                 }
             };
-            let (mut made, own) =
-                tokio::try_join!(crate::secrets::genesis_fresh(store, id, fresh), own)?;
+            // A secondary's gossip key and CA are the primary's, copied
+            // first (at the primary's generations); then its own tokens.
+            let made = async {
+                match &primary_record {
+                    Some(theirs) => {
+                        (record.gossip_key, record.ca) =
+                            crate::commands::federation::copy_shared(store, id, theirs).await?;
+                        let gens = crate::secrets::Generations::of(Some(&record));
+                        crate::secrets::genesis_with(store, id, true, gens).await
+                    }
+                    None => crate::secrets::genesis_fresh(store, id, fresh).await,
+                }
+            };
+            let (mut made, own) = tokio::try_join!(made, own)?;
             made.node_token = own;
             *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some((id.to_string(), made));
         }

@@ -125,14 +125,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             .and_then(|r| r.primary.clone())
     });
     let config_on_disk = root.path(&opts.consul.config_dir.join(CONFIG_FILE));
-    let (retry_join, retry_join_wan) = tokio::join!(
+    let (retry_join, (retry_join_wan, replication)) = tokio::join!(
         join_list(&opened, &elected, me),
-        super::federation::wan_join_list(
-            primary.as_ref(),
-            elected.mode,
-            seed_settings(opts),
-            &config_on_disk
-        )
+        super::federation::at_run(opts, primary.as_ref(), elected.mode, &config_on_disk)
     );
     // Consul joins every instance a cloud entry finds: agents only.
     let cloud_join = opts
@@ -214,9 +209,12 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             .or(made.as_ref().map(|m| m.gossip_key.as_str())),
         acl_token: local.secrets.acl_token.as_deref(),
         acl: made.as_ref().map(|m| render::GenesisAcl {
-            management: m.management_token.as_deref(),
+            // A secondary's Consul makes no initial management token
+            // (its servers make theirs with the replication token).
+            management: m.management_token.as_deref().filter(|_| primary.is_none()),
             agent: m.agent_token_in_use(),
             dns: &m.dns_token,
+            replication: replication.as_deref(),
         }),
         tls: tls_paths.tls(opts, elected.mode, !tls_files.is_empty()),
         primary_datacenter: primary.as_ref().map(|p| p.datacenter.as_str()),

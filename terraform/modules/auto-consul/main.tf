@@ -276,39 +276,31 @@ resource "aws_iam_role_policy" "auto_consul" {
 }
 
 # A secondary datacenter's servers read the primary's registry (its
-# cluster record, slots and server heartbeats: whom to join over the WAN),
-# nothing else of it; its agents read nothing of the primary.
+# bucket's region, its cluster record, slots and server heartbeats: whom to
+# join over the WAN) and, with primary_ssm_path, the secrets the two
+# datacenters share (the gossip key, the CA, the ACL replication token),
+# nothing else of it; its agents read nothing of the primary. The
+# primary's region is not an input: the SSM grant names the path in any
+# region of this account.
 resource "aws_iam_role_policy" "primary_registry" {
   count = length(compact([var.primary_registry]))
 
   name = "auto-consul-primary-registry"
   role = aws_iam_role.this["server"].id
-  policy = jsonencode({
-    Version = "2012-10-17"
-    Statement = [
-      {
-        Sid      = "ListPrimaryRegistry"
-        Effect   = "Allow"
-        Action   = "s3:ListBucket"
-        Resource = "arn:aws:s3:::${local.primary_bucket}"
-        Condition = {
-          StringLike = {
-            "s3:prefix" = ["${local.primary_prefix}servers/*", "${local.primary_prefix}slots/*", "${local.primary_prefix}cluster"]
-          }
-        }
-      },
-      {
-        Sid    = "ReadPrimaryRegistry"
-        Effect = "Allow"
-        Action = "s3:GetObject"
-        Resource = [
-          "arn:aws:s3:::${local.primary_bucket}/${local.primary_prefix}cluster",
-          "arn:aws:s3:::${local.primary_bucket}/${local.primary_prefix}slots/*",
-          "arn:aws:s3:::${local.primary_bucket}/${local.primary_prefix}servers/*",
-        ]
-      },
-    ]
-  })
+  policy = jsonencode(jsondecode(templatefile("${path.module}/policies/primary-registry.json.tftpl", {
+    primary_bucket_arn = "arn:${data.aws_partition.current.partition}:s3:::${local.primary_bucket}"
+    primary_key_prefix = local.primary_prefix
+  })))
+}
+
+resource "aws_iam_role_policy" "primary_secrets" {
+  count = contains([""], var.primary_registry) ? 0 : length(compact([var.primary_ssm_path]))
+
+  name = "auto-consul-primary-secrets"
+  role = aws_iam_role.this["server"].id
+  policy = jsonencode(jsondecode(templatefile("${path.module}/policies/primary-secrets.json.tftpl", {
+    primary_ssm_parameter_arn = "arn:${data.aws_partition.current.partition}:ssm:*:${data.aws_arn.security_group.account}:parameter${var.primary_ssm_path}"
+  })))
 }
 
 resource "aws_iam_role_policy_attachment" "additional" {

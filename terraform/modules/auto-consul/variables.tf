@@ -190,6 +190,17 @@ variable "primary_registry" {
   }
 }
 
+variable "primary_ssm_path" {
+  description = "A secondary datacenter with secrets: the primary cluster's ssm_path. Its servers read the secrets the datacenters share there (the gossip key, the CA, the ACL replication token: nothing else), in any region of this account. Empty: no grant (a secondary without secrets)."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^((/[A-Za-z0-9_.-]+)+)?$", var.primary_ssm_path))
+    error_message = "primary_ssm_path must be empty or like /auto-consul/dc1: the primary module's ssm_path."
+  }
+}
+
 variable "consul_data_dir" {
   description = "Consul data directory on the instances (AUTO_CONSUL_DATA_DIR)."
   type        = string
