@@ -160,6 +160,25 @@ fn a_secondary_names_its_primary_once_and_its_servers_follow_the_primarys_over_t
     assert_eq!(dc2.config(1)["datacenter"], "dc2");
     moto.faults(json!([]));
 
+    // `members` of dc2 lists the WAN members by datacenter: dc1's servers
+    // (its primary) and its own.
+    let m = ok_json(&output(
+        auto_consul(moto)
+            .args(["members", "--json", "--registry"])
+            .arg(dc2.registry()),
+    ));
+    assert_eq!(m["wan"][0]["datacenter"], "dc1", "{m}");
+    assert_eq!(m["wan"][0]["primary"], json!(true));
+    assert_eq!(ips(&m["wan"][0]["servers"]), dc1_servers);
+    assert_eq!(m["wan"][1]["datacenter"], "dc2");
+    assert_eq!(ips(&m["wan"][1]["servers"]).len(), 3);
+    let m1 = ok_json(&output(
+        auto_consul(moto)
+            .args(["members", "--json", "--registry"])
+            .arg(dc1.registry()),
+    ));
+    assert!(m1["wan"].is_null(), "{m1}");
+
     // A primary never names a primary: dc3 naming dc2 is refused.
     let dc3 = dc("dc3", "10.81.3");
     let nested = dc3.boot(

@@ -63,6 +63,10 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
             }),
         None => None,
     };
+    // A secondary: the primary's live servers too, its WAN peers (a
+    // primary learns its secondaries through gossip: `consul members
+    // -wan` lists them).
+    let wan = wan_members(opts, &view, &servers).await;
     let now = opened.store.now().await;
     let snapshot_age = snapshot
         .as_ref()
@@ -87,11 +91,33 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
                 "snapshot": snapshot.as_ref().map(|(key, _)| json!({"newest": key, "age_seconds": snapshot_age})),
                 "servers": list(&servers),
                 "agents": list(&view.agents),
+                "wan": wan,
             })
         );
         return Ok(());
     }
     println!("{}", cluster_line(&view));
+    for dc in wan.as_array().into_iter().flatten() {
+        let servers: Vec<&str> = dc["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str())
+            .collect();
+        println!(
+            "WAN datacenter {}{}: {}",
+            dc["datacenter"].as_str().unwrap_or("?"),
+            if dc["primary"] == json!(true) {
+                " (primary)"
+            } else {
+                ""
+            },
+            match dc["error"].as_str() {
+                Some(e) => format!("cannot be read: {e}"),
+                None => format!("{} server(s) {}", servers.len(), servers.join(", ")),
+            }
+        );
+    }
     match (&snapshot, snapshot_age) {
         (Some((key, _)), Some(age)) => println!("newest snapshot: {key} ({age}s ago)"),
         _ if view.record().is_some() => println!("newest snapshot: none"),
@@ -113,4 +139,41 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A secondary's WAN members by datacenter, from the registries: its own
+/// live servers and its primary's (the primary's registry read as its
+/// servers' heartbeats read it; an error there is shown, not fatal). Null
+/// for a cluster that names no primary.
+async fn wan_members(
+    opts: &GlobalOpts,
+    view: &RegistryView,
+    servers: &[Member],
+) -> serde_json::Value {
+    let Some(record) = view.record() else {
+        return serde_json::Value::Null;
+    };
+    let Some(primary) = &record.primary else {
+        return serde_json::Value::Null;
+    };
+    let own = json!({
+        "datacenter": record.datacenter,
+        "primary": false,
+        "servers": servers.iter().map(|m| m.address.to_string()).collect::<Vec<_>>(),
+    });
+    let theirs = match super::federation::from_primary(primary, seed_settings(opts), false).await {
+        Ok(got) => json!({
+            "datacenter": primary.datacenter,
+            "primary": true,
+            "registry": primary.registry,
+            "servers": got.servers.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        }),
+        Err(e) => json!({
+            "datacenter": primary.datacenter,
+            "primary": true,
+            "registry": primary.registry,
+            "error": format!("{e:#}"),
+        }),
+    };
+    json!([theirs, own])
 }
