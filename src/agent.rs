@@ -511,14 +511,14 @@ pub async fn ensure_dns_token(management: &str, dns_token: &str) -> Result<bool>
 /// generation) exists in Consul: linked to the built-in
 /// `global-management` policy, as the initial management token is
 /// (agent/consul/leader.go, `initializeACLs`).
-pub async fn ensure_management_token(management: &str, secret: &str) -> Result<bool> {
+pub async fn ensure_management_token(management: &str, secret: &str, local: bool) -> Result<bool> {
     ensure_token(
         management,
         secret,
         "global-management",
         None,
         "auto-consul: the management token (a rotation's new generation)",
-        false,
+        local,
     )
     .await
 }
@@ -528,15 +528,7 @@ pub async fn ensure_management_token(management: &str, secret: &str) -> Result<b
 /// linked to `global-management`, local to the datacenter that makes it
 /// (a secondary's Consul makes no initial management token).
 pub async fn ensure_local_management_token(replication: &str, secret: &str) -> Result<bool> {
-    ensure_token(
-        replication,
-        secret,
-        "global-management",
-        None,
-        "auto-consul: this secondary datacenter's management token",
-        true,
-    )
-    .await
+    ensure_management_token(replication, secret, true).await
 }
 
 /// The policy of the ACL replication token a primary's servers make.

@@ -566,6 +566,21 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     assert_eq!(dc2.secret("agent/ca-cert.2"), dc1.secret("agent/ca-cert.2"));
     let v = dc2.beat(1);
     assert!(v["rotations"].is_null(), "dc2 drove a rotation: {v}");
+    // dc2's management token rotates in dc2: its new generation is made
+    // local to dc2 (a global one would be valid in dc1 too), and no
+    // server's config gains an initial management token.
+    dc2.rotate("management-token");
+    for i in 0..3 {
+        let v = dc2.beat(i);
+        assert_eq!(v["consul_restart"], json!(false), "{v}");
+    }
+    let m2 = acl_token(&acl, &dc2.secret("server/management-token.2").unwrap());
+    assert_eq!(m2["Local"], json!(true), "{m2}");
+    assert_eq!(m2["Datacenter"], "dc2");
+    for i in 0..3 {
+        let c = dc2.config(i);
+        assert!(c["acl"]["tokens"]["initial_management"].is_null(), "{c}");
+    }
     // A secondary's own `secrets rotate gossip-key` is refused, naming
     // where it rotates.
     let refused = output(

@@ -372,7 +372,15 @@ pub async fn drive_management_token(
         };
         let next = match step {
             TokenStep::Create => {
-                agent::ensure_management_token(management, &token(g + 1).await?).await?;
+                // A secondary's management token is its own datacenter's
+                // (local); a primary's stays global, as Consul makes its
+                // initial one.
+                agent::ensure_management_token(
+                    management,
+                    &token(g + 1).await?,
+                    record.primary.is_some(),
+                )
+                .await?;
                 ManagementGeneration {
                     generation: g,
                     rotation: Some(TokenStep::Switch),
@@ -835,8 +843,13 @@ pub async fn follow_rotations(
                 .management_token
                 .as_deref()
                 .ok_or_else(|| anyhow::anyhow!("no management token read"))?;
-            set_config_token(opts, root, "initial_management", token)?;
-            restart_consul(root)?;
+            // A secondary's Consul holds no initial management token
+            // (it bootstraps no ACLs): the new generation, made by API,
+            // needs no restart there.
+            if record.primary.is_none() {
+                set_config_token(opts, root, "initial_management", token)?;
+                restart_consul(root)?;
+            }
             crate::state::record_number(root, MANAGEMENT_TOKEN_GENERATION, management_want);
             tracing::warn!(
                 "this server's Consul now holds generation {management_want} of the management token"
@@ -866,7 +879,7 @@ pub async fn follow_rotations(
         } else if changed {
             reload_consul(root, made.management_token.as_deref()).await;
         }
-        Ok::<_, anyhow::Error>(restart)
+        Ok::<_, anyhow::Error>(restart && record.primary.is_none())
     };
     match switched.await {
         Ok(restarted) => {
