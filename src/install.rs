@@ -110,7 +110,7 @@ pub fn write_atomic(root: &Root, spec: &FileSpec) -> Result<bool> {
     Ok(true)
 }
 
-fn unchanged(path: &Path, spec: &FileSpec) -> bool {
+pub fn unchanged(path: &Path, spec: &FileSpec) -> bool {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = fs::metadata(path) else {
         return false;

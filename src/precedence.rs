@@ -74,8 +74,24 @@ pub fn conflicts(
     skip: &[&str],
     ours: &Value,
 ) -> Vec<Conflict> {
+    conflicts_with(
+        &other_files(dir_on_disk, own_name, skip),
+        config_dir,
+        own_name,
+        ours,
+    )
+}
+
+/// [`conflicts`] against the other files already read (`other_files`).
+pub fn conflicts_with(
+    others: &[(String, Result<Value, String>)],
+    config_dir: &Path,
+    own_name: &str,
+    ours: &Value,
+) -> Vec<Conflict> {
     let mut out = Vec::new();
-    for (name, parsed) in other_files(dir_on_disk, own_name, skip) {
+    for (name, parsed) in others {
+        let name = name.clone();
         let file = config_dir.join(&name);
         let theirs = match parsed {
             Ok(Value::Object(map)) => map,
@@ -176,7 +192,8 @@ pub fn bootstrapping(
 
 /// The other `.json` and `.hcl` files of the config dir (all but
 /// `own_name` and `skip`), in the order Consul reads them, each parsed.
-fn other_files(
+/// The other files of a config dir (`.json` and `.hcl`, sorted), parsed.
+pub fn other_files(
     dir_on_disk: &Path,
     own_name: &str,
     skip: &[&str],

@@ -223,6 +223,29 @@ pub trait SecretStore: Send + Sync {
     fn shown(&self, name: &str) -> String;
 }
 
+/// A store `plan` reads: every write is refused, naming what `run` would
+/// make (plan makes nothing).
+pub struct ReadOnly(pub Box<dyn SecretStore>);
+
+#[async_trait]
+impl SecretStore for ReadOnly {
+    async fn get(&self, name: &str) -> Result<Option<String>> {
+        self.0.get(name).await
+    }
+    async fn create(&self, name: &str, _value: &str) -> Result<bool> {
+        bail!(
+            "secret {} is not made yet: `run` makes it (plan makes nothing)",
+            self.0.shown(name)
+        )
+    }
+    async fn delete(&self, name: &str) -> Result<bool> {
+        bail!("plan deletes nothing (secret {})", self.0.shown(name))
+    }
+    fn shown(&self, name: &str) -> String {
+        self.0.shown(name)
+    }
+}
+
 /// Opens the store `url` names (`None` for `none`).
 pub async fn open(url: &SecretsUrl) -> Result<Option<Box<dyn SecretStore>>> {
     open_in(url, None).await

@@ -42,14 +42,19 @@ pub fn recorded_time(root: &Root, path: &str) -> Option<chrono::DateTime<chrono:
 
 /// Records a number in `path`; a failure is a warning.
 pub fn record_number(root: &Root, path: &str, n: u32) {
-    let spec = FileSpec {
+    let spec = number_file(path, n);
+    if let Err(e) = crate::install::write_atomic(root, &spec) {
+        tracing::warn!("could not record {n} in {path}: {e:#}");
+    }
+}
+
+/// The file recording `n` at `path`.
+pub fn number_file(path: &str, n: u32) -> FileSpec {
+    FileSpec {
         path: path.into(),
         contents: format!("{n}\n"),
         mode: 0o644,
         owner: None,
-    };
-    if let Err(e) = crate::install::write_atomic(root, &spec) {
-        tracing::warn!("could not record {n} in {path}: {e:#}");
     }
 }
 

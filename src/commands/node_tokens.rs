@@ -124,8 +124,19 @@ pub fn kind(root: &Root) -> Option<String> {
         .map(|k| k.trim().to_string())
 }
 
-/// Records which token this node's Consul runs with; a failure is a
-/// warning.
+/// The file recording which token this node's Consul runs with (`node`
+/// or `shared`).
+pub fn kind_file(kind: &str) -> FileSpec {
+    FileSpec {
+        path: KIND.into(),
+        contents: format!("{kind}\n"),
+        mode: 0o644,
+        owner: None,
+    }
+}
+
+/// Records which token this node's Consul runs with (see [`kind_file`]);
+/// a failure is a warning.
 pub fn record_kind(root: &Root, kind: &str) {
     note(
         root,

@@ -973,9 +973,9 @@ pub fn recorded_list(root: &crate::install::Root, path: &str) -> Option<Vec<u32>
     text.split_whitespace().map(|n| n.parse().ok()).collect()
 }
 
-/// Records a list of numbers in `path`; a failure is a warning.
-pub fn record_list(root: &crate::install::Root, path: &str, list: &[u32]) {
-    let spec = crate::install::FileSpec {
+/// The file recording `list` at `path` (space-separated).
+pub fn list_file(path: &str, list: &[u32]) -> crate::install::FileSpec {
+    crate::install::FileSpec {
         path: path.into(),
         contents: format!(
             "{}\n",
@@ -986,7 +986,12 @@ pub fn record_list(root: &crate::install::Root, path: &str, list: &[u32]) {
         ),
         mode: 0o644,
         owner: None,
-    };
+    }
+}
+
+/// Records a list of numbers in `path`; a failure is a warning.
+pub fn record_list(root: &crate::install::Root, path: &str, list: &[u32]) {
+    let spec = list_file(path, list);
     if let Err(e) = crate::install::write_atomic(root, &spec) {
         tracing::warn!("could not record {list:?} in {path}: {e:#}");
     }

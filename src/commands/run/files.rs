@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use super::decide::Aside;
+use super::gather::Disk;
 use crate::cli::GlobalOpts;
 use crate::commands::env_file;
 use crate::error::usage;
@@ -61,42 +63,34 @@ pub(super) fn server_offline_for(text: &str, now_unix: i64) -> Option<u64> {
 /// to an operator is taken: its `server_metadata.json` is moved aside
 /// (kept as `server_metadata.json.stale`); the Raft data stays and Consul
 /// catches up from the leader. Returns the path moved aside, if any.
-pub(super) fn clear_stale_server_metadata(root: &Root, data_dir: &Path) -> Result<Option<PathBuf>> {
-    let path = root.path(&data_dir.join(SERVER_METADATA));
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(None);
-    };
-    let Some(offline) = server_offline_for(&text, chrono::Utc::now().timestamp()) else {
+pub(super) fn stale_server_metadata(disk: &Disk, data_dir: &Path) -> Option<Aside> {
+    let path = data_dir.join(SERVER_METADATA);
+    let text = disk.server_metadata.as_deref()?;
+    let Some(offline) = server_offline_for(text, disk.now_unix) else {
         tracing::warn!(
             "{} is not the {{\"last_seen_unix\": N}} Consul writes: left alone",
             path.display()
         );
-        return Ok(None);
+        return None;
     };
     if offline <= SERVER_REJOIN_AGE_MAX {
-        return Ok(None);
+        return None;
     }
-    let aside = path.with_file_name(format!("{SERVER_METADATA}.stale"));
-    std::fs::rename(&path, &aside).with_context(|| {
-        format!(
-            "moving {} aside (this server was stopped {} h, past Consul's server_rejoin_age_max of 168 h)",
-            path.display(),
+    Some(Aside {
+        what: "Consul's server metadata",
+        to: path.with_file_name(format!("{SERVER_METADATA}.stale")),
+        from: path,
+        why: format!(
+            "this server last ran {} h ago, past Consul's server_rejoin_age_max (168 h), and the \
+             registry has it rejoin its cluster: Consul starts without it and catches up from the leader",
             offline / 3600
-        )
-    })?;
-    tracing::warn!(
-        "this server last ran {} h ago, past Consul's server_rejoin_age_max (168 h), and the registry has it \
-         rejoin its cluster: moved {} to {} so Consul starts and catches up from the leader",
-        offline / 3600,
-        path.display(),
-        aside.display()
-    );
-    Ok(Some(aside))
+        ),
+    })
 }
 
 /// Consul's gossip keyrings in the data dir: the LAN one, and a server's
 /// WAN one.
-const KEYRINGS: [&str; 2] = ["serf/local.keyring", "serf/remote.keyring"];
+pub(super) const KEYRINGS: [&str; 2] = ["serf/local.keyring", "serf/remote.keyring"];
 
 /// Consul loads `serf/local.keyring` whenever it exists and then ignores
 /// `encrypt`, logging only "keyring doesn't include key provided with
@@ -108,18 +102,14 @@ const KEYRINGS: [&str; 2] = ["serf/local.keyring", "serf/remote.keyring"];
 /// one that holds the key of the same cluster is kept (a rotation under
 /// way adds keys to it). Returns the files moved aside.
 pub(super) fn stale_keyrings(
-    root: &Root,
+    disk: &Disk,
     data_dir: &Path,
     key: &str,
     cluster_changed: Option<(&str, &str)>,
-) -> Result<Vec<PathBuf>> {
-    let mut moved = Vec::new();
-    for rel in KEYRINGS {
-        let path = root.path(&data_dir.join(rel));
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let keys: Option<Vec<String>> = serde_json::from_str(&text).ok();
+) -> Vec<Aside> {
+    let mut out = Vec::new();
+    for (rel, text) in &disk.keyrings {
+        let keys: Option<Vec<String>> = serde_json::from_str(text).ok();
         let why = match (cluster_changed, &keys) {
             (Some((was, now)), _) => format!("this node was in cluster {was} and is now in {now}"),
             (None, None) => "it is not the JSON list of keys Consul writes".to_string(),
@@ -128,56 +118,39 @@ pub(super) fn stale_keyrings(
             }
             (None, Some(_)) => continue,
         };
-        let aside = path.with_file_name(format!(
-            "{}.stale-{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("keyring"),
-            chrono::Utc::now().timestamp()
-        ));
-        std::fs::rename(&path, &aside)
-            .with_context(|| format!("moving the stale gossip keyring {} aside", path.display()))?;
-        tracing::warn!(
-            "moved Consul's gossip keyring {} to {}: {why}; Consul would use it and ignore the key \
-             in its config",
-            path.display(),
-            aside.display()
-        );
-        moved.push(aside);
+        let from = data_dir.join(rel);
+        let name = from
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("keyring")
+            .to_string();
+        out.push(Aside {
+            what: "Consul's gossip keyring",
+            to: from.with_file_name(format!("{name}.stale-{}", disk.now_unix)),
+            from,
+            why: format!(
+                "{why}; Consul would use this gossip keyring and ignore the key in its config"
+            ),
+        });
     }
-    Ok(moved)
+    out
 }
 
-/// Writes Consul's LAN keyring with `primary` then `other` (what Consul
-/// itself writes there: a JSON list of base64 keys, the first its primary,
+/// Consul's LAN keyring with `primary` then `other` (what Consul itself
+/// writes there: a JSON list of base64 keys, the first its primary,
 /// agent/keyring.go `loadKeyringFile`), owned by consul, 0600.
-pub(super) fn write_rotation_keyring(
-    root: &Root,
+pub(super) fn rotation_keyring(
     data_dir: &Path,
     primary: &str,
     other: &str,
-) -> Result<()> {
-    // Consul writes in its serf directory: one made here is consul's.
-    let dir = root.path(&data_dir.join("serf"));
-    if !dir.is_dir() {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        if let Some((uid, gid)) = root.user("consul") {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-                .with_context(|| format!("changing the owner of {}", dir.display()))?;
-        }
-    }
-    let spec = FileSpec {
+    owner: Option<(u32, u32)>,
+) -> FileSpec {
+    FileSpec {
         path: data_dir.join(KEYRINGS[0]),
-        contents: serde_json::to_string(&[primary, other])?,
+        contents: serde_json::to_string(&[primary, other]).expect("strings serialise"),
         mode: 0o600,
-        owner: root.user("consul"),
-    };
-    crate::install::write_atomic(root, &spec)?;
-    tracing::info!(
-        "a gossip key rotation is under way: {} holds both keys",
-        data_dir.join(KEYRINGS[0]).display()
-    );
-    Ok(())
+        owner,
+    }
 }
 
 /// Where a node whose secrets were made at genesis keeps its TLS files:
@@ -226,13 +199,13 @@ impl TlsPaths {
 }
 
 pub(super) fn tls_material(
-    root: &Root,
     paths: &TlsPaths,
     made: &crate::secrets::Material,
     mode: crate::model::Mode,
     server_name: &str,
     node: &str,
     address: std::net::IpAddr,
+    on_disk: Option<&(String, String, String)>,
 ) -> Result<Vec<FileSpec>> {
     use crate::secrets::{certificate_still_good, server_certificate};
     let file = |path: &Path, contents: String, mode: u32| FileSpec {
@@ -243,12 +216,9 @@ pub(super) fn tls_material(
     };
     let mut out = vec![file(&paths.ca, made.ca_cert.clone(), 0o644)];
     if mode.is_server() {
-        let read = |path: &Path| std::fs::read_to_string(root.path(path));
-        let kept = match (read(&paths.cert), read(&paths.key), read(&paths.ca)) {
-            (Ok(cert), Ok(key), Ok(ca))
-                if certificate_still_good(&cert, made, &ca, server_name, node) =>
-            {
-                Some((cert, key))
+        let kept = match on_disk {
+            Some((cert, key, ca)) if certificate_still_good(cert, made, ca, server_name, node) => {
+                Some((cert.clone(), key.clone()))
             }
             _ => None,
         };
@@ -484,40 +454,6 @@ pub(super) fn fixed_files(
         owner: None,
     });
     Ok(files)
-}
-
-/// Removes the sandbox drop-in auto-consul wrote when `--sandbox-consul`
-/// is no longer set (or Consul's unit is now auto-consul's own).
-pub(super) fn remove_sandbox_dropin(root: &Root) -> Result<()> {
-    let path = root.path(Path::new(SANDBOX_DROPIN));
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text.starts_with(render::MARKER) => {
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            tracing::info!("removed {} (--sandbox-consul is not set)", path.display());
-            Ok(())
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Removes the config file an older auto-consul wrote (`auto-consul.json`,
-/// read before HashiCorp's `consul.hcl`): Consul would read both.
-pub(super) fn remove_legacy_config(root: &Root, config_dir: &Path) -> Result<()> {
-    let path = root.path(&config_dir.join(LEGACY_CONFIG_FILE));
-    match std::fs::remove_file(&path) {
-        Ok(()) => {
-            tracing::info!(
-                "removed {} (now {CONFIG_FILE}, read after the packaged consul.hcl)",
-                path.display()
-            );
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(anyhow::anyhow!(e).context(format!(
-            "removing {} (auto-consul's config file before it was renamed {CONFIG_FILE}): remove it by hand",
-            path.display()
-        ))),
-    }
 }
 
 /// Makes sure the `consul` user exists when auto-consul writes the unit

@@ -1,0 +1,362 @@
+//! `run`'s second phase, decide: from what was gathered and what the
+//! election settled to a [`NodePlan`], every file with its path, mode,
+//! owner and contents, every file moved aside or removed, every unit
+//! action. Nothing here reads or writes outside the values it is given
+//! (a new server certificate's key is drawn from the OS random source).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use super::elect::Elected;
+use super::files::*;
+use super::gather::{After, Before, Disk, Election, generations};
+use crate::cli::GlobalOpts;
+use crate::install::FileSpec;
+use crate::model::Mode;
+use crate::precedence::Conflict;
+use crate::render::{self, ConsulSettings};
+use crate::state::State;
+
+/// What `run` does on this node, in full; `plan` shows it.
+pub(super) struct NodePlan {
+    /// Written atomically under the config lock, in this order.
+    pub(super) files: Vec<FileSpec>,
+    /// Directories made first, owned by the consul user (Consul's serf
+    /// directory, for a rotation's keyring).
+    pub(super) consul_dirs: Vec<PathBuf>,
+    /// Moved aside before Consul starts.
+    pub(super) aside: Vec<Aside>,
+    /// Removed after the files are written, when present.
+    pub(super) remove: Vec<Removal>,
+    /// The generations this node now runs with, recorded for its
+    /// heartbeat (a failure is a warning).
+    pub(super) records: Vec<FileSpec>,
+    /// Whether a missing consul user is to be warned about (under a root
+    /// other than `/`, where it is never made).
+    pub(super) check_consul_user: bool,
+    /// Units enabled and started (after `daemon-reload`), when `start`.
+    pub(super) units: Vec<&'static str>,
+    pub(super) start: bool,
+    /// Consul's unit type is `notify` (it has someone to join).
+    pub(super) notify: bool,
+    pub(super) retry_join: Vec<IpAddr>,
+    /// Other files of the config dir that set what this one decides.
+    pub(super) conflicts: Vec<Conflict>,
+    /// Consul's config file holds a secret (masked when shown).
+    pub(super) config_holds_secret: bool,
+}
+
+/// A file moved aside: Consul would use it against the decision.
+pub(super) struct Aside {
+    /// What the file is, as the log names it.
+    pub(super) what: &'static str,
+    pub(super) from: PathBuf,
+    pub(super) to: PathBuf,
+    pub(super) why: String,
+}
+
+/// A file auto-consul removes when present.
+pub(super) struct Removal {
+    pub(super) path: PathBuf,
+    pub(super) why: &'static str,
+}
+
+/// The plan for this node.
+pub(super) fn decide(opts: &GlobalOpts, b: &Before, e: &Election, a: &After) -> Result<NodePlan> {
+    let elected = &e.elected;
+    let server = elected.mode.is_server();
+    let settings = elected.view.settings;
+    // Consul joins every instance a cloud entry finds: agents only.
+    let cloud_join = opts
+        .consul
+        .cloud_join
+        .as_deref()
+        .filter(|_| elected.mode == Mode::Agent);
+    // Consul's readiness notice is worth waiting for when it has someone
+    // to join; a lone bootstrap server never sends it.
+    let notify = !a.retry_join.is_empty() || cloud_join.is_some();
+    let timer_expiry = if server {
+        settings.expiry
+    } else {
+        settings.agent_expiry
+    };
+    let mut fixed = b.fixed.clone();
+    decided_units(
+        &mut fixed,
+        &b.units,
+        &b.consul,
+        &b.root,
+        timer_expiry,
+        notify,
+    );
+    let tls_paths = TlsPaths::new(&opts.consul.config_dir);
+    let tls_files = match &a.made {
+        Some(m) if opts.tls.ca_file.is_none() => tls_material(
+            &tls_paths,
+            m,
+            elected.mode,
+            &format!("server.{}.{}", opts.consul.datacenter, opts.consul.domain),
+            &b.me.node,
+            b.me.address,
+            a.disk.tls.as_ref(),
+        )?,
+        _ => Vec::new(),
+    };
+    let config = consul_settings(opts, b, elected, a, cloud_join, &tls_paths, &tls_files);
+    let holds_secret = b.local.secrets.any() || a.made.is_some();
+    let (config_file, conflicts) = consul_config_file(opts, &config, holds_secret, &a.disk);
+    let consul_user = b.root.user("consul");
+    let mut files = vec![config_file];
+    files.extend(tls_files.into_iter().map(|mut f| {
+        f.owner = consul_user;
+        f
+    }));
+    files.extend(fixed);
+    files.extend(extra_units(opts, b, e, server));
+    files.push(crate::state::file(&State {
+        registry: b.url.to_string(),
+        cluster_id: elected.cluster_id.clone(),
+        mode: elected.mode,
+        node: b.me.node.clone(),
+        address: b.me.address,
+        instance_id: b.me.instance_id.clone(),
+        slot: elected.slot,
+        claim_id: elected.claim_id.clone(),
+    }));
+    let mut plan = NodePlan {
+        files,
+        consul_dirs: Vec::new(),
+        aside: Vec::new(),
+        remove: removals(opts, &a.disk, &b.fixed),
+        records: records(opts, b, elected, a),
+        check_consul_user: !b.root.is_system() && b.local.manages_consul,
+        units: units(
+            e.launch.as_ref().and_then(|l| l.hook.as_ref()).is_some(),
+            server,
+        ),
+        start: !opts.consul.no_start && b.root.is_system(),
+        notify,
+        retry_join: a.retry_join.clone(),
+        conflicts,
+        config_holds_secret: holds_secret,
+    };
+    data_dir_work(opts, b, elected, a, config.encrypt, &mut plan);
+    Ok(plan)
+}
+
+/// Consul's configuration, as rendered into its config file.
+fn consul_settings<'a>(
+    opts: &'a GlobalOpts,
+    b: &'a Before,
+    elected: &'a Elected,
+    a: &'a After,
+    cloud_join: Option<&'a str>,
+    tls_paths: &'a TlsPaths,
+    tls_files: &[FileSpec],
+) -> ConsulSettings<'a> {
+    let made = a.made.as_ref();
+    ConsulSettings {
+        node: &b.me.node,
+        address: b.me.address,
+        data_dir: &opts.consul.data_dir,
+        datacenter: &opts.consul.datacenter,
+        domain: &opts.consul.domain,
+        mode: elected.mode,
+        // Settled by the election's one gate (`Elector::may_bootstrap`).
+        bootstrap: elected.mode == Mode::Bootstrap,
+        servers: elected.view.settings.servers,
+        retry_join: &a.retry_join,
+        cloud_join,
+        encrypt: b
+            .local
+            .secrets
+            .encrypt
+            .as_deref()
+            .or(made.map(|m| m.gossip_key.as_str())),
+        acl_token: b.local.secrets.acl_token.as_deref(),
+        acl: made.map(|m| render::GenesisAcl {
+            // A secondary's Consul makes no initial management token
+            // (its servers make theirs with the replication token).
+            management: m
+                .management_token
+                .as_deref()
+                .filter(|_| a.primary.is_none()),
+            agent: m.agent_token_in_use(),
+            dns: &m.dns_token,
+            replication: a.replication.as_deref(),
+        }),
+        tls: tls_paths.tls(opts, elected.mode, !tls_files.is_empty()),
+        primary_datacenter: a.primary.as_ref().map(|p| p.datacenter.as_str()),
+        retry_join_wan: &a.retry_join_wan,
+    }
+}
+
+/// Consul's config file (0600 when it holds a secret), and the other
+/// files of the config dir that set what it decides, warned about.
+fn consul_config_file(
+    opts: &GlobalOpts,
+    config: &ConsulSettings<'_>,
+    holds_secret: bool,
+    disk: &Disk,
+) -> (FileSpec, Vec<Conflict>) {
+    let contents = render::consul_config(config);
+    let conflicts = crate::precedence::conflicts_with(
+        &disk.other_config,
+        &opts.consul.config_dir,
+        CONFIG_FILE,
+        &serde_json::from_str(&contents).expect("rendered JSON parses"),
+    );
+    for c in &conflicts {
+        tracing::warn!("{c}");
+    }
+    let file = FileSpec {
+        path: opts.consul.config_dir.join(CONFIG_FILE),
+        contents,
+        mode: if holds_secret { 0o600 } else { 0o640 },
+        owner: disk.consul_user,
+    };
+    (file, conflicts)
+}
+
+/// The launch gate (in an autoscaling group) and, on servers, the
+/// snapshot service and timer.
+fn extra_units(opts: &GlobalOpts, b: &Before, e: &Election, server: bool) -> Vec<FileSpec> {
+    let mut out = Vec::new();
+    if e.launch.as_ref().and_then(|l| l.hook.as_ref()).is_some() {
+        out.push(FileSpec {
+            path: GATE_UNIT.into(),
+            contents: render::gate_service(&b.units.paths(), opts.waits.gate_wait),
+            mode: 0o644,
+            owner: None,
+        });
+    }
+    if server {
+        out.push(unit(
+            SNAPSHOT_SERVICE,
+            render::snapshot_service(&b.units.paths()),
+        ));
+        out.push(unit(
+            SNAPSHOT_TIMER,
+            render::snapshot_timer(opts.snapshot_interval()),
+        ));
+    }
+    out
+}
+
+/// The units enabled and started: Consul, the heartbeat timer, the leave
+/// unit, and the launch gate in an autoscaling group, the snapshot timer
+/// on servers.
+fn units(gate: bool, server: bool) -> Vec<&'static str> {
+    let mut units = vec![
+        "consul.service",
+        "auto-consul-heartbeat.timer",
+        "auto-consul-leave.service",
+    ];
+    if gate {
+        units.push("auto-consul-gate.service");
+    }
+    if server {
+        units.push("auto-consul-snapshot.timer");
+    }
+    units
+}
+
+/// The old config file (`auto-consul.json`, read before the packaged
+/// `consul.hcl`: Consul would read both), and the sandbox drop-in
+/// auto-consul wrote when `--sandbox-consul` is no longer set (or Consul's
+/// unit is now auto-consul's own).
+fn removals(opts: &GlobalOpts, disk: &Disk, fixed: &[FileSpec]) -> Vec<Removal> {
+    let mut out = Vec::new();
+    if disk.legacy_config {
+        out.push(Removal {
+            path: opts.consul.config_dir.join(LEGACY_CONFIG_FILE),
+            why: "auto-consul's config file before it was renamed zz-auto-consul.json",
+        });
+    }
+    if disk.sandbox_dropin_ours && !fixed.iter().any(|f| f.path == Path::new(SANDBOX_DROPIN)) {
+        out.push(Removal {
+            path: SANDBOX_DROPIN.into(),
+            why: "--sandbox-consul is not set",
+        });
+    }
+    out
+}
+
+/// The generations this node runs with, for its heartbeat: the agents'
+/// token's, the CA's, a server's management token's, and which token its
+/// Consul runs with (a node that ran with its own and no longer does
+/// follows the shared one).
+fn records(opts: &GlobalOpts, b: &Before, elected: &Elected, a: &After) -> Vec<FileSpec> {
+    use crate::commands::rotate::{
+        AGENT_TOKEN_GENERATION, CA_SIGNED_BY, CA_TRUSTED, MANAGEMENT_TOKEN_GENERATION, list_file,
+    };
+    use crate::state::number_file;
+    let Some(m) = &a.made else {
+        return Vec::new();
+    };
+    let gens = generations(elected);
+    let server = elected.mode.is_server();
+    let mut out = Vec::new();
+    if b.local.secrets.acl_token.is_none() {
+        out.push(number_file(AGENT_TOKEN_GENERATION, gens.agent_token));
+    }
+    if opts.tls.ca_file.is_none() {
+        out.push(list_file(CA_TRUSTED, &gens.ca.trusted()));
+        if server {
+            out.push(number_file(CA_SIGNED_BY, gens.ca.signing()));
+        }
+    }
+    if server {
+        out.push(number_file(
+            MANAGEMENT_TOKEN_GENERATION,
+            gens.management_token.max(1),
+        ));
+    }
+    let kind = if a.own.is_some() && m.node_token.is_some() {
+        "node"
+    } else {
+        "shared"
+    };
+    out.push(crate::commands::node_tokens::kind_file(kind));
+    out
+}
+
+/// What the data dir needs before Consul starts: a server's stale
+/// `server_metadata.json` and keyrings Consul would use against the key
+/// moved aside; during a gossip key rotation, a keyring with both keys.
+fn data_dir_work(
+    opts: &GlobalOpts,
+    b: &Before,
+    elected: &Elected,
+    a: &After,
+    encrypt: Option<&str>,
+    plan: &mut NodePlan,
+) {
+    let data_dir = &opts.consul.data_dir;
+    if b.raft && elected.mode.is_server() {
+        plan.aside.extend(stale_server_metadata(&a.disk, data_dir));
+    }
+    let Some(key) = encrypt else {
+        return;
+    };
+    let changed = match (&a.disk.previous_cluster, &elected.cluster_id) {
+        (Some(was), Some(now)) if was != now => Some((was.as_str(), now.as_str())),
+        _ => None,
+    };
+    plan.aside
+        .extend(stale_keyrings(&a.disk, data_dir, key, changed));
+    // A gossip key rotation under way: the keyring holds both keys (the
+    // primary first, as Consul's keyring file lists it), so this node
+    // reads every member whichever key it sends with.
+    if let Some(other) = a.made.as_ref().and_then(|m| m.gossip_other.as_deref())
+        && b.local.secrets.encrypt.is_none()
+    {
+        plan.consul_dirs.push(data_dir.join("serf"));
+        plan.files.insert(
+            0,
+            rotation_keyring(data_dir, key, other, a.disk.consul_user),
+        );
+    }
+}
