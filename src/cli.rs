@@ -784,22 +784,49 @@ pub enum ClusterAction {
     },
 }
 
-impl GlobalOpts {
+impl ClusterOpts {
     /// `--servers`, or its default.
     pub fn servers(&self) -> u32 {
-        self.cluster.servers.unwrap_or(DEFAULT_SERVERS)
+        self.servers.unwrap_or(DEFAULT_SERVERS)
     }
 
     /// `--expiry`, or its default.
     pub fn expiry(&self) -> u64 {
-        self.cluster.expiry.unwrap_or(DEFAULT_EXPIRY)
+        self.expiry.unwrap_or(DEFAULT_EXPIRY)
     }
 
     /// `--agent-expiry`, or its default.
     pub fn agent_expiry(&self) -> u64 {
-        self.cluster.agent_expiry.unwrap_or(DEFAULT_AGENT_EXPIRY)
+        self.agent_expiry.unwrap_or(DEFAULT_AGENT_EXPIRY)
     }
 
+    /// The settings this node's flags seed (a new cluster's record; the
+    /// record's rule once there is one).
+    pub fn seed(&self) -> crate::model::Settings {
+        crate::model::Settings {
+            servers: self.servers(),
+            expiry: self.expiry(),
+            agent_expiry: self.agent_expiry(),
+        }
+        .consistent()
+    }
+
+    /// `--registry`, parsed; a usage error when none is given.
+    pub fn registry_url(&self) -> anyhow::Result<crate::registry::RegistryUrl> {
+        let raw = self
+            .registry
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                crate::error::usage(
+                    "no registry given: pass --registry s3://BUCKET/PREFIX or set AUTO_CONSUL_REGISTRY",
+                )
+            })?;
+        crate::registry::RegistryUrl::parse(raw)
+    }
+}
+
+impl GlobalOpts {
     /// `--snapshot-interval`, or its default; 0: no snapshots.
     pub fn snapshot_interval(&self) -> u64 {
         self.snapshots
@@ -984,8 +1011,8 @@ mod tests {
             Cli::try_parse_from(["auto-consul", "run", "-r", "file:///x", "-s", "3"]).unwrap();
         assert_eq!(before.global.cluster.registry.as_deref(), Some("file:///x"));
         assert_eq!(after.global.cluster.registry.as_deref(), Some("file:///x"));
-        assert_eq!(before.global.servers(), 3);
-        assert_eq!(after.global.servers(), 3);
+        assert_eq!(before.global.cluster.servers(), 3);
+        assert_eq!(after.global.cluster.servers(), 3);
     }
 
     #[test]

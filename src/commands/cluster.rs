@@ -6,9 +6,9 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use super::members::{cluster_json, cluster_line};
-use super::{open_store, registry_url, seed_settings};
+use super::open_store;
 use crate::claims::put_settled;
-use crate::cli::{ClusterAction, GlobalOpts};
+use crate::cli::{ClusterAction, ClusterOpts, OutputOpts};
 use crate::decision::live_servers;
 use crate::error::usage;
 use crate::model::{CLUSTER_KEY, ClusterRecord};
@@ -19,39 +19,43 @@ use crate::retry::Backoff;
 const MAX_ATTEMPTS: u32 = 5;
 
 /// `cluster ...`.
-pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
-    let url = registry_url(opts)?;
+pub async fn cluster(
+    cluster: &ClusterOpts,
+    output: &OutputOpts,
+    action: &ClusterAction,
+) -> Result<()> {
+    let url = cluster.registry_url()?;
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
     match action {
-        ClusterAction::Show => show(opts, store).await,
+        ClusterAction::Show => show(cluster, output, store).await,
         ClusterAction::Set => {
-            if opts.cluster.servers.is_none()
-                && opts.cluster.expiry.is_none()
-                && opts.cluster.agent_expiry.is_none()
+            if cluster.servers.is_none()
+                && cluster.expiry.is_none()
+                && cluster.agent_expiry.is_none()
             {
                 return Err(usage(
                     "`cluster set` changes nothing without --servers N, --expiry SECONDS or --agent-expiry SECONDS",
                 ));
             }
             let changed = change(store, &url.to_string(), |r| {
-                if let Some(s) = opts.cluster.servers {
+                if let Some(s) = cluster.servers {
                     r.servers = s;
                 }
-                if let Some(e) = opts.cluster.expiry {
+                if let Some(e) = cluster.expiry {
                     r.expiry = Some(e);
                 }
-                if let Some(e) = opts.cluster.agent_expiry {
+                if let Some(e) = cluster.agent_expiry {
                     r.agent_expiry = Some(e);
                 }
                 Ok(())
             })
             .await?;
-            report(opts, &changed, "set");
+            report(output, &changed, "set");
             Ok(())
         }
         ClusterAction::Retire { cluster_id, force } => {
-            let view = read_view(store, seed_settings(opts), Agents::Recent(0)).await?;
+            let view = read_view(store, cluster.seed(), Agents::Recent(0)).await?;
             let live = live_servers(&view, "", view.settings.expiry);
             if !live.is_empty() && !force {
                 return Err(usage(format!(
@@ -75,8 +79,8 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
                 Ok(())
             })
             .await?;
-            report(opts, &changed, "retired");
-            if !opts.output.json {
+            report(output, &changed, "retired");
+            if !output.json {
                 println!(
                     "once none of its servers is live, the next node to boot starts a NEW, EMPTY cluster in its place"
                 );
@@ -86,8 +90,8 @@ pub async fn cluster(opts: &GlobalOpts, action: &ClusterAction) -> Result<()> {
     }
 }
 
-async fn show(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
-    let view = read_view(store, seed_settings(opts), Agents::Recent(0)).await?;
+async fn show(cluster: &ClusterOpts, output: &OutputOpts, store: &dyn Store) -> Result<()> {
+    let view = read_view(store, cluster.seed(), Agents::Recent(0)).await?;
     let slots: Vec<_> = view
         .slots
         .iter()
@@ -102,7 +106,7 @@ async fn show(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
             })
         })
         .collect();
-    if opts.output.json {
+    if output.json {
         println!(
             "{}",
             json!({ "cluster": cluster_json(&view), "slots": slots })
@@ -165,8 +169,8 @@ async fn change(
     )
 }
 
-fn report(opts: &GlobalOpts, record: &ClusterRecord, what: &str) {
-    if opts.output.json {
+fn report(output: &OutputOpts, record: &ClusterRecord, what: &str) {
+    if output.json {
         println!(
             "{}",
             json!({

@@ -322,7 +322,7 @@ pub async fn at_run(
         .secrets
         .as_ref()
         .is_some_and(|s| *s != SecretsUrl::None);
-    match from_primary(p, super::seed_settings(opts), secrets).await {
+    match from_primary(p, opts.cluster.seed(), secrets).await {
         Ok(got) => (got.servers, got.replication.or(kept.replication)),
         Err(e) => {
             tracing::warn!(
@@ -443,7 +443,7 @@ pub async fn follow(
         .is_some_and(|s| *s != SecretsUrl::None);
     let got = match from_primary(
         primary,
-        super::seed_settings(opts),
+        opts.cluster.seed(),
         secrets && had.replication.is_none(),
     )
     .await

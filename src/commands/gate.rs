@@ -19,7 +19,7 @@ const POLL: Duration = Duration::from_secs(2);
 pub async fn gate(opts: &GlobalOpts) -> Result<()> {
     let root = Root::new(&opts.consul.root);
     let mut me = identity::of_with_group(opts).await?;
-    let registry = super::registry_url(opts)?.to_string();
+    let registry = opts.cluster.registry_url()?.to_string();
     let saved = state::load_for(&root, &registry, &me);
     if me.instance_id.is_none() {
         me.instance_id = saved.as_ref().and_then(|s| s.instance_id.clone());

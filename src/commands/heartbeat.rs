@@ -7,9 +7,9 @@ use anyhow::Result;
 use chrono::Utc;
 use serde_json::{Value, json};
 
+use super::open_store;
 use super::purge::{Purged, purge_heartbeats};
 use super::run::{HEARTBEAT_TIMER, LEAVE_UNIT};
-use super::{open_store, registry_url, seed_settings};
 use crate::claims::{Claims, Renewal};
 use crate::cli::GlobalOpts;
 use crate::decision::slot_is_live;
@@ -19,15 +19,13 @@ use crate::model::{HeartbeatBody, HeartbeatKey, Role, slot_key};
 use crate::registry::{Condition, PutOutcome, Store, read_cluster, read_slot, read_slots};
 use crate::{agent, identity, install, render, retry, state, termination};
 
-/// `heartbeat`.
+/// `heartbeat`, top to bottom: a termination notice first; then what
+/// this node is (gather: the agent, its identity, its state, the
+/// registry); what it follows (retry_join, rotations, its own token: each
+/// a small rewrite of its config under the config lock); its heartbeat
+/// keys; on a server, its slot, the cluster's chores and the timer.
 pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
-    let url = registry_url(opts)?;
     let root = Root::new(&opts.consul.root);
-    // A node `run` never set up (no state file): no minute of retries
-    // against an agent that was never started, and no server heartbeat
-    // into a registry that has no cluster; what is missing is said at once.
-    let state_file = root.path(std::path::Path::new(state::STATE_PATH));
-    let never_ran = !state_file.exists();
     // 1. Spot's two-minute warning, or the autoscaling group's decision,
     //    is seen here first: the node leaves now rather than at shutdown.
     if let Some(reason) = termination::notice(std::time::Duration::from_secs(2)).await {
@@ -38,139 +36,241 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         return super::leave::registry_leave(opts).await;
     }
     // 2. The agent first: a node whose agent is down publishes nothing.
-    let deadline = retry_deadline(opts, &root);
-    let status = if never_ran {
-        agent::status(opts.tls.acl_token_file.as_deref())
-            .await
-            .map_err(|e| not_run(&state_file, &format!("{e:#}")))?
-    } else {
-        retry::until(deadline, "asking the local Consul agent", || {
+    let seen = Seen::gather(opts, &root).await?;
+    // 3. Live servers found again, rotations and its own token followed.
+    let node = follow_node(opts, &root, &seen).await?;
+    // 4. The heartbeat keys: an agent's is its one write, whatever the
+    //    registry holds (no read, no purge).
+    if !node.server {
+        return agent_beat(opts, &root, &seen, &node).await;
+    }
+    server_beat(opts, &root, &seen, &node).await
+}
+
+/// What a heartbeat finds before it does anything.
+struct Seen {
+    url: crate::registry::RegistryUrl,
+    /// The state file, and whether `run` never wrote it.
+    state_file: std::path::PathBuf,
+    never_ran: bool,
+    deadline: std::time::Instant,
+    status: agent::AgentStatus,
+    me: identity::Identity,
+    saved: Option<state::State>,
+    opened: super::Opened,
+}
+
+impl Seen {
+    /// The local agent (a node `run` never set up is told at once, with no
+    /// minute of retries against an agent never started), this node's
+    /// identity and state, the registry opened.
+    async fn gather(opts: &GlobalOpts, root: &Root) -> Result<Seen> {
+        let url = opts.cluster.registry_url()?;
+        let state_file = root.path(std::path::Path::new(state::STATE_PATH));
+        let never_ran = !state_file.exists();
+        let deadline = retry_deadline(opts, root);
+        let status = if never_ran {
             agent::status(opts.tls.acl_token_file.as_deref())
+                .await
+                .map_err(|e| not_run(&state_file, &format!("{e:#}")))?
+        } else {
+            retry::until(deadline, "asking the local Consul agent", || {
+                agent::status(opts.tls.acl_token_file.as_deref())
+            })
+            .await?
+        };
+        let mut me = identity::of(opts).await?;
+        let saved = state::load_for(root, &url.to_string(), &me);
+        if me.instance_id.is_none() {
+            me.instance_id = saved.as_ref().and_then(|s| s.instance_id.clone());
+        }
+        if let Some(name) = status.node_name.as_ref().filter(|n| **n != me.node) {
+            tracing::warn!(
+                "the local agent calls itself `{name}`, this node is `{}`",
+                me.node
+            );
+        }
+        let opened = open_store(&url).await?;
+        Ok(Seen {
+            url,
+            state_file,
+            never_ran,
+            deadline,
+            status,
+            me,
+            saved,
+            opened,
         })
-        .await?
-    };
-    let mut me = identity::of(opts).await?;
-    let saved = state::load_for(&root, &url.to_string(), &me);
-    if me.instance_id.is_none() {
-        me.instance_id = saved.as_ref().and_then(|s| s.instance_id.clone());
     }
-    if let Some(name) = status.node_name.as_ref().filter(|n| **n != me.node) {
-        tracing::warn!(
-            "the local agent calls itself `{name}`, this node is `{}`",
-            me.node
-        );
-    }
-    // 3. Live servers found again: retry_join kept current, a leaderless
-    //    agent made to join.
-    let opened = open_store(&url).await?;
-    let store = opened.store.as_ref();
+}
+
+/// What the node follows, and the keys it publishes.
+struct Node {
+    rejoined: super::rejoin::Rejoin,
+    server: bool,
+    following: super::rotate::Following,
+    keys: Beat,
+}
+
+/// retry_join kept current (a leaderless agent made to join); the
+/// rotations of the agents' token or the CA followed (secrets made at
+/// genesis); a node's own token (--instance-tag) moved to once the leader
+/// made it; the heartbeat body.
+async fn follow_node(opts: &GlobalOpts, root: &Root, seen: &Seen) -> Result<Node> {
+    let store = seen.opened.store.as_ref();
     let rejoined = super::rejoin::rejoin(
         opts,
-        &root,
+        root,
         store,
-        &status,
-        &me,
-        seed_settings(opts),
-        saved.as_ref(),
+        &seen.status,
+        &seen.me,
+        opts.cluster.seed(),
+        seen.saved.as_ref(),
     )
     .await;
     crate::metrics::live_servers(rejoined.servers.len());
-    // 4. The heartbeat keys. An agent's heartbeat is its one write,
-    //    whatever the registry holds: no read, no purge.
-    let decided_server = saved.as_ref().is_some_and(|s| s.mode.is_server());
-    let server = status.is_server(me.address, decided_server);
-    let mode = if server { "server" } else { "agent" };
+    let decided_server = seen.saved.as_ref().is_some_and(|s| s.mode.is_server());
+    let server = seen.status.is_server(seen.me.address, decided_server);
     // A server's Consul node id (its data dir's `node-id`), published for
     // a quorum-loss recovery's peers.json (`auto-consul recover`).
     let node_id = std::fs::read_to_string(root.path(&opts.consul.data_dir.join("node-id")))
         .ok()
         .map(|t| t.trim().to_string());
-    // Rotations of the agents' token or the CA followed (secrets made at
-    // genesis).
-    let following = super::rotate::follow_rotations(opts, &root, store, saved.as_ref()).await;
-    // A node's own token (--instance-tag), moved to once the leader made it.
-    let node_token = match &saved {
-        Some(s) => super::node_tokens::follow(opts, &root, s).await,
+    let following = super::rotate::follow_rotations(opts, root, store, seen.saved.as_ref()).await;
+    let node_token = match &seen.saved {
+        Some(s) => super::node_tokens::follow(opts, root, s).await,
         None => None,
     };
-    let keys = Beat::new(&me, server, node_id, &following, node_token)?;
+    let keys = Beat::new(&seen.me, server, node_id, &following, node_token)?;
     crate::metrics::tls_expiry(
-        super::renew::expiries(opts, &root)
+        super::renew::expiries(opts, root)
             .into_iter()
             .map(|(what, i)| (what, i.not_after))
             .collect(),
     );
-    if !server {
-        keys.write(store, deadline).await?;
-        state::record_time(&root, state::HEARTBEAT_AT, store.now().await);
-        crate::metrics::node(crate::model::Mode::Agent, None);
-        keep_leave_unit_active(&root);
-        let idle = Purged::default();
-        report(
-            opts,
-            &me,
-            mode,
-            &keys.keys,
-            Value::Null,
-            &idle,
-            &status,
-            None,
-            false,
-            &rejoined,
-            json!({"consul_restart": following.consul_restart}),
-        );
-        return Ok(());
-    }
-    // 5. A server: its keys, with the cluster record (its settings rule)
-    //    read alongside; nothing into a registry with no cluster from a
-    //    node `run` never set up.
-    if never_ran && read_cluster(store).await?.is_none() {
+    Ok(Node {
+        rejoined,
+        server,
+        following,
+        keys,
+    })
+}
+
+/// An agent's heartbeat: its keys written, and said.
+async fn agent_beat(opts: &GlobalOpts, root: &Root, seen: &Seen, node: &Node) -> Result<()> {
+    let store = seen.opened.store.as_ref();
+    node.keys.write(store, seen.deadline).await?;
+    state::record_time(root, state::HEARTBEAT_AT, store.now().await);
+    crate::metrics::node(crate::model::Mode::Agent, None);
+    keep_leave_unit_active(root);
+    report(
+        opts,
+        seen,
+        node,
+        Value::Null,
+        &Purged::default(),
+        None,
+        false,
+        json!({"consul_restart": node.following.consul_restart}),
+    );
+    Ok(())
+}
+
+/// A server's heartbeat: its keys, with the cluster record (its settings
+/// rule) read alongside, nothing into a registry with no cluster from a
+/// node `run` never set up; its slot renewed; the cluster's chores; the
+/// timer following the record's expiry; the fleet's purge when due.
+async fn server_beat(opts: &GlobalOpts, root: &Root, seen: &Seen, node: &Node) -> Result<()> {
+    let store = seen.opened.store.as_ref();
+    if seen.never_ran && read_cluster(store).await?.is_none() {
         return Err(not_run(
-            &state_file,
+            &seen.state_file,
             &format!(
-                "the local Consul agent says it is a server but the registry {url} holds no cluster record"
+                "the local Consul agent says it is a server but the registry {} holds no cluster record",
+                seen.url
             ),
         ));
     }
     // The record `follow_rotations` read is current: not read again.
     let read_again = async {
-        match following.record.clone() {
+        match node.following.record.clone() {
             Some(r) => Ok(Some(r)),
             None => {
-                retry::until(deadline, "reading the cluster record", || {
+                retry::until(seen.deadline, "reading the cluster record", || {
                     read_cluster(store)
                 })
                 .await
             }
         }
     };
-    let (written, record) = tokio::join!(keys.write(store, deadline), read_again);
+    let (written, record) = tokio::join!(node.keys.write(store, seen.deadline), read_again);
     written?;
-    state::record_time(&root, state::HEARTBEAT_AT, store.now().await);
+    state::record_time(root, state::HEARTBEAT_AT, store.now().await);
     let record = record?;
     let settings = match &record {
-        Some((record, _)) => record.settings(seed_settings(opts)),
-        None => seed_settings(opts),
+        Some((record, _)) => record.settings(opts.cluster.seed()),
+        None => opts.cluster.seed(),
     };
-    // 6. Its slot renewed; the agents' ACL token made once (secrets at
-    //    genesis); the timer following the record's expiry.
-    let (slot_report, my_slot) =
-        renew_slot(store, &me, saved.as_ref(), record.as_ref(), settings).await?;
+    let (slot_report, my_slot) = renew_slot(
+        store,
+        &seen.me,
+        seen.saved.as_ref(),
+        record.as_ref(),
+        settings,
+    )
+    .await?;
+    let chores = server_chores(opts, root, seen, node, record.as_ref()).await;
+    let saved_mode = seen
+        .saved
+        .as_ref()
+        .map(|s| s.mode)
+        .filter(|m| m.is_server());
+    crate::metrics::node(saved_mode.unwrap_or(crate::model::Mode::Server), my_slot);
+    let timer_changed = follow_expiry(root, settings.expiry)?;
+    keep_leave_unit_active(root);
+    // One server purges for the fleet, once per expiry.
+    let purged = purge_if_due(root, store, my_slot, settings, &seen.me, &node.keys.keys).await?;
+    crate::metrics::purged(purged.deleted);
+    report(
+        opts,
+        seen,
+        node,
+        slot_report,
+        &purged,
+        Some(settings),
+        timer_changed,
+        chores,
+    );
+    Ok(())
+}
+
+/// A server's share of the cluster's chores, each a warning when it
+/// fails: the ACL tokens made at genesis made in Consul once; its
+/// certificate renewed before it expires; as leader, the rotations under
+/// way and the tokens per node; a secondary's servers following the
+/// primary.
+async fn server_chores(
+    opts: &GlobalOpts,
+    root: &Root,
+    seen: &Seen,
+    node: &Node,
+    record: Option<&(crate::model::ClusterRecord, String)>,
+) -> Value {
+    let (store, saved, me) = (seen.opened.store.as_ref(), seen.saved.as_ref(), &seen.me);
+    let management = node.following.management_token.unwrap_or(1);
     if let (Some(url), Some(cluster)) = (
         &opts.tls.secrets,
-        saved.as_ref().and_then(|s| s.cluster_id.as_deref()),
-    ) && status.leader.is_some()
+        saved.and_then(|s| s.cluster_id.as_deref()),
+    ) && seen.status.leader.is_some()
     {
         // Once a rotation moved the agents' token on, its steps make the
         // tokens: generation 1 is never made again.
-        let agent_token = record.as_ref().is_none_or(|(r, _)| r.agent_token.is_none());
-        let management = following.management_token.unwrap_or(1);
-        tokens_in_consul(&root, url, cluster, agent_token, management).await;
+        let agent_token = record.is_none_or(|(r, _)| r.agent_token.is_none());
+        tokens_in_consul(root, url, cluster, agent_token, management).await;
     }
-    // A certificate auto-consul made, renewed before it expires.
-    let tls = match &saved {
+    let tls = match saved {
         Some(s) => {
-            match super::renew::renew_if_due(opts, &root, &me, s, following.generations).await {
+            match super::renew::renew_if_due(opts, root, me, s, node.following.generations).await {
                 Ok(v) => v.unwrap_or(Value::Null),
                 Err(e) => {
                     tracing::warn!(
@@ -182,69 +282,50 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         }
         None => Value::Null,
     };
-    // A gossip key rotation under way: the leader takes it on.
-    let rotation = rotate_if_leader(
-        opts,
-        store,
-        &status,
-        &me,
-        record.as_ref(),
-        following.management_token.unwrap_or(1),
-    )
-    .await;
-    // Tokens per node: the leader makes them ahead, then retires the
-    // shared one.
-    let node_tokens = match (&record, leads(&status, &me), &saved) {
-        (Some(rec), true, Some(s)) if opts.tls.instance_tag.is_some() => {
-            match s.cluster_id.as_deref().filter(|c| *c == rec.0.cluster_id) {
-                Some(cluster) => match super::management_token(opts, cluster).await {
-                    Ok(Some(m)) => super::node_tokens::lead(opts, &root, store, rec, &m).await,
-                    Ok(None) => Value::Null,
-                    Err(e) => json!({"error": format!("{e:#}")}),
-                },
-                None => Value::Null,
-            }
-        }
-        _ => Value::Null,
-    };
-    // Federation: a secondary's servers follow the primary's over the WAN.
-    let federation =
-        super::federation::follow(opts, &root, store, record.as_ref(), saved.as_ref()).await;
     if tls["renewed"] == json!(true) {
         crate::metrics::tls_expiry(
-            super::renew::expiries(opts, &root)
+            super::renew::expiries(opts, root)
                 .into_iter()
                 .map(|(what, i)| (what, i.not_after))
                 .collect(),
         );
     }
-    let saved_mode = saved.as_ref().map(|s| s.mode).filter(|m| m.is_server());
-    crate::metrics::node(saved_mode.unwrap_or(crate::model::Mode::Server), my_slot);
-    let timer_changed = follow_expiry(&root, settings.expiry)?;
-    keep_leave_unit_active(&root);
-    // 7. One server purges for the fleet, once per expiry.
-    let purged = purge_if_due(&root, store, my_slot, settings, &me, &keys.keys).await?;
-    crate::metrics::purged(purged.deleted);
-    report(
-        opts,
-        &me,
-        mode,
-        &keys.keys,
-        slot_report,
-        &purged,
-        &status,
-        Some(settings),
-        timer_changed,
-        &rejoined,
-        json!({
-            "tls": tls,
-            "rotations": rotation,
-            "consul_restart": following.consul_restart,
-            "node_tokens": node_tokens,
-            "federation": federation,
-        }),
-    );
-    Ok(())
+    let rotation = rotate_if_leader(opts, store, &seen.status, me, record, management).await;
+    let node_tokens = lead_node_tokens(opts, root, seen, record).await;
+    let federation = super::federation::follow(opts, root, store, record, saved).await;
+    json!({
+        "tls": tls,
+        "rotations": rotation,
+        "consul_restart": node.following.consul_restart,
+        "node_tokens": node_tokens,
+        "federation": federation,
+    })
+}
+
+/// Tokens per node (--instance-tag): the leader makes them ahead, then
+/// retires the shared one.
+async fn lead_node_tokens(
+    opts: &GlobalOpts,
+    root: &Root,
+    seen: &Seen,
+    record: Option<&(crate::model::ClusterRecord, String)>,
+) -> Value {
+    let (Some(rec), true, Some(s)) = (record, leads(&seen.status, &seen.me), &seen.saved) else {
+        return Value::Null;
+    };
+    if opts.tls.instance_tag.is_none() {
+        return Value::Null;
+    }
+    let Some(cluster) = s.cluster_id.as_deref().filter(|c| *c == rec.0.cluster_id) else {
+        return Value::Null;
+    };
+    match super::management_token(opts, cluster).await {
+        Ok(Some(m)) => {
+            super::node_tokens::lead(opts, root, seen.opened.store.as_ref(), rec, &m).await
+        }
+        Ok(None) => Value::Null,
+        Err(e) => json!({"error": format!("{e:#}")}),
+    }
 }
 
 /// One pass of the rotations under way (gossip key, agents' token, CA,
@@ -377,7 +458,7 @@ fn not_run(state_file: &std::path::Path, what: &str) -> anyhow::Error {
 /// is the installed timer's (it follows the cluster record's expiry); the
 /// flag's expiry/3 only for a heartbeat run by hand.
 fn retry_deadline(opts: &GlobalOpts, root: &Root) -> std::time::Instant {
-    let interval = timer_interval(root).unwrap_or(opts.expiry() / 3);
+    let interval = timer_interval(root).unwrap_or(opts.cluster.expiry() / 3);
     std::time::Instant::now()
         + std::time::Duration::from_secs(interval.saturating_sub(5).clamp(1, 60))
 }
@@ -656,17 +737,17 @@ fn keep_leave_unit_active(root: &Root) {
 #[allow(clippy::too_many_arguments)]
 fn report(
     opts: &GlobalOpts,
-    me: &identity::Identity,
-    mode: &str,
-    keys: &[String],
+    seen: &Seen,
+    node: &Node,
     slot_report: serde_json::Value,
     purged: &Purged,
-    status: &agent::AgentStatus,
     settings: Option<crate::model::Settings>,
     timer_changed: bool,
-    rejoined: &super::rejoin::Rejoin,
     extra: Value,
 ) {
+    let (me, status, rejoined) = (&seen.me, &seen.status, &node.rejoined);
+    let keys = &node.keys.keys;
+    let mode = if node.server { "server" } else { "agent" };
     let tls = &extra["tls"];
     if opts.output.json {
         println!(

@@ -7,7 +7,7 @@
 use anyhow::Result;
 use serde_json::json;
 
-use super::{open_store, registry_url, seed_settings};
+use super::open_store;
 use crate::claims::Claims;
 use crate::cli::GlobalOpts;
 use crate::install::Root;
@@ -70,7 +70,7 @@ fn server_cluster(opts: &GlobalOpts) -> Option<String> {
 
 /// Deletes this node's heartbeats and releases its slot.
 pub async fn registry_leave(opts: &GlobalOpts) -> Result<()> {
-    let url = registry_url(opts)?;
+    let url = opts.cluster.registry_url()?;
     let root = Root::new(&opts.consul.root);
     let me = identity::of(opts).await?;
     let saved = state::load_for(&root, &url.to_string(), &me);
@@ -78,8 +78,8 @@ pub async fn registry_leave(opts: &GlobalOpts) -> Result<()> {
     let store = opened.store.as_ref();
 
     let (entries, record) = tokio::try_join!(list_heartbeats(store), read_cluster(store))?;
-    let settings = record.map_or(seed_settings(opts), |(r, _)| {
-        r.settings(seed_settings(opts))
+    let settings = record.map_or(opts.cluster.seed(), |(r, _)| {
+        r.settings(opts.cluster.seed())
     });
     let slots = read_slots(store, settings.servers).await?;
     let mine: Vec<String> = entries

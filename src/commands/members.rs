@@ -4,8 +4,8 @@
 use anyhow::Result;
 use serde_json::json;
 
-use super::{open_store, registry_url, seed_settings};
-use crate::cli::GlobalOpts;
+use super::open_store;
+use crate::cli::{ClusterOpts, OutputOpts};
 use crate::decision::live_servers;
 use crate::registry::{Agents, Member, RegistryView, read_view};
 
@@ -47,10 +47,10 @@ pub fn cluster_line(view: &RegistryView) -> String {
 }
 
 /// Lists every live server and agent.
-pub async fn members(opts: &GlobalOpts) -> Result<()> {
-    let url = registry_url(opts)?;
+pub async fn members(cluster: &ClusterOpts, output: &OutputOpts) -> Result<()> {
+    let url = cluster.registry_url()?;
     let opened = open_store(&url).await?;
-    let view = read_view(opened.store.as_ref(), seed_settings(opts), Agents::All).await?;
+    let view = read_view(opened.store.as_ref(), cluster.seed(), Agents::All).await?;
     // Servers as the decision counts them: slot holders and heartbeats.
     let servers = live_servers(&view, "", view.settings.expiry);
     // An agent's role may not list snapshots/: that costs only the line.
@@ -66,12 +66,12 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
     // A secondary: the primary's live servers too, its WAN peers (a
     // primary learns its secondaries through gossip: `consul members
     // -wan` lists them).
-    let wan = wan_members(opts, &view, &servers).await;
+    let wan = wan_members(cluster, &view, &servers).await;
     let now = opened.store.now().await;
     let snapshot_age = snapshot
         .as_ref()
         .map(|(_, at)| crate::model::age_seconds(*at, now));
-    if opts.output.json {
+    if output.json {
         let list = |ms: &[Member]| {
             ms.iter()
                 .map(|m| {
@@ -146,7 +146,7 @@ pub async fn members(opts: &GlobalOpts) -> Result<()> {
 /// servers' heartbeats read it; an error there is shown, not fatal). Null
 /// for a cluster that names no primary.
 async fn wan_members(
-    opts: &GlobalOpts,
+    cluster: &ClusterOpts,
     view: &RegistryView,
     servers: &[Member],
 ) -> serde_json::Value {
@@ -161,7 +161,7 @@ async fn wan_members(
         "primary": false,
         "servers": servers.iter().map(|m| m.address.to_string()).collect::<Vec<_>>(),
     });
-    let theirs = match super::federation::from_primary(primary, seed_settings(opts), false).await {
+    let theirs = match super::federation::from_primary(primary, cluster.seed(), false).await {
         Ok(got) => json!({
             "datacenter": primary.datacenter,
             "primary": true,

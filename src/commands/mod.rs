@@ -26,7 +26,6 @@ use anyhow::Result;
 use crate::cli::{Cli, Command, GlobalOpts};
 use crate::error::usage;
 use crate::install::Root;
-use crate::model::Settings;
 use crate::registry::{self, RegistryUrl, Store};
 use crate::render;
 
@@ -35,15 +34,17 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run => measured(&cli.global, "run", run::run(&cli.global, false)).await,
         Command::Plan => run::run(&cli.global, true).await,
-        Command::Members => members::members(&cli.global).await,
+        Command::Members => members::members(&cli.global.cluster, &cli.global.output).await,
         Command::Status => status::status(&cli.global).await,
         Command::Heartbeat => {
             measured(&cli.global, "heartbeat", heartbeat::heartbeat(&cli.global)).await
         }
-        Command::Purge => purge::purge(&cli.global).await,
+        Command::Purge => purge::purge(&cli.global.cluster, &cli.global.output).await,
         Command::Leave { if_terminating } => leave::leave(&cli.global, if_terminating).await,
         Command::Install { now } => install::install(&cli.global, now),
-        Command::Cluster { action } => cluster::cluster(&cli.global, &action).await,
+        Command::Cluster { action } => {
+            cluster::cluster(&cli.global.cluster, &cli.global.output, &action).await
+        }
         Command::Secrets { action } => secrets::secrets(&cli.global, &action).await,
         Command::Gate => gate::gate(&cli.global).await,
         Command::Recover { plan, apply } => {
@@ -102,21 +103,6 @@ fn print_all(text: &[u8]) -> Result<()> {
         }
         _ => Ok(()),
     }
-}
-
-/// The registry URL, required by every command that talks to the registry.
-pub fn registry_url(opts: &GlobalOpts) -> Result<RegistryUrl> {
-    let raw = opts
-        .cluster
-        .registry
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            usage(
-                "no registry given: pass --registry s3://BUCKET/PREFIX or set AUTO_CONSUL_REGISTRY",
-            )
-        })?;
-    RegistryUrl::parse(raw)
 }
 
 /// An open registry, and the AWS configuration when it lives in S3.
@@ -183,7 +169,7 @@ async fn management_generation(opts: &GlobalOpts, cluster: &str) -> u32 {
         return crate::state::recorded_number(&root, rotate::MANAGEMENT_TOKEN_GENERATION)
             .unwrap_or(1);
     }
-    let Ok(registry) = registry_url(opts) else {
+    let Ok(registry) = opts.cluster.registry_url() else {
         return 1;
     };
     let read = async {
@@ -196,17 +182,6 @@ async fn management_generation(opts: &GlobalOpts, cluster: &str) -> u32 {
         }
         _ => 1,
     }
-}
-
-/// The settings this node's flags give: they seed a new cluster's record
-/// and rule only where there is none.
-pub fn seed_settings(opts: &GlobalOpts) -> Settings {
-    Settings {
-        servers: opts.servers(),
-        expiry: opts.expiry(),
-        agent_expiry: opts.agent_expiry(),
-    }
-    .consistent()
 }
 
 /// Warns when the flags given differ from the settings that rule.

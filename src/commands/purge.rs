@@ -7,8 +7,8 @@ use anyhow::Result;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::{open_store, registry_url, seed_settings};
-use crate::cli::GlobalOpts;
+use super::open_store;
+use crate::cli::{ClusterOpts, OutputOpts};
 use crate::decision::slot_is_live;
 use crate::model::{Role, Settings};
 use crate::registry::{HeartbeatEntry, Store, parse_listing, read_cluster, read_slots};
@@ -76,13 +76,13 @@ pub async fn purge_heartbeats(
 /// `purge`. Expired slots are reported, not released: a released slot
 /// says its holder left for good (the witness rule counts on it), and an
 /// expired one is taken over under `If-Match` anyway.
-pub async fn purge(opts: &GlobalOpts) -> Result<()> {
-    let url = registry_url(opts)?;
+pub async fn purge(cluster: &ClusterOpts, output: &OutputOpts) -> Result<()> {
+    let url = cluster.registry_url()?;
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
     let settings = match read_cluster(store).await? {
-        Some((record, _)) => record.settings(seed_settings(opts)),
-        None => seed_settings(opts),
+        Some((record, _)) => record.settings(cluster.seed()),
+        None => cluster.seed(),
     };
     let (purged, slots) = tokio::try_join!(
         purge_heartbeats(store, settings, None),
@@ -94,7 +94,7 @@ pub async fn purge(opts: &GlobalOpts) -> Result<()> {
         .filter(|s| !slot_is_live(s, settings.expiry))
         .map(|s| s.index)
         .collect();
-    if opts.output.json {
+    if output.json {
         println!(
             "{}",
             json!({

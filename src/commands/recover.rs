@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{open_store, registry_url, seed_settings};
+use super::open_store;
 use crate::cli::GlobalOpts;
 use crate::install::{self, FileSpec, Root};
 use crate::model::{Role, parse_heartbeat_body};
@@ -87,11 +87,11 @@ fn sha256_hex(text: &str) -> String {
 
 /// `recover [--plan | --apply [HASH]]`.
 pub async fn recover(opts: &GlobalOpts, step: Step) -> Result<()> {
-    let url = registry_url(opts)?;
+    let url = opts.cluster.registry_url()?;
     let root = Root::new(&opts.consul.root);
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
-    let view = read_view(store, seed_settings(opts), Agents::Recent(0)).await?;
+    let view = read_view(store, opts.cluster.seed(), Agents::Recent(0)).await?;
     let Some(cluster) = view.record().map(|r| r.cluster_id.clone()) else {
         bail!("the registry {url} has no cluster record: no cluster to recover");
     };

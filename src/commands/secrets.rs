@@ -5,7 +5,7 @@
 use anyhow::Result;
 use serde_json::json;
 
-use super::{open_store, registry_url};
+use super::open_store;
 use crate::cli::{GlobalOpts, Rotatable, SecretsAction};
 use crate::error::usage;
 use crate::registry::read_cluster;
@@ -21,7 +21,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
         }
         Some(url) => url,
     };
-    let registry = registry_url(opts)?;
+    let registry = opts.cluster.registry_url()?;
     let opened = open_store(&registry).await?;
     let Some((record, etag)) = read_cluster(opened.store.as_ref()).await? else {
         return Err(usage(format!(

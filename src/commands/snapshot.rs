@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use super::{management_token, open_store, registry_url};
+use super::{management_token, open_store};
 use crate::claims::put_settled;
 use crate::cli::GlobalOpts;
 use crate::error::{soon, usage};
@@ -40,7 +40,7 @@ const SPOOL: &str = "/var/lib/auto-consul/snapshot.spool";
 /// `snapshot`: a restore owed first, then the leader's save and the
 /// retention.
 pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
-    let url = registry_url(opts)?;
+    let url = opts.cluster.registry_url()?;
     let root = Root::new(&opts.consul.root);
     let saved = this_server(&root, &url.to_string())?;
     let Some(saved) = saved else {
@@ -238,7 +238,7 @@ impl Drop for SpoolFile {
 
 /// `restore [KEY | --cancel]`.
 pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Result<()> {
-    let url = registry_url(opts)?;
+    let url = opts.cluster.registry_url()?;
     let root = Root::new(&opts.consul.root);
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();

@@ -10,7 +10,7 @@ use anyhow::Result;
 
 use serde_json::{Value, json};
 
-use super::{open_store, registry_url, seed_settings};
+use super::open_store;
 use crate::cli::GlobalOpts;
 use crate::install::Root;
 use crate::registry::read_slot;
@@ -37,7 +37,7 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
     let root = Root::new(&opts.consul.root);
     let mut h = Health {
         saved: state::load(&root),
-        settings: seed_settings(opts),
+        settings: opts.cluster.seed(),
         reasons: Vec::new(),
         cluster: Value::Null,
         slot: Value::Null,
@@ -124,7 +124,7 @@ impl Health {
     /// The cluster record and this node's slot (two GETs; never a
     /// listing), and the time of its last heartbeat on the store's clock.
     async fn registry(&mut self, opts: &GlobalOpts, root: &Root) {
-        let url = match registry_url(opts) {
+        let url = match opts.cluster.registry_url() {
             Ok(url) => url,
             Err(e) => return self.degraded(format!("{e:#}")),
         };
@@ -208,7 +208,7 @@ impl Health {
     }
 
     fn record(&mut self, opts: &GlobalOpts, record: &crate::model::ClusterRecord) {
-        self.settings = record.settings(seed_settings(opts));
+        self.settings = record.settings(opts.cluster.seed());
         if record.retired {
             self.degraded(format!("cluster {} is retired", record.cluster_id));
         }

@@ -107,24 +107,14 @@ pub(super) fn decide(opts: &GlobalOpts, b: &Before, e: &Election, a: &After) -> 
     let config = consul_settings(opts, b, elected, a, cloud_join, &tls_paths, &tls_files);
     let holds_secret = b.local.secrets.any() || a.made.is_some();
     let (config_file, conflicts) = consul_config_file(opts, &config, holds_secret, &a.disk);
-    let consul_user = b.root.user("consul");
     let mut files = vec![config_file];
     files.extend(tls_files.into_iter().map(|mut f| {
-        f.owner = consul_user;
+        f.owner = a.disk.consul_user;
         f
     }));
     files.extend(fixed);
     files.extend(extra_units(opts, b, e, server));
-    files.push(crate::state::file(&State {
-        registry: b.url.to_string(),
-        cluster_id: elected.cluster_id.clone(),
-        mode: elected.mode,
-        node: b.me.node.clone(),
-        address: b.me.address,
-        instance_id: b.me.instance_id.clone(),
-        slot: elected.slot,
-        claim_id: elected.claim_id.clone(),
-    }));
+    files.push(state_file(b, elected));
     let mut plan = NodePlan {
         files,
         consul_dirs: Vec::new(),
@@ -144,6 +134,21 @@ pub(super) fn decide(opts: &GlobalOpts, b: &Before, e: &Election, a: &After) -> 
     };
     data_dir_work(opts, b, elected, a, config.encrypt, &mut plan);
     Ok(plan)
+}
+
+/// The state file: this node's decision, for its next boot and its
+/// heartbeat.
+fn state_file(b: &Before, elected: &Elected) -> FileSpec {
+    crate::state::file(&State {
+        registry: b.url.to_string(),
+        cluster_id: elected.cluster_id.clone(),
+        mode: elected.mode,
+        node: b.me.node.clone(),
+        address: b.me.address,
+        instance_id: b.me.instance_id.clone(),
+        slot: elected.slot,
+        claim_id: elected.claim_id.clone(),
+    })
 }
 
 /// Consul's configuration, as rendered into its config file.
@@ -359,4 +364,135 @@ fn data_dir_work(
             rotation_keyring(data_dir, key, other, a.disk.consul_user),
         );
     }
+}
+
+/// A server that may rejoin (the election kept or gave it a server's
+/// place in its cluster) but was stopped longer than Consul's
+/// `server_rejoin_age_max` would restart-loop on Consul's refusal. The
+/// registry has just decided it rejoins, so the step Consul's docs leave
+/// to an operator is taken: its `server_metadata.json` is moved aside
+/// (kept as `server_metadata.json.stale`); the Raft data stays and Consul
+/// catches up from the leader. The move, when one is due.
+fn stale_server_metadata(disk: &Disk, data_dir: &Path) -> Option<Aside> {
+    let path = data_dir.join(SERVER_METADATA);
+    let text = disk.server_metadata.as_deref()?;
+    let Some(offline) = server_offline_for(text, disk.now_unix) else {
+        tracing::warn!(
+            "{} is not the {{\"last_seen_unix\": N}} Consul writes: left alone",
+            path.display()
+        );
+        return None;
+    };
+    if offline <= SERVER_REJOIN_AGE_MAX {
+        return None;
+    }
+    Some(Aside {
+        what: "Consul's server metadata",
+        to: path.with_file_name(format!("{SERVER_METADATA}.stale")),
+        from: path,
+        why: format!(
+            "this server last ran {} h ago, past Consul's server_rejoin_age_max (168 h), and the \
+             registry has it rejoin its cluster: Consul starts without it and catches up from the leader",
+            offline / 3600
+        ),
+    })
+}
+
+/// Consul loads `serf/local.keyring` whenever it exists and then ignores
+/// `encrypt`, logging only "keyring doesn't include key provided with
+/// -encrypt, using keyring" (agent/keyring.go, `setupBaseKeyrings`). A node
+/// whose cluster changed (a new cluster, a new gossip key) would gossip
+/// with the old key and never join. So before Consul starts, a keyring
+/// that does not hold `key`, or any keyring when this node's cluster
+/// changed, is moved aside (kept as `<file>.stale-<unix time>`, logged);
+/// one that holds the key of the same cluster is kept (a rotation under
+/// way adds keys to it). The moves due.
+fn stale_keyrings(
+    disk: &Disk,
+    data_dir: &Path,
+    key: &str,
+    cluster_changed: Option<(&str, &str)>,
+) -> Vec<Aside> {
+    let mut out = Vec::new();
+    for (rel, text) in &disk.keyrings {
+        let keys: Option<Vec<String>> = serde_json::from_str(text).ok();
+        let why = match (cluster_changed, &keys) {
+            (Some((was, now)), _) => format!("this node was in cluster {was} and is now in {now}"),
+            (None, None) => "it is not the JSON list of keys Consul writes".to_string(),
+            (None, Some(k)) if !k.iter().any(|k| k.trim() == key) => {
+                "it does not hold the cluster's gossip key".to_string()
+            }
+            (None, Some(_)) => continue,
+        };
+        let from = data_dir.join(rel);
+        let name = from
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("keyring")
+            .to_string();
+        out.push(Aside {
+            what: "Consul's gossip keyring",
+            to: from.with_file_name(format!("{name}.stale-{}", disk.now_unix)),
+            from,
+            why: format!(
+                "{why}; Consul would use this gossip keyring and ignore the key in its config"
+            ),
+        });
+    }
+    out
+}
+
+/// Consul's LAN keyring with `primary` then `other` (what Consul itself
+/// writes there: a JSON list of base64 keys, the first its primary,
+/// agent/keyring.go `loadKeyringFile`), owned by consul, 0600.
+fn rotation_keyring(
+    data_dir: &Path,
+    primary: &str,
+    other: &str,
+    owner: Option<(u32, u32)>,
+) -> FileSpec {
+    FileSpec {
+        path: data_dir.join(KEYRINGS[0]),
+        contents: serde_json::to_string(&[primary, other]).expect("strings serialise"),
+        mode: 0o600,
+        owner,
+    }
+}
+
+/// The TLS files of a node whose secrets were made at genesis (see
+/// [`TlsPaths`]): the CA file, and a server's certificate and key, kept
+/// from the disk (`on_disk`: certificate, key, CA) while still good, else
+/// newly signed.
+fn tls_material(
+    paths: &TlsPaths,
+    made: &crate::secrets::Material,
+    mode: crate::model::Mode,
+    server_name: &str,
+    node: &str,
+    address: std::net::IpAddr,
+    on_disk: Option<&(String, String, String)>,
+) -> Result<Vec<FileSpec>> {
+    use crate::secrets::{certificate_still_good, server_certificate};
+    let file = |path: &Path, contents: String, mode: u32| FileSpec {
+        path: path.to_path_buf(),
+        contents,
+        mode,
+        owner: None,
+    };
+    let mut out = vec![file(&paths.ca, made.ca_cert.clone(), 0o644)];
+    if mode.is_server() {
+        let kept = match on_disk {
+            Some((cert, key, ca)) if certificate_still_good(cert, made, ca, server_name, node) => {
+                Some((cert.clone(), key.clone()))
+            }
+            _ => None,
+        };
+        let (cert, key) = match kept {
+            Some(pair) => pair,
+            None => server_certificate(made, server_name, address)?,
+        };
+        out.push(file(&paths.cert, cert, 0o644));
+        out.push(file(&paths.key, key, 0o600));
+    }
+    Ok(out)
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use chrono::Utc;
 
-use super::VIEW_AGENTS;
 use crate::claims::{Claims, Renewal};
 use crate::cli::RoleWanted;
 use crate::decision::{self, Step};
@@ -17,6 +16,9 @@ use crate::registry::{Agents, Condition, RegistryView, Store, read_view};
 use crate::retry::Backoff;
 use crate::state::State;
 
+/// Agents whose bodies are read: twice the join bound, room for those EC2
+/// reports gone.
+pub(super) const VIEW_AGENTS: usize = 2 * crate::decision::MAX_JOIN;
 /// How long a joiner waits for the record of a cluster whose bootstrap
 /// node holds slot 0 but has not written it yet.
 pub(super) const PENDING_WAIT: Duration = Duration::from_secs(5);
@@ -536,23 +538,7 @@ impl Elector<'_> {
         replaces: Option<&str>,
         fresh: bool,
     ) -> Result<bool> {
-        let restore = replaces
-            .filter(|old| *old != id && self.restore)
-            .map(|old| RestorePlan {
-                from: old.to_string(),
-                state: RestoreState::Pending,
-                key: None,
-                sha256: None,
-                node: None,
-                at: Some(Utc::now().to_rfc3339()),
-                refused: Vec::new(),
-            });
-        if let Some(plan) = &restore {
-            tracing::warn!(
-                "cluster {id} replaces cluster {}: its newest valid snapshot will be restored once this node's Consul leads (auto-consul-snapshot.service; --no-restore opts out)",
-                plan.from
-            );
-        }
+        let restore = self.restore_plan(id, replaces);
         // A secondary datacenter: its primary, checked against the
         // primary's record (only at genesis: a secondary's boots never
         // depend on the primary being reachable).
@@ -589,32 +575,10 @@ impl Elector<'_> {
         // The secrets first: until the record names the cluster, its
         // genesis counts as unfinished (no Consul of it has run), so a
         // node stopped while making them bootstraps when it runs again.
-        // A cluster id this node has just drawn names no secret yet: they
-        // are made without reading first (create-only all the same).
         if let Some(store) = self.secrets {
-            let own = async {
-                match &self.own_token {
-                    Some(instance) => {
-                        crate::commands::node_tokens::make_own(store, id, instance).await
-                    }
-                    None => Ok(None),
-                }
-            };
-            // A secondary's gossip key and CA are the primary's, copied
-            // first (at the primary's generations); then its own tokens.
-            let made = async {
-                match &primary_record {
-                    Some(theirs) => {
-                        (record.gossip_key, record.ca) =
-                            crate::commands::federation::copy_shared(store, id, theirs).await?;
-                        let gens = crate::secrets::Generations::of(Some(&record));
-                        crate::secrets::genesis_with(store, id, true, gens).await
-                    }
-                    None => crate::secrets::genesis_fresh(store, id, fresh).await,
-                }
-            };
-            let (mut made, own) = tokio::try_join!(made, own)?;
-            made.node_token = own;
+            let made = self
+                .genesis_secrets(store, id, &mut record, primary_record.as_ref(), fresh)
+                .await?;
             *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some((id.to_string(), made));
         }
         let body = serde_json::to_vec(&record)?;
@@ -623,6 +587,63 @@ impl Elector<'_> {
             .put_settled(CLUSTER_KEY, body, condition)
             .await?;
         Ok(won.is_some())
+    }
+
+    /// The restore a cluster `id` replacing cluster `replaces` owes (none
+    /// with `--no-restore`).
+    fn restore_plan(&self, id: &str, replaces: Option<&str>) -> Option<RestorePlan> {
+        let plan = replaces
+            .filter(|old| *old != id && self.restore)
+            .map(|old| RestorePlan {
+                from: old.to_string(),
+                state: RestoreState::Pending,
+                key: None,
+                sha256: None,
+                node: None,
+                at: Some(Utc::now().to_rfc3339()),
+                refused: Vec::new(),
+            })?;
+        tracing::warn!(
+            "cluster {id} replaces cluster {}: its newest valid snapshot will be restored once this node's Consul leads (auto-consul-snapshot.service; --no-restore opts out)",
+            plan.from
+        );
+        Some(plan)
+    }
+
+    /// Cluster `id`'s secrets, made at its genesis, with this node's own
+    /// token. A cluster id this node has just drawn (`fresh`) names no
+    /// secret yet: they are made without reading first (create-only all
+    /// the same). A secondary's gossip key and CA are the primary's
+    /// (`primary`'s record), copied first at the primary's generations,
+    /// which `record` then says; then its own tokens.
+    async fn genesis_secrets(
+        &self,
+        store: &dyn crate::secrets::SecretStore,
+        id: &str,
+        record: &mut ClusterRecord,
+        primary: Option<&ClusterRecord>,
+        fresh: bool,
+    ) -> Result<crate::secrets::Material> {
+        let own = async {
+            match &self.own_token {
+                Some(instance) => crate::commands::node_tokens::make_own(store, id, instance).await,
+                None => Ok(None),
+            }
+        };
+        let made = async {
+            match primary {
+                Some(theirs) => {
+                    (record.gossip_key, record.ca) =
+                        crate::commands::federation::copy_shared(store, id, theirs).await?;
+                    let gens = crate::secrets::Generations::of(Some(record));
+                    crate::secrets::genesis_with(store, id, true, gens).await
+                }
+                None => crate::secrets::genesis_fresh(store, id, fresh).await,
+            }
+        };
+        let (mut made, own) = tokio::try_join!(made, own)?;
+        made.node_token = own;
+        Ok(made)
     }
 
     /// This node holds slot 0 for cluster `id`: makes sure the registry's

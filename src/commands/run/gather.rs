@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use super::elect::VIEW_AGENTS;
 use super::elect::{self, Elected, Elector};
 use super::files::*;
 use super::secrets::Secrets;
-use super::{DEFAULT_WAIT_CAP, VIEW_AGENTS};
 use crate::cli::{GlobalOpts, RoleWanted};
-use crate::commands::{Opened, open_store, registry_url, seed_settings};
+use crate::commands::{Opened, open_store};
 use crate::error::usage;
 use crate::identity::{self, Identity};
 use crate::install::{FileSpec, Root};
@@ -28,6 +28,10 @@ use crate::precedence;
 use crate::registry::{Agents, RegistryUrl, RegistryView, read_view};
 use crate::secrets::{Material, SecretStore};
 use crate::state::{self, State};
+
+/// The most a default wait (`--role-wait`, `--witness-wait`) lasts: both,
+/// with the IMDS wait, stay inside the boot unit's 15-minute start timeout.
+const DEFAULT_WAIT_CAP: u64 = 400;
 
 /// What `run` checked of its local input.
 pub(super) struct Local {
@@ -60,7 +64,7 @@ pub(super) struct Before {
 /// claim before the probe has passed), then the files the decision does
 /// not change, checked writable before any claim.
 pub(super) async fn before(opts: &GlobalOpts, dry_run: bool) -> Result<(Before, RegistryView)> {
-    let url = registry_url(opts)?;
+    let url = opts.cluster.registry_url()?;
     let root = Root::new(&opts.consul.root);
     let (local, consul_path) = local_checks(opts, &root, dry_run)?;
     let (me, launch, opened, racy, first_view) = first_look(opts, &root, &url, dry_run).await?;
@@ -184,7 +188,7 @@ async fn first_look(
         };
         let (racy, view) = tokio::try_join!(
             probe,
-            read_view(store, seed_settings(opts), Agents::Recent(VIEW_AGENTS))
+            read_view(store, opts.cluster.seed(), Agents::Recent(VIEW_AGENTS))
         )?;
         Ok::<_, anyhow::Error>((opened, racy, view))
     };
@@ -254,7 +258,7 @@ pub(super) async fn election(
         store: b.opened.store.as_ref(),
         me,
         registry: b.url.to_string(),
-        seed: seed_settings(opts),
+        seed: opts.cluster.seed(),
         dry_run,
         racy: b.racy,
         aws: b.opened.aws.as_ref(),

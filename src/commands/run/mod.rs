@@ -16,7 +16,6 @@
 use anyhow::Result;
 
 use crate::cli::GlobalOpts;
-use crate::decision::MAX_JOIN;
 
 mod apply;
 mod decide;
@@ -33,12 +32,6 @@ pub use files::{
     has_raft_state, own_binary,
 };
 
-/// The most a default wait (`--role-wait`, `--witness-wait`) lasts: both,
-/// with the IMDS wait, stay inside the boot unit's 15-minute start timeout.
-const DEFAULT_WAIT_CAP: u64 = 400;
-/// Agents whose bodies are read: twice the join bound, room for those EC2
-/// reports gone.
-pub(super) const VIEW_AGENTS: usize = 2 * MAX_JOIN;
 /// `run` (or `plan` with `dry_run`: nothing claimed, made or written;
 /// the plan shown).
 pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {

@@ -74,34 +74,13 @@ impl Elector<'_> {
                 },
             }
         };
-        let mut out = Vec::new();
-        for (slot, holder) in holders {
-            let why = match (&holder.instance_id, &answer) {
-                (None, _) => Some("no instance id to ask EC2 about".to_string()),
-                (Some(_), Err(e)) => Some(format!("EC2 could not say ({e:#})")),
-                (Some(id), Ok(words)) => match words.get(id) {
-                    Some(Witness::Running) => Some(format!("EC2 says {id} is running")),
-                    Some(Witness::Gone(state)) => {
-                        tracing::info!(
-                            "server {} of the old cluster: EC2 says {id} is {state}",
-                            holder.node
-                        );
-                        None
-                    }
-                    Some(Witness::Unknown) | None => {
-                        tracing::info!(
-                            "server {} of the old cluster: EC2 does not know {id}",
-                            holder.node
-                        );
-                        None
-                    }
-                },
-            };
-            if let Some(why) = why {
-                out.push(Unconfirmed { slot, holder, why });
-            }
-        }
-        Ok(out)
+        Ok(holders
+            .into_iter()
+            .filter_map(|(slot, holder)| {
+                let why = not_confirmed(&holder, &answer)?;
+                Some(Unconfirmed { slot, holder, why })
+            })
+            .collect())
     }
 
     pub(super) fn witness_message(
@@ -135,5 +114,33 @@ impl Elector<'_> {
             self.registry,
             list.join("; ")
         )
+    }
+}
+
+/// Why EC2's `answer` does not confirm `holder` gone (none: it does).
+fn not_confirmed(
+    holder: &SlotRecord,
+    answer: &Result<std::collections::HashMap<String, Witness>>,
+) -> Option<String> {
+    match (&holder.instance_id, answer) {
+        (None, _) => Some("no instance id to ask EC2 about".to_string()),
+        (Some(_), Err(e)) => Some(format!("EC2 could not say ({e:#})")),
+        (Some(id), Ok(words)) => match words.get(id) {
+            Some(Witness::Running) => Some(format!("EC2 says {id} is running")),
+            Some(Witness::Gone(state)) => {
+                tracing::info!(
+                    "server {} of the old cluster: EC2 says {id} is {state}",
+                    holder.node
+                );
+                None
+            }
+            Some(Witness::Unknown) | None => {
+                tracing::info!(
+                    "server {} of the old cluster: EC2 does not know {id}",
+                    holder.node
+                );
+                None
+            }
+        },
     }
 }
