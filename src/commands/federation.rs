@@ -458,9 +458,21 @@ pub async fn follow(
             return out;
         }
     };
+    // The management token (agent:write for joins, a reload, this
+    // datacenter's token made in Consul), read only when one of those is
+    // due: not at every heartbeat.
+    let changed = got
+        .servers
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        != had.wan
+        && !got.servers.is_empty();
+    let due =
+        changed || got.replication.is_some() || !made_for(root, SECONDARY_MANAGEMENT_MADE, cluster);
     let management = match opts.tls.acl_token_file {
-        None => super::management_token(opts, cluster).await.ok().flatten(),
-        Some(_) => None,
+        None if due => super::management_token(opts, cluster).await.ok().flatten(),
+        _ => None,
     };
     out["retry_join_wan"] = json!(
         got.servers

@@ -245,10 +245,10 @@ async fn server_beat(opts: &GlobalOpts, root: &Root, seen: &Seen, node: &Node) -
 }
 
 /// A server's share of the cluster's chores, each a warning when it
-/// fails: the ACL tokens made at genesis made in Consul once; its
-/// certificate renewed before it expires; as leader, the rotations under
-/// way and the tokens per node; a secondary's servers following the
-/// primary.
+/// fails: federation (a secondary's servers following the primary, a
+/// primary's making the replication token); the ACL tokens made at genesis
+/// made in Consul once; its certificate renewed before it expires; as
+/// leader, the rotations under way and the tokens per node.
 async fn server_chores(
     opts: &GlobalOpts,
     root: &Root,
@@ -258,6 +258,9 @@ async fn server_chores(
 ) -> Value {
     let (store, saved, me) = (seen.opened.store.as_ref(), seen.saved.as_ref(), &seen.me);
     let management = node.following.management_token.unwrap_or(1);
+    // First: a secondary's servers make their datacenter's management
+    // token, which the tokens below are made with.
+    let federation = super::federation::follow(opts, root, store, record, saved).await;
     if let (Some(url), Some(cluster)) = (
         &opts.tls.secrets,
         saved.and_then(|s| s.cluster_id.as_deref()),
@@ -292,7 +295,6 @@ async fn server_chores(
     }
     let rotation = rotate_if_leader(opts, store, &seen.status, me, record, management).await;
     let node_tokens = lead_node_tokens(opts, root, seen, record).await;
-    let federation = super::federation::follow(opts, root, store, record, saved).await;
     json!({
         "tls": tls,
         "rotations": rotation,
