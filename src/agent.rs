@@ -502,7 +502,10 @@ pub async fn ensure_dns_token(management: &str, dns_token: &str) -> Result<bool>
             "auto-consul: what DNS and requests without a token may read",
         )),
         "auto-consul: the DNS (default) token",
-        true,
+        // Global: a request this datacenter forwards to another (a DNS
+        // query for `<name>.service.<dc>.<domain>`, `?dc=`, a prepared
+        // query's failover) carries it, and is resolved there.
+        false,
     )
     .await
 }

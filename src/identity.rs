@@ -45,23 +45,23 @@ pub async fn resolve(
 }
 
 /// The identity from the options shared by every command.
-pub async fn of(opts: &crate::cli::GlobalOpts) -> Result<Identity> {
+pub async fn of(opts: &crate::cli::IdentityOpts) -> Result<Identity> {
     from_opts(opts, false).await
 }
 
 /// The identity and, when IMDS is asked and `--autoscaling-group` is not
-/// given, the autoscaling group tag, read at the same time in the same
-/// IMDS session (no round trip of its own).
-pub async fn of_with_group(opts: &crate::cli::GlobalOpts) -> Result<Identity> {
-    from_opts(opts, opts.waits.autoscaling_group.is_none()).await
+/// given (`group_given`), the autoscaling group tag, read at the same time
+/// in the same IMDS session (no round trip of its own).
+pub async fn of_with_group(opts: &crate::cli::IdentityOpts, group_given: bool) -> Result<Identity> {
+    from_opts(opts, !group_given).await
 }
 
-async fn from_opts(opts: &crate::cli::GlobalOpts, group: bool) -> Result<Identity> {
+async fn from_opts(opts: &crate::cli::IdentityOpts, group: bool) -> Result<Identity> {
     resolve(
-        opts.identity.address,
-        opts.identity.node.clone(),
-        opts.identity.instance_id.clone(),
-        Duration::from_secs(opts.identity.imds_timeout),
+        opts.address,
+        opts.node.clone(),
+        opts.instance_id.clone(),
+        Duration::from_secs(opts.imds_timeout),
         group,
     )
     .await

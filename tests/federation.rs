@@ -119,6 +119,24 @@ fn a_secondary_names_its_primary_once_and_its_servers_follow_the_primarys_over_t
     let err = String::from_utf8_lossy(&clash.stderr);
     assert!(err.contains("datacenter `dc1` is the primary's"), "{err}");
 
+    // `plan` of dc2's genesis checks the primary and shows what follows.
+    let (root0, _, _) = dc2.node(0);
+    let plan = ok_json(&output(
+        node_cmd(moto, "plan", &dc2.registry(), &root0, "dc2-0", "10.81.2.1").args([
+            "--servers",
+            "3",
+            "--role",
+            "server",
+            "--datacenter",
+            "dc2",
+            &primary,
+        ]),
+    ));
+    let shown: Value =
+        serde_json::from_str(plan["plan"]["files"][0]["contents"].as_str().unwrap()).unwrap();
+    assert_eq!(shown["primary_datacenter"], "dc1", "{shown}");
+    assert_eq!(ips(&shown["retry_join_wan"]), dc1_servers);
+    assert!(files_under(&root0).is_empty(), "plan wrote files");
     for i in 0..3 {
         ok_json(&dc2.boot(i, "server", &[&primary]));
     }
@@ -513,6 +531,9 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     let agent2 = dc2.secret("agent/agent-token").unwrap();
     let a = acl_token(&acl, &agent2);
     assert_eq!(a["Datacenter"], "dc2", "{a}");
+    // dc2's DNS token is global: a query dc1 forwards to dc2 carries it.
+    let dns2 = acl_token(&acl, &dc2.secret("agent/dns-token").unwrap());
+    assert_eq!(dns2["Local"], json!(false), "{dns2}");
     assert_ne!(
         agent2,
         dc1.secret("agent/agent-token").unwrap(),

@@ -227,6 +227,33 @@ fn run_writes_what_plan_shows_with_tls_from_secrets() {
     assert!(key["contents"].as_str().unwrap().starts_with("(a secret"));
     let (_, run) = node(2).plan_then_run(&flags);
     assert_eq!(run["mode"], "agent");
+    // Without --secrets the plan drops them: the diff of the config on
+    // disk shows none of its secret values either.
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(node(1).root.join("etc/consul.d/zz-auto-consul.json")).unwrap(),
+    )
+    .unwrap();
+    let out = output(
+        auto_consul(moto)
+            .args(["plan", "--registry", &registry, "--servers", "2"])
+            .args(["--address", "10.62.0.2", "--node", "pt-1", "--root"])
+            .arg(&node(1).root),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("changed file: "), "{text}");
+    let key = config["encrypt"].as_str().unwrap();
+    assert!(!text.contains(key), "the gossip key shown: {text}");
+    for (name, token) in config["acl"]["tokens"].as_object().unwrap() {
+        assert!(
+            !text.contains(token.as_str().unwrap()),
+            "token {name} shown: {text}"
+        );
+    }
 }
 
 #[test]

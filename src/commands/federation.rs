@@ -365,6 +365,27 @@ fn configured(config: &std::path::Path) -> Configured {
     }
 }
 
+/// The token a server writes ACL tokens and policies with. In a primary,
+/// its management token. In a secondary, the primary's replication token
+/// (once its config holds it): policies are global, and Consul writes them
+/// in the primary (agent/consul/acl_endpoint.go, `PolicySet` forwards to
+/// the primary datacenter, which resolves the token), where a token local
+/// to the secondary does not exist; the replication token is global and
+/// may write any token or policy (`acl = "write"`).
+pub fn acl_writer(
+    opts: &GlobalOpts,
+    root: &crate::install::Root,
+    record: &ClusterRecord,
+    management: String,
+) -> String {
+    if record.primary.is_none() {
+        return management;
+    }
+    configured(&root.path(&opts.consul.config_dir.join(super::run::CONFIG_FILE)))
+        .replication
+        .unwrap_or(management)
+}
+
 /// Whether the marker file at `path` names cluster `cluster`.
 pub(super) fn made_for(root: &crate::install::Root, path: &str, cluster: &str) -> bool {
     std::fs::read_to_string(root.path(std::path::Path::new(path)))

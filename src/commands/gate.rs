@@ -18,7 +18,8 @@ const POLL: Duration = Duration::from_secs(2);
 /// `gate`.
 pub async fn gate(opts: &GlobalOpts) -> Result<()> {
     let root = Root::new(&opts.consul.root);
-    let mut me = identity::of_with_group(opts).await?;
+    let mut me =
+        identity::of_with_group(&opts.identity, opts.waits.autoscaling_group.is_some()).await?;
     let registry = opts.cluster.registry_url()?.to_string();
     let saved = state::load_for(&root, &registry, &me);
     if me.instance_id.is_none() {

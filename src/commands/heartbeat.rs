@@ -79,7 +79,7 @@ impl Seen {
             })
             .await?
         };
-        let mut me = identity::of(opts).await?;
+        let mut me = identity::of(&opts.identity).await?;
         let saved = state::load_for(root, &url.to_string(), &me);
         if me.instance_id.is_none() {
             me.instance_id = saved.as_ref().and_then(|s| s.instance_id.clone());
@@ -269,7 +269,11 @@ async fn server_chores(
         // Once a rotation moved the agents' token on, its steps make the
         // tokens: generation 1 is never made again.
         let agent_token = record.is_none_or(|(r, _)| r.agent_token.is_none());
-        tokens_in_consul(root, url, cluster, agent_token, management).await;
+        let writer = |m: String| match record {
+            Some((r, _)) => super::federation::acl_writer(opts, root, r, m),
+            None => m,
+        };
+        tokens_in_consul(root, url, cluster, agent_token, management, writer).await;
     }
     let tls = match saved {
         Some(s) => {
@@ -323,7 +327,8 @@ async fn lead_node_tokens(
     };
     match super::management_token(opts, cluster).await {
         Ok(Some(m)) => {
-            super::node_tokens::lead(opts, root, seen.opened.store.as_ref(), rec, &m).await
+            let writer = super::federation::acl_writer(opts, root, &rec.0, m);
+            super::node_tokens::lead(opts, root, seen.opened.store.as_ref(), rec, &writer).await
         }
         Ok(None) => Value::Null,
         Err(e) => json!({"error": format!("{e:#}")}),
@@ -386,13 +391,15 @@ async fn rotate_if_leader(
             }
         }
         if record.agent_token.is_some_and(|g| g.rotation.is_some()) {
-            let management = token.as_deref().ok_or_else(|| {
+            let management = token.clone().ok_or_else(|| {
                 anyhow::anyhow!("no management token: the agents' token cannot be rotated")
             })?;
+            let root = Root::new(&opts.consul.root);
+            let writer = super::federation::acl_writer(opts, &root, &record, management);
             out["agent_token"] = super::rotate::drive_agent_token(
                 store,
                 secrets_store.as_ref(),
-                management,
+                &writer,
                 record.clone(),
                 etag.clone(),
             )
@@ -633,6 +640,7 @@ async fn tokens_in_consul(
     cluster: &str,
     agent_token: bool,
     management: u32,
+    writer: impl FnOnce(String) -> String,
 ) {
     let made_for = |marker: &str| {
         std::fs::read_to_string(root.path(std::path::Path::new(marker)))
@@ -658,6 +666,7 @@ async fn tokens_in_consul(
             .ok_or_else(|| anyhow::anyhow!("no management token"))?;
         Ok::<_, anyhow::Error>(Some((m, management)))
     };
+    let made = async { made.await.map(|o| o.map(|(m, t)| (m, writer(t)))) };
     let (m, management) = match made.await {
         Ok(Some(x)) => x,
         Ok(None) => return,

@@ -72,7 +72,7 @@ fn server_cluster(opts: &GlobalOpts) -> Option<String> {
 pub async fn registry_leave(opts: &GlobalOpts) -> Result<()> {
     let url = opts.cluster.registry_url()?;
     let root = Root::new(&opts.consul.root);
-    let me = identity::of(opts).await?;
+    let me = identity::of(&opts.identity).await?;
     let saved = state::load_for(&root, &url.to_string(), &me);
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();

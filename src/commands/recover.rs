@@ -95,7 +95,7 @@ pub async fn recover(opts: &GlobalOpts, step: Step) -> Result<()> {
     let Some(cluster) = view.record().map(|r| r.cluster_id.clone()) else {
         bail!("the registry {url} has no cluster record: no cluster to recover");
     };
-    let me = identity::of(opts).await?;
+    let me = identity::of(&opts.identity).await?;
     let pinned = pinned_plan(store, &cluster).await?;
     let path = opts.consul.data_dir.join("raft/peers.json");
 

@@ -849,6 +849,8 @@ pub async fn follow_rotations(
             if record.primary.is_none() {
                 set_config_token(opts, root, "initial_management", token)?;
                 restart_consul(root)?;
+            } else if changed {
+                reload_consul(root, Some(token)).await;
             }
             crate::state::record_number(root, MANAGEMENT_TOKEN_GENERATION, management_want);
             tracing::warn!(

@@ -300,7 +300,8 @@ def main():
         except (OSError, ValueError):
             pass
     my_dc = conf.get("datacenter") or "dc1"
-    secondary = (conf.get("primary_datacenter") or my_dc) != my_dc
+    primary_dc = conf.get("primary_datacenter") or my_dc
+    secondary = primary_dc != my_dc
     started = time.monotonic()
     body = json.dumps(agent_self(args.node, args.server, args.address)).encode()
     own = f"{args.address}:8300"
@@ -341,7 +342,7 @@ def main():
 
     GLOBAL_MANAGEMENT = "00000000-0000-0000-0000-000000000001"
 
-    def visible(st, secret):
+    def visible(st, secret, dc=None):
         """The token `secret` as this datacenter resolves it. One --acl-dir
         may serve a primary and a secondary: global tokens and policies
         (written in, or forwarded to, the primary) are what a secondary
@@ -349,18 +350,18 @@ def main():
         `Local: true` exists in the datacenter that made it only (Consul:
         ACLToken.Local; structs.ACLToken)."""
         token = st["tokens"].get(secret)
-        if token and token.get("Local") and token.get("Datacenter", "dc1") != my_dc:
+        if token and token.get("Local") and token.get("Datacenter", "dc1") != (dc or my_dc):
             return None
         return token
 
-    def is_management(secret):
+    def is_management(secret, dc=None):
         """Whether `secret` may do what a management token may: with
         --acl-dir, a token of the ACL state linked to Consul's built-in
         global-management policy (a restore replaces that state, and with it
         which tokens those are); else the --acl-management token."""
         if not args.acl_dir:
             return secret == args.acl_management
-        token = acl_state(lambda st: visible(st, secret))
+        token = acl_state(lambda st: visible(st, secret, dc))
         return bool(token) and any(
             p.get("ID") == GLOBAL_MANAGEMENT or p.get("Name") == "global-management"
             for p in token.get("Policies") or []
@@ -382,19 +383,28 @@ def main():
                     return True
         return False
 
-    def acl_write(secret):
-        """acl:write: a management token, or a token whose policies say
-        `acl = "write"` (acl/policy_authorizer.go, ACLWrite), as the
-        replication token's do; Consul lets it write any token or policy."""
-        if is_management(secret):
+    def acl_write(secret, dc=None):
+        """acl:write in datacenter `dc` (this one by default): a management
+        token, or a token whose policies say `acl = "write"`
+        (acl/policy_authorizer.go, ACLWrite), as the replication token's
+        do; Consul lets it write any token or policy."""
+        if is_management(secret, dc):
             return True
-        return any(re.search(r'(^|\n)\s*acl\s*=\s*"write"', rules) for rules in rules_of(secret))
+        return any(re.search(r'(^|\n)\s*acl\s*=\s*"write"', rules) for rules in rules_of(secret, dc))
 
-    def rules_of(secret):
+    def acl_write_here_or_primary(secret, forwarded):
+        """A secondary forwards policy writes, and writes of tokens that are
+        not local, to the primary, which resolves the token there
+        (agent/consul/acl_endpoint.go: PolicySet, PolicyDelete, TokenSet and
+        TokenDelete of a global token set `args.Datacenter` to the primary
+        datacenter): a token local to the secondary is not found there."""
+        return acl_write(secret, primary_dc if (secondary and forwarded) else None)
+
+    def rules_of(secret, dc=None):
         """The rules of each policy of the token `secret` (none when this
         datacenter resolves no such token)."""
         def read(st):
-            token = visible(st, secret)
+            token = visible(st, secret, dc)
             if not token:
                 return []
             names = {p.get("Name") for p in token.get("Policies") or []}
@@ -568,10 +578,11 @@ def main():
             cluster_state(bootstrap)
             return self.reply(200, b"true", "application/json")
         if path in ("/v1/acl/policy", "/v1/acl/token") and args.acl_dir:
-            if not acl_write(self.headers.get("X-Consul-Token", "")):
-                return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
             length = int(self.headers.get("Content-Length") or 0)
             req = json.loads(self.rfile.read(length) or b"{}")
+            forwarded = path == "/v1/acl/policy" or not req.get("Local")
+            if not acl_write_here_or_primary(self.headers.get("X-Consul-Token", ""), forwarded):
+                return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
             if path == "/v1/acl/policy":
                 def put_policy(st):
                     if req.get("Name") in st["policies"]:
@@ -889,7 +900,7 @@ def main():
             return keyring_op(self, "DELETE")
         if path.startswith("/v1/acl/policy/") and args.acl_dir:
             # acl:write (agent/acl_endpoint.go ACLPolicyDelete); 200 "true".
-            if not is_management(self.headers.get("X-Consul-Token", "")):
+            if not acl_write_here_or_primary(self.headers.get("X-Consul-Token", ""), True):
                 return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
             pid = path[len("/v1/acl/policy/"):]
 
@@ -903,9 +914,11 @@ def main():
             return self.reply(200, b"true", "application/json")
         if path.startswith("/v1/acl/token/") and args.acl_dir:
             # acl:write (agent/acl_endpoint.go ACLTokenDelete); 200 "true".
-            if not is_management(self.headers.get("X-Consul-Token", "")):
-                return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
             accessor = path[len("/v1/acl/token/"):]
+            target = acl_state(lambda st: next(
+                (t for t in st["tokens"].values() if t.get("AccessorID") == accessor), {}))
+            if not acl_write_here_or_primary(self.headers.get("X-Consul-Token", ""), not target.get("Local")):
+                return self.reply(403, b"Permission denied: token lacks acl:write", "text/plain")
 
             def delete(st):
                 gone = [k for k, t in st["tokens"].items() if t.get("AccessorID") == accessor]

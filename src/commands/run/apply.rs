@@ -42,8 +42,15 @@ pub(super) fn apply(root: &Root, plan: &NodePlan) -> Result<Applied> {
             }
         }
     }
-    for dir in &plan.consul_dirs {
-        consul_dir(root, dir)?;
+    if let Some(k) = &plan.keyring {
+        if let Some(dir) = k.path.parent() {
+            consul_dir(root, dir)?;
+        }
+        install::write_atomic(root, k)?;
+        tracing::info!(
+            "a gossip key rotation is under way: {} holds both keys",
+            k.path.display()
+        );
     }
     let written = write_files(root, plan)?;
     for r in &plan.records {

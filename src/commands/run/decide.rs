@@ -23,9 +23,10 @@ use crate::state::State;
 pub(super) struct NodePlan {
     /// Written atomically under the config lock, in this order.
     pub(super) files: Vec<FileSpec>,
-    /// Directories made first, owned by the consul user (Consul's serf
-    /// directory, for a rotation's keyring).
-    pub(super) consul_dirs: Vec<PathBuf>,
+    /// During a gossip key rotation, Consul's keyring with both keys,
+    /// written first (in Consul's serf directory, made owned by the consul
+    /// user when new).
+    pub(super) keyring: Option<FileSpec>,
     /// Moved aside before Consul starts.
     pub(super) aside: Vec<Aside>,
     /// Removed after the files are written, when present.
@@ -117,7 +118,7 @@ pub(super) fn decide(opts: &GlobalOpts, b: &Before, e: &Election, a: &After) -> 
     files.push(state_file(b, elected));
     let mut plan = NodePlan {
         files,
-        consul_dirs: Vec::new(),
+        keyring: None,
         aside: Vec::new(),
         remove: removals(opts, &a.disk, &b.fixed),
         records: records(opts, b, elected, a),
@@ -358,11 +359,7 @@ fn data_dir_work(
     if let Some(other) = a.made.as_ref().and_then(|m| m.gossip_other.as_deref())
         && b.local.secrets.encrypt.is_none()
     {
-        plan.consul_dirs.push(data_dir.join("serf"));
-        plan.files.insert(
-            0,
-            rotation_keyring(data_dir, key, other, a.disk.consul_user),
-        );
+        plan.keyring = Some(rotation_keyring(data_dir, key, other, a.disk.consul_user));
     }
 }
 

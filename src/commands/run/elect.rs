@@ -393,7 +393,8 @@ impl Elector<'_> {
         view: RegistryView,
     ) -> Result<Option<Elected>> {
         if self.dry_run {
-            let mut out = elected(Mode::Bootstrap, None, cluster_id, view);
+            // The cluster's id is drawn by `run`.
+            let mut out = elected(Mode::Bootstrap, None, None, view);
             out.witnessed = true;
             return Ok(Some(out));
         }

@@ -172,7 +172,8 @@ async fn first_look(
     // Who this node is; then, in the background, its launch hook (the
     // group tag was read with the identity), whose heartbeats start at once.
     let who = async {
-        let me = identity::of_with_group(opts).await?;
+        let me =
+            identity::of_with_group(&opts.identity, opts.waits.autoscaling_group.is_some()).await?;
         let launch = (!dry_run).then(|| crate::lifecycle::watch_launch(opts, &me, root));
         Ok::<_, anyhow::Error>((me, launch))
     };
@@ -292,7 +293,15 @@ pub(super) async fn election(
             return Err(e);
         }
     };
-    let primary = take_ours(&elector.recorded_primary, &elected);
+    let mut primary = take_ours(&elector.recorded_primary, &elected);
+    // `plan` of a genesis (or of one left unfinished) checks the primary a
+    // secondary names, as `run` does when it writes the record (reads
+    // only), and shows what follows from it.
+    if dry_run && is_new_cluster(&elected) {
+        primary = crate::commands::federation::primary_for_genesis(opts)
+            .await?
+            .map(|(p, _)| p);
+    }
     let made = take_ours(&elector.made, &elected).filter(|_| elected.mode.is_server());
     Ok(Election {
         elected,
@@ -457,7 +466,7 @@ async fn material(
     let made = match e.made.take() {
         Some(m) => Some(m),
         None if dry_run && is_new_cluster(elected) => None,
-        None => genesis_material(store, elected, own, dry_run).await?,
+        None => genesis_material(store, elected, own).await?,
     };
     match (made, store, elected.cluster_id.as_deref(), own) {
         (Some(m), Some(store), Some(cluster), Some(own)) if !dry_run => Ok(Some(
@@ -491,15 +500,15 @@ async fn genesis_material(
     store: Option<&dyn SecretStore>,
     elected: &Elected,
     own: Option<&str>,
-    dry_run: bool,
 ) -> Result<Option<Material>> {
     // The generations are the record's (a rotation moves them).
     let gens = generations(elected);
     match (store, elected.cluster_id.as_deref()) {
         (Some(store), Some(cluster)) => {
             // This node's own token, in the same round of reads.
+            // (Read by `plan` too: it only reads.)
             let node = async {
-                match own.filter(|_| !dry_run) {
+                match own {
                     Some(id) => crate::commands::node_tokens::read(store, cluster, id).await,
                     None => Ok(None),
                 }

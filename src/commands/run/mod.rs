@@ -37,6 +37,7 @@ pub use files::{
 pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
     let (mut before, first_view) = gather::before(opts, dry_run).await?;
     let mut election = gather::election(opts, &mut before, first_view, dry_run).await?;
+    let after = gather::after(opts, &before, &mut election, dry_run).await?;
     if !dry_run {
         let elected = &election.elected;
         crate::metrics::node(elected.mode, elected.slot);
@@ -49,7 +50,6 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             .len(),
         );
     }
-    let after = gather::after(opts, &before, &mut election, dry_run).await?;
     let plan = decide::decide(opts, &before, &election, &after)?;
     let written = if dry_run {
         Vec::new()

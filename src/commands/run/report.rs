@@ -75,7 +75,7 @@ impl Done<'_> {
             })
         };
         json!({
-            "files": plan.files.iter().map(file).collect::<Vec<_>>(),
+            "files": plan.keyring.iter().chain(&plan.files).map(file).collect::<Vec<_>>(),
             "records": plan.records.iter().map(file).collect::<Vec<_>>(),
             "aside": plan.aside.iter().map(|a| json!({
                 "what": a.what, "from": self.root.path(&a.from), "to": self.root.path(&a.to), "why": a.why,
@@ -98,8 +98,9 @@ impl Done<'_> {
         plan.aside.is_empty()
             && plan.remove.is_empty()
             && plan
-                .files
+                .keyring
                 .iter()
+                .chain(&plan.files)
                 .chain(&plan.records)
                 .all(|f| Change::of(self.root, opts, plan, f).status == "unchanged")
     }
@@ -144,7 +145,9 @@ impl Done<'_> {
             println!("{what}: {}", p.display());
         }
         if self.plan.start {
-            println!("started: {}", self.plan.units.join(", "));
+            println!(
+                "started: consul.service, auto-consul-heartbeat.timer, auto-consul-leave.service"
+            );
         }
     }
 
@@ -155,7 +158,9 @@ impl Done<'_> {
         if self.secrets_at_genesis {
             println!("secrets: made at this cluster's genesis by `run` (not shown here)");
         }
-        for (kind, list) in [("file", &plan.files), ("record", &plan.records)] {
+        let files: Vec<&FileSpec> = plan.keyring.iter().chain(&plan.files).collect();
+        let records: Vec<&FileSpec> = plan.records.iter().collect();
+        for (kind, list) in [("file", files), ("record", records)] {
             for f in list {
                 let c = Change::of(self.root, opts, plan, f);
                 println!(
@@ -258,24 +263,49 @@ fn holds_secret(opts: &GlobalOpts, plan: &NodePlan, path: &Path) -> bool {
             .any(|k| path == opts.consul.data_dir.join(k))
 }
 
-/// `text` of the file at `path` as `plan` shows it: the config file with
-/// its secret values masked (`encrypt`, every `acl.tokens` entry); a key
-/// or keyring whole.
+/// `text` of the file at `path` as `plan` shows it, on disk as in the
+/// plan: the config file with every secret value masked (`encrypt`, every
+/// `acl.tokens` entry), whatever the plan holds (the file on disk may hold
+/// secrets the plan drops); the env file with the values of the lines it
+/// keeps from the operator masked (a proxy's credentials, a token); a TLS
+/// key or a keyring whole.
 fn masked(opts: &GlobalOpts, plan: &NodePlan, path: &Path, text: &str) -> String {
-    if !holds_secret(opts, plan, path) {
+    let _ = plan;
+    let whole = || format!("(a secret, {} bytes, not shown)\n", text.len());
+    if path == TlsPaths::new(&opts.consul.config_dir).key
+        || KEYRINGS
+            .iter()
+            .any(|k| path == opts.consul.data_dir.join(k))
+    {
+        return whole();
+    }
+    if path == Path::new(super::files::ENV_FILE) {
+        return text
+            .lines()
+            .map(|line| match line.split_once('=') {
+                Some((k, _))
+                    if !k.starts_with("AUTO_CONSUL_") && !k.trim_start().starts_with('#') =>
+                {
+                    format!("{k}=(kept from the operator, not shown)\n")
+                }
+                _ => format!("{line}\n"),
+            })
+            .collect();
+    }
+    if path != opts.consul.config_dir.join(CONFIG_FILE) {
         return text.to_string();
     }
-    let Ok(mut v) = serde_json::from_str::<Value>(text).map(|v| v.is_object().then_some(v)) else {
-        return format!("(a secret, {} bytes, not shown)\n", text.len());
+    let Ok(mut v) = serde_json::from_str::<Value>(text) else {
+        return whole();
     };
-    let Some(v) = v.as_mut() else {
-        return format!("(a secret, {} bytes, not shown)\n", text.len());
+    let Some(map) = v.as_object_mut() else {
+        return whole();
     };
     const HIDDEN: &str = "(a secret, not shown)";
-    if v.get("encrypt").is_some() {
-        v["encrypt"] = json!(HIDDEN);
+    if map.contains_key("encrypt") {
+        map.insert("encrypt".into(), json!(HIDDEN));
     }
-    if let Some(tokens) = v
+    if let Some(tokens) = map
         .get_mut("acl")
         .and_then(|a| a.get_mut("tokens"))
         .and_then(Value::as_object_mut)
@@ -284,7 +314,7 @@ fn masked(opts: &GlobalOpts, plan: &NodePlan, path: &Path, text: &str) -> String
             *t = json!(HIDDEN);
         }
     }
-    serde_json::to_string_pretty(v).expect("JSON serialises") + "\n"
+    serde_json::to_string_pretty(&v).expect("JSON serialises") + "\n"
 }
 
 /// The `cluster` object of `run --json`: the registry's record as read,
