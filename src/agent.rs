@@ -735,6 +735,21 @@ pub async fn delete_token(management: &str, secret: &str) -> Result<()> {
     .map(|_| ())
 }
 
+/// The datacenters Consul knows (`GET /v1/catalog/datacenters`: this one
+/// and every one its servers reach over the WAN; Consul asks no ACL for
+/// it, agent/consul/catalog_endpoint.go `ListDatacenters`).
+pub async fn datacenters() -> Result<Vec<String>> {
+    let text = Api::from_env(None)?
+        .call(
+            reqwest::Method::GET,
+            "/v1/catalog/datacenters",
+            None,
+            Duration::from_secs(10),
+        )
+        .await?;
+    serde_json::from_str(&text).context("the datacenter list is not Consul's JSON")
+}
+
 /// Whether autopilot reports the whole cluster healthy (`GET
 /// /v1/operator/autopilot/health`, `Healthy`: every server healthy and,
 /// with Consul's defaults, stable for `server_stabilization_time`; Consul

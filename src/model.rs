@@ -490,6 +490,11 @@ pub struct CaGeneration {
     /// A rotation under way: where it stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<CaStep>,
+    /// When the step under way began (Unix seconds, on the registry's
+    /// clock): a federated primary holds each step for an expiry, so its
+    /// secondaries follow it before it goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
 }
 
 impl Default for CaGeneration {
@@ -497,6 +502,7 @@ impl Default for CaGeneration {
         CaGeneration {
             generation: 1,
             rotation: None,
+            since: None,
         }
     }
 }

@@ -314,6 +314,9 @@ impl Secure {
                 self.acl.to_str().unwrap(),
                 "--config-file",
                 config.to_str().unwrap(),
+                // Consul's WAN knows both datacenters.
+                "--datacenters",
+                "dc1,dc2",
             ],
         );
         let out = heartbeat_cmd(
@@ -572,8 +575,32 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     // the new generations and take the primary's steps into their record;
     // dc2's leader drives neither (the primary's does, for every
     // datacenter).
-    dc1.rotate("gossip-key");
+    // A federated primary holds each step of a CA rotation for an expiry,
+    // so that its secondaries follow it before it goes on.
     dc1.rotate("ca");
+    for i in 0..3 {
+        dc1.beat(i);
+    }
+    let held = dc1.beat(0);
+    assert_eq!(held["rotations"]["ca"]["step"], "trust", "{held}");
+    let why = held["rotations"]["ca"]["waiting"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("secondary datacenters"), "{held}");
+    // Once the step is an expiry old (its start moved back an hour by the
+    // test), every dc1 node trusting both CAs, it goes on.
+    let mut r = dc1.record();
+    r["ca"]["since"] = json!(r["ca"]["since"].as_i64().unwrap() - 3600);
+    put(
+        moto,
+        &dc1.bucket,
+        &format!("{}/cluster", dc1.prefix),
+        &r.to_string(),
+    );
+    let went = dc1.beat(0);
+    assert_eq!(went["rotations"]["ca"]["steps"], json!(["trust"]), "{went}");
+    assert_eq!(dc1.record()["ca"]["rotation"], "reissue");
+    dc1.rotate("gossip-key");
     let v = dc2.beat(0);
     assert!(v["federation"]["rotations"]["error"].is_null(), "{v}");
     let (rec1, rec2) = (dc1.record(), dc2.record());

@@ -208,6 +208,7 @@ pub async fn copy_shared(
         (ca > 1).then_some(CaGeneration {
             generation: ca,
             rotation: None,
+            since: None,
         }),
     ))
 }

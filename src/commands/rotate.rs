@@ -639,6 +639,7 @@ pub async fn start_ca(
     record.ca = Some(CaGeneration {
         generation: cur.generation,
         rotation: Some(CaStep::Trust),
+        since: Some(store.now().await.timestamp()),
     });
     write(store, &record, etag).await?;
     Ok(json!({
@@ -658,12 +659,45 @@ pub async fn drive_ca(
     mut etag: String,
 ) -> Result<Value> {
     let mut done = Vec::new();
+    // A primary with secondaries (Consul's WAN knows other datacenters)
+    // holds each step for an expiry: a secondary copies a step at its
+    // servers' next heartbeat and its nodes follow at theirs, and WAN RPC
+    // between the datacenters needs both sides to trust the CA the other
+    // side's servers present.
+    let federated = record.primary.is_none()
+        && agent::datacenters()
+            .await
+            .map(|d| d.len() > 1)
+            .unwrap_or(false);
+    let hold = record.expiry.unwrap_or(crate::cli::DEFAULT_EXPIRY) as i64;
     loop {
         let cur = record.ca.unwrap_or_default();
         let Some(step) = cur.rotation else {
             return Ok(json!({"steps": done, "generation": cur.generation, "step": null}));
         };
         let g = cur.generation;
+        if federated {
+            let now = store.now().await.timestamp();
+            let left = cur.since.map_or(hold, |s| hold - (now - s).max(0));
+            if left > 0 {
+                let why = format!(
+                    "secondary datacenters follow each step: held {left}s more (an expiry from its start)"
+                );
+                tracing::info!("CA rotation, step {}: {why}", step.as_str());
+                if cur.since.is_none() {
+                    // A step begun before it was timed: timed from now.
+                    let mut r = record.clone();
+                    r.ca = Some(CaGeneration {
+                        since: Some(now),
+                        ..cur
+                    });
+                    write(store, &r, etag).await?;
+                }
+                return Ok(
+                    json!({"steps": done, "generation": g, "step": step.as_str(), "waiting": why}),
+                );
+            }
+        }
         let (behind, next) = match step {
             CaStep::Trust => (
                 nodes_behind(store, &record, false, |b| {
@@ -673,6 +707,7 @@ pub async fn drive_ca(
                 CaGeneration {
                     generation: g,
                     rotation: Some(CaStep::Reissue),
+                    since: None,
                 },
             ),
             CaStep::Reissue => (
@@ -683,6 +718,7 @@ pub async fn drive_ca(
                 CaGeneration {
                     generation: g + 1,
                     rotation: Some(CaStep::Drop),
+                    since: None,
                 },
             ),
             CaStep::Drop => (
@@ -693,9 +729,14 @@ pub async fn drive_ca(
                 CaGeneration {
                     generation: g,
                     rotation: None,
+                    since: None,
                 },
             ),
         };
+        let mut next = next;
+        if next.rotation.is_some() {
+            next.since = Some(store.now().await.timestamp());
+        }
         if !behind.is_empty() {
             let why = format!(
                 "{} live node(s) not there yet: {}",

@@ -272,6 +272,12 @@ def main():
         help="this agent's Consul config file: requests without X-Consul-Token run with its acl.tokens.default "
         "(with --acl-dir: the catalog endpoints filter by the ACL rules Consul applies)",
     )
+    parser.add_argument(
+        "--datacenters",
+        help="comma-separated: the datacenters GET /v1/catalog/datacenters lists, as Consul lists the ones its "
+        "servers reach over the WAN (agent/consul/catalog_endpoint.go ListDatacenters: no ACL asked; this "
+        "datacenter alone without WAN federation); default: the config's datacenter",
+    )
     parser.add_argument("--rpc-cert")
     parser.add_argument("--rpc-key")
     parser.add_argument("--rpc-ca")
@@ -518,6 +524,9 @@ def main():
                 roots = {"ActiveRootID": ca["ActiveRootID"], "TrustDomain": "11111111-2222-3333-4444-555555555555.consul",
                          "Roots": [{"ID": ca["ActiveRootID"], "Name": "Consul CA Primary Cert", "Active": True}]}
                 return self.reply(200, json.dumps(roots).encode(), "application/json")
+            if path == "/v1/catalog/datacenters":
+                dcs = args.datacenters.split(",") if args.datacenters else [my_dc]
+                return self.reply(200, json.dumps(dcs).encode(), "application/json")
             if path == "/v1/operator/autopilot/configuration":
                 conf = cluster_state(lambda st: st.get("autopilot"))
                 if conf is None:
