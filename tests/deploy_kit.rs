@@ -362,6 +362,8 @@ checks = {
             "aws_iam_role_policy.auto_consul",
             "aws_iam_instance_profile.this",
             "aws_security_group.consul",
+            "aws_security_group.servers",
+            "aws_vpc_security_group_ingress_rule.wan",
             "aws_launch_template.this",
             "aws_autoscaling_group.servers",
             "aws_autoscaling_group.agents",
@@ -372,16 +374,14 @@ checks = {
         "Outputs": [
             "bucket_name", "registry_url", "iam_role_name", "instance_profile_name",
             "iam_policies", "registry_bucket_policy", "secrets_url",
-            "security_group_id", "servers_asg_name", "agents_asg_name",
+            "security_group_id", "server_security_group_id", "servers_asg_name",
+            "agents_asg_name",
         ],
     },
     "terraform/examples/basic": {"ModuleCalls": ["consul"]},
     "terraform/examples/two-regions": {
         "ModuleCalls": ["dc1", "dc2"],
-        "ManagedResources": [
-            "aws_vpc_security_group_ingress_rule.dc1_from_dc2",
-            "aws_vpc_security_group_ingress_rule.dc2_from_dc1",
-        ],
+        "DataResources": ["data.aws_vpc.dc1", "data.aws_vpc.dc2"],
     },
 }
 failed = False
@@ -456,6 +456,12 @@ const VARIABLE_CASES: &[(&str, &str, bool)] = &[
     ("primary_registry", r#""s3://primary-bucket""#, true),
     ("primary_registry", r#""file:///tmp/dc1""#, false),
     ("primary_registry", r#""s3://Bad_Bucket/x""#, false),
+    ("wan_cidr_blocks", "[]", true),
+    ("wan_cidr_blocks", r#"["10.1.0.0/16", "172.16.0.0/12"]"#, true),
+    ("wan_cidr_blocks", r#"["10.1.0.0"]"#, false),
+    ("wan_cidr_blocks", r#"["dc2"]"#, false),
+    ("client_cidr_blocks", r#"["10.0.0.0/16"]"#, true),
+    ("client_cidr_blocks", r#"["10.0.0.0/33"]"#, false),
     ("primary_ssm_path", r#""""#, true),
     ("primary_ssm_path", r#""/auto-consul/dc1""#, true),
     ("primary_ssm_path", r#""auto-consul/dc1""#, false),
@@ -616,6 +622,33 @@ run "defaults" {{
     condition     = output.primary_bucket == "" && output.primary_prefix == ""
     error_message = "a primary names no primary"
   }}
+  assert {{
+    condition     = length(output.wan_rules) == 0
+    error_message = "no WAN rules unless wan_cidr_blocks names the other datacenters"
+  }}
+}}
+
+run "wan_from_two_datacenters" {{
+  command = plan
+  variables {{
+    wan_cidr_blocks = ["10.1.0.0/16", "10.2.0.0/16"]
+  }}
+  assert {{
+    condition     = length(output.wan_rules) == 6
+    error_message = "three rules per CIDR: Serf WAN TCP and UDP, server RPC"
+  }}
+  assert {{
+    condition     = output.wan_rules["serf-wan-udp-10.2.0.0/16"].port == 8302 && output.wan_rules["serf-wan-udp-10.2.0.0/16"].protocol == "udp" && output.wan_rules["serf-wan-tcp-10.1.0.0/16"].protocol == "tcp"
+    error_message = "Serf WAN is 8302, TCP and UDP"
+  }}
+  assert {{
+    condition     = output.wan_rules["server-rpc-tcp-10.1.0.0/16"].port == 8300 && output.wan_rules["server-rpc-tcp-10.1.0.0/16"].cidr == "10.1.0.0/16"
+    error_message = "server RPC is 8300 TCP, from the CIDR named"
+  }}
+  assert {{
+    condition     = alltrue([for r in output.wan_rules : contains([8300, 8302], r.port)])
+    error_message = "the WAN opens nothing but 8300 and 8302 (no LAN gossip, HTTP or DNS)"
+  }}
 }}
 
 run "secondary" {{
@@ -659,7 +692,7 @@ run "changed_waits" {{
 "#,
         hook = auto_consul::lifecycle::DEFAULT_HOOK
     ));
-    let mut count = 4;
+    let mut count = 5;
     for (i, (var, value, accepted)) in VARIABLE_CASES.iter().enumerate() {
         let verdict = if *accepted { "accepted" } else { "refused" };
         runs.push_str(&format!(
@@ -1368,6 +1401,107 @@ fn terraform_groups_gate_launches_and_roll_servers_one_at_a_time() {
         .find(|b| b.identifier.as_str() == "metadata_options")
         .expect("metadata_options");
     assert!(attr(metadata, "instance_metadata_tags").contains("enabled"));
+}
+
+/// Consul's WAN is opened on the servers' own security group only: the
+/// rules of `wan_cidr_blocks` (what they come to is planned in
+/// `terraform_plans_the_modules_variables_and_locals`) are on
+/// `aws_security_group.servers`, which only the servers' launch template
+/// carries; no rule of the shared group takes them; and the two-regions
+/// example gives each datacenter the other's VPC CIDR. Read with hcl-rs.
+#[test]
+fn terraform_opens_the_wan_on_the_servers_own_group_only() {
+    let text = fs::read_to_string(root().join("terraform/modules/auto-consul/main.tf")).unwrap();
+    let body: hcl::Body = hcl::from_str(&text).expect("main.tf parses as HCL");
+    let attr = |b: &hcl::Body, name: &str| -> String {
+        b.attributes()
+            .find(|a| a.key.as_str() == name)
+            .map(|a| a.expr.to_string())
+            .unwrap_or_default()
+    };
+    let resources = |kind: &str| -> Vec<(String, hcl::Body)> {
+        body.blocks()
+            .filter(|b| {
+                b.identifier.as_str() == "resource"
+                    && b.labels.first().map(|l| l.as_str()) == Some(kind)
+            })
+            .map(|b| (b.labels[1].as_str().to_string(), b.body.clone()))
+            .collect()
+    };
+    let rules = resources("aws_vpc_security_group_ingress_rule");
+    let wan: Vec<_> = rules
+        .iter()
+        .filter(|(_, b)| attr(b, "for_each").contains("wan_rules"))
+        .collect();
+    assert_eq!(wan.len(), 1, "one resource takes local.wan_rules");
+    let (name, rule) = wan[0];
+    assert_eq!(
+        attr(rule, "security_group_id"),
+        "aws_security_group.servers.id",
+        "aws_vpc_security_group_ingress_rule.{name}"
+    );
+    assert_eq!(attr(rule, "cidr_ipv4"), "each.value.cidr");
+    for (name, rule) in &rules {
+        if attr(rule, "security_group_id").contains("aws_security_group.consul") {
+            assert!(
+                !attr(rule, "for_each").contains("wan"),
+                "the shared group's rule {name} must not open the WAN"
+            );
+        }
+    }
+    let templates = resources("aws_launch_template");
+    assert_eq!(templates.len(), 1);
+    assert_eq!(
+        attr(&templates[0].1, "vpc_security_group_ids"),
+        "local.group_security_groups[each.key]"
+    );
+    let groups = body
+        .blocks()
+        .filter(|b| b.identifier.as_str() == "locals")
+        .flat_map(|b| b.body.attributes())
+        .find(|a| a.key.as_str() == "group_security_groups")
+        .expect("a group_security_groups local");
+    let hcl::Expression::Object(groups) = &groups.expr else {
+        panic!("group_security_groups is not an object: {}", groups.expr)
+    };
+    let groups: BTreeMap<String, String> = groups
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let (servers, agents) = (&groups["servers"], &groups["agents"]);
+    assert!(
+        servers.contains("aws_security_group.consul.id")
+            && servers.contains("aws_security_group.servers.id"),
+        "servers: the shared group and their own: {servers}"
+    );
+    assert!(
+        agents.contains("aws_security_group.consul.id")
+            && !agents.contains("aws_security_group.servers"),
+        "agents: the shared group only: {agents}"
+    );
+
+    let text = fs::read_to_string(root().join("terraform/examples/two-regions/main.tf")).unwrap();
+    let example: hcl::Body = hcl::from_str(&text).expect("the example parses as HCL");
+    for (dc, other) in [("dc1", "dc2"), ("dc2", "dc1")] {
+        let module = example
+            .blocks()
+            .find(|b| {
+                b.identifier.as_str() == "module" && b.labels.first().map(|l| l.as_str()) == Some(dc)
+            })
+            .unwrap_or_else(|| panic!("module {dc}"));
+        let cidrs: String = attr(&module.body, "wan_cidr_blocks")
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            cidrs,
+            format!("[data.aws_vpc.{other}.cidr_block]"),
+            "{dc} opens its servers' WAN to {other}'s VPC"
+        );
+    }
+    assert!(
+        !example.blocks().any(|b| b.identifier.as_str() == "resource"),
+        "the example adds no rules of its own: the module's wan_cidr_blocks does it"
+    );
 }
 
 /// The snapshots' side in the module: a lifecycle rule on `snapshots/`

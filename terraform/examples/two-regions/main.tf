@@ -9,7 +9,8 @@
 # The network between the two VPCs is yours: a VPC peering connection or a
 # transit gateway, routed both ways, and VPC CIDRs that do not overlap. This
 # example opens only what Consul's WAN needs between the server groups:
-# Serf WAN (8302, TCP and UDP) and server RPC (8300, TCP), each way.
+# Serf WAN (8302, TCP and UDP) and server RPC (8300, TCP), each way, on each
+# module's servers' own security group (wan_cidr_blocks); agents open none.
 #
 # dc2 names its primary once (primary_registry): its servers join dc1's over
 # the WAN, follow them as they are replaced, and run with dc1's gossip key,
@@ -92,12 +93,6 @@ data "aws_vpc" "dc2" {
 locals {
   dc1_ssm_path = "/auto-consul/dc1"
   dc2_ssm_path = "/auto-consul/dc2"
-  # Consul's WAN between the server groups: Serf WAN and server RPC.
-  wan_ports = {
-    serf_wan_tcp = { port = 8302, protocol = "tcp" }
-    serf_wan_udp = { port = 8302, protocol = "udp" }
-    server_rpc   = { port = 8300, protocol = "tcp" }
-  }
 }
 
 module "dc1" {
@@ -114,6 +109,10 @@ module "dc1" {
 
   secrets  = true
   ssm_path = local.dc1_ssm_path
+
+  # Consul's WAN from dc2's servers, on dc1's servers only (security groups
+  # cannot name each other across regions: the other VPC's CIDR it is).
+  wan_cidr_blocks = [data.aws_vpc.dc2.cidr_block]
 }
 
 module "dc2" {
@@ -131,36 +130,12 @@ module "dc2" {
   secrets  = true
   ssm_path = local.dc2_ssm_path
 
+  wan_cidr_blocks = [data.aws_vpc.dc1.cidr_block]
+
   # The one setting that makes dc2 a secondary of dc1, and where dc1 keeps
   # the secrets the two share.
   primary_registry = module.dc1.registry_url
   primary_ssm_path = local.dc1_ssm_path
-}
-
-# Security groups cannot name each other across regions: the other VPC's
-# CIDR it is.
-resource "aws_vpc_security_group_ingress_rule" "dc1_from_dc2" {
-  for_each = local.wan_ports
-  provider = aws.dc1
-
-  security_group_id = module.dc1.security_group_id
-  cidr_ipv4         = data.aws_vpc.dc2.cidr_block
-  from_port         = each.value.port
-  to_port           = each.value.port
-  ip_protocol       = each.value.protocol
-  description       = "Consul WAN from dc2 (${each.key})"
-}
-
-resource "aws_vpc_security_group_ingress_rule" "dc2_from_dc1" {
-  for_each = local.wan_ports
-  provider = aws.dc2
-
-  security_group_id = module.dc2.security_group_id
-  cidr_ipv4         = data.aws_vpc.dc1.cidr_block
-  from_port         = each.value.port
-  to_port           = each.value.port
-  ip_protocol       = each.value.protocol
-  description       = "Consul WAN from dc1 (${each.key})"
 }
 
 output "dc1_registry_url" {

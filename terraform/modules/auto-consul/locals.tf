@@ -40,6 +40,18 @@ locals {
     }
   ]...)
 
+  # Consul's WAN between datacenters, on the servers' own security group:
+  # Serf WAN and server RPC from each of wan_cidr_blocks.
+  wan_ports = {
+    for key, rule in local.consul_ports : key => rule if contains([8300, 8302], rule.port)
+  }
+
+  wan_rules = merge([
+    for cidr in var.wan_cidr_blocks : {
+      for key, rule in local.wan_ports : "${key}-${cidr}" => merge(rule, { cidr = cidr })
+    }
+  ]...)
+
   # The IAM role of each autoscaling group (keys of local.groups).
   group_role = { servers = "server", agents = "agent" }
 

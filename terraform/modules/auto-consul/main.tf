@@ -21,6 +21,12 @@ locals {
   bucket_arn   = "arn:${data.aws_partition.current.partition}:s3:::${local.bucket_name}"
   registry_url = join("/", concat(["s3://${local.bucket_name}"], compact([var.registry_prefix])))
 
+  # Each group's security groups: the shared one, and the servers' own.
+  group_security_groups = {
+    servers = [aws_security_group.consul.id, aws_security_group.servers.id]
+    agents  = [aws_security_group.consul.id]
+  }
+
   # One rendering per group. The cluster settings are the same in both (they
   # must agree on every node); only AUTO_CONSUL_ROLE differs: "server" for
   # the servers group, "agent" for the agents group.
@@ -405,6 +411,33 @@ resource "aws_vpc_security_group_ingress_rule" "clients" {
   tags              = var.tags
 }
 
+# The servers' own group, beside the shared one: what only servers open.
+# Today that is Consul's WAN from the other datacenters (wan_cidr_blocks);
+# the rules between members stay on the shared group, so servers launched
+# before this group existed keep every rule they had while they are replaced.
+resource "aws_security_group" "servers" {
+  name_prefix = "${var.name}-servers-"
+  description = "Consul servers managed by auto-consul: the WAN between datacenters"
+  vpc_id      = var.vpc_id
+  tags        = merge(var.tags, { Name = "${var.name}-consul-servers" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_vpc_security_group_ingress_rule" "wan" {
+  for_each = local.wan_rules
+
+  security_group_id = aws_security_group.servers.id
+  cidr_ipv4         = each.value.cidr
+  ip_protocol       = each.value.protocol
+  from_port         = each.value.port
+  to_port           = each.value.port
+  description       = "${each.value.description} from ${each.value.cidr} (WAN)"
+  tags              = var.tags
+}
+
 # Outbound: S3 and the EC2 API (directly, through NAT or through VPC
 # endpoints), package mirrors, and Consul traffic to other members.
 resource "aws_vpc_security_group_egress_rule" "all" {
@@ -430,7 +463,7 @@ resource "aws_launch_template" "this" {
   key_name               = var.key_name
   user_data              = base64encode(local.user_data[each.key])
   update_default_version = true
-  vpc_security_group_ids = [aws_security_group.consul.id]
+  vpc_security_group_ids = local.group_security_groups[each.key]
 
   iam_instance_profile {
     arn = aws_iam_instance_profile.this[local.group_role[each.key]].arn

@@ -53,6 +53,11 @@ output "security_group_id" {
   value       = aws_security_group.consul.id
 }
 
+output "server_security_group_id" {
+  description = "ID of the servers' own security group (servers only, beside security_group_id): where wan_cidr_blocks opens Consul's WAN, and where to add rules only servers should have."
+  value       = aws_security_group.servers.id
+}
+
 output "server_launch_template_id" {
   description = "ID of the servers launch template."
   value       = aws_launch_template.this["servers"].id

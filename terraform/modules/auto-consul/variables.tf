@@ -32,6 +32,22 @@ variable "client_cidr_blocks" {
   description = "CIDR blocks (for example the VPC CIDR) allowed to reach the Consul HTTP API (8500/tcp) and DNS (8600/tcp+udp) from outside the security group. Empty: only members of the group reach them."
   type        = list(string)
   default     = []
+
+  validation {
+    condition     = alltrue([for c in var.client_cidr_blocks : can(cidrnetmask(c))])
+    error_message = "client_cidr_blocks must be IPv4 CIDR blocks such as 10.0.0.0/16."
+  }
+}
+
+variable "wan_cidr_blocks" {
+  description = "IPv4 CIDR blocks of the other datacenters' servers (for example the other region's VPC CIDR), allowed to reach this datacenter's servers over Consul's WAN: Serf WAN (8302/tcp+udp) and server RPC (8300/tcp). The rules are on the servers' own security group (server_security_group_id): agents open nothing to them. Empty: no WAN rules."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.wan_cidr_blocks : can(cidrnetmask(c))])
+    error_message = "wan_cidr_blocks must be IPv4 CIDR blocks such as 10.1.0.0/16: the other datacenters' VPC CIDRs."
+  }
 }
 
 variable "tags" {
