@@ -826,19 +826,15 @@ impl ClusterOpts {
     }
 }
 
-impl GlobalOpts {
+impl SnapshotOpts {
     /// `--snapshot-interval`, or its default; 0: no snapshots.
-    pub fn snapshot_interval(&self) -> u64 {
-        self.snapshots
-            .snapshot_interval
-            .unwrap_or(SNAPSHOT_INTERVAL_DEFAULT)
+    pub fn interval(&self) -> u64 {
+        self.snapshot_interval.unwrap_or(SNAPSHOT_INTERVAL_DEFAULT)
     }
 
     /// `--snapshot-keep`, or its default.
-    pub fn snapshot_keep(&self) -> u32 {
-        self.snapshots
-            .snapshot_keep
-            .unwrap_or(SNAPSHOT_KEEP_DEFAULT)
+    pub fn keep(&self) -> u32 {
+        self.snapshot_keep.unwrap_or(SNAPSHOT_KEEP_DEFAULT)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Who this node is: its address and Consul node name, from the command line
 //! or the EC2 instance metadata service (IMDSv2, token based).
 
+use crate::cli::IdentityOpts;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -45,18 +46,18 @@ pub async fn resolve(
 }
 
 /// The identity from the options shared by every command.
-pub async fn of(opts: &crate::cli::IdentityOpts) -> Result<Identity> {
+pub async fn of(opts: &IdentityOpts) -> Result<Identity> {
     from_opts(opts, false).await
 }
 
 /// The identity and, when IMDS is asked and `--autoscaling-group` is not
 /// given (`group_given`), the autoscaling group tag, read at the same time
 /// in the same IMDS session (no round trip of its own).
-pub async fn of_with_group(opts: &crate::cli::IdentityOpts, group_given: bool) -> Result<Identity> {
+pub async fn of_with_group(opts: &IdentityOpts, group_given: bool) -> Result<Identity> {
     from_opts(opts, !group_given).await
 }
 
-async fn from_opts(opts: &crate::cli::IdentityOpts, group: bool) -> Result<Identity> {
+async fn from_opts(opts: &IdentityOpts, group: bool) -> Result<Identity> {
     resolve(
         opts.address,
         opts.node.clone(),

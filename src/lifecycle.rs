@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use aws_config::SdkConfig;
 use aws_config::imds::client::error::ImdsError;
 
-use crate::cli::GlobalOpts;
+use crate::cli::WaitOpts;
 use crate::identity::Identity;
 use crate::install::Root;
 
@@ -85,13 +85,13 @@ pub struct Launch {
 /// claims meanwhile, and a group found through DescribeAutoScalingInstances
 /// (instance tags not in IMDS) delays nothing.
 pub fn watch_launch(
-    opts: &GlobalOpts,
+    waits: &WaitOpts,
     me: &Identity,
     root: &Root,
 ) -> tokio::task::JoinHandle<Launch> {
     let (group, name) = (
-        opts.waits.autoscaling_group.clone(),
-        opts.waits.lifecycle_hook.clone(),
+        waits.autoscaling_group.clone(),
+        waits.lifecycle_hook.clone(),
     );
     let (me, root) = (me.clone(), root.clone());
     tokio::spawn(async move {
@@ -113,10 +113,10 @@ pub fn watch_launch(
 /// hook name; when instance metadata has no tags, DescribeAutoScalingInstances
 /// for this instance. `None` outside a group, or without an instance id;
 /// when the group cannot be found at all, a warning says no gate runs.
-pub async fn hook(opts: &GlobalOpts, me: &Identity) -> Option<Hook> {
+pub async fn hook(waits: &WaitOpts, me: &Identity) -> Option<Hook> {
     hook_of(
-        opts.waits.autoscaling_group.clone(),
-        opts.waits.lifecycle_hook.clone(),
+        waits.autoscaling_group.clone(),
+        waits.lifecycle_hook.clone(),
         me,
     )
     .await

@@ -457,7 +457,11 @@ const VARIABLE_CASES: &[(&str, &str, bool)] = &[
     ("primary_registry", r#""file:///tmp/dc1""#, false),
     ("primary_registry", r#""s3://Bad_Bucket/x""#, false),
     ("wan_cidr_blocks", "[]", true),
-    ("wan_cidr_blocks", r#"["10.1.0.0/16", "172.16.0.0/12"]"#, true),
+    (
+        "wan_cidr_blocks",
+        r#"["10.1.0.0/16", "172.16.0.0/12"]"#,
+        true,
+    ),
     ("wan_cidr_blocks", r#"["10.1.0.0"]"#, false),
     ("wan_cidr_blocks", r#"["dc2"]"#, false),
     ("client_cidr_blocks", r#"["10.0.0.0/16"]"#, true),
@@ -1486,7 +1490,8 @@ fn terraform_opens_the_wan_on_the_servers_own_group_only() {
         let module = example
             .blocks()
             .find(|b| {
-                b.identifier.as_str() == "module" && b.labels.first().map(|l| l.as_str()) == Some(dc)
+                b.identifier.as_str() == "module"
+                    && b.labels.first().map(|l| l.as_str()) == Some(dc)
             })
             .unwrap_or_else(|| panic!("module {dc}"));
         let cidrs: String = attr(&module.body, "wan_cidr_blocks")
@@ -1499,7 +1504,9 @@ fn terraform_opens_the_wan_on_the_servers_own_group_only() {
         );
     }
     assert!(
-        !example.blocks().any(|b| b.identifier.as_str() == "resource"),
+        !example
+            .blocks()
+            .any(|b| b.identifier.as_str() == "resource"),
         "the example adds no rules of its own: the module's wan_cidr_blocks does it"
     );
 }

@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::cli::GlobalOpts;
+use crate::cli::{ClusterOpts, ConsulOpts, SecretOpts};
 use crate::error::usage;
 use crate::model::{CaGeneration, ClusterRecord, Generation, Mode, Primary, SecretsAt, Settings};
 use crate::registry::{Agents, RegistryUrl, read_cluster, read_view};
@@ -43,8 +43,8 @@ pub fn replication_token_name(cluster: &str) -> String {
 
 /// This cluster's secrets store as its record keeps it (`--secrets`, and
 /// the region of an SSM store): what a secondary's servers read.
-pub async fn secrets_at(opts: &GlobalOpts) -> Result<Option<SecretsAt>> {
-    Ok(match &opts.tls.secrets {
+pub async fn secrets_at(tls: &SecretOpts) -> Result<Option<SecretsAt>> {
+    Ok(match &tls.secrets {
         None | Some(SecretsUrl::None) => None,
         Some(url @ SecretsUrl::Dir { .. }) => Some(SecretsAt {
             url: url.to_string(),
@@ -78,9 +78,12 @@ async fn open_primary(primary: &Primary) -> Result<super::Opened> {
 /// checked against the primary's own record, and that record. A primary
 /// never names a primary, the datacenter names differ; the primary must
 /// exist (its servers made it), and both keep secrets or neither does.
-pub async fn primary_for_genesis(opts: &GlobalOpts) -> Result<Option<(Primary, ClusterRecord)>> {
-    let Some(raw) = opts
-        .cluster
+pub async fn primary_for_genesis(
+    cluster_opts: &ClusterOpts,
+    consul_opts: &ConsulOpts,
+    tls: &SecretOpts,
+) -> Result<Option<(Primary, ClusterRecord)>> {
+    let Some(raw) = cluster_opts
         .primary_registry
         .as_deref()
         .filter(|s| !s.is_empty())
@@ -88,8 +91,7 @@ pub async fn primary_for_genesis(opts: &GlobalOpts) -> Result<Option<(Primary, C
         return Ok(None);
     };
     let url = RegistryUrl::parse(raw)?;
-    if opts
-        .cluster
+    if cluster_opts
         .registry
         .as_deref()
         .map(RegistryUrl::parse)
@@ -134,16 +136,12 @@ pub async fn primary_for_genesis(opts: &GlobalOpts) -> Result<Option<(Primary, C
              servers' next heartbeat writes it (the boot unit tries again)"
         );
     };
-    if dc == opts.consul.datacenter {
+    if dc == consul_opts.datacenter {
         return Err(usage(format!(
             "datacenter `{dc}` is the primary's ({url}): a secondary needs a name of its own (--datacenter)"
         )));
     }
-    let ours = opts
-        .tls
-        .secrets
-        .as_ref()
-        .filter(|s| **s != SecretsUrl::None);
+    let ours = tls.secrets.as_ref().filter(|s| **s != SecretsUrl::None);
     match (&record.secrets, ours) {
         (Some(at), None) => {
             return Err(usage(format!(
@@ -309,7 +307,8 @@ pub async fn from_primary(primary: &Primary, seed: Settings, token: bool) -> Res
 /// primary's loss does not stop a secondary's servers, and a reboot
 /// meanwhile forgets nothing.
 pub async fn at_run(
-    opts: &GlobalOpts,
+    cluster: &ClusterOpts,
+    tls: &SecretOpts,
     primary: Option<&Primary>,
     mode: Mode,
     config: &std::path::Path,
@@ -318,12 +317,8 @@ pub async fn at_run(
         return (Vec::new(), None);
     };
     let kept = configured(config);
-    let secrets = opts
-        .tls
-        .secrets
-        .as_ref()
-        .is_some_and(|s| *s != SecretsUrl::None);
-    match from_primary(p, opts.cluster.seed(), secrets).await {
+    let secrets = tls.secrets.as_ref().is_some_and(|s| *s != SecretsUrl::None);
+    match from_primary(p, cluster.seed(), secrets).await {
         Ok(got) => (got.servers, got.replication.or(kept.replication)),
         Err(e) => {
             tracing::warn!(
@@ -374,7 +369,7 @@ fn configured(config: &std::path::Path) -> Configured {
 /// to the secondary does not exist; the replication token is global and
 /// may write any token or policy (`acl = "write"`).
 pub fn acl_writer(
-    opts: &GlobalOpts,
+    consul: &ConsulOpts,
     root: &crate::install::Root,
     record: &ClusterRecord,
     management: String,
@@ -382,7 +377,7 @@ pub fn acl_writer(
     if record.primary.is_none() {
         return management;
     }
-    configured(&root.path(&opts.consul.config_dir.join(super::run::CONFIG_FILE)))
+    configured(&root.path(&consul.config_dir.join(super::run::CONFIG_FILE)))
         .replication
         .unwrap_or(management)
 }
@@ -417,7 +412,9 @@ pub(super) fn mark_made(root: &crate::install::Root, path: &str, cluster: &str) 
 /// its datacenter's management token with it, and copies the primary's
 /// rotations. Failures are warnings: the next heartbeat goes on.
 pub async fn follow(
-    opts: &GlobalOpts,
+    cluster_opts: &ClusterOpts,
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
     root: &crate::install::Root,
     store: &dyn crate::registry::Store,
     record: Option<&(ClusterRecord, String)>,
@@ -431,10 +428,10 @@ pub async fn follow(
     let mut out = json!({});
     let mut next = rec.clone();
     if rec.datacenter.is_none() {
-        next.datacenter = Some(opts.consul.datacenter.clone());
+        next.datacenter = Some(consul.datacenter.clone());
     }
     if rec.secrets.is_none() {
-        next.secrets = secrets_at(opts).await.unwrap_or_else(|e| {
+        next.secrets = secrets_at(tls).await.unwrap_or_else(|e| {
             tracing::warn!("the secrets store's region: {e:#}");
             None
         });
@@ -453,19 +450,16 @@ pub async fn follow(
     }
     let cluster = rec.cluster_id.as_str();
     let Some(primary) = &rec.primary else {
-        out["replication_token"] = make_replication_token(opts, root, cluster).await;
+        out["replication_token"] =
+            make_replication_token(cluster_opts, consul, tls, root, cluster).await;
         return out;
     };
-    let config = root.path(&opts.consul.config_dir.join(super::run::CONFIG_FILE));
+    let config = root.path(&consul.config_dir.join(super::run::CONFIG_FILE));
     let had = configured(&config);
-    let secrets = opts
-        .tls
-        .secrets
-        .as_ref()
-        .is_some_and(|s| *s != SecretsUrl::None);
+    let secrets = tls.secrets.as_ref().is_some_and(|s| *s != SecretsUrl::None);
     let got = match from_primary(
         primary,
-        opts.cluster.seed(),
+        cluster_opts.seed(),
         secrets && had.replication.is_none(),
     )
     .await
@@ -492,8 +486,11 @@ pub async fn follow(
         && !got.servers.is_empty();
     let due =
         changed || got.replication.is_some() || !made_for(root, SECONDARY_MANAGEMENT_MADE, cluster);
-    let management = match opts.tls.acl_token_file {
-        None if due => super::management_token(opts, cluster).await.ok().flatten(),
+    let management = match tls.acl_token_file {
+        None if due => super::management_token(cluster_opts, consul, tls, cluster)
+            .await
+            .ok()
+            .flatten(),
         _ => None,
     };
     out["retry_join_wan"] = json!(
@@ -502,9 +499,17 @@ pub async fn follow(
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
     );
-    out["joined_wan"] = follow_wan(opts, root, &got.servers, &had.wan, management.as_deref()).await;
+    out["joined_wan"] = follow_wan(
+        consul,
+        tls,
+        root,
+        &got.servers,
+        &had.wan,
+        management.as_deref(),
+    )
+    .await;
     if let Some(token) = &got.replication {
-        match super::rotate::edit_config(opts, root, |v| {
+        match super::rotate::edit_config(consul, root, |v| {
             v["acl"]["tokens"]["replication"] = json!(token);
         }) {
             Ok(()) => {
@@ -519,7 +524,7 @@ pub async fn follow(
     out["management_token"] =
         secondary_management(root, cluster, replication.as_deref(), management.as_deref()).await;
     if let (Some(theirs), true) = (&got.record, secrets) {
-        out["rotations"] = copy_rotations(opts, store, &next, etag, theirs).await;
+        out["rotations"] = copy_rotations(tls, store, &next, etag, theirs).await;
     }
     out
 }
@@ -528,7 +533,8 @@ pub async fn follow(
 /// changed from `had`, and joins the new ones over the WAN (with the
 /// management token, agent:write on this node; else the token file's).
 async fn follow_wan(
-    opts: &GlobalOpts,
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
     root: &crate::install::Root,
     servers: &[IpAddr],
     had: &[String],
@@ -538,7 +544,7 @@ async fn follow_wan(
     if wanted == had || wanted.is_empty() {
         return json!([]);
     }
-    if let Err(e) = super::rotate::edit_config(opts, root, |v| {
+    if let Err(e) = super::rotate::edit_config(consul, root, |v| {
         v["retry_join_wan"] = json!(wanted);
     }) {
         tracing::warn!("could not update retry_join_wan: {e:#}");
@@ -547,13 +553,8 @@ async fn follow_wan(
     tracing::warn!("retry_join_wan is now [{}]", wanted.join(", "));
     let mut joined = Vec::new();
     for address in servers.iter().filter(|a| !had.contains(&a.to_string())) {
-        match crate::agent::join_pool(
-            opts.tls.acl_token_file.as_deref(),
-            management,
-            *address,
-            true,
-        )
-        .await
+        match crate::agent::join_pool(tls.acl_token_file.as_deref(), management, *address, true)
+            .await
         {
             Ok(crate::agent::Joined::Yes) => joined.push(address.to_string()),
             Ok(other) => tracing::warn!("joining {address} over the WAN: {other:?}"),
@@ -567,16 +568,13 @@ async fn follow_wan(
 /// secrets store (create-only: every server reads the first one's) and in
 /// Consul, global, with the rules Consul's federation guide gives it.
 async fn make_replication_token(
-    opts: &GlobalOpts,
+    cluster_opts: &ClusterOpts,
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
     root: &crate::install::Root,
     cluster: &str,
 ) -> Value {
-    let Some(url) = opts
-        .tls
-        .secrets
-        .as_ref()
-        .filter(|s| **s != SecretsUrl::None)
-    else {
+    let Some(url) = tls.secrets.as_ref().filter(|s| **s != SecretsUrl::None) else {
         return Value::Null;
     };
     if made_for(root, REPLICATION_MADE, cluster) {
@@ -599,7 +597,7 @@ async fn make_replication_token(
                 .trim()
                 .to_string()
         };
-        let management = super::management_token(opts, cluster)
+        let management = super::management_token(cluster_opts, consul, tls, cluster)
             .await?
             .context("no management token")?;
         crate::agent::ensure_replication_token(&management, &secret).await
@@ -672,7 +670,7 @@ async fn secondary_management(
 /// `KeyringOperation` forwards to each), and this datacenter's leader
 /// drives neither.
 async fn copy_rotations(
-    opts: &GlobalOpts,
+    tls: &SecretOpts,
     store: &dyn crate::registry::Store,
     ours: &ClusterRecord,
     etag: String,
@@ -682,7 +680,7 @@ async fn copy_rotations(
         return Value::Null;
     }
     let copied = async {
-        let (Some(own_url), Some(at)) = (opts.tls.secrets.as_ref(), theirs.secrets.as_ref()) else {
+        let (Some(own_url), Some(at)) = (tls.secrets.as_ref(), theirs.secrets.as_ref()) else {
             bail!("no secrets store to copy the primary's into");
         };
         let own = crate::secrets::open(own_url)

@@ -25,7 +25,7 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
     if me.instance_id.is_none() {
         me.instance_id = saved.as_ref().and_then(|s| s.instance_id.clone());
     }
-    let Some(hook) = lifecycle::hook(opts, &me).await else {
+    let Some(hook) = lifecycle::hook(&opts.waits, &me).await else {
         println!("not in an autoscaling group: no launch hook to complete");
         return Ok(());
     };
@@ -42,7 +42,12 @@ pub async fn gate(opts: &GlobalOpts) -> Result<()> {
         // genesis. An agent asks only its own agent's status: it reads
         // no secret (its role may not).
         None if server => match saved.as_ref().and_then(|s| s.cluster_id.as_deref()) {
-            Some(cluster) => super::management_token(opts, cluster).await.ok().flatten(),
+            Some(cluster) => {
+                super::management_token(&opts.cluster, &opts.consul, &opts.tls, cluster)
+                    .await
+                    .ok()
+                    .flatten()
+            }
             None => None,
         },
         None => None,

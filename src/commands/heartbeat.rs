@@ -11,7 +11,7 @@ use super::open_store;
 use super::purge::{Purged, purge_heartbeats};
 use super::run::{HEARTBEAT_TIMER, LEAVE_UNIT};
 use crate::claims::{Claims, Renewal};
-use crate::cli::GlobalOpts;
+use crate::cli::{ClusterOpts, ConsulOpts, GlobalOpts, IdentityOpts, OutputOpts, SecretOpts};
 use crate::decision::slot_is_live;
 use crate::install::Root;
 use crate::model::Settings;
@@ -32,17 +32,17 @@ pub async fn heartbeat(opts: &GlobalOpts) -> Result<()> {
         tracing::warn!(
             "{reason}: leaving the Consul cluster and the registry instead of heartbeating"
         );
-        super::leave::consul_leaves(opts).await;
+        super::leave::consul_leaves(&opts.cluster, &opts.consul, &opts.tls).await;
         return super::leave::registry_leave(opts).await;
     }
     // 2. The agent first: a node whose agent is down publishes nothing.
-    let seen = Seen::gather(opts, &root).await?;
+    let seen = Seen::gather(&opts.cluster, &opts.identity, &opts.tls, &root).await?;
     // 3. Live servers found again, rotations and its own token followed.
     let node = follow_node(opts, &root, &seen).await?;
     // 4. The heartbeat keys: an agent's is its one write, whatever the
     //    registry holds (no read, no purge).
     if !node.server {
-        return agent_beat(opts, &root, &seen, &node).await;
+        return agent_beat(&opts.output, &root, &seen, &node).await;
     }
     server_beat(opts, &root, &seen, &node).await
 }
@@ -64,22 +64,27 @@ impl Seen {
     /// The local agent (a node `run` never set up is told at once, with no
     /// minute of retries against an agent never started), this node's
     /// identity and state, the registry opened.
-    async fn gather(opts: &GlobalOpts, root: &Root) -> Result<Seen> {
-        let url = opts.cluster.registry_url()?;
+    async fn gather(
+        cluster: &ClusterOpts,
+        identity_opts: &IdentityOpts,
+        tls: &SecretOpts,
+        root: &Root,
+    ) -> Result<Seen> {
+        let url = cluster.registry_url()?;
         let state_file = root.path(std::path::Path::new(state::STATE_PATH));
         let never_ran = !state_file.exists();
-        let deadline = retry_deadline(opts, root);
+        let deadline = retry_deadline(cluster, root);
         let status = if never_ran {
-            agent::status(opts.tls.acl_token_file.as_deref())
+            agent::status(tls.acl_token_file.as_deref())
                 .await
                 .map_err(|e| not_run(&state_file, &format!("{e:#}")))?
         } else {
             retry::until(deadline, "asking the local Consul agent", || {
-                agent::status(opts.tls.acl_token_file.as_deref())
+                agent::status(tls.acl_token_file.as_deref())
             })
             .await?
         };
-        let mut me = identity::of(&opts.identity).await?;
+        let mut me = identity::of(identity_opts).await?;
         let saved = state::load_for(root, &url.to_string(), &me);
         if me.instance_id.is_none() {
             me.instance_id = saved.as_ref().and_then(|s| s.instance_id.clone());
@@ -136,14 +141,18 @@ async fn follow_node(opts: &GlobalOpts, root: &Root, seen: &Seen) -> Result<Node
     let node_id = std::fs::read_to_string(root.path(&opts.consul.data_dir.join("node-id")))
         .ok()
         .map(|t| t.trim().to_string());
-    let following = super::rotate::follow_rotations(opts, root, store, seen.saved.as_ref()).await;
+    let following =
+        super::rotate::follow_rotations(&opts.consul, &opts.tls, root, store, seen.saved.as_ref())
+            .await;
     let node_token = match &seen.saved {
-        Some(s) => super::node_tokens::follow(opts, root, s).await,
+        Some(s) => {
+            super::node_tokens::follow(&opts.cluster, &opts.consul, &opts.tls, root, s).await
+        }
         None => None,
     };
     let keys = Beat::new(&seen.me, server, node_id, &following, node_token)?;
     crate::metrics::tls_expiry(
-        super::renew::expiries(opts, root)
+        super::renew::expiries(&opts.consul, &opts.tls, root)
             .into_iter()
             .map(|(what, i)| (what, i.not_after))
             .collect(),
@@ -157,14 +166,14 @@ async fn follow_node(opts: &GlobalOpts, root: &Root, seen: &Seen) -> Result<Node
 }
 
 /// An agent's heartbeat: its keys written, and said.
-async fn agent_beat(opts: &GlobalOpts, root: &Root, seen: &Seen, node: &Node) -> Result<()> {
+async fn agent_beat(output: &OutputOpts, root: &Root, seen: &Seen, node: &Node) -> Result<()> {
     let store = seen.opened.store.as_ref();
     node.keys.write(store, seen.deadline).await?;
     state::record_time(root, state::HEARTBEAT_AT, store.now().await);
     crate::metrics::node(crate::model::Mode::Agent, None);
     keep_leave_unit_active(root);
     report(
-        opts,
+        output,
         seen,
         node,
         Value::Null,
@@ -219,7 +228,16 @@ async fn server_beat(opts: &GlobalOpts, root: &Root, seen: &Seen, node: &Node) -
         settings,
     )
     .await?;
-    let chores = server_chores(opts, root, seen, node, record.as_ref()).await;
+    let chores = server_chores(
+        &opts.cluster,
+        &opts.consul,
+        &opts.tls,
+        root,
+        seen,
+        node,
+        record.as_ref(),
+    )
+    .await;
     let saved_mode = seen
         .saved
         .as_ref()
@@ -232,7 +250,7 @@ async fn server_beat(opts: &GlobalOpts, root: &Root, seen: &Seen, node: &Node) -
     let purged = purge_if_due(root, store, my_slot, settings, &seen.me, &node.keys.keys).await?;
     crate::metrics::purged(purged.deleted);
     report(
-        opts,
+        &opts.output,
         seen,
         node,
         slot_report,
@@ -250,7 +268,9 @@ async fn server_beat(opts: &GlobalOpts, root: &Root, seen: &Seen, node: &Node) -
 /// made in Consul once; its certificate renewed before it expires; as
 /// leader, the rotations under way and the tokens per node.
 async fn server_chores(
-    opts: &GlobalOpts,
+    cluster_opts: &ClusterOpts,
+    consul: &ConsulOpts,
+    tls_opts: &SecretOpts,
     root: &Root,
     seen: &Seen,
     node: &Node,
@@ -260,9 +280,10 @@ async fn server_chores(
     let management = node.following.management_token.unwrap_or(1);
     // First: a secondary's servers make their datacenter's management
     // token, which the tokens below are made with.
-    let federation = super::federation::follow(opts, root, store, record, saved).await;
+    let federation =
+        super::federation::follow(cluster_opts, consul, tls_opts, root, store, record, saved).await;
     if let (Some(url), Some(cluster)) = (
-        &opts.tls.secrets,
+        &tls_opts.secrets,
         saved.and_then(|s| s.cluster_id.as_deref()),
     ) && seen.status.leader.is_some()
     {
@@ -270,14 +291,23 @@ async fn server_chores(
         // tokens: generation 1 is never made again.
         let agent_token = record.is_none_or(|(r, _)| r.agent_token.is_none());
         let writer = |m: String| match record {
-            Some((r, _)) => super::federation::acl_writer(opts, root, r, m),
+            Some((r, _)) => super::federation::acl_writer(consul, root, r, m),
             None => m,
         };
         tokens_in_consul(root, url, cluster, agent_token, management, writer).await;
     }
     let tls = match saved {
         Some(s) => {
-            match super::renew::renew_if_due(opts, root, me, s, node.following.generations).await {
+            match super::renew::renew_if_due(
+                consul,
+                tls_opts,
+                root,
+                me,
+                s,
+                node.following.generations,
+            )
+            .await
+            {
                 Ok(v) => v.unwrap_or(Value::Null),
                 Err(e) => {
                     tracing::warn!(
@@ -291,14 +321,23 @@ async fn server_chores(
     };
     if tls["renewed"] == json!(true) {
         crate::metrics::tls_expiry(
-            super::renew::expiries(opts, root)
+            super::renew::expiries(consul, tls_opts, root)
                 .into_iter()
                 .map(|(what, i)| (what, i.not_after))
                 .collect(),
         );
     }
-    let rotation = rotate_if_leader(opts, store, &seen.status, me, record, management).await;
-    let node_tokens = lead_node_tokens(opts, root, seen, record).await;
+    let rotation = rotate_if_leader(
+        consul,
+        tls_opts,
+        store,
+        &seen.status,
+        me,
+        record,
+        management,
+    )
+    .await;
+    let node_tokens = lead_node_tokens(cluster_opts, consul, tls_opts, root, seen, record).await;
     json!({
         "tls": tls,
         "rotations": rotation,
@@ -311,7 +350,9 @@ async fn server_chores(
 /// Tokens per node (--instance-tag): the leader makes them ahead, then
 /// retires the shared one.
 async fn lead_node_tokens(
-    opts: &GlobalOpts,
+    cluster_opts: &ClusterOpts,
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
     root: &Root,
     seen: &Seen,
     record: Option<&(crate::model::ClusterRecord, String)>,
@@ -319,16 +360,16 @@ async fn lead_node_tokens(
     let (Some(rec), true, Some(s)) = (record, leads(&seen.status, &seen.me), &seen.saved) else {
         return Value::Null;
     };
-    if opts.tls.instance_tag.is_none() {
+    if tls.instance_tag.is_none() {
         return Value::Null;
     }
     let Some(cluster) = s.cluster_id.as_deref().filter(|c| *c == rec.0.cluster_id) else {
         return Value::Null;
     };
-    match super::management_token(opts, cluster).await {
+    match super::management_token(cluster_opts, consul, tls, cluster).await {
         Ok(Some(m)) => {
-            let writer = super::federation::acl_writer(opts, root, &rec.0, m);
-            super::node_tokens::lead(opts, root, seen.opened.store.as_ref(), rec, &writer).await
+            let writer = super::federation::acl_writer(consul, root, &rec.0, m);
+            super::node_tokens::lead(tls, root, seen.opened.store.as_ref(), rec, &writer).await
         }
         Ok(None) => Value::Null,
         Err(e) => json!({"error": format!("{e:#}")}),
@@ -341,7 +382,8 @@ async fn lead_node_tokens(
 /// recorded step). `management`: the generation of the management token
 /// this server's Consul holds.
 async fn rotate_if_leader(
-    opts: &GlobalOpts,
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
     store: &dyn Store,
     status: &agent::AgentStatus,
     me: &identity::Identity,
@@ -361,7 +403,7 @@ async fn rotate_if_leader(
     }) else {
         return Value::Null;
     };
-    let Some(url) = opts.tls.secrets.as_ref().filter(|_| leads(status, me)) else {
+    let Some(url) = tls.secrets.as_ref().filter(|_| leads(status, me)) else {
         return Value::Null;
     };
     let pass = async {
@@ -394,8 +436,8 @@ async fn rotate_if_leader(
             let management = token.clone().ok_or_else(|| {
                 anyhow::anyhow!("no management token: the agents' token cannot be rotated")
             })?;
-            let root = Root::new(&opts.consul.root);
-            let writer = super::federation::acl_writer(opts, &root, &record, management);
+            let root = Root::new(&consul.root);
+            let writer = super::federation::acl_writer(consul, &root, &record, management);
             out["agent_token"] = super::rotate::drive_agent_token(
                 store,
                 secrets_store.as_ref(),
@@ -466,8 +508,8 @@ fn not_run(state_file: &std::path::Path, what: &str) -> anyhow::Error {
 /// shorter than the timer's interval, so runs never overlap. The interval
 /// is the installed timer's (it follows the cluster record's expiry); the
 /// flag's expiry/3 only for a heartbeat run by hand.
-fn retry_deadline(opts: &GlobalOpts, root: &Root) -> std::time::Instant {
-    let interval = timer_interval(root).unwrap_or(opts.cluster.expiry() / 3);
+fn retry_deadline(cluster: &ClusterOpts, root: &Root) -> std::time::Instant {
+    let interval = timer_interval(root).unwrap_or(cluster.expiry() / 3);
     std::time::Instant::now()
         + std::time::Duration::from_secs(interval.saturating_sub(5).clamp(1, 60))
 }
@@ -747,7 +789,7 @@ fn keep_leave_unit_active(root: &Root) {
 /// Prints what a heartbeat did.
 #[allow(clippy::too_many_arguments)]
 fn report(
-    opts: &GlobalOpts,
+    output: &OutputOpts,
     seen: &Seen,
     node: &Node,
     slot_report: serde_json::Value,
@@ -760,7 +802,7 @@ fn report(
     let keys = &node.keys.keys;
     let mode = if node.server { "server" } else { "agent" };
     let tls = &extra["tls"];
-    if opts.output.json {
+    if output.json {
         println!(
             "{}",
             json!({

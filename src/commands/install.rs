@@ -28,7 +28,13 @@ pub fn install(opts: &GlobalOpts, now: bool) -> Result<()> {
     if !now {
         warn_identity_in_image(&root);
     }
-    let units = UnitStrings::new(opts, &own_binary(&root)?, registry.as_ref())?;
+    let units = UnitStrings::new(
+        &opts.consul,
+        &opts.tls,
+        &opts.output,
+        &own_binary(&root)?,
+        registry.as_ref(),
+    )?;
     let paths = units.paths();
     let files = [
         FileSpec {

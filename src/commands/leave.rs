@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::open_store;
 use crate::claims::Claims;
-use crate::cli::GlobalOpts;
+use crate::cli::{ClusterOpts, ConsulOpts, GlobalOpts, SecretOpts};
 use crate::install::Root;
 use crate::registry::{list_heartbeats, read_cluster, read_slots};
 use crate::{agent, identity, state, termination};
@@ -32,7 +32,7 @@ pub async fn leave(opts: &GlobalOpts, if_terminating: bool) -> Result<()> {
             }
             Some(reason) => {
                 tracing::warn!("{reason}: leaving the Consul cluster and the registry");
-                consul_leaves(opts).await;
+                consul_leaves(&opts.cluster, &opts.consul, &opts.tls).await;
             }
         }
     }
@@ -41,28 +41,30 @@ pub async fn leave(opts: &GlobalOpts, if_terminating: bool) -> Result<()> {
 
 /// Makes the local Consul agent leave gracefully; a failure is logged (the
 /// registry is left anyway: the slot must be freed for a replacement).
-pub async fn consul_leaves(opts: &GlobalOpts) {
+pub async fn consul_leaves(cluster_opts: &ClusterOpts, consul_opts: &ConsulOpts, tls: &SecretOpts) {
     // Under default deny, leaving takes agent:write on this node: a
     // server whose secrets auto-consul made has the management token; a
     // node on its own token (--instance-tag) has agent:write on itself.
-    let token = match (&opts.tls.acl_token_file, server_cluster(opts)) {
-        (None, Some(cluster)) => super::management_token(opts, &cluster)
+    let token = match (&tls.acl_token_file, server_cluster(consul_opts)) {
+        (None, Some(cluster)) => super::management_token(cluster_opts, consul_opts, tls, &cluster)
             .await
             .map_err(|e| tracing::warn!("reading the management token to leave with: {e:#}"))
             .ok()
             .flatten(),
-        (None, None) => super::node_tokens::own_from_config(opts, &Root::new(&opts.consul.root)),
+        (None, None) => {
+            super::node_tokens::own_from_config(consul_opts, &Root::new(&consul_opts.root))
+        }
         _ => None,
     };
-    match agent::leave_with(opts.tls.acl_token_file.as_deref(), token.as_deref()).await {
+    match agent::leave_with(tls.acl_token_file.as_deref(), token.as_deref()).await {
         Ok(()) => tracing::info!("the local Consul agent left the cluster"),
         Err(e) => tracing::error!("the local Consul agent did not leave: {e:#}"),
     }
 }
 
 /// The cluster of this node when `run` made it a server (its state file).
-fn server_cluster(opts: &GlobalOpts) -> Option<String> {
-    let root = Root::new(&opts.consul.root);
+fn server_cluster(consul: &ConsulOpts) -> Option<String> {
+    let root = Root::new(&consul.root);
     state::load(&root)
         .filter(|s| s.mode.is_server())
         .and_then(|s| s.cluster_id)

@@ -23,7 +23,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, GlobalOpts};
+use crate::cli::{Cli, ClusterOpts, Command, ConsulOpts, GlobalOpts, OutputOpts, SecretOpts};
 use crate::error::usage;
 use crate::install::Root;
 use crate::registry::{self, RegistryUrl, Store};
@@ -32,12 +32,26 @@ use crate::render;
 /// Runs one command.
 pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run => measured(&cli.global, "run", run::run(&cli.global, false)).await,
+        Command::Run => {
+            measured(
+                &cli.global.consul,
+                &cli.global.output,
+                "run",
+                run::run(&cli.global, false),
+            )
+            .await
+        }
         Command::Plan => run::run(&cli.global, true).await,
         Command::Members => members::members(&cli.global.cluster, &cli.global.output).await,
         Command::Status => status::status(&cli.global).await,
         Command::Heartbeat => {
-            measured(&cli.global, "heartbeat", heartbeat::heartbeat(&cli.global)).await
+            measured(
+                &cli.global.consul,
+                &cli.global.output,
+                "heartbeat",
+                heartbeat::heartbeat(&cli.global),
+            )
+            .await
         }
         Command::Purge => purge::purge(&cli.global.cluster, &cli.global.output).await,
         Command::Leave { if_terminating } => leave::leave(&cli.global, if_terminating).await,
@@ -56,7 +70,13 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             recover::recover(&cli.global, step).await
         }
         Command::Snapshot => {
-            measured(&cli.global, "snapshot", snapshot::snapshot(&cli.global)).await
+            measured(
+                &cli.global.consul,
+                &cli.global.output,
+                "snapshot",
+                snapshot::snapshot(&cli.global),
+            )
+            .await
         }
         Command::Restore { key, cancel } => {
             snapshot::restore(&cli.global, key.as_deref(), cancel).await
@@ -79,13 +99,14 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
 
 /// Runs `command` and writes its metrics (`--metrics-file`), failed or not.
 async fn measured(
-    opts: &GlobalOpts,
+    consul: &ConsulOpts,
+    output: &OutputOpts,
     name: &str,
     command: impl std::future::Future<Output = Result<()>>,
 ) -> Result<()> {
     let result = command.await;
-    if let Some(path) = &opts.output.metrics_file {
-        let root = Root::new(&opts.consul.root);
+    if let Some(path) = &output.metrics_file {
+        let root = Root::new(&consul.root);
         if let Err(e) = crate::metrics::write(&root, path, name, result.is_ok()) {
             tracing::warn!("could not write the metrics file {}: {e:#}", path.display());
         }
@@ -146,14 +167,19 @@ pub fn env_file_mode(root: &Root) -> u32 {
 /// (`--secrets`), for the endpoints that need one (snapshots, autopilot's
 /// health); otherwise none (`CONSUL_HTTP_TOKEN`, if set, is sent). Only
 /// read: nothing is made.
-pub async fn management_token(opts: &GlobalOpts, cluster: &str) -> Result<Option<String>> {
-    let Some(url) = &opts.tls.secrets else {
+pub async fn management_token(
+    cluster_opts: &ClusterOpts,
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
+    cluster: &str,
+) -> Result<Option<String>> {
+    let Some(url) = &tls.secrets else {
         return Ok(None);
     };
     let Some(store) = crate::secrets::open(url).await? else {
         return Ok(None);
     };
-    let generation = management_generation(opts, cluster).await;
+    let generation = management_generation(cluster_opts, consul, cluster).await;
     crate::secrets::management_token(store.as_ref(), cluster, generation).await
 }
 
@@ -161,15 +187,19 @@ pub async fn management_token(opts: &GlobalOpts, cluster: &str) -> Result<Option
 /// one of its servers, the one its Consul holds (recorded at its last
 /// start: valid until every server moved on); elsewhere, the one the
 /// cluster record says is in use; else 1, the one made at genesis.
-async fn management_generation(opts: &GlobalOpts, cluster: &str) -> u32 {
-    let root = Root::new(&opts.consul.root);
+async fn management_generation(
+    cluster_opts: &ClusterOpts,
+    consul: &ConsulOpts,
+    cluster: &str,
+) -> u32 {
+    let root = Root::new(&consul.root);
     let local = crate::state::load(&root)
         .filter(|s| s.mode.is_server() && s.cluster_id.as_deref() == Some(cluster));
     if local.is_some() {
         return crate::state::recorded_number(&root, rotate::MANAGEMENT_TOKEN_GENERATION)
             .unwrap_or(1);
     }
-    let Ok(registry) = opts.cluster.registry_url() else {
+    let Ok(registry) = cluster_opts.registry_url() else {
         return 1;
     };
     let read = async {
@@ -185,28 +215,28 @@ async fn management_generation(opts: &GlobalOpts, cluster: &str) -> u32 {
 }
 
 /// Warns when the flags given differ from the settings that rule.
-pub fn warn_on_mismatch(opts: &GlobalOpts, view: &crate::registry::RegistryView) {
+pub fn warn_on_mismatch(cluster_opts: &ClusterOpts, view: &crate::registry::RegistryView) {
     let Some(record) = view.record() else { return };
     let s = view.settings;
     let given = [
         (
             "--servers",
             "AUTO_CONSUL_SERVERS",
-            opts.cluster.servers.map(u64::from),
+            cluster_opts.servers.map(u64::from),
             u64::from(s.servers),
             "",
         ),
         (
             "--expiry",
             "AUTO_CONSUL_EXPIRY",
-            opts.cluster.expiry,
+            cluster_opts.expiry,
             s.expiry,
             "s",
         ),
         (
             "--agent-expiry",
             "AUTO_CONSUL_AGENT_EXPIRY",
-            opts.cluster.agent_expiry,
+            cluster_opts.agent_expiry,
             s.agent_expiry,
             "s",
         ),

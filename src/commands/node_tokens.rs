@@ -14,6 +14,7 @@
 //! live node runs with its own, the leader deletes the shared agents'
 //! token from Consul, and from then on a node never falls back to it.
 
+use crate::cli::{ClusterOpts, ConsulOpts, GlobalOpts, SecretOpts};
 use std::collections::BTreeSet;
 
 use anyhow::{Result, bail};
@@ -346,14 +347,11 @@ async fn ensure_one(
 /// name its token's policy names) whose token auto-consul manages (no
 /// `--acl-token-file`).
 pub fn own_instance<'a>(
-    opts: &crate::cli::GlobalOpts,
+    tls: &SecretOpts,
     node: &str,
     instance_id: Option<&'a str>,
 ) -> Option<&'a str> {
-    if opts.tls.secrets.is_none()
-        || opts.tls.instance_tag.is_none()
-        || opts.tls.acl_token_file.is_some()
-    {
+    if tls.secrets.is_none() || tls.instance_tag.is_none() || tls.acl_token_file.is_some() {
         return None;
     }
     instance_id.filter(|id| *id == node)
@@ -382,7 +380,7 @@ pub async fn make_own(store: &dyn SecretStore, cluster: &str, id: &str) -> Resul
 /// agent of a cluster still moving to tokens per node starts with the
 /// shared one and moves by its heartbeat.
 pub async fn at_run(
-    opts: &crate::cli::GlobalOpts,
+    opts: &GlobalOpts,
     store: &dyn SecretStore,
     server: bool,
     shared_gone: bool,
@@ -434,15 +432,17 @@ pub async fn at_run(
 /// until the leader has made it), writes it as `acl.tokens.agent` and has
 /// Consul reload it (ACL tokens are reloadable configuration).
 pub async fn follow(
-    opts: &crate::cli::GlobalOpts,
+    cluster_opts: &ClusterOpts,
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
     root: &Root,
     saved: &crate::state::State,
 ) -> Option<bool> {
-    let own = own_instance(opts, &saved.node, saved.instance_id.as_deref())?;
+    let own = own_instance(tls, &saved.node, saved.instance_id.as_deref())?;
     if kind(root).as_deref() == Some("node") {
         return Some(true);
     }
-    let (url, cluster) = (opts.tls.secrets.as_ref()?, saved.cluster_id.as_deref()?);
+    let (url, cluster) = (tls.secrets.as_ref()?, saved.cluster_id.as_deref()?);
     let switched = async {
         let store = crate::secrets::open(url)
             .await?
@@ -450,10 +450,13 @@ pub async fn follow(
         let Some(token) = read(store.as_ref(), cluster, own).await? else {
             return Ok(false);
         };
-        super::rotate::set_config_token(opts, root, "agent", &token)?;
+        super::rotate::set_config_token(consul, root, "agent", &token)?;
         record_kind(root, "node");
         let management = if saved.mode.is_server() {
-            super::management_token(opts, cluster).await.ok().flatten()
+            super::management_token(cluster_opts, consul, tls, cluster)
+                .await
+                .ok()
+                .flatten()
         } else {
             None
         };
@@ -478,13 +481,13 @@ pub async fn follow(
 /// Consul and the record marked `per_node` (nodes never fall back to it
 /// again). Failures are warnings: the next heartbeat goes on.
 pub async fn lead(
-    opts: &crate::cli::GlobalOpts,
+    tls: &SecretOpts,
     root: &Root,
     registry: &dyn crate::registry::Store,
     record: &(crate::model::ClusterRecord, String),
     management: &str,
 ) -> Value {
-    let (Some(url), Some(tag)) = (&opts.tls.secrets, &opts.tls.instance_tag) else {
+    let (Some(url), Some(tag)) = (&tls.secrets, &tls.instance_tag) else {
         return Value::Null;
     };
     let (record, etag) = record;
@@ -601,11 +604,11 @@ pub async fn revoke(
 /// This node's own token as its Consul config holds it (`acl.tokens.agent`),
 /// when it runs with one: what its agent's leave and join are made with
 /// (agent:write on itself).
-pub fn own_from_config(opts: &crate::cli::GlobalOpts, root: &Root) -> Option<String> {
+pub fn own_from_config(consul: &ConsulOpts, root: &Root) -> Option<String> {
     if kind(root).as_deref() != Some("node") {
         return None;
     }
-    let config = root.path(&opts.consul.config_dir.join(super::run::CONFIG_FILE));
+    let config = root.path(&consul.config_dir.join(super::run::CONFIG_FILE));
     super::rotate::config_json(&config)?["acl"]["tokens"]["agent"]
         .as_str()
         .map(str::to_string)

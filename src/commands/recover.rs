@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::open_store;
-use crate::cli::GlobalOpts;
+use crate::cli::{ConsulOpts, GlobalOpts, OutputOpts};
 use crate::install::{self, FileSpec, Root};
 use crate::model::{Role, parse_heartbeat_body};
 use crate::registry::{Agents, Condition, Store, parse_listing, read_view};
@@ -106,7 +106,12 @@ pub async fn recover(opts: &GlobalOpts, step: Step) -> Result<()> {
                  `auto-consul recover --plan` on one surviving server first"
             );
         };
-        check_applicable(&plan, hash.as_deref(), &me.node, &node_id_here(&root, opts))?;
+        check_applicable(
+            &plan,
+            hash.as_deref(),
+            &me.node,
+            &node_id_here(&root, &opts.consul),
+        )?;
         install::write_atomic(
             &root,
             &FileSpec {
@@ -116,7 +121,7 @@ pub async fn recover(opts: &GlobalOpts, step: Step) -> Result<()> {
                 owner: root.user("consul"),
             },
         )?;
-        return report(opts, &plan, &root.path(&path), true, None);
+        return report(&opts.output, &plan, &root.path(&path), true, None);
     }
 
     // The survivors: the holders of this cluster's slots (at any age: a
@@ -162,10 +167,10 @@ pub async fn recover(opts: &GlobalOpts, step: Step) -> Result<()> {
     for s in &mut survivors {
         s.node_id = ids.get(&s.node).cloned();
         if s.node == me.node && mine.is_some() {
-            s.node_id = node_id_here(&root, opts).or(s.node_id.take());
+            s.node_id = node_id_here(&root, &opts.consul).or(s.node_id.take());
         }
     }
-    let port = rpc_port(&root, opts);
+    let port = rpc_port(&root, &opts.consul);
     let peers: Vec<Value> = survivors
         .iter()
         .filter_map(|s| {
@@ -212,9 +217,15 @@ pub async fn recover(opts: &GlobalOpts, step: Step) -> Result<()> {
             )
             .await
             .with_context(|| format!("pinning the recovery plan at {}", plan_key(&cluster)))?;
-        return report(opts, &plan, &root.path(&path), false, None);
+        return report(&opts.output, &plan, &root.path(&path), false, None);
     }
-    report(opts, &plan, &root.path(&path), false, Some(pinned.as_ref()))
+    report(
+        &opts.output,
+        &plan,
+        &root.path(&path),
+        false,
+        Some(pinned.as_ref()),
+    )
 }
 
 /// The plan pinned for `cluster`, when there is one; a damaged one (its
@@ -286,8 +297,8 @@ fn check_applicable(
 }
 
 /// This node's Consul node id, from its data dir.
-fn node_id_here(root: &Root, opts: &GlobalOpts) -> Option<String> {
-    std::fs::read_to_string(root.path(&opts.consul.data_dir.join("node-id")))
+fn node_id_here(root: &Root, consul: &ConsulOpts) -> Option<String> {
+    std::fs::read_to_string(root.path(&consul.data_dir.join("node-id")))
         .ok()
         .map(|id| id.trim().to_string())
         .filter(|id| !id.is_empty())
@@ -296,8 +307,8 @@ fn node_id_here(root: &Root, opts: &GlobalOpts) -> Option<String> {
 /// The server RPC port of this node's Consul configuration (`ports.server`
 /// in the files of the config dir, the last one read winning as in Consul:
 /// files in lexical order), or Consul's default.
-pub(super) fn rpc_port(root: &Root, opts: &GlobalOpts) -> u16 {
-    let dir = root.path(&opts.consul.config_dir);
+pub(super) fn rpc_port(root: &Root, consul: &ConsulOpts) -> u16 {
+    let dir = root.path(&consul.config_dir);
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
         .map(|d| {
             d.filter_map(|e| e.ok().map(|e| e.path()))
@@ -325,7 +336,7 @@ fn port_in(file: &Path) -> Option<u16> {
 
 /// Prints the plan, the steps and what was done.
 fn report(
-    opts: &GlobalOpts,
+    output: &OutputOpts,
     plan: &Plan,
     path: &Path,
     written: bool,
@@ -351,7 +362,7 @@ fn report(
         "5. check: consul operator raft list-peers".to_string(),
     ];
     let unknown = plan.unknown();
-    if opts.output.json {
+    if output.json {
         println!(
             "{}",
             json!({

@@ -141,13 +141,15 @@ pub async fn rejoin(
         // AgentJoin): a server whose secrets auto-consul made has the
         // management token; a node on its own token (--instance-tag) has
         // agent:write on itself, and its Consul config holds it.
-        let own = super::node_tokens::own_from_config(opts, root);
+        let own = super::node_tokens::own_from_config(&opts.consul, root);
         let token = match (&opts.tls.acl_token_file, my_cluster.filter(|_| server)) {
-            (None, Some(cluster)) => super::management_token(opts, cluster)
-                .await
-                .map_err(|e| tracing::warn!("reading the management token to join with: {e:#}"))
-                .ok()
-                .flatten(),
+            (None, Some(cluster)) => {
+                super::management_token(&opts.cluster, &opts.consul, &opts.tls, cluster)
+                    .await
+                    .map_err(|e| tracing::warn!("reading the management token to join with: {e:#}"))
+                    .ok()
+                    .flatten()
+            }
             (None, None) => own,
             _ => None,
         };

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use super::run::TlsPaths;
-use crate::cli::GlobalOpts;
+use crate::cli::{ConsulOpts, SecretOpts};
 use crate::identity::Identity;
 use crate::install::{self, FileSpec, Root};
 use crate::secrets::{self, CertInfo};
@@ -23,22 +23,22 @@ use crate::state::State;
 /// What the heartbeat did about this server's certificate, for its
 /// output; `None` when auto-consul does not manage it.
 pub async fn renew_if_due(
-    opts: &GlobalOpts,
+    consul_opts: &ConsulOpts,
+    tls: &SecretOpts,
     root: &Root,
     me: &Identity,
     saved: &State,
     gens: secrets::Generations,
 ) -> Result<Option<Value>> {
-    let (Some(url), None, true) = (&opts.tls.secrets, &opts.tls.ca_file, saved.mode.is_server())
-    else {
+    let (Some(url), None, true) = (&tls.secrets, &tls.ca_file, saved.mode.is_server()) else {
         return Ok(None);
     };
-    let paths = TlsPaths::new(&opts.consul.config_dir);
+    let paths = TlsPaths::new(&consul_opts.config_dir);
     let read = |p: &Path| std::fs::read_to_string(root.path(p)).ok();
     let Some(cert) = read(&paths.cert) else {
         return Ok(None);
     };
-    let name = server_name(opts);
+    let name = server_name(consul_opts);
     let now = chrono::Utc::now().timestamp();
     let info = secrets::cert_info(&cert);
     // A CA rotation's `reissue`: signed by the new CA now.
@@ -97,7 +97,18 @@ pub async fn renew_if_due(
         stamp(new.not_after)
     );
     let served = match crate::agent::reload(made.management_token.as_deref()).await {
-        Ok(()) => served(opts, root, me, &name, &made.ca_cert, &new_cert, &new_key).await,
+        Ok(()) => {
+            served(
+                consul_opts,
+                root,
+                me,
+                &name,
+                &made.ca_cert,
+                &new_cert,
+                &new_key,
+            )
+            .await
+        }
         Err(e) => {
             tracing::warn!("{e:#}: Consul serves the new certificate once it reloads or restarts");
             format!("not reloaded: {e:#}")
@@ -113,14 +124,14 @@ pub async fn renew_if_due(
 }
 
 /// `server.<datacenter>.<domain>`: the name servers' certificates carry.
-pub fn server_name(opts: &GlobalOpts) -> String {
-    format!("server.{}.{}", opts.consul.datacenter, opts.consul.domain)
+pub fn server_name(consul: &ConsulOpts) -> String {
+    format!("server.{}.{}", consul.datacenter, consul.domain)
 }
 
 /// Whether Consul's RPC port presents `cert`: `new`, `old` (another), or
 /// why it could not be seen (a warning too).
 async fn served(
-    opts: &GlobalOpts,
+    consul: &ConsulOpts,
     root: &Root,
     me: &Identity,
     name: &str,
@@ -128,7 +139,7 @@ async fn served(
     cert: &str,
     key: &str,
 ) -> String {
-    let addr = SocketAddr::new(me.address, super::recover::rpc_port(root, opts));
+    let addr = SocketAddr::new(me.address, super::recover::rpc_port(root, consul));
     let (name, ca, cert, key) = (
         name.to_string(),
         ca.to_string(),
@@ -165,11 +176,15 @@ pub fn stamp(t: i64) -> String {
 
 /// The expiry of this node's TLS files auto-consul made (the CA; a
 /// server's certificate too), for `status` and the metrics file.
-pub fn expiries(opts: &GlobalOpts, root: &Root) -> Vec<(&'static str, CertInfo)> {
-    if opts.tls.ca_file.is_some() {
+pub fn expiries(
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
+    root: &Root,
+) -> Vec<(&'static str, CertInfo)> {
+    if tls.ca_file.is_some() {
         return Vec::new();
     }
-    let paths = TlsPaths::new(&opts.consul.config_dir);
+    let paths = TlsPaths::new(&consul.config_dir);
     [("ca", &paths.ca), ("certificate", &paths.cert)]
         .into_iter()
         .filter_map(|(what, p)| {

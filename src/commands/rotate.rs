@@ -15,6 +15,7 @@
 //! the next. A node that boots mid-rotation writes both keys in its keyring
 //! (`run`), so it reads every member whichever key they send with.
 
+use crate::cli::{ConsulOpts, SecretOpts};
 use anyhow::{Result, bail};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -798,22 +799,23 @@ pub struct Following {
 /// into Consul's config or CA file, and Consul reloads them (ACL tokens
 /// and TLS files are reloadable configuration).
 pub async fn follow_rotations(
-    opts: &crate::cli::GlobalOpts,
+    consul: &ConsulOpts,
+    tls: &SecretOpts,
     root: &crate::install::Root,
     store: &dyn Store,
     saved: Option<&crate::state::State>,
 ) -> Following {
     let mut out = Following::default();
-    let (Some(url), Some(saved)) = (&opts.tls.secrets, saved) else {
+    let (Some(url), Some(saved)) = (&tls.secrets, saved) else {
         return out;
     };
     let Some(cluster) = saved.cluster_id.clone() else {
         return out;
     };
     // A node on its own token (--instance-tag) follows no shared one.
-    let token_managed = opts.tls.acl_token_file.is_none()
-        && super::node_tokens::kind(root).as_deref() != Some("node");
-    let ca_managed = opts.tls.ca_file.is_none();
+    let token_managed =
+        tls.acl_token_file.is_none() && super::node_tokens::kind(root).as_deref() != Some("node");
+    let ca_managed = tls.ca_file.is_none();
     let token_have = crate::state::recorded_number(root, AGENT_TOKEN_GENERATION).unwrap_or(1);
     let trusted_have = recorded_list(root, CA_TRUSTED).unwrap_or_else(|| vec![1]);
     out.agent_token = token_managed.then_some(token_have);
@@ -865,7 +867,7 @@ pub async fn follow_rotations(
         .await?;
         let mut changed = false;
         if token_managed && token_want != token_have {
-            set_config_token(opts, root, "agent", &made.agent_token)?;
+            set_config_token(consul, root, "agent", &made.agent_token)?;
             crate::state::record_number(root, AGENT_TOKEN_GENERATION, token_want);
             tracing::warn!(
                 "this node's Consul now runs with generation {token_want} of the agents' token"
@@ -873,7 +875,7 @@ pub async fn follow_rotations(
             changed = true;
         }
         if ca_managed && trusted_want != trusted_have {
-            set_ca_file(opts, root, &made.ca_cert)?;
+            set_ca_file(consul, root, &made.ca_cert)?;
             record_list(root, CA_TRUSTED, &trusted_want);
             tracing::warn!("this node's CA file now trusts CA generation(s) {trusted_want:?}");
             changed = true;
@@ -888,7 +890,7 @@ pub async fn follow_rotations(
             // (it bootstraps no ACLs): the new generation, made by API,
             // needs no restart there.
             if record.primary.is_none() {
-                set_config_token(opts, root, "initial_management", token)?;
+                set_config_token(consul, root, "initial_management", token)?;
                 restart_consul(root)?;
             } else if changed {
                 reload_consul(root, Some(token)).await;
@@ -987,12 +989,8 @@ pub async fn reload_consul(root: &crate::install::Root, management: Option<&str>
 }
 
 /// Writes the CA file auto-consul keeps (its mode and owner kept).
-fn set_ca_file(
-    opts: &crate::cli::GlobalOpts,
-    root: &crate::install::Root,
-    pem: &str,
-) -> Result<()> {
-    let path = super::run::TlsPaths::new(&opts.consul.config_dir).ca;
+fn set_ca_file(consul_opts: &ConsulOpts, root: &crate::install::Root, pem: &str) -> Result<()> {
+    let path = super::run::TlsPaths::new(&consul_opts.config_dir).ca;
     let owner = std::fs::metadata(root.path(&path)).ok().map(|m| {
         use std::os::unix::fs::MetadataExt;
         (m.uid(), m.gid())
@@ -1043,12 +1041,12 @@ pub fn record_list(root: &crate::install::Root, path: &str, list: &[u32]) {
 /// Writes `token` as `acl.tokens.<which>` in Consul's config (its mode
 /// and owner kept, under the lock `run` takes).
 pub(super) fn set_config_token(
-    opts: &crate::cli::GlobalOpts,
+    consul: &ConsulOpts,
     root: &crate::install::Root,
     which: &str,
     token: &str,
 ) -> Result<()> {
-    edit_config(opts, root, |value| {
+    edit_config(consul, root, |value| {
         value["acl"]["tokens"][which] = json!(token);
     })
 }
@@ -1061,12 +1059,12 @@ pub(super) fn config_json(path: &std::path::Path) -> Option<Value> {
 /// Rewrites Consul's config file through `edit` (its mode and owner kept,
 /// under the lock `run` takes, from the file as it is now).
 pub(super) fn edit_config(
-    opts: &crate::cli::GlobalOpts,
+    consul_opts: &ConsulOpts,
     root: &crate::install::Root,
     edit: impl FnOnce(&mut Value),
 ) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let config = opts.consul.config_dir.join(super::run::CONFIG_FILE);
+    let config = consul_opts.config_dir.join(super::run::CONFIG_FILE);
     let on_disk = root.path(&config);
     {
         let _lock = crate::install::lock(root, "consul-config")?;

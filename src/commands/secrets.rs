@@ -138,7 +138,7 @@ pub async fn secrets(opts: &GlobalOpts, action: &SecretsAction) -> Result<()> {
                     node.escape_debug()
                 )));
             }
-            let management = super::management_token(opts, &cluster).await?.ok_or_else(|| {
+            let management = super::management_token(&opts.cluster, &opts.consul, &opts.tls, &cluster).await?.ok_or_else(|| {
                 usage("revoking a node's token needs the cluster's management token: run it on one of its servers")
             })?;
             let v = super::node_tokens::revoke(store.as_ref(), &management, &cluster, node).await?;

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::{management_token, open_store};
 use crate::claims::put_settled;
-use crate::cli::GlobalOpts;
+use crate::cli::{GlobalOpts, OutputOpts, SecretOpts};
 use crate::error::{soon, usage};
 use crate::install::{self, Root};
 use crate::model::{
@@ -44,19 +44,21 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     let root = Root::new(&opts.consul.root);
     let saved = this_server(&root, &url.to_string())?;
     let Some(saved) = saved else {
-        return say(opts, json!({"saved": false, "reason": "agent"}), || {
-            "this node is an agent: snapshots are the servers' (nothing to do)".into()
-        });
+        return say(
+            &opts.output,
+            json!({"saved": false, "reason": "agent"}),
+            || "this node is an agent: snapshots are the servers' (nothing to do)".into(),
+        );
     };
     let Some(cluster) = saved.cluster_id.clone() else {
         return say(
-            opts,
+            &opts.output,
             json!({"saved": false, "reason": "no cluster"}),
             || "this server's registry has no cluster record: nothing to save".into(),
         );
     };
     // Only the leader: one snapshot per interval for the cluster.
-    let status = leader_known(opts).await?;
+    let status = leader_known(&opts.tls).await?;
     let Some(leader) = status.leader.as_deref() else {
         return Err(soon(format!(
             "the local Consul agent knew no leader for {}s: no snapshot can be saved or restored now \
@@ -67,7 +69,7 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     if leader_ip(leader) != Some(saved.address) {
         let shown = status.leader.clone().unwrap_or_else(|| "none".into());
         return say(
-            opts,
+            &opts.output,
             json!({"saved": false, "reason": "not the leader", "leader": status.leader}),
             || {
                 format!(
@@ -81,7 +83,7 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     let spool = SpoolFile(root.path(Path::new(SPOOL)));
     let opened = open_store(&url).await?;
     let store = opened.store.as_ref();
-    let token = management_token(opts, &cluster).await?;
+    let token = management_token(&opts.cluster, &opts.consul, &opts.tls, &cluster).await?;
     let owed = Owed {
         opts,
         store,
@@ -104,9 +106,9 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
             ));
         }
     };
-    if opts.snapshot_interval() == 0 {
+    if opts.snapshots.interval() == 0 {
         return say(
-            opts,
+            &opts.output,
             json!({"saved": false, "reason": "off", "restored": restored}),
             || "snapshots are off (--snapshot-interval 0)".into(),
         );
@@ -124,9 +126,9 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     state::record_time(&root, SNAPSHOT_AT, now);
     let _ = std::fs::remove_file(root.path(Path::new(SNAPSHOT_FAILED)));
     crate::metrics::snapshot_saved(now);
-    let deleted = keep_newest(store, &cluster, opts.snapshot_keep()).await?;
+    let deleted = keep_newest(store, &cluster, opts.snapshots.keep()).await?;
     say(
-        opts,
+        &opts.output,
         json!({
             "saved": true,
             "key": key,
@@ -141,7 +143,7 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
                 file.size,
                 file.sha256,
                 deleted.len(),
-                opts.snapshot_keep()
+                opts.snapshots.keep()
             )
         },
     )
@@ -215,10 +217,10 @@ const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The local agent's status once it knows a leader, or after
 /// [`LEADER_WAIT`] without one.
-async fn leader_known(opts: &GlobalOpts) -> Result<agent::AgentStatus> {
+async fn leader_known(tls: &SecretOpts) -> Result<agent::AgentStatus> {
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     loop {
-        let status = agent::status(opts.tls.acl_token_file.as_deref()).await?;
+        let status = agent::status(tls.acl_token_file.as_deref()).await?;
         if status.leader.is_some() || tokio::time::Instant::now() >= deadline {
             return Ok(status);
         }
@@ -244,10 +246,10 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
     let store = opened.store.as_ref();
     let Some(key) = key else {
         if cancel {
-            return cancel_owed(opts, store).await;
+            return cancel_owed(&opts.output, store).await;
         }
         let record = read_cluster(store).await?;
-        return list(opts, store, record.as_ref().map(|(r, _)| r)).await;
+        return list(&opts.output, store, record.as_ref().map(|(r, _)| r)).await;
     };
     let Some(snap) = parse_any(key) else {
         return Err(usage(format!(
@@ -262,7 +264,7 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
     let cluster = current.as_ref().map(|(r, _)| r.cluster_id.clone());
     let servers = current.as_ref().map(|(r, _)| r.servers);
     let token = match &cluster {
-        Some(c) => management_token(opts, c).await?,
+        Some(c) => management_token(&opts.cluster, &opts.consul, &opts.tls, c).await?,
         None => None,
     };
     let Some(fetched) = store.get_file(key, &spool.0).await? else {
@@ -302,7 +304,7 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
     };
     steps.run(owed, &snap, &fetched.file).await?;
     say(
-        opts,
+        &opts.output,
         json!({"restored": key, "sha256": fetched.file.sha256, "size": fetched.file.size}),
         || {
             format!(
@@ -752,7 +754,11 @@ fn parse_any(key: &str) -> Option<SnapshotKey> {
 
 /// `restore` without a key: this cluster's snapshots, and those of the
 /// cluster it replaced.
-async fn list(opts: &GlobalOpts, store: &dyn Store, record: Option<&ClusterRecord>) -> Result<()> {
+async fn list(
+    output: &OutputOpts,
+    store: &dyn Store,
+    record: Option<&ClusterRecord>,
+) -> Result<()> {
     let Some(record) = record else {
         bail!("the registry holds no cluster record: there are no snapshots to list");
     };
@@ -773,7 +779,7 @@ async fn list(opts: &GlobalOpts, store: &dyn Store, record: Option<&ClusterRecor
         }
     }
     say(
-        opts,
+        output,
         json!({"snapshots": rows, "restore": record.restore}),
         || {
             let mut text = String::new();
@@ -801,7 +807,7 @@ async fn list(opts: &GlobalOpts, store: &dyn Store, record: Option<&ClusterRecor
 
 /// `restore --cancel`: the restore owed at genesis is dropped, unless a
 /// server is sending it now.
-async fn cancel_owed(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
+async fn cancel_owed(output: &OutputOpts, store: &dyn Store) -> Result<()> {
     let Some((mut rec, obj)) = read_record(store).await? else {
         bail!("the registry holds no cluster record: no restore is owed");
     };
@@ -810,7 +816,7 @@ async fn cancel_owed(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
         .clone()
         .filter(|p| p.state.open() || p.state == RestoreState::Refused)
     else {
-        return say(opts, json!({"cancelled": false}), || {
+        return say(output, json!({"cancelled": false}), || {
             "no restore is owed: nothing to cancel".into()
         });
     };
@@ -831,17 +837,21 @@ async fn cancel_owed(opts: &GlobalOpts, store: &dyn Store) -> Result<()> {
         ..plan.clone()
     });
     write_record(store, &rec, obj.etag).await?;
-    say(opts, json!({"cancelled": true, "from": plan.from}), || {
-        format!(
-            "cancelled the restore of cluster {}'s snapshot: cluster {} keeps its own state",
-            plan.from, rec.cluster_id
-        )
-    })
+    say(
+        output,
+        json!({"cancelled": true, "from": plan.from}),
+        || {
+            format!(
+                "cancelled the restore of cluster {}'s snapshot: cluster {} keeps its own state",
+                plan.from, rec.cluster_id
+            )
+        },
+    )
 }
 
 /// Prints `json` with `--json`, else the text.
-fn say(opts: &GlobalOpts, json: Value, text: impl FnOnce() -> String) -> Result<()> {
-    if opts.output.json {
+fn say(output: &OutputOpts, json: Value, text: impl FnOnce() -> String) -> Result<()> {
+    if output.json {
         println!("{json}");
     } else {
         println!("{}", text());

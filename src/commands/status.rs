@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use super::open_store;
-use crate::cli::GlobalOpts;
+use crate::cli::{ClusterOpts, ConsulOpts, GlobalOpts, SecretOpts, SnapshotOpts, WaitOpts};
 use crate::install::Root;
 use crate::registry::read_slot;
 use crate::{agent, state};
@@ -50,18 +50,18 @@ pub async fn status(opts: &GlobalOpts) -> Result<()> {
     if h.saved.is_none() {
         h.degraded("this node has no state: `auto-consul run` never set it up");
     }
-    h.registry(opts, &root).await;
+    h.registry(&opts.cluster, &opts.snapshots, &root).await;
     h.heartbeat_age();
-    h.agent(opts).await;
-    h.tls(opts, &root);
+    h.agent(&opts.tls).await;
+    h.tls(&opts.consul, &opts.tls, &root);
     h.timer = timer_state(&root);
     if let Some(t) = h.timer.clone().filter(|t| *t != "active") {
         h.degraded(format!("auto-consul-heartbeat.timer is {t}"));
     }
     if opts.output.json {
-        println!("{}", h.json(opts));
+        println!("{}", h.json(&opts.waits));
     } else {
-        h.print(opts);
+        h.print(&opts.waits);
     }
     if h.reasons.is_empty() {
         Ok(())
@@ -93,10 +93,10 @@ impl Health {
 
     /// The CA and (servers) the certificate auto-consul made: degraded 14
     /// days before either expires, by this node's clock.
-    fn tls(&mut self, opts: &GlobalOpts, root: &Root) {
+    fn tls(&mut self, consul_opts: &ConsulOpts, tls: &SecretOpts, root: &Root) {
         let now = chrono::Utc::now().timestamp();
         let mut out = serde_json::Map::new();
-        for (what, info) in super::renew::expiries(opts, root) {
+        for (what, info) in super::renew::expiries(consul_opts, tls, root) {
             let left = info.not_after - now;
             let until = super::renew::stamp(info.not_after);
             if left <= TLS_WARN_DAYS * 86_400 {
@@ -123,8 +123,13 @@ impl Health {
 
     /// The cluster record and this node's slot (two GETs; never a
     /// listing), and the time of its last heartbeat on the store's clock.
-    async fn registry(&mut self, opts: &GlobalOpts, root: &Root) {
-        let url = match opts.cluster.registry_url() {
+    async fn registry(
+        &mut self,
+        cluster_opts: &ClusterOpts,
+        snapshots: &SnapshotOpts,
+        root: &Root,
+    ) {
+        let url = match cluster_opts.registry_url() {
             Ok(url) => url,
             Err(e) => return self.degraded(format!("{e:#}")),
         };
@@ -137,11 +142,11 @@ impl Health {
             Err(e) => self.degraded(format!("the registry {url} cannot be read: {e:#}")),
             Ok(None) => self.degraded(format!("the registry {url} has no cluster record")),
             Ok(Some((record, obj))) => {
-                self.record(opts, &record);
+                self.record(cluster_opts, &record);
                 if self.saved.as_ref().is_some_and(|s| s.mode.is_server()) {
                     let record_age =
                         crate::model::age_seconds(obj.last_modified, store.now().await);
-                    self.snapshot(opts, store, &record.cluster_id, record_age)
+                    self.snapshot(snapshots, store, &record.cluster_id, record_age)
                         .await;
                     if let Some((at, why)) = super::snapshot::last_failure(root) {
                         self.degraded(format!(
@@ -176,12 +181,12 @@ impl Health {
     /// store's clock) is that old.
     async fn snapshot(
         &mut self,
-        opts: &GlobalOpts,
+        snapshots_opts: &SnapshotOpts,
         store: &dyn crate::registry::Store,
         cluster: &str,
         record_age: u64,
     ) {
-        let interval = opts.snapshot_interval();
+        let interval = snapshots_opts.interval();
         let late = |age: u64| interval > 0 && age > 2 * interval + 600;
         match super::snapshot::newest(store, cluster).await {
             Err(e) => self.degraded(format!("the snapshots cannot be listed: {e:#}")),
@@ -207,8 +212,8 @@ impl Health {
         }
     }
 
-    fn record(&mut self, opts: &GlobalOpts, record: &crate::model::ClusterRecord) {
-        self.settings = record.settings(opts.cluster.seed());
+    fn record(&mut self, cluster_opts: &ClusterOpts, record: &crate::model::ClusterRecord) {
+        self.settings = record.settings(cluster_opts.seed());
         if record.retired {
             self.degraded(format!("cluster {} is retired", record.cluster_id));
         }
@@ -312,8 +317,8 @@ impl Health {
 
     /// The local agent: answering, knowing a leader, running in the mode
     /// `run` decided (another config file can make a server a client).
-    async fn agent(&mut self, opts: &GlobalOpts) {
-        self.agent = match agent::status(opts.tls.acl_token_file.as_deref()).await {
+    async fn agent(&mut self, tls: &SecretOpts) {
+        self.agent = match agent::status(tls.acl_token_file.as_deref()).await {
             Ok(a) => {
                 if a.leader.is_none() {
                     self.degraded("the local Consul agent knows no leader");
@@ -337,14 +342,14 @@ impl Health {
         };
     }
 
-    fn json(&self, opts: &GlobalOpts) -> Value {
+    fn json(&self, waits: &WaitOpts) -> Value {
         let saved = self.saved.as_ref();
         json!({
             "healthy": self.reasons.is_empty(),
             "reasons": self.reasons,
             "node": saved.map(|s| s.node.clone()),
             "address": saved.map(|s| s.address.to_string()),
-            "role": opts.waits.role.as_str(),
+            "role": waits.role.as_str(),
             "mode": saved.map(|s| s.mode.as_str()),
             "cluster_id": saved.and_then(|s| s.cluster_id.clone()),
             "claim_id": saved.and_then(|s| s.claim_id.clone()),
@@ -358,7 +363,7 @@ impl Health {
         })
     }
 
-    fn print(&self, opts: &GlobalOpts) {
+    fn print(&self, waits: &WaitOpts) {
         match &self.saved {
             Some(s) => println!(
                 "node {} ({}): {}{}, role {}",
@@ -368,7 +373,7 @@ impl Health {
                 s.slot
                     .map(|i| format!(" in server slot {i}"))
                     .unwrap_or_default(),
-                opts.waits.role.as_str()
+                waits.role.as_str()
             ),
             None => println!("node: not set up"),
         }

@@ -12,7 +12,7 @@ use anyhow::Result;
 use super::elect::Elected;
 use super::files::*;
 use super::gather::{After, Before, Disk, Election, generations};
-use crate::cli::GlobalOpts;
+use crate::cli::{ConsulOpts, GlobalOpts, SecretOpts, SnapshotOpts, WaitOpts};
 use crate::install::FileSpec;
 use crate::model::Mode;
 use crate::precedence::Conflict;
@@ -105,23 +105,24 @@ pub(super) fn decide(opts: &GlobalOpts, b: &Before, e: &Election, a: &After) -> 
         )?,
         _ => Vec::new(),
     };
-    let config = consul_settings(opts, b, elected, a, cloud_join, &tls_paths, &tls_files);
+    let tls = tls_paths.tls(&opts.tls, elected.mode, !tls_files.is_empty());
+    let config = consul_settings(&opts.consul, b, elected, a, cloud_join, tls);
     let holds_secret = b.local.secrets.any() || a.made.is_some();
-    let (config_file, conflicts) = consul_config_file(opts, &config, holds_secret, &a.disk);
+    let (config_file, conflicts) = consul_config_file(&opts.consul, &config, holds_secret, &a.disk);
     let mut files = vec![config_file];
     files.extend(tls_files.into_iter().map(|mut f| {
         f.owner = a.disk.consul_user;
         f
     }));
     files.extend(fixed);
-    files.extend(extra_units(opts, b, e, server));
+    files.extend(extra_units(&opts.waits, &opts.snapshots, b, e, server));
     files.push(state_file(b, elected));
     let mut plan = NodePlan {
         files,
         keyring: None,
         aside: Vec::new(),
-        remove: removals(opts, &a.disk, &b.fixed),
-        records: records(opts, b, elected, a),
+        remove: removals(&opts.consul, &a.disk, &b.fixed),
+        records: records(&opts.tls, b, elected, a),
         check_consul_user: !b.root.is_system() && b.local.manages_consul,
         units: units(
             e.launch.as_ref().and_then(|l| l.hook.as_ref()).is_some(),
@@ -133,7 +134,7 @@ pub(super) fn decide(opts: &GlobalOpts, b: &Before, e: &Election, a: &After) -> 
         conflicts,
         config_holds_secret: holds_secret,
     };
-    data_dir_work(opts, b, elected, a, config.encrypt, &mut plan);
+    data_dir_work(&opts.consul, b, elected, a, config.encrypt, &mut plan);
     Ok(plan)
 }
 
@@ -154,21 +155,20 @@ fn state_file(b: &Before, elected: &Elected) -> FileSpec {
 
 /// Consul's configuration, as rendered into its config file.
 fn consul_settings<'a>(
-    opts: &'a GlobalOpts,
+    consul: &'a ConsulOpts,
     b: &'a Before,
     elected: &'a Elected,
     a: &'a After,
     cloud_join: Option<&'a str>,
-    tls_paths: &'a TlsPaths,
-    tls_files: &[FileSpec],
+    tls: crate::render::Tls<'a>,
 ) -> ConsulSettings<'a> {
     let made = a.made.as_ref();
     ConsulSettings {
         node: &b.me.node,
         address: b.me.address,
-        data_dir: &opts.consul.data_dir,
-        datacenter: &opts.consul.datacenter,
-        domain: &opts.consul.domain,
+        data_dir: &consul.data_dir,
+        datacenter: &consul.datacenter,
+        domain: &consul.domain,
         mode: elected.mode,
         // Settled by the election's one gate (`Elector::may_bootstrap`).
         bootstrap: elected.mode == Mode::Bootstrap,
@@ -193,7 +193,7 @@ fn consul_settings<'a>(
             dns: &m.dns_token,
             replication: a.replication.as_deref(),
         }),
-        tls: tls_paths.tls(opts, elected.mode, !tls_files.is_empty()),
+        tls,
         primary_datacenter: a.primary.as_ref().map(|p| p.datacenter.as_str()),
         retry_join_wan: &a.retry_join_wan,
     }
@@ -202,7 +202,7 @@ fn consul_settings<'a>(
 /// Consul's config file (0600 when it holds a secret), and the other
 /// files of the config dir that set what it decides, warned about.
 fn consul_config_file(
-    opts: &GlobalOpts,
+    consul: &ConsulOpts,
     config: &ConsulSettings<'_>,
     holds_secret: bool,
     disk: &Disk,
@@ -210,7 +210,7 @@ fn consul_config_file(
     let contents = render::consul_config(config);
     let conflicts = crate::precedence::conflicts_with(
         &disk.other_config,
-        &opts.consul.config_dir,
+        &consul.config_dir,
         CONFIG_FILE,
         &serde_json::from_str(&contents).expect("rendered JSON parses"),
     );
@@ -218,7 +218,7 @@ fn consul_config_file(
         tracing::warn!("{c}");
     }
     let file = FileSpec {
-        path: opts.consul.config_dir.join(CONFIG_FILE),
+        path: consul.config_dir.join(CONFIG_FILE),
         contents,
         mode: if holds_secret { 0o600 } else { 0o640 },
         owner: disk.consul_user,
@@ -228,12 +228,18 @@ fn consul_config_file(
 
 /// The launch gate (in an autoscaling group) and, on servers, the
 /// snapshot service and timer.
-fn extra_units(opts: &GlobalOpts, b: &Before, e: &Election, server: bool) -> Vec<FileSpec> {
+fn extra_units(
+    waits: &WaitOpts,
+    snapshots: &SnapshotOpts,
+    b: &Before,
+    e: &Election,
+    server: bool,
+) -> Vec<FileSpec> {
     let mut out = Vec::new();
     if e.launch.as_ref().and_then(|l| l.hook.as_ref()).is_some() {
         out.push(FileSpec {
             path: GATE_UNIT.into(),
-            contents: render::gate_service(&b.units.paths(), opts.waits.gate_wait),
+            contents: render::gate_service(&b.units.paths(), waits.gate_wait),
             mode: 0o644,
             owner: None,
         });
@@ -245,7 +251,7 @@ fn extra_units(opts: &GlobalOpts, b: &Before, e: &Election, server: bool) -> Vec
         ));
         out.push(unit(
             SNAPSHOT_TIMER,
-            render::snapshot_timer(opts.snapshot_interval()),
+            render::snapshot_timer(snapshots.interval()),
         ));
     }
     out
@@ -273,11 +279,11 @@ fn units(gate: bool, server: bool) -> Vec<&'static str> {
 /// `consul.hcl`: Consul would read both), and the sandbox drop-in
 /// auto-consul wrote when `--sandbox-consul` is no longer set (or Consul's
 /// unit is now auto-consul's own).
-fn removals(opts: &GlobalOpts, disk: &Disk, fixed: &[FileSpec]) -> Vec<Removal> {
+fn removals(consul_opts: &ConsulOpts, disk: &Disk, fixed: &[FileSpec]) -> Vec<Removal> {
     let mut out = Vec::new();
     if disk.legacy_config {
         out.push(Removal {
-            path: opts.consul.config_dir.join(LEGACY_CONFIG_FILE),
+            path: consul_opts.config_dir.join(LEGACY_CONFIG_FILE),
             why: "auto-consul's config file before it was renamed zz-auto-consul.json",
         });
     }
@@ -294,7 +300,7 @@ fn removals(opts: &GlobalOpts, disk: &Disk, fixed: &[FileSpec]) -> Vec<Removal> 
 /// token's, the CA's, a server's management token's, and which token its
 /// Consul runs with (a node that ran with its own and no longer does
 /// follows the shared one).
-fn records(opts: &GlobalOpts, b: &Before, elected: &Elected, a: &After) -> Vec<FileSpec> {
+fn records(tls: &SecretOpts, b: &Before, elected: &Elected, a: &After) -> Vec<FileSpec> {
     use crate::commands::rotate::{
         AGENT_TOKEN_GENERATION, CA_SIGNED_BY, CA_TRUSTED, MANAGEMENT_TOKEN_GENERATION, list_file,
     };
@@ -308,7 +314,7 @@ fn records(opts: &GlobalOpts, b: &Before, elected: &Elected, a: &After) -> Vec<F
     if b.local.secrets.acl_token.is_none() {
         out.push(number_file(AGENT_TOKEN_GENERATION, gens.agent_token));
     }
-    if opts.tls.ca_file.is_none() {
+    if tls.ca_file.is_none() {
         out.push(list_file(CA_TRUSTED, &gens.ca.trusted()));
         if server {
             out.push(number_file(CA_SIGNED_BY, gens.ca.signing()));
@@ -333,14 +339,14 @@ fn records(opts: &GlobalOpts, b: &Before, elected: &Elected, a: &After) -> Vec<F
 /// `server_metadata.json` and keyrings Consul would use against the key
 /// moved aside; during a gossip key rotation, a keyring with both keys.
 fn data_dir_work(
-    opts: &GlobalOpts,
+    consul: &ConsulOpts,
     b: &Before,
     elected: &Elected,
     a: &After,
     encrypt: Option<&str>,
     plan: &mut NodePlan,
 ) {
-    let data_dir = &opts.consul.data_dir;
+    let data_dir = &consul.data_dir;
     if b.raft && elected.mode.is_server() {
         plan.aside.extend(stale_server_metadata(&a.disk, data_dir));
     }

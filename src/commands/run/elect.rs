@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use chrono::Utc;
 
 use crate::claims::{Claims, Renewal};
-use crate::cli::RoleWanted;
+use crate::cli::{GlobalOpts, RoleWanted};
 use crate::decision::{self, Step};
 use crate::identity::Identity;
 use crate::model::{CLUSTER_KEY, ClusterRecord, Mode, RestorePlan, RestoreState, Settings};
@@ -98,7 +98,7 @@ pub(super) struct Elector<'a> {
     pub(super) own_token: Option<String>,
     /// This node's flags: a genesis records the datacenter, and the
     /// primary a secondary names (`--primary-registry`), checked then.
-    pub(super) opts: &'a crate::cli::GlobalOpts,
+    pub(super) opts: &'a GlobalOpts,
     /// The primary this node's genesis recorded (cluster id, primary).
     pub(super) recorded_primary: std::sync::Mutex<Option<(String, crate::model::Primary)>>,
 }
@@ -543,11 +543,16 @@ impl Elector<'_> {
         // A secondary datacenter: its primary, checked against the
         // primary's record (only at genesis: a secondary's boots never
         // depend on the primary being reachable).
-        let (primary, primary_record) =
-            match crate::commands::federation::primary_for_genesis(self.opts).await? {
-                Some((p, r)) => (Some(p), Some(r)),
-                None => (None, None),
-            };
+        let (primary, primary_record) = match crate::commands::federation::primary_for_genesis(
+            &self.opts.cluster,
+            &self.opts.consul,
+            &self.opts.tls,
+        )
+        .await?
+        {
+            Some((p, r)) => (Some(p), Some(r)),
+            None => (None, None),
+        };
         *self
             .recorded_primary
             .lock()
@@ -569,7 +574,7 @@ impl Elector<'_> {
             datacenter: Some(self.opts.consul.datacenter.clone()),
             primary,
             secrets: match self.secrets {
-                Some(_) => crate::commands::federation::secrets_at(self.opts).await?,
+                Some(_) => crate::commands::federation::secrets_at(&self.opts.tls).await?,
                 None => None,
             },
         };

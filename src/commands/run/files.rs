@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::cli::GlobalOpts;
+use crate::cli::{ConsulOpts, GlobalOpts, OutputOpts, SecretOpts};
 use crate::commands::env_file;
 use crate::error::usage;
 use crate::install::{FileSpec, Root};
@@ -84,15 +84,15 @@ impl TlsPaths {
     /// servers only.
     pub(super) fn tls<'a>(
         &'a self,
-        opts: &'a GlobalOpts,
+        tls: &'a SecretOpts,
         mode: crate::model::Mode,
         made: bool,
     ) -> render::Tls<'a> {
         if !made {
             return render::Tls {
-                ca_file: opts.tls.ca_file.as_deref(),
-                cert_file: opts.tls.cert_file.as_deref(),
-                key_file: opts.tls.key_file.as_deref(),
+                ca_file: tls.ca_file.as_deref(),
+                cert_file: tls.cert_file.as_deref(),
+                key_file: tls.key_file.as_deref(),
             };
         }
         render::Tls {
@@ -172,7 +172,9 @@ pub struct UnitStrings {
 impl UnitStrings {
     /// `registry` may be unknown (`install` without one).
     pub fn new(
-        opts: &GlobalOpts,
+        consul_opts: &ConsulOpts,
+        tls: &SecretOpts,
+        output: &OutputOpts,
         auto_consul: &Path,
         registry: Option<&RegistryUrl>,
     ) -> Result<UnitStrings> {
@@ -184,19 +186,19 @@ impl UnitStrings {
         };
         Ok(UnitStrings {
             auto_consul: render::unit_path(auto_consul).context("the auto-consul binary's path")?,
-            config_dir: render::unit_path(&opts.consul.config_dir)
+            config_dir: render::unit_path(&consul_opts.config_dir)
                 .map_err(|e| usage(format!("--config-dir: {e}")))?,
-            data_dir: render::unit_path(&opts.consul.data_dir)
+            data_dir: render::unit_path(&consul_opts.data_dir)
                 .map_err(|e| usage(format!("--data-dir: {e}")))?,
             registry_dir,
-            metrics_dir: metrics_dir(opts)?,
-            secrets_dir: match &opts.tls.secrets {
+            metrics_dir: metrics_dir(output)?,
+            secrets_dir: match &tls.secrets {
                 Some(crate::secrets::SecretsUrl::Dir { dir }) => {
                     Some(render::unit_path(dir).map_err(|e| usage(format!("--secrets: {e}")))?)
                 }
                 _ => None,
             },
-            reads_home: reads_home(opts),
+            reads_home: reads_home(tls, output),
         })
     }
 
@@ -229,18 +231,18 @@ impl UnitStrings {
 
 /// Whether a file the units read or write lies where `ProtectHome=yes`
 /// would hide it.
-pub fn reads_home(opts: &GlobalOpts) -> bool {
+pub fn reads_home(tls: &SecretOpts, output: &OutputOpts) -> bool {
     [
-        &opts.tls.encrypt_file,
-        &opts.tls.acl_token_file,
-        &opts.tls.ca_file,
-        &opts.tls.cert_file,
-        &opts.tls.key_file,
-        &opts.output.metrics_file,
+        &tls.encrypt_file,
+        &tls.acl_token_file,
+        &tls.ca_file,
+        &tls.cert_file,
+        &tls.key_file,
+        &output.metrics_file,
     ]
     .iter()
     .filter_map(|p| p.as_deref())
-    .chain(match &opts.tls.secrets {
+    .chain(match &tls.secrets {
         Some(crate::secrets::SecretsUrl::Dir { dir }) => Some(dir.as_path()),
         _ => None,
     })
@@ -248,8 +250,8 @@ pub fn reads_home(opts: &GlobalOpts) -> bool {
 }
 
 /// The directory of `--metrics-file`, for the units' writable paths.
-pub fn metrics_dir(opts: &GlobalOpts) -> Result<Option<String>> {
-    opts.output
+pub fn metrics_dir(output: &OutputOpts) -> Result<Option<String>> {
+    output
         .metrics_file
         .as_deref()
         .and_then(Path::parent)

@@ -17,7 +17,9 @@ use super::elect::VIEW_AGENTS;
 use super::elect::{self, Elected, Elector};
 use super::files::*;
 use super::secrets::Secrets;
-use crate::cli::{GlobalOpts, RoleWanted};
+use crate::cli::{
+    ClusterOpts, ConsulOpts, GlobalOpts, IdentityOpts, RoleWanted, SecretOpts, WaitOpts,
+};
 use crate::commands::{Opened, open_store};
 use crate::error::usage;
 use crate::identity::{self, Identity};
@@ -66,10 +68,24 @@ pub(super) struct Before {
 pub(super) async fn before(opts: &GlobalOpts, dry_run: bool) -> Result<(Before, RegistryView)> {
     let url = opts.cluster.registry_url()?;
     let root = Root::new(&opts.consul.root);
-    let (local, consul_path) = local_checks(opts, &root, dry_run)?;
-    let (me, launch, opened, racy, first_view) = first_look(opts, &root, &url, dry_run).await?;
-    crate::commands::warn_on_mismatch(opts, &first_view);
-    let units = UnitStrings::new(opts, &local.auto_consul, Some(&url))?;
+    let (local, consul_path) = local_checks(&opts.waits, &opts.consul, &opts.tls, &root, dry_run)?;
+    let (me, launch, opened, racy, first_view) = first_look(
+        &opts.cluster,
+        &opts.identity,
+        &opts.waits,
+        &root,
+        &url,
+        dry_run,
+    )
+    .await?;
+    crate::commands::warn_on_mismatch(&opts.cluster, &first_view);
+    let units = UnitStrings::new(
+        &opts.consul,
+        &opts.tls,
+        &opts.output,
+        &local.auto_consul,
+        Some(&url),
+    )?;
     let consul = crate::render::unit_path(&consul_path).context("the consul binary's path")?;
     let fixed = fixed_files(
         opts,
@@ -81,7 +97,7 @@ pub(super) async fn before(opts: &GlobalOpts, dry_run: bool) -> Result<(Before, 
     )?;
     crate::install::check_writable(&root, &fixed)?;
     let raft = has_raft_state(&root, &opts.consul.data_dir);
-    let previous = sticky_state(opts, &root, &url.to_string(), &me);
+    let previous = sticky_state(&opts.waits, &root, &url.to_string(), &me);
     // `plan` reads the store too (never makes a secret: `ReadOnly`).
     let secrets_store = match &opts.tls.secrets {
         Some(url) => crate::secrets::open(url).await?.map(|s| {
@@ -114,14 +130,17 @@ pub(super) async fn before(opts: &GlobalOpts, dry_run: bool) -> Result<(Before, 
 /// The binaries, the secret files, the TLS flags, other files of the
 /// config dir that would bootstrap, the consul user (made before anything
 /// is claimed on the running system). Returns the consul binary's path.
-fn local_checks(opts: &GlobalOpts, root: &Root, dry_run: bool) -> Result<(Local, PathBuf)> {
+fn local_checks(
+    waits: &WaitOpts,
+    consul_opts: &ConsulOpts,
+    tls: &SecretOpts,
+    root: &Root,
+    dry_run: bool,
+) -> Result<(Local, PathBuf)> {
     let consul = find_consul(root)?;
     let auto_consul = own_binary(root)?;
-    let secrets = Secrets::read(opts)?;
-    if opts.tls.ca_file.is_some()
-        && opts.tls.cert_file.is_none()
-        && opts.waits.role != RoleWanted::Agent
-    {
+    let secrets = Secrets::read(tls)?;
+    if tls.ca_file.is_some() && tls.cert_file.is_none() && waits.role != RoleWanted::Agent {
         return Err(usage(
             "--ca-file without --cert-file: a server needs its own certificate (--cert-file and \
              --key-file); only a node run with --role agent does without one (it gets one from \
@@ -129,8 +148,8 @@ fn local_checks(opts: &GlobalOpts, root: &Root, dry_run: bool) -> Result<(Local,
         ));
     }
     if let Some(c) = precedence::bootstrapping(
-        &root.path(&opts.consul.config_dir),
-        &opts.consul.config_dir,
+        &root.path(&consul_opts.config_dir),
+        &consul_opts.config_dir,
         CONFIG_FILE,
         &[LEGACY_CONFIG_FILE],
     )
@@ -158,7 +177,9 @@ fn local_checks(opts: &GlobalOpts, root: &Root, dry_run: bool) -> Result<(Local,
 /// Identity, the probe of conditional writes (none for an agent, which
 /// never makes one, nor for `plan`) and the first read, at once.
 async fn first_look(
-    opts: &GlobalOpts,
+    cluster: &ClusterOpts,
+    identity_opts: &IdentityOpts,
+    waits: &WaitOpts,
     root: &Root,
     url: &RegistryUrl,
     dry_run: bool,
@@ -172,24 +193,23 @@ async fn first_look(
     // Who this node is; then, in the background, its launch hook (the
     // group tag was read with the identity), whose heartbeats start at once.
     let who = async {
-        let me =
-            identity::of_with_group(&opts.identity, opts.waits.autoscaling_group.is_some()).await?;
-        let launch = (!dry_run).then(|| crate::lifecycle::watch_launch(opts, &me, root));
+        let me = identity::of_with_group(identity_opts, waits.autoscaling_group.is_some()).await?;
+        let launch = (!dry_run).then(|| crate::lifecycle::watch_launch(waits, &me, root));
         Ok::<_, anyhow::Error>((me, launch))
     };
     let registry = async {
         let opened = open_store(url).await?;
         let store = opened.store.as_ref();
         let probe = async {
-            if dry_run || opts.waits.role == RoleWanted::Agent {
+            if dry_run || waits.role == RoleWanted::Agent {
                 Ok(false)
             } else {
-                super::probe::check_conditional_writes(store, opts.cluster.allow_racy).await
+                super::probe::check_conditional_writes(store, cluster.allow_racy).await
             }
         };
         let (racy, view) = tokio::try_join!(
             probe,
-            read_view(store, opts.cluster.seed(), Agents::Recent(VIEW_AGENTS))
+            read_view(store, cluster.seed(), Agents::Recent(VIEW_AGENTS))
         )?;
         Ok::<_, anyhow::Error>((opened, racy, view))
     };
@@ -200,11 +220,11 @@ async fn first_look(
 /// The state file's mode, when it is sticky: only server modes are; an
 /// agent decides again at each boot, and a node now given `--role agent`
 /// becomes one.
-fn sticky_state(opts: &GlobalOpts, root: &Root, registry: &str, me: &Identity) -> Option<State> {
+fn sticky_state(waits: &WaitOpts, root: &Root, registry: &str, me: &Identity) -> Option<State> {
     state::load_for(root, registry, me)
         .filter(|s| s.mode.is_server())
         .filter(|s| {
-            let keep = opts.waits.role != RoleWanted::Agent;
+            let keep = waits.role != RoleWanted::Agent;
             if !keep {
                 tracing::warn!(
                     "this node ran as {} but is now given --role agent: it runs as an agent; \
@@ -218,17 +238,17 @@ fn sticky_state(opts: &GlobalOpts, root: &Root, registry: &str, me: &Identity) -
 
 /// `--witness-wait`, or a default that fits, with IMDS, inside the boot
 /// unit's start timeout (15 min).
-fn witness_wait(opts: &GlobalOpts, view: &RegistryView) -> Duration {
+fn witness_wait(waits: &WaitOpts, view: &RegistryView) -> Duration {
     Duration::from_secs(
-        opts.waits
+        waits
             .witness_wait
             .unwrap_or(view.settings.expiry.min(DEFAULT_WAIT_CAP)),
     )
 }
 
 /// `--role-wait`, or one expiry and one heartbeat interval, capped alike.
-fn role_wait(opts: &GlobalOpts, view: &RegistryView) -> Duration {
-    Duration::from_secs(opts.waits.role_wait.unwrap_or_else(|| {
+fn role_wait(waits: &WaitOpts, view: &RegistryView) -> Duration {
+    Duration::from_secs(waits.role_wait.unwrap_or_else(|| {
         let e = view.settings.expiry;
         (e + e / 3 + 10).min(DEFAULT_WAIT_CAP)
     }))
@@ -264,13 +284,13 @@ pub(super) async fn election(
         racy: b.racy,
         aws: b.opened.aws.as_ref(),
         replace: opts.cluster.replace_cluster.clone(),
-        witness_wait: witness_wait(opts, &first),
+        witness_wait: witness_wait(&opts.waits, &first),
         role: opts.waits.role,
-        role_wait: role_wait(opts, &first),
+        role_wait: role_wait(&opts.waits, &first),
         restore: !opts.snapshots.no_restore,
         made: Default::default(),
         own_token: crate::commands::node_tokens::own_instance(
-            opts,
+            &opts.tls,
             &me.node,
             me.instance_id.as_deref(),
         )
@@ -298,9 +318,13 @@ pub(super) async fn election(
     // secondary names, as `run` does when it writes the record (reads
     // only), and shows what follows from it.
     if dry_run && is_new_cluster(&elected) {
-        primary = crate::commands::federation::primary_for_genesis(opts)
-            .await?
-            .map(|(p, _)| p);
+        primary = crate::commands::federation::primary_for_genesis(
+            &opts.cluster,
+            &opts.consul,
+            &opts.tls,
+        )
+        .await?
+        .map(|(p, _)| p);
     }
     let made = take_ours(&elector.made, &elected).filter(|_| elected.mode.is_server());
     Ok(Election {
@@ -347,7 +371,7 @@ pub(super) async fn after(
 ) -> Result<After> {
     let elected = &e.elected;
     if !dry_run && elected.mode == Mode::Agent {
-        wait_for_restore(opts, b.opened.store.as_ref(), elected).await?;
+        wait_for_restore(&opts.waits, b.opened.store.as_ref(), elected).await?;
     }
     let primary = e.primary.take().or_else(|| {
         elected
@@ -359,13 +383,22 @@ pub(super) async fn after(
     let config_on_disk = b.root.path(&opts.consul.config_dir.join(CONFIG_FILE));
     let (retry_join, (retry_join_wan, replication)) = tokio::join!(
         join_list(&b.opened, elected, &b.me),
-        crate::commands::federation::at_run(opts, primary.as_ref(), elected.mode, &config_on_disk)
+        crate::commands::federation::at_run(
+            &opts.cluster,
+            &opts.tls,
+            primary.as_ref(),
+            elected.mode,
+            &config_on_disk
+        )
     );
-    let own =
-        crate::commands::node_tokens::own_instance(opts, &b.me.node, b.me.instance_id.as_deref())
-            .map(str::to_string);
+    let own = crate::commands::node_tokens::own_instance(
+        &opts.tls,
+        &b.me.node,
+        b.me.instance_id.as_deref(),
+    )
+    .map(str::to_string);
     let made = material(opts, b, e, own.as_deref(), dry_run).await?;
-    let disk = Disk::read(opts, &b.root, &e.elected, made.is_some());
+    let disk = Disk::read(&opts.consul, &b.root, &e.elected, made.is_some());
     Ok(After {
         primary,
         retry_join,
@@ -382,7 +415,7 @@ pub(super) async fn after(
 /// signed its certificates): it waits, bounded by `--restore-wait`, while
 /// its launch stays pending.
 async fn wait_for_restore(
-    opts: &GlobalOpts,
+    waits: &WaitOpts,
     store: &dyn crate::registry::Store,
     elected: &Elected,
 ) -> Result<()> {
@@ -402,10 +435,10 @@ async fn wait_for_restore(
     tracing::warn!(
         "cluster {cluster} owes the restore of cluster {from}'s snapshot: this agent joins once it is done \
          (waiting up to {}s, --restore-wait)",
-        opts.waits.restore_wait
+        waits.restore_wait
     );
-    let poll = Duration::from_secs((opts.waits.restore_wait / 40).clamp(1, 10));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(opts.waits.restore_wait);
+    let poll = Duration::from_secs((waits.restore_wait / 40).clamp(1, 10));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(waits.restore_wait);
     loop {
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -413,7 +446,7 @@ async fn wait_for_restore(
                 "cluster {cluster} still owes the restore of cluster {from}'s snapshot after {}s: this \
                  agent does not join it yet (auto-consul.service tries again; `auto-consul status` on a \
                  server says why, `auto-consul restore --cancel` drops the restore)",
-                opts.waits.restore_wait
+                waits.restore_wait
             ));
         }
         tokio::time::sleep(poll.min(deadline - now)).await;
@@ -563,10 +596,10 @@ pub(super) struct Disk {
 
 impl Disk {
     /// Reads what the decision depends on, under the root.
-    fn read(opts: &GlobalOpts, root: &Root, elected: &Elected, made: bool) -> Disk {
-        let data = |rel: &str| std::fs::read_to_string(root.path(&opts.consul.data_dir.join(rel)));
+    fn read(consul_opts: &ConsulOpts, root: &Root, elected: &Elected, made: bool) -> Disk {
+        let data = |rel: &str| std::fs::read_to_string(root.path(&consul_opts.data_dir.join(rel)));
         let server = elected.mode.is_server();
-        let tls = TlsPaths::new(&opts.consul.config_dir);
+        let tls = TlsPaths::new(&consul_opts.config_dir);
         let read = |p: &std::path::Path| std::fs::read_to_string(root.path(p));
         Disk {
             now_unix: chrono::Utc::now().timestamp(),
@@ -586,13 +619,13 @@ impl Disk {
                 _ => None,
             },
             other_config: precedence::other_files(
-                &root.path(&opts.consul.config_dir),
+                &root.path(&consul_opts.config_dir),
                 CONFIG_FILE,
                 &[LEGACY_CONFIG_FILE],
             ),
             consul_user: root.user("consul"),
             legacy_config: root
-                .path(&opts.consul.config_dir.join(LEGACY_CONFIG_FILE))
+                .path(&consul_opts.config_dir.join(LEGACY_CONFIG_FILE))
                 .exists(),
             sandbox_dropin_ours: read(std::path::Path::new(SANDBOX_DROPIN))
                 .is_ok_and(|t| t.starts_with(crate::render::MARKER)),

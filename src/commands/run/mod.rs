@@ -70,9 +70,9 @@ pub async fn run(opts: &GlobalOpts, dry_run: bool) -> Result<()> {
             && gather::is_new_cluster(&election.elected),
     };
     if opts.output.json {
-        println!("{}", done.json(opts));
+        println!("{}", done.json(&opts.consul));
     } else {
-        done.print(opts);
+        done.print(&opts.consul);
     }
     Ok(())
 }

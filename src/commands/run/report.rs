@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::decide::NodePlan;
 use super::elect::Elected;
 use super::files::{CONFIG_FILE, KEYRINGS, TlsPaths};
-use crate::cli::GlobalOpts;
+use crate::cli::ConsulOpts;
 use crate::commands::members::cluster_json;
 use crate::identity::Identity;
 use crate::install::{FileSpec, Root};
@@ -30,7 +30,7 @@ pub(super) struct Done<'a> {
 }
 
 impl Done<'_> {
-    pub(super) fn json(&self, opts: &GlobalOpts) -> Value {
+    pub(super) fn json(&self, consul: &ConsulOpts) -> Value {
         let (elected, me, plan) = (self.elected, self.me, self.plan);
         let mut out = json!({
             "mode": elected.mode.as_str(),
@@ -53,20 +53,20 @@ impl Done<'_> {
             "lifecycle_hook": self.hook.map(|h| json!({"group": h.group, "hook": h.hook})),
         });
         if self.dry_run {
-            out["plan"] = self.plan_json(opts);
+            out["plan"] = self.plan_json(consul);
         }
         out
     }
 
     /// The whole plan as data: each file and record with its status (and
     /// diff), what moves aside, what is removed, the units.
-    fn plan_json(&self, opts: &GlobalOpts) -> Value {
+    fn plan_json(&self, consul: &ConsulOpts) -> Value {
         let plan = self.plan;
         let file = |f: &FileSpec| {
-            let c = Change::of(self.root, opts, plan, f);
+            let c = Change::of(self.root, consul, plan, f);
             json!({
                 "path": self.root.path(&f.path),
-                "contents": masked(opts, plan, &f.path, &f.contents),
+                "contents": masked(consul, plan, &f.path, &f.contents),
                 "mode": format!("{:04o}", f.mode),
                 "owner": f.owner.map(|(u, g)| json!([u, g])),
                 "status": c.status,
@@ -88,12 +88,12 @@ impl Done<'_> {
                 "enable_now": if plan.start { plan.units.clone() } else { Vec::new() },
             },
             "secrets_made_at_genesis": self.secrets_at_genesis,
-            "nothing_changes": self.nothing_changes(opts),
+            "nothing_changes": self.nothing_changes(consul),
         })
     }
 
     /// Whether applying the plan would change no file.
-    fn nothing_changes(&self, opts: &GlobalOpts) -> bool {
+    fn nothing_changes(&self, consul: &ConsulOpts) -> bool {
         let plan = self.plan;
         plan.aside.is_empty()
             && plan.remove.is_empty()
@@ -102,10 +102,10 @@ impl Done<'_> {
                 .iter()
                 .chain(&plan.files)
                 .chain(&plan.records)
-                .all(|f| Change::of(self.root, opts, plan, f).status == "unchanged")
+                .all(|f| Change::of(self.root, consul, plan, f).status == "unchanged")
     }
 
-    pub(super) fn print(&self, opts: &GlobalOpts) {
+    pub(super) fn print(&self, consul_opts: &ConsulOpts) {
         let (elected, me) = (self.elected, self.me);
         let verb = if self.dry_run { "would run" } else { "runs" };
         let slot = elected
@@ -132,7 +132,7 @@ impl Done<'_> {
             None => println!("{}", crate::commands::members::cluster_line(&elected.view)),
         }
         if self.dry_run {
-            self.print_plan(opts);
+            self.print_plan(consul_opts);
             return;
         }
         for f in &self.plan.files {
@@ -153,7 +153,7 @@ impl Done<'_> {
 
     /// `plan`'s text: every file and record with its status and diff,
     /// then what moves aside, what is removed, the units.
-    fn print_plan(&self, opts: &GlobalOpts) {
+    fn print_plan(&self, consul: &ConsulOpts) {
         let plan = self.plan;
         if self.secrets_at_genesis {
             println!("secrets: made at this cluster's genesis by `run` (not shown here)");
@@ -162,7 +162,7 @@ impl Done<'_> {
         let records: Vec<&FileSpec> = plan.records.iter().collect();
         for (kind, list) in [("file", files), ("record", records)] {
             for f in list {
-                let c = Change::of(self.root, opts, plan, f);
+                let c = Change::of(self.root, consul, plan, f);
                 println!(
                     "{} {kind}: {} ({:04o})",
                     c.status,
@@ -198,7 +198,7 @@ impl Done<'_> {
                 plan.units.join(" ")
             );
         }
-        if self.nothing_changes(opts) {
+        if self.nothing_changes(consul) {
             println!("nothing would change");
         }
     }
@@ -214,9 +214,9 @@ struct Change {
 }
 
 impl Change {
-    fn of(root: &Root, opts: &GlobalOpts, plan: &NodePlan, f: &FileSpec) -> Change {
+    fn of(root: &Root, consul: &ConsulOpts, plan: &NodePlan, f: &FileSpec) -> Change {
         let path = root.path(&f.path);
-        let secret = holds_secret(opts, plan, &f.path);
+        let secret = holds_secret(consul, plan, &f.path);
         if crate::install::unchanged(&path, f) {
             return Change {
                 status: "unchanged",
@@ -231,7 +231,7 @@ impl Change {
                 secret,
             };
         };
-        let mask = |text: &str| masked(opts, plan, &f.path, text);
+        let mask = |text: &str| masked(consul, plan, &f.path, text);
         let (old_shown, new_shown) = (mask(&old), mask(&f.contents));
         let diff = if old == f.contents {
             "(contents unchanged: its mode or owner changes)".to_string()
@@ -255,12 +255,10 @@ impl Change {
 
 /// Whether the file at `path` (on the target system) holds a secret: the
 /// config file when it does, a server's TLS key, a gossip keyring.
-fn holds_secret(opts: &GlobalOpts, plan: &NodePlan, path: &Path) -> bool {
-    (path == opts.consul.config_dir.join(CONFIG_FILE) && plan.config_holds_secret)
-        || path == TlsPaths::new(&opts.consul.config_dir).key
-        || KEYRINGS
-            .iter()
-            .any(|k| path == opts.consul.data_dir.join(k))
+fn holds_secret(consul: &ConsulOpts, plan: &NodePlan, path: &Path) -> bool {
+    (path == consul.config_dir.join(CONFIG_FILE) && plan.config_holds_secret)
+        || path == TlsPaths::new(&consul.config_dir).key
+        || KEYRINGS.iter().any(|k| path == consul.data_dir.join(k))
 }
 
 /// `text` of the file at `path` as `plan` shows it, on disk as in the
@@ -269,13 +267,11 @@ fn holds_secret(opts: &GlobalOpts, plan: &NodePlan, path: &Path) -> bool {
 /// secrets the plan drops); the env file with the values of the lines it
 /// keeps from the operator masked (a proxy's credentials, a token); a TLS
 /// key or a keyring whole.
-fn masked(opts: &GlobalOpts, plan: &NodePlan, path: &Path, text: &str) -> String {
+fn masked(consul: &ConsulOpts, plan: &NodePlan, path: &Path, text: &str) -> String {
     let _ = plan;
     let whole = || format!("(a secret, {} bytes, not shown)\n", text.len());
-    if path == TlsPaths::new(&opts.consul.config_dir).key
-        || KEYRINGS
-            .iter()
-            .any(|k| path == opts.consul.data_dir.join(k))
+    if path == TlsPaths::new(&consul.config_dir).key
+        || KEYRINGS.iter().any(|k| path == consul.data_dir.join(k))
     {
         return whole();
     }
@@ -292,7 +288,7 @@ fn masked(opts: &GlobalOpts, plan: &NodePlan, path: &Path, text: &str) -> String
             })
             .collect();
     }
-    if path != opts.consul.config_dir.join(CONFIG_FILE) {
+    if path != consul.config_dir.join(CONFIG_FILE) {
         return text.to_string();
     }
     let Ok(mut v) = serde_json::from_str::<Value>(text) else {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::cli::GlobalOpts;
+use crate::cli::SecretOpts;
 use crate::error::usage;
 
 /// Secrets read from the files named by options; never from argv values.
@@ -14,7 +14,7 @@ pub(super) struct Secrets {
 }
 
 impl Secrets {
-    pub(super) fn read(opts: &GlobalOpts) -> Result<Secrets> {
+    pub(super) fn read(tls: &SecretOpts) -> Result<Secrets> {
         let read = |path: &Option<PathBuf>, what: &str| -> Result<Option<String>> {
             let Some(path) = path else { return Ok(None) };
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -32,8 +32,8 @@ impl Secrets {
             }
             Ok(Some(value))
         };
-        let encrypt = read(&opts.tls.encrypt_file, "gossip encryption key")?;
-        if let (Some(key), Some(path)) = (&encrypt, &opts.tls.encrypt_file) {
+        let encrypt = read(&tls.encrypt_file, "gossip encryption key")?;
+        if let (Some(key), Some(path)) = (&encrypt, &tls.encrypt_file) {
             crate::secrets::check_gossip_key(key).map_err(|why| {
                 usage(format!(
                     "the gossip encryption key in {} {why}: Consul would refuse to start with it; \
@@ -44,7 +44,7 @@ impl Secrets {
         }
         Ok(Secrets {
             encrypt,
-            acl_token: read(&opts.tls.acl_token_file, "ACL token")?,
+            acl_token: read(&tls.acl_token_file, "ACL token")?,
         })
     }
 
