@@ -390,17 +390,7 @@ async fn rotate_if_leader(
     record: Option<&(crate::model::ClusterRecord, String)>,
     management: u32,
 ) -> Value {
-    // A secondary datacenter's gossip key and CA rotate with its
-    // primary's, whose leader drives them (federation::follow copies them).
-    let own = |r: &crate::model::ClusterRecord| r.primary.is_none();
-    let Some((record, etag)) = record.filter(|(r, _)| {
-        (own(r) && r.gossip_key.is_some_and(|g| g.rotation.is_some()))
-            || r.agent_token.is_some_and(|g| g.rotation.is_some())
-            || (own(r) && r.ca.is_some_and(|g| g.rotation.is_some()))
-            || r.management_token
-                .as_ref()
-                .is_some_and(|g| g.rotation.is_some())
-    }) else {
+    let Some((record, etag)) = record.filter(|(r, _)| rotation_under_way(r)) else {
         return Value::Null;
     };
     let Some(url) = tls.secrets.as_ref().filter(|_| leads(status, me)) else {
@@ -416,65 +406,14 @@ async fn rotate_if_leader(
             management,
         )
         .await?;
-        let mut out = json!({});
-        let (mut record, mut etag) = (record.clone(), etag.clone());
-        if own(&record) && record.gossip_key.is_some_and(|g| g.rotation.is_some()) {
-            out["gossip_key"] = super::rotate::drive_gossip_key(
-                store,
-                secrets_store.as_ref(),
-                token.as_deref(),
-                record.clone(),
-                etag.clone(),
-            )
-            .await?;
-            // The pass rewrote the record: read it again.
-            if let Some((r, e)) = crate::registry::read_cluster(store).await? {
-                (record, etag) = (r, e);
-            }
-        }
-        if record.agent_token.is_some_and(|g| g.rotation.is_some()) {
-            let management = token.clone().ok_or_else(|| {
-                anyhow::anyhow!("no management token: the agents' token cannot be rotated")
-            })?;
-            let root = Root::new(&consul.root);
-            let writer = super::federation::acl_writer(consul, &root, &record, management);
-            out["agent_token"] = super::rotate::drive_agent_token(
-                store,
-                secrets_store.as_ref(),
-                &writer,
-                record.clone(),
-                etag.clone(),
-            )
-            .await?;
-            if let Some((r, e)) = crate::registry::read_cluster(store).await? {
-                (record, etag) = (r, e);
-            }
-        }
-        if own(&record) && record.ca.is_some_and(|g| g.rotation.is_some()) {
-            out["ca"] = super::rotate::drive_ca(store, record.clone(), etag.clone()).await?;
-            if let Some((r, e)) = crate::registry::read_cluster(store).await? {
-                (record, etag) = (r, e);
-            }
-        }
-        if record
-            .management_token
-            .as_ref()
-            .is_some_and(|g| g.rotation.is_some())
-        {
-            let management = token
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("no management token: it cannot be rotated"))?;
-            out["management_token"] = super::rotate::drive_management_token(
-                store,
-                secrets_store.as_ref(),
-                management,
-                &me.node,
-                record,
-                etag,
-            )
-            .await?;
-        }
-        Ok::<_, anyhow::Error>(out)
+        let leader = Leader {
+            consul,
+            store,
+            secrets: secrets_store.as_ref(),
+            token: token.as_deref(),
+            node: &me.node,
+        };
+        leader.drive(record.clone(), etag.clone()).await
     };
     match pass.await {
         Ok(v) => v,
@@ -482,6 +421,108 @@ async fn rotate_if_leader(
             tracing::warn!("a rotation did not go on: {e:#} (the next heartbeat tries again)");
             json!({"error": format!("{e:#}")})
         }
+    }
+}
+
+/// A secondary datacenter's gossip key and CA rotate with its primary's,
+/// whose leader drives them (federation::follow copies them).
+fn drives_shared(r: &crate::model::ClusterRecord) -> bool {
+    r.primary.is_none()
+}
+
+/// Whether the record has a rotation this datacenter's leader drives.
+fn rotation_under_way(r: &crate::model::ClusterRecord) -> bool {
+    (drives_shared(r) && r.gossip_key.is_some_and(|g| g.rotation.is_some()))
+        || r.agent_token.is_some_and(|g| g.rotation.is_some())
+        || (drives_shared(r) && r.ca.is_some_and(|g| g.rotation.is_some()))
+        || r.management_token
+            .as_ref()
+            .is_some_and(|g| g.rotation.is_some())
+}
+
+/// The leader's pass over the rotations under way, in order: gossip key,
+/// agents' token, CA, management token (last: the others use it).
+struct Leader<'a> {
+    consul: &'a ConsulOpts,
+    store: &'a dyn Store,
+    secrets: &'a dyn crate::secrets::SecretStore,
+    token: Option<&'a str>,
+    node: &'a str,
+}
+
+impl Leader<'_> {
+    async fn drive(
+        &self,
+        mut record: crate::model::ClusterRecord,
+        mut etag: String,
+    ) -> Result<Value> {
+        let mut out = json!({});
+        if drives_shared(&record) && record.gossip_key.is_some_and(|g| g.rotation.is_some()) {
+            out["gossip_key"] = super::rotate::drive_gossip_key(
+                self.store,
+                self.secrets,
+                self.token,
+                record.clone(),
+                etag.clone(),
+            )
+            .await?;
+            self.reread(&mut record, &mut etag).await?;
+        }
+        if record.agent_token.is_some_and(|g| g.rotation.is_some()) {
+            out["agent_token"] = self.agent_token(&record, &etag).await?;
+            self.reread(&mut record, &mut etag).await?;
+        }
+        if drives_shared(&record) && record.ca.is_some_and(|g| g.rotation.is_some()) {
+            out["ca"] = super::rotate::drive_ca(self.store, record.clone(), etag.clone()).await?;
+            self.reread(&mut record, &mut etag).await?;
+        }
+        if record
+            .management_token
+            .as_ref()
+            .is_some_and(|g| g.rotation.is_some())
+        {
+            let management = self
+                .token
+                .ok_or_else(|| anyhow::anyhow!("no management token: it cannot be rotated"))?;
+            out["management_token"] = super::rotate::drive_management_token(
+                self.store,
+                self.secrets,
+                management,
+                self.node,
+                record,
+                etag,
+            )
+            .await?;
+        }
+        Ok(out)
+    }
+
+    async fn agent_token(&self, record: &crate::model::ClusterRecord, etag: &str) -> Result<Value> {
+        let management = self.token.map(str::to_string).ok_or_else(|| {
+            anyhow::anyhow!("no management token: the agents' token cannot be rotated")
+        })?;
+        let root = Root::new(&self.consul.root);
+        let writer = super::federation::acl_writer(self.consul, &root, record, management);
+        super::rotate::drive_agent_token(
+            self.store,
+            self.secrets,
+            &writer,
+            record.clone(),
+            etag.to_string(),
+        )
+        .await
+    }
+
+    /// A step rewrote the record: read it again.
+    async fn reread(
+        &self,
+        record: &mut crate::model::ClusterRecord,
+        etag: &mut String,
+    ) -> Result<()> {
+        if let Some((r, e)) = crate::registry::read_cluster(self.store).await? {
+            (*record, *etag) = (r, e);
+        }
+        Ok(())
     }
 }
 
@@ -693,74 +734,73 @@ async fn tokens_in_consul(
     if !want_agent && !want_dns {
         return;
     }
-    let made = async {
-        let Some(store) = crate::secrets::open(url).await? else {
-            return Ok(None);
-        };
-        let gens = crate::secrets::Generations {
-            management_token: management,
-            ..Default::default()
-        };
-        let m = crate::secrets::genesis_with(store.as_ref(), cluster, true, gens).await?;
-        let management = m
-            .management_token
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("no management token"))?;
-        Ok::<_, anyhow::Error>(Some((m, management)))
-    };
-    let made = async { made.await.map(|o| o.map(|(m, t)| (m, writer(t)))) };
-    let (m, management) = match made.await {
-        Ok(Some(x)) => x,
+    let (m, management) = match genesis_tokens(url, cluster, management).await {
+        Ok(Some((m, t))) => (m, writer(t)),
         Ok(None) => return,
         Err(e) => {
             tracing::warn!("the ACL tokens made at genesis are not in Consul yet: {e:#}");
             return;
         }
     };
-    let jobs = [
-        (
-            want_agent,
+    if want_agent {
+        let ensured = agent::ensure_agent_token(&management, &m.agent_token).await;
+        mark_made(
+            root,
+            cluster,
             AGENT_TOKEN_MADE,
             agent::AGENT_POLICY,
-            m.agent_token.as_str(),
-        ),
-        (
-            want_dns,
-            DNS_TOKEN_MADE,
-            agent::DNS_POLICY,
-            m.dns_token.as_str(),
-        ),
-    ];
-    for (wanted, marker, policy, secret) in jobs {
-        if !wanted {
-            continue;
-        }
-        let ensured = if policy == agent::DNS_POLICY {
-            agent::ensure_dns_token(&management, secret).await
-        } else {
-            agent::ensure_agent_token(&management, secret).await
-        };
-        match ensured {
-            Ok(created) => {
-                if created {
-                    tracing::info!("made the ACL token of policy {policy} in Consul");
-                }
-                if let Err(e) = install::write_atomic(
-                    root,
-                    &install::FileSpec {
-                        path: marker.into(),
-                        contents: format!("{cluster}\n"),
-                        mode: 0o644,
-                        owner: None,
-                    },
-                ) {
-                    tracing::warn!(
-                        "could not record that the token of policy {policy} exists: {e:#}"
-                    );
-                }
+            ensured,
+        );
+    }
+    if want_dns {
+        let ensured = agent::ensure_dns_token(&management, &m.dns_token).await;
+        mark_made(root, cluster, DNS_TOKEN_MADE, agent::DNS_POLICY, ensured);
+    }
+}
+
+/// The secrets made at genesis, and the management token of generation
+/// `management` among them.
+async fn genesis_tokens(
+    url: &crate::secrets::SecretsUrl,
+    cluster: &str,
+    management: u32,
+) -> Result<Option<(crate::secrets::Material, String)>> {
+    let Some(store) = crate::secrets::open(url).await? else {
+        return Ok(None);
+    };
+    let gens = crate::secrets::Generations {
+        management_token: management,
+        ..Default::default()
+    };
+    let m = crate::secrets::genesis_with(store.as_ref(), cluster, true, gens).await?;
+    let management = m
+        .management_token
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no management token"))?;
+    Ok(Some((m, management)))
+}
+
+/// After a token of `policy` was ensured in Consul: the marker that says
+/// so for `cluster` (the next heartbeat then asks no more), or a warning.
+fn mark_made(root: &Root, cluster: &str, marker: &str, policy: &str, ensured: Result<bool>) {
+    match ensured {
+        Ok(created) => {
+            if created {
+                tracing::info!("made the ACL token of policy {policy} in Consul");
             }
-            Err(e) => tracing::warn!("the token of policy {policy} is not in Consul yet: {e:#}"),
+            if let Err(e) = install::write_atomic(
+                root,
+                &install::FileSpec {
+                    path: marker.into(),
+                    contents: format!("{cluster}\n"),
+                    mode: 0o644,
+                    owner: None,
+                },
+            ) {
+                tracing::warn!("could not record that the token of policy {policy} exists: {e:#}");
+            }
         }
+        Err(e) => tracing::warn!("the token of policy {policy} is not in Consul yet: {e:#}"),
     }
 }
 
