@@ -85,7 +85,7 @@ pub async fn snapshot(opts: &GlobalOpts) -> Result<()> {
     let store = opened.store.as_ref();
     let token = management_token(&opts.cluster, &opts.consul, &opts.tls, &cluster).await?;
     let owed = Owed {
-        opts,
+        tls: &opts.tls,
         store,
         me: &saved,
         cluster: &cluster,
@@ -295,7 +295,7 @@ pub async fn restore(opts: &GlobalOpts, key: Option<&str>, cancel: bool) -> Resu
         _ => None,
     };
     let steps = RestoreSteps {
-        opts,
+        tls: &opts.tls,
         store,
         me: &me,
         token: token.as_deref(),
@@ -387,7 +387,7 @@ enum Settled {
 
 /// The restore a cluster record says is owed, done by the leader.
 struct Owed<'a> {
-    opts: &'a GlobalOpts,
+    tls: &'a SecretOpts,
     store: &'a dyn Store,
     me: &'a state::State,
     cluster: &'a str,
@@ -418,7 +418,7 @@ impl Owed<'_> {
             )));
         }
         let steps = RestoreSteps {
-            opts: self.opts,
+            tls: self.tls,
             store: self.store,
             me: &self.me.node,
             token: self.token,
@@ -568,7 +568,7 @@ async fn checked(file: &Spooled) -> Result<Result<(), String>> {
 /// cluster's ACL tokens are in the restored state. A node stopped before
 /// `restored` sends it again; one stopped after it only makes the tokens.
 struct RestoreSteps<'a> {
-    opts: &'a GlobalOpts,
+    tls: &'a SecretOpts,
     store: &'a dyn Store,
     me: &'a str,
     token: Option<&'a str>,
@@ -674,7 +674,7 @@ impl RestoreSteps<'_> {
     /// The agents' token, made through the API, is not in the snapshot:
     /// it is made again here.
     async fn tokens(&self, from: &str) -> Result<()> {
-        let (Some(url), Some(cluster)) = (&self.opts.tls.secrets, self.to) else {
+        let (Some(url), Some(cluster)) = (&self.tls.secrets, self.to) else {
             return Ok(());
         };
         if from == cluster {

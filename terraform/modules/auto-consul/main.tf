@@ -413,8 +413,10 @@ resource "aws_vpc_security_group_ingress_rule" "clients" {
 
 # The servers' own group, beside the shared one: what only servers open.
 # Today that is Consul's WAN from the other datacenters (wan_cidr_blocks);
-# the rules between members stay on the shared group, so servers launched
-# before this group existed keep every rule they had while they are replaced.
+# the module's rules between members stay on the shared group, so servers
+# launched before this group existed keep every rule the module gave them
+# while they are replaced (WAN rules of your own on the shared group: see
+# "Upgrading the module" in docs/deploy.md).
 resource "aws_security_group" "servers" {
   name_prefix = "${var.name}-servers-"
   description = "Consul servers managed by auto-consul: the WAN between datacenters"

@@ -34,8 +34,9 @@ variable "client_cidr_blocks" {
   default     = []
 
   validation {
-    condition     = alltrue([for c in var.client_cidr_blocks : can(cidrnetmask(c))])
-    error_message = "client_cidr_blocks must be IPv4 CIDR blocks such as 10.0.0.0/16."
+    # A network address: EC2 refuses host bits (10.0.0.5/16) in a rule.
+    condition     = alltrue([for c in var.client_cidr_blocks : can(cidrnetmask(c)) ? contains([cidrsubnet(c, 0, 0)], c) : false])
+    error_message = "client_cidr_blocks must be IPv4 CIDR blocks such as 10.0.0.0/16 (a network address: no host bits set)."
   }
 }
 
@@ -45,8 +46,8 @@ variable "wan_cidr_blocks" {
   default     = []
 
   validation {
-    condition     = alltrue([for c in var.wan_cidr_blocks : can(cidrnetmask(c))])
-    error_message = "wan_cidr_blocks must be IPv4 CIDR blocks such as 10.1.0.0/16: the other datacenters' VPC CIDRs."
+    condition     = alltrue([for c in var.wan_cidr_blocks : can(cidrnetmask(c)) ? contains([cidrsubnet(c, 0, 0)], c) : false])
+    error_message = "wan_cidr_blocks must be IPv4 CIDR blocks such as 10.1.0.0/16 (a network address: no host bits set): the other datacenters' VPC CIDRs."
   }
 }
 
