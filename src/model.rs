@@ -490,11 +490,6 @@ pub struct CaGeneration {
     /// A rotation under way: where it stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<CaStep>,
-    /// When the step under way began (Unix seconds, on the registry's
-    /// clock): a federated primary holds each step for an expiry, so its
-    /// secondaries follow it before it goes on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<i64>,
 }
 
 impl Default for CaGeneration {
@@ -502,7 +497,6 @@ impl Default for CaGeneration {
         CaGeneration {
             generation: 1,
             rotation: None,
-            since: None,
         }
     }
 }
@@ -524,6 +518,21 @@ impl CaGeneration {
             _ => self.generation,
         }
     }
+}
+
+/// What a secondary datacenter's leader reports to its primary, in the
+/// primary's registry at `secondaries/<datacenter>`: the CA step its
+/// cluster record is at, and how many of its live nodes (servers, for
+/// `reissue`) have not done it. A federated primary's CA rotation goes on
+/// from a step once every secondary Consul's WAN lists reports that step
+/// done, so no node anywhere loses the CA another side still presents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecondaryReport {
+    pub datacenter: String,
+    pub cluster_id: String,
+    pub ca_generation: u32,
+    pub ca_step: Option<CaStep>,
+    pub behind: u32,
 }
 
 /// The steps of a CA's rotation, each finished by the leader's heartbeat

@@ -1115,6 +1115,7 @@ fn render_policy(file: &Path, role: &str) -> serde_json::Value {
             .replace("${asg_arn}", &asg_arn(role))
             .replace("${primary_bucket_arn}", "arn:aws:s3:::primary-bucket")
             .replace("${primary_key_prefix}", "consul/dc1/")
+            .replace("${datacenter}", "dc2")
             .replace(
                 "${primary_ssm_parameter_arn}",
                 "arn:aws:ssm:*:123456789012:parameter/auto-consul/dc1",
@@ -1248,6 +1249,74 @@ fn iam_policy_grants_exactly_the_sdk_calls_in_src() {
          needed by src/ but not granted by the policy: {missing:?}\n\
          granted by the policy but used by no call in src/: {extra:?}\n\
          calls found: {used:?}"
+    );
+}
+
+/// A policy statement's `Action` or `Resource`: one string or a list.
+fn one_or_many(v: &serde_json::Value) -> Vec<String> {
+    match v {
+        serde_json::Value::String(one) => vec![one.clone()],
+        v => v
+            .as_array()
+            .unwrap_or_else(|| panic!("not a string or a list: {v}"))
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect(),
+    }
+}
+
+/// A secondary's servers write one object of their primary's registry,
+/// their own report (`secondaries/<their datacenter>`), and nothing else
+/// there: not the record, the slots, the heartbeats, nor another
+/// secondary's report; the agents' role writes none of it. The primary's
+/// servers read the reports in their own registry.
+#[test]
+fn a_secondarys_servers_write_only_their_own_report_in_the_primarys_registry() {
+    let policies = role_policies(&root().join("terraform/modules/auto-consul"));
+    let writes = |role: &str, arn: &str| -> bool {
+        policies[role]["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|st| st["Effect"] == "Allow")
+            .filter(|st| {
+                one_or_many(&st["Action"])
+                    .iter()
+                    .any(|a| iam_matches(a, "s3:PutObject"))
+            })
+            .any(|st| {
+                one_or_many(&st["Resource"])
+                    .iter()
+                    .any(|r| iam_matches(r, arn))
+            })
+    };
+    let primary = |key: &str| format!("arn:aws:s3:::primary-bucket/consul/dc1/{key}");
+    assert!(
+        writes("server", &primary("secondaries/dc2")),
+        "dc2's servers cannot write their report"
+    );
+    for key in [
+        "secondaries/dc3",
+        "secondaries/dc2x",
+        "cluster",
+        "slots/0",
+        "servers/20260101000000-n1",
+        "agents/20260101000000-n1",
+        "snapshots/x",
+    ] {
+        assert!(
+            !writes("server", &primary(key)),
+            "dc2's servers may write the primary's {key}"
+        );
+    }
+    assert!(!writes("agent", &primary("secondaries/dc2")));
+    let server =
+        fs::read_to_string(root().join("terraform/modules/auto-consul/policies/server.json.tftpl"))
+            .unwrap();
+    assert!(
+        server.contains("\"${bucket_arn}/${key_prefix}secondaries/*\"")
+            && server.contains("\"${key_prefix}secondaries/*\""),
+        "a primary's servers read (and list) the reports in their registry"
     );
 }
 

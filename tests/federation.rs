@@ -575,8 +575,22 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     // the new generations and take the primary's steps into their record;
     // dc2's leader drives neither (the primary's does, for every
     // datacenter).
-    // A federated primary holds each step of a CA rotation for an expiry,
-    // so that its secondaries follow it before it goes on.
+    // dc2's leader reported to dc1 at its first heartbeat
+    // (secondaries/dc2 in dc1's registry): no rotation under way.
+    let report = |dc1: &Secure| -> Value {
+        serde_json::from_str(&get(
+            moto,
+            &dc1.bucket,
+            &format!("{}/secondaries/dc2", dc1.prefix),
+        ))
+        .unwrap()
+    };
+    let first = report(&dc1);
+    assert_eq!(first["ca_step"], Value::Null, "{first}");
+    assert_eq!(first["cluster_id"], dc2.record()["cluster_id"]);
+    // A federated primary's CA step waits for every secondary that
+    // reports to it: with every dc1 node trusting both CAs, dc1's leader
+    // still holds `trust` until dc2 has taken the step.
     dc1.rotate("ca");
     for i in 0..3 {
         dc1.beat(i);
@@ -586,17 +600,34 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     let why = held["rotations"]["ca"]["waiting"]
         .as_str()
         .unwrap_or_default();
-    assert!(why.contains("secondary datacenters"), "{held}");
-    // Once the step is an expiry old (its start moved back an hour by the
-    // test), every dc1 node trusting both CAs, it goes on.
-    let mut r = dc1.record();
-    r["ca"]["since"] = json!(r["ca"]["since"].as_i64().unwrap() - 3600);
-    put(
-        moto,
-        &dc1.bucket,
-        &format!("{}/cluster", dc1.prefix),
-        &r.to_string(),
+    assert!(
+        why.contains("secondary datacenters") && why.contains("dc2: at no rotation"),
+        "{held}"
     );
+    // dc2's heartbeats copy the step (dc2-0), follow it and report where
+    // they are: some dc2 nodes not there yet holds dc1 still.
+    for i in 0..4 {
+        dc2.beat(i);
+    }
+    let mid = report(&dc1);
+    assert_eq!(mid["ca_step"], "trust", "{mid}");
+    assert!(mid["behind"].as_u64().unwrap() > 0, "{mid}");
+    let held = dc1.beat(0);
+    let why = held["rotations"]["ca"]["waiting"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains("dc2: ") && why.contains("not there yet"),
+        "{held}"
+    );
+    assert_eq!(dc1.record()["ca"]["rotation"], "trust");
+    // Once every dc2 node trusts both CAs, dc2's leader says so and dc1
+    // goes on.
+    for i in 0..4 {
+        dc2.beat(i);
+    }
+    let done = report(&dc1);
+    assert_eq!(done["behind"], 0, "{done}");
     let went = dc1.beat(0);
     assert_eq!(went["rotations"]["ca"]["steps"], json!(["trust"]), "{went}");
     assert_eq!(dc1.record()["ca"]["rotation"], "reissue");

@@ -24,7 +24,9 @@ use serde_json::{Value, json};
 
 use crate::cli::{ClusterOpts, ConsulOpts, SecretOpts};
 use crate::error::usage;
-use crate::model::{CaGeneration, ClusterRecord, Generation, Mode, Primary, SecretsAt, Settings};
+use crate::model::{
+    CaGeneration, ClusterRecord, Generation, Mode, Primary, SecondaryReport, SecretsAt, Settings,
+};
 use crate::registry::{Agents, RegistryUrl, read_cluster, read_view};
 use crate::secrets::{Secret, SecretStore, SecretsUrl};
 
@@ -34,6 +36,9 @@ const REPLICATION_MADE: &str = "/var/lib/auto-consul/replication-token-made";
 /// Where a secondary's server records that its datacenter's management
 /// token is in Consul (its cluster id).
 const SECONDARY_MANAGEMENT_MADE: &str = "/var/lib/auto-consul/secondary-management-token-made";
+/// A secondary's leader: the report it last wrote to its primary, and
+/// where (one line).
+const REPORTED: &str = "/var/lib/auto-consul/reported-to-primary";
 
 /// The name of cluster `cluster`'s ACL replication token (its servers
 /// make it; a secondary's servers read it).
@@ -206,7 +211,6 @@ pub async fn copy_shared(
         (ca > 1).then_some(CaGeneration {
             generation: ca,
             rotation: None,
-            since: None,
         }),
     ))
 }
@@ -527,6 +531,72 @@ pub async fn follow(
         out["rotations"] = copy_rotations(tls, store, &next, etag, theirs).await;
     }
     out
+}
+
+/// A secondary's leader tells its primary where its CA rotation stands
+/// (`secondaries/<datacenter>` in the primary's registry, a
+/// [`SecondaryReport`]): the step its record is at and how many of its live
+/// nodes have not done it. The primary's leader goes on from a step only
+/// once it is done here too ([`super::rotate::drive_ca`]). Written when
+/// it changes (the last one written is kept in a local file), so a
+/// secondary registers once, at its leader's first heartbeat, and writes
+/// again only while a rotation moves.
+pub async fn report_to_primary(
+    root: &crate::install::Root,
+    store: &dyn crate::registry::Store,
+    record: Option<&(ClusterRecord, String)>,
+    leads: bool,
+) -> Value {
+    let Some((rec, _)) = record.filter(|_| leads) else {
+        return Value::Null;
+    };
+    let (Some(primary), Some(dc)) = (&rec.primary, rec.datacenter.as_deref()) else {
+        return Value::Null;
+    };
+    let ca = rec.ca.unwrap_or_default();
+    let behind = match ca.rotation {
+        Some(step) => match super::rotate::ca_step_behind(store, rec, step, ca.generation).await {
+            Ok(b) => b.len() as u32,
+            Err(e) => return json!({"error": format!("{e:#}")}),
+        },
+        None => 0,
+    };
+    let report = SecondaryReport {
+        datacenter: dc.to_string(),
+        cluster_id: rec.cluster_id.clone(),
+        ca_generation: ca.generation,
+        ca_step: ca.rotation,
+        behind,
+    };
+    let body = json!(report).to_string();
+    let stamp = format!("{} {body}", primary.registry);
+    if made_for(root, REPORTED, &stamp) {
+        return Value::Null;
+    }
+    let key = format!("{}{dc}", super::rotate::SECONDARIES);
+    let put = async {
+        let opened = open_primary(primary).await?;
+        opened
+            .store
+            .put(&key, body.into_bytes(), crate::registry::Condition::None)
+            .await
+    };
+    match put.await {
+        Ok(_) => {
+            mark_made(root, REPORTED, &stamp);
+            json!({"reported": report})
+        }
+        Err(e) => {
+            tracing::warn!(
+                "could not report to the primary datacenter {} at {}/{key}: {e:#} (its CA rotations \
+                 wait for this report; the servers' role needs s3:PutObject there: the module's \
+                 primary_registry policy; the next heartbeat tries again)",
+                primary.datacenter,
+                primary.registry
+            );
+            json!({"error": format!("{e:#}")})
+        }
+    }
 }
 
 /// A secondary's server: rewrites `retry_join_wan` to `servers` when they

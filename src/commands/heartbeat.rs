@@ -280,8 +280,18 @@ async fn server_chores(
     let management = node.following.management_token.unwrap_or(1);
     // First: a secondary's servers make their datacenter's management
     // token, which the tokens below are made with.
-    let federation =
+    let mut federation =
         super::federation::follow(cluster_opts, consul, tls_opts, root, store, record, saved).await;
+    let reported = super::federation::report_to_primary(
+        root,
+        store,
+        record.filter(|_| saved.is_some_and(|s| s.mode.is_server())),
+        leads(&seen.status, me),
+    )
+    .await;
+    if !reported.is_null() {
+        federation["reported"] = reported;
+    }
     if let (Some(url), Some(cluster)) = (
         &tls_opts.secrets,
         saved.and_then(|s| s.cluster_id.as_deref()),

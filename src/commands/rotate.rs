@@ -16,7 +16,7 @@
 //! (`run`), so it reads every member whichever key they send with.
 
 use crate::cli::{ConsulOpts, SecretOpts};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -24,7 +24,7 @@ use crate::agent::{self, KeyringPool};
 use crate::claims::put_settled;
 use crate::model::{
     CLUSTER_KEY, CaGeneration, CaStep, ClusterRecord, Generation, ManagementGeneration,
-    RotationStep, TokenGeneration, TokenStep,
+    RotationStep, SecondaryReport, TokenGeneration, TokenStep,
 };
 use crate::registry::{Condition, Store};
 use crate::secrets::{self, Secret, SecretStore};
@@ -640,7 +640,6 @@ pub async fn start_ca(
     record.ca = Some(CaGeneration {
         generation: cur.generation,
         rotation: Some(CaStep::Trust),
-        since: Some(store.now().await.timestamp()),
     });
     write(store, &record, etag).await?;
     Ok(json!({
@@ -653,97 +652,32 @@ pub async fn start_ca(
 }
 
 /// One pass of the leader's heartbeat over a CA rotation: each step ends
-/// once every live node's (or server's) newest heartbeat says it is done.
+/// once every live node's (or server's) newest heartbeat says it is done,
+/// and, in a primary, once every secondary datacenter reports it done by
+/// its own nodes ([`secondaries_behind`]).
 pub async fn drive_ca(
     store: &dyn Store,
     mut record: ClusterRecord,
     mut etag: String,
 ) -> Result<Value> {
     let mut done = Vec::new();
-    // A primary with secondaries (Consul's WAN knows other datacenters)
-    // holds each step for an expiry: a secondary copies a step at its
-    // servers' next heartbeat and its nodes follow at theirs, and WAN RPC
-    // between the datacenters needs both sides to trust the CA the other
-    // side's servers present.
-    let federated = record.primary.is_none()
-        && agent::datacenters()
-            .await
-            .map(|d| d.len() > 1)
-            .unwrap_or(false);
-    let hold = record.expiry.unwrap_or(crate::cli::DEFAULT_EXPIRY) as i64;
     loop {
         let cur = record.ca.unwrap_or_default();
         let Some(step) = cur.rotation else {
             return Ok(json!({"steps": done, "generation": cur.generation, "step": null}));
         };
         let g = cur.generation;
-        if federated {
-            let now = store.now().await.timestamp();
-            let left = cur.since.map_or(hold, |s| hold - (now - s).max(0));
-            if left > 0 {
-                let why = format!(
-                    "secondary datacenters follow each step: held {left}s more (an expiry from its start)"
-                );
-                tracing::info!("CA rotation, step {}: {why}", step.as_str());
-                if cur.since.is_none() {
-                    // A step begun before it was timed: timed from now.
-                    let mut r = record.clone();
-                    r.ca = Some(CaGeneration {
-                        since: Some(now),
-                        ..cur
-                    });
-                    write(store, &r, etag).await?;
-                }
-                return Ok(
-                    json!({"steps": done, "generation": g, "step": step.as_str(), "waiting": why}),
-                );
-            }
-        }
-        let (behind, next) = match step {
-            CaStep::Trust => (
-                nodes_behind(store, &record, false, |b| {
-                    b.ca_trusted.as_ref().is_none_or(|t| t.contains(&(g + 1)))
-                })
-                .await?,
-                CaGeneration {
-                    generation: g,
-                    rotation: Some(CaStep::Reissue),
-                    since: None,
-                },
-            ),
-            CaStep::Reissue => (
-                nodes_behind(store, &record, true, |b| {
-                    b.ca_signed_by.is_none_or(|s| s == g + 1)
-                })
-                .await?,
-                CaGeneration {
-                    generation: g + 1,
-                    rotation: Some(CaStep::Drop),
-                    since: None,
-                },
-            ),
-            CaStep::Drop => (
-                nodes_behind(store, &record, false, |b| {
-                    b.ca_trusted.as_ref().is_none_or(|t| t.as_slice() == [g])
-                })
-                .await?,
-                CaGeneration {
-                    generation: g,
-                    rotation: None,
-                    since: None,
-                },
-            ),
-        };
-        let mut next = next;
-        if next.rotation.is_some() {
-            next.since = Some(store.now().await.timestamp());
-        }
-        if !behind.is_empty() {
-            let why = format!(
+        let behind = ca_step_behind(store, &record, step, g).await?;
+        let why = if behind.is_empty() {
+            secondaries_behind(store, &record, step, g).await?
+        } else {
+            Some(format!(
                 "{} live node(s) not there yet: {}",
                 behind.len(),
                 behind.join(", ")
-            );
+            ))
+        };
+        if let Some(why) = why {
             tracing::info!(
                 "CA rotation, step {}: {why}; the next heartbeat looks again",
                 step.as_str()
@@ -752,6 +686,20 @@ pub async fn drive_ca(
                 json!({"steps": done, "generation": g, "step": step.as_str(), "waiting": why}),
             );
         }
+        let next = match step {
+            CaStep::Trust => CaGeneration {
+                generation: g,
+                rotation: Some(CaStep::Reissue),
+            },
+            CaStep::Reissue => CaGeneration {
+                generation: g + 1,
+                rotation: Some(CaStep::Drop),
+            },
+            CaStep::Drop => CaGeneration {
+                generation: g,
+                rotation: None,
+            },
+        };
         record.ca = Some(next).filter(|n| *n != CaGeneration::default());
         etag = write(store, &record, etag).await?;
         tracing::warn!(
@@ -761,6 +709,102 @@ pub async fn drive_ca(
         );
         done.push(step.as_str());
     }
+}
+
+/// The live nodes of `record`'s registry (servers only, for `reissue`)
+/// that have not done CA step `step` of generation `g`, as their
+/// heartbeats say.
+pub(crate) async fn ca_step_behind(
+    store: &dyn Store,
+    record: &ClusterRecord,
+    step: CaStep,
+    g: u32,
+) -> Result<Vec<String>> {
+    match step {
+        CaStep::Trust => {
+            nodes_behind(store, record, false, |b| {
+                b.ca_trusted.as_ref().is_none_or(|t| t.contains(&(g + 1)))
+            })
+            .await
+        }
+        CaStep::Reissue => {
+            nodes_behind(store, record, true, |b| {
+                b.ca_signed_by.is_none_or(|s| s == g + 1)
+            })
+            .await
+        }
+        CaStep::Drop => {
+            nodes_behind(store, record, false, |b| {
+                b.ca_trusted.as_ref().is_none_or(|t| t.as_slice() == [g])
+            })
+            .await
+        }
+    }
+}
+
+/// Where secondary datacenters report to their primary, in the primary's
+/// registry: `secondaries/<datacenter>`, a [`SecondaryReport`].
+pub const SECONDARIES: &str = "secondaries/";
+
+/// A primary's CA step also waits for its secondary datacenters: each one
+/// that has reported to this registry (`secondaries/<dc>`) and that
+/// Consul's WAN still lists (`GET /v1/catalog/datacenters`; a datacenter
+/// taken down leaves the list, and holds nothing) must report this very
+/// step (generation and step) done by all its live nodes. WAN RPC needs
+/// both sides to trust the CA the other side's servers present. `None`:
+/// nothing to wait for; else why it waits.
+async fn secondaries_behind(
+    store: &dyn Store,
+    record: &ClusterRecord,
+    step: CaStep,
+    g: u32,
+) -> Result<Option<String>> {
+    if record.primary.is_some() {
+        return Ok(None);
+    }
+    let reported = store.list(SECONDARIES, None).await?;
+    if reported.is_empty() {
+        return Ok(None);
+    }
+    let wan = agent::datacenters()
+        .await
+        .context("a CA step waits for the secondary datacenters Consul's WAN lists")?;
+    let mut waiting = Vec::new();
+    for l in reported {
+        let Some(dc) = l.key.strip_prefix(SECONDARIES) else {
+            continue;
+        };
+        if record.datacenter.as_deref() == Some(dc) || !wan.iter().any(|d| d == dc) {
+            continue;
+        }
+        let report = store.get(&l.key).await?.and_then(|o| {
+            serde_json::from_slice::<SecondaryReport>(&o.body)
+                .inspect_err(|e| tracing::warn!("{}{dc}: not a report ({e}): skipped", SECONDARIES))
+                .ok()
+        });
+        match report {
+            Some(r) if r.ca_generation == g && r.ca_step == Some(step) => {
+                if r.behind > 0 {
+                    waiting.push(format!("{dc}: {} live node(s) not there yet", r.behind));
+                }
+            }
+            Some(r) => waiting.push(format!(
+                "{dc}: at {}, not yet at this step",
+                r.ca_step.map_or("no rotation".to_string(), |s| format!(
+                    "{} of generation {}",
+                    s.as_str(),
+                    r.ca_generation
+                ))
+            )),
+            None => waiting.push(format!("{dc}: its report is unreadable")),
+        }
+    }
+    Ok((!waiting.is_empty()).then(|| {
+        format!(
+            "secondary datacenters not there yet ({})",
+            waiting.join("; ")
+        )
+    }))
 }
 
 /// Where a node keeps the CA generations its CA file trusts (absent: 1).

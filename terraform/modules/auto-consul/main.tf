@@ -283,9 +283,11 @@ resource "aws_iam_role_policy" "auto_consul" {
 
 # A secondary datacenter's servers read the primary's registry (its
 # bucket's region, its cluster record, slots and server heartbeats: whom to
-# join over the WAN) and, with primary_ssm_path, the secrets the two
-# datacenters share (the gossip key, the CA, the ACL replication token),
-# nothing else of it; its agents read nothing of the primary. The
+# join over the WAN), write their one report there (secondaries/<their
+# datacenter>: where their CA rotation stands, which the primary's waits
+# for) and, with primary_ssm_path, read the secrets the two datacenters
+# share (the gossip key, the CA, the ACL replication token), nothing else
+# of it; its agents read nothing of the primary. The
 # primary's region is not an input: the SSM grant names the path in any
 # region of this account.
 resource "aws_iam_role_policy" "primary_registry" {
@@ -296,6 +298,7 @@ resource "aws_iam_role_policy" "primary_registry" {
   policy = jsonencode(jsondecode(templatefile("${path.module}/policies/primary-registry.json.tftpl", {
     primary_bucket_arn = "arn:${data.aws_partition.current.partition}:s3:::${local.primary_bucket}"
     primary_key_prefix = local.primary_prefix
+    datacenter         = var.datacenter
   })))
 }
 
