@@ -330,6 +330,9 @@ impl Secure {
         .env("AWS_ACCESS_KEY_ID", key)
         .env("AWS_REGION", self.region)
         .args(["--secrets", &self.secrets()])
+        // What the heartbeat unit's env file gives it (the datacenter in
+        // a renewed server certificate's name).
+        .args(["--datacenter", self.name])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
@@ -680,6 +683,85 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     let ca_file = std::fs::read_to_string(dc2.tls_file(1, "ca_file")).unwrap();
     assert_eq!(ca_file.matches("BEGIN CERTIFICATE").count(), 2, "{ca_file}");
     assert!(ca_file.contains(dc1.secret("agent/ca-cert.2").unwrap().trim()));
+}
+
+/// A primary's CA rotation goes through all three steps (trust, reissue,
+/// where the generation in use moves on, drop) and leaves each one only
+/// once its secondary's report says that very step is done by every dc2
+/// node; at the end both datacenters run on the new CA alone: each dc2
+/// server's certificate verifies against it and every dc2 CA file holds
+/// it and nothing else.
+#[test]
+fn a_primarys_ca_rotation_leaves_each_step_only_once_its_secondary_reports_it_done() {
+    let (_tmp, dc1, dc2) = two_regions("cfed", "10.84");
+    let moto = dc1.moto;
+    let primary = format!("--primary-registry={}", dc1.registry());
+    for i in 0..3 {
+        ok_json(&dc1.boot(i, "server", &[]));
+        dc1.beat(i);
+    }
+    for i in 0..3 {
+        ok_json(&dc2.boot(i, "server", &[&primary]));
+    }
+    ok_json(&dc2.boot(3, "agent", &[]));
+    for i in 0..4 {
+        dc2.beat(i);
+    }
+    let report = || -> Value {
+        serde_json::from_str(&get(
+            moto,
+            &dc1.bucket,
+            &format!("{}/secondaries/dc2", dc1.prefix),
+        ))
+        .unwrap()
+    };
+    dc1.rotate("ca");
+    let mut steps = Vec::new();
+    for _ in 0..12 {
+        for i in 0..3 {
+            let (before, said) = (dc1.record(), report());
+            let v = dc1.beat(i);
+            let done = v["rotations"]["ca"]["steps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            // Each step left: dc2 said, before this beat, that it had done
+            // that step of that generation, with no node behind.
+            if let Some(first) = done.first() {
+                assert_eq!(said["ca_step"], *first, "{said} / {v}");
+                assert_eq!(said["ca_generation"], before["ca"]["generation"], "{said}");
+                assert_eq!(said["behind"], 0, "{said}");
+                assert_eq!(done.len(), 1, "more than one step in a pass: {v}");
+                steps.push(first.as_str().unwrap().to_string());
+            }
+        }
+        for i in 0..4 {
+            dc2.beat(i);
+        }
+        if dc1.record()["ca"]["rotation"].is_null() {
+            break;
+        }
+    }
+    assert_eq!(steps, ["trust", "reissue", "drop"]);
+    let (rec1, rec2) = (dc1.record(), dc2.record());
+    assert_eq!(rec1["ca"]["generation"], 2, "{rec1}");
+    assert_eq!(rec2["ca"], rec1["ca"], "{rec2}");
+    let new_ca = dc1.secret("agent/ca-cert.2").unwrap();
+    for i in 0..4 {
+        let ca_file = std::fs::read_to_string(dc2.tls_file(i, "ca_file")).unwrap();
+        assert_eq!(ca_file.matches("BEGIN CERTIFICATE").count(), 1, "dc2-{i}");
+        assert!(ca_file.contains(new_ca.trim()), "dc2-{i}");
+    }
+    for i in 0..3 {
+        assert!(
+            verifies(
+                &dc1.tls_file(0, "ca_file"),
+                &dc2.tls_file(i, "cert_file"),
+                "server.dc2.consul"
+            ),
+            "dc2-{i}'s certificate against dc1's new CA"
+        );
+    }
 }
 
 /// Reads SSM parameter `name` in `region` signed with access key `key`:

@@ -537,10 +537,12 @@ pub async fn follow(
 /// (`secondaries/<datacenter>` in the primary's registry, a
 /// [`SecondaryReport`]): the step its record is at and how many of its live
 /// nodes have not done it. The primary's leader goes on from a step only
-/// once it is done here too ([`super::rotate::drive_ca`]). Written when
-/// it changes (the last one written is kept in a local file), so a
-/// secondary registers once, at its leader's first heartbeat, and writes
-/// again only while a rotation moves.
+/// once it is done here too ([`super::rotate::drive_ca`]). While a
+/// rotation is under way the leader writes at each of its heartbeats (so a
+/// report a former leader wrote from an older record is soon replaced);
+/// otherwise only when it changed from the last one this node wrote (kept
+/// in a local file): a secondary registers at its leader's first heartbeat.
+/// `record` is this node's own cluster's.
 pub async fn report_to_primary(
     root: &crate::install::Root,
     store: &dyn crate::registry::Store,
@@ -570,21 +572,25 @@ pub async fn report_to_primary(
     };
     let body = json!(report).to_string();
     let stamp = format!("{} {body}", primary.registry);
-    if made_for(root, REPORTED, &stamp) {
+    if ca.rotation.is_none() && made_for(root, REPORTED, &stamp) {
         return Value::Null;
     }
     let key = format!("{}{dc}", super::rotate::SECONDARIES);
     let put = async {
         let opened = open_primary(primary).await?;
-        opened
+        match opened
             .store
             .put(&key, body.into_bytes(), crate::registry::Condition::None)
-            .await
+            .await?
+        {
+            crate::registry::PutOutcome::Written(_) => Ok(()),
+            other => bail!("the write's outcome: {other:?}"),
+        }
     };
     match put.await {
-        Ok(_) => {
+        Ok(()) => {
             mark_made(root, REPORTED, &stamp);
-            json!({"reported": report})
+            json!(report)
         }
         Err(e) => {
             tracing::warn!(

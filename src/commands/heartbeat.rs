@@ -285,7 +285,11 @@ async fn server_chores(
     let reported = super::federation::report_to_primary(
         root,
         store,
-        record.filter(|_| saved.is_some_and(|s| s.mode.is_server())),
+        record.filter(|(r, _)| {
+            saved.is_some_and(|s| {
+                s.mode.is_server() && s.cluster_id.as_deref() == Some(r.cluster_id.as_str())
+            })
+        }),
         leads(&seen.status, me),
     )
     .await;

@@ -762,26 +762,32 @@ async fn secondaries_behind(
     if record.primary.is_some() {
         return Ok(None);
     }
-    let reported = store.list(SECONDARIES, None).await?;
-    if reported.is_empty() {
-        return Ok(None);
-    }
     let wan = agent::datacenters()
         .await
         .context("a CA step waits for the secondary datacenters Consul's WAN lists")?;
+    let own = record.datacenter.as_deref();
+    if wan.iter().all(|d| Some(d.as_str()) == own) {
+        // This datacenter alone: nothing to read.
+        return Ok(None);
+    }
+    let reported = store.list(SECONDARIES, None).await?;
     let mut waiting = Vec::new();
     for l in reported {
         let Some(dc) = l.key.strip_prefix(SECONDARIES) else {
             continue;
         };
-        if record.datacenter.as_deref() == Some(dc) || !wan.iter().any(|d| d == dc) {
+        if own == Some(dc) || !wan.iter().any(|d| d == dc) {
             continue;
         }
-        let report = store.get(&l.key).await?.and_then(|o| {
-            serde_json::from_slice::<SecondaryReport>(&o.body)
-                .inspect_err(|e| tracing::warn!("{}{dc}: not a report ({e}): skipped", SECONDARIES))
-                .ok()
-        });
+        // Gone since the listing: as if it never reported.
+        let Some(object) = store.get(&l.key).await? else {
+            continue;
+        };
+        let report = serde_json::from_slice::<SecondaryReport>(&object.body)
+            .inspect_err(|e| {
+                tracing::warn!("{SECONDARIES}{dc} is not a report ({e}): the step waits")
+            })
+            .ok();
         match report {
             Some(r) if r.ca_generation == g && r.ca_step == Some(step) => {
                 if r.behind > 0 {
