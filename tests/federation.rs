@@ -363,6 +363,17 @@ impl Secure {
         .unwrap()
     }
 
+    /// The report secondary datacenter `dc` wrote in this (primary's)
+    /// registry.
+    fn report_of(&self, dc: &str) -> Value {
+        serde_json::from_str(&get(
+            self.moto,
+            &self.bucket,
+            &format!("{}/secondaries/{dc}", self.prefix),
+        ))
+        .unwrap()
+    }
+
     /// A secret of this cluster (`agent/gossip-key`...), from SSM in its
     /// region.
     fn secret(&self, rel: &str) -> Option<String> {
@@ -580,15 +591,7 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     // datacenter).
     // dc2's leader reported to dc1 at its first heartbeat
     // (secondaries/dc2 in dc1's registry): no rotation under way.
-    let report = |dc1: &Secure| -> Value {
-        serde_json::from_str(&get(
-            moto,
-            &dc1.bucket,
-            &format!("{}/secondaries/dc2", dc1.prefix),
-        ))
-        .unwrap()
-    };
-    let first = report(&dc1);
+    let first = dc1.report_of("dc2");
     assert_eq!(first["ca_step"], Value::Null, "{first}");
     assert_eq!(first["cluster_id"], dc2.record()["cluster_id"]);
     // A federated primary's CA step waits for every secondary that
@@ -600,9 +603,14 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     }
     let held = dc1.beat(0);
     assert_eq!(held["rotations"]["ca"]["step"], "trust", "{held}");
-    let why = held["rotations"]["ca"]["waiting"]
-        .as_str()
-        .unwrap_or_default();
+    // Why dc1's leader holds its CA step, from its heartbeat.
+    let waiting = |v: &Value| {
+        v["rotations"]["ca"]["waiting"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let why = waiting(&held);
     assert!(
         why.contains("secondary datacenters") && why.contains("dc2: at no rotation"),
         "{held}"
@@ -612,13 +620,11 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     for i in 0..4 {
         dc2.beat(i);
     }
-    let mid = report(&dc1);
+    let mid = dc1.report_of("dc2");
     assert_eq!(mid["ca_step"], "trust", "{mid}");
     assert!(mid["behind"].as_u64().unwrap() > 0, "{mid}");
     let held = dc1.beat(0);
-    let why = held["rotations"]["ca"]["waiting"]
-        .as_str()
-        .unwrap_or_default();
+    let why = waiting(&held);
     assert!(
         why.contains("dc2: ") && why.contains("not there yet"),
         "{held}"
@@ -629,7 +635,7 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
     for i in 0..4 {
         dc2.beat(i);
     }
-    let done = report(&dc1);
+    let done = dc1.report_of("dc2");
     assert_eq!(done["behind"], 0, "{done}");
     let went = dc1.beat(0);
     assert_eq!(went["rotations"]["ca"]["steps"], json!(["trust"]), "{went}");
@@ -694,7 +700,6 @@ fn a_secondary_runs_with_the_primarys_gossip_key_ca_and_replication_token_and_fo
 #[test]
 fn a_primarys_ca_rotation_leaves_each_step_only_once_its_secondary_reports_it_done() {
     let (_tmp, dc1, dc2) = two_regions("cfed", "10.84");
-    let moto = dc1.moto;
     let primary = format!("--primary-registry={}", dc1.registry());
     for i in 0..3 {
         ok_json(&dc1.boot(i, "server", &[]));
@@ -707,19 +712,11 @@ fn a_primarys_ca_rotation_leaves_each_step_only_once_its_secondary_reports_it_do
     for i in 0..4 {
         dc2.beat(i);
     }
-    let report = || -> Value {
-        serde_json::from_str(&get(
-            moto,
-            &dc1.bucket,
-            &format!("{}/secondaries/dc2", dc1.prefix),
-        ))
-        .unwrap()
-    };
     dc1.rotate("ca");
     let mut steps = Vec::new();
     for _ in 0..12 {
         for i in 0..3 {
-            let (before, said) = (dc1.record(), report());
+            let (before, said) = (dc1.record(), dc1.report_of("dc2"));
             let v = dc1.beat(i);
             let done = v["rotations"]["ca"]["steps"]
                 .as_array()

@@ -31,56 +31,30 @@ use crate::render;
 
 /// Runs one command.
 pub async fn dispatch(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    let (consul, output) = (&g.consul, &g.output);
     match cli.command {
-        Command::Run => {
-            measured(
-                &cli.global.consul,
-                &cli.global.output,
-                "run",
-                run::run(&cli.global, false),
-            )
-            .await
-        }
-        Command::Plan => run::run(&cli.global, true).await,
-        Command::Members => members::members(&cli.global.cluster, &cli.global.output).await,
-        Command::Status => status::status(&cli.global).await,
-        Command::Heartbeat => {
-            measured(
-                &cli.global.consul,
-                &cli.global.output,
-                "heartbeat",
-                heartbeat::heartbeat(&cli.global),
-            )
-            .await
-        }
-        Command::Purge => purge::purge(&cli.global.cluster, &cli.global.output).await,
-        Command::Leave { if_terminating } => leave::leave(&cli.global, if_terminating).await,
-        Command::Install { now } => install::install(&cli.global, now),
-        Command::Cluster { action } => {
-            cluster::cluster(&cli.global.cluster, &cli.global.output, &action).await
-        }
-        Command::Secrets { action } => secrets::secrets(&cli.global, &action).await,
-        Command::Gate => gate::gate(&cli.global).await,
+        Command::Run => measured(consul, output, "run", run::run(g, false)).await,
+        Command::Plan => run::run(g, true).await,
+        Command::Members => members::members(&g.cluster, output).await,
+        Command::Status => status::status(g).await,
+        Command::Heartbeat => measured(consul, output, "heartbeat", heartbeat::heartbeat(g)).await,
+        Command::Purge => purge::purge(&g.cluster, output).await,
+        Command::Leave { if_terminating } => leave::leave(g, if_terminating).await,
+        Command::Install { now } => install::install(g, now),
+        Command::Cluster { action } => cluster::cluster(&g.cluster, output, &action).await,
+        Command::Secrets { action } => secrets::secrets(g, &action).await,
+        Command::Gate => gate::gate(g).await,
         Command::Recover { plan, apply } => {
             let step = match apply {
                 Some(hash) => recover::Step::Apply((!hash.is_empty()).then_some(hash)),
                 None if plan => recover::Step::Pin,
                 None => recover::Step::Show,
             };
-            recover::recover(&cli.global, step).await
+            recover::recover(g, step).await
         }
-        Command::Snapshot => {
-            measured(
-                &cli.global.consul,
-                &cli.global.output,
-                "snapshot",
-                snapshot::snapshot(&cli.global),
-            )
-            .await
-        }
-        Command::Restore { key, cancel } => {
-            snapshot::restore(&cli.global, key.as_deref(), cancel).await
-        }
+        Command::Snapshot => measured(consul, output, "snapshot", snapshot::snapshot(g)).await,
+        Command::Restore { key, cancel } => snapshot::restore(g, key.as_deref(), cancel).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut text = Vec::new();
